@@ -1,0 +1,297 @@
+"""The llama.cpp adapter: the only module that imports ``llama_cpp``.
+
+It loads GGUF files, evaluates token batches with logits on the positions asked for,
+rolls the KV cache back, turns tokens into bytes without the 32-byte truncation of
+``Llama.detokenize``, and reads vocabularies without loading weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as L
+import numpy as np
+
+from eft_local.errors import EftError
+
+VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
+ATTR_UNUSED, ATTR_CONTROL = L.LLAMA_TOKEN_ATTR_UNUSED, L.LLAMA_TOKEN_ATTR_CONTROL
+QUANT_TYPES = {"q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0,
+               "q4_k_m": L.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q5_k_m": L.LLAMA_FTYPE_MOSTLY_Q5_K_M,
+               "q6_k": L.LLAMA_FTYPE_MOSTLY_Q6_K, "f16": L.LLAMA_FTYPE_MOSTLY_F16}
+
+DEFAULT_N_CTX = 4096
+"""Context size when none is set: this, or the model's training context if smaller."""
+
+_init_lock = threading.Lock()
+_initialised = False
+_recent_log: deque[str] = deque(maxlen=20)
+
+
+@L.llama_log_callback
+def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    """Keep llama.cpp's log quiet unless EFT_LOCAL_VERBOSE is set; remember the last lines."""
+    line = text.decode("utf-8", "replace")
+    _recent_log.append(line)
+    if os.environ.get("EFT_LOCAL_VERBOSE"):
+        os.write(2, text)
+
+
+def _ensure_backend() -> None:
+    global _initialised
+    with _init_lock:
+        if not _initialised:
+            L.llama_log_set(_log, ctypes.c_void_p(0))
+            L.llama_backend_init()
+            _initialised = True
+
+
+def _last_error() -> str:
+    """The last llama.cpp error-looking log line, for one-line error messages."""
+    for line in reversed(_recent_log):
+        low = line.lower()
+        if "error" in low or "failed" in low or "invalid" in low:
+            return line.strip().split(": ", 1)[-1]
+    return ""
+
+
+def supports_gpu_offload() -> bool:
+    """True when this llama.cpp build can offload layers (Metal, CUDA, Vulkan...)."""
+    _ensure_backend()
+    return bool(L.llama_supports_gpu_offload())
+
+
+def _check_file(path: Path) -> None:
+    if not path.is_file():
+        raise EftError(f"{path}: model file not found")
+    with path.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise EftError(f"{path}: not a GGUF file (bad magic bytes)")
+
+
+def _load_model(path: Path, *, vocab_only: bool, n_gpu_layers: int):
+    _check_file(path)
+    _ensure_backend()
+    params = L.llama_model_default_params()
+    params.vocab_only = vocab_only
+    params.n_gpu_layers = n_gpu_layers
+    model = L.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        why = _last_error()
+        raise EftError(f"{path}: llama.cpp could not load this GGUF file"
+                       + (f" ({why})" if why else " (corrupt or unsupported)"))
+    return model
+
+
+@dataclass(frozen=True)
+class VocabInfo:
+    """A model's vocabulary as llama.cpp sees it: what the alignment check compares."""
+
+    path: str
+    vocab_type: str
+    n_tokens: int
+    bos: int
+    eos: int
+    eot: int
+    eog: frozenset[int]
+    add_bos: bool
+    add_eos: bool
+    texts: tuple[bytes, ...]
+    attrs: tuple[int, ...]
+
+
+def _vocab_info(model, path: Path) -> VocabInfo:
+    vocab = L.llama_model_get_vocab(model)
+    n = L.llama_vocab_n_tokens(vocab)
+    texts = tuple(L.llama_vocab_get_text(vocab, i) or b"" for i in range(n))
+    attrs = tuple(int(L.llama_vocab_get_attr(vocab, i)) for i in range(n))
+    eog = frozenset(i for i in range(n) if L.llama_vocab_is_eog(vocab, i))
+    return VocabInfo(
+        path=str(path), vocab_type=VOCAB_TYPES.get(L.llama_vocab_type(vocab), "unknown"),
+        n_tokens=n, bos=L.llama_vocab_bos(vocab), eos=L.llama_vocab_eos(vocab),
+        eot=L.llama_vocab_eot(vocab), eog=eog, add_bos=bool(L.llama_vocab_get_add_bos(vocab)),
+        add_eos=bool(L.llama_vocab_get_add_eos(vocab)), texts=texts, attrs=attrs,
+    )
+
+
+def read_vocab(path: str | Path) -> VocabInfo:
+    """Load only the vocabulary of a GGUF file (no weights) and describe it."""
+    path = Path(path)
+    model = _load_model(path, vocab_only=True, n_gpu_layers=0)
+    try:
+        return _vocab_info(model, path)
+    finally:
+        L.llama_model_free(model)
+
+
+class LlamaModel:
+    """One GGUF model with its own context and KV cache (one sequence).
+
+    ``tokens`` is what the KV cache holds; :meth:`eval` appends to it and :meth:`rewind`
+    truncates it. Not thread-safe: use one object per thread.
+    """
+
+    def __init__(self, path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int = 0,
+                 n_threads: int = 1, n_batch: int = 512) -> None:
+        self.path = Path(path)
+        self._model = _load_model(self.path, vocab_only=False, n_gpu_layers=n_gpu_layers)
+        self._vocab = L.llama_model_get_vocab(self._model)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
+        train_ctx = int(L.llama_model_n_ctx_train(self._model))
+        cparams = L.llama_context_default_params()
+        if n_ctx is None:
+            n_ctx = min(DEFAULT_N_CTX, train_ctx)
+        cparams.n_ctx = n_ctx if n_ctx > 0 else train_ctx
+        cparams.n_batch = cparams.n_ubatch = min(n_batch, cparams.n_ctx)
+        cparams.n_threads = cparams.n_threads_batch = max(1, n_threads)
+        cparams.no_perf = True
+        self._ctx = L.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            L.llama_model_free(self._model)
+            raise EftError(f"{self.path}: could not create a context with n_ctx={n_ctx}"
+                           f" ({_last_error() or 'out of memory?'})")
+        self.n_ctx = int(L.llama_n_ctx(self._ctx))
+        self.n_ctx_train = train_ctx
+        self.n_batch = int(cparams.n_batch)
+        self.n_gpu_layers = n_gpu_layers
+        self._batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._mem = L.llama_get_memory(self._ctx)
+        self.tokens: list[int] = []
+        self._piece_buf = ctypes.create_string_buffer(64)
+
+    # -- metadata -------------------------------------------------------------------------
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as a string, or None."""
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = L.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", "replace")
+            size = n + 1
+
+    def chat_template(self) -> str | None:
+        """The model's default chat template (tokenizer.chat_template), if any."""
+        raw = L.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8") if raw else None
+
+    def vocab(self) -> VocabInfo:
+        """This model's vocabulary description."""
+        return _vocab_info(self._model, self.path)
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, end-of-turn...)."""
+        return bool(L.llama_vocab_is_eog(self._vocab, token))
+
+    def file_size(self) -> int:
+        """Bytes of the GGUF file."""
+        return self.path.stat().st_size
+
+    # -- text -----------------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        """Text to token ids; ``add_bos`` adds BOS only where the model's vocab asks for it."""
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (L.llama_token * cap)()
+        n = L.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
+        if n < 0:
+            cap = -n
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)
+        return list(buf[:n])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (any length; control tokens empty unless ``special``)."""
+        buf = self._piece_buf
+        n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            self._piece_buf = buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    # -- evaluation -----------------------------------------------------------------------
+    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+        """Append ``tokens`` to the cache; return copied logit rows, shape (rows, n_vocab).
+
+        Rows are for every new position when ``all_logits``, else for the last one only.
+        """
+        if not tokens:
+            raise ValueError("eval needs at least one token")
+        if len(self.tokens) + len(tokens) > self.n_ctx:
+            raise EftError(f"{self.path.name}: context full ({len(self.tokens)} + "
+                           f"{len(tokens)} tokens > n_ctx {self.n_ctx})")
+        rows = []
+        b = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last_chunk = start + len(chunk) == len(tokens)
+            base = len(self.tokens)
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = base + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
+            b.n_tokens = len(chunk)
+            rc = L.llama_decode(self._ctx, b)
+            if rc != 0:
+                self.rewind(base)
+                raise EftError(f"{self.path.name}: llama_decode failed (code {rc})")
+            self.tokens.extend(chunk)
+            for i in range(len(chunk)) if all_logits else ([len(chunk) - 1] if last_chunk
+                                                          else []):
+                ptr = L.llama_get_logits_ith(self._ctx, i)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        return np.stack(rows)
+
+    def rewind(self, n_past: int) -> None:
+        """Drop cached positions from ``n_past`` on."""
+        if n_past < len(self.tokens):
+            L.llama_memory_seq_rm(self._mem, 0, n_past, -1)
+            del self.tokens[n_past:]
+
+    def set_threads(self, n_threads: int) -> None:
+        """Change the number of threads used for decoding."""
+        L.llama_set_n_threads(self._ctx, max(1, n_threads), max(1, n_threads))
+
+    def close(self) -> None:
+        """Free the context and weights (idempotent)."""
+        if getattr(self, "_ctx", None):
+            L.llama_batch_free(self._batch)
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            L.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()
+
+
+def quantize_gguf(src: str | Path, dst: str | Path, kind: str = "q8_0",
+                  n_threads: int = 0) -> Path:
+    """Quantize a GGUF file with llama.cpp's quantizer; writes ``dst`` atomically."""
+    if kind not in QUANT_TYPES:
+        raise EftError(f"unknown quantization {kind!r}; choose from {', '.join(QUANT_TYPES)}")
+    src, dst = Path(src), Path(dst)
+    _check_file(src)
+    _ensure_backend()
+    params = L.llama_model_quantize_default_params()
+    params.ftype = QUANT_TYPES[kind]
+    params.nthread = n_threads
+    tmp = dst.with_name(dst.name + ".part")
+    rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise EftError(f"{src}: quantization to {kind} failed ({_last_error() or rc})")
+    tmp.replace(dst)
+    return dst

@@ -1,0 +1,249 @@
+"""Presets: ``models.toml`` (shipped) plus an optional user file, as frozen dataclasses.
+
+Everything is validated once, here; errors name the file, the preset and the key.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from eft_local.errors import EftError
+from eft_local.formula import PARAMETERS, Formula, parse_formula
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+FAMILY_DIR = PACKAGE_DIR / "family"
+ENV_CONFIG = "EFT_LOCAL_CONFIG"
+_LOAD_KEYS = {"n_ctx": 0, "n_gpu_layers": -1, "n_threads": 1, "n_batch": 1}
+_PRESET_KEYS = {"description", "formula", "models", "ft_role", "chat_template", *PARAMETERS}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where one role's GGUF comes from, and how to load it.
+
+    Exactly one source: ``path`` (a local file) or ``hf_repo`` + ``hf_file`` (+ revision).
+    Load options left as None take the runtime's defaults.
+    """
+
+    role: str
+    path: Path | None = None
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    revision: str | None = None
+    n_ctx: int | None = None
+    n_gpu_layers: int | None = None
+    n_threads: int | None = None
+    n_batch: int | None = None
+
+    def describe(self) -> str:
+        """The source as one short string."""
+        if self.path is not None:
+            return str(self.path)
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"hf:{self.hf_repo}/{self.hf_file}{rev}"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named combination: models by role and the formula that mixes them."""
+
+    name: str
+    models: Mapping[str, ModelSpec]
+    formula: Formula
+    ft_role: str
+    description: str = ""
+    params: Mapping[str, float] = field(default_factory=lambda: dict(PARAMETERS))
+    chat_template: str | None = None
+    origin: str = ""
+
+    def with_formula(self, text: str) -> Preset:
+        """The same models mixed by another formula."""
+        return replace(self, formula=parse_formula(text, roles=tuple(self.models)))
+
+
+@dataclass(frozen=True)
+class Config:
+    """All presets known, and which one is the default."""
+
+    presets: Mapping[str, Preset]
+    default: str | None
+    files: tuple[Path, ...]
+
+    def get(self, name: str | None) -> Preset:
+        """The named preset (or the default); a clear error lists the known names."""
+        name = name or self.default
+        if name is None:
+            raise EftError("no preset given and no default preset is configured")
+        if name not in self.presets:
+            known = ", ".join(sorted(self.presets)) or "none"
+            raise EftError(f"unknown preset {name!r} (known: {known})")
+        return self.presets[name]
+
+
+def shipped_config_path() -> Path:
+    """The bundled models.toml: inside the wheel, or at the repository root."""
+    inside = PACKAGE_DIR / "models.toml"
+    return inside if inside.is_file() else PACKAGE_DIR.parent / "models.toml"
+
+
+def user_config_path() -> Path:
+    """$EFT_LOCAL_CONFIG, else $XDG_CONFIG_HOME/eft-local/models.toml (~/.config default)."""
+    if os.environ.get(ENV_CONFIG):
+        return Path(os.environ[ENV_CONFIG]).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "eft-local" / "models.toml"
+
+
+def load_config(shipped: Path | None = None, user: Path | None = None) -> Config:
+    """Read the shipped presets, then the user's file (if it exists) over them."""
+    shipped = shipped or shipped_config_path()
+    user = user or user_config_path()
+    presets: dict[str, Preset] = {}
+    default = None
+    files = []
+    for path, required in ((shipped, True), (user, False)):
+        if not path.is_file():
+            if required or os.environ.get(ENV_CONFIG) and path == user:
+                raise EftError(f"{path}: config file not found")
+            continue
+        data = _read_toml(path)
+        presets.update(_parse_presets(data, path))
+        default = data.get("default", default)
+        files.append(path)
+    if default is not None and default not in presets:
+        raise EftError(f"{files[-1]}: default preset {default!r} is not defined")
+    return Config(presets=presets, default=default, files=tuple(files))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise EftError(f"{path}: invalid TOML ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EftError(f"{path}: cannot read ({exc})") from None
+
+
+def _parse_presets(data: Mapping[str, Any], path: Path) -> dict[str, Preset]:
+    extra = set(data) - {"default", "presets"}
+    if extra:
+        raise EftError(f"{path}: unknown top-level key {sorted(extra)[0]!r}")
+    if "default" in data and not isinstance(data["default"], str):
+        raise EftError(f"{path}: 'default' must be a preset name (string)")
+    tables = data.get("presets", {})
+    if not isinstance(tables, dict):
+        raise EftError(f"{path}: [presets] must be a table")
+    return {name: parse_preset(name, table, path) for name, table in tables.items()}
+
+
+def parse_preset(name: str, table: Any, path: Path) -> Preset:
+    """Validate one ``[presets.NAME]`` table."""
+    where = f"{path}: preset {name!r}"
+    if not isinstance(table, dict):
+        raise EftError(f"{where} must be a table")
+    unknown = set(table) - _PRESET_KEYS
+    if unknown:
+        raise EftError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    models_table = table.get("models")
+    if not isinstance(models_table, dict) or not models_table:
+        raise EftError(f"{where}: needs a [presets.{name}.models] table with at least one role")
+    models = {role: parse_model(role, spec, f"{where}, model {role!r}", path.parent)
+              for role, spec in models_table.items()}
+    try:
+        formula = parse_formula(str(table.get("formula", "up")), roles=tuple(models))
+    except EftError as exc:
+        raise EftError(f"{where}: {exc}") from None
+    params = dict(PARAMETERS)
+    for key in PARAMETERS:
+        if key in table:
+            params[key] = _number(table[key], f"{where}: {key}")
+    ft_role = table.get("ft_role") or default_ft_role(tuple(models))
+    if ft_role not in models:
+        raise EftError(f"{where}: ft_role {ft_role!r} is not one of its models")
+    template = table.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise EftError(f"{where}: chat_template must be a string")
+    return Preset(name=name, models=models, formula=formula, ft_role=ft_role,
+                  description=str(table.get("description", "")), params=params,
+                  chat_template=template, origin=str(path))
+
+
+def parse_model(role: str, spec: Any, where: str, base_dir: Path) -> ModelSpec:
+    """Validate one model entry: a table with a source and optional load options."""
+    if isinstance(spec, str):
+        spec = {"path": spec}
+    if not isinstance(spec, dict):
+        raise EftError(f"{where}: must be a table such as {{ path = \"model.gguf\" }}")
+    unknown = set(spec) - {"path", "bundled", "hf", "file", "revision", *_LOAD_KEYS}
+    if unknown:
+        raise EftError(f"{where}: unknown key {sorted(unknown)[0]!r}")
+    sources = [k for k in ("path", "bundled", "hf") if k in spec]
+    if len(sources) != 1:
+        raise EftError(f"{where}: give exactly one of path, bundled or hf (got "
+                       f"{', '.join(sources) or 'none'})")
+    options = {}
+    for key, low in _LOAD_KEYS.items():
+        if key in spec:
+            value = spec[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise EftError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+            options[key] = value
+    if "hf" in spec:
+        if not isinstance(spec.get("file"), str):
+            raise EftError(f"{where}: an hf source needs file = \"name.gguf\"")
+        return ModelSpec(role=role, hf_repo=str(spec["hf"]), hf_file=spec["file"],
+                         revision=spec.get("revision"), **options)
+    if "bundled" in spec:
+        path = FAMILY_DIR / str(spec["bundled"])
+    else:
+        path = Path(str(spec["path"])).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+    return ModelSpec(role=role, path=path, **options)
+
+
+def default_ft_role(roles: tuple[str, ...]) -> str:
+    """small_ft if present, else the first role with 'ft' in its name, else the first."""
+    if "small_ft" in roles:
+        return "small_ft"
+    return next((r for r in roles if "ft" in r.split("_")), roles[0])
+
+
+def preset_from_paths(pairs: list[str], *, formula: str | None = None) -> Preset:
+    """A preset from ``ROLE=PATH`` strings given on the command line."""
+    models: dict[str, ModelSpec] = {}
+    for pair in pairs:
+        role, sep, path = pair.partition("=")
+        if not sep or not role.strip() or not path.strip():
+            raise EftError(f"--model {pair!r}: expected ROLE=PATH, e.g. small_ft=model.gguf")
+        if not role.isidentifier():
+            raise EftError(f"--model {pair!r}: role {role!r} must be a plain name")
+        if role in models:
+            raise EftError(f"--model {pair!r}: role {role!r} given twice")
+        models[role] = ModelSpec(role=role, path=Path(path).expanduser())
+    roles = tuple(models)
+    if formula is None:
+        formula = "up" if {"large_base", "small_ft", "small_base"} <= set(roles) else None
+        if formula is None and len(roles) == 1:
+            formula = roles[0]
+        if formula is None:
+            raise EftError(f"roles {', '.join(roles)}: give --formula (the default up-scaling "
+                           "needs large_base, small_ft and small_base)")
+    return Preset(name="command-line", models=models,
+                  formula=parse_formula(formula, roles=roles), ft_role=default_ft_role(roles),
+                  description="models given with --model")
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EftError(f"{where} must be a number, got {value!r}")
+    return float(value)

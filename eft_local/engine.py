@@ -1,0 +1,233 @@
+"""The decode loop over N models that condition on one token sequence.
+
+Every model holds the same tokens in its KV cache. :meth:`Engine.prime` brings all of them
+to a prompt, re-using the longest cached prefix (so a chat turn evaluates only its new
+suffix); each step mixes the models' rows with the formula weights, samples with the
+position's uniform draw, and evaluates the chosen token on every model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from eft_local import sampler
+from eft_local.errors import EftError
+from eft_local.sampler import SamplerSettings
+
+
+class Model(Protocol):
+    """What the engine needs of a model; :class:`eft_local.backend.LlamaModel` is one."""
+
+    path: Path
+    n_vocab: int
+    n_ctx: int
+    tokens: list[int]
+
+    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray: ...
+    def rewind(self, n_past: int) -> None: ...
+    def is_eog(self, token: int) -> bool: ...
+    def piece(self, token: int, *, special: bool = False) -> bytes: ...
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token, with diagnostics when they were asked for."""
+
+    position: int
+    token: int
+    p_mix: float
+    p_models: Mapping[str, float] | None = None
+    ref_token: int | None = None
+    from_draft: bool = False
+
+
+@dataclass
+class Stats:
+    """Counters and timers, cumulative until :meth:`reset`."""
+
+    generated: int = 0
+    prefilled: int = 0
+    eval_seconds: dict[str, float] = field(default_factory=dict)
+    sampler_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    first_token_seconds: float | None = None
+
+    def reset(self) -> None:
+        """Zero everything."""
+        self.__init__()  # type: ignore[misc]
+
+    def tokens_per_second(self) -> float:
+        """Generated tokens per wall-clock second of generation."""
+        return self.generated / self.wall_seconds if self.wall_seconds else 0.0
+
+
+class Engine:
+    """Decode with a weighted mix of ``models`` (role -> model), masked by ``allowed``."""
+
+    def __init__(self, models: Mapping[str, Model], *, ref_role: str, allowed: np.ndarray,
+                 parallel: bool = False) -> None:
+        if ref_role not in models:
+            raise EftError(f"reference role {ref_role!r} is not among the models")
+        self.models = dict(models)
+        self.roles = tuple(self.models)
+        self.ref_role = ref_role
+        self.ref_index = self.roles.index(ref_role)
+        self.allowed = allowed
+        self.width = int(allowed.size)
+        self.n_ctx = min(m.n_ctx for m in self.models.values())
+        self.stats = Stats()
+        self.rows: np.ndarray | None = None
+        self.last: tuple[np.ndarray, np.ndarray] | None = None  # rows, weights of last step
+        self.finish_reason = "length"
+        self._pool = ThreadPoolExecutor(len(self.roles)) if parallel else None
+
+    @property
+    def ref(self) -> Model:
+        """The fine-tuned model: tokenizer, template and stop tokens come from it."""
+        return self.models[self.ref_role]
+
+    # -- evaluation over all models -------------------------------------------------------
+    def _timed_eval(self, role: str, n_keep: int, tokens: list[int], all_logits: bool
+                    ) -> np.ndarray:
+        model = self.models[role]
+        start = time.perf_counter()
+        model.rewind(n_keep)
+        rows = model.eval(tokens, all_logits=all_logits)[:, : self.width]
+        self.stats.eval_seconds[role] = (self.stats.eval_seconds.get(role, 0.0)
+                                         + time.perf_counter() - start)
+        return rows
+
+    def evaluate(self, n_keep: int | Sequence[int], tokens: list[int] | Sequence[list[int]],
+                 *, all_logits: bool = False) -> np.ndarray:
+        """Rewind each model to ``n_keep``, evaluate ``tokens``; rows (models, rows, width).
+
+        ``n_keep`` and ``tokens`` may be given per model (same order as ``roles``).
+        """
+        keeps = [n_keep] * len(self.roles) if isinstance(n_keep, int) else list(n_keep)
+        batches = (list(tokens) if tokens and isinstance(tokens[0], list)
+                   else [list(tokens)] * len(self.roles))  # type: ignore[list-item]
+        args = list(zip(self.roles, keeps, batches, strict=True))
+        if self._pool is not None:
+            futures = [self._pool.submit(self._timed_eval, r, k, t, all_logits)
+                       for r, k, t in args]
+            results = [f.result() for f in futures]
+        else:
+            results = [self._timed_eval(r, k, t, all_logits) for r, k, t in args]
+        return np.stack(results)
+
+    def prime(self, tokens: list[int]) -> None:
+        """Make every model hold ``tokens``, re-using cached prefixes; sets :attr:`rows`."""
+        if not tokens:
+            raise EftError("empty prompt: nothing to condition on")
+        if len(tokens) >= self.n_ctx:
+            raise EftError(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx} "
+                           "(raise n_ctx or shorten the prompt)")
+        keeps, suffixes = [], []
+        for role in self.roles:
+            cached = self.models[role].tokens
+            k = _common_prefix(cached, tokens)
+            k = min(k, len(tokens) - 1)  # the last token is re-evaluated for its logits
+            keeps.append(k)
+            suffixes.append(tokens[k:])
+        self.stats.prefilled += max(len(s) for s in suffixes)
+        self.rows = self.evaluate(keeps, suffixes)[:, -1, :]
+
+    def advance(self, token: int) -> None:
+        """Append one token to every model; sets :attr:`rows` to the next position."""
+        n = len(self.ref.tokens)
+        self.rows = self.evaluate(n, [token])[:, -1, :]
+
+    # -- one sampling step ----------------------------------------------------------------
+    def distribution(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings
+                     ) -> np.ndarray:
+        """The mixed log-probs for one position, before temperature and filters."""
+        mixed = sampler.mix_logits(rows, weights, self.allowed)
+        if settings.conservative_top_p is not None:
+            ref = self.model_logprobs(rows, self.ref_index)
+            mixed = sampler.conservative(mixed, ref, settings.conservative_top_p)
+        return mixed
+
+    def model_logprobs(self, rows: np.ndarray, index: int) -> np.ndarray:
+        """One model's own log-probs over the allowed ids."""
+        return sampler.log_softmax(np.where(self.allowed, rows[index], sampler.NEG_INF))
+
+    def choose(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings,
+               position: int, *, diagnostics: bool = False) -> Step:
+        """Sample the token at ``position`` from the mix of ``rows``."""
+        start = time.perf_counter()
+        mixed = self.distribution(rows, weights, settings)
+        token, final = sampler.pick(mixed, settings, position)
+        p_models = ref_token = None
+        if diagnostics:
+            lps = [self.model_logprobs(rows, i) for i in range(len(self.roles))]
+            p_models = {r: float(np.exp(lp[token]))
+                        for r, lp in zip(self.roles, lps, strict=True)}
+            ref_token, _ = sampler.pick(lps[self.ref_index], settings, position)
+        self.last = (rows, weights)
+        self.stats.sampler_seconds += time.perf_counter() - start
+        return Step(position=position, token=token, p_mix=float(np.exp(final[token])),
+                    p_models=p_models, ref_token=ref_token)
+
+    def why(self, settings: SamplerSettings, k: int = 5) -> dict[str, list[tuple[int, float]]]:
+        """Top tokens of each model and of the mix at the last step."""
+        if self.last is None:
+            return {}
+        rows, weights = self.last
+        out = {r: sampler.top_tokens(self.model_logprobs(rows, i), k)
+               for i, r in enumerate(self.roles)}
+        out["mix"] = sampler.top_tokens(
+            sampler.filter_logprobs(self.distribution(rows, weights, settings), settings), k)
+        return out
+
+    # -- the loop -------------------------------------------------------------------------
+    def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
+                 *, max_tokens: int, diagnostics: bool = False) -> Iterator[Step]:
+        """Yield sampled tokens until an end-of-generation token, ``max_tokens`` or a full
+        context; :attr:`finish_reason` says which (the caller may stop earlier)."""
+        started = time.perf_counter()
+        self.finish_reason = "length"
+        self.prime(tokens)
+        position = len(tokens)
+        try:
+            for _ in range(max_tokens):
+                step = self.choose(self.rows, weights, settings, position,
+                                   diagnostics=diagnostics)
+                self._count_token(started)
+                yield step
+                if self.ref.is_eog(step.token):
+                    self.finish_reason = "eog"
+                    return
+                position += 1
+                if position >= self.n_ctx:
+                    self.finish_reason = "context"
+                    return
+                self.advance(step.token)
+        finally:
+            self.stats.wall_seconds += time.perf_counter() - started
+
+    def _count_token(self, started: float) -> None:
+        if self.stats.first_token_seconds is None:
+            self.stats.first_token_seconds = time.perf_counter() - started
+        self.stats.generated += 1
+
+    def close(self) -> None:
+        """Stop worker threads (models are closed by their owner)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,156 @@
+"""Pure NumPy sampling: combine models' logit rows by formula weights, filter, draw.
+
+Every function takes arrays (and, to draw, a uniform number) and returns arrays or ints,
+so each is deterministic and testable on its own. Log-probs are float32; rejected tokens
+are ``-inf``. The random number for position ``n`` comes from :func:`uniform_for`, which
+depends only on the seed and the position: that is what makes speculative and plain
+decoding give identical text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from eft_local.errors import EftError
+
+NEG_INF = np.float32(-np.inf)
+_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Knobs applied to the mixed distribution, validated on creation.
+
+    ``conservative_top_p``: paper section 4.4. Outside the top-p set of the reference
+    (fine-tuned) model, a token keeps that model's log-prob instead of the mix.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int = 0
+    conservative_top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0 and math.isfinite(self.temperature), "temperature",
+               self.temperature, "a number >= 0")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k,
+               "an integer >= 0 (0 = off)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _check(0 <= self.min_p < 1, "min_p", self.min_p, "in [0, 1)")
+        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed,
+               "an integer >= 0")
+        if self.conservative_top_p is not None:
+            _check(0 < self.conservative_top_p <= 1, "conservative_top_p",
+                   self.conservative_top_p, "in (0, 1]")
+
+
+def _check(ok: bool, name: str, value: object, want: str) -> None:
+    if not ok:
+        raise EftError(f"invalid {name} {value!r}: must be {want}")
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Numerically stable log-softmax of a 1-D row, float32; ``-inf`` entries stay ``-inf``."""
+    x = np.asarray(x, dtype=np.float32)
+    top = x.max()
+    if not np.isfinite(top):
+        raise EftError("every token of a row is masked or non-finite")
+    shifted = x - top
+    return shifted - np.float32(np.log(np.exp(shifted, dtype=np.float32).sum(dtype=np.float64)))
+
+
+def mix_logits(rows: np.ndarray, weights: np.ndarray, allowed: np.ndarray | None = None
+               ) -> np.ndarray:
+    """Weighted sum of raw logit rows ``(n_models, width)``, renormalised to log-probs.
+
+    Each row's own log-normaliser is a constant per row, so summing log_softmax'ed rows and
+    renormalising gives exactly this; ``allowed`` (bool, width) masks rows outside the
+    common token range after the sum, so negative weights never meet ``-inf``.
+    """
+    mixed = np.asarray(weights, dtype=np.float32) @ np.asarray(rows, dtype=np.float32)
+    if allowed is not None:
+        mixed[~allowed] = NEG_INF
+    return log_softmax(mixed)
+
+
+def conservative(mixed: np.ndarray, reference: np.ndarray, top_p: float) -> np.ndarray:
+    """Outside the reference model's top-p set, use its log-prob instead of the mix."""
+    inside = top_p_mask(reference, top_p)
+    return log_softmax(np.where(inside, mixed, reference))
+
+
+def top_p_mask(logprobs: np.ndarray, top_p: float) -> np.ndarray:
+    """Bool mask of the smallest set of most likely tokens whose mass reaches ``top_p``."""
+    if top_p >= 1.0:
+        return np.isfinite(logprobs)
+    probs = np.exp(logprobs - logprobs.max())
+    probs /= probs.sum(dtype=np.float64)
+    # Tokens below eps can hold at most (1 - top_p) / 2 of the mass together, so the top-p
+    # set lies among the rest: sort only those (exact, and cheap for peaked rows).
+    eps = (1.0 - top_p) / (2.0 * probs.size)
+    cand = np.flatnonzero(probs > eps)
+    order = cand[np.argsort(-probs[cand], kind="stable")]
+    cum = np.cumsum(probs[order], dtype=np.float64)
+    keep = int(np.searchsorted(cum, top_p * cum[-1] if cum[-1] < 1 else top_p)) + 1
+    mask = np.zeros(probs.size, dtype=bool)
+    mask[order[: min(keep, order.size)]] = True
+    return mask
+
+
+def filter_logprobs(logprobs: np.ndarray, s: SamplerSettings) -> np.ndarray:
+    """Temperature, then top-k, top-p and min-p; returns renormalised log-probs."""
+    out = logprobs / np.float32(s.temperature) if s.temperature not in (0.0, 1.0) else logprobs
+    if s.top_k and s.top_k < out.size:
+        kth = np.partition(out, out.size - s.top_k)[out.size - s.top_k]
+        out = np.where(out >= kth, out, NEG_INF)
+    if s.top_p < 1.0:
+        out = np.where(top_p_mask(out, s.top_p), out, NEG_INF)
+    if s.min_p > 0.0:
+        out = np.where(out >= out.max() + np.float32(math.log(s.min_p)), out, NEG_INF)
+    return log_softmax(out) if out is not logprobs else out
+
+
+def uniform_for(seed: int, position: int) -> float:
+    """The uniform draw in [0, 1) used at absolute token position ``position``."""
+    return float(np.random.default_rng((seed, position)).random())
+
+
+def draw(logprobs: np.ndarray, u: float, *, greedy: bool = False) -> int:
+    """Inverse-CDF sample of a token id with uniform ``u``; ``greedy`` takes the argmax."""
+    if greedy:
+        return int(np.argmax(logprobs))
+    probs = np.exp(logprobs - logprobs.max())
+    n = probs.size
+    pad = (-n) % _BLOCK
+    blocks = np.pad(probs, (0, pad)).reshape(-1, _BLOCK).sum(axis=1, dtype=np.float64)
+    target = u * blocks.sum()
+    cum_blocks = np.cumsum(blocks)
+    b = min(int(np.searchsorted(cum_blocks, target, side="right")), blocks.size - 1)
+    before = cum_blocks[b - 1] if b else 0.0
+    inner = np.cumsum(probs[b * _BLOCK:(b + 1) * _BLOCK], dtype=np.float64)
+    i = min(int(np.searchsorted(inner, target - before, side="right")), inner.size - 1)
+    idx = b * _BLOCK + i
+    while probs[idx] == 0.0:  # u landed exactly on a boundary next to a rejected token
+        idx -= 1
+    return idx
+
+
+def pick(logprobs: np.ndarray, settings: SamplerSettings, position: int) -> tuple[int, np.ndarray]:
+    """Filter ``logprobs`` by ``settings`` and draw the token for ``position``."""
+    final = filter_logprobs(logprobs, settings)
+    greedy = settings.temperature == 0.0
+    u = 0.0 if greedy else uniform_for(settings.seed, position)
+    return draw(final, u, greedy=greedy), final
+
+
+def top_tokens(logprobs: np.ndarray, k: int = 5) -> list[tuple[int, float]]:
+    """The ``k`` most likely token ids with their probabilities, best first."""
+    k = min(k, logprobs.size)
+    idx = np.argpartition(logprobs, logprobs.size - k)[-k:]
+    idx = idx[np.argsort(-logprobs[idx], kind="stable")]
+    return [(int(i), float(np.exp(logprobs[i]))) for i in idx]

@@ -1,0 +1,302 @@
+"""The public API: load a preset (or paths), chat or complete, change knobs between calls.
+
+>>> from eft_local import load_session
+>>> s = load_session()                      # the default preset from models.toml
+>>> for chunk in s.chat("Where was Tova Brint born?"):
+...     print(chunk.text, end="")
+>>> s.set_param("beta", 1.5)                # stronger fine-tuning behaviour, live
+
+The CLI uses only this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from eft_local import backend, hub
+from eft_local.chat import FALLBACK_TEMPLATE, Conversation, render
+from eft_local.config import Config, Preset, load_config, preset_from_paths
+from eft_local.engine import Engine, Model, Step
+from eft_local.errors import EftError
+from eft_local.formula import PARAMETERS
+from eft_local.sampler import SamplerSettings
+from eft_local.text import TextStream
+from eft_local.vocab import AlignmentReport, align
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed output: new text, the step that made it, or a notice."""
+
+    text: str = ""
+    step: Step | None = None
+    finish: str | None = None
+    notice: str | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished generation."""
+
+    text: str
+    finish: str
+    prompt_tokens: int
+    steps: list[Step] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Runtime-wide load defaults; a preset's per-model options win over these."""
+
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+    n_batch: int = 512
+    parallel: bool = False
+
+
+def check_models(preset: Preset, *, download: bool = False) -> AlignmentReport:
+    """The tokenizer-alignment report for a preset's models (vocabularies only)."""
+    vocabs = {role: backend.read_vocab(hub.resolve(spec, download=download))
+              for role, spec in preset.models.items()}
+    return align(vocabs, reference=preset.ft_role)
+
+
+class Session:
+    """Models loaded for one preset, a conversation, and the knobs that steer the mix."""
+
+    def __init__(self, preset: Preset, *, params: Mapping[str, float] | None = None,
+                 settings: SamplerSettings | None = None, options: LoadOptions | None = None,
+                 progress: Progress | None = None,
+                 models: Mapping[str, Model] | None = None,
+                 report: AlignmentReport | None = None) -> None:
+        self.preset = preset
+        self.formula = preset.formula
+        self.params = dict(preset.params)
+        for name, value in (params or {}).items():
+            self.set_param(name, value)
+        self.settings = settings or SamplerSettings()
+        self.options = options or LoadOptions()
+        say = progress or (lambda _msg: None)
+        if models is None:
+            paths = {role: hub.resolve(spec) for role, spec in preset.models.items()}
+            report = align({r: backend.read_vocab(p) for r, p in paths.items()},
+                           reference=preset.ft_role)
+            if not report.ok:
+                raise EftError(f"preset {preset.name!r}: models do not share a token space: "
+                               f"{report.summary()}")
+            models = self._load(paths, say)
+        elif report is None:
+            raise EftError("pass the alignment report together with pre-loaded models")
+        self.report = report
+        self.models = dict(models)
+        self.engine = Engine(self.models, ref_role=preset.ft_role, allowed=report.allowed,
+                             parallel=self.options.parallel)
+        ref = self.models[preset.ft_role]
+        self.template = (preset.chat_template or getattr(ref, "chat_template", lambda: None)()
+                         or FALLBACK_TEMPLATE)
+        self.conversation = Conversation()
+
+    # -- loading --------------------------------------------------------------------------
+    def _load(self, paths: Mapping[str, Path], say: Progress) -> dict[str, Model]:
+        opts = self.options
+        gpu = backend.supports_gpu_offload()
+        cores = opts.n_threads or max(1, os.cpu_count() or 1)
+        share = max(1, cores // len(paths)) if opts.parallel else cores
+        loaded: dict[str, Model] = {}
+        try:
+            for role, path in paths.items():
+                spec = self.preset.models[role]
+                layers = spec.n_gpu_layers if spec.n_gpu_layers is not None else (
+                    opts.n_gpu_layers if opts.n_gpu_layers is not None else (-1 if gpu else 0))
+                size = path.stat().st_size / 2**20 if path.is_file() else 0
+                say(f"loading {role}: {path.name} ({size:.1f} MiB"
+                    f"{', GPU offload' if layers and gpu else ', CPU'})")
+                loaded[role] = backend.LlamaModel(
+                    path, n_ctx=spec.n_ctx if spec.n_ctx is not None else opts.n_ctx,
+                    n_gpu_layers=layers if gpu else 0,
+                    n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch)
+        except BaseException:
+            for model in loaded.values():
+                model.close()
+            raise
+        return loaded
+
+    def close(self) -> None:
+        """Free every model."""
+        self.engine.close()
+        for model in self.models.values():
+            close = getattr(model, "close", None)
+            if close:
+                close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- knobs ----------------------------------------------------------------------------
+    def set_param(self, name: str, value: float) -> None:
+        """Set a formula parameter (``beta`` or ``lam``/``lambda``)."""
+        name = "lam" if name == "lambda" else name
+        if name not in PARAMETERS:
+            raise EftError(f"unknown parameter {name!r} (known: {', '.join(PARAMETERS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+                value):
+            raise EftError(f"invalid {name} {value!r}: must be a finite number")
+        self.params[name] = float(value)
+
+    def set_sampling(self, **changes: object) -> None:
+        """Change sampler settings (temperature, top_p, top_k, min_p, seed, ...)."""
+        try:
+            self.settings = replace(self.settings, **changes)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise EftError(f"unknown sampler setting: {exc}") from None
+
+    def weights(self) -> np.ndarray:
+        """Formula weights for the current parameters, in the engine's role order."""
+        w = self.formula.weights(self.params)
+        return np.array([w.get(role, 0.0) for role in self.engine.roles], dtype=np.float32)
+
+    def describe(self) -> str:
+        """The formula with numbers filled in."""
+        return self.formula.describe(self.params)
+
+    # -- prompts --------------------------------------------------------------------------
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """Render ``messages`` with the chat template and tokenize them (specials parsed)."""
+        ref = self.models[self.preset.ft_role]
+        bos = ref.piece(self.report.vocabs[self.preset.ft_role].bos, special=True) \
+            if self.report.vocabs else b""
+        text = render(self.template, messages, bos_token=bos.decode("utf-8", "replace"))
+        return ref.tokenize(text, add_bos=False, special=True)
+
+    def raw_tokens(self, prompt: str) -> list[int]:
+        """Tokenize plain text (BOS added if the model's vocabulary asks for it)."""
+        return self.models[self.preset.ft_role].tokenize(prompt, add_bos=True, special=False)
+
+    # -- generation -----------------------------------------------------------------------
+    def stream(self, tokens: list[int], *, max_tokens: int = 512, stop: Sequence[str] = (),
+               diagnostics: bool = False) -> Iterator[Chunk]:
+        """Generate after ``tokens``; yields text chunks, the last one carries ``finish``."""
+        if max_tokens < 1:
+            raise EftError(f"invalid max_tokens {max_tokens}: must be >= 1")
+        ref = self.models[self.preset.ft_role]
+        text = TextStream(stop)
+        finish = "length"
+        steps = self.engine.generate(tokens, self.weights(), self.settings,
+                                     max_tokens=max_tokens, diagnostics=diagnostics)
+        try:
+            for step in steps:
+                piece = b"" if ref.is_eog(step.token) else ref.piece(step.token)
+                yield Chunk(text=text.push(piece), step=step)
+                if text.stopped:
+                    finish = "stop"
+                    break
+            else:
+                finish = self.engine.finish_reason
+        finally:
+            steps.close()
+        yield Chunk(text=text.flush(), finish=finish)
+
+    def prompt_tokens(self, prompt: str, *, raw: bool = True, system: str | None = None
+                      ) -> list[int]:
+        """Tokens for a one-off prompt: ``raw`` text as is, else one chat turn."""
+        if raw:
+            return self.raw_tokens(prompt)
+        conv = Conversation(system=system, turns=[{"role": "user", "content": prompt}])
+        return self.chat_tokens(conv.messages())
+
+    def complete(self, prompt: str, *, raw: bool = True, system: str | None = None,
+                 **kwargs: object) -> Iterator[Chunk]:
+        """One-off generation: ``raw`` continues the text, else it is a single chat turn."""
+        return self.stream(self.prompt_tokens(prompt, raw=raw, system=system),
+                           **kwargs)  # type: ignore[arg-type]
+
+    def generate(self, prompt: str, *, raw: bool = True, system: str | None = None,
+                 **kwargs: object) -> Result:
+        """Like :meth:`complete`, collected into a :class:`Result`."""
+        tokens = self.prompt_tokens(prompt, raw=raw, system=system)
+        out, steps, finish = [], [], "length"
+        for chunk in self.stream(tokens, **kwargs):  # type: ignore[arg-type]
+            out.append(chunk.text)
+            if chunk.step:
+                steps.append(chunk.step)
+            if chunk.finish:
+                finish = chunk.finish
+        return Result(text="".join(out), finish=finish, prompt_tokens=len(tokens), steps=steps)
+
+    def chat(self, message: str, *, max_tokens: int = 512, stop: Sequence[str] = (),
+             diagnostics: bool = False) -> Iterator[Chunk]:
+        """Add a user turn, stream the reply, and keep it in the history.
+
+        When the history no longer fits, the oldest exchanges are dropped (the system prompt
+        stays) and a chunk with a ``notice`` says so. An interrupted reply is kept as far as
+        it got.
+        """
+        conv = self.conversation
+        conv.add("user", message)
+        reserve = min(max_tokens, self.engine.n_ctx // 4)
+        try:
+            dropped = conv.fit(lambda msgs: len(self.chat_tokens(msgs)),
+                               self.engine.n_ctx - reserve)
+        except EftError:
+            conv.turns.pop()
+            raise
+        if dropped:
+            yield Chunk(notice=f"dropped the {dropped} oldest exchange(s) to fit the context "
+                        f"of {self.engine.n_ctx} tokens")
+        reply: list[str] = []
+        try:
+            for chunk in self.stream(self.chat_tokens(conv.messages()), max_tokens=max_tokens,
+                                     stop=stop, diagnostics=diagnostics):
+                reply.append(chunk.text)
+                yield chunk
+        finally:
+            conv.add("assistant", "".join(reply))
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.conversation.turns.clear()
+
+    # -- introspection --------------------------------------------------------------------
+    def token_text(self, token: int) -> str:
+        """A token's text, control tokens shown as themselves."""
+        ref = self.models[self.preset.ft_role]
+        return ref.piece(token, special=True).decode("utf-8", "replace")
+
+    def why(self, k: int = 5) -> dict[str, list[tuple[str, float]]]:
+        """Top-k tokens (text, probability) of each model and of the mix at the last step."""
+        return {name: [(self.token_text(t), p) for t, p in top]
+                for name, top in self.engine.why(self.settings, k).items()}
+
+    def stats(self) -> dict[str, object]:
+        """Tokens/s, time to first token, time per model and in the sampler."""
+        s = self.engine.stats
+        return {"generated_tokens": s.generated, "prefill_tokens": s.prefilled,
+                "tokens_per_second": s.tokens_per_second(),
+                "first_token_seconds": s.first_token_seconds,
+                "seconds_per_model": dict(s.eval_seconds),
+                "sampler_ms_per_token": 1e3 * s.sampler_seconds / max(1, s.generated)}
+
+
+def load_session(preset: str | None = None, *, models: Sequence[str] = (),
+                 formula: str | None = None, config: Config | None = None,
+                 **kwargs: object) -> Session:
+    """A session for a named preset (default from models.toml) or ``ROLE=PATH`` models."""
+    if models:
+        chosen = preset_from_paths(list(models), formula=formula)
+    else:
+        chosen = (config or load_config()).get(preset)
+        if formula:
+            chosen = chosen.with_formula(formula)
+    return Session(chosen, **kwargs)  # type: ignore[arg-type]
