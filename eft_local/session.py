@@ -61,6 +61,8 @@ class LoadOptions:
     n_gpu_layers: int | None = None
     n_batch: int = 512
     parallel: bool = False
+    speculative: bool = True
+    draft_k: int | None = None  # None: adaptive block size
 
 
 def check_models(preset: Preset, *, download: bool = False) -> AlignmentReport:
