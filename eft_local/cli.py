@@ -1,0 +1,402 @@
+"""The ``eft-local`` command line: thin Click commands over the session API.
+
+Each command parses its options, calls the library and prints. Every failure is one line
+on stderr and a non-zero exit status (see :class:`EftGroup`). Options shared by several
+commands are decorators (:func:`model_options`, :func:`sampling_options`); other modules'
+commands are registered at the bottom of this file and imported only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from eft_local import __version__
+from eft_local.errors import EftError
+
+if TYPE_CHECKING:
+    from eft_local.config import Preset
+    from eft_local.session import Session
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# -- errors: one line, never a traceback ----------------------------------------------------
+def one_line(message: str) -> str:
+    """Collapse a message onto one line."""
+    return "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    click.echo(f"error: {one_line(message)}", err=True)
+    sys.exit(code)
+
+
+class EftGroup(click.Group):
+    """A group whose commands fail with one line on stderr, and that imports some of its
+    commands lazily (``register``), so command modules may import this one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy: dict[str, str] = {}
+
+    def register(self, name: str, target: str) -> None:
+        """Add the command ``module:attribute``, imported when first used."""
+        self.lazy[name] = target
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in self.lazy:
+            module, _, attr = self.lazy[name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as exc:
+            where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            fail(exc.format_message() + where, exc.exit_code)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except EftError as exc:
+            fail(str(exc))
+        except (click.Abort, KeyboardInterrupt):
+            fail("interrupted", 130)
+        except BrokenPipeError:
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - nothing left to tell anyone
+            sys.exit(1)
+        except Exception as exc:  # a bug: still one line, the traceback on request
+            if os.environ.get("EFT_LOCAL_DEBUG"):
+                raise
+            fail(f"internal error: {type(exc).__name__}: {exc} "
+                 "(set EFT_LOCAL_DEBUG=1 for the traceback)")
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+# -- option types and shared options ----------------------------------------------------------
+class Number(click.ParamType):
+    """A finite float, optionally bounded; ``open_low``/``open_high`` exclude the bound."""
+
+    name = "number"
+
+    def __init__(self, low: float | None = None, high: float | None = None, *,
+                 open_low: bool = False, open_high: bool = False) -> None:
+        self.low, self.high, self.open_low, self.open_high = low, high, open_low, open_high
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        too_low = self.low is not None and (
+            number <= self.low if self.open_low else number < self.low)
+        too_high = self.high is not None and (
+            number >= self.high if self.open_high else number > self.high)
+        if too_low or too_high:
+            self.fail(f"{value} is not in {self.describe()}", param, ctx)
+        return number
+
+    def describe(self) -> str:
+        """The allowed range, e.g. ``(0, 1]``."""
+        low = "(" if self.open_low or self.low is None else "["
+        high = ")" if self.open_high or self.high is None else "]"
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"{low}{lo}, {hi}{high}"
+
+
+def _apply(options: list[Callable[[F], F]], func: F) -> F:
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def model_options(func: F) -> F:
+    """Which models and formula, and how to load them (chat, generate, and friends)."""
+    return _apply([
+        click.option("--model", "-m", "models", multiple=True, metavar="ROLE=PATH",
+                     help="A GGUF file for a role, instead of a preset (repeatable). "
+                     "large_base, small_ft and small_base give up-scaling by default."),
+        click.option("--formula", metavar="TEXT",
+                     help="Mixing formula: up, down, amplified, interpolate, or an "
+                     "expression such as 'large_base + beta * (small_ft - small_base)'."),
+        click.option("--beta", type=Number(), help="Weight of the formula's delta."),
+        click.option("--lambda", "lam", type=Number(),
+                     help="Interpolation between two fine-tuned deltas."),
+        click.option("--n-ctx", type=click.IntRange(min=0),
+                     help="Context size in tokens (0: the models' training context)."),
+        click.option("--threads", type=click.IntRange(min=1),
+                     help="CPU threads in all (split across models with --parallel)."),
+        click.option("--gpu-layers", type=click.IntRange(min=-1),
+                     help="Layers to offload to the GPU (-1: all; default all if supported)."),
+        click.option("--no-speculative", is_flag=True,
+                     help="Decode token by token, without drafting with the small model."),
+        click.option("--draft-k", type=click.IntRange(min=1),
+                     help="Speculative block size (default: adaptive)."),
+        click.option("--parallel", is_flag=True,
+                     help="Evaluate the models in parallel threads."),
+    ], func)
+
+
+def sampling_options(func: F) -> F:
+    """Sampler settings, reply length and system prompt."""
+    return _apply([
+        click.option("--temperature", "-t", type=Number(0), help="0 = greedy (default 1)."),
+        click.option("--top-p", type=Number(0, 1, open_low=True), help="Nucleus mass."),
+        click.option("--top-k", type=click.IntRange(min=0), help="Keep the k best (0: off)."),
+        click.option("--min-p", type=Number(0, 1, open_high=True),
+                     help="Drop tokens below this fraction of the best one."),
+        click.option("--conservative-top-p", type=Number(0, 1, open_low=True),
+                     help="Conservative decoding: outside the fine-tuned model's top-p set, "
+                     "keep its own log-prob."),
+        click.option("--seed", type=click.IntRange(min=0), help="Random seed (default 0)."),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=512,
+                     show_default=True, help="Longest reply in tokens."),
+        click.option("--system", metavar="TEXT", help="System prompt."),
+    ], func)
+
+
+_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+             "min_p": "min_p", "seed": "seed", "conservative_top_p": "conservative_top_p"}
+
+
+def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
+    """Load a session from a preset name or ``--model`` pairs and the shared options."""
+    from eft_local.sampler import SamplerSettings
+    from eft_local.session import LoadOptions, load_session
+
+    if preset and opts.get("models"):
+        raise EftError(f"give a preset ({preset!r}) or --model ROLE=PATH, not both")
+    params = {name: opts[name] for name in ("beta", "lam") if opts.get(name) is not None}
+    settings = SamplerSettings(**{field: opts[key] for key, field in _SAMPLING.items()
+                                  if opts.get(key) is not None})
+    options = LoadOptions(n_ctx=opts.get("n_ctx"), n_threads=opts.get("threads"),
+                          n_gpu_layers=opts.get("gpu_layers"),
+                          parallel=bool(opts.get("parallel")),
+                          speculative=not opts.get("no_speculative"),
+                          draft_k=opts.get("draft_k"))
+    return load_session(preset, models=tuple(opts.get("models") or ()),
+                        formula=opts.get("formula"), params=params, settings=settings,
+                        options=options, progress=lambda msg: click.echo(msg, err=True))
+
+
+def write(text: str) -> None:
+    """Write streamed text to stdout as is (no ANSI stripping) and flush."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def size_text(n_bytes: int) -> str:
+    """A file size for people: 12.3 MiB, 4.1 GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"
+
+
+# -- the group ------------------------------------------------------------------------------
+@click.group(cls=EftGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="eft-local")
+def main() -> None:
+    """Emulated fine-tuning (EFT) on local GGUF models.
+
+    Per token: log p = log p_large_base + beta * (log p_small_ft - log p_small_base),
+    renormalised (or any other formula over named models).
+    """
+
+
+# -- models, pull, check --------------------------------------------------------------------
+@main.command()
+def models() -> None:
+    """List presets: formula, models, whether each file is present locally and its size."""
+    from eft_local import hub
+    from eft_local.config import load_config
+
+    config = load_config()
+    if not config.presets:
+        click.echo("no presets defined (add some to " + ", ".join(map(str, config.files)) + ")")
+    for name, preset in config.presets.items():
+        mark = " (default)" if name == config.default else ""
+        click.echo(f"{name}{mark}: {preset.description}".rstrip(": "))
+        click.echo(f"  formula: {preset.formula.text}  = {preset.formula.describe(preset.params)}")
+        width = max(len(role) for role in preset.models)
+        for role, spec in preset.models.items():
+            local = hub.cached_path(spec)
+            state = f"present, {size_text(local.stat().st_size)}" if local else "missing"
+            click.echo(f"  {role:<{width}}  {spec.describe()}  [{state}]")
+
+
+@main.command()
+@click.argument("preset", required=False)
+def pull(preset: str | None) -> None:
+    """Download the preset's missing model files into the Hugging Face cache."""
+    from eft_local import hub
+    from eft_local.config import load_config
+
+    chosen = load_config().get(preset)
+    missing = []
+    for role, spec in chosen.models.items():
+        local = hub.cached_path(spec)
+        if local is not None:
+            click.echo(f"{role}: present ({local}, {size_text(local.stat().st_size)})")
+        elif spec.path is not None:
+            missing.append(f"{role}: {spec.path} (a local path: nothing to download)")
+        else:
+            click.echo(f"{role}: downloading {spec.describe()}", err=True)
+            path = hub.resolve(spec, download=True)
+            click.echo(f"{role}: downloaded ({path}, {size_text(path.stat().st_size)})")
+    if missing:
+        raise EftError(f"preset {chosen.name!r}: missing local file(s): {'; '.join(missing)}")
+
+
+@main.command()
+@click.argument("targets", nargs=-1, metavar="[PRESET | PATH...]")
+@click.option("--model", "-m", "models", multiple=True, metavar="ROLE=PATH",
+              help="A GGUF file for a role (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check(targets: tuple[str, ...], models: tuple[str, ...], as_json: bool) -> None:
+    """Check that models share one token space (reads vocabularies only).
+
+    Give a preset name, --model ROLE=PATH pairs, or plain GGUF paths (the first plain path
+    is taken as the fine-tuned model). Exits 1 when the models are incompatible.
+    """
+    from eft_local.session import check_models
+
+    preset = _check_preset(targets, models)
+    report = check_models(preset)
+    if as_json:
+        click.echo(json.dumps({"preset": preset.name, **report.to_dict()}, indent=2,
+                              ensure_ascii=False))
+    else:
+        click.echo(f"preset: {preset.name}")
+        for role, spec in preset.models.items():
+            click.echo(f"  {role}: {spec.describe()}")
+        click.echo(report.render())
+    if not report.ok:
+        sys.exit(1)
+
+
+def _check_preset(targets: tuple[str, ...], models: tuple[str, ...]) -> Preset:
+    """The preset ``check`` looks at: named, from --model pairs, or from plain paths."""
+    from eft_local.config import load_config, preset_from_paths
+
+    if models and targets:
+        raise EftError("give --model ROLE=PATH pairs or plain paths/a preset, not both")
+    is_path = len(targets) > 1 or (targets and (targets[0].endswith(".gguf")
+                                               or Path(targets[0]).is_file()))
+    if is_path:
+        models = tuple(f"model{i}={path}" for i, path in enumerate(targets, 1))
+    if models:
+        first = models[0].partition("=")[0].strip()
+        return preset_from_paths(list(models), formula=first if first.isidentifier() else None)
+    return load_config().get(targets[0] if targets else None)
+
+
+# -- generate -------------------------------------------------------------------------------
+@main.command()
+@click.argument("args", nargs=-1, metavar="[PRESET] [PROMPT]")
+@model_options
+@sampling_options
+@click.option("--raw", is_flag=True,
+              help="Use the prompt as the whole context (no chat template).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON record with per-token diagnostics.")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL file of prompts: {\"id\", \"prompt\", \"system\", \"raw\", "
+              "\"max_tokens\"} per line.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL results, appended as each prompt finishes; a rerun skips done ids.")
+def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path | None,
+             output_path: Path | None, **opts: Any) -> None:
+    """Generate one reply for PROMPT (or stdin), or a JSONL batch with --input.
+
+    With one argument and no --model, it is the preset if such a preset exists, else the
+    prompt (for the default preset).
+    """
+    preset, prompt = _split_args(args, opts, batch=input_path is not None)
+    if input_path is None:
+        if output_path is not None:
+            raise click.UsageError("--output needs --input")
+        prompt = prompt if prompt is not None else _stdin_prompt()
+        if not prompt.strip():
+            raise EftError("empty prompt")
+        with open_session(preset, opts) as session:
+            _generate_one(session, prompt, raw=raw, as_json=as_json, system=opts["system"],
+                          max_tokens=opts["max_tokens"])
+        return
+    from eft_local.batch import BatchDefaults, check_paths, run_batch
+
+    check_paths(input_path, output_path)
+    defaults = BatchDefaults(raw=raw, system=opts["system"], max_tokens=opts["max_tokens"],
+                             diagnostics=as_json)
+    with open_session(preset, opts) as session:
+        run_batch(session, input_path, output_path, defaults)
+
+
+def _split_args(args: tuple[str, ...], opts: Mapping[str, Any], *, batch: bool
+                ) -> tuple[str | None, str | None]:
+    """(preset, prompt) from generate's positional arguments."""
+    if len(args) > 2:
+        raise click.UsageError("expected at most two arguments: [PRESET] [PROMPT]")
+    with_models = bool(opts.get("models"))
+    if batch:
+        if len(args) > (0 if with_models else 1):
+            raise click.UsageError("--input reads the prompts from the file: give no PROMPT")
+        return (args[0] if args else None), None
+    if len(args) == 2:
+        return args[0], args[1]
+    if not args:
+        return None, None
+    if with_models:
+        return None, args[0]
+    from eft_local.config import load_config
+
+    return (args[0], None) if args[0] in load_config().presets else (None, args[0])
+
+
+def _stdin_prompt() -> str:
+    stream = click.get_text_stream("stdin")
+    if stream.isatty():
+        raise EftError("no prompt: give PROMPT as an argument or pipe it on stdin")
+    return stream.read()
+
+
+def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
+                  system: str | None, max_tokens: int) -> None:
+    """Stream one reply to stdout, or print it as a JSON record."""
+    from eft_local.batch import result_record
+
+    if as_json:
+        result = session.generate(prompt, raw=raw, system=system, max_tokens=max_tokens,
+                                  diagnostics=True)
+        click.echo(json.dumps(result_record(session, result, diagnostics=True),
+                              ensure_ascii=False))
+        return
+    for chunk in session.complete(prompt, raw=raw, system=system, max_tokens=max_tokens):
+        write(chunk.text)
+    write("\n")
+
+
+# -- commands from other modules: one line each (imported on first use) ----------------------
+main.register("chat", "eft_local.repl:chat")
+# main.register("eval", "eft_local.evaluate:evaluate")
+# main.register("bench", "eft_local.bench:bench")

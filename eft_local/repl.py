@@ -1,0 +1,336 @@
+"""The chat REPL (``eft-local chat``): streamed replies, knobs changed live by slash commands.
+
+Interactive use gets readline editing and a history file in the user data directory. When
+stdin is not a terminal (a pipe, or click's CliRunner in tests) each line read is echoed
+after the prompt, so the output reads as a transcript.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from contextlib import closing, suppress
+from pathlib import Path
+from typing import Any
+
+import click
+
+from eft_local.chat import Conversation
+from eft_local.cli import model_options, open_session, sampling_options, write
+from eft_local.errors import EftError
+from eft_local.session import Session
+
+PROMPT = ">>> "
+ReadLine = Callable[[str], "str | None"]
+
+HELP = [
+    ("/beta X", "weight of the formula's delta (0 = first model alone, 1 = EFT)"),
+    ("/lambda X", "interpolation between two fine-tuned deltas"),
+    ("/temp X", "temperature (0 = greedy)"),
+    ("/topp X", "top-p, in (0, 1]"),
+    ("/topk N", "top-k (0 = off)"),
+    ("/minp X", "min-p, in [0, 1)"),
+    ("/seed N", "random seed"),
+    ("/max N", "longest reply in tokens"),
+    ("/system TEXT", "set the system prompt (no TEXT: remove it)"),
+    ("/reset", "forget the conversation (the system prompt stays)"),
+    ("/save FILE", "write the transcript as JSON"),
+    ("/load FILE", "continue a saved transcript"),
+    ("/stats", "tokens/s and time per model"),
+    ("/why", "top tokens of each model and of the mix at the last step"),
+    ("/help", "this list"),
+    ("/quit", "leave (Ctrl-D works too; Ctrl-C stops a reply)"),
+]
+ALIASES = {"lam": "lambda", "temperature": "temp", "exit": "quit", "q": "quit", "?": "help"}
+
+
+# -- line input and history ------------------------------------------------------------------
+def user_data_dir() -> Path:
+    """$XDG_DATA_HOME/eft-local, else ~/.local/share/eft-local."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "eft-local"
+
+
+def history_path() -> Path:
+    """Where the chat's line history is kept."""
+    return user_data_dir() / "chat_history"
+
+
+def enable_history(path: Path) -> Callable[[], None]:
+    """Turn on readline editing with history from ``path``; returns the function that saves
+    it (a no-op when readline is missing or the file cannot be written)."""
+    try:
+        import readline
+    except ImportError:
+        return lambda: None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            readline.read_history_file(str(path))
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        with suppress(OSError):
+            readline.write_history_file(str(path))
+
+    return save
+
+
+def interactive() -> bool:
+    """True when both stdin and stdout are terminals."""
+    return sys.stdin.isatty() and sys.stdout.isatty()
+
+
+def read_line(prompt: str) -> str | None:
+    """One line of input (None at end of input); piped input is echoed after the prompt."""
+    if sys.stdin.isatty():
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    write(prompt)
+    line = sys.stdin.readline()
+    if not line:
+        return None
+    line = line.rstrip("\r\n")
+    write(line + "\n")
+    return line
+
+
+# -- output helpers --------------------------------------------------------------------------
+def say(text: str) -> None:
+    """One line of REPL output on stdout."""
+    write(text + "\n")
+
+
+def error(message: object) -> None:
+    """One error line on stderr; the session goes on."""
+    click.echo(f"error: {message}", err=True)
+
+
+def banner(session: Session) -> str:
+    """Which preset, which models (role: file), the formula with numbers, and sampling."""
+    preset = session.preset
+    lines = [f"preset: {preset.name}" + (f" ({preset.description})" if preset.description
+                                         else "")]
+    lines += [f"  {role}: {model.path}" for role, model in session.models.items()]
+    lines.append(f"vocabulary: {session.report.verdict}")
+    lines.append(f"formula: {session.formula.text}")
+    used = ", ".join(f"{p}={session.params[p]:g}" for p in session.formula.params)
+    lines.append(f"  = {session.describe()}" + (f"  ({used})" if used else ""))
+    lines.append(f"sampling: {sampling_text(session)}")
+    lines.append("type /help for commands, /quit or Ctrl-D to leave")
+    return "\n".join(lines)
+
+
+def sampling_text(session: Session) -> str:
+    """The sampler settings on one line."""
+    s = session.settings
+    text = (f"temperature {s.temperature:g}, top-p {s.top_p:g}, top-k {s.top_k}, "
+            f"min-p {s.min_p:g}, seed {s.seed}")
+    if s.conservative_top_p is not None:
+        text += f", conservative top-p {s.conservative_top_p:g}"
+    return text
+
+
+def _number(arg: str, command: str) -> float:
+    if not arg:
+        raise EftError(f"/{command} needs a value, e.g. /{command} 0.5")
+    try:
+        return float(arg)
+    except ValueError:
+        raise EftError(f"/{command}: {arg!r} is not a number") from None
+
+
+def _integer(arg: str, command: str) -> int:
+    if not arg:
+        raise EftError(f"/{command} needs a value, e.g. /{command} 1")
+    try:
+        return int(arg)
+    except ValueError:
+        raise EftError(f"/{command}: {arg!r} is not an integer") from None
+
+
+# -- the loop --------------------------------------------------------------------------------
+class Repl:
+    """Read lines; answer messages with the session; run slash commands."""
+
+    def __init__(self, session: Session, *, max_tokens: int = 512,
+                 read: ReadLine = read_line) -> None:
+        self.session = session
+        self.max_tokens = max_tokens
+        self.read = read
+
+    def run(self) -> None:
+        """Until /quit or end of input (Ctrl-D)."""
+        while True:
+            try:
+                line = self.read(PROMPT)
+            except KeyboardInterrupt:
+                write("\n")
+                continue
+            if line is None:
+                write("\n")
+                return
+            line = line.strip()
+            if not line:
+                continue
+            if not self.handle(line):
+                return
+
+    def handle(self, line: str) -> bool:
+        """Run one input line; False when the user asked to quit."""
+        if not line.startswith("/"):
+            self.answer(line)
+            return True
+        name, _, arg = line[1:].partition(" ")
+        name = ALIASES.get(name.lower(), name.lower())
+        if name == "quit":
+            return False
+        command = getattr(self, f"cmd_{name}", None)
+        if command is None:
+            error(f"unknown command /{name} (try /help)")
+            return True
+        try:
+            command(arg.strip())
+        except EftError as exc:
+            error(exc)
+        return True
+
+    def answer(self, message: str) -> None:
+        """Stream the reply to ``message``; Ctrl-C stops it and keeps what was said."""
+        finish = None
+        try:
+            with closing(self.session.chat(message, max_tokens=self.max_tokens)) as chunks:
+                for chunk in chunks:
+                    if chunk.notice:
+                        say(f"[{chunk.notice}]")
+                    write(chunk.text)
+                    finish = chunk.finish or finish
+        except KeyboardInterrupt:
+            write("\n")
+            say("[interrupted]")
+            return
+        except EftError as exc:
+            write("\n")
+            error(exc)
+            return
+        write("\n")
+        if finish == "length":
+            say(f"[stopped at {self.max_tokens} tokens]")
+        elif finish == "context":
+            say("[stopped: the context is full]")
+
+    # -- slash commands: cmd_<name>(arg) ---------------------------------------------------
+    def _param(self, name: str, command: str, arg: str) -> None:
+        self.session.set_param(name, _number(arg, command))
+        key = "lam" if name == "lambda" else name
+        unused = "" if key in self.session.formula.params else " (not used by this formula)"
+        say(f"{key} = {self.session.params[key]:g}: {self.session.describe()}{unused}")
+
+    def _sampling(self, field: str, value: float | int) -> None:
+        self.session.set_sampling(**{field: value})
+        say(f"{field} = {getattr(self.session.settings, field):g}")
+
+    def cmd_beta(self, arg: str) -> None:
+        self._param("beta", "beta", arg)
+
+    def cmd_lambda(self, arg: str) -> None:
+        self._param("lambda", "lambda", arg)
+
+    def cmd_temp(self, arg: str) -> None:
+        self._sampling("temperature", _number(arg, "temp"))
+
+    def cmd_topp(self, arg: str) -> None:
+        self._sampling("top_p", _number(arg, "topp"))
+
+    def cmd_topk(self, arg: str) -> None:
+        self._sampling("top_k", _integer(arg, "topk"))
+
+    def cmd_minp(self, arg: str) -> None:
+        self._sampling("min_p", _number(arg, "minp"))
+
+    def cmd_seed(self, arg: str) -> None:
+        self._sampling("seed", _integer(arg, "seed"))
+
+    def cmd_max(self, arg: str) -> None:
+        value = _integer(arg, "max")
+        if value < 1:
+            raise EftError(f"/max: {value} must be >= 1")
+        self.max_tokens = value
+        say(f"max tokens = {value}")
+
+    def cmd_system(self, arg: str) -> None:
+        self.session.conversation.system = arg or None
+        say("system prompt set" if arg else "system prompt removed")
+
+    def cmd_reset(self, _arg: str) -> None:
+        self.session.reset()
+        say("conversation cleared")
+
+    def cmd_save(self, arg: str) -> None:
+        if not arg:
+            raise EftError("/save needs a file name")
+        conv = self.session.conversation
+        conv.save(arg, extra={"preset": self.session.preset.name,
+                              "formula": self.session.describe(),
+                              "params": dict(self.session.params)})
+        say(f"saved {len(conv.turns)} turns to {arg}")
+
+    def cmd_load(self, arg: str) -> None:
+        if not arg:
+            raise EftError("/load needs a file name")
+        self.session.conversation = Conversation.load(arg)
+        say(f"loaded {len(self.session.conversation.turns)} turns from {arg}")
+
+    def cmd_stats(self, _arg: str) -> None:
+        for line in stats_lines(self.session.stats()):
+            say(line)
+
+    def cmd_why(self, arg: str) -> None:
+        top = self.session.why(_integer(arg, "why") if arg else 5)
+        if not top:
+            say("nothing generated yet")
+            return
+        width = max(len(name) for name in top)
+        for name in [*(n for n in top if n != "mix"), "mix"]:
+            tokens = "  ".join(f"{text!r} {p:.3f}" for text, p in top[name])
+            say(f"{name + ':':<{width + 1}} {tokens}")
+
+    def cmd_help(self, _arg: str) -> None:
+        width = max(len(usage) for usage, _ in HELP)
+        for usage, text in HELP:
+            say(f"{usage:<{width}}  {text}")
+
+
+def stats_lines(stats: dict[str, Any]) -> list[str]:
+    """Session.stats() for people."""
+    first = stats["first_token_seconds"]
+    per_model = ", ".join(f"{role} {sec:.3f} s" for role, sec in
+                          stats["seconds_per_model"].items())
+    return [f"generated {stats['generated_tokens']} tokens at "
+            f"{stats['tokens_per_second']:.1f} tokens/s (prefill {stats['prefill_tokens']} "
+            "tokens" + (f", first token after {first:.3f} s)" if first is not None else ")"),
+            f"time per model: {per_model or 'none yet'}",
+            f"sampler: {stats['sampler_ms_per_token']:.3f} ms/token"]
+
+
+# -- the command ----------------------------------------------------------------------------
+@click.command()
+@click.argument("preset", required=False)
+@model_options
+@sampling_options
+def chat(preset: str | None, **opts: Any) -> None:
+    """Chat with the mixed model; slash commands change the mix live (/help)."""
+    with open_session(preset, opts) as session:
+        session.conversation.system = opts["system"]
+        say(banner(session))
+        save_history = enable_history(history_path()) if interactive() else None
+        try:
+            Repl(session, max_tokens=opts["max_tokens"]).run()
+        finally:
+            if save_history:
+                save_history()
