@@ -88,15 +88,15 @@ def top_p_mask(logprobs: np.ndarray, top_p: float) -> np.ndarray:
     """Bool mask of the smallest set of most likely tokens whose mass reaches ``top_p``."""
     if top_p >= 1.0:
         return np.isfinite(logprobs)
-    probs = np.exp(logprobs - logprobs.max())
-    probs /= probs.sum(dtype=np.float64)
+    probs = np.exp(logprobs - logprobs.max(), dtype=np.float32).astype(np.float64)
+    probs /= probs.sum()
     # Tokens below eps can hold at most (1 - top_p) / 2 of the mass together, so the top-p
     # set lies among the rest: sort only those (exact, and cheap for peaked rows).
     eps = (1.0 - top_p) / (2.0 * probs.size)
     cand = np.flatnonzero(probs > eps)
     order = cand[np.argsort(-probs[cand], kind="stable")]
-    cum = np.cumsum(probs[order], dtype=np.float64)
-    keep = int(np.searchsorted(cum, top_p * cum[-1] if cum[-1] < 1 else top_p)) + 1
+    cum = np.cumsum(probs[order])
+    keep = int(np.searchsorted(cum, top_p - 1e-12)) + 1
     mask = np.zeros(probs.size, dtype=bool)
     mask[order[: min(keep, order.size)]] = True
     return mask

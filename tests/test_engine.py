@@ -1,0 +1,169 @@
+"""The decode loop on real (tiny, random-weight) GGUF models through llama.cpp."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eft_local import backend
+from eft_local.config import preset_from_paths
+from eft_local.errors import EftError
+from eft_local.sampler import SamplerSettings
+from eft_local.session import LoadOptions, Session
+from tests import ggufs
+
+ROLES = ("large_base", "small_ft", "small_base")
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("trio")
+    return {r: ggufs.write_model(d / f"{r}.gguf", seed=i, n_embd=64 if r == "large_base"
+                                 else 32) for i, r in enumerate(ROLES)}
+
+
+def session(trio: dict[str, Path], **kwargs) -> Session:
+    preset = preset_from_paths([f"{r}={p}" for r, p in trio.items()])
+    opts = kwargs.pop("options", LoadOptions(speculative=False))
+    return Session(preset, options=opts, **kwargs)
+
+
+def log_softmax64(row: np.ndarray) -> np.ndarray:
+    row = row.astype(np.float64)
+    return row - np.log(np.exp(row - row.max()).sum()) - row.max()
+
+
+def fresh_logprobs(path: Path, tokens: list[int]) -> np.ndarray:
+    """One fresh model, the whole prefix in one batch: its last row's log-probs."""
+    return alone(path, tokens, [])[0]
+
+
+def alone(path: Path, prompt: list[int], generated: list[int]) -> list[np.ndarray]:
+    """A fresh model on its own, stepping like generation does: prompt in one batch, then
+    one token at a time; the log-probs before each generated token (and after the last)."""
+    model = backend.LlamaModel(path, n_ctx=256)
+    try:
+        out = [log_softmax64(model.eval(prompt)[-1])]
+        out += [log_softmax64(model.eval([t])[-1]) for t in generated]
+    finally:
+        model.close()
+    return out
+
+
+def record_distributions(s: Session) -> list[np.ndarray]:
+    seen: list[np.ndarray] = []
+    original = s.engine.distribution
+
+    def wrapper(rows, weights, settings):
+        out = original(rows, weights, settings)
+        seen.append(out.copy())
+        return out
+
+    s.engine.distribution = wrapper  # type: ignore[method-assign]
+    return seen
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5, 2.0])
+def test_every_step_equals_models_evaluated_alone(trio: dict[str, Path], beta: float) -> None:
+    with session(trio, settings=SamplerSettings(temperature=1.0, seed=3)) as s:
+        s.set_param("beta", beta)
+        seen = record_distributions(s)
+        prompt = s.raw_tokens("hello there")
+        result = s.generate("hello there", max_tokens=12)
+    generated = [st.token for st in result.steps]
+    assert len(generated) == 12 and len(seen) == 12
+    w = {"large_base": 1.0, "small_ft": beta, "small_base": -beta}
+    each = {r: alone(trio[r], prompt, generated[:-1]) for r in ROLES}
+    for i, mixed in enumerate(seen):
+        by_hand = log_softmax64(sum(w[r] * each[r][i] for r in ROLES))
+        np.testing.assert_allclose(mixed, by_hand, atol=1e-4)
+        assert result.steps[i].p_mix == pytest.approx(np.exp(by_hand[generated[i]]), abs=1e-4)
+
+
+def test_kv_reuse_across_turns_matches_fresh_evaluation(trio: dict[str, Path]) -> None:
+    with session(trio, settings=SamplerSettings(temperature=0.0)) as s:
+        for _ in s.chat("hi", max_tokens=6):
+            pass
+        seen = record_distributions(s)
+        evaluated_before = s.engine.stats.prefilled
+        for _ in s.chat("and again", max_tokens=3):
+            pass
+        prompt2 = s.chat_tokens(s.conversation.messages()[:-1])
+        suffix_evaluated = s.engine.stats.prefilled - evaluated_before
+    assert suffix_evaluated < len(prompt2)  # only the new part was evaluated
+    by_hand = log_softmax64(fresh_logprobs(trio["large_base"], prompt2) + fresh_logprobs(
+        trio["small_ft"], prompt2) - fresh_logprobs(trio["small_base"], prompt2))
+    np.testing.assert_allclose(seen[0], by_hand, atol=1e-4)
+
+
+def test_rewind_then_eval_matches_fresh(trio: dict[str, Path]) -> None:
+    model = backend.LlamaModel(trio["small_ft"], n_ctx=256)
+    try:
+        model.eval([5, 6, 7, 8, 9, 10])
+        model.rewind(3)
+        assert model.tokens == [5, 6, 7]
+        row = model.eval([20, 21])[-1]
+    finally:
+        model.close()
+    fresh = fresh_logprobs(trio["small_ft"], [5, 6, 7, 20, 21])
+    np.testing.assert_allclose(log_softmax64(row), fresh, atol=1e-4)
+
+
+def test_same_seed_same_text_and_diagnostics(trio: dict[str, Path]) -> None:
+    with session(trio, settings=SamplerSettings(temperature=0.8, seed=11)) as s:
+        a = s.generate("abc", max_tokens=8, diagnostics=True)
+        b = s.generate("abc", max_tokens=8, diagnostics=True)
+    assert [x.token for x in a.steps] == [x.token for x in b.steps]
+    step = a.steps[0]
+    assert set(step.p_models) == set(ROLES)
+    assert all(0.0 < p <= 1.0 for p in step.p_models.values())
+    assert isinstance(step.ref_token, int)
+
+
+def test_context_limit_stops_cleanly(trio: dict[str, Path]) -> None:
+    with session(trio, options=LoadOptions(n_ctx=32, speculative=False),
+                 settings=SamplerSettings(temperature=0.0)) as s:
+        s.engine.allowed = s.engine.allowed.copy()
+        s.engine.allowed[[1, 4]] = False  # no end-of-generation token: run into the limit
+        result = s.generate("hello", max_tokens=500)
+        assert result.finish == "context"
+        assert result.prompt_tokens + len(result.steps) == s.engine.n_ctx
+        with pytest.raises(EftError, match="context holds"):
+            s.generate("hello " * 300, max_tokens=5)
+
+
+def test_chat_drops_oldest_turns_when_full(trio: dict[str, Path]) -> None:
+    with session(trio, options=LoadOptions(n_ctx=256, speculative=False),
+                 settings=SamplerSettings(temperature=0.0)) as s:
+        s.conversation.system = "be brief"
+        notices = []
+        for i in range(8):
+            for chunk in s.chat(f"question number {i} " * 3, max_tokens=40):
+                if chunk.notice:
+                    notices.append(chunk.notice)
+        assert notices and "oldest exchange" in notices[0]
+        assert s.conversation.system == "be brief"
+        assert s.conversation.turns[-2]["content"].startswith("question number 7")
+        assert sum(t["role"] == "user" for t in s.conversation.turns) < 8
+
+
+def test_params_and_max_tokens_are_validated(trio: dict[str, Path]) -> None:
+    with session(trio) as s:
+        with pytest.raises(EftError, match="invalid beta"):
+            s.set_param("beta", float("nan"))
+        with pytest.raises(EftError, match="unknown parameter"):
+            s.set_param("gamma", 1.0)
+        s.set_param("lambda", 0.2)
+        assert s.params["lam"] == 0.2
+        with pytest.raises(EftError, match="max_tokens"):
+            s.generate("x", max_tokens=0)
+
+
+def test_incompatible_models_are_refused(tmp_path: Path, trio: dict[str, Path]) -> None:
+    other = ggufs.write_model(tmp_path / "other.gguf", swap=(40, 41))
+    preset = preset_from_paths([f"large_base={other}", f"small_ft={trio['small_ft']}",
+                                f"small_base={trio['small_base']}"])
+    with pytest.raises(EftError, match="do not share a token space: incompatible"):
+        Session(preset)

@@ -1,0 +1,142 @@
+"""The NumPy sampler against hand computations and brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eft_local import sampler as S
+from eft_local.errors import EftError
+
+
+def ref_log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x - np.log(np.exp(x - x.max()).sum()) - x.max()
+
+
+def rows(seed: int, n: int = 3, width: int = 50, scale: float = 3.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal((n, width)) * scale).astype(np.float32)
+
+
+def test_mix_equals_hand_computation() -> None:
+    r = np.array([[1.0, 2.0, 0.5], [0.0, 1.0, 3.0], [2.0, 0.0, 1.0]], dtype=np.float32)
+    w = np.array([1.0, 1.5, -1.5], dtype=np.float32)
+    by_hand = sum(wi * ref_log_softmax(ri) for wi, ri in zip(w, r, strict=True))
+    expected = ref_log_softmax(by_hand)
+    np.testing.assert_allclose(S.mix_logits(r, w), expected, atol=1e-6)
+    assert S.mix_logits(r, w).dtype == np.float32
+
+
+def test_beta_zero_is_large_base_alone() -> None:
+    r = rows(1)
+    w = np.array([1.0, 0.0, -0.0], dtype=np.float32)  # large + 0 * (ft - base)
+    np.testing.assert_allclose(S.mix_logits(r, w), ref_log_softmax(r[0]), atol=1e-5)
+
+
+def test_three_copies_of_one_model_give_that_model() -> None:
+    one = rows(2, n=1)[0]
+    r = np.stack([one, one, one])
+    for beta in (0.5, 1.0, 2.0):
+        w = np.array([1.0, beta, -beta], dtype=np.float32)
+        np.testing.assert_allclose(S.mix_logits(r, w), ref_log_softmax(one), atol=1e-5)
+
+
+def test_mask_removes_ids_even_with_negative_weights() -> None:
+    r = rows(3, width=8)
+    allowed = np.array([True] * 6 + [False] * 2)
+    out = S.mix_logits(r, np.array([1, 1, -1], dtype=np.float32), allowed)
+    assert np.all(np.isneginf(out[6:]))
+    assert np.isclose(np.exp(out[:6]).sum(), 1.0, atol=1e-6)
+    sliced = S.mix_logits(r[:, :6], np.array([1, 1, -1], dtype=np.float32))
+    np.testing.assert_allclose(out[:6], sliced, atol=1e-6)
+
+
+def test_log_softmax_is_stable_for_huge_logits() -> None:
+    out = S.log_softmax(np.array([1e4, 1e4 - 1, -1e4], dtype=np.float32))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, ref_log_softmax([1e4, 1e4 - 1, -1e4]), atol=1e-5)
+
+
+def test_conservative_keeps_reference_outside_its_top_p() -> None:
+    ref = S.log_softmax(np.log(np.array([0.6, 0.3, 0.05, 0.05], dtype=np.float32)))
+    mixed = S.log_softmax(np.log(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32)))
+    out = S.conservative(mixed, ref, 0.8)
+    # top-0.8 set of ref = {0, 1}: they keep the mix; 2 and 3 take ref, then renormalise
+    raw = np.array([0.1, 0.2, 0.05, 0.05])
+    np.testing.assert_allclose(np.exp(out), raw / raw.sum(), atol=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 10_000), top_p=st.floats(0.05, 0.999), width=st.integers(1, 300),
+       scale=st.floats(0.1, 8.0))
+def test_top_p_mask_matches_brute_force(seed: int, top_p: float, width: int,
+                                        scale: float) -> None:
+    lp = S.log_softmax(rows(seed, n=1, width=width, scale=scale)[0])
+    p = np.exp(lp.astype(np.float64))
+    got = S.top_p_mask(lp, top_p)
+    kept = p[got]
+    assert got.any()
+    assert (~got).sum() == 0 or kept.min() >= p[~got].max()  # the most likely tokens
+    assert kept.sum() >= top_p - 1e-6  # reach top_p ...
+    assert kept.sum() - kept.min() < top_p + 1e-6  # ... and no token more than needed
+
+
+def test_filters() -> None:
+    lp = S.log_softmax(np.log(np.array([0.5, 0.25, 0.15, 0.1], dtype=np.float32)))
+    top_k = S.filter_logprobs(lp, S.SamplerSettings(top_k=2))
+    np.testing.assert_allclose(np.exp(top_k), [2 / 3, 1 / 3, 0, 0], atol=1e-6)
+    min_p = S.filter_logprobs(lp, S.SamplerSettings(min_p=0.25))  # keeps p >= 0.125
+    np.testing.assert_allclose(np.exp(min_p), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0], atol=1e-6)
+    hot = S.filter_logprobs(lp, S.SamplerSettings(temperature=2.0))
+    expected = np.sqrt([0.5, 0.25, 0.15, 0.1])
+    np.testing.assert_allclose(np.exp(hot), expected / expected.sum(), atol=1e-6)
+
+
+def test_draw_inverts_the_cdf() -> None:
+    lp = np.array([np.log(0.1), -np.inf, np.log(0.6), np.log(0.3)], dtype=np.float32)
+    picks = [S.draw(lp, u) for u in (0.0, 0.05, 0.0999, 0.1001, 0.69, 0.7001, 0.9999)]
+    assert picks == [0, 0, 0, 2, 2, 3, 3]
+    assert S.draw(lp, 0.3, greedy=True) == 2
+
+
+def test_draw_matches_frequencies_over_blocks() -> None:
+    width = 5000  # several blocks
+    lp = S.log_softmax(rows(7, n=1, width=width)[0])
+    p = np.exp(lp.astype(np.float64))
+    us = (np.arange(20_000) + 0.5) / 20_000
+    counts = np.bincount([S.draw(lp, u) for u in us], minlength=width)
+    top = np.argsort(-p)[:5]
+    np.testing.assert_allclose(counts[top] / us.size, p[top], atol=2e-3)
+
+
+def test_draw_depends_only_on_seed_and_position() -> None:
+    assert S.uniform_for(3, 10) == S.uniform_for(3, 10)
+    assert S.uniform_for(3, 10) != S.uniform_for(3, 11)
+    assert S.uniform_for(3, 10) != S.uniform_for(4, 10)
+    lp = S.log_softmax(rows(8, n=1)[0])
+    st_ = S.SamplerSettings(seed=5, temperature=0.9, top_p=0.9)
+    assert S.pick(lp, st_, 12)[0] == S.pick(lp, st_, 12)[0]
+
+
+def test_temperature_zero_is_argmax() -> None:
+    lp = S.log_softmax(rows(9, n=1)[0])
+    assert S.pick(lp, S.SamplerSettings(temperature=0.0), 0)[0] == int(np.argmax(lp))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"temperature": -1.0}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5},
+    {"top_k": -2}, {"min_p": 1.0}, {"seed": -1}, {"conservative_top_p": 0.0},
+])
+def test_invalid_settings_are_one_line_errors(kwargs: dict) -> None:
+    with pytest.raises(EftError, match="invalid") as err:
+        S.SamplerSettings(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_top_tokens() -> None:
+    lp = S.log_softmax(np.log(np.array([0.1, 0.5, 0.4], dtype=np.float32)))
+    top = S.top_tokens(lp, 2)
+    assert [t for t, _ in top] == [1, 2]
+    assert np.isclose(top[0][1], 0.5)

@@ -1,0 +1,79 @@
+"""Alignment verdicts on families the tests write themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eft_local import backend
+from eft_local.errors import EftError
+from eft_local.vocab import ALIGNED, COMMON_RANGE, INCOMPATIBLE, align
+from tests import ggufs
+
+
+def vocab(tmp_path: Path, name: str, **kwargs) -> backend.VocabInfo:
+    return backend.read_vocab(ggufs.write_model(tmp_path / f"{name}.gguf", **kwargs))
+
+
+def test_identical_vocabularies_are_aligned(tmp_path: Path) -> None:
+    v = {r: vocab(tmp_path, r, seed=i) for i, r in enumerate(["large_base", "small_ft"])}
+    report = align(v, reference="small_ft")
+    assert report.verdict == ALIGNED
+    assert report.identical == report.common == v["small_ft"].n_tokens
+    assert report.allowed.all()
+    assert "verdict: aligned" in report.render()
+
+
+def test_padded_vocabulary_is_aligned_on_the_common_range(tmp_path: Path) -> None:
+    small = vocab(tmp_path, "small")
+    big = vocab(tmp_path, "big", pad_to=300)
+    report = align({"small_ft": small, "large_base": big}, reference="small_ft")
+    assert report.verdict == COMMON_RANGE
+    assert report.common == small.n_tokens
+    assert report.allowed.size == small.n_tokens and report.allowed.all()
+    assert f"{300 - small.n_tokens} rows beyond the common range" in report.render()
+
+
+def test_unused_padding_inside_the_range_is_masked(tmp_path: Path) -> None:
+    a = vocab(tmp_path, "a", pad_to=300)
+    b = vocab(tmp_path, "b", pad_to=300)
+    report = align({"a": a, "b": b})
+    assert report.verdict == COMMON_RANGE
+    unused = np.flatnonzero(~report.allowed)
+    assert unused.tolist() == [i for i, t in enumerate(a.texts) if t.startswith(b"[PAD")]
+    assert report.unused == len(unused) > 0
+
+
+def test_swapped_normal_tokens_are_incompatible(tmp_path: Path) -> None:
+    a = vocab(tmp_path, "a")
+    b = vocab(tmp_path, "b", swap=(40, 41))
+    report = align({"small_ft": a, "large_base": b}, reference="small_ft")
+    assert report.verdict == INCOMPATIBLE and not report.ok
+    assert report.n_normal_mismatch == 2
+    assert [m.token_id for m in report.mismatches] == [40, 41]
+    assert "normal tokens differ (first: id 40" in report.summary()
+
+
+def test_differing_special_tokens_are_masked_not_fatal(tmp_path: Path) -> None:
+    a = vocab(tmp_path, "a", extra_special="<|tool|>")
+    b = vocab(tmp_path, "b", extra_special="<|image|>")
+    report = align({"small_ft": a, "large_base": b}, reference="small_ft")
+    assert report.verdict == COMMON_RANGE
+    assert report.n_special_mismatch == 1
+    assert not report.allowed[a.n_tokens - 1]
+    assert report.to_dict()["first_mismatches"][0]["special"] is True
+
+
+def test_corrupt_and_missing_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(EftError, match="could not load"):
+        backend.read_vocab(bad)
+    text = tmp_path / "text.gguf"
+    text.write_text("hello")
+    with pytest.raises(EftError, match="not a GGUF file"):
+        backend.read_vocab(text)
+    with pytest.raises(EftError, match="not found"):
+        backend.read_vocab(tmp_path / "missing.gguf")
