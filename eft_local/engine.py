@@ -8,6 +8,7 @@ position's uniform draw, and evaluates the chosen token on every model.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,11 @@ class Stats:
     sampler_seconds: float = 0.0
     wall_seconds: float = 0.0
     first_token_seconds: float | None = None
+    blocks: int = 0  # speculative: verified blocks that held at least one draft token
+    drafted: int = 0
+    accepted: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
 
     def reset(self) -> None:
         """Zero everything."""
@@ -68,12 +74,16 @@ class Stats:
         """Generated tokens per wall-clock second of generation."""
         return self.generated / self.wall_seconds if self.wall_seconds else 0.0
 
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens per drafted token (0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
 
 class Engine:
     """Decode with a weighted mix of ``models`` (role -> model), masked by ``allowed``."""
 
     def __init__(self, models: Mapping[str, Model], *, ref_role: str, allowed: np.ndarray,
-                 parallel: bool = False) -> None:
+                 parallel: bool = False, n_threads: int | None = None) -> None:
         if ref_role not in models:
             raise EftError(f"reference role {ref_role!r} is not among the models")
         self.models = dict(models)
@@ -87,14 +97,36 @@ class Engine:
         self.rows: np.ndarray | None = None
         self.last: tuple[np.ndarray, np.ndarray] | None = None  # rows, weights of last step
         self.finish_reason = "length"
-        self._pool = ThreadPoolExecutor(len(self.roles)) if parallel else None
+        self.n_threads = max(1, n_threads or os.cpu_count() or 1)
+        self.lanes = _lanes(self.models, self.n_threads) if parallel else [list(self.roles)]
+        self._pool = ThreadPoolExecutor(len(self.lanes)) if len(self.lanes) > 1 else None
+        if self._pool is not None:
+            self.share_threads()
 
     @property
     def ref(self) -> Model:
         """The fine-tuned model: tokenizer, template and stop tokens come from it."""
         return self.models[self.ref_role]
 
+    # -- threads --------------------------------------------------------------------------
+    def share_threads(self) -> None:
+        """Split the thread budget between the parallel lanes (one model per lane at once)."""
+        per_lane = max(1, self.n_threads // len(self.lanes))
+        for lane in self.lanes:
+            for role in lane:
+                _set_threads(self.models[role], per_lane)
+
+    def solo_threads(self, role: str) -> None:
+        """Give ``role`` the whole budget while it runs alone (drafting); no-op if sequential."""
+        if self._pool is not None:
+            _set_threads(self.models[role], self.n_threads)
+
     # -- evaluation over all models -------------------------------------------------------
+    def evaluate_role(self, role: str, n_keep: int, tokens: list[int], *,
+                      all_logits: bool = False) -> np.ndarray:
+        """Rewind one model to ``n_keep`` and evaluate ``tokens``; rows (rows, width)."""
+        return self._timed_eval(role, n_keep, tokens, all_logits)
+
     def _timed_eval(self, role: str, n_keep: int, tokens: list[int], all_logits: bool
                     ) -> np.ndarray:
         model = self.models[role]
@@ -114,14 +146,20 @@ class Engine:
         keeps = [n_keep] * len(self.roles) if isinstance(n_keep, int) else list(n_keep)
         batches = (list(tokens) if tokens and isinstance(tokens[0], list)
                    else [list(tokens)] * len(self.roles))  # type: ignore[list-item]
-        args = list(zip(self.roles, keeps, batches, strict=True))
-        if self._pool is not None:
-            futures = [self._pool.submit(self._timed_eval, r, k, t, all_logits)
-                       for r, k, t in args]
-            results = [f.result() for f in futures]
+        jobs = {r: (k, t) for r, k, t in zip(self.roles, keeps, batches, strict=True)}
+        if self._pool is None:
+            done = self._run_lane(self.roles, jobs, all_logits)
         else:
-            results = [self._timed_eval(r, k, t, all_logits) for r, k, t in args]
-        return np.stack(results)
+            futures = [self._pool.submit(self._run_lane, lane, jobs, all_logits)
+                       for lane in self.lanes]
+            done = {}
+            for future in futures:
+                done.update(future.result())
+        return np.stack([done[r] for r in self.roles])
+
+    def _run_lane(self, lane: Sequence[str], jobs: Mapping[str, tuple[int, list[int]]],
+                  all_logits: bool) -> dict[str, np.ndarray]:
+        return {r: self._timed_eval(r, *jobs[r], all_logits) for r in lane}
 
     def prime(self, tokens: list[int]) -> None:
         """Make every model hold ``tokens``, re-using cached prefixes; sets :attr:`rows`."""
@@ -133,7 +171,7 @@ class Engine:
         keeps, suffixes = [], []
         for role in self.roles:
             cached = self.models[role].tokens
-            k = _common_prefix(cached, tokens)
+            k = common_prefix(cached, tokens)
             k = min(k, len(tokens) - 1)  # the last token is re-evaluated for its logits
             keeps.append(k)
             suffixes.append(tokens[k:])
@@ -197,7 +235,7 @@ class Engine:
         self.prime(tokens)
         position = len(tokens)
         try:
-            for _ in range(max_tokens):
+            for n in range(1, max_tokens + 1):
                 step = self.choose(self.rows, weights, settings, position,
                                    diagnostics=diagnostics)
                 self._count_token(started)
@@ -209,7 +247,8 @@ class Engine:
                 if position >= self.n_ctx:
                     self.finish_reason = "context"
                     return
-                self.advance(step.token)
+                if n < max_tokens:  # no decode for a token nobody will sample after
+                    self.advance(step.token)
         finally:
             self.stats.wall_seconds += time.perf_counter() - started
 
@@ -225,7 +264,34 @@ class Engine:
             self._pool = None
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def _lanes(models: Mapping[str, Model], n_threads: int) -> list[list[str]]:
+    """Group roles into at most ``n_threads`` lanes of similar cost (file size), largest
+    model first, so that parallel decodes never need more threads than the budget."""
+    n_lanes = max(1, min(n_threads, len(models)))
+    cost = {r: _file_size(m) for r, m in models.items()}
+    lanes: list[list[str]] = [[] for _ in range(n_lanes)]
+    load = [0] * n_lanes
+    for role in sorted(models, key=lambda r: -cost[r]):
+        i = load.index(min(load))
+        lanes[i].append(role)
+        load[i] += max(cost[role], 1)
+    return [lane for lane in lanes if lane]
+
+
+def _file_size(model: Model) -> int:
+    try:
+        return Path(model.path).stat().st_size
+    except (OSError, TypeError):
+        return 1
+
+
+def _set_threads(model: Model, n: int) -> None:
+    setter = getattr(model, "set_threads", None)
+    if setter is not None:
+        setter(n)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

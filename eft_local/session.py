@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eft_local import backend, hub
+from eft_local import backend, hub, speculative
 from eft_local.chat import FALLBACK_TEMPLATE, Conversation, render
 from eft_local.config import Config, Preset, load_config, preset_from_paths
 from eft_local.engine import Engine, Model, Step
@@ -195,8 +195,12 @@ class Session:
         ref = self.models[self.preset.ft_role]
         text = TextStream(stop)
         finish = "length"
-        steps = self.engine.generate(tokens, self.weights(), self.settings,
-                                     max_tokens=max_tokens, diagnostics=diagnostics)
+        weights = self.weights()
+        generate = self.engine.generate
+        if self.options.speculative and speculative.worth_speculating(self.engine, weights):
+            generate = speculative.speculator(self.engine, self.options.draft_k).generate
+        steps = generate(tokens, weights, self.settings, max_tokens=max_tokens,
+                         diagnostics=diagnostics)
         try:
             for step in steps:
                 piece = b"" if ref.is_eog(step.token) else ref.piece(step.token)

@@ -1,0 +1,246 @@
+"""Speculative EFT decoding gives exactly the tokens of plain decoding, only faster."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eft_local import backend
+from eft_local.config import preset_from_paths
+from eft_local.engine import Engine, Step
+from eft_local.formula import PRESET_FORMULAS, parse_formula
+from eft_local.sampler import SamplerSettings
+from eft_local.session import LoadOptions, Session
+from eft_local.speculative import BlockSizer, Speculator, worth_speculating
+from eft_local.vocab import align
+from tests import ggufs
+from tests.fakes import FakeModel
+
+FORMULA_ROLES = {"up": ("large_base", "small_ft", "small_base"),
+                 "down": ("small_base", "large_ft", "large_base"),
+                 "amplified": ("small_ft", "large_base", "small_base"),
+                 "interpolate": ("large_base", "small_ft", "small_base", "small_ft_alt")}
+REF = {"down": "large_ft"}
+PROMPT = [5, 9, 14, 3, 22, 7]
+
+
+def fake_engine(formula: str, *, noise: float = 0.3, n_ctx: int = 256, n_vocab: int = 48,
+                parallel: bool = False) -> Engine:
+    roles = FORMULA_ROLES[formula]
+    models = {r: FakeModel(seed=i + 1, noise=noise, n_ctx=n_ctx, n_vocab=n_vocab)
+              for i, r in enumerate(roles)}
+    return Engine(models, ref_role=REF.get(formula, "small_ft"),
+                  allowed=np.ones(n_vocab, dtype=bool), parallel=parallel)
+
+
+def weights_for(engine: Engine, formula: str, beta: float, lam: float = 0.3) -> np.ndarray:
+    w = parse_formula(PRESET_FORMULAS[formula]).weights({"beta": beta, "lam": lam})
+    return np.array([w.get(r, 0.0) for r in engine.roles], dtype=np.float32)
+
+
+def run(engine: Engine, weights: np.ndarray, s: SamplerSettings, *, draft_k: int | None | str,
+        max_tokens: int = 40, prompt: list[int] = PROMPT, diagnostics: bool = False
+        ) -> tuple[list[Step], str]:
+    """Plain decoding when ``draft_k == "plain"``, else speculative with that block size."""
+    if draft_k == "plain":
+        gen = engine.generate(prompt, weights, s, max_tokens=max_tokens,
+                              diagnostics=diagnostics)
+    else:
+        gen = Speculator(engine, draft_k=draft_k).generate(  # type: ignore[arg-type]
+            prompt, weights, s, max_tokens=max_tokens, diagnostics=diagnostics)
+    return list(gen), engine.finish_reason
+
+
+def same_steps(a: list[Step], b: list[Step]) -> bool:
+    return [replace(x, from_draft=False) for x in a] == [replace(x, from_draft=False) for x in b]
+
+
+# -- the property: identical to plain decoding ---------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 2**20), temperature=st.sampled_from([0.0, 0.7, 1.0, 1.5]),
+       top_k=st.sampled_from([0, 3, 12]), top_p=st.sampled_from([1.0, 0.9, 0.5]),
+       min_p=st.sampled_from([0.0, 0.05, 0.3]), conservative=st.sampled_from([None, 0.9]),
+       formula=st.sampled_from(sorted(FORMULA_ROLES)), beta=st.sampled_from([0.0, 0.5, 1.0, 2.5]),
+       draft_k=st.sampled_from([None, 1, 2, 3, 5, 8, 16]), noise=st.sampled_from([0.1, 0.5, 2.0]),
+       n_ctx=st.sampled_from([12, 30, 256]), max_tokens=st.integers(1, 40))
+def test_speculative_equals_plain(seed: int, temperature: float, top_k: int, top_p: float,
+                                  min_p: float, conservative: float | None, formula: str,
+                                  beta: float, draft_k: int | None, noise: float, n_ctx: int,
+                                  max_tokens: int) -> None:
+    s = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        seed=seed, conservative_top_p=conservative)
+    plain_engine = fake_engine(formula, noise=noise, n_ctx=n_ctx)
+    spec_engine = fake_engine(formula, noise=noise, n_ctx=n_ctx)
+    w = weights_for(plain_engine, formula, beta)
+    plain, plain_finish = run(plain_engine, w, s, draft_k="plain", max_tokens=max_tokens)
+    spec, spec_finish = run(spec_engine, w, s, draft_k=draft_k, max_tokens=max_tokens)
+    assert [x.token for x in spec] == [x.token for x in plain]
+    assert same_steps(spec, plain)
+    assert spec_finish == plain_finish
+    assert [x.position for x in spec] == list(range(len(PROMPT), len(PROMPT) + len(spec)))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_diagnostics_and_draft_flags(temperature: float) -> None:
+    s = SamplerSettings(temperature=temperature, seed=3)
+    plain_engine, spec_engine = fake_engine("up", noise=0.2), fake_engine("up", noise=0.2)
+    w = weights_for(plain_engine, "up", 1.0)
+    plain, _ = run(plain_engine, w, s, draft_k="plain", diagnostics=True)
+    spec, _ = run(spec_engine, w, s, draft_k=4, diagnostics=True)
+    assert same_steps(spec, plain)
+    assert all(x.p_models is not None and x.ref_token is not None for x in spec)
+    assert any(x.from_draft for x in spec) and not all(x.from_draft for x in spec)
+    assert spec_engine.why(s)["mix"] == plain_engine.why(s)["mix"]
+
+
+def test_acceptance_follows_closeness() -> None:
+    s = SamplerSettings(temperature=1.0, seed=11)
+    rates = []
+    for noise in (0.0, 0.2, 3.0):
+        engine = fake_engine("up", noise=noise)
+        run(engine, weights_for(engine, "up", 1.0), s, draft_k=4, max_tokens=80)
+        rates.append(engine.stats.acceptance_rate())
+    assert rates[0] == 1.0 > rates[1] > rates[2] > 0.0
+
+
+def test_close_drafter_needs_fewer_verifier_calls() -> None:
+    s = SamplerSettings(temperature=0.0)
+    plain_engine, spec_engine = fake_engine("up", noise=0.0), fake_engine("up", noise=0.0)
+    w = weights_for(plain_engine, "up", 1.0)
+    run(plain_engine, w, s, draft_k="plain", max_tokens=40)
+    run(spec_engine, w, s, draft_k=7, max_tokens=40)
+    assert plain_engine.models["large_base"].eval_calls == 40  # the prompt, then 39 one-token steps
+    assert spec_engine.models["large_base"].eval_calls == 1 + 5  # prompt + 5 blocks of 8
+
+
+def test_closing_early_leaves_consistent_caches() -> None:
+    engine = fake_engine("up", noise=1.0)
+    w = weights_for(engine, "up", 1.0)
+    s = SamplerSettings(temperature=1.0, seed=5)
+    gen = Speculator(engine, draft_k=8).generate(PROMPT, w, s, max_tokens=50)
+    out = [next(gen).token for _ in range(7)]
+    gen.close()
+    seq = PROMPT + out
+    for model in engine.models.values():
+        assert model.tokens == seq[: len(model.tokens)]
+        assert len(model.tokens) >= len(seq) - 1
+    # and the next call on the same engine (KV reused) still matches plain decoding
+    plain_engine = fake_engine("up", noise=1.0)
+    more = seq + [4, 4]
+    a, _ = run(plain_engine, w, s, draft_k="plain", prompt=more, max_tokens=20)
+    b, _ = run(engine, w, s, draft_k=None, prompt=more, max_tokens=20)
+    assert same_steps(a, b)
+
+
+def test_parallel_engine_matches_sequential() -> None:
+    s = SamplerSettings(temperature=0.7, seed=2)
+    seq_engine = fake_engine("interpolate", noise=0.3)
+    par_engine = fake_engine("interpolate", noise=0.3, parallel=True)
+    assert len(par_engine.lanes) == min(len(par_engine.roles), par_engine.n_threads)
+    w = weights_for(seq_engine, "interpolate", 1.0)
+    a, _ = run(seq_engine, w, s, draft_k="plain")
+    b, _ = run(par_engine, w, s, draft_k=None)
+    par_engine.close()
+    assert same_steps(a, b)
+
+
+def test_block_sizer_adapts() -> None:
+    sizer = BlockSizer()
+    for _ in range(20):
+        sizer.observe(4, 4, draft_seconds=0.004, verify_seconds=0.02, block_len=5)
+    high = sizer.next_k()
+    for _ in range(20):
+        sizer.observe(4, 0, draft_seconds=0.004, verify_seconds=0.02, block_len=5)
+    assert high >= 6 and sizer.next_k() == 1
+    assert BlockSizer(fixed=3).next_k() == 3
+
+
+def test_single_model_mix_is_not_worth_speculating() -> None:
+    engine = fake_engine("up")
+    only_ref = np.array([1.0 if r == "small_ft" else 0.0 for r in engine.roles])
+    assert not worth_speculating(engine, only_ref)
+    assert worth_speculating(engine, weights_for(engine, "up", 0.0))
+
+
+# -- real llama.cpp models -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """large_base shares small_ft's weights, so the mix 2*ft - base is near the drafter."""
+    d = tmp_path_factory.mktemp("spec")
+    return {"large_base": ggufs.write_model(d / "large.gguf", seed=1, n_embd=64),
+            "small_ft": ggufs.write_model(d / "ft.gguf", seed=1, n_embd=64),
+            "small_base": ggufs.write_model(d / "base.gguf", seed=2, n_embd=32)}
+
+
+def test_rewind_gives_the_rows_of_a_fresh_evaluation(trio: dict[str, Path]) -> None:
+    a = backend.LlamaModel(trio["small_base"], n_ctx=64)
+    b = backend.LlamaModel(trio["small_base"], n_ctx=64)
+    try:
+        prefix, block = list(range(10, 22)), [40, 41, 42, 43, 44]
+        a.eval(prefix)
+        a.eval([7, 8, 9, 11, 12, 13], all_logits=True)  # a rejected draft
+        a.rewind(len(prefix))
+        assert a.tokens == prefix
+        again = a.eval(block, all_logits=True)
+        b.eval(prefix)
+        fresh = b.eval(block, all_logits=True)
+        assert np.array_equal(again, fresh)
+    finally:
+        a.close()
+        b.close()
+
+
+def gguf_session(trio: dict[str, Path], **options: object) -> Session:
+    preset = preset_from_paths([f"{r}={p}" for r, p in trio.items()])
+    report = align({r: backend.read_vocab(p) for r, p in trio.items()}, reference="small_ft")
+    models = {r: backend.LlamaModel(p, n_ctx=128, n_threads=1) for r, p in trio.items()}
+    return Session(preset, models=models, report=report,
+                   options=LoadOptions(**options))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_gguf_speculative_equals_plain(trio: dict[str, Path], temperature: float) -> None:
+    plain = gguf_session(trio, speculative=False)
+    spec = gguf_session(trio, speculative=True, draft_k=4)
+    try:
+        for seed in (1, 2):
+            for s in (plain, spec):
+                s.set_sampling(temperature=temperature, seed=seed, top_k=40)
+            prompt = plain.raw_tokens("hello there")
+            a = plain.generate("hello there", max_tokens=24)
+            b = spec.generate("hello there", max_tokens=24)
+            assert [x.token for x in b.steps] == [x.token for x in a.steps]
+            assert (b.text, b.finish) == (a.text, a.finish)
+            assert len(prompt) == a.prompt_tokens
+        stats = spec.engine.stats
+        assert stats.drafted > stats.accepted > 0  # accepted and rejected drafts both occur
+        assert plain.engine.stats.drafted == 0
+    finally:
+        plain.close()
+        spec.close()
+
+
+def test_gguf_chat_two_turns(trio: dict[str, Path]) -> None:
+    plain = gguf_session(trio, speculative=False)
+    spec = gguf_session(trio, speculative=True, draft_k=None, parallel=True)
+    try:
+        for s in (plain, spec):
+            s.set_sampling(temperature=0.8, seed=4)
+        for message in ("hi", "tell me more"):
+            a = list(plain.chat(message, max_tokens=20, diagnostics=True))
+            prefilled = spec.engine.stats.prefilled
+            b = list(spec.chat(message, max_tokens=20, diagnostics=True))
+            assert [c.text for c in b] == [c.text for c in a]
+            assert [c.step.token for c in b if c.step] == [c.step.token for c in a if c.step]
+            assert b[-1].finish == a[-1].finish
+        new = spec.engine.stats.prefilled - prefilled
+        assert new < len(spec.chat_tokens(spec.conversation.messages()[:-1]))  # KV reused
+        assert plain.conversation.turns == spec.conversation.turns
+    finally:
+        plain.close()
+        spec.close()
