@@ -253,19 +253,17 @@ def pull(preset: str | None) -> None:
     from eft_local.config import load_config
 
     chosen = load_config().get(preset)
-    missing = []
+    missing = [f"{role}: {spec.path}" for role, spec in chosen.models.items()
+               if spec.path is not None and not spec.path.is_file()]
+    if missing:
+        raise EftError(f"preset {chosen.name!r}: local file(s) missing, nothing to download "
+                       f"for them: {'; '.join(missing)}")
     for role, spec in chosen.models.items():
         local = hub.cached_path(spec)
-        if local is not None:
-            click.echo(f"{role}: present ({local}, {size_text(local.stat().st_size)})")
-        elif spec.path is not None:
-            missing.append(f"{role}: {spec.path} (a local path: nothing to download)")
-        else:
+        if local is None:
             click.echo(f"{role}: downloading {spec.describe()}", err=True)
-            path = hub.resolve(spec, download=True)
-            click.echo(f"{role}: downloaded ({path}, {size_text(path.stat().st_size)})")
-    if missing:
-        raise EftError(f"preset {chosen.name!r}: missing local file(s): {'; '.join(missing)}")
+            local = hub.resolve(spec, download=True)
+        click.echo(f"{role}: present ({local}, {size_text(local.stat().st_size)})")
 
 
 @main.command()
@@ -374,10 +372,9 @@ def _split_args(args: tuple[str, ...], opts: Mapping[str, Any], *, batch: bool
 
 
 def _stdin_prompt() -> str:
-    stream = click.get_text_stream("stdin")
-    if stream.isatty():
+    if sys.stdin.isatty():
         raise EftError("no prompt: give PROMPT as an argument or pipe it on stdin")
-    return stream.read()
+    return sys.stdin.read()
 
 
 def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
