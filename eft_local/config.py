@@ -107,13 +107,14 @@ def user_config_path() -> Path:
 def load_config(shipped: Path | None = None, user: Path | None = None) -> Config:
     """Read the shipped presets, then the user's file (if it exists) over them."""
     shipped = shipped or shipped_config_path()
+    user_required = user is None and bool(os.environ.get(ENV_CONFIG))  # named on purpose
     user = user or user_config_path()
     presets: dict[str, Preset] = {}
     default = None
     files = []
-    for path, required in ((shipped, True), (user, False)):
+    for path, required in ((shipped, True), (user, user_required)):
         if not path.is_file():
-            if required or os.environ.get(ENV_CONFIG) and path == user:
+            if required:
                 raise EftError(f"{path}: config file not found")
             continue
         data = _read_toml(path)
