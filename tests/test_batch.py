@@ -1,0 +1,126 @@
+"""JSONL batch generation: bad records become error records, reruns resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.clihelp import THREADS, api_session, run, stdout
+
+OPTS = ["-t", "0", "--max-tokens", "4", *THREADS]
+
+
+def write_jsonl(path: Path, lines: list[object]) -> Path:
+    """Records as JSON lines; strings are written as they are (for broken lines)."""
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                   for line in lines)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text("utf-8").split("\n") if line]
+
+
+def expected_texts(family, prompts: dict[str, dict]) -> dict[str, str]:
+    """What the library itself generates for each record (greedy, 4 tokens)."""
+    with api_session(family.pairs(), temperature=0) as s:
+        return {key: s.generate(rec["prompt"], raw=rec.get("raw", False),
+                                system=rec.get("system"),
+                                max_tokens=rec.get("max_tokens", 4)).text
+                for key, rec in prompts.items()}
+
+
+def test_batch_with_bad_records_goes_on(family, tmp_path: Path) -> None:
+    good = {"a": {"id": "a", "prompt": "Hello"},
+            "b": {"id": 7, "prompt": "Once upon", "raw": True, "max_tokens": 2},
+            "c": {"prompt": "No id here", "system": "Be brief"}}
+    src = write_jsonl(tmp_path / "in.jsonl", [
+        good["a"],
+        "{not json",
+        {"id": "no-prompt"},
+        {"id": "bad-type", "prompt": "Hi", "max_tokens": "many"},
+        {"id": "too-long", "prompt": "x" * 300, "raw": True},
+        "",
+        good["b"],
+        {"id": "a", "prompt": "again"},
+        good["c"],
+        [1, 2],
+    ])
+    out = tmp_path / "out.jsonl"
+    result = run(["generate", *family.trio(), *OPTS, "--input", str(src), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert stdout(result) == ""
+    records = read_jsonl(out)
+    texts = expected_texts(family, good)
+    assert [r["id"] for r in records] == ["a", None, "no-prompt", "bad-type", "too-long", 7,
+                                          "a", 9, None]
+    assert records[0]["text"] == texts["a"] and records[0]["finish"] == "length"
+    assert records[5]["text"] == texts["b"] and records[5]["generated_tokens"] == 2
+    assert records[7]["text"] == texts["c"]  # the id defaults to the line number
+    errors = {i: r["error"] for i, r in enumerate(records) if "error" in r}
+    assert sorted(errors) == [1, 2, 3, 4, 6, 8]
+    assert errors[1].startswith("not JSON") and records[1]["line"] == 2
+    assert errors[2] == "missing 'prompt'"
+    assert errors[3] == "'max_tokens' must be int, got 'many'"
+    assert "300 tokens" in errors[4]
+    assert errors[6] == "duplicate id 'a'"
+    assert errors[8] == "a record must be a JSON object"
+    progress = result.stderr.splitlines()
+    assert "1/9 a: length" in progress
+    assert progress[-1] == "3 generated, 6 errors, 0 already done"
+
+
+def test_batch_resumes_and_appends_only_new_records(family, tmp_path: Path) -> None:
+    first = [{"id": 1, "prompt": "one"}, {"id": 2, "prompt": "two"}, "{broken"]
+    src = write_jsonl(tmp_path / "in.jsonl", first)
+    out = tmp_path / "out.jsonl"
+    args = ["generate", *family.trio(), *OPTS, "--input", str(src), "--output", str(out)]
+    assert run(args).exit_code == 0
+    before = out.read_bytes()
+    assert [r["id"] for r in read_jsonl(out)] == [1, 2, None]
+
+    write_jsonl(src, [*first, {"id": 3, "prompt": "three"}])
+    again = run(args)
+    assert again.exit_code == 0, again.output
+    after = out.read_bytes()
+    assert after.startswith(before)
+    new = read_jsonl(out)[3:]
+    assert [r["id"] for r in new] == [3]
+    assert new[0]["text"] == expected_texts(family, {"3": {"prompt": "three"}})["3"]
+    assert again.stderr.splitlines()[-1] == "1 generated, 0 errors, 3 already done"
+    assert run(args).stderr.splitlines()[-1] == "0 generated, 0 errors, 4 already done"
+    assert out.read_bytes() == after
+
+
+def test_batch_drops_a_torn_last_line(family, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "x", "prompt": "Hi"},
+                                             {"id": "y", "prompt": "Yo"}])
+    out = tmp_path / "out.jsonl"
+    args = ["generate", *family.trio(), *OPTS, "--input", str(src), "--output", str(out)]
+    assert run(args).exit_code == 0
+    whole = out.read_bytes()
+    out.write_bytes(whole[: whole.index(b"\n") + 10])  # killed while writing record y
+    result = run(args)
+    assert result.exit_code == 0
+    assert "dropped an incomplete last line" in result.stderr
+    assert out.read_bytes() == whole
+
+
+def test_batch_json_diagnostics_to_stdout(family, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "q", "prompt": "Hi"}])
+    result = run(["generate", *family.trio(), *OPTS, "--json", "--input", str(src)])
+    assert result.exit_code == 0, result.output
+    (record,) = [json.loads(line) for line in stdout(result).splitlines()]
+    assert record["id"] == "q"
+    assert len(record["tokens"]) == record["generated_tokens"] == 4
+    assert set(record["tokens"][0]) == {"position", "token", "text", "p_mix", "p_models",
+                                        "ref_token", "differs"}
+
+
+def test_batch_input_that_is_not_utf8(family, tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"prompt": "\xff"}\n')
+    result = run(["generate", *family.trio(), *OPTS, "--input", str(src)])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1].startswith(f"error: {src}: not UTF-8 text")
