@@ -202,20 +202,21 @@ class Repl:
 
     def answer(self, message: str) -> None:
         """Stream the reply to ``message``; Ctrl-C stops it and keeps what was said."""
-        finish = None
+        finish, started = None, False
         try:
             with closing(self.session.chat(message, max_tokens=self.max_tokens)) as chunks:
                 for chunk in chunks:
                     if chunk.notice:
                         say(f"[{chunk.notice}]")
                     write(chunk.text)
+                    started = started or bool(chunk.text)
                     finish = chunk.finish or finish
         except KeyboardInterrupt:
-            write("\n")
+            write("\n" if started else "")
             say("[interrupted]")
             return
         except EftError as exc:
-            write("\n")
+            write("\n" if started else "")
             error(exc)
             return
         write("\n")

@@ -1,0 +1,175 @@
+"""The chat REPL, driven by scripted input: exact transcripts, slash commands, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from contextlib import closing
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from eft_local import repl
+from eft_local.chat import Conversation
+from eft_local.session import Session
+from tests.clihelp import THREADS, api_session, run, stdout
+
+MAX = 5
+GREEDY = ["-t", "0", "--max-tokens", str(MAX), *THREADS]
+
+
+def reply(session: Session, message: str) -> str:
+    """The REPL's lines for one answer, computed through the library."""
+    chunks = list(session.chat(message, max_tokens=MAX))
+    text = "".join(c.text for c in chunks)
+    note = f"[stopped at {MAX} tokens]\n" if chunks[-1].finish == "length" else ""
+    return text + "\n" + note
+
+
+def banner(family) -> str:
+    return (
+        "preset: command-line (models given with --model)\n"
+        f"  large_base: {family.large_base}\n"
+        f"  small_ft: {family.small_ft}\n"
+        f"  small_base: {family.small_base}\n"
+        "vocabulary: aligned\n"
+        "formula: large_base + beta * (small_ft - small_base)\n"
+        "  = 1*large_base + 1*small_ft - 1*small_base  (beta=1)\n"
+        "sampling: temperature 0, top-p 1, top-k 0, min-p 0, seed 0\n"
+        "type /help for commands, /quit or Ctrl-D to leave\n"
+    )
+
+
+def test_exact_transcript_with_slash_commands(family, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    script = ["Hi", "/beta 2", "/beta abc", "/temp -1", "/beta nan", "Again", "/save t.json",
+              "/reset", "/load t.json", "/system Be brief", "More", "/quit", "ignored"]
+    result = run(["chat", *family.trio(), *GREEDY], input="\n".join(script) + "\n")
+    assert result.exit_code == 0, result.output
+
+    with api_session(family.pairs(), temperature=0) as s:
+        first = reply(s, "Hi")
+        s.set_param("beta", 2.0)
+        second = reply(s, "Again")
+        saved = [dict(t) for t in s.conversation.turns]
+        s.conversation.system = "Be brief"
+        third = reply(s, "More")
+    assert stdout(result) == (
+        banner(family)
+        + ">>> Hi\n" + first
+        + ">>> /beta 2\nbeta = 2: 1*large_base + 2*small_ft - 2*small_base\n"
+        + ">>> /beta abc\n>>> /temp -1\n>>> /beta nan\n"
+        + ">>> Again\n" + second
+        + ">>> /save t.json\nsaved 4 turns to t.json\n"
+        + ">>> /reset\nconversation cleared\n"
+        + ">>> /load t.json\nloaded 4 turns from t.json\n"
+        + ">>> /system Be brief\nsystem prompt set\n"
+        + ">>> More\n" + third
+        + ">>> /quit\n"
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: /beta: 'abc' is not a number",
+                      "error: invalid temperature -1.0: must be a number >= 0",
+                      "error: invalid beta nan: must be a finite number"]
+    transcript = json.loads((tmp_path / "t.json").read_text("utf-8"))
+    assert transcript["turns"] == saved
+    assert transcript["system"] is None
+    assert transcript["params"]["beta"] == 2.0
+
+
+def test_why_and_stats(family) -> None:
+    result = run(["chat", *family.trio(), *GREEDY], input="/why\nHi\n/why 3\n/stats\n")
+    assert result.exit_code == 0, result.output
+    with api_session(family.pairs(), temperature=0) as s:
+        reply(s, "Hi")
+        top = s.why(3)
+    lines = stdout(result)[len(banner(family)):].splitlines()
+    assert lines[:2] == [">>> /why", "nothing generated yet"]
+    why = lines[lines.index(">>> /why 3") + 1:][:4]
+    assert [line.split(":")[0] for line in why] == ["large_base", "small_ft", "small_base",
+                                                    "mix"]
+    assert why[3] == "mix:        " + "  ".join(f"{t!r} {p:.3f}" for t, p in top["mix"])
+    stats = lines[lines.index(">>> /stats") + 1:]
+    assert re.fullmatch(r"generated \d+ tokens at [\d.]+ tokens/s \(prefill \d+ tokens, "
+                        r"first token after [\d.]+ s\)", stats[0]), stats[0]
+    assert re.fullmatch(r"time per model: large_base [\d.]+ s, small_ft [\d.]+ s, "
+                        r"small_base [\d.]+ s", stats[1]), stats[1]
+    assert re.fullmatch(r"sampler: [\d.]+ ms/token", stats[2]), stats[2]
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_it(family, monkeypatch) -> None:
+    session = api_session(family.pairs(), temperature=0)
+    real_chat = session.chat
+
+    def chat_interrupted_once(message: str, **kwargs):
+        inner = real_chat(message, **kwargs)
+        with closing(inner):
+            for i, chunk in enumerate(inner):
+                yield chunk
+                if message == "Hi" and i == 1:  # the user presses Ctrl-C mid-answer
+                    raise KeyboardInterrupt
+
+    monkeypatch.setattr(session, "chat", chat_interrupted_once)
+    monkeypatch.setattr(repl, "open_session", lambda preset, opts: session)
+    result = run(["chat", *GREEDY], input="Hi\nAgain\n")  # ends with Ctrl-D (end of input)
+    assert result.exit_code == 0, result.output
+
+    partial = session.conversation.turns[1]["content"]
+    assert session.conversation.turns[0] == {"role": "user", "content": "Hi"}
+    with api_session(family.pairs(), temperature=0) as s:
+        s.conversation = Conversation(turns=[{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": partial}])
+        second = reply(s, "Again")
+        full_first = "".join(c.text for c in api_session(family.pairs(), temperature=0)
+                             .chat("Hi", max_tokens=MAX))
+    assert full_first.startswith(partial) and partial != full_first
+    assert stdout(result) == (banner(family) + ">>> Hi\n" + partial + "\n[interrupted]\n"
+                              + ">>> Again\n" + second + ">>> \n")
+
+
+def test_message_too_long_for_the_context_keeps_the_session(family) -> None:
+    result = run(["chat", *family.trio(), *GREEDY], input="x" * 300 + "\n/quit\n")
+    assert result.exit_code == 0
+    out = stdout(result)
+    assert out.endswith(">>> " + "x" * 300 + "\n>>> /quit\n")
+    (err,) = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert "does not fit the context" in err
+
+
+def test_unknown_command_and_help(family) -> None:
+    result = run(["chat", *family.trio(), *THREADS], input="/frob\n/help\n/exit\n")
+    assert result.exit_code == 0
+    assert "error: unknown command /frob (try /help)" in result.stderr
+    out = stdout(result)
+    for command in ("/beta X", "/lambda X", "/temp X", "/topp X", "/seed N", "/system TEXT",
+                    "/reset", "/save FILE", "/load FILE", "/stats", "/why", "/quit"):
+        assert f"\n{command} " in out
+
+
+def test_history_lives_in_the_user_data_dir(isolated_home: Path, monkeypatch) -> None:
+    path = repl.history_path()
+    assert path == isolated_home / ".local" / "share" / "eft-local" / "chat_history"
+    calls: list[tuple[str, str]] = []
+    fake = SimpleNamespace(
+        read_history_file=lambda p: calls.append(("read", p)),
+        write_history_file=lambda p: calls.append(("write", p)),
+        set_history_length=lambda n: None)
+    monkeypatch.setitem(sys.modules, "readline", fake)
+    path.parent.mkdir(parents=True)
+    path.write_text("earlier line\n")
+    save = repl.enable_history(path)
+    save()
+    assert calls == [("read", str(path)), ("write", str(path))]
+
+
+@pytest.mark.parametrize("line", ["/seed -1", "/seed x", "/topp 0", "/topp 2", "/minp 1",
+                                  "/topk -3", "/max 0", "/temp", "/save", "/load missing.json"])
+def test_bad_slash_values_are_one_line(family, line: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = run(["chat", *family.trio(), *THREADS], input=f"{line}\n/seed 4\n")
+    assert result.exit_code == 0
+    errors = [x for x in result.stderr.splitlines() if x.startswith("error")]
+    assert len(errors) == 1, result.stderr
+    assert stdout(result).endswith(f">>> {line}\n>>> /seed 4\nseed = 4\n>>> \n")
