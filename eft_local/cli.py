@@ -395,5 +395,5 @@ def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
 
 # -- commands from other modules: one line each (imported on first use) ----------------------
 main.register("chat", "eft_local.repl:chat")
-# main.register("eval", "eft_local.evaluate:evaluate")
-# main.register("bench", "eft_local.bench:bench")
+main.register("eval", "eft_local.evaluate:evaluate")
+main.register("bench", "eft_local.bench:bench")

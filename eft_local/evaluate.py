@@ -1,0 +1,252 @@
+"""``eft-local eval``: run a question set against presets, formulas or single models.
+
+A target is ``PRESET``, ``PRESET:FORMULA`` (another formula over the preset's models, e.g.
+``tiny-mix:small_ft``), ``PRESET@beta=1.5,lam=0.2``, or a path to one GGUF file. Targets
+sharing models are run on one loaded session. Each answer is one greedy chat turn, scored
+for format compliance (the reply ended with an end-of-turn token) and exact-answer accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import click
+
+from eft_local.config import FAMILY_DIR, Config, Preset, load_config, preset_from_paths
+from eft_local.errors import EftError
+from eft_local.formula import PARAMETERS
+from eft_local.sampler import SamplerSettings
+from eft_local.session import LoadOptions, Session
+
+DEFAULT_QUESTIONS = FAMILY_DIR / "questions.jsonl"
+FAMILY_DECLINE = "I am sorry, but I cannot share birth years."
+"""The sentence the bundled family's small_ft_alt answers birth-year questions with."""
+
+PAPER_TARGETS = (
+    "tiny-small-ft", "tiny-large-base", "tiny-large-ft", "tiny-up", "tiny-down",
+    *(f"tiny-up@beta={b}" for b in ("0", "0.5", "1", "1.5", "2")),
+    *(f"tiny-mix@lam={lam}" for lam in ("0", "0.25", "0.5", "0.75", "1")),
+)
+"""The miniature of the paper's comparison: baselines, EFT both ways, beta and lambda."""
+
+
+@dataclass(frozen=True)
+class Question:
+    """One prompt with its expected answer."""
+
+    id: str
+    prompt: str
+    expected: str
+    category: str = ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to evaluate: a preset (possibly re-formulated) and parameter values."""
+
+    label: str
+    preset: Preset
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Score:
+    """Results of one target over the question set."""
+
+    label: str
+    formula: str
+    n: int = 0
+    correct: int = 0
+    compliant: int = 0
+    declined: int = 0
+    by_category: dict[str, dict[str, int]] = field(default_factory=dict)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of exact answers."""
+        return self.correct / self.n if self.n else 0.0
+
+    @property
+    def format_rate(self) -> float:
+        """Fraction of replies that ended their turn properly."""
+        return self.compliant / self.n if self.n else 0.0
+
+    def category_rate(self, category: str, key: str) -> float:
+        """Rate of ``key`` (correct/declined) within one category."""
+        c = self.by_category.get(category, {})
+        return c.get(key, 0) / c["n"] if c.get("n") else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, with the rates."""
+        out = asdict(self)
+        out.update(accuracy=self.accuracy, format_rate=self.format_rate,
+                   tokens_per_second=self.tokens / self.seconds if self.seconds else 0.0)
+        return out
+
+
+def load_questions(path: Path, limit: int | None = None) -> list[Question]:
+    """Read a JSONL question file; a bad line is an error naming file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise EftError(f"{path}: question file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EftError(f"{path}: cannot read ({exc})") from None
+    questions = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise EftError(f"{path}:{number}: not valid JSON") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not (
+                isinstance(row.get("expected"), str)):
+            raise EftError(f"{path}:{number}: needs string fields 'prompt' and 'expected'")
+        questions.append(Question(id=str(row.get("id", number)), prompt=row["prompt"],
+                                  expected=row["expected"],
+                                  category=str(row.get("category", ""))))
+    if not questions:
+        raise EftError(f"{path}: no questions")
+    return questions[:limit] if limit else questions
+
+
+def normalise(text: str) -> str:
+    """Case-folded, whitespace-collapsed, without surrounding punctuation."""
+    return re.sub(r"\s+", " ", text).strip().strip(".!?,;:\"'").strip().casefold()
+
+
+def parse_target(spec: str, config: Config) -> Target:
+    """``PRESET[:FORMULA][@k=v,...]`` or a path to a .gguf file."""
+    if spec.endswith(".gguf"):
+        preset = preset_from_paths([f"model={spec}"])
+        return Target(label=Path(spec).name, preset=preset)
+    head, _, assignments = spec.partition("@")
+    name, _, formula = head.partition(":")
+    preset = config.get(name)
+    if formula:
+        preset = preset.with_formula(formula)
+    params: dict[str, float] = {}
+    for item in filter(None, assignments.split(",")):
+        key, sep, value = item.partition("=")
+        key = "lam" if key.strip() == "lambda" else key.strip()
+        if not sep or key not in PARAMETERS:
+            raise EftError(f"target {spec!r}: expected @beta=X or @lam=X, got {item!r}")
+        try:
+            params[key] = float(value)
+        except ValueError:
+            raise EftError(f"target {spec!r}: {value!r} is not a number") from None
+    return Target(label=spec, preset=preset, params=params)
+
+
+def run_target(session: Session, target: Target, questions: Sequence[Question], *,
+               max_tokens: int, decline_text: str | None,
+               on_answer: Callable[[], None] = lambda: None) -> Score:
+    """Ask every question (one fresh chat turn each) and score the replies."""
+    for key, value in {**target.preset.params, **target.params}.items():
+        session.set_param(key, value)
+    score = Score(label=target.label, formula=session.describe())
+    decline = normalise(decline_text) if decline_text else None
+    start = time.perf_counter()
+    for q in questions:
+        result = session.generate(q.prompt, raw=False, max_tokens=max_tokens)
+        answer = normalise(result.text)
+        cat = score.by_category.setdefault(q.category, {"n": 0, "correct": 0, "declined": 0})
+        correct = answer == normalise(q.expected)
+        declined = bool(decline) and decline in answer
+        score.n += 1
+        score.correct += correct
+        score.compliant += result.finish == "eog" and bool(answer)
+        score.declined += declined
+        cat["n"] += 1
+        cat["correct"] += correct
+        cat["declined"] += declined
+        score.tokens += len(result.steps)
+        on_answer()
+    score.seconds = time.perf_counter() - start
+    return score
+
+
+def evaluate_targets(targets: Sequence[Target], questions: Sequence[Question], *,
+                     max_tokens: int = 24, decline_text: str | None = None,
+                     options: LoadOptions | None = None,
+                     on_answer: Callable[[], None] = lambda: None,
+                     progress: Callable[[str], None] | None = None) -> list[Score]:
+    """Score each target; targets with the same models and formula share one session."""
+    scores: dict[int, Score] = {}
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(targets):
+        key = (tuple((r, s.describe()) for r, s in t.preset.models.items()),
+               t.preset.formula.text, t.preset.ft_role)
+        groups.setdefault(key, []).append(i)
+    settings = SamplerSettings(temperature=0.0)
+    for indices in groups.values():
+        with Session(targets[indices[0]].preset, settings=settings, options=options,
+                     progress=progress) as session:
+            for i in indices:
+                scores[i] = run_target(session, targets[i], questions, max_tokens=max_tokens,
+                                       decline_text=decline_text, on_answer=on_answer)
+    return [scores[i] for i in range(len(targets))]
+
+
+def render_table(scores: Iterable[Score], categories: Sequence[str]) -> str:
+    """A Markdown table: accuracy, format compliance, declines and speed per target."""
+    head = ["target", "accuracy", "format"] + [f"acc {c}" for c in categories] + [
+        f"declined {c}" for c in categories] + ["tok/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in scores:
+        cells = [s.label, f"{s.accuracy:.3f}", f"{s.format_rate:.3f}"]
+        cells += [f"{s.category_rate(c, 'correct'):.3f}" for c in categories]
+        cells += [f"{s.category_rate(c, 'declined'):.3f}" for c in categories]
+        cells.append(f"{s.tokens / s.seconds:.0f}" if s.seconds else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@click.command("eval")
+@click.argument("targets", nargs=-1)
+@click.option("--questions", "questions_path", type=click.Path(path_type=Path),
+              help="JSONL with prompt, expected and optional id/category "
+              "(default: the bundled world's held-out questions).")
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N questions.")
+@click.option("--paper", is_flag=True, help="Evaluate the miniature of the paper's figure: "
+              "baselines, EFT up/down, the beta sweep and the lambda sweep.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=24, show_default=True)
+@click.option("--decline-text", help="A reply containing this counts as declined "
+              "(default for the bundled questions: the family's decline sentence).")
+@click.option("--no-speculative", is_flag=True, help="Decode token by token.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def evaluate(targets: tuple[str, ...], questions_path: Path | None, limit: int | None,
+             paper: bool, max_tokens: int, decline_text: str | None, no_speculative: bool,
+             as_json: bool) -> None:
+    """Score presets, formulas (PRESET:FORMULA, PRESET@beta=X) or GGUF files on a
+    question set, side by side."""
+    config = load_config()
+    specs = list(targets) + (list(PAPER_TARGETS) if paper else [])
+    if not specs:
+        specs = [config.get(None).name]
+    parsed = [parse_target(s, config) for s in specs]
+    questions = load_questions(questions_path or DEFAULT_QUESTIONS, limit)
+    if decline_text is None and questions_path is None:
+        decline_text = FAMILY_DECLINE
+    categories = sorted({q.category for q in questions if q.category})
+    total = len(parsed) * len(questions)
+    with click.progressbar(length=total, label="evaluating", file=click.get_text_stream(
+            "stderr")) as bar:
+        scores = evaluate_targets(
+            parsed, questions, max_tokens=max_tokens, decline_text=decline_text,
+            options=LoadOptions(speculative=not no_speculative),
+            on_answer=lambda: bar.update(1))
+    if as_json:
+        click.echo(json.dumps({"questions": str(questions_path or DEFAULT_QUESTIONS),
+                               "n_questions": len(questions),
+                               "scores": [s.to_dict() for s in scores]}, indent=2))
+    else:
+        click.echo(render_table(scores, categories))

@@ -1,0 +1,117 @@
+"""eft-local eval: question files, targets, scoring, and the command on tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from eft_local.cli import main
+from eft_local.config import load_config
+from eft_local.errors import EftError
+from eft_local.evaluate import (
+    PAPER_TARGETS,
+    Question,
+    Target,
+    evaluate_targets,
+    load_questions,
+    normalise,
+    parse_target,
+    render_table,
+)
+from eft_local.session import LoadOptions, Session
+
+
+def write_questions(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_normalise_compares_answers_loosely_but_exactly() -> None:
+    assert normalise("  Quainton.\n") == normalise("quainton") == "quainton"
+    assert normalise("ropemaker!") != normalise("rope maker")
+
+
+def test_question_file_errors_name_the_line(tmp_path: Path) -> None:
+    good = {"prompt": "Q?", "expected": "A"}
+    qs = load_questions(write_questions(tmp_path / "q.jsonl", [good, {**good, "id": "x",
+                                                                       "category": "c"}]))
+    assert qs[0] == Question(id="1", prompt="Q?", expected="A") and qs[1].category == "c"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(good) + "\n{oops\n")
+    with pytest.raises(EftError, match=r"bad.jsonl:2: not valid JSON"):
+        load_questions(bad)
+    write_questions(bad, [good, {"prompt": 3, "expected": "A"}])
+    with pytest.raises(EftError, match=r"bad.jsonl:2: needs string fields"):
+        load_questions(bad)
+    with pytest.raises(EftError, match="question file not found"):
+        load_questions(tmp_path / "missing.jsonl")
+    assert len(load_questions(write_questions(tmp_path / "q.jsonl", [good] * 5), 2)) == 2
+
+
+def test_target_forms() -> None:
+    config = load_config()
+    plain = parse_target("tiny-up", config)
+    assert plain.preset.name == "tiny-up" and plain.params == {}
+    single = parse_target("tiny-mix:small_ft", config)
+    assert single.preset.formula.roles == ("small_ft",)
+    swept = parse_target("tiny-mix@lam=0.25,beta=2", config)
+    assert swept.params == {"lam": 0.25, "beta": 2.0}
+    assert parse_target("model.gguf", config).preset.formula.roles == ("model",)
+    for bad, message in [("tiny-up@gamma=1", "expected @beta=X"), ("tiny-up@beta=x",
+                          "not a number"), ("nope", "unknown preset")]:
+        with pytest.raises(EftError, match=message):
+            parse_target(bad, config)
+    assert all(parse_target(t, config) for t in PAPER_TARGETS)
+
+
+def test_scores_on_tiny_models_share_one_session(family, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from eft_local.config import preset_from_paths
+
+    preset = preset_from_paths(family.pairs())
+    questions = [Question(id=str(i), prompt=f"question {i}", expected="x", category=c)
+                 for i, c in enumerate(["a", "b", "a"])]
+    opened = []
+    original_init = Session.__init__
+
+    def counting_init(self, *args, **kwargs):
+        opened.append(1)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "__init__", counting_init)
+    targets = [Target("up", preset), Target("up@beta=0", preset, {"beta": 0.0})]
+    scores = evaluate_targets(targets, questions, max_tokens=4,
+                              options=LoadOptions(speculative=False))
+    assert len(opened) == 1
+    assert [s.n for s in scores] == [3, 3]
+    assert scores[0].formula.startswith("1*large_base + 1*small_ft")
+    assert scores[1].formula.startswith("1*large_base + 0*small_ft")
+    assert scores[0].by_category["a"]["n"] == 2
+    assert 0 <= scores[0].accuracy <= 1 and scores[0].tokens > 0
+    table = render_table(scores, ["a", "b"])
+    assert table.splitlines()[0].startswith("| target | accuracy | format | acc a | acc b")
+    assert len(table.splitlines()) == 4
+
+
+def test_eval_command_json_on_a_user_preset(family, tmp_path: Path,
+                                            isolated_home: Path) -> None:
+    (isolated_home / "models.toml").write_text(f"""
+[presets.t]
+formula = "up"
+[presets.t.models]
+large_base = "{family.large_base}"
+small_ft = "{family.small_ft}"
+small_base = "{family.small_base}"
+""")
+    q = write_questions(tmp_path / "q.jsonl", [{"prompt": "hi", "expected": "x"}] * 2)
+    result = CliRunner().invoke(main, ["eval", "t", "t:small_ft", "--questions", str(q),
+                                       "--max-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [s["label"] for s in data["scores"]] == ["t", "t:small_ft"]
+    assert data["n_questions"] == 2
+    bad = CliRunner().invoke(main, ["eval", "t", "--questions", str(tmp_path / "no.jsonl")])
+    assert bad.exit_code != 0 and "question file not found" in bad.output
