@@ -59,7 +59,11 @@ class EftGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.commands and name in self.lazy:
             module, _, attr = self.lazy[name].partition(":")
-            self.add_command(getattr(importlib.import_module(module), attr), name)
+            try:
+                command = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError) as exc:
+                command = _unavailable(name, f"{type(exc).__name__}: {exc}")
+            self.add_command(command, name)
         return super().get_command(ctx, name)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
@@ -87,6 +91,17 @@ class EftGroup(click.Group):
             fail(f"internal error: {type(exc).__name__}: {exc} "
                  "(set EFT_LOCAL_DEBUG=1 for the traceback)")
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _unavailable(name: str, why: str) -> click.Command:
+    """A stand-in for a command whose module cannot be imported: it fails with ``why``."""
+
+    def callback(**_: Any) -> None:
+        raise EftError(f"command {name!r} is unavailable ({why})")
+
+    return click.Command(name, callback=callback, help=f"(unavailable: {why})",
+                         context_settings={"ignore_unknown_options": True,
+                                           "allow_extra_args": True})
 
 
 # -- option types and shared options ----------------------------------------------------------
@@ -234,7 +249,9 @@ def models() -> None:
     config = load_config()
     if not config.presets:
         click.echo("no presets defined (add some to " + ", ".join(map(str, config.files)) + ")")
-    for name, preset in config.presets.items():
+    for i, (name, preset) in enumerate(config.presets.items()):
+        if i:
+            click.echo()
         mark = " (default)" if name == config.default else ""
         click.echo(f"{name}{mark}: {preset.description}".rstrip(": "))
         click.echo(f"  formula: {preset.formula.text}  = {preset.formula.describe(preset.params)}")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from eft_local import __version__, config
+from eft_local.cli import main
 from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
 
 GREEDY = ["-t", "0", "--max-tokens", "6", *THREADS]
@@ -79,6 +80,36 @@ def test_generate_with_beta_and_system(family) -> None:
         s.set_param("beta", 2.0)
         expected = s.generate("Hi", raw=False, system="Be brief", max_tokens=6).text
     assert stdout(result) == expected + "\n"
+
+
+@pytest.mark.parametrize("extra", [["--no-speculative"], ["--draft-k", "3"], ["--parallel"]])
+def test_decoding_switches_give_the_same_text(family, extra: list[str]) -> None:
+    args = ["generate", *family.trio(), "--seed", "11", "--max-tokens", "12", *THREADS, "Hi"]
+    plain = run(args)
+    switched = run([*args, *extra])
+    assert switched.exit_code == 0, switched.output
+    assert stdout(switched) == stdout(plain) != "\n"
+
+
+def test_help_lists_every_command() -> None:
+    result = run(["--help"])
+    assert result.exit_code == 0
+    listed = [line.split()[0] for line in stdout(result).split("Commands:")[1].splitlines()
+              if line.strip()]
+    assert {"chat", "check", "generate", "models", "pull"} <= set(listed)
+    assert listed == sorted(listed)
+    assert "unavailable" not in stdout(result)
+
+
+def test_a_command_that_cannot_be_imported_fails_in_one_line(monkeypatch) -> None:
+    monkeypatch.setitem(main.lazy, "ghost", "eft_local.no_such_module:ghost")
+    monkeypatch.delitem(main.commands, "ghost", raising=False)
+    try:
+        assert "ghost" in stdout(run(["--help"]))
+        assert_one_line_error(run(["ghost", "--anything"]), "'ghost' is unavailable",
+                              "no_such_module")
+    finally:
+        main.commands.pop("ghost", None)
 
 
 def test_generate_json_diagnostics(family) -> None:

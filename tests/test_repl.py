@@ -23,9 +23,10 @@ GREEDY = ["-t", "0", "--max-tokens", str(MAX), *THREADS]
 def reply(session: Session, message: str) -> str:
     """The REPL's lines for one answer, computed through the library."""
     chunks = list(session.chat(message, max_tokens=MAX))
+    notices = "".join(f"[{c.notice}]\n" for c in chunks if c.notice)
     text = "".join(c.text for c in chunks)
     note = f"[stopped at {MAX} tokens]\n" if chunks[-1].finish == "length" else ""
-    return text + "\n" + note
+    return notices + text + "\n" + note
 
 
 def banner(family) -> str:
@@ -136,6 +137,35 @@ def test_message_too_long_for_the_context_keeps_the_session(family) -> None:
     assert out.endswith(">>> " + "x" * 300 + "\n>>> /quit\n")
     (err,) = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert "does not fit the context" in err
+
+
+def test_oldest_exchange_is_dropped_when_the_context_is_full(family) -> None:
+    messages = ["a" * 100, "b" * 100, "c" * 100]
+    result = run(["chat", *family.trio(), *GREEDY], input="\n".join(messages) + "\n")
+    assert result.exit_code == 0, result.output
+    with api_session(family.pairs(), temperature=0) as s:
+        replies = [reply(s, m) for m in messages]
+    assert replies[2].startswith("[dropped the 1 oldest exchange(s) to fit the context of ")
+    assert stdout(result) == banner(family) + "".join(
+        f">>> {m}\n{r}" for m, r in zip(messages, replies, strict=True)) + ">>> \n"
+
+
+def test_lambda_and_beta_options_and_live_changes(family) -> None:
+    models = [*family.trio(), "-m", f"small_ft_alt={family.small_base}"]
+    result = run(["chat", *models, "--formula", "interpolate", "--lambda", "0.8", "--beta",
+                  "1.5", *THREADS], input="/lambda 0.25\n/lam x\n")
+    assert result.exit_code == 0, result.output
+    with api_session([*family.pairs(), f"small_ft_alt={family.small_base}"]) as s:
+        s.formula = s.preset.with_formula("interpolate").formula
+        s.set_param("beta", 1.5)
+        s.set_param("lam", 0.8)
+        at_start = s.describe()
+        s.set_param("lam", 0.25)
+        live = s.describe()
+    out = stdout(result)
+    assert f"  = {at_start}  (beta=1.5, lam=0.8)\n" in out
+    assert f">>> /lambda 0.25\nlam = 0.25: {live}\n>>> /lam x\n" in out
+    assert "error: /lambda: 'x' is not a number" in result.stderr
 
 
 def test_unknown_command_and_help(family) -> None:
