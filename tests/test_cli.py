@@ -91,6 +91,34 @@ def test_decoding_switches_give_the_same_text(family, extra: list[str]) -> None:
     assert stdout(switched) == stdout(plain) != "\n"
 
 
+def test_every_option_reaches_the_library(monkeypatch) -> None:
+    from eft_local import session
+    from eft_local.errors import EftError
+    from eft_local.sampler import SamplerSettings
+
+    seen: dict = {}
+
+    def fake_load_session(preset, **kwargs):
+        seen.update(kwargs, preset=preset)
+        raise EftError("stop here")
+
+    monkeypatch.setattr(session, "load_session", fake_load_session)
+    result = run(["chat", "-m", "small_ft=a.gguf", "-m", "x=b.gguf", "--formula", "small_ft",
+                  "--beta", "0.5", "--lambda", "0.3", "--temperature", "0.7", "--top-p", "0.9",
+                  "--top-k", "40", "--min-p", "0.05", "--conservative-top-p", "0.8",
+                  "--seed", "9", "--n-ctx", "512", "--threads", "2", "--gpu-layers", "0",
+                  "--no-speculative", "--draft-k", "4", "--parallel"])
+    assert_one_line_error(result, "stop here")
+    assert seen["preset"] is None
+    assert seen["models"] == ("small_ft=a.gguf", "x=b.gguf")
+    assert seen["formula"] == "small_ft"
+    assert seen["params"] == {"beta": 0.5, "lam": 0.3}
+    assert seen["settings"] == SamplerSettings(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
+                                               conservative_top_p=0.8, seed=9)
+    assert seen["options"] == session.LoadOptions(n_ctx=512, n_threads=2, n_gpu_layers=0,
+                                                  parallel=True, speculative=False, draft_k=4)
+
+
 def test_help_lists_every_command() -> None:
     result = run(["--help"])
     assert result.exit_code == 0
