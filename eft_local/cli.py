@@ -176,10 +176,10 @@ def sampling_options(func: F) -> F:
     """Sampler settings, reply length and system prompt."""
     return _apply([
         click.option("--temperature", "-t", type=Number(0), help="0 = greedy (default 1)."),
-        click.option("--top-p", type=Number(0, 1, open_low=True), help="Nucleus mass."),
+        click.option("--top-p", type=Number(0, 1, open_low=True), help="Nucleus mass, in (0, 1]."),
         click.option("--top-k", type=click.IntRange(min=0), help="Keep the k best (0: off)."),
         click.option("--min-p", type=Number(0, 1, open_high=True),
-                     help="Drop tokens below this fraction of the best one."),
+                     help="Drop tokens below this fraction of the best one, in [0, 1)."),
         click.option("--conservative-top-p", type=Number(0, 1, open_low=True),
                      help="Conservative decoding: outside the fine-tuned model's top-p set, "
                      "keep its own log-prob."),
@@ -190,8 +190,7 @@ def sampling_options(func: F) -> F:
     ], func)
 
 
-_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-             "min_p": "min_p", "seed": "seed", "conservative_top_p": "conservative_top_p"}
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "conservative_top_p")
 
 
 def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
@@ -202,8 +201,8 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
     if preset and opts.get("models"):
         raise EftError(f"give a preset ({preset!r}) or --model ROLE=PATH, not both")
     params = {name: opts[name] for name in ("beta", "lam") if opts.get(name) is not None}
-    settings = SamplerSettings(**{field: opts[key] for key, field in _SAMPLING.items()
-                                  if opts.get(key) is not None})
+    settings = SamplerSettings(**{name: opts[name] for name in _SAMPLING
+                                  if opts.get(name) is not None})
     options = LoadOptions(n_ctx=opts.get("n_ctx"), n_threads=opts.get("threads"),
                           n_gpu_layers=opts.get("gpu_layers"),
                           parallel=bool(opts.get("parallel")),
@@ -344,6 +343,8 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
              output_path: Path | None, **opts: Any) -> None:
     """Generate one reply for PROMPT (or stdin), or a JSONL batch with --input.
 
+    The reply is streamed to stdout; --json prints one JSON record instead.
+
     With one argument and no --model, it is the preset if such a preset exists, else the
     prompt (for the default preset).
     """
@@ -389,9 +390,11 @@ def _split_args(args: tuple[str, ...], opts: Mapping[str, Any], *, batch: bool
 
 
 def _stdin_prompt() -> str:
+    """The prompt piped on stdin, less the one newline that ``echo`` adds."""
     if sys.stdin.isatty():
         raise EftError("no prompt: give PROMPT as an argument or pipe it on stdin")
-    return sys.stdin.read()
+    text = sys.stdin.read()
+    return text[:-1] if text.endswith("\n") else text
 
 
 def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
@@ -405,9 +408,14 @@ def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
         click.echo(json.dumps(result_record(session, result, diagnostics=True),
                               ensure_ascii=False))
         return
+    finish = None
     for chunk in session.complete(prompt, raw=raw, system=system, max_tokens=max_tokens):
         write(chunk.text)
+        finish = chunk.finish or finish
     write("\n")
+    if finish == "context":
+        click.echo(f"note: stopped because the context ({session.engine.n_ctx} tokens) is full",
+                   err=True)
 
 
 # -- commands from other modules: one line each (imported on first use) ----------------------

@@ -65,11 +65,19 @@ def test_generate_prompt_argument_is_one_chat_turn(family) -> None:
 def test_generate_raw_prompt_from_stdin_with_seed(family) -> None:
     args = ["generate", *family.trio(), "--raw", "--seed", "7", "--top-k", "20",
             "--max-tokens", "6", *THREADS]
-    result = run(args, input="Once upon a time")
+    result = run(args, input="Once upon a time\n")  # as `echo` would pipe it
     assert result.exit_code == 0, result.output
     with api_session(family.pairs(), seed=7, top_k=20) as s:
         expected = s.generate("Once upon a time", raw=True, max_tokens=6).text
     assert stdout(result) == expected + "\n"
+
+
+def test_generate_says_when_the_context_is_full(family) -> None:
+    result = run(["generate", *family.trio(), *THREADS, "--raw", "--max-tokens", "50",
+                  "x" * 250])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[-1] == (
+        "note: stopped because the context (256 tokens) is full")
 
 
 def test_generate_with_beta_and_system(family) -> None:
