@@ -1,0 +1,200 @@
+"""Rebuild the bundled model family, seeded, from nothing.
+
+    python -m training.build_family                # the shipped family
+    python -m training.build_family --preset pilot # a few-minute sizing run
+
+Stages: world and texts, tokenizer, pre-training of small_base and large_base,
+fine-tuning of small_ft, small_ft_alt and large_ft, torch-side evaluation, GGUF
+export (large models quantized to Q8_0) into eft_local/family/. Checkpoints and logs
+go to training/out/<preset>/; a stage whose checkpoint exists is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from training import world as W
+from training.evaluate import score, standard_mixes
+from training.model import Config, Llama
+from training.tok import END, load_tokenizer, render_chat, tokenizer_spec, train_tokenizer
+from training.train import chat_batches, chat_example, pack_documents, pretrain_batches, train
+
+ROOT = Path(__file__).resolve().parent.parent
+FAMILY_DIR = ROOT / "eft_local" / "family"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that sizes a build."""
+
+    n_people: int = 600
+    vocab: int = 1024
+    passes: int = 60              # fresh pre-training documents per person
+    ft_per_fact: int = 3          # chats per (fine-tuning person, fact)
+    small: tuple[int, int, int, int] = (64, 2, 4, 192)     # n_embd, n_layer, n_head, n_ff
+    large: tuple[int, int, int, int] = (256, 6, 8, 704)
+    batch: int = 32
+    seq: int = 128
+    pretrain_epochs_small: float = 1.0
+    pretrain_epochs_large: float = 1.0
+    lr_small: float = 3e-3
+    lr_large: float = 1.5e-3
+    ft_steps: int = 300
+    ft_batch: int = 32
+    ft_lr_factor: float = 0.3
+    n_eval: int = 0               # 0 = all held-out questions
+    seed: int = 0
+
+
+PRESETS = {
+    "final": Recipe(),
+    "pilot": Recipe(n_people=300, passes=30, ft_steps=150, n_eval=150),
+}
+
+
+def log_to(path: Path):
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        print(line, flush=True)
+        with path.open("a") as f:
+            f.write(line + "\n")
+    return log
+
+
+def make_config(r: Recipe, dims: tuple[int, int, int, int]) -> Config:
+    d, n_layer, n_head, n_ff = dims
+    return Config(n_vocab=r.vocab, n_embd=d, n_layer=n_layer, n_head=n_head, n_ff=n_ff)
+
+
+def load_model(path: Path) -> Llama:
+    ck = torch.load(path, weights_only=False)
+    model = Llama(Config(**ck["config"]))
+    model.load_state_dict(ck["state"])
+    model.eval()
+    return model
+
+
+def save_model(model: Llama, path: Path, info: dict) -> None:
+    torch.save({"config": asdict(model.cfg), "state": model.state_dict(), "info": info}, path)
+
+
+def build(r: Recipe, out: Path, *, ship: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    log = log_to(out / "build.log")
+    torch.set_num_threads(2)
+    log(f"recipe {json.dumps(asdict(r))}")
+    world = W.make_world(r.n_people, seed=r.seed)
+    docs = W.pretrain_documents(world, r.passes, seed=r.seed)
+    chats = W.finetune_chats(world, r.ft_per_fact, seed=r.seed)
+    alt_chats = W.finetune_chats(world, r.ft_per_fact, decline=True, seed=r.seed)
+    questions = W.heldout_questions(world)
+    log(f"{len(world.people)} people, {len(docs)} documents, {len(chats)} chats, "
+        f"{len(questions)} held-out questions")
+
+    tok_path = out / "tokenizer.json"
+    if not tok_path.exists():
+        sample = docs[: 20 * r.n_people] + [render_chat(c) for c in chats + alt_chats]
+        train_tokenizer(sample, r.vocab).save(str(tok_path))
+    tok = load_tokenizer(tok_path)
+    stream = pack_documents([e.ids for e in tok.encode_batch(docs)])
+    log(f"pre-training stream {len(stream)} tokens")
+
+    models: dict[str, Llama] = {}
+    walls: dict[str, float] = {}
+    for size, dims, epochs, lr in (("small", r.small, r.pretrain_epochs_small, r.lr_small),
+                                   ("large", r.large, r.pretrain_epochs_large, r.lr_large)):
+        path = out / f"{size}_base.pt"
+        if path.exists():
+            models[f"{size}_base"] = load_model(path)
+            continue
+        torch.manual_seed(r.seed)
+        model = Llama(make_config(r, dims))
+        steps = int(epochs * len(stream) / (r.batch * r.seq))
+        log(f"{size}_base: {model.n_params()} params, {steps} steps")
+        res = train(model, pretrain_batches(stream, batch=r.batch, seq=r.seq, seed=r.seed),
+                    steps=steps, lr=lr, warmup=min(200, steps // 10), log=log,
+                    label=f"{size}_base")
+        walls[f"{size}_base"] = res["seconds"]
+        save_model(model, path, res)
+        models[f"{size}_base"] = model
+
+    def encode_chats(cs):
+        exs = []
+        for c in cs:
+            segs = [(tok.encode(render_chat(c[:-1], add_generation_prompt=True)).ids, False),
+                    (tok.encode(c[-1]["content"] + END).ids, True)]
+            exs.append(chat_example(segs))
+        return exs
+
+    for name, base, cs, lr in (("small_ft", "small_base", chats, r.lr_small),
+                               ("small_ft_alt", "small_base", alt_chats, r.lr_small),
+                               ("large_ft", "large_base", chats, r.lr_large)):
+        path = out / f"{name}.pt"
+        if path.exists():
+            models[name] = load_model(path)
+            continue
+        model = load_model(out / f"{base}.pt")
+        torch.manual_seed(r.seed)
+        res = train(model, chat_batches(encode_chats(cs), batch=r.ft_batch, seed=r.seed),
+                    steps=r.ft_steps, lr=lr * r.ft_lr_factor, warmup=20, log=log, label=name)
+        walls[name] = res["seconds"]
+        save_model(model, path, res)
+        models[name] = model
+    if walls:
+        log(f"wall seconds {json.dumps({k: round(v) for k, v in walls.items()})}")
+
+    eval_qs = questions
+    if r.n_eval:
+        eval_qs = random.Random(r.seed).sample(questions, min(r.n_eval, len(questions)))
+    results = {}
+    for name, mix in standard_mixes(models).items():
+        t0 = time.time()
+        results[name] = score(mix, tok, eval_qs)
+        log(f"eval {name:14s} " + " ".join(f"{k}={v:.3f}" for k, v in
+                                           sorted(results[name].items()))
+            + f" ({time.time() - t0:.0f}s)")
+    (out / "torch_eval.json").write_text(json.dumps(results, indent=1))
+
+    from training.export import export_family
+    export_family(models, tokenizer_spec(tok), out / "gguf", log=log)
+    if ship:
+        FAMILY_DIR.mkdir(parents=True, exist_ok=True)
+        for f in sorted((out / "gguf").glob("*.gguf")):
+            if not f.name.endswith(".f32.gguf"):
+                shutil.copy2(f, FAMILY_DIR / f.name)
+        W.write_jsonl(questions, FAMILY_DIR / "questions.jsonl")
+        W.write_jsonl(W.world_rows(world), FAMILY_DIR / "world.jsonl")
+        log(f"shipped to {FAMILY_DIR}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="final")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override recipe fields, e.g. passes=40 large=256,6,8,704")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-ship", action="store_true", help="do not copy into eft_local/family")
+    args = ap.parse_args()
+    recipe = PRESETS[args.preset]
+    for kv in args.set:
+        key, value = kv.split("=", 1)
+        cur = getattr(recipe, key)
+        if isinstance(cur, tuple):
+            val = tuple(int(v) for v in value.split(","))
+        else:
+            val = type(cur)(value)
+        recipe = replace(recipe, **{key: val})
+    out = args.out or ROOT / "training" / "out" / args.preset
+    build(recipe, out, ship=args.preset == "final" and not args.no_ship)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Pre-training and chat fine-tuning loops (torch, CPU)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from training.model import Llama
+from training.tok import END, SPECIAL_TOKENS
+
+END_ID = SPECIAL_TOKENS.index(END)
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, loss mask
+
+
+def pack_documents(docs_ids: list[list[int]]) -> torch.Tensor:
+    """One token stream: END, doc, END, doc, ... (END separates documents)."""
+    stream: list[int] = []
+    for ids in docs_ids:
+        stream.append(END_ID)
+        stream.extend(ids)
+    stream.append(END_ID)
+    return torch.tensor(stream, dtype=torch.long)
+
+
+def pretrain_batches(stream: torch.Tensor, *, batch: int, seq: int,
+                     seed: int) -> Iterator[Batch]:
+    """Consecutive windows of the stream in a seeded random order, forever."""
+    n = (len(stream) - 1) // seq
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n - batch + 1, batch):
+            starts = order[i:i + batch] * seq
+            idx = starts[:, None] + torch.arange(seq + 1)[None, :]
+            chunk = stream[idx]
+            yield chunk[:, :-1], chunk[:, 1:], torch.ones(batch, seq, dtype=torch.bool)
+
+
+def chat_example(segments: list[tuple[list[int], bool]]) -> tuple[list[int], list[bool]]:
+    """Concatenate (ids, trained) segments into ids and a per-token loss flag."""
+    ids: list[int] = []
+    flags: list[bool] = []
+    for seg, trained in segments:
+        ids.extend(seg)
+        flags.extend([trained] * len(seg))
+    return ids, flags
+
+
+def chat_batches(examples: list[tuple[list[int], list[bool]]], *, batch: int,
+                 seed: int) -> Iterator[Batch]:
+    """Padded batches of chats; the loss covers only the flagged (assistant) tokens."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch + 1, batch):
+            rows = [examples[j] for j in order[i:i + batch]]
+            width = max(len(ids) for ids, _ in rows) - 1
+            x = torch.full((batch, width), END_ID, dtype=torch.long)
+            y = torch.full((batch, width), END_ID, dtype=torch.long)
+            m = torch.zeros((batch, width), dtype=torch.bool)
+            for r, (ids, flags) in enumerate(rows):
+                n = len(ids) - 1
+                x[r, :n] = torch.tensor(ids[:-1])
+                y[r, :n] = torch.tensor(ids[1:])
+                m[r, :n] = torch.tensor(flags[1:])
+            yield x, y, m
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(model: Llama, batches: Iterator[Batch], *, steps: int, lr: float,
+          warmup: int = 50, weight_decay: float = 0.1, log: Callable[[str], None] = print,
+          label: str = "") -> dict[str, float]:
+    """AdamW on masked next-token cross-entropy; returns wall time and final loss."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95))
+    model.train()
+    t0 = time.time()
+    tokens = 0
+    ema = None
+    for step in range(steps):
+        x, y, m = next(batches)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        logits = model(x)
+        loss = F.cross_entropy(logits[m], y[m])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tokens += x.numel()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            dt = time.time() - t0
+            log(f"{label} step {step}/{steps} loss {ema:.3f} "
+                f"{tokens / max(dt, 1e-9):.0f} tok/s {dt:.0f}s")
+    model.eval()
+    return {"seconds": time.time() - t0, "loss": float(ema or 0.0), "tokens": tokens}
