@@ -100,7 +100,7 @@ def parse_job(line_no: int, line: str, defaults: BatchDefaults) -> Job:
         if key in data and (not isinstance(data[key], types)
                             or (bool not in types and isinstance(data[key], bool))):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            bad_id = record_id if isinstance(record_id, (str, int)) else None
+            bad_id = record_id if _usable_id(record_id) else None
             raise BadRecord(line_no, bad_id, f"{key!r} must be {names}, got {data[key]!r}")
     if "prompt" not in data:
         raise BadRecord(line_no, record_id, "missing 'prompt'")
@@ -112,6 +112,10 @@ def parse_job(line_no: int, line: str, defaults: BatchDefaults) -> Job:
     return Job(id=record_id, line=line_no, prompt=data["prompt"],
                system=data.get("system", defaults.system), raw=data.get("raw", defaults.raw),
                max_tokens=max_tokens)
+
+
+def _usable_id(value: object) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
 class BadRecord(Exception):
@@ -149,7 +153,7 @@ def done_keys(output_path: Path | None) -> set[Key]:
             continue
         if not isinstance(record, dict):
             continue
-        if isinstance(record.get("id"), (str, int)):
+        if _usable_id(record.get("id")):
             keys.add(("id", record["id"]))
         elif isinstance(record.get("line"), int):
             keys.add(("line", record["line"]))

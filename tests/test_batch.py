@@ -46,6 +46,7 @@ def test_batch_with_bad_records_goes_on(family, tmp_path: Path) -> None:
         {"id": "a", "prompt": "again"},
         good["c"],
         [1, 2],
+        {"id": True, "prompt": "Hi"},
     ])
     out = tmp_path / "out.jsonl"
     result = run(["generate", *family.trio(), *OPTS, "--input", str(src), "--output", str(out)])
@@ -54,21 +55,23 @@ def test_batch_with_bad_records_goes_on(family, tmp_path: Path) -> None:
     records = read_jsonl(out)
     texts = expected_texts(family, good)
     assert [r["id"] for r in records] == ["a", None, "no-prompt", "bad-type", "too-long", 7,
-                                          "a", 9, None]
+                                          "a", 9, None, None]
     assert records[0]["text"] == texts["a"] and records[0]["finish"] == "length"
     assert records[5]["text"] == texts["b"] and records[5]["generated_tokens"] == 2
     assert records[7]["text"] == texts["c"]  # the id defaults to the line number
     errors = {i: r["error"] for i, r in enumerate(records) if "error" in r}
-    assert sorted(errors) == [1, 2, 3, 4, 6, 8]
+    assert sorted(errors) == [1, 2, 3, 4, 6, 8, 9]
     assert errors[1].startswith("not JSON") and records[1]["line"] == 2
     assert errors[2] == "missing 'prompt'"
     assert errors[3] == "'max_tokens' must be int, got 'many'"
     assert "300 tokens" in errors[4]
     assert errors[6] == "duplicate id 'a'"
     assert errors[8] == "a record must be a JSON object"
+    assert errors[9] == "'id' must be str or int, got True"
     progress = result.stderr.splitlines()
-    assert "1/9 a: length" in progress
-    assert progress[-1] == "3 generated, 6 errors, 0 already done"
+    assert "1/10 a: length" in progress
+    assert "10/10 line 11: error: 'id' must be str or int, got True" in progress
+    assert progress[-1] == "3 generated, 7 errors, 0 already done"
 
 
 def test_batch_resumes_and_appends_only_new_records(family, tmp_path: Path) -> None:
