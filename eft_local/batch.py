@@ -53,10 +53,32 @@ class Job:
     max_tokens: int
 
 
+def _usable_id(value: object) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
+class BadRecord(Exception):
+    """An input line that cannot be run."""
+
+    def __init__(self, line: int, record_id: str | int | None, message: str) -> None:
+        super().__init__(message)
+        self.line, self.id, self.message = line, record_id, message
+
+    def record(self) -> dict[str, Any]:
+        """The error record written to the output."""
+        return {"id": self.id, "line": self.line, "error": self.message}
+
+    def key(self) -> Key:
+        """What a rerun looks for in the output."""
+        return ("line", self.line) if self.id is None else ("id", self.id)
+
+
 def check_paths(input_path: Path, output_path: Path | None) -> None:
     """Fail early (before loading models) on an unreadable input or unwritable output."""
-    if not input_path.is_file():
+    if not input_path.exists():
         raise EftError(f"{input_path}: input file not found")
+    if not input_path.is_file():
+        raise EftError(f"{input_path}: input is not a regular file")
     try:
         with input_path.open("rb"):
             pass
@@ -112,26 +134,6 @@ def parse_job(line_no: int, line: str, defaults: BatchDefaults) -> Job:
     return Job(id=record_id, line=line_no, prompt=data["prompt"],
                system=data.get("system", defaults.system), raw=data.get("raw", defaults.raw),
                max_tokens=max_tokens)
-
-
-def _usable_id(value: object) -> bool:
-    return isinstance(value, (str, int)) and not isinstance(value, bool)
-
-
-class BadRecord(Exception):
-    """An input line that cannot be run."""
-
-    def __init__(self, line: int, record_id: str | int | None, message: str) -> None:
-        super().__init__(message)
-        self.line, self.id, self.message = line, record_id, message
-
-    def record(self) -> dict[str, Any]:
-        """The error record written to the output."""
-        return {"id": self.id, "line": self.line, "error": self.message}
-
-    def key(self) -> Key:
-        """What a rerun looks for in the output."""
-        return ("line", self.line) if self.id is None else ("id", self.id)
 
 
 def done_keys(output_path: Path | None) -> set[Key]:

@@ -303,6 +303,8 @@ def _bad_cases(family) -> dict[str, tuple[list[str], str | None, tuple[str, ...]
                                 ("incompatible",)),
         "missing input file": (["generate", *trio, "--input", "/nonexistent/in.jsonl"], None,
                                ("input file not found",)),
+        "input is a directory": (["generate", *trio, "--input", str(family.corrupt.parent)],
+                                 None, ("not a regular file",)),
         "output in missing dir": (["generate", *trio, "--input", str(family.not_gguf),
                                    "--output", "/nonexistent/dir/out.jsonl"], None,
                                   ("does not exist",)),
@@ -318,7 +320,7 @@ BAD_CASES = [
     "bad formula", "nan temperature", "negative temperature", "top-p above 1", "top-p zero",
     "min-p one", "infinite beta", "zero max tokens", "unknown option", "unknown preset",
     "preset and --model", "prompt too long", "empty stdin prompt", "incompatible models",
-    "missing input file", "output in missing dir", "output without input",
+    "missing input file", "input is a directory", "output in missing dir", "output without input",
     "check: incompatible args",
 ]
 
