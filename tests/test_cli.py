@@ -304,7 +304,7 @@ def _bad_cases(family) -> dict[str, tuple[list[str], str | None, tuple[str, ...]
         "missing input file": (["generate", *trio, "--input", "/nonexistent/in.jsonl"], None,
                                ("input file not found",)),
         "input is a directory": (["generate", *trio, "--input", str(family.corrupt.parent)],
-                                 None, ("not a regular file",)),
+                                 None, ("is a directory",)),
         "output in missing dir": (["generate", *trio, "--input", str(family.not_gguf),
                                    "--output", "/nonexistent/dir/out.jsonl"], None,
                                   ("does not exist",)),
