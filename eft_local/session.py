@@ -177,9 +177,15 @@ class Session:
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         """Render ``messages`` with the chat template and tokenize them (specials parsed)."""
         ref = self.models[self.preset.ft_role]
-        bos = ref.piece(self.report.vocabs[self.preset.ft_role].bos, special=True) \
-            if self.report.vocabs else b""
-        text = render(self.template, messages, bos_token=bos.decode("utf-8", "replace"))
+        vocab = self.report.vocabs.get(self.preset.ft_role)
+
+        def text_of(token: int | None) -> str:
+            if token is None or token < 0:
+                return ""
+            return ref.piece(token, special=True).decode("utf-8", "replace")
+
+        text = render(self.template, messages, bos_token=text_of(vocab and vocab.bos),
+                      eos_token=text_of(vocab and vocab.eos))
         return ref.tokenize(text, add_bos=False, special=True)
 
     def raw_tokens(self, prompt: str) -> list[int]:
