@@ -290,8 +290,9 @@ def pull(preset: str | None) -> None:
 def check(targets: tuple[str, ...], models: tuple[str, ...], as_json: bool) -> None:
     """Check that models share one token space (reads vocabularies only).
 
-    Give a preset name, --model ROLE=PATH pairs, or plain GGUF paths (the first plain path
-    is taken as the fine-tuned model). Exits 1 when the models are incompatible.
+    Give a preset name, --model ROLE=PATH pairs, or plain GGUF paths: three plain paths are
+    large_base, small_ft and small_base in that order; otherwise they are model1, model2...
+    and the first is taken as the fine-tuned model. Exits 1 when the models are incompatible.
     """
     from eft_local.session import check_models
 
@@ -309,6 +310,9 @@ def check(targets: tuple[str, ...], models: tuple[str, ...], as_json: bool) -> N
         sys.exit(1)
 
 
+UPSCALING_ROLES = ["large_base", "small_ft", "small_base"]
+
+
 def _check_preset(targets: tuple[str, ...], models: tuple[str, ...]) -> Preset:
     """The preset ``check`` looks at: named, from --model pairs, or from plain paths."""
     from eft_local.config import load_config, preset_from_paths
@@ -318,7 +322,9 @@ def _check_preset(targets: tuple[str, ...], models: tuple[str, ...]) -> Preset:
     is_path = len(targets) > 1 or (targets and (targets[0].endswith(".gguf")
                                                or Path(targets[0]).is_file()))
     if is_path:
-        models = tuple(f"model{i}={path}" for i, path in enumerate(targets, 1))
+        roles = (UPSCALING_ROLES if len(targets) == len(UPSCALING_ROLES)
+                 else [f"model{i}" for i in range(1, len(targets) + 1)])
+        models = tuple(f"{role}={path}" for role, path in zip(roles, targets, strict=True))
     if models:
         first = models[0].partition("=")[0].strip()
         return preset_from_paths(list(models), formula=first if first.isidentifier() else None)

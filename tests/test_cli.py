@@ -189,6 +189,16 @@ def test_check_aligned_trio(family) -> None:
     assert f"  small_ft: {family.small_ft}" in out
 
 
+def test_check_three_plain_paths_are_the_upscaling_roles(family) -> None:
+    result = run(["check", str(family.large_base), str(family.padded), str(family.small_base)])
+    assert result.exit_code == 0, result.output
+    out = stdout(result)
+    assert out.startswith(f"preset: command-line\n  large_base: {family.large_base}\n"
+                          f"  small_ft: {family.padded}\n  small_base: {family.small_base}\n")
+    assert "small_ft: 29 rows beyond the common range (masked)" in out
+    assert out.splitlines()[-1] == "verdict: aligned on a common range"
+
+
 def test_check_plain_paths_common_range(family) -> None:
     result = run(["check", str(family.small_ft), str(family.padded)])
     assert result.exit_code == 0, result.output
