@@ -143,6 +143,12 @@ class Engine:
 
         ``n_keep`` and ``tokens`` may be given per model (same order as ``roles``).
         """
+        return np.stack(self.evaluate_each(n_keep, tokens, all_logits=all_logits))
+
+    def evaluate_each(self, n_keep: int | Sequence[int],
+                      tokens: list[int] | Sequence[list[int]], *, all_logits: bool = False
+                      ) -> list[np.ndarray]:
+        """Like :meth:`evaluate`, one array per model (row counts may differ)."""
         keeps = [n_keep] * len(self.roles) if isinstance(n_keep, int) else list(n_keep)
         batches = (list(tokens) if tokens and isinstance(tokens[0], list)
                    else [list(tokens)] * len(self.roles))  # type: ignore[list-item]
@@ -155,7 +161,7 @@ class Engine:
             done = {}
             for future in futures:
                 done.update(future.result())
-        return np.stack([done[r] for r in self.roles])
+        return [done[r] for r in self.roles]
 
     def _run_lane(self, lane: Sequence[str], jobs: Mapping[str, tuple[int, list[int]]],
                   all_logits: bool) -> dict[str, np.ndarray]:

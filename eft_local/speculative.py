@@ -101,7 +101,7 @@ class Speculator:
     :meth:`Engine.generate` (same steps, same stops, ``finish_reason`` set on the engine)."""
 
     def __init__(self, engine: Engine, *, draft_k: int | None = None,
-                 stop_below: float | None = None) -> None:
+                 stop_below: float | None = None, reuse_draft_rows: bool = True) -> None:
         if draft_k is not None and (isinstance(draft_k, bool) or draft_k < 1):
             raise EftError(f"invalid draft_k {draft_k!r}: must be an integer >= 1 (or None "
                            "for an adaptive block size)")
@@ -109,6 +109,7 @@ class Speculator:
         self.sizer = BlockSizer(fixed=draft_k)
         self.stop_below = (STOP_BELOW if draft_k is None else 0.0) if stop_below is None \
             else stop_below
+        self.reuse_draft_rows = reuse_draft_rows
         self.block_sizes: list[int] = []
 
     @property
@@ -132,9 +133,9 @@ class Speculator:
                 position = len(seq)
                 k = min(self.sizer.next_k(), max_tokens - emitted - 1, eng.n_ctx - 1 - position)
                 t0 = time.perf_counter()
-                draft = self._draft(seq, head, settings, max(0, k))
+                draft, ref_rows = self._draft(seq, head, settings, max(0, k))
                 t1 = time.perf_counter()
-                rows = self._verify(seq, head, draft)
+                rows = self._verify(seq, head, draft, ref_rows)
                 t2 = time.perf_counter()
                 accepted = 0
                 for i in range(len(draft) + 1):
@@ -172,10 +173,11 @@ class Speculator:
 
     # -- draft, verify, bookkeeping -------------------------------------------------------
     def _draft(self, seq: list[int], head: np.ndarray | None, settings: SamplerSettings,
-               k: int) -> list[int]:
-        """Up to ``k`` tokens from the reference alone, drawn with the positions' uniforms."""
+               k: int) -> tuple[list[int], list[np.ndarray]]:
+        """Up to ``k`` tokens from the reference alone, drawn with the positions' uniforms,
+        and the reference's row before each of them."""
         if k == 0:
-            return []
+            return [], []
         eng = self.engine
         role = eng.ref_role
         eng.solo_threads(role)
@@ -185,27 +187,49 @@ class Speculator:
             else:
                 row = eng.evaluate_role(role, len(seq) - 1, seq[-1:])[-1]
             draft: list[int] = []
+            rows: list[np.ndarray] = []
             while True:
                 own = sampler.log_softmax(np.where(eng.allowed, row, sampler.NEG_INF))
                 token, final = sampler.pick(own, settings, len(seq) + len(draft))
                 if draft and self.stop_below and math.exp(float(final.max())) < self.stop_below:
-                    return draft
+                    return draft, rows
                 draft.append(token)
+                rows.append(row)
                 if len(draft) == k or eng.ref.is_eog(token):
-                    return draft
+                    return draft, rows
                 row = eng.evaluate_role(role, len(seq) + len(draft) - 1, [token])[-1]
         finally:
             eng.share_threads()
 
-    def _verify(self, seq: list[int], head: np.ndarray | None, draft: list[int]) -> np.ndarray:
-        """Rows (models, len(draft) + 1, width): row i is the position ``len(seq) + i``."""
+    def _verify(self, seq: list[int], head: np.ndarray | None, draft: list[int],
+                ref_rows: list[np.ndarray]) -> np.ndarray:
+        """Rows (models, len(draft) + 1, width): row i is the position ``len(seq) + i``.
+
+        Every model evaluates the block (the unevaluated last token of ``seq``, if any, and
+        the draft) in one batched decode. With ``reuse_draft_rows`` the drafter evaluates
+        only the last draft token and its drafting rows stand for the others.
+        """
         eng = self.engine
         pending = [] if head is not None else seq[-1:]
         block = pending + draft
         if not block:
             return head[:, None, :]  # type: ignore[index]
-        rows = eng.evaluate(len(seq) - len(pending), block, all_logits=True)
-        return rows if head is None else np.concatenate([head[:, None, :], rows], axis=1)
+        start = len(seq) - len(pending)
+        if not (self.reuse_draft_rows and draft):
+            rows = eng.evaluate(start, block, all_logits=True)
+            return rows if head is None else np.concatenate([head[:, None, :], rows], axis=1)
+        keeps = [start] * len(eng.roles)
+        batches = [block] * len(eng.roles)
+        keeps[eng.ref_index] = len(seq) + len(draft) - 1
+        batches[eng.ref_index] = draft[-1:]
+        each = eng.evaluate_each(keeps, batches, all_logits=True)
+        out = []
+        for i, rows in enumerate(each):
+            if i == eng.ref_index:
+                out.append(np.concatenate([np.stack(ref_rows), rows]))
+            else:
+                out.append(rows if head is None else np.concatenate([head[i][None], rows]))
+        return np.stack(out)
 
     def _record(self, draft: list[int], accepted: int, draft_s: float, verify_s: float) -> None:
         stats = self.engine.stats
