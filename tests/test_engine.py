@@ -167,3 +167,26 @@ def test_incompatible_models_are_refused(tmp_path: Path, trio: dict[str, Path]) 
                                 f"small_base={trio['small_base']}"])
     with pytest.raises(EftError, match="do not share a token space: incompatible"):
         Session(preset)
+
+
+def test_three_copies_of_one_gguf_give_that_model(trio: dict[str, Path]) -> None:
+    one = trio["small_ft"]
+    copies = {r: one for r in ROLES}
+    with session(copies, settings=SamplerSettings(temperature=0.0)) as s:
+        s.set_param("beta", 1.7)
+        seen = record_distributions(s)
+        prompt = s.raw_tokens("copies")
+        result = s.generate("copies", max_tokens=5)
+    each = alone(one, prompt, [st.token for st in result.steps][:-1])
+    for mixed, own in zip(seen, each, strict=True):
+        np.testing.assert_allclose(mixed, own, atol=1e-4)
+
+
+def test_beta_zero_follows_the_large_base_alone(trio: dict[str, Path]) -> None:
+    with session(trio, settings=SamplerSettings(temperature=0.0)) as s:
+        s.set_param("beta", 0.0)
+        prompt = s.raw_tokens("base only")
+        result = s.generate("base only", max_tokens=6)
+    generated = [st.token for st in result.steps]
+    rows = alone(trio["large_base"], prompt, generated[:-1])
+    assert generated == [int(np.argmax(r)) for r in rows]
