@@ -235,26 +235,32 @@ class LlamaModel:
                            f"{len(tokens)} tokens > n_ctx {self.n_ctx})")
         rows = []
         b = self._batch
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            last_chunk = start + len(chunk) == len(tokens)
-            base = len(self.tokens)
-            for i, tok in enumerate(chunk):
-                b.token[i] = tok
-                b.pos[i] = base + i
-                b.n_seq_id[i] = 1
-                b.seq_id[i][0] = 0
-                b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
-            b.n_tokens = len(chunk)
-            rc = L.llama_decode(self._ctx, b)
-            if rc != 0:
-                self.rewind(base)
-                raise EftError(f"{self.path.name}: llama_decode failed (code {rc})")
-            self.tokens.extend(chunk)
-            for i in range(len(chunk)) if all_logits else ([len(chunk) - 1] if last_chunk
-                                                          else []):
-                ptr = L.llama_get_logits_ith(self._ctx, i)
-                rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        start_len = len(self.tokens)
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                last_chunk = start + len(chunk) == len(tokens)
+                base = len(self.tokens)
+                for i, tok in enumerate(chunk):
+                    b.token[i] = tok
+                    b.pos[i] = base + i
+                    b.n_seq_id[i] = 1
+                    b.seq_id[i][0] = 0
+                    b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
+                b.n_tokens = len(chunk)
+                rc = L.llama_decode(self._ctx, b)
+                if rc != 0:
+                    raise EftError(f"{self.path.name}: llama_decode failed (code {rc})")
+                self.tokens.extend(chunk)
+                wanted = range(len(chunk)) if all_logits else (
+                    [len(chunk) - 1] if last_chunk else [])
+                for i in wanted:
+                    ptr = L.llama_get_logits_ith(self._ctx, i)
+                    rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        except BaseException:  # a failed decode or Ctrl-C: the cache keeps what it had
+            L.llama_memory_seq_rm(self._mem, 0, start_len, -1)
+            del self.tokens[start_len:]
+            raise
         return np.stack(rows)
 
     def rewind(self, n_past: int) -> None:

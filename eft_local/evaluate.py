@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -238,8 +239,7 @@ def evaluate(targets: tuple[str, ...], questions_path: Path | None, limit: int |
         decline_text = FAMILY_DECLINE
     categories = sorted({q.category for q in questions if q.category})
     total = len(parsed) * len(questions)
-    with click.progressbar(length=total, label="evaluating", file=click.get_text_stream(
-            "stderr")) as bar:
+    with click.progressbar(length=total, label="evaluating", file=sys.stderr) as bar:
         scores = evaluate_targets(
             parsed, questions, max_tokens=max_tokens, decline_text=decline_text,
             options=LoadOptions(speculative=not no_speculative),

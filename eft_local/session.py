@@ -305,6 +305,8 @@ def load_session(preset: str | None = None, *, models: Sequence[str] = (),
                  formula: str | None = None, config: Config | None = None,
                  **kwargs: object) -> Session:
     """A session for a named preset (default from models.toml) or ``ROLE=PATH`` models."""
+    if models and preset:
+        raise EftError(f"give a preset ({preset!r}) or models, not both")
     if models:
         chosen = preset_from_paths(list(models), formula=formula)
     else:
