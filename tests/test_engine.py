@@ -190,3 +190,15 @@ def test_beta_zero_follows_the_large_base_alone(trio: dict[str, Path]) -> None:
     generated = [st.token for st in result.steps]
     rows = alone(trio["large_base"], prompt, generated[:-1])
     assert generated == [int(np.argmax(r)) for r in rows]
+
+
+def test_padding_rows_never_get_probability(tmp_path: Path, trio: dict[str, Path]) -> None:
+    padded = ggufs.write_model(tmp_path / "padded.gguf", seed=9, n_embd=64, pad_to=400)
+    models = {**trio, "large_base": padded}
+    with session(models, settings=SamplerSettings(temperature=5.0, seed=1)) as s:
+        assert s.report.verdict == "aligned on a common range"
+        common = s.report.common
+        seen = record_distributions(s)
+        result = s.generate("pad", max_tokens=40)
+    assert all(st.token < common for st in result.steps)
+    assert all(row.size == common for row in seen)
