@@ -116,11 +116,6 @@ class Engine:
             for role in lane:
                 _set_threads(self.models[role], per_lane)
 
-    def solo_threads(self, role: str) -> None:
-        """Give ``role`` the whole budget while it runs alone (drafting); no-op if sequential."""
-        if self._pool is not None:
-            _set_threads(self.models[role], self.n_threads)
-
     # -- evaluation over all models -------------------------------------------------------
     def evaluate_role(self, role: str, n_keep: int, tokens: list[int], *,
                       all_logits: bool = False) -> np.ndarray:

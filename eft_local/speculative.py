@@ -19,7 +19,7 @@ import math
 import time
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,10 +30,16 @@ from eft_local.sampler import SamplerSettings
 
 K_MAX = 12
 """Largest adaptive block size."""
-VERIFY_SLOPE = 0.25
-"""Prior cost of one more token in a verification block, relative to a one-token decode."""
+VERIFY_SLOPE = 0.5
+"""Prior cost of one more token in a verification block, relative to a one-token decode
+(measured on 2 CPU cores: 0.5-0.6; GPUs are far lower)."""
 STOP_BELOW = 0.2
 """Adaptive drafting stops when the drafter's top probability falls below this."""
+PROBE_EVERY = 32
+"""While plain steps win, one speculative block every this many tokens re-measures."""
+SHADOW_EVERY = 4
+"""While plain steps win, every this many steps the draft is guessed (not decoded) to keep
+the acceptance estimate fresh."""
 
 
 @dataclass
@@ -41,9 +47,11 @@ class BlockSizer:
     """Chooses the block size from the observed acceptance and the observed costs.
 
     Acceptance is modelled as independent per drafted token with probability ``alpha``
-    (estimated from decayed counts of accepted tokens and rejections); a block of ``k``
-    drafts then yields ``(1 - alpha**(k+1)) / (1 - alpha)`` tokens and costs ``k`` draft
-    steps plus a verification of ``k + 1`` tokens. The k with most tokens per second wins.
+    (decayed counts of accepted tokens and rejections); a block of ``k`` drafts then yields
+    ``(1 - alpha**(k+1)) / (1 - alpha)`` tokens and costs ``k`` draft steps plus one
+    verification of ``k + 1`` tokens by every model. ``k = 0`` is a plain step, so when
+    verification is too dear for the acceptance seen, decoding falls back to plain steps
+    (with a probe block now and then).
     """
 
     fixed: int | None = None
@@ -51,40 +59,69 @@ class BlockSizer:
     decay: float = 0.9
     accepted: float = 3.0  # prior: alpha = 0.75
     rejected: float = 1.0
-    draft_step: float | None = None  # seconds per draft token (EMA)
-    verify_unit: float | None = None  # seconds of a one-token verification (EMA)
     slope: float = VERIFY_SLOPE
+    draft_step: float | None = None  # seconds per drafted token (EMA)
+    verify: dict[int, float] = field(default_factory=dict)  # block length -> seconds (EMA)
+    probe_every: int = PROBE_EVERY
+    plain_run: int = 0
 
     @property
     def alpha(self) -> float:
         """Estimated probability that one drafted token is accepted."""
         return self.accepted / (self.accepted + self.rejected)
 
+    def verify_cost(self, n: int) -> float:
+        """Seconds to verify a block of ``n`` tokens: linear through the measured lengths,
+        or the prior slope from the one measured length."""
+        xs = sorted(self.verify)
+        if len(xs) == 1:
+            m = xs[0]
+            return self.verify[m] * (1.0 + self.slope * (n - 1)) / (1.0 + self.slope * (m - 1))
+        lo, hi = (xs[0], xs[1]) if n < xs[0] else (xs[-2], xs[-1]) if n > xs[-1] else (0, 0)
+        if lo == hi:
+            return float(np.interp(n, xs, [self.verify[x] for x in xs]))
+        per_token = (self.verify[hi] - self.verify[lo]) / (hi - lo)
+        return max(self.verify[lo] + per_token * (n - lo), 1e-9)
+
+    def rate(self, k: int) -> float:
+        """Expected tokens per second with ``k`` drafts per block."""
+        alpha = min(self.alpha, 0.999)
+        tokens = (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+        return tokens / (k * (self.draft_step or 0.0) + self.verify_cost(k + 1))
+
+    def best_k(self) -> int:
+        """The block size with the highest expected rate (0 = plain steps)."""
+        return max(range(self.k_max + 1), key=self.rate)
+
     def next_k(self) -> int:
         """The block size for the next block."""
         if self.fixed is not None:
             return self.fixed
-        alpha = min(self.alpha, 0.999)
-        draft = self.draft_step if self.draft_step is not None else 0.1
-        unit = self.verify_unit if self.verify_unit is not None else 1.0
-        best, best_rate = 1, -1.0
-        for k in range(1, self.k_max + 1):
-            tokens = (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
-            rate = tokens / (k * draft + unit * (1.0 + self.slope * k))
-            if rate > best_rate:
-                best, best_rate = k, rate
-        return best
+        if self.draft_step is None or not self.verify:
+            return 2  # measure something first
+        k = self.best_k()
+        if k > 0:
+            self.plain_run = 0
+            return k
+        self.plain_run += 1
+        if self.plain_run >= self.probe_every:
+            self.plain_run = 0
+            return max(range(1, self.k_max + 1), key=self.rate)
+        return 0
 
     def observe(self, drafted: int, accepted: int, draft_seconds: float,
                 verify_seconds: float, block_len: int) -> None:
-        """Update the estimates after one verified block."""
-        if drafted == 0:
-            return
+        """Update the estimates after one verified block (``drafted`` may be 0)."""
+        if block_len:
+            self.verify[block_len] = _ema(self.verify.get(block_len), verify_seconds)
+        if drafted:
+            self.draft_step = _ema(self.draft_step, draft_seconds / drafted)
+            self.count(accepted, accepted < drafted)
+
+    def count(self, accepted: int, rejected: bool) -> None:
+        """Add accepted drafts and (at most one) rejection to the decayed counts."""
         self.accepted = self.decay * self.accepted + accepted
-        self.rejected = self.decay * self.rejected + (1.0 if accepted < drafted else 0.0)
-        unit = verify_seconds / (1.0 + self.slope * max(0, block_len - 1))
-        self.draft_step = _ema(self.draft_step, draft_seconds / drafted)
-        self.verify_unit = _ema(self.verify_unit, unit)
+        self.rejected = self.decay * self.rejected + (1.0 if rejected else 0.0)
 
 
 def _ema(old: float | None, new: float, rate: float = 0.2) -> float:
@@ -111,6 +148,7 @@ class Speculator:
             else stop_below
         self.reuse_draft_rows = reuse_draft_rows
         self.block_sizes: list[int] = []
+        self._plain_steps = 0
 
     @property
     def draft_k(self) -> int | None:
@@ -138,9 +176,13 @@ class Speculator:
                 rows = self._verify(seq, head, draft, ref_rows)
                 t2 = time.perf_counter()
                 accepted = 0
+                guess = self._shadow_guess(rows[:, 0], settings, position) if not draft \
+                    else None
                 for i in range(len(draft) + 1):
                     step = eng.choose(rows[:, i], weights, settings, position + i,
                                       diagnostics=diagnostics)
+                    if guess is not None:
+                        self.sizer.count(int(guess == step.token), guess != step.token)
                     agree = i < len(draft) and step.token == draft[i]
                     if agree:
                         step = replace(step, from_draft=True)
@@ -149,12 +191,12 @@ class Speculator:
                     eng._count_token(started)
                     yield step
                     if self._stopped(step.token, position + i + 1, emitted, max_tokens):
-                        self._record(draft, accepted + agree, t1 - t0, t2 - t1)
+                        self._record(draft, accepted + agree, t1 - t0, t2 - t1, head)
                         return
                     if not agree:
                         break
                     accepted += 1
-                self._record(draft, accepted, t1 - t0, t2 - t1)
+                self._record(draft, accepted, t1 - t0, t2 - t1, head)
                 head = None
         finally:
             self._rewind_to(seq)
@@ -180,26 +222,22 @@ class Speculator:
             return [], []
         eng = self.engine
         role = eng.ref_role
-        eng.solo_threads(role)
-        try:
-            if head is not None:
-                row = head[eng.ref_index]
-            else:
-                row = eng.evaluate_role(role, len(seq) - 1, seq[-1:])[-1]
-            draft: list[int] = []
-            rows: list[np.ndarray] = []
-            while True:
-                own = sampler.log_softmax(np.where(eng.allowed, row, sampler.NEG_INF))
-                token, final = sampler.pick(own, settings, len(seq) + len(draft))
-                if draft and self.stop_below and math.exp(float(final.max())) < self.stop_below:
-                    return draft, rows
-                draft.append(token)
-                rows.append(row)
-                if len(draft) == k or eng.ref.is_eog(token):
-                    return draft, rows
-                row = eng.evaluate_role(role, len(seq) + len(draft) - 1, [token])[-1]
-        finally:
-            eng.share_threads()
+        if head is not None:
+            row = head[eng.ref_index]
+        else:
+            row = eng.evaluate_role(role, len(seq) - 1, seq[-1:])[-1]
+        draft: list[int] = []
+        rows: list[np.ndarray] = []
+        while True:
+            own = sampler.log_softmax(np.where(eng.allowed, row, sampler.NEG_INF))
+            token, final = sampler.pick(own, settings, len(seq) + len(draft))
+            if draft and self.stop_below and math.exp(float(final.max())) < self.stop_below:
+                return draft, rows
+            draft.append(token)
+            rows.append(row)
+            if len(draft) == k or eng.ref.is_eog(token):
+                return draft, rows
+            row = eng.evaluate_role(role, len(seq) + len(draft) - 1, [token])[-1]
 
     def _verify(self, seq: list[int], head: np.ndarray | None, draft: list[int],
                 ref_rows: list[np.ndarray]) -> np.ndarray:
@@ -231,7 +269,8 @@ class Speculator:
                 out.append(rows if head is None else np.concatenate([head[i][None], rows]))
         return np.stack(out)
 
-    def _record(self, draft: list[int], accepted: int, draft_s: float, verify_s: float) -> None:
+    def _record(self, draft: list[int], accepted: int, draft_s: float, verify_s: float,
+                head: np.ndarray | None) -> None:
         stats = self.engine.stats
         stats.draft_seconds += draft_s
         stats.verify_seconds += verify_s
@@ -240,7 +279,21 @@ class Speculator:
             stats.drafted += len(draft)
             stats.accepted += accepted
             self.block_sizes.append(len(draft))
-            self.sizer.observe(len(draft), accepted, draft_s, verify_s, len(draft) + 1)
+        block_len = len(draft) + (head is None)
+        self.sizer.observe(len(draft), accepted, draft_s, verify_s, block_len)
+
+    def _shadow_guess(self, rows: np.ndarray, settings: SamplerSettings, position: int
+                      ) -> int | None:
+        """During adaptive plain steps, every few steps: the token the drafter would have
+        drafted (sampled, not decoded), to keep the acceptance estimate fresh."""
+        if self.sizer.fixed is not None:
+            return None
+        self._plain_steps += 1
+        if self._plain_steps % SHADOW_EVERY:
+            return None
+        eng = self.engine
+        own = sampler.log_softmax(np.where(eng.allowed, rows[eng.ref_index], sampler.NEG_INF))
+        return sampler.pick(own, settings, position)[0]
 
     def _rewind_to(self, seq: list[int]) -> None:
         """Drop rejected drafts: every model keeps only the part of ``seq`` it evaluated."""

@@ -154,13 +154,35 @@ def test_parallel_engine_matches_sequential() -> None:
 
 def test_block_sizer_adapts() -> None:
     sizer = BlockSizer()
+    assert sizer.next_k() == 2  # nothing measured yet
     for _ in range(20):
         sizer.observe(4, 4, draft_seconds=0.004, verify_seconds=0.02, block_len=5)
-    high = sizer.next_k()
+    assert sizer.next_k() >= 6
     for _ in range(20):
         sizer.observe(4, 0, draft_seconds=0.004, verify_seconds=0.02, block_len=5)
-    assert high >= 6 and sizer.next_k() == 1
+    ks = [sizer.next_k() for _ in range(sizer.probe_every)]
+    assert ks[:-1] == [0] * (sizer.probe_every - 1) and ks[-1] >= 1  # plain, then a probe
     assert BlockSizer(fixed=3).next_k() == 3
+
+
+def test_dear_verification_never_pays() -> None:
+    """Verifying 5 tokens costs 5 one-token steps: plain steps win at any acceptance."""
+    sizer = BlockSizer(accepted=100.0, rejected=1.0)
+    sizer.observe(0, 0, draft_seconds=0.0, verify_seconds=0.01, block_len=1)
+    sizer.observe(4, 4, draft_seconds=0.004, verify_seconds=0.05, block_len=5)
+    assert sizer.best_k() == 0
+
+
+def test_adaptive_falls_back_to_plain_steps_and_stays_identical() -> None:
+    s = SamplerSettings(temperature=1.0, seed=9)
+    plain_engine, spec_engine = fake_engine("up", noise=3.0), fake_engine("up", noise=3.0)
+    w = weights_for(plain_engine, "up", 1.0)
+    a, _ = run(plain_engine, w, s, draft_k="plain", max_tokens=120)
+    spec = Speculator(spec_engine, draft_k=None)
+    spec.sizer.probe_every = 8
+    b = list(spec.generate(PROMPT, w, s, max_tokens=120))
+    assert same_steps(a, b)
+    assert spec.sizer.alpha < 0.5  # shadow guesses and probes keep it measured
 
 
 def test_single_model_mix_is_not_worth_speculating() -> None:
