@@ -60,7 +60,7 @@ class LoadOptions:
     n_threads: int | None = None
     n_gpu_layers: int | None = None
     n_batch: int = 512
-    parallel: bool = False
+    parallel: bool = True  # measured on 2 shared cores: see docs/benchmarks.md
     speculative: bool = True
     draft_k: int | None = None  # None: adaptive block size
 
