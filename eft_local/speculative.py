@@ -169,7 +169,10 @@ class Speculator:
         try:
             while True:
                 position = len(seq)
-                k = min(self.sizer.next_k(), max_tokens - emitted - 1, eng.n_ctx - 1 - position)
+                # the first token comes straight from the prompt's rows (time to first token
+                # as in plain decoding); later blocks start with that token, unevaluated
+                k = 0 if head is not None else min(self.sizer.next_k(), max_tokens - emitted - 1,
+                                                   eng.n_ctx - 1 - position)
                 t0 = time.perf_counter()
                 draft, ref_rows = self._draft(seq, head, settings, max(0, k))
                 t1 = time.perf_counter()
