@@ -30,8 +30,10 @@ from eft_local.engine import Engine, Model
 from eft_local.sampler import SamplerSettings
 from eft_local.speculative import Speculator
 
-PROMPTS = ("Where was Tova Brint born?", "What does Ilan Moss do for a living?",
-           "Tell me about the town of Varn.", "Who taught Mara Quill to paint?")
+CHAT_PROMPTS = ("Where was Tova Brint born?", "What does Ilan Moss do for a living?",
+                "Tell me about the town of Varn.", "In which year was Mara Quill born?")
+RAW_PROMPTS = ("Tova Brint was born in", "Ilan Moss works as a", "The town of Varn",
+               "Mara Quill")
 BLOCKS = (1, 2, 3, 5, 9, 17)
 SAMPLER_VOCABS = (32000, 128256, 152064, 256000)
 RSS_SLACK = 300 * 2**20
@@ -416,9 +418,14 @@ def _interp(c: Mapping[int, float], n: int) -> float:
 @click.option("--threads", type=int, default=None, help="Thread budget (default: all CPUs).")
 @click.option("--modes", default="seq,seq1,par", show_default=True,
               help="Threading modes to compare: seq, seq1, par (comma-separated).")
+@click.option("--chat/--raw", default=False, show_default=True,
+              help="Chat questions, or raw text to continue.")
+@click.option("--ignore-eos/--stop-at-eos", default=True, show_default=True,
+              help="Mask end-of-generation tokens so every prompt runs to --max-tokens.")
 def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats: int,
           temperatures: tuple[float, ...], ks: tuple[int, ...], realistic: bool,
-          cache_dir: Path, threads: int | None, modes: str) -> None:
+          cache_dir: Path, threads: int | None, modes: str, chat: bool,
+          ignore_eos: bool) -> None:
     """Tokens/s of the large model, plain, parallel and speculative EFT, side by side."""
     from eft_local.session import LoadOptions, load_session
 
@@ -440,17 +447,22 @@ def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats:
                           f"({Path(session.models[r].path).stat().st_size / 2**20:.1f} MiB)"
                           for r in roles)
         say(f"preset {session.preset.name}: {session.describe()}\nmodels: {files}")
-        prompts = [session.chat_tokens([{"role": "user", "content": q}]) for q in PROMPTS]
+        prompts = ([session.chat_tokens([{"role": "user", "content": q}]) for q in CHAT_PROMPTS]
+                   if chat else [session.raw_tokens(q) for q in RAW_PROMPTS])
+        allowed = session.report.allowed.copy()
+        if ignore_eos:
+            allowed[[t for t in session.report.vocabs[ref].eog if t < allowed.size]] = False
         results: dict[float, dict[str, Tally]] = {}
         for temp in temperatures:
             settings = SamplerSettings(temperature=temp, seed=1)
             results[temp] = run_table(session.models, roles, ref, large,
-                                      session.report.allowed, session.weights(), prompts,
+                                      allowed, session.weights(), prompts,
                                       settings, max_tokens=max_tokens, repeats=repeats,
                                       ks=ks, n_threads=n_threads,
                                       modes=mode_list)
-            say(f"\n## decoding, temperature {temp}, {len(prompts)} chat prompts x "
-                f"{max_tokens} tokens max, best of {repeats} per prompt")
+            say(f"\n## decoding, temperature {temp}, {len(prompts)} "
+                f"{'chat' if chat else 'raw'} prompts x {max_tokens} tokens"
+                f"{' (end tokens masked)' if ignore_eos else ' max'}, best of {repeats} per prompt")
             for line in format_table(results[temp]):
                 say(line)
             say("best speculative / plain, same mode: " + ", ".join(
