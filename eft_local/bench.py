@@ -552,6 +552,10 @@ def _project(say: Callable[[str], None], costs: Mapping[str, Mapping[int, float]
             plain, spec, gain = projection(costs, "small_ft", per_block, k, sampler_s)
             say(f"{temp:11} {k:3} {per_block:7.2f} {1e3 * plain:12.1f} {1e3 * spec:11.1f} "
                 f"{gain:7.2f} {large_alone / spec:7.2f}")
+    for k in ks:  # the ceiling: every draft accepted
+        plain, spec, gain = projection(costs, "small_ft", k + 1.0, k, sampler_s)
+        say(f"{'(all kept)':>11} {k:3} {k + 1.0:7.2f} {1e3 * plain:12.1f} {1e3 * spec:11.1f} "
+            f"{gain:7.2f} {large_alone / spec:7.2f}")
 
 
 def _sampler_seconds(vocab: int) -> float:
