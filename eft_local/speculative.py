@@ -35,8 +35,11 @@ VERIFY_SLOPE = 0.5
 (measured on 2 CPU cores: 0.5-0.6; GPUs are far lower)."""
 STOP_BELOW = 0.2
 """Adaptive drafting stops when the drafter's top probability falls below this."""
-PROBE_EVERY = 32
+PROBE_EVERY = 64
 """While plain steps win, one speculative block every this many tokens re-measures."""
+REPLAN_EVERY = 8
+"""The best block size is recomputed after this many observed blocks (estimates move
+slowly; the search costs about 20 us)."""
 SHADOW_EVERY = 4
 """While plain steps win, every this many steps the draft is guessed (not decoded) to keep
 the acceptance estimate fresh."""
@@ -64,6 +67,8 @@ class BlockSizer:
     verify: dict[int, float] = field(default_factory=dict)  # block length -> seconds (EMA)
     probe_every: int = PROBE_EVERY
     plain_run: int = 0
+    _plan: int | None = None
+    _plan_age: int = 0
 
     @property
     def alpha(self) -> float:
@@ -99,7 +104,9 @@ class BlockSizer:
             return self.fixed
         if self.draft_step is None or not self.verify:
             return 2  # measure something first
-        k = self.best_k()
+        if self._plan is None or self._plan_age >= REPLAN_EVERY:
+            self._plan, self._plan_age = self.best_k(), 0
+        k = self._plan
         if k > 0:
             self.plain_run = 0
             return k
@@ -112,6 +119,7 @@ class BlockSizer:
     def observe(self, drafted: int, accepted: int, draft_seconds: float,
                 verify_seconds: float, block_len: int) -> None:
         """Update the estimates after one verified block (``drafted`` may be 0)."""
+        self._plan_age += 1
         if block_len:
             self.verify[block_len] = _ema(self.verify.get(block_len), verify_seconds)
         if drafted:
