@@ -239,7 +239,7 @@ class Engine:
             for n in range(1, max_tokens + 1):
                 step = self.choose(self.rows, weights, settings, position,
                                    diagnostics=diagnostics)
-                self._count_token(started)
+                self.count_token(started)
                 yield step
                 if self.ref.is_eog(step.token):
                     self.finish_reason = "eog"
@@ -253,7 +253,8 @@ class Engine:
         finally:
             self.stats.wall_seconds += time.perf_counter() - started
 
-    def _count_token(self, started: float) -> None:
+    def count_token(self, started: float) -> None:
+        """Count one generated token (and the time to the first one)."""
         if self.stats.first_token_seconds is None:
             self.stats.first_token_seconds = time.perf_counter() - started
         self.stats.generated += 1

@@ -199,7 +199,7 @@ class Speculator:
                         step = replace(step, from_draft=True)
                     seq.append(step.token)
                     emitted += 1
-                    eng._count_token(started)
+                    eng.count_token(started)
                     yield step
                     if self._stopped(step.token, position + i + 1, emitted, max_tokens):
                         self._record(draft, accepted + agree, t1 - t0, t2 - t1, head)
