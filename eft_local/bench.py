@@ -422,10 +422,14 @@ def _interp(c: Mapping[int, float], n: int) -> float:
               help="Chat questions, or raw text to continue.")
 @click.option("--ignore-eos/--stop-at-eos", default=True, show_default=True,
               help="Mask end-of-generation tokens so every prompt runs to --max-tokens.")
+@click.option("--prompts", "prompts_file", type=click.Path(exists=True, path_type=Path),
+              help="A text file, one prompt per line (default: four built-in prompts).")
+@click.option("--alpha", "alphas", multiple=True, type=float,
+              help="Also project with this per-token acceptance rate (e.g. from a chat run).")
 def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats: int,
           temperatures: tuple[float, ...], ks: tuple[int, ...], realistic: bool,
           cache_dir: Path, threads: int | None, modes: str, chat: bool,
-          ignore_eos: bool) -> None:
+          ignore_eos: bool, prompts_file: Path | None, alphas: tuple[float, ...]) -> None:
     """Tokens/s of the large model, plain, parallel and speculative EFT, side by side."""
     from eft_local.session import LoadOptions, load_session
 
@@ -447,8 +451,10 @@ def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats:
                           f"({Path(session.models[r].path).stat().st_size / 2**20:.1f} MiB)"
                           for r in roles)
         say(f"preset {session.preset.name}: {session.describe()}\nmodels: {files}")
-        prompts = ([session.chat_tokens([{"role": "user", "content": q}]) for q in CHAT_PROMPTS]
-                   if chat else [session.raw_tokens(q) for q in RAW_PROMPTS])
+        texts = ([line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+                 if prompts_file else list(CHAT_PROMPTS if chat else RAW_PROMPTS))
+        prompts = ([session.chat_tokens([{"role": "user", "content": q}]) for q in texts]
+                   if chat else [session.raw_tokens(q) for q in texts])
         allowed = session.report.allowed.copy()
         if ignore_eos:
             allowed[[t for t in session.report.vocabs[ref].eog if t < allowed.size]] = False
@@ -476,7 +482,8 @@ def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats:
                                                n_threads))
         loaded: list[Model] = list(session.models.values())
         if realistic:
-            loaded += _realistic(say, cache_dir, results, n_threads, ks, mode_list, repeats)
+            loaded += _realistic(say, cache_dir, results, n_threads, ks, mode_list, repeats,
+                                 alphas)
         say("\n## sampler: one Engine.choose step over 3 models, synthetic rows (ms, median)")
         for vocab, shape, label, ms in sampler_costs():
             say(f"vocab {vocab:7d} {shape:5} {label:17} {ms:7.3f}")
@@ -499,8 +506,8 @@ def _print_costs(say: Callable[[str], None], costs: Mapping[str, Mapping[int, fl
 
 
 def _realistic(say: Callable[[str], None], cache: Path, results: Mapping[float, Mapping],
-               n_threads: int, ks: Sequence[int], modes: Sequence[str], repeats: int
-               ) -> list[Model]:
+               n_threads: int, ks: Sequence[int], modes: Sequence[str], repeats: int,
+               alphas: Sequence[float] = ()) -> list[Model]:
     """Cost of decoding and verifying at 1B/135M sizes, and the projected speedup."""
     from eft_local.backend import LlamaModel
 
@@ -524,7 +531,7 @@ def _realistic(say: Callable[[str], None], cache: Path, results: Mapping[float, 
         say(f"block cost per model, {n} thread(s) (ms for n tokens, all rows; x one token)")
         costs = block_costs(models, (1, 2, 3, 5, 9), context=64, repeats=3, threads=n)
         _print_costs(say, costs)
-        _project(say, costs, results, ks, sampler_s)
+        _project(say, costs, results, ks, sampler_s, alphas)
     if "par" in modes:
         say("all models, sequential vs parallel lanes (ms per block)")
         _print_costs(say, parallel_block_costs(models, allowed, n_threads, (1, 5), repeats=3))
@@ -533,7 +540,7 @@ def _realistic(say: Callable[[str], None], cache: Path, results: Mapping[float, 
 
 def _project(say: Callable[[str], None], costs: Mapping[str, Mapping[int, float]],
              results: Mapping[float, Mapping[str, Tally]], ks: Sequence[int],
-             sampler_s: float) -> None:
+             sampler_s: float, alphas: Sequence[float] = ()) -> None:
     large_alone = costs["large_base"][1] + sampler_s / 3
     say(f"one-token step: large alone {1e3 * large_alone:.1f} ms "
         f"({1 / large_alone:.1f} tok/s); plain EFT "
@@ -552,10 +559,13 @@ def _project(say: Callable[[str], None], costs: Mapping[str, Mapping[int, float]
             plain, spec, gain = projection(costs, "small_ft", per_block, k, sampler_s)
             say(f"{temp:11} {k:3} {per_block:7.2f} {1e3 * plain:12.1f} {1e3 * spec:11.1f} "
                 f"{gain:7.2f} {large_alone / spec:7.2f}")
-    for k in ks:  # the ceiling: every draft accepted
-        plain, spec, gain = projection(costs, "small_ft", k + 1.0, k, sampler_s)
-        say(f"{'(all kept)':>11} {k:3} {k + 1.0:7.2f} {1e3 * plain:12.1f} {1e3 * spec:11.1f} "
-            f"{gain:7.2f} {large_alone / spec:7.2f}")
+    for alpha in (*alphas, 1.0):  # given acceptance rates, then the ceiling: all kept
+        for k in ks:
+            per_block = k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+            plain, spec, gain = projection(costs, "small_ft", per_block, k, sampler_s)
+            name = "(all kept)" if alpha >= 1 else f"(a={alpha:.2f})"
+            say(f"{name:>11} {k:3} {per_block:7.2f} {1e3 * plain:12.1f} {1e3 * spec:11.1f} "
+                f"{gain:7.2f} {large_alone / spec:7.2f}")
 
 
 def _sampler_seconds(vocab: int) -> float:
