@@ -3,7 +3,10 @@
 Every model holds the same tokens in its KV cache. :meth:`Engine.prime` brings all of them
 to a prompt, re-using the longest cached prefix (so a chat turn evaluates only its new
 suffix); each step mixes the models' rows with the formula weights, samples with the
-position's uniform draw, and evaluates the chosen token on every model.
+position's uniform draw, and evaluates the chosen token on every model. With
+``parallel=True`` the models are grouped into lanes (at most one per thread of the budget,
+balanced by file size) that decode concurrently; ctypes releases the GIL around llama.cpp.
+Speculative decoding (:mod:`eft_local.speculative`) drives the same evaluation methods.
 """
 
 from __future__ import annotations
@@ -294,6 +297,7 @@ def _set_threads(model: Model, n: int) -> None:
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
