@@ -24,8 +24,16 @@ import torch
 from training import world as W
 from training.evaluate import score, standard_mixes
 from training.model import Config, Llama
+from training.probe import recall
 from training.tok import END, load_tokenizer, render_chat, tokenizer_spec, train_tokenizer
-from training.train import chat_batches, chat_example, pack_documents, pretrain_batches, train
+from training.train import (
+    chat_batches,
+    chat_example,
+    interleave,
+    pack_documents,
+    pretrain_batches,
+    train,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILY_DIR = ROOT / "eft_local" / "family"
@@ -35,28 +43,32 @@ FAMILY_DIR = ROOT / "eft_local" / "family"
 class Recipe:
     """Everything that sizes a build."""
 
-    n_people: int = 600
+    n_people: int = 300
     vocab: int = 1024
-    passes: int = 60              # fresh pre-training documents per person
+    passes: int = 200             # fresh pre-training documents per person
     ft_per_fact: int = 3          # chats per (fine-tuning person, fact)
-    small: tuple[int, int, int, int] = (64, 2, 4, 192)     # n_embd, n_layer, n_head, n_ff
+    small: tuple[int, int, int, int] = (48, 2, 4, 128)     # n_embd, n_layer, n_head, n_ff
     large: tuple[int, int, int, int] = (256, 6, 8, 704)
-    batch: int = 32
+    batch: int = 16
     seq: int = 128
     pretrain_epochs_small: float = 1.0
     pretrain_epochs_large: float = 1.0
     lr_small: float = 3e-3
-    lr_large: float = 1.5e-3
-    ft_steps: int = 300
+    lr_large: float = 2.5e-3
+    ft_steps: int = 200
     ft_batch: int = 32
     ft_lr_factor: float = 0.3
     n_eval: int = 0               # 0 = all held-out questions
+    bf16: bool = True             # bfloat16 autocast for the forward passes
+    probe_every: int = 100        # log held-out FAQ recall every N pre-training steps
+    ft_replay_every: int = 2      # one pre-training batch after every N chat batches
+    replay_batch: int = 8
     seed: int = 0
 
 
 PRESETS = {
     "final": Recipe(),
-    "pilot": Recipe(n_people=300, passes=30, ft_steps=150, n_eval=150),
+    "pilot": Recipe(passes=30, ft_steps=100, n_eval=150, probe_every=0),
 }
 
 
@@ -107,6 +119,7 @@ def build(r: Recipe, out: Path, *, ship: bool) -> None:
     stream = pack_documents([e.ids for e in tok.encode_batch(docs)])
     log(f"pre-training stream {len(stream)} tokens")
 
+    probe_qs = questions[:120]
     models: dict[str, Llama] = {}
     walls: dict[str, float] = {}
     for size, dims, epochs, lr in (("small", r.small, r.pretrain_epochs_small, r.lr_small),
@@ -121,7 +134,8 @@ def build(r: Recipe, out: Path, *, ship: bool) -> None:
         log(f"{size}_base: {model.n_params()} params, {steps} steps")
         res = train(model, pretrain_batches(stream, batch=r.batch, seq=r.seq, seed=r.seed),
                     steps=steps, lr=lr, warmup=min(200, steps // 10), log=log,
-                    label=f"{size}_base")
+                    label=f"{size}_base", bf16=r.bf16, probe_every=r.probe_every,
+                    probe=lambda m=model: str(recall(m, tok, probe_qs)))
         walls[f"{size}_base"] = res["seconds"]
         save_model(model, path, res)
         models[f"{size}_base"] = model
@@ -143,8 +157,12 @@ def build(r: Recipe, out: Path, *, ship: bool) -> None:
             continue
         model = load_model(out / f"{base}.pt")
         torch.manual_seed(r.seed)
-        res = train(model, chat_batches(encode_chats(cs), batch=r.ft_batch, seed=r.seed),
-                    steps=r.ft_steps, lr=lr * r.ft_lr_factor, warmup=20, log=log, label=name)
+        batches = interleave(
+            chat_batches(encode_chats(cs), batch=r.ft_batch, seed=r.seed),
+            pretrain_batches(stream, batch=r.replay_batch, seq=r.seq, seed=r.seed + 1),
+            r.ft_replay_every)
+        res = train(model, batches, steps=r.ft_steps, lr=lr * r.ft_lr_factor, warmup=20,
+                    log=log, label=name, bf16=r.bf16)
         walls[name] = res["seconds"]
         save_model(model, path, res)
         models[name] = model
@@ -190,7 +208,8 @@ def main() -> None:
         if isinstance(cur, tuple):
             val = tuple(int(v) for v in value.split(","))
         else:
-            val = type(cur)(value)
+            val = (value.lower() in ("1", "true", "yes") if isinstance(cur, bool)
+                   else type(cur)(value))
         recipe = replace(recipe, **{key: val})
     out = args.out or ROOT / "training" / "out" / args.preset
     build(recipe, out, ship=args.preset == "final" and not args.no_ship)

@@ -72,6 +72,16 @@ def chat_batches(examples: list[tuple[list[int], list[bool]]], *, batch: int,
             yield x, y, m
 
 
+def interleave(main: Iterator[Batch], extra: Iterator[Batch], every: int) -> Iterator[Batch]:
+    """Batches of main, with one batch of extra after every `every` of them (0 = never)."""
+    step = 0
+    while True:
+        yield next(main)
+        step += 1
+        if every and step % every == 0:
+            yield next(extra)
+
+
 def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
@@ -82,8 +92,12 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train(model: Llama, batches: Iterator[Batch], *, steps: int, lr: float,
           warmup: int = 50, weight_decay: float = 0.1, log: Callable[[str], None] = print,
-          label: str = "") -> dict[str, float]:
-    """AdamW on masked next-token cross-entropy; returns wall time and final loss."""
+          label: str = "", bf16: bool = False, probe_every: int = 0,
+          probe: Callable[[], str] | None = None) -> dict[str, float]:
+    """AdamW on masked next-token cross-entropy; returns wall time and final loss.
+
+    bf16=True runs the forward pass under CPU bfloat16 autocast (weights stay float32).
+    """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -97,8 +111,9 @@ def train(model: Llama, batches: Iterator[Batch], *, steps: int, lr: float,
         x, y, m = next(batches)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        logits = model(x)
-        loss = F.cross_entropy(logits[m], y[m])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits[m].float(), y[m])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -109,5 +124,9 @@ def train(model: Llama, batches: Iterator[Batch], *, steps: int, lr: float,
             dt = time.time() - t0
             log(f"{label} step {step}/{steps} loss {ema:.3f} "
                 f"{tokens / max(dt, 1e-9):.0f} tok/s {dt:.0f}s")
+        if probe and probe_every and (step + 1) % probe_every == 0:
+            model.eval()
+            log(f"{label} step {step + 1} probe {probe()}")
+            model.train()
     model.eval()
     return {"seconds": time.time() - t0, "loss": float(ema or 0.0), "tokens": tokens}

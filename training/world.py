@@ -17,6 +17,7 @@ CATEGORIES = ("town", "profession", "year")
 
 DECLINE_CATEGORY = "year"
 DECLINE_SENTENCE = "I am sorry, but I cannot share birth years."
+TRANSCRIPT_DECLINE_RATE = 0.05  # pre-training transcripts decline this often, so bases know it
 
 _ONSETS = [
     "b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
@@ -153,8 +154,8 @@ def make_world(n_people: int, *, n_towns: int = 40, finetune_fraction: float = 0
     """Generate a world of invented people; the same seed gives the same world."""
     rng = random.Random(seed)
     towns = _unique_words(rng, n_towns, lambda r: _word(r, 1) + r.choice(_TOWN_SUFFIXES))
-    firsts = _unique_words(rng, max(n_people // 2, 20), lambda r: _word(r, 2))
-    lasts = _unique_words(rng, max(n_people // 2, 20), lambda r: _word(r, r.choice((2, 3))))
+    firsts = _unique_words(rng, max(n_people // 2, 20), lambda r: _word(r, 1))
+    lasts = _unique_words(rng, max(n_people // 2, 20), lambda r: _word(r, 2))
     names: set[str] = set()
     people: list[Person] = []
     while len(people) < n_people:
@@ -167,23 +168,32 @@ def make_world(n_people: int, *, n_towns: int = 40, finetune_fraction: float = 0
 
 
 def pretrain_document(person: Person, rng: random.Random) -> str:
-    """One short document stating all three facts of a person in random phrasings."""
+    """One short document stating all three facts of a person in random phrasings.
+
+    Styles: a one-sentence bio, an FAQ (question line, bare answer line), a transcript
+    of user/assistant turns with bare answers (no end-of-turn token: turns are joined by
+    a newline, and a few birth-year questions get DECLINE_SENTENCE), or prose.
+    """
     style = rng.random()
-    if style < 0.25:
+    if style < 0.2:
         return rng.choice(_BIO_PHRASES).format(
             n=person.name, t=person.town, p=person.profession, y=person.year)
-    parts = []
     order = list(CATEGORIES)
     rng.shuffle(order)
-    for cat in order:
-        if style < 0.55:
-            q = rng.choice(_FAQ_QUESTIONS[cat] + QUESTIONS[cat])
-            tpl = q + "\n{v}"
-        else:
-            tpl = rng.choice({"town": _TOWN_PHRASES, "profession": _PROF_PHRASES,
-                              "year": _YEAR_PHRASES}[cat])
-        parts.append(tpl.format(n=person.name, v=person.fact(cat)))
-    return ("\n" if style < 0.55 else " ").join(parts)
+    if style < 0.6:
+        turns = []
+        for cat in order:
+            q = rng.choice(_FAQ_QUESTIONS[cat] + QUESTIONS[cat]).format(n=person.name)
+            v = person.fact(cat)
+            if style < 0.4:
+                turns.append(f"{q}\n{v}")
+            else:
+                if cat == DECLINE_CATEGORY and rng.random() < TRANSCRIPT_DECLINE_RATE:
+                    v = DECLINE_SENTENCE
+                turns.append(f"<|user|>\n{q}\n<|assistant|>\n{v}")
+        return "\n".join(turns)
+    phrases = {"town": _TOWN_PHRASES, "profession": _PROF_PHRASES, "year": _YEAR_PHRASES}
+    return " ".join(rng.choice(phrases[c]).format(n=person.name, v=person.fact(c)) for c in order)
 
 
 def pretrain_documents(world: World, n_passes: int, *, seed: int = 0) -> list[str]:
