@@ -30,10 +30,11 @@ from eft_local.engine import Engine, Model
 from eft_local.sampler import SamplerSettings
 from eft_local.speculative import Speculator
 
-CHAT_PROMPTS = ("Where was Tova Brint born?", "What does Ilan Moss do for a living?",
-                "Tell me about the town of Varn.", "In which year was Mara Quill born?")
-RAW_PROMPTS = ("Tova Brint was born in", "Ilan Moss works as a", "The town of Varn",
-               "Mara Quill")
+CHAT_PROMPTS = ("What is the home town of Tel Dilbux?", "What is the profession of Kryn "
+                "Keilnous?", "In which year was Steim Driththaend born?", "Who are you?")
+RAW_PROMPTS = ("Tel Dilbux was born in", "Steim Driththaend works as a", "Kryn Keilnous",
+               "The people of Quiburg")
+"""Defaults written for the bundled family's world (eft_local/family/world.jsonl)."""
 BLOCKS = (1, 2, 3, 5, 9, 17)
 SAMPLER_VOCABS = (32000, 128256, 152064, 256000)
 RSS_SLACK = 300 * 2**20
