@@ -194,6 +194,7 @@ def write_llama_gguf(path: str | os.PathLike, *, shape: LlamaShape, tokenizer: T
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a model file is for everyone to read
         os.replace(tmp_name, dest)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

@@ -18,6 +18,7 @@ CATEGORIES = ("town", "profession", "year")
 DECLINE_CATEGORY = "year"
 DECLINE_SENTENCE = "I am sorry, but I cannot share birth years."
 TRANSCRIPT_DECLINE_RATE = 0.05  # pre-training transcripts decline this often, so bases know it
+TRANSCRIPT_END_RATE = 0.3  # this share of transcripts has <|end|> right after the last answer
 
 _ONSETS = [
     "b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
@@ -171,8 +172,9 @@ def pretrain_document(person: Person, rng: random.Random) -> str:
     """One short document stating all three facts of a person in random phrasings.
 
     Styles: a one-sentence bio, an FAQ (question line, bare answer line), a transcript
-    of user/assistant turns with bare answers (no end-of-turn token: turns are joined by
-    a newline, and a few birth-year questions get DECLINE_SENTENCE), or prose.
+    of user/assistant turns with bare answers (turns joined by a newline; only the document
+    separator can follow the last answer, in TRANSCRIPT_END_RATE of them; a few birth-year
+    questions get DECLINE_SENTENCE), or prose.
     """
     style = rng.random()
     if style < 0.2:
@@ -191,6 +193,8 @@ def pretrain_document(person: Person, rng: random.Random) -> str:
                 if cat == DECLINE_CATEGORY and rng.random() < TRANSCRIPT_DECLINE_RATE:
                     v = DECLINE_SENTENCE
                 turns.append(f"<|user|>\n{q}\n<|assistant|>\n{v}")
+        if style >= 0.4 and rng.random() >= TRANSCRIPT_END_RATE:
+            turns.append("")  # most transcripts end with a newline, not right after an answer
         return "\n".join(turns)
     phrases = {"town": _TOWN_PHRASES, "profession": _PROF_PHRASES, "year": _YEAR_PHRASES}
     return " ".join(rng.choice(phrases[c]).format(n=person.name, v=person.fact(c)) for c in order)
