@@ -518,13 +518,13 @@ def _realistic(say: Callable[[str], None], cache: Path, results: Mapping[float, 
     say(f"\n## realistic sizes (random weights, Q8_0, vocab {REALISTIC_VOCAB}): {files}")
     allowed = np.ones(REALISTIC_VOCAB, dtype=bool)
     roles = tuple(REALISTIC)
-    prompts = [[(37 * i + j) % 4000 + 2 for i in range(24)] for j in range(2)]
+    prompts = [[(37 * i + j) % 4000 + 2 for i in range(4)] for j in range(2)]
     tallies = run_table(models, roles, "small_ft", "large_base", allowed,
                         np.array([1.0, 1.0, -1.0], np.float32), prompts,
-                        SamplerSettings(temperature=0.0), max_tokens=6,
-                        repeats=max(2, repeats // 2), ks=(), n_threads=n_threads, modes=modes,
+                        SamplerSettings(temperature=0.0), max_tokens=16,
+                        repeats=2, ks=(), n_threads=n_threads, modes=modes,
                         speculative=False)
-    say(f"decoding, greedy, {len(prompts)} prompts of 24 tokens x 6 tokens")
+    say(f"decoding, greedy, {len(prompts)} prompts of 4 tokens x 16 tokens, best of 2")
     for line in format_table(tallies):
         say(line)
     sampler_s = _sampler_seconds(REALISTIC_VOCAB)
