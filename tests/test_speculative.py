@@ -220,8 +220,9 @@ def test_rewind_gives_the_rows_of_a_fresh_evaluation(trio: dict[str, Path]) -> N
         b.close()
 
 
-def gguf_session(trio: dict[str, Path], **options: object) -> Session:
-    preset = preset_from_paths([f"{r}={p}" for r, p in trio.items()])
+def gguf_session(trio: dict[str, Path], formula: str | None = None,
+                 **options: object) -> Session:
+    preset = preset_from_paths([f"{r}={p}" for r, p in trio.items()], formula=formula)
     report = align({r: backend.read_vocab(p) for r, p in trio.items()}, reference="small_ft")
     models = {r: backend.LlamaModel(p, n_ctx=128, n_threads=1) for r, p in trio.items()}
     return Session(preset, models=models, report=report,
@@ -271,3 +272,17 @@ def test_gguf_chat_two_turns(trio: dict[str, Path]) -> None:
     finally:
         plain.close()
         spec.close()
+
+
+def test_session_speculates_only_when_another_model_counts(trio: dict[str, Path]) -> None:
+    mixed = gguf_session(trio, speculative=True, draft_k=3)
+    alone = gguf_session(trio, formula="small_ft", speculative=True, draft_k=3)
+    try:
+        for s in (mixed, alone):
+            s.set_sampling(temperature=0.0)
+            s.generate("hello", max_tokens=12)
+        assert mixed.engine.stats.drafted > 0
+        assert alone.engine.stats.drafted == 0  # the reference alone: plain decoding
+    finally:
+        mixed.close()
+        alone.close()
