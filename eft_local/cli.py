@@ -167,8 +167,8 @@ def model_options(func: F) -> F:
                      help="Decode token by token, without drafting with the small model."),
         click.option("--draft-k", type=click.IntRange(min=1),
                      help="Speculative block size (default: adaptive)."),
-        click.option("--parallel", is_flag=True,
-                     help="Evaluate the models in parallel threads."),
+        click.option("--parallel/--sequential", default=None,
+                     help="Evaluate the models in parallel threads (default) or in turn."),
     ], func)
 
 
@@ -205,7 +205,7 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
                                   if opts.get(name) is not None})
     options = LoadOptions(n_ctx=opts.get("n_ctx"), n_threads=opts.get("threads"),
                           n_gpu_layers=opts.get("gpu_layers"),
-                          parallel=bool(opts.get("parallel")),
+                          parallel=opts.get("parallel") is not False,
                           speculative=not opts.get("no_speculative"),
                           draft_k=opts.get("draft_k"))
     return load_session(preset, models=tuple(opts.get("models") or ()),

@@ -316,7 +316,9 @@ def stats_lines(stats: dict[str, Any]) -> list[str]:
             f"{stats['tokens_per_second']:.1f} tokens/s (prefill {stats['prefill_tokens']} "
             "tokens" + (f", first token after {first:.3f} s)" if first is not None else ")"),
             f"time per model: {per_model or 'none yet'}",
-            f"sampler: {stats['sampler_ms_per_token']:.3f} ms/token"]
+            f"sampler: {stats['sampler_ms_per_token']:.3f} ms/token"] + (
+        [f"speculative: {stats['accepted_tokens']}/{stats['drafted_tokens']} drafted tokens "
+         f"accepted ({stats['acceptance_rate']:.0%})"] if stats.get("drafted_tokens") else [])
 
 
 # -- the command ----------------------------------------------------------------------------

@@ -101,7 +101,7 @@ class Session:
         self.report = report
         self.models = dict(models)
         self.engine = Engine(self.models, ref_role=preset.ft_role, allowed=report.allowed,
-                             parallel=self.options.parallel)
+                             parallel=self.options.parallel, n_threads=self.options.n_threads)
         ref = self.models[preset.ft_role]
         self.template = (preset.chat_template or getattr(ref, "chat_template", lambda: None)()
                          or FALLBACK_TEMPLATE)
@@ -298,7 +298,9 @@ class Session:
                 "tokens_per_second": s.tokens_per_second(),
                 "first_token_seconds": s.first_token_seconds,
                 "seconds_per_model": dict(s.eval_seconds),
-                "sampler_ms_per_token": 1e3 * s.sampler_seconds / max(1, s.generated)}
+                "sampler_ms_per_token": 1e3 * s.sampler_seconds / max(1, s.generated),
+                "drafted_tokens": s.drafted, "accepted_tokens": s.accepted,
+                "acceptance_rate": s.acceptance_rate()}
 
 
 def load_session(preset: str | None = None, *, models: Sequence[str] = (),
