@@ -187,6 +187,8 @@ def sampling_options(func: F) -> F:
         click.option("--max-tokens", type=click.IntRange(min=1), default=512,
                      show_default=True, help="Longest reply in tokens."),
         click.option("--system", metavar="TEXT", help="System prompt."),
+        click.option("--stop", multiple=True, metavar="TEXT",
+                     help="End the reply before this text (repeatable)."),
     ], func)
 
 
@@ -208,9 +210,11 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
                           parallel=opts.get("parallel") is not False,
                           speculative=not opts.get("no_speculative"),
                           draft_k=opts.get("draft_k"))
-    return load_session(preset, models=tuple(opts.get("models") or ()),
-                        formula=opts.get("formula"), params=params, settings=settings,
-                        options=options, progress=lambda msg: click.echo(msg, err=True))
+    session = load_session(preset, models=tuple(opts.get("models") or ()),
+                           formula=opts.get("formula"), params=params, settings=settings,
+                           options=options, progress=lambda msg: click.echo(msg, err=True))
+    session.stop = tuple(opts.get("stop") or ())
+    return session
 
 
 def write(text: str) -> None:

@@ -106,6 +106,8 @@ class Session:
         self.template = (preset.chat_template or getattr(ref, "chat_template", lambda: None)()
                          or FALLBACK_TEMPLATE)
         self.conversation = Conversation()
+        self.stop: tuple[str, ...] = ()
+        """Stop strings used when a call gives none: the text ends before the first one."""
 
     # -- loading --------------------------------------------------------------------------
     def _load(self, paths: Mapping[str, Path], say: Progress) -> dict[str, Model]:
@@ -193,13 +195,14 @@ class Session:
         return self.models[self.preset.ft_role].tokenize(prompt, add_bos=True, special=False)
 
     # -- generation -----------------------------------------------------------------------
-    def stream(self, tokens: list[int], *, max_tokens: int = 512, stop: Sequence[str] = (),
+    def stream(self, tokens: list[int], *, max_tokens: int = 512,
+               stop: Sequence[str] | None = None,
                diagnostics: bool = False) -> Iterator[Chunk]:
         """Generate after ``tokens``; yields text chunks, the last one carries ``finish``."""
         if max_tokens < 1:
             raise EftError(f"invalid max_tokens {max_tokens}: must be >= 1")
         ref = self.models[self.preset.ft_role]
-        text = TextStream(stop)
+        text = TextStream(self.stop if stop is None else stop)
         finish = "length"
         weights = self.weights()
         generate = self.engine.generate
@@ -247,7 +250,7 @@ class Session:
                 finish = chunk.finish
         return Result(text="".join(out), finish=finish, prompt_tokens=len(tokens), steps=steps)
 
-    def chat(self, message: str, *, max_tokens: int = 512, stop: Sequence[str] = (),
+    def chat(self, message: str, *, max_tokens: int = 512, stop: Sequence[str] | None = None,
              diagnostics: bool = False) -> Iterator[Chunk]:
         """Add a user turn, stream the reply, and keep it in the history.
 

@@ -60,3 +60,18 @@ def test_default_chat_turn_runs_offline_and_ends_its_turn() -> None:
                                        "--max-tokens", "16", question.prompt])
     assert result.exit_code == 0, result.output
     assert '"finish": "eog"' in result.stdout
+
+
+def test_stop_strings_end_the_reply_before_them() -> None:
+    args = ["generate", "--raw", "--temperature", "0", "--max-tokens", "30", "--json",
+            "Has Zhithdou was born in"]
+    full = CliRunner().invoke(main, args)
+    stopped = CliRunner().invoke(main, [*args, "--stop", "Stain"])
+    assert full.exit_code == stopped.exit_code == 0, stopped.output
+    import json
+
+    full_text = json.loads(full.stdout)["text"]
+    record = json.loads(stopped.stdout)
+    assert "Stainby" in full_text
+    assert record["finish"] == "stop"
+    assert record["text"] == full_text[: full_text.index("Stain")]
