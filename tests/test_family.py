@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -68,8 +70,6 @@ def test_stop_strings_end_the_reply_before_them() -> None:
     full = CliRunner().invoke(main, args)
     stopped = CliRunner().invoke(main, [*args, "--stop", "Stain"])
     assert full.exit_code == stopped.exit_code == 0, stopped.output
-    import json
-
     full_text = json.loads(full.stdout)["text"]
     record = json.loads(stopped.stdout)
     assert "Stainby" in full_text
