@@ -91,17 +91,18 @@ def top_p_mask(logprobs: np.ndarray, top_p: float) -> np.ndarray:
     """Bool mask of the smallest set of most likely tokens whose mass reaches ``top_p``."""
     if top_p >= 1.0:
         return np.isfinite(logprobs)
-    probs = np.exp(logprobs - logprobs.max(), dtype=np.float32).astype(np.float64)
-    probs /= probs.sum()
+    probs = np.exp(logprobs - logprobs.max(), dtype=np.float32)
+    total = float(probs.sum(dtype=np.float64))
     # Tokens below eps can hold at most (1 - top_p) / 2 of the mass together, so the top-p
-    # set lies among the rest: sort only those (exact, and cheap for peaked rows).
-    eps = (1.0 - top_p) / (2.0 * probs.size)
-    cand = np.flatnonzero(probs > eps)
-    order = cand[np.argsort(-probs[cand], kind="stable")]
-    cum = np.cumsum(probs[order])
-    keep = int(np.searchsorted(cum, top_p - 1e-12)) + 1
-    mask = np.zeros(probs.size, dtype=bool)
-    mask[order[: min(keep, order.size)]] = True
+    # set lies among the rest: sort only their values (exact, and cheap for peaked rows).
+    eps = np.float32(total * (1.0 - top_p) / (2.0 * probs.size))
+    values = np.sort(probs[probs > eps])[::-1]
+    cum = np.cumsum(values, dtype=np.float64)
+    keep = min(int(np.searchsorted(cum, top_p * total * (1 - 1e-12))) + 1, values.size)
+    threshold = values[keep - 1]
+    mask = probs > threshold
+    ties = np.flatnonzero(probs == threshold)  # take just enough of the tied tokens
+    mask[ties[: keep - int(mask.sum())]] = True
     return mask
 
 
