@@ -136,22 +136,23 @@ def sampling_text(session: Session) -> str:
     return text
 
 
-def _number(arg: str, command: str) -> float:
+def _value(arg: str, command: str, kind: type[float] | type[int]) -> float | int:
+    """Parse a slash command's argument as ``kind``; one-line errors name the command."""
+    noun, example = ("an integer", "1") if kind is int else ("a number", "0.5")
     if not arg:
-        raise EftError(f"/{command} needs a value, e.g. /{command} 0.5")
+        raise EftError(f"/{command} needs a value, e.g. /{command} {example}")
     try:
-        return float(arg)
+        return kind(arg)
     except ValueError:
-        raise EftError(f"/{command}: {arg!r} is not a number") from None
+        raise EftError(f"/{command}: {arg!r} is not {noun}") from None
+
+
+def _number(arg: str, command: str) -> float:
+    return float(_value(arg, command, float))
 
 
 def _integer(arg: str, command: str) -> int:
-    if not arg:
-        raise EftError(f"/{command} needs a value, e.g. /{command} 1")
-    try:
-        return int(arg)
-    except ValueError:
-        raise EftError(f"/{command}: {arg!r} is not an integer") from None
+    return int(_value(arg, command, int))
 
 
 # -- the loop --------------------------------------------------------------------------------
