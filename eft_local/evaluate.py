@@ -4,11 +4,14 @@ A target is ``PRESET``, ``PRESET:FORMULA`` (another formula over the preset's mo
 ``tiny-mix:small_ft``), ``PRESET@beta=1.5,lam=0.2``, or a path to one GGUF file. Targets
 sharing models are run on one loaded session. Each answer is one greedy chat turn, scored
 for format compliance (the reply ended with an end-of-turn token) and exact-answer accuracy.
+Each question is also asked once more as turn 2-5 of a conversation whose earlier turns are
+other questions of the set with their expected answers (the multi-turn columns).
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 import sys
 import time
@@ -34,6 +37,10 @@ PAPER_TARGETS = (
     *(f"tiny-mix@lam={lam}" for lam in ("0", "0.25", "0.5", "0.75", "1")),
 )
 """The miniature of the paper's comparison: baselines, EFT both ways, beta and lambda."""
+
+MULTI_TURN_GAP = 3
+"""Earlier turns come from questions at least this many lines away (the bundled set has three
+lines per person, so they are always about other people)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,9 @@ class Score:
     compliant: int = 0
     declined: int = 0
     by_category: dict[str, dict[str, int]] = field(default_factory=dict)
+    multi_n: int = 0
+    multi_correct: int = 0
+    multi_compliant: int = 0
     tokens: int = 0
     seconds: float = 0.0
 
@@ -79,6 +89,16 @@ class Score:
         """Fraction of replies that ended their turn properly."""
         return self.compliant / self.n if self.n else 0.0
 
+    @property
+    def multi_turn_accuracy(self) -> float:
+        """Fraction of exact answers at turns 2-5."""
+        return self.multi_correct / self.multi_n if self.multi_n else 0.0
+
+    @property
+    def multi_turn_format(self) -> float:
+        """Fraction of replies at turns 2-5 that ended their turn properly."""
+        return self.multi_compliant / self.multi_n if self.multi_n else 0.0
+
     def category_rate(self, category: str, key: str) -> float:
         """Rate of ``key`` (correct/declined) within one category."""
         c = self.by_category.get(category, {})
@@ -88,6 +108,8 @@ class Score:
         """JSON-ready form, with the rates."""
         out = asdict(self)
         out.update(accuracy=self.accuracy, format_rate=self.format_rate,
+                   multi_turn_accuracy=self.multi_turn_accuracy,
+                   multi_turn_format=self.multi_turn_format,
                    tokens_per_second=self.tokens / self.seconds if self.seconds else 0.0)
         return out
 
@@ -124,6 +146,22 @@ def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().strip(".!?,;:\"'").strip().casefold()
 
 
+def multi_turn_history(questions: Sequence[Question], index: int) -> list[dict[str, str]]:
+    """The earlier turns asked before question ``index`` in its multi-turn conversation.
+
+    1-4 exchanges (so the question is turn 2-5, cycling with ``index``): other questions of
+    the set, at least MULTI_TURN_GAP lines away, each answered with its expected answer.
+    Seeded by ``index``: the same set always gives the same conversations.
+    """
+    others = [j for j in range(len(questions)) if abs(j - index) >= MULTI_TURN_GAP]
+    rng = random.Random(index)
+    history: list[dict[str, str]] = []
+    for j in rng.sample(others, min(1 + index % 4, len(others))):
+        history += [{"role": "user", "content": questions[j].prompt},
+                    {"role": "assistant", "content": questions[j].expected}]
+    return history
+
+
 def parse_target(spec: str, config: Config) -> Target:
     """``PRESET[:FORMULA][@k=v,...]`` or a path to a .gguf file."""
     if spec.endswith(".gguf"):
@@ -147,10 +185,20 @@ def parse_target(spec: str, config: Config) -> Target:
     return Target(label=spec, preset=preset, params=params)
 
 
+def _reply(session: Session, tokens: list[int], max_tokens: int) -> tuple[str, str, int]:
+    """Greedy reply after chat ``tokens``: text, finish reason, tokens generated."""
+    text, finish, steps = [], "length", 0
+    for chunk in session.stream(tokens, max_tokens=max_tokens):
+        text.append(chunk.text)
+        steps += chunk.step is not None
+        finish = chunk.finish or finish
+    return "".join(text), finish, steps
+
+
 def run_target(session: Session, target: Target, questions: Sequence[Question], *,
-               max_tokens: int, decline_text: str | None,
+               max_tokens: int, decline_text: str | None, multi_turn: bool = True,
                on_answer: Callable[[], None] = lambda: None) -> Score:
-    """Ask every question (one fresh chat turn each) and score the replies."""
+    """Ask every question (one fresh chat turn each, then as a later turn) and score."""
     for key, value in {**target.preset.params, **target.params}.items():
         session.set_param(key, value)
     score = Score(label=target.label, formula=session.describe())
@@ -171,13 +219,22 @@ def run_target(session: Session, target: Target, questions: Sequence[Question], 
         cat["declined"] += declined
         score.tokens += len(result.steps)
         on_answer()
+    for i, q in enumerate(questions if multi_turn else ()):
+        messages = [*multi_turn_history(questions, i), {"role": "user", "content": q.prompt}]
+        text, finish, steps = _reply(session, session.chat_tokens(messages), max_tokens)
+        answer = normalise(text)
+        score.multi_n += 1
+        score.multi_correct += answer == normalise(q.expected)
+        score.multi_compliant += finish == "eog" and bool(answer)
+        score.tokens += steps
+        on_answer()
     score.seconds = time.perf_counter() - start
     return score
 
 
 def evaluate_targets(targets: Sequence[Target], questions: Sequence[Question], *,
                      max_tokens: int = 24, decline_text: str | None = None,
-                     options: LoadOptions | None = None,
+                     multi_turn: bool = True, options: LoadOptions | None = None,
                      on_answer: Callable[[], None] = lambda: None,
                      progress: Callable[[str], None] | None = None) -> list[Score]:
     """Score each target; targets with the same models and formula share one session."""
@@ -193,19 +250,25 @@ def evaluate_targets(targets: Sequence[Target], questions: Sequence[Question], *
                      progress=progress) as session:
             for i in indices:
                 scores[i] = run_target(session, targets[i], questions, max_tokens=max_tokens,
-                                       decline_text=decline_text, on_answer=on_answer)
+                                       decline_text=decline_text, multi_turn=multi_turn,
+                                       on_answer=on_answer)
     return [scores[i] for i in range(len(targets))]
 
 
 def render_table(scores: Iterable[Score], categories: Sequence[str]) -> str:
-    """A Markdown table: accuracy, format compliance, declines and speed per target."""
+    """A Markdown table: accuracy, format compliance, declines, multi-turn and speed."""
+    scores = list(scores)
+    multi = any(s.multi_n for s in scores)
     head = ["target", "accuracy", "format"] + [f"acc {c}" for c in categories] + [
-        f"declined {c}" for c in categories] + ["tok/s"]
+        f"declined {c}" for c in categories] + (
+        ["multi-turn acc", "multi-turn format"] if multi else []) + ["tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in scores:
         cells = [s.label, f"{s.accuracy:.3f}", f"{s.format_rate:.3f}"]
         cells += [f"{s.category_rate(c, 'correct'):.3f}" for c in categories]
         cells += [f"{s.category_rate(c, 'declined'):.3f}" for c in categories]
+        if multi:
+            cells += [f"{s.multi_turn_accuracy:.3f}", f"{s.multi_turn_format:.3f}"]
         cells.append(f"{s.tokens / s.seconds:.0f}" if s.seconds else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -223,10 +286,12 @@ def render_table(scores: Iterable[Score], categories: Sequence[str]) -> str:
 @click.option("--decline-text", help="A reply containing this counts as declined "
               "(default for the bundled questions: the family's decline sentence).")
 @click.option("--no-speculative", is_flag=True, help="Decode token by token.")
+@click.option("--single-turn", is_flag=True, help="Skip the multi-turn pass (each question "
+              "asked again as turn 2-5 after other questions and their answers).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def evaluate(targets: tuple[str, ...], questions_path: Path | None, limit: int | None,
              paper: bool, max_tokens: int, decline_text: str | None, no_speculative: bool,
-             as_json: bool) -> None:
+             single_turn: bool, as_json: bool) -> None:
     """Score presets, formulas (PRESET:FORMULA, PRESET@beta=X) or GGUF files on a
     question set, side by side."""
     config = load_config()
@@ -238,11 +303,11 @@ def evaluate(targets: tuple[str, ...], questions_path: Path | None, limit: int |
     if decline_text is None and questions_path is None:
         decline_text = FAMILY_DECLINE
     categories = sorted({q.category for q in questions if q.category})
-    total = len(parsed) * len(questions)
+    total = len(parsed) * len(questions) * (1 if single_turn else 2)
     with click.progressbar(length=total, label="evaluating", file=sys.stderr) as bar:
         scores = evaluate_targets(
             parsed, questions, max_tokens=max_tokens, decline_text=decline_text,
-            options=LoadOptions(speculative=not no_speculative),
+            multi_turn=not single_turn, options=LoadOptions(speculative=not no_speculative),
             on_answer=lambda: bar.update(1))
     if as_json:
         click.echo(json.dumps({"questions": str(questions_path or DEFAULT_QUESTIONS),

@@ -17,6 +17,7 @@ from eft_local.evaluate import (
     Target,
     evaluate_targets,
     load_questions,
+    multi_turn_history,
     normalise,
     parse_target,
     render_table,
@@ -49,6 +50,22 @@ def test_question_file_errors_name_the_line(tmp_path: Path) -> None:
     with pytest.raises(EftError, match="question file not found"):
         load_questions(tmp_path / "missing.jsonl")
     assert len(load_questions(write_questions(tmp_path / "q.jsonl", [good] * 5), 2)) == 2
+
+
+def test_multi_turn_history_is_other_questions_with_their_answers() -> None:
+    qs = [Question(id=str(i), prompt=f"Q{i}?", expected=f"A{i}") for i in range(40)]
+    turns = []
+    for i in range(len(qs)):
+        history = multi_turn_history(qs, i)
+        assert history == multi_turn_history(qs, i)  # seeded
+        users = [m["content"] for m in history[::2]]
+        assert [m["role"] for m in history] == ["user", "assistant"] * len(users)
+        assert all(a["content"] == f"A{u['content'][1:-1]}"
+                   for u, a in zip(history[::2], history[1::2], strict=True))
+        assert all(abs(int(u[1:-1]) - i) >= 3 for u in users)
+        turns.append(len(users) + 1)
+    assert turns[:8] == [2, 3, 4, 5, 2, 3, 4, 5]
+    assert multi_turn_history(qs[:2], 0) == []
 
 
 def test_target_forms() -> None:
@@ -87,12 +104,15 @@ def test_scores_on_tiny_models_share_one_session(family, tmp_path: Path,
                               options=LoadOptions(speculative=False))
     assert len(opened) == 1
     assert [s.n for s in scores] == [3, 3]
+    assert [s.multi_n for s in scores] == [3, 3]
+    assert 0 <= scores[0].multi_turn_format <= 1
     assert scores[0].formula.startswith("1*large_base + 1*small_ft")
     assert scores[1].formula.startswith("1*large_base + 0*small_ft")
     assert scores[0].by_category["a"]["n"] == 2
     assert 0 <= scores[0].accuracy <= 1 and scores[0].tokens > 0
     table = render_table(scores, ["a", "b"])
     assert table.splitlines()[0].startswith("| target | accuracy | format | acc a | acc b")
+    assert "| multi-turn acc | multi-turn format | tok/s |" in table.splitlines()[0]
     assert len(table.splitlines()) == 4
 
 
@@ -113,5 +133,9 @@ small_base = "{family.small_base}"
     data = json.loads(result.stdout)
     assert [s["label"] for s in data["scores"]] == ["t", "t:small_ft"]
     assert data["n_questions"] == 2
+    assert data["scores"][0]["multi_n"] == 2 and "multi_turn_format" in data["scores"][0]
+    single = CliRunner().invoke(main, ["eval", "t", "--questions", str(q), "--max-tokens", "3",
+                                       "--json", "--single-turn"])
+    assert json.loads(single.stdout)["scores"][0]["multi_n"] == 0
     bad = CliRunner().invoke(main, ["eval", "t", "--questions", str(tmp_path / "no.jsonl")])
     assert bad.exit_code != 0 and "question file not found" in bad.output
