@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 import llama_cpp as L  # noqa: E402
 import numpy as np  # noqa: E402
 
+from eft_local import limits  # noqa: E402
 from eft_local.errors import EftError  # noqa: E402
 
 VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
@@ -145,6 +146,16 @@ class LlamaModel:
     def __init__(self, path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int = 0,
                  n_threads: int = 1, n_batch: int = 512) -> None:
         self.path = Path(path)
+        self._model = self._ctx = self._batch = None
+        try:
+            self._open(n_ctx, n_gpu_layers, n_threads, n_batch)
+        except BaseException:  # free what was made, once: close() is idempotent
+            self.close()
+            raise
+
+    def _open(self, n_ctx: int | None, n_gpu_layers: int, n_threads: int, n_batch: int) -> None:
+        if n_ctx is not None:
+            limits.check_n_ctx(n_ctx, str(self.path))
         self._model = _load_model(self.path, vocab_only=False, n_gpu_layers=n_gpu_layers)
         self._vocab = L.llama_model_get_vocab(self._model)
         self.n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
@@ -152,13 +163,17 @@ class LlamaModel:
         cparams = L.llama_context_default_params()
         if n_ctx is None:
             n_ctx = min(DEFAULT_N_CTX, train_ctx)
-        cparams.n_ctx = n_ctx if n_ctx > 0 else train_ctx
+        n_ctx = n_ctx if n_ctx > 0 else train_ctx
+        if not 0 < n_ctx <= limits.N_CTX_MAX:
+            raise EftError(f"{self.path}: n_ctx {n_ctx} (the training context in its metadata)"
+                           f" is outside [1, {limits.N_CTX_MAX}]; set n_ctx")
+        self._check_memory(n_ctx, train_ctx, n_gpu_layers)
+        cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = min(n_batch, cparams.n_ctx)
         cparams.n_threads = cparams.n_threads_batch = max(1, n_threads)
         cparams.no_perf = True
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
-            L.llama_model_free(self._model)
             raise EftError(f"{self.path}: could not create a context with n_ctx={n_ctx}"
                            f" ({_last_error() or 'out of memory?'})")
         self.n_ctx = int(L.llama_n_ctx(self._ctx))
@@ -169,6 +184,37 @@ class LlamaModel:
         self._mem = L.llama_get_memory(self._ctx)
         self.tokens: list[int] = []
         self._piece_buf = ctypes.create_string_buffer(64)
+
+    def kv_cache_bytes(self, n_ctx: int) -> int:
+        """Estimated bytes of the KV cache for ``n_ctx`` positions (f16, every layer); 0 for
+        models whose cache does not grow with the context (recurrent) or is windowed."""
+        m = self._model
+        if (L.llama_model_is_recurrent(m) or L.llama_model_is_hybrid(m)
+                or L.llama_model_n_swa(m) > 0):
+            return 0
+        n_head = max(1, int(L.llama_model_n_head(m)))
+        head = int(L.llama_model_n_embd(m)) // n_head
+        arch = self.metadata("general.architecture") or ""
+
+        def length(key: str) -> int:
+            value = self.metadata(f"{arch}.attention.{key}")
+            return int(value) if value and value.isdigit() else head
+
+        return limits.kv_cache_bytes(n_ctx, n_layer=int(L.llama_model_n_layer(m)),
+                                     n_head_kv=int(L.llama_model_n_head_kv(m)),
+                                     k_len=length("key_length"), v_len=length("value_length"))
+
+    def _check_memory(self, n_ctx: int, train_ctx: int, n_gpu_layers: int) -> None:
+        """Refuse a context whose KV cache cannot fit in memory (CPU caches only)."""
+        if n_gpu_layers != 0:
+            return  # the cache lives on the GPU: llama.cpp reports what does not fit
+        need = self.kv_cache_bytes(n_ctx)
+        avail = limits.available_memory()
+        if avail is not None and need > avail:
+            raise EftError(
+                f"{self.path}: n_ctx={n_ctx} needs about {limits.size_text(need)} for the KV "
+                f"cache, more than the {limits.size_text(avail)} of memory available; lower "
+                f"--n-ctx or n_ctx (this model was trained with {train_ctx})")
 
     # -- metadata -------------------------------------------------------------------------
     def metadata(self, key: str) -> str | None:
@@ -275,8 +321,10 @@ class LlamaModel:
 
     def close(self) -> None:
         """Free the context and weights (idempotent)."""
-        if getattr(self, "_ctx", None):
+        if getattr(self, "_batch", None) is not None:
             L.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
             L.llama_free(self._ctx)
             self._ctx = None
         if getattr(self, "_model", None):

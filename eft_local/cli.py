@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from eft_local import __version__
+from eft_local import __version__, limits
 from eft_local.errors import EftError
 
 if TYPE_CHECKING:
@@ -157,11 +157,12 @@ def model_options(func: F) -> F:
         click.option("--beta", type=Number(), help="Weight of the formula's delta."),
         click.option("--lambda", "lam", type=Number(),
                      help="Interpolation between two fine-tuned deltas."),
-        click.option("--n-ctx", type=click.IntRange(min=0),
+        click.option("--n-ctx", type=click.IntRange(0, limits.N_CTX_MAX),
                      help="Context size in tokens (0: the models' training context)."),
-        click.option("--threads", type=click.IntRange(min=1),
-                     help="CPU threads in all (split across models with --parallel)."),
-        click.option("--gpu-layers", type=click.IntRange(min=-1),
+        click.option("--threads", type=click.IntRange(1, limits.max_threads()),
+                     help="CPU threads in all (split across models with --parallel; at most "
+                     f"{limits.THREADS_PER_CORE} per core)."),
+        click.option("--gpu-layers", type=click.IntRange(-1, limits.N_GPU_LAYERS_MAX),
                      help="Layers to offload to the GPU (-1: all; default all if supported)."),
         click.option("--no-speculative", is_flag=True,
                      help="Decode token by token, without drafting with the small model."),

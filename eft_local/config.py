@@ -14,6 +14,7 @@ from typing import Any
 
 from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS, Formula, parse_formula
+from eft_local.limits import N_CTX_MAX, N_GPU_LAYERS_MAX, max_threads
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,7 +24,9 @@ else:  # pragma: no cover
 PACKAGE_DIR = Path(__file__).resolve().parent
 FAMILY_DIR = PACKAGE_DIR / "family"
 ENV_CONFIG = "EFT_LOCAL_CONFIG"
-_LOAD_KEYS = {"n_ctx": 0, "n_gpu_layers": -1, "n_threads": 1, "n_batch": 1}
+_LOAD_KEYS = {"n_ctx": (0, N_CTX_MAX), "n_gpu_layers": (-1, N_GPU_LAYERS_MAX),
+              "n_threads": (1, None), "n_batch": (1, N_CTX_MAX)}
+"""Load options per model: (lowest, highest) value; None: max_threads() on this machine."""
 _PRESET_KEYS = {"description", "formula", "models", "ft_role", "chat_template", *PARAMETERS}
 
 
@@ -193,11 +196,14 @@ def parse_model(role: str, spec: Any, where: str, base_dir: Path) -> ModelSpec:
         raise EftError(f"{where}: give exactly one of path, bundled or hf (got "
                        f"{', '.join(sources) or 'none'})")
     options = {}
-    for key, low in _LOAD_KEYS.items():
+    for key, (low, high) in _LOAD_KEYS.items():
         if key in spec:
             value = spec[key]
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise EftError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+            high = max_threads() if high is None else high
+            if (not isinstance(value, int) or isinstance(value, bool)
+                    or not low <= value <= high):
+                raise EftError(f"{where}: {key} must be an integer in [{low}, {high}], "
+                               f"got {value!r}")
             options[key] = value
     if "hf" in spec:
         if not isinstance(spec.get("file"), str):

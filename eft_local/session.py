@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eft_local import backend, hub, speculative
+from eft_local import backend, hub, limits, speculative
 from eft_local.chat import FALLBACK_TEMPLATE, Conversation, render
 from eft_local.config import Config, Preset, load_config, preset_from_paths
 from eft_local.engine import Engine, Model, Step
@@ -63,6 +63,12 @@ class LoadOptions:
     parallel: bool = True  # measured on 2 shared cores: see docs/benchmarks.md
     speculative: bool = True
     draft_k: int | None = None  # None: adaptive block size
+
+    def __post_init__(self) -> None:
+        if self.n_ctx is not None:
+            limits.check_n_ctx(self.n_ctx, "load options")
+        if self.n_threads is not None:
+            limits.check_threads(self.n_threads, "load options")
 
 
 def check_models(preset: Preset, *, download: bool = False) -> AlignmentReport:
@@ -132,6 +138,11 @@ class Session:
             for model in loaded.values():
                 model.close()
             raise
+        beyond = [f"{role} {m.n_ctx_train}" for role, m in loaded.items()
+                  if m.n_ctx > getattr(m, "n_ctx_train", m.n_ctx) > 0]
+        if beyond:
+            say(f"warning: n_ctx {min(m.n_ctx for m in loaded.values())} is above the training "
+                f"context of {', '.join(beyond)} tokens: replies past it may be poor")
         return loaded
 
     def close(self) -> None:

@@ -1,0 +1,111 @@
+"""Hostile and careless input (issue 11): no crash, no runaway, no lost work, errors that
+name the mistake. Crash cases run in a child process: exit 1, one error line, no signal."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eft_local import config
+from eft_local.errors import EftError
+from eft_local.limits import N_CTX_MAX, max_threads
+from tests.clihelp import THREADS, assert_one_line_error, run, write_presets
+
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY = ["-t", "0", "--max-tokens", "2", *THREADS]
+
+
+def cli(args: list[str], *, prelude: str = "", stdin: str = "", address_space: int | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``eft-local ARGS`` in a child process (after Python code ``prelude``)."""
+    code = f"import sys\n{prelude}\nfrom eft_local.cli import main\nmain(sys.argv[1:])"
+
+    def limit() -> None:
+        if address_space is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("EFT_LOCAL_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", code, *args], input=stdin, text=True,
+                          capture_output=True, timeout=timeout, env=env, preexec_fn=limit)
+
+
+def assert_fails_in_one_line(proc: subprocess.CompletedProcess[str], *words: str) -> str:
+    """Exit status 1 (no signal), the last stderr line is the only error line."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:], proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+# -- 1. a context that cannot be created: one line, not a double free -----------------------
+def test_1_failed_context_is_an_error_not_a_double_free(family) -> None:
+    prelude = ("import eft_local.backend as b\n"
+               "b.L.llama_init_from_model = lambda model, params: None")
+    proc = cli(["generate", *family.trio(), *GREEDY, "hi"], prelude=prelude)
+    assert_fails_in_one_line(proc, "could not create a context")
+
+
+# -- 2. n_ctx never wraps in llama.cpp's uint32 ---------------------------------------------
+def test_2_n_ctx_range_is_checked_before_llama_cpp(family, tmp_path) -> None:
+    result = run(["generate", *family.trio(), *GREEDY, "--n-ctx", str(2**32 + 256), "hi"])
+    assert_one_line_error(result, "--n-ctx", str(N_CTX_MAX))
+    for value in (99_999_999_999, 2**32 + 256, -1):
+        with pytest.raises(EftError, match=rf"n_ctx must be an integer in \[0, {N_CTX_MAX}\]"):
+            config.parse_model("small_ft", {"path": "x.gguf", "n_ctx": value},
+                               "models.toml: preset 'p', model 'small_ft'", tmp_path)
+
+
+# -- 3. a context that cannot fit in memory is refused with the estimate ---------------------
+def test_3_kv_cache_estimate_refuses_what_cannot_fit() -> None:
+    # the bundled family's large_base: 6 layers x 8 KV heads x (32 + 32) f16 values a token
+    proc = cli(["generate", "tiny-up", *GREEDY, "--n-ctx", "1000000", "hi"],
+               address_space=3_000_000_000)
+    assert_fails_in_one_line(proc, "large_base.gguf: n_ctx=1000000 needs about 5.7 GiB for "
+                             "the KV cache", "trained with 256")
+
+
+def test_3_warns_above_the_training_context(family) -> None:
+    result = run(["generate", *family.trio(), *GREEDY, "--n-ctx", "512", "hi"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "n_ctx 512 is above the training context" in warnings[0]
+    assert "small_ft 256" in warnings[0]
+
+
+# -- 15. threads are capped ------------------------------------------------------------------
+def test_15_threads_are_capped(family, tmp_path) -> None:
+    cap = max_threads()
+    result = run(["generate", "-m", f"small_ft={tmp_path / 'x.gguf'}", "--threads",
+                  str(cap + 1), "hi"])
+    assert_one_line_error(result, "--threads", str(cap))
+    with pytest.raises(EftError, match=rf"n_threads must be an integer in \[1, {cap}\]"):
+        config.parse_model("small_ft", {"path": "x.gguf", "n_threads": 100_000},
+                           "models.toml: preset 'p', model 'small_ft'", tmp_path)
+
+
+def test_n_ctx_and_threads_from_a_preset_file(presets_file, family) -> None:
+    write_presets(presets_file, f"""
+[presets.wide]
+models.small_ft = {{ path = "{family.small_ft}", n_ctx = 4294967552 }}
+""")
+    assert_one_line_error(run(["models"]), "preset 'wide'", "n_ctx", str(N_CTX_MAX))
+
+
+@pytest.fixture
+def presets_file(isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty shipped models.toml and the user file the test writes."""
+    shipped = tmp_path / "shipped.toml"
+    shipped.write_text("")
+    monkeypatch.setattr(config, "shipped_config_path", lambda: shipped)
+    return isolated_home / "models.toml"
