@@ -7,7 +7,10 @@ drops the oldest turns when the context is full.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 from eft_local.errors import EftError
 
@@ -24,23 +28,184 @@ FALLBACK_TEMPLATE = (
 )
 """Used only when neither the model nor the preset has a template."""
 
+RENDER_SECONDS = 2.0
+"""Longest a chat template may take to render."""
+
+RENDER_CHARS = 1 << 22
+"""Most characters a template may produce (4 Mi) beyond four times the messages' length;
+also the largest string or list a single template expression may build."""
+
+_INT_BITS = 1 << 16
+"""Largest integer (in bits) template arithmetic may build."""
+
+
+class _TemplateLimit(Exception):
+    """A template went over a size or time limit."""
+
 
 def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
+def _sized(value: object, limit: int) -> None:
+    """Refuse a string, list or integer above the limits."""
+    if isinstance(value, (str, bytes, list, tuple)) and len(value) > limit:
+        raise _TemplateLimit(f"a value of more than {limit} items")
+    if isinstance(value, int) and value.bit_length() > _INT_BITS:
+        raise _TemplateLimit(f"an integer of more than {_INT_BITS} bits")
+
+
+def _size(value: object) -> int:
+    return len(value) if isinstance(value, (str, bytes, list, tuple)) else 1
+
+
+class _BoundedNamespace(Namespace):
+    """``namespace()`` whose attributes cannot hold oversized values."""
+
+    limit = RENDER_CHARS
+
+    def __setitem__(self, name: str, value: object) -> None:
+        _sized(value, type(self).limit)
+        super().__setitem__(name, value)
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """Hugging Face's sandbox, with operators, methods and filters that could build huge
+    values checked before they run (the time limit catches the rest)."""
+
+    intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(trim_blocks=True, lstrip_blocks=True)
+        self.limit = limit
+        self.globals["raise_exception"] = _raise
+        self.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.globals["namespace"] = type("namespace", (_BoundedNamespace,), {"limit": limit})
+        for name in ("center", "indent", "format", "replace", "wordwrap", "truncate"):
+            self.filters[name] = self._bounded(self.filters[name])
+
+    def _check(self, name: str, obj: object, args: tuple, kwargs: dict) -> None:
+        """Refuse a method or filter call whose result could exceed the size limit: widths
+        and counts above it, replacements that multiply the text, format widths."""
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, int) and not isinstance(arg, bool) and abs(arg) > self.limit:
+                raise _TemplateLimit(f"the number {arg} (above {self.limit})")
+        if name == "replace" and len(args) >= 2 and isinstance(args[1], str):
+            grown = _size(obj) * (len(args[1]) + 1)
+            if grown > self.limit:
+                raise _TemplateLimit(f"a replacement of up to {grown} characters")
+        if name == "format" and isinstance(obj, str):
+            self._format_widths(obj)
+
+    def _format_widths(self, text: str) -> None:
+        for width in re.findall(r"\d{7,}", text):
+            if int(width) > self.limit:
+                raise _TemplateLimit(f"a format width of {width}")
+
+    def _bounded(self, func: Callable) -> Callable:
+        name = func.__name__.removeprefix("do_")
+
+        def bounded(*args: object, **kwargs: object) -> object:
+            values = [a for a in args if not hasattr(a, "environment")]  # skip env/context
+            if values:
+                self._check(name, values[0], tuple(values[1:]), kwargs)
+            return func(*args, **kwargs)
+
+        if hasattr(func, "jinja_pass_arg"):  # keep @pass_environment / @pass_eval_context
+            bounded.jinja_pass_arg = func.jinja_pass_arg  # type: ignore[attr-defined]
+        return bounded
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's signature
+        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        owner = getattr(method, "__self__", None)
+        if isinstance(owner, (str, bytes, int, float)) or __obj in (str, list, tuple, int):
+            __self._check(getattr(method, "__name__", ""), owner, args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context, operator, left, right):  # noqa: ANN001, ANN201
+        if operator == "*":
+            count, seq = (right, left) if isinstance(right, int) else (left, right)
+            if (isinstance(count, int) and isinstance(seq, (str, bytes, list, tuple))
+                    and len(seq) * max(count, 0) > self.limit):
+                raise _TemplateLimit(f"a repetition of {len(seq) * count} items")
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int):
+            if abs(left) > 1 and right * abs(left).bit_length() > _INT_BITS:
+                raise _TemplateLimit(f"the power {left} ** {right}")
+        elif (operator == "+" and isinstance(left, (str, list, tuple))
+              and isinstance(right, (str, list, tuple)) and len(left) + len(right) > self.limit):
+            raise _TemplateLimit(f"a value of more than {self.limit} items")
+        elif operator == "%" and isinstance(left, str):
+            self._format_widths(left)
+        result = super().call_binop(context, operator, left, right)
+        _sized(result, self.limit)
+        return result
+
+
 def render(template: str, messages: list[dict[str, str]], *, bos_token: str = "",
-           eos_token: str = "", add_generation_prompt: bool = True) -> str:
-    """Render ``messages`` with a chat template; template errors become :class:`EftError`."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+           eos_token: str = "", add_generation_prompt: bool = True,
+           seconds: float = RENDER_SECONDS) -> str:
+    """Render ``messages`` with a chat template in a sandbox, within a time limit and a size
+    limit; every failure is an :class:`EftError` "chat template failed: ..."."""
+    given = sum(len(str(m.get("content", ""))) for m in messages)
+    limit = RENDER_CHARS + 4 * (given + len(bos_token) + len(eos_token))
+
+    def work() -> str:
+        env = _BoundedEnvironment(limit)
+        chunks, size = [], 0
+        for chunk in env.from_string(template).generate(
+                messages=messages, bos_token=bos_token, eos_token=eos_token,
+                add_generation_prompt=add_generation_prompt):
+            size += len(chunk)
+            if size > limit:
+                raise _TemplateLimit(f"more than {limit} characters of output")
+            chunks.append(chunk)
+        return "".join(chunks)
+
     try:
-        return env.from_string(template).render(
-            messages=messages, bos_token=bos_token, eos_token=eos_token,
-            add_generation_prompt=add_generation_prompt)
+        return _with_deadline(work, seconds)
+    except _TemplateLimit as exc:
+        raise EftError(f"chat template failed: it would build {exc}") from None
+    except TimeoutError:
+        raise EftError(f"chat template failed: rendering took longer than {seconds:g} s"
+                       ) from None
     except TemplateError as exc:
         raise EftError(f"chat template failed: {exc}") from None
+    except Exception as exc:  # the template's own arithmetic, recursion, ...
+        raise EftError(f"chat template failed: {type(exc).__name__}: {exc}") from None
+
+
+def _with_deadline(work: Callable[[], str], seconds: float) -> str:
+    """Run ``work`` in a helper thread; past ``seconds`` (or on Ctrl-C) it is stopped with an
+    asynchronous exception and TimeoutError is raised here."""
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = work()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="chat-template", daemon=True)
+    thread.start()
+    try:
+        thread.join(seconds)
+    finally:
+        if thread.is_alive():
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                       ctypes.py_object(_Stopped))
+            thread.join(0.5)
+    if "error" in box:
+        error = box["error"]
+        if isinstance(error, _Stopped):
+            raise TimeoutError
+        raise error  # type: ignore[misc]
+    if "value" not in box:
+        raise TimeoutError
+    return box["value"]  # type: ignore[return-value]
+
+
+class _Stopped(Exception):
+    """Raised inside a template thread that ran out of time."""
 
 
 @dataclass

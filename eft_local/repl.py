@@ -199,6 +199,10 @@ class Repl:
             command(arg.strip())
         except EftError as exc:
             error(exc)
+        except KeyboardInterrupt:
+            say("[interrupted]")
+        except Exception as exc:  # noqa: BLE001 - no command may end the session
+            error(f"/{name} failed: {type(exc).__name__}: {exc}")
         return True
 
     def answer(self, message: str) -> None:
@@ -216,9 +220,9 @@ class Repl:
             write("\n" if started else "")
             say("[interrupted]")
             return
-        except EftError as exc:
+        except Exception as exc:  # noqa: BLE001 - the conversation goes on
             write("\n" if started else "")
-            error(exc)
+            error(exc if isinstance(exc, EftError) else f"{type(exc).__name__}: {exc}")
             return
         write("\n")
         if finish == "length":
@@ -293,7 +297,10 @@ class Repl:
             say(line)
 
     def cmd_why(self, arg: str) -> None:
-        top = self.session.why(_integer(arg, "why") if arg else 5)
+        k = _integer(arg, "why") if arg else 5
+        if k < 1:
+            raise EftError(f"/why: {k} must be >= 1")
+        top = self.session.why(k)
         if not top:
             say("nothing generated yet")
             return

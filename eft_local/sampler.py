@@ -155,6 +155,8 @@ def pick(logprobs: np.ndarray, settings: SamplerSettings, position: int) -> tupl
 def top_tokens(logprobs: np.ndarray, k: int = 5) -> list[tuple[int, float]]:
     """The ``k`` most likely token ids with their probabilities, best first."""
     k = min(k, logprobs.size)
+    if k < 1:
+        return []
     idx = np.argpartition(logprobs, logprobs.size - k)[-k:]
     idx = idx[np.argsort(-logprobs[idx], kind="stable")]
     return [(int(i), float(np.exp(logprobs[i]))) for i in idx]

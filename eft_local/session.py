@@ -267,16 +267,17 @@ class Session:
 
         When the history no longer fits, the oldest exchanges are dropped (the system prompt
         stays) and a chunk with a ``notice`` says so. An interrupted reply is kept as far as
-        it got.
+        it got; a turn that fails leaves the history exactly as it was.
         """
         conv = self.conversation
+        before = list(conv.turns)
         conv.add("user", message)
         reserve = min(max_tokens, self.engine.n_ctx // 4)
         try:
             dropped = conv.fit(lambda msgs: len(self.chat_tokens(msgs)),
                                self.engine.n_ctx - reserve)
-        except EftError:
-            conv.turns.pop()
+        except BaseException:
+            conv.turns[:] = before
             raise
         if dropped:
             yield Chunk(notice=f"dropped the {dropped} oldest exchange(s) to fit the context "
@@ -287,8 +288,13 @@ class Session:
                                      stop=stop, diagnostics=diagnostics):
                 reply.append(chunk.text)
                 yield chunk
-        finally:
+        except Exception:  # a failed turn leaves the history as it was
+            conv.turns[:] = before
+            raise
+        except BaseException:  # Ctrl-C or the caller closing early: keep the partial reply
             conv.add("assistant", "".join(reply))
+            raise
+        conv.add("assistant", "".join(reply))
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
@@ -302,6 +308,8 @@ class Session:
 
     def why(self, k: int = 5) -> dict[str, list[tuple[str, float]]]:
         """Top-k tokens (text, probability) of each model and of the mix at the last step."""
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise EftError(f"invalid k {k!r}: must be an integer >= 1")
         return {name: [(self.token_text(t), p) for t, p in top]
                 for name, top in self.engine.why(self.settings, k).items()}
 

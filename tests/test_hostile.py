@@ -3,18 +3,22 @@ name the mistake. Crash cases run in a child process: exit 1, one error line, no
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from eft_local import config
+from eft_local import config, repl
+from eft_local.chat import render
 from eft_local.errors import EftError
 from eft_local.limits import N_CTX_MAX, max_threads
-from tests.clihelp import THREADS, assert_one_line_error, run, write_presets
+from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = ["-t", "0", "--max-tokens", "2", *THREADS]
@@ -109,3 +113,113 @@ def presets_file(isolated_home: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     shipped.write_text("")
     monkeypatch.setattr(config, "shipped_config_path", lambda: shipped)
     return isolated_home / "models.toml"
+
+
+# -- 4. a hostile chat template: bounded in time and size, every failure one line ------------
+HOSTILE_TEMPLATES = {
+    "nested loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                     "{% endfor %}", "took longer than"),
+    "huge string": ("{{ 'x' * 10**10 }}", "repetition of 10000000000"),
+    "huge range": ("{{ range(10**9) }}", "OverflowError"),
+    "doubling namespace": ("{% set ns = namespace(s='x') %}{% for i in range(99) %}"
+                           "{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "more than"),
+    "wide format": ("{{ '%10000000000d' % 1 }}", "format width"),
+    "wide center": ("{{ 'x' | center(10**10) }}", "10000000000"),
+    "huge power": ("{{ 10 ** (10 ** 8) }}", "power"),
+    "endless output": ("{% for i in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}",
+                       "characters of output"),
+    "division by zero": ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    "recursion": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_TEMPLATES))
+def test_4_template_limits(case: str) -> None:
+    template, words = HOSTILE_TEMPLATES[case]
+    started = time.perf_counter()
+    with pytest.raises(EftError, match=f"^chat template failed: .*{re.escape(words)}"):
+        render(template, [{"role": "user", "content": "hi"}], seconds=0.5)
+    assert time.perf_counter() - started < 5
+
+
+def test_4_template_failure_in_the_cli_is_one_line(presets_file, family) -> None:
+    template = HOSTILE_TEMPLATES["nested loops"][0]
+    write_presets(presets_file, f"""
+[presets.hostile]
+formula = "small_ft"
+chat_template = {json.dumps(template)}
+models.small_ft = {{ path = "{family.small_ft}" }}
+""")
+    proc = cli(["generate", "hostile", *GREEDY, "hi"], timeout=60,
+               prelude="import eft_local.chat as c; c.RENDER_SECONDS = 0.5")
+    assert_fails_in_one_line(proc, "chat template failed: rendering took longer than")
+
+
+def test_4_a_system_prompt_the_template_fails_on_keeps_the_session(presets_file, family
+                                                                   ) -> None:
+    # issue 8: a template raising a non-Jinja exception (OverflowError) for system prompts
+    template = ("{% if messages[0].role == 'system' %}{{ range(10**9) }}{% endif %}"
+                "{% for m in messages %}{{ m.content }}{% endfor %}")
+    write_presets(presets_file, f"""
+[presets.picky]
+formula = "small_ft"
+chat_template = {json.dumps(template)}
+models.small_ft = {{ path = "{family.small_ft}" }}
+""")
+    script = "/system Be brief\nHi\n/system\nHi\n/quit\n"
+    result = run(["chat", "picky", *GREEDY], input=script)
+    assert result.exit_code == 0, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: chat template failed: "
+                                                     "OverflowError"), errors
+    assert stdout(result).count(">>> Hi\n") == 2
+    assert ">>> /system\nsystem prompt removed\n>>> Hi\n" in stdout(result)
+    assert stdout(result).endswith(">>> /quit\n")
+
+
+# -- 5. no REPL command ends the session ----------------------------------------------------
+def test_5_why_with_a_bad_count_keeps_the_session(family, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    script = "Hi\n/why 0\n/why -5\n/why 2\nAgain\n/save t.json\n/quit\n"
+    result = run(["chat", *family.trio(), *GREEDY], input=script)
+    assert result.exit_code == 0, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: /why: 0 must be >= 1", "error: /why: -5 must be >= 1"]
+    assert "saved 4 turns to t.json" in stdout(result)
+
+
+def test_5_an_unexpected_error_in_a_command_keeps_the_session(family, monkeypatch) -> None:
+    def broken(self, arg: str) -> None:
+        raise ValueError("kth(=1024) out of bounds")
+
+    monkeypatch.setattr(repl.Repl, "cmd_stats", broken)
+    result = run(["chat", *family.trio(), *GREEDY], input="/stats\nHi\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[-1] == (
+        "error: /stats failed: ValueError: kth(=1024) out of bounds")
+    assert ">>> Hi\n" in stdout(result)
+
+
+# -- 8. a failed turn leaves the history as it was ------------------------------------------
+def test_8_a_failed_turn_leaves_the_history_as_it_was(family) -> None:
+    with api_session(family.pairs(), temperature=0) as s:
+        list(s.chat("Hi", max_tokens=3))
+        before = [dict(t) for t in s.conversation.turns]
+        real, calls = s.engine.choose, []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > 1:
+                raise EftError("the mix overflowed")
+            return real(*args, **kwargs)
+
+        s.engine.choose = failing
+        with pytest.raises(EftError, match="overflowed"):
+            list(s.chat("Again", max_tokens=3))
+        assert len(calls) == 2
+        assert s.conversation.turns == before
+        s.engine.choose = real
+        chunks = s.chat("Interrupted", max_tokens=3)
+        next(chunks)
+        chunks.close()  # a reply cut short by the caller is kept as far as it got
+        assert [t["role"] for t in s.conversation.turns] == ["user", "assistant"] * 2
