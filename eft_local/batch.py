@@ -10,6 +10,8 @@ goes on.
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +55,15 @@ class Job:
     max_tokens: int
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: object) -> int | None:
+    """Index of the first UTF-16 surrogate in a string (JSON's "\\ud800"), else None."""
+    found = _SURROGATE.search(value) if isinstance(value, str) else None
+    return found.start() if found else None
+
+
 def _usable_id(value: object) -> bool:
     return isinstance(value, (str, int)) and not isinstance(value, bool)
 
@@ -74,7 +85,8 @@ class BadRecord(Exception):
 
 
 def check_paths(input_path: Path, output_path: Path | None) -> None:
-    """Fail early (before loading models) on an unreadable input or unwritable output."""
+    """Fail early (before loading models) on an unreadable or undecodable input, and an
+    unwritable output or one that is not this tool's results file."""
     if not input_path.exists():
         raise EftError(f"{input_path}: input file not found")
     if not input_path.is_file():
@@ -84,6 +96,7 @@ def check_paths(input_path: Path, output_path: Path | None) -> None:
             pass
     except OSError as exc:
         raise EftError(f"{input_path}: cannot read input ({exc.strerror})") from None
+    read_lines(input_path)
     if output_path is None:
         return
     if output_path.resolve() == input_path.resolve():
@@ -93,6 +106,10 @@ def check_paths(input_path: Path, output_path: Path | None) -> None:
         raise EftError(f"{output_path}: output directory {parent} does not exist")
     if output_path.exists() and not output_path.is_file():
         raise EftError(f"{output_path}: not a regular file")
+    target = output_path if output_path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise EftError(f"{output_path}: cannot write output (permission denied)")
+    scan_output(output_path)
 
 
 def read_lines(input_path: Path) -> list[tuple[int, str]]:
@@ -118,12 +135,17 @@ def parse_job(line_no: int, line: str, defaults: BatchDefaults) -> Job:
     if not isinstance(data, dict):
         raise BadRecord(line_no, None, "a record must be a JSON object")
     record_id = data.get("id", line_no)
+    bad_id = record_id if _usable_id(record_id) and _lone_surrogate(record_id) is None else None
     for key, types in _KEYS.items():
         if key in data and (not isinstance(data[key], types)
                             or (bool not in types and isinstance(data[key], bool))):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            bad_id = record_id if _usable_id(record_id) else None
             raise BadRecord(line_no, bad_id, f"{key!r} must be {names}, got {data[key]!r}")
+    for key in ("id", "prompt", "system"):
+        where = _lone_surrogate(data.get(key))
+        if where is not None:
+            raise BadRecord(line_no, bad_id, f"{key!r} is not valid Unicode (a lone surrogate "
+                            f"\\u{ord(data[key][where]):04x} at character {where})")
     if "prompt" not in data:
         raise BadRecord(line_no, record_id, "missing 'prompt'")
     if not data["prompt"].strip():
@@ -136,25 +158,57 @@ def parse_job(line_no: int, line: str, defaults: BatchDefaults) -> Job:
                max_tokens=max_tokens)
 
 
+RECORD_START = b'{"id": '
+"""How every line this tool writes begins (json.dumps of a dict whose first key is id)."""
+
+
+def scan_output(output_path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """The result records of an existing output file, and whether its last line is torn
+    (a record cut off without its newline). Refuses a file that holds anything else: its
+    lines are someone's data, never to be appended to or cut."""
+    if not output_path.exists():
+        return [], False
+    try:
+        data = output_path.read_bytes()
+    except OSError as exc:
+        raise EftError(f"{output_path}: cannot read output ({exc.strerror})") from None
+    lines = data.split(b"\n")
+    torn = lines.pop() if lines else b""  # what follows the last newline
+    found = []
+    for n, line in enumerate(lines, 1):
+        record = _result_record(line)
+        if record is None and line.strip():
+            raise EftError(f"{output_path}: not an eft-local results file (line {n} is not a "
+                           "result record); give another --output")
+        if record is not None:
+            found.append(record)
+    if torn and not torn.startswith(RECORD_START):
+        raise EftError(f"{output_path}: not an eft-local results file (line {len(lines) + 1} "
+                       "is not a result record); give another --output")
+    return found, bool(torn)
+
+
+def _result_record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    ok = isinstance(record, dict) and "id" in record and ("error" in record or "text" in record)
+    return record if ok else None
+
+
 def done_keys(output_path: Path | None) -> set[Key]:
     """Records already in the output; a torn last line (no newline) is cut off first."""
-    if output_path is None or not output_path.exists():
+    if output_path is None:
         return set()
-    data = output_path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
+    found, torn = scan_output(output_path)
+    if torn:
+        data = output_path.read_bytes()
         with output_path.open("r+b") as fh:
-            fh.truncate(keep)
+            fh.truncate(data.rfind(b"\n") + 1)
         click.echo(f"{output_path}: dropped an incomplete last line", err=True)
-        data = data[:keep]
     keys: set[Key] = set()
-    for line in data.decode("utf-8", "replace").split("\n"):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not isinstance(record, dict):
-            continue
+    for record in found:
         if _usable_id(record.get("id")):
             keys.add(("id", record["id"]))
         elif isinstance(record.get("line"), int):

@@ -386,8 +386,13 @@ def _split_args(args: tuple[str, ...], opts: Mapping[str, Any], *, batch: bool
         raise click.UsageError("expected at most two arguments: [PRESET] [PROMPT]")
     with_models = bool(opts.get("models"))
     if batch:
-        if len(args) > (0 if with_models else 1):
-            raise click.UsageError("--input reads the prompts from the file: give no PROMPT")
+        from eft_local.config import load_config
+
+        prompt_given = len(args) > (0 if with_models else 1) or (
+            args and not with_models and args[0] not in load_config().presets)
+        if prompt_given:
+            raise click.UsageError("a PROMPT and --input exclude each other (--input reads the "
+                                   "prompts from the file)")
         return (args[0] if args else None), None
     if len(args) == 2:
         return args[0], args[1]

@@ -223,3 +223,63 @@ def test_8_a_failed_turn_leaves_the_history_as_it_was(family) -> None:
         next(chunks)
         chunks.close()  # a reply cut short by the caller is kept as far as it got
         assert [t["role"] for t in s.conversation.turns] == ["user", "assistant"] * 2
+
+
+# -- 6. a record that cannot be encoded is an error record; the batch goes on ----------------
+def test_6_a_lone_surrogate_is_an_error_record(family, tmp_path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi \\ud800"}\n{"id": "\\udc00", "prompt": "x"}\n'
+                   '{"id": "b", "prompt": "Hello"}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", *family.trio(), *GREEDY, "--input", str(src), "--output", str(out)]
+    result = run(args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
+    assert records[0] == {"id": "a", "line": 1, "error": "'prompt' is not valid Unicode (a lone "
+                          "surrogate \\ud800 at character 3)"}
+    assert records[1]["id"] is None and records[1]["line"] == 2
+    assert records[2]["id"] == "b" and "text" in records[2]
+    assert run(args).stderr.splitlines()[-1] == "0 generated, 0 errors, 3 already done"
+
+
+# -- 7. --output never eats a file that is not this tool's results --------------------------
+@pytest.mark.parametrize("content", [b"my notes\nthe last line", b"my notes\n",
+                                     b'{"id": 1, "prompt": "a prompt file"}\n'])
+def test_7_output_that_is_not_a_results_file_is_refused(family, tmp_path, content) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n', encoding="utf-8")
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(content)
+    result = run(["generate", "-m", f"small_ft={tmp_path / 'never-loaded.gguf'}", *GREEDY,
+                  "--input", str(src), "--output", str(notes)])
+    assert_one_line_error(result, "not an eft-local results file", "give another --output")
+    assert notes.read_bytes() == content
+
+
+def test_7_a_torn_record_is_still_repaired(family, tmp_path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n', encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"id": "a", "te')
+    result = run(["generate", *family.trio(), *GREEDY, "--input", str(src), "--output",
+                  str(out)])
+    assert result.exit_code == 0, result.output
+    assert "dropped an incomplete last line" in result.stderr
+    assert json.loads(out.read_text("utf-8"))["id"] == "a"
+
+
+# -- smaller: batch input and output are checked before the models load ----------------------
+def test_batch_paths_are_checked_before_loading(tmp_path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"prompt": "caf\xe9"}\n')
+    missing = ["-m", f"small_ft={tmp_path / 'never-loaded.gguf'}"]
+    result = run(["generate", *missing, "--input", str(src)])
+    assert_one_line_error(result, "not UTF-8 text", "at byte 15")
+    assert "loading" not in result.stderr
+
+
+def test_a_prompt_and_input_exclude_each_other(family, tmp_path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "hi"}\n')
+    result = run(["generate", "--input", str(src), "hello"])
+    assert_one_line_error(result, "a PROMPT and --input exclude each other")
