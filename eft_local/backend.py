@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -37,14 +38,16 @@ DEFAULT_N_CTX = 4096
 
 _init_lock = threading.Lock()
 _initialised = False
-_recent_log: deque[str] = deque(maxlen=20)
+_recent_errors: deque[str] = deque(maxlen=50)
+_LOG_ERROR = 4  # GGML_LOG_LEVEL_ERROR
+_GENERIC = re.compile(r"failed to (load model|read header)|unable to load model")
 
 
 @L.llama_log_callback
 def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-    """Keep llama.cpp's log quiet unless EFT_LOCAL_VERBOSE is set; remember the last lines."""
-    line = text.decode("utf-8", "replace")
-    _recent_log.append(line)
+    """Keep llama.cpp's log quiet unless EFT_LOCAL_VERBOSE is set; remember error lines."""
+    if level == _LOG_ERROR:
+        _recent_errors.append(text.decode("utf-8", "replace"))
     if os.environ.get("EFT_LOCAL_VERBOSE"):
         os.write(2, text)
 
@@ -58,13 +61,26 @@ def _ensure_backend() -> None:
             _initialised = True
 
 
+def _reason(line: str) -> str:
+    """A log line without its ``function: `` and ``error loading model: `` prefixes."""
+    text = " ".join(line.split())
+    while True:
+        head, sep, rest = text.partition(": ")
+        if not sep or not (head.replace("_", "").isalnum() or head == "error loading model"):
+            return text
+        text = rest
+
+
 def _last_error() -> str:
-    """The last llama.cpp error-looking log line, for one-line error messages."""
-    for line in reversed(_recent_log):
-        low = line.lower()
-        if "error" in low or "failed" in low or "invalid" in low:
-            return line.strip().split(": ", 1)[-1]
-    return ""
+    """The most specific llama.cpp error logged since the last :func:`_forget_errors`: the
+    first one that is not a generic "failed to load model"."""
+    reasons = [_reason(line) for line in _recent_errors]
+    specific = [r for r in reasons if r and not _GENERIC.match(r)]
+    return specific[0] if specific else (reasons[-1] if reasons else "")
+
+
+def _forget_errors() -> None:
+    _recent_errors.clear()
 
 
 def supports_gpu_offload() -> bool:
@@ -74,11 +90,17 @@ def supports_gpu_offload() -> bool:
 
 
 def _check_file(path: Path) -> None:
-    if not path.is_file():
+    if path.is_dir():
+        raise EftError(f"{path}: is a directory, not a GGUF model file")
+    if not path.exists():
         raise EftError(f"{path}: model file not found")
-    with path.open("rb") as fh:
-        if fh.read(4) != b"GGUF":
-            raise EftError(f"{path}: not a GGUF file (bad magic bytes)")
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise EftError(f"{path}: cannot read model file ({exc.strerror or exc})") from None
+    if magic != b"GGUF":
+        raise EftError(f"{path}: not a GGUF file (bad magic bytes)")
 
 
 def _load_model(path: Path, *, vocab_only: bool, n_gpu_layers: int):
@@ -87,6 +109,7 @@ def _load_model(path: Path, *, vocab_only: bool, n_gpu_layers: int):
     params = L.llama_model_default_params()
     params.vocab_only = vocab_only
     params.n_gpu_layers = n_gpu_layers
+    _forget_errors()
     model = L.llama_model_load_from_file(str(path).encode(), params)
     if not model:
         why = _last_error()
@@ -172,6 +195,7 @@ class LlamaModel:
         cparams.n_batch = cparams.n_ubatch = min(n_batch, cparams.n_ctx)
         cparams.n_threads = cparams.n_threads_batch = max(1, n_threads)
         cparams.no_perf = True
+        _forget_errors()
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             raise EftError(f"{self.path}: could not create a context with n_ctx={n_ctx}"
@@ -348,6 +372,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, kind: str = "q8_0",
     params.ftype = QUANT_TYPES[kind]
     params.nthread = n_threads
     tmp = dst.with_name(dst.name + ".part")
+    _forget_errors()
     rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
         tmp.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -71,6 +72,7 @@ class EftGroup(click.Group):
              **extra: Any) -> Any:
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
+        warnings.showwarning = _warning_line
         try:
             code = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as exc:
@@ -91,6 +93,12 @@ class EftGroup(click.Group):
             fail(f"internal error: {type(exc).__name__}: {exc} "
                  "(set EFT_LOCAL_DEBUG=1 for the traceback)")
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_args: Any,
+                  **_kwargs: Any) -> None:
+    """Python warnings as one ``warning:`` line, never with a source line."""
+    click.echo(f"warning: {one_line(str(message))}", err=True)
 
 
 def _unavailable(name: str, why: str) -> click.Command:
@@ -154,8 +162,9 @@ def model_options(func: F) -> F:
         click.option("--formula", metavar="TEXT",
                      help="Mixing formula: up, down, amplified, interpolate, or an "
                      "expression such as 'large_base + beta * (small_ft - small_base)'."),
-        click.option("--beta", type=Number(), help="Weight of the formula's delta."),
-        click.option("--lambda", "lam", type=Number(),
+        click.option("--beta", type=Number(-limits.PARAM_LIMIT, limits.PARAM_LIMIT),
+                     help="Weight of the formula's delta."),
+        click.option("--lambda", "lam", type=Number(-limits.PARAM_LIMIT, limits.PARAM_LIMIT),
                      help="Interpolation between two fine-tuned deltas."),
         click.option("--n-ctx", type=click.IntRange(0, limits.N_CTX_MAX),
                      help="Context size in tokens (0: the models' training context)."),
@@ -176,7 +185,8 @@ def model_options(func: F) -> F:
 def sampling_options(func: F) -> F:
     """Sampler settings, reply length and system prompt."""
     return _apply([
-        click.option("--temperature", "-t", type=Number(0), help="0 = greedy (default 1)."),
+        click.option("--temperature", "-t", type=Number(0, limits.TEMPERATURE_RANGE[1]),
+                     help="0 = greedy (default 1)."),
         click.option("--top-p", type=Number(0, 1, open_low=True), help="Nucleus mass, in (0, 1]."),
         click.option("--top-k", type=click.IntRange(min=0), help="Keep the k best (0: off)."),
         click.option("--min-p", type=Number(0, 1, open_high=True),
@@ -325,7 +335,7 @@ def _check_preset(targets: tuple[str, ...], models: tuple[str, ...]) -> Preset:
     if models and targets:
         raise EftError("give --model ROLE=PATH pairs or plain paths/a preset, not both")
     is_path = len(targets) > 1 or (targets and (targets[0].endswith(".gguf")
-                                               or Path(targets[0]).is_file()))
+                                               or Path(targets[0]).exists()))
     if is_path:
         roles = (UPSCALING_ROLES if len(targets) == len(UPSCALING_ROLES)
                  else [f"model{i}" for i in range(1, len(targets) + 1)])

@@ -5,7 +5,9 @@ Everything is validated once, here; errors name the file, the preset and the key
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -14,7 +16,7 @@ from typing import Any
 
 from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS, Formula, parse_formula
-from eft_local.limits import N_CTX_MAX, N_GPU_LAYERS_MAX, max_threads
+from eft_local.limits import N_CTX_MAX, N_GPU_LAYERS_MAX, PARAM_LIMIT, max_threads
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -206,16 +208,35 @@ def parse_model(role: str, spec: Any, where: str, base_dir: Path) -> ModelSpec:
                                f"got {value!r}")
             options[key] = value
     if "hf" in spec:
-        if not isinstance(spec.get("file"), str):
+        if not isinstance(spec.get("file"), str) or not spec["file"].strip():
             raise EftError(f"{where}: an hf source needs file = \"name.gguf\"")
-        return ModelSpec(role=role, hf_repo=str(spec["hf"]), hf_file=spec["file"],
-                         revision=spec.get("revision"), **options)
+        check_repo_id(spec["hf"], where)
+        revision = spec.get("revision")
+        if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+            raise EftError(f"{where}: revision must be a branch, tag or commit name, "
+                           f"got {revision!r}")
+        return ModelSpec(role=role, hf_repo=spec["hf"], hf_file=spec["file"],
+                         revision=revision, **options)
     if "bundled" in spec:
         path = FAMILY_DIR / str(spec["bundled"])
     else:
         path = Path(str(spec["path"])).expanduser()
         path = path if path.is_absolute() else base_dir / path
     return ModelSpec(role=role, path=path, **options)
+
+
+_REPO_ID = re.compile(r"(?:[A-Za-z0-9_.-]+/)?[A-Za-z0-9_.-]{1,96}")
+
+
+def check_repo_id(repo: Any, where: str) -> None:
+    """A Hugging Face repo id as the hub accepts it: ``owner/name`` of letters, digits and
+    ``-_.``, neither starting nor ending with ``-`` or ``.``, without ``--`` or ``..``."""
+    ok = (isinstance(repo, str) and _REPO_ID.fullmatch(repo) is not None
+          and "--" not in repo and ".." not in repo and not repo.endswith(".git")
+          and not any(part[:1] in "-." or part[-1:] in "-." for part in repo.split("/")))
+    if not ok:
+        raise EftError(f"{where}: hf = {repo!r} is not a Hugging Face repo id (owner/name: "
+                       "letters, digits, '-', '_' and '.')")
 
 
 def default_ft_role(roles: tuple[str, ...]) -> str:
@@ -253,4 +274,7 @@ def preset_from_paths(pairs: list[str], *, formula: str | None = None) -> Preset
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise EftError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(value) or abs(value) > PARAM_LIMIT:
+        raise EftError(f"{where} must be a finite number in [-{PARAM_LIMIT:g}, "
+                       f"{PARAM_LIMIT:g}], got {value!r}")
     return float(value)

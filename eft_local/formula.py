@@ -30,6 +30,15 @@ PRESET_FORMULAS: Mapping[str, str] = MappingProxyType({
 
 _Vec = dict[str, float]
 
+WEIGHT_LIMIT = 1e6
+"""Largest |weight| a formula may give a model (float32 logits times this stay finite)."""
+
+MAX_LENGTH = 1000
+"""Longest formula text accepted (characters)."""
+
+MAX_DEPTH = 100
+"""Deepest nesting accepted (parentheses, and operators within operators)."""
+
 
 @dataclass(frozen=True)
 class Formula:
@@ -64,10 +73,25 @@ def parse_formula(text: str, *, roles: tuple[str, ...] | None = None) -> Formula
     Raises :class:`EftError` naming the problem.
     """
     text = PRESET_FORMULAS.get(text.strip(), text).strip()
+    if len(text) > MAX_LENGTH:
+        raise EftError(f"formula {text[:40]!r}...: {len(text)} characters, more than the "
+                       f"{MAX_LENGTH} allowed")
+    depth = 0
+    for char in text:
+        depth += (char == "(") - (char == ")")
+        if depth > MAX_DEPTH:
+            raise EftError(f"formula {text[:40]!r}...: parentheses nested more than "
+                           f"{MAX_DEPTH} deep")
     try:
         tree = ast.parse(text, mode="eval").body
-    except SyntaxError as exc:
-        raise EftError(f"formula {text!r}: syntax error at column {exc.offset}") from None
+    except (SyntaxError, ValueError) as exc:  # ValueError: a null character
+        where = f" at column {exc.offset}" if getattr(exc, "offset", None) else ""
+        raise EftError(f"formula {text!r}: syntax error{where}") from None
+    except (RecursionError, MemoryError):
+        raise EftError(f"formula {text[:40]!r}...: nested too deeply") from None
+    if _depth(tree) > MAX_DEPTH:
+        raise EftError(f"formula {text[:40]!r}...: operators nested more than {MAX_DEPTH} "
+                       "deep")
     names = _names(tree, text)
     used_roles = tuple(dict.fromkeys(n for n in names if n not in PARAMETERS))
     used_params = tuple(dict.fromkeys(n for n in names if n in PARAMETERS))
@@ -85,6 +109,17 @@ def parse_formula(text: str, *, roles: tuple[str, ...] | None = None) -> Formula
     if all(w == 0 for w in weights.values()):
         raise EftError(f"formula {text!r} gives every model weight 0")
     return formula
+
+
+def _depth(tree: ast.AST) -> int:
+    """Height of a syntax tree, without recursion."""
+    deepest, todo = 0, [(tree, 1)]
+    while todo:
+        node, depth = todo.pop()
+        deepest = max(deepest, depth)
+        todo.extend((child, depth + 1) for child in ast.iter_child_nodes(node)
+                    if isinstance(child, ast.expr))
+    return deepest
 
 
 def _names(node: ast.AST, text: str) -> list[str]:
@@ -146,4 +181,8 @@ def _as_vec(value: float | _Vec, text: str) -> _Vec:
         raise EftError(f"formula {text!r} evaluates to a number, not a mix of models")
     if any(not math.isfinite(w) for w in value.values()):
         raise EftError(f"formula {text!r} gives a non-finite weight")
+    for role, w in value.items():
+        if abs(w) > WEIGHT_LIMIT:
+            raise EftError(f"formula {text!r} gives {role} the weight {w:g}; weights beyond "
+                           f"±{WEIGHT_LIMIT:g} make the float32 mix overflow")
     return value

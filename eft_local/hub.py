@@ -8,6 +8,12 @@ from pathlib import Path
 from eft_local.config import ModelSpec
 from eft_local.errors import EftError
 
+NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "ssl")
+"""Where connection errors come from (huggingface-hub does not wrap all of them)."""
+
+CONNECT_SECONDS = 5.0
+"""How long the first request to the hub may take before the download is given up."""
+
 
 def cached_path(spec: ModelSpec) -> Path | None:
     """The local file for ``spec`` if it is already present (no network), else None."""
@@ -15,7 +21,10 @@ def cached_path(spec: ModelSpec) -> Path | None:
         return spec.path if spec.path.is_file() else None
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(spec.hf_repo, spec.hf_file, revision=spec.revision)
+    try:
+        found = try_to_load_from_cache(spec.hf_repo, spec.hf_file, revision=spec.revision)
+    except ValueError as exc:  # HFValidationError: a repo id or revision the hub refuses
+        raise EftError(f"{spec.role}: {spec.describe()}: {_first_line(exc)}") from None
     return Path(found) if isinstance(found, str) else None
 
 
@@ -26,20 +35,30 @@ def resolve(spec: ModelSpec, *, download: bool = True) -> Path:
     local = cached_path(spec)
     if local is not None:
         return local
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    if not download or offline:
-        raise EftError(f"{spec.role}: {spec.describe()} is not downloaded yet"
-                       + (" and HF_HUB_OFFLINE is set" if offline else "")
-                       + "; run `eft-local pull` for its preset")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise EftError(f"{spec.role}: {spec.describe()} is not downloaded yet and "
+                       "HF_HUB_OFFLINE is set (unset it to download the file)")
+    if not download:
+        raise EftError(f"{spec.role}: {spec.describe()} is not downloaded yet; run "
+                       "`eft-local pull` for its preset")
     return download_file(spec)
 
 
 def download_file(spec: ModelSpec) -> Path:
-    """Download one hub file with huggingface-hub's progress bar; errors are one line."""
-    from huggingface_hub import errors as hf_errors
-    from huggingface_hub import hf_hub_download
+    """Download one hub file with huggingface-hub's progress bar; errors are one line.
 
+    One quick request first (no retries, a short timeout), so that an unreachable hub fails
+    in seconds with one line instead of a minute of retry messages; a stalled body ends at
+    huggingface-hub's read timeout (HF_HUB_DOWNLOAD_TIMEOUT, 10 s by default).
+    """
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # no retry chatter: the outcome is one line
     try:
+        url = hf_hub_url(spec.hf_repo, spec.hf_file, revision=spec.revision)
+        get_hf_file_metadata(url, timeout=CONNECT_SECONDS)
         return Path(hf_hub_download(spec.hf_repo, spec.hf_file, revision=spec.revision))
     except hf_errors.RepositoryNotFoundError:
         why = f"repository {spec.hf_repo!r} not found (or gated: log in with `hf auth login`)"
@@ -49,6 +68,15 @@ def download_file(spec: ModelSpec) -> Path:
         why = "not in the cache and the hub cannot be reached"
     except hf_errors.EntryNotFoundError:
         why = f"file {spec.hf_file!r} not found in {spec.hf_repo!r}"
-    except (hf_errors.HfHubHTTPError, OSError) as exc:
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except (hf_errors.HfHubHTTPError, OSError, ValueError) as exc:
+        why = _first_line(exc)
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] not in NETWORK_MODULES:
+            raise
+        why = f"the connection failed ({type(exc).__name__}: {_first_line(exc)})"
     raise EftError(f"{spec.role}: download of {spec.describe()} failed: {why}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from eft_local.errors import EftError
+from eft_local.limits import TEMPERATURE_RANGE
 
 NEG_INF = np.float32(-np.inf)
 _BLOCK = 1024
@@ -36,8 +37,10 @@ class SamplerSettings:
     conservative_top_p: float | None = None
 
     def __post_init__(self) -> None:
-        _check(self.temperature >= 0 and math.isfinite(self.temperature), "temperature",
-               self.temperature, "a number >= 0")
+        low, high = TEMPERATURE_RANGE
+        _check(self.temperature == 0 or low <= self.temperature <= high, "temperature",
+               self.temperature, f"0 (greedy) or in [{low:g}, {high:g}] (beyond, float32 "
+               "overflows)")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", self.top_k,
                "an integer >= 0 (0 = off)")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
@@ -74,10 +77,16 @@ def mix_logits(rows: np.ndarray, weights: np.ndarray, allowed: np.ndarray | None
     """
     # einsum, not @: a BLAS matrix-vector product spawns threads that cost milliseconds
     # per step on busy cores at large vocabularies
-    mixed = np.einsum("m,mv->v", np.asarray(weights, dtype=np.float32),
-                      np.asarray(rows, dtype=np.float32))
+    with np.errstate(over="ignore", invalid="ignore"):
+        mixed = np.einsum("m,mv->v", np.asarray(weights, dtype=np.float32),
+                          np.asarray(rows, dtype=np.float32))
     if allowed is not None:
         mixed[~allowed] = NEG_INF
+    top = mixed.max()
+    if np.isnan(top) or top == np.inf:
+        raise EftError("the mix overflowed float32 (weights "
+                       + ", ".join(f"{w:g}" for w in np.asarray(weights).ravel())
+                       + "): lower beta/lam or the formula's numbers")
     return log_softmax(mixed)
 
 

@@ -168,7 +168,15 @@ class Session:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
                 value):
             raise EftError(f"invalid {name} {value!r}: must be a finite number")
-        self.params[name] = float(value)
+        if abs(value) > limits.PARAM_LIMIT:
+            raise EftError(f"invalid {name} {value:g}: the mix overflows float32; use a value "
+                           f"in [-{limits.PARAM_LIMIT:g}, {limits.PARAM_LIMIT:g}]")
+        params = {**self.params, name: float(value)}
+        try:
+            self.formula.weights(params)
+        except EftError as exc:
+            raise EftError(f"invalid {name} {value:g}: {exc}") from None
+        self.params = params
 
     def set_sampling(self, **changes: object) -> None:
         """Change sampler settings (temperature, top_p, top_k, min_p, seed, ...)."""

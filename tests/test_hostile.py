@@ -7,14 +7,16 @@ import json
 import os
 import re
 import resource
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from eft_local import config, repl
+from eft_local import config, repl, sampler
 from eft_local.chat import render
 from eft_local.errors import EftError
 from eft_local.limits import N_CTX_MAX, max_threads
@@ -283,3 +285,144 @@ def test_a_prompt_and_input_exclude_each_other(family, tmp_path) -> None:
     src.write_text('{"prompt": "hi"}\n')
     result = run(["generate", "--input", str(src), "hello"])
     assert_one_line_error(result, "a PROMPT and --input exclude each other")
+
+
+# -- 9. errors that name the mistake, not "internal error" -----------------------------------
+def test_9_unreadable_model_file(family, monkeypatch) -> None:
+    real_open = Path.open
+
+    def deny(self: Path, *args, **kwargs):
+        if self.name == "small_ft.gguf":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", deny)  # chmod does not stop root, who runs CI here
+    result = run(["generate", *family.trio(), *GREEDY, "hi"])
+    assert_one_line_error(result, "small_ft.gguf: cannot read model file (Permission denied)")
+
+
+def test_9_a_directory_as_model_path(family, tmp_path) -> None:
+    folder = tmp_path / "model.gguf"
+    folder.mkdir()
+    result = run(["generate", "-m", f"small_ft={folder}", *GREEDY, "hi"])
+    assert_one_line_error(result, "model.gguf: is a directory")
+    assert_one_line_error(run(["check", str(folder)]), "is a directory")
+
+
+@pytest.mark.parametrize("command", [["models"], ["check", "remote"], ["pull", "remote"],
+                                     ["generate", "remote", "hi"]])
+def test_9_bad_hf_repo_id(presets_file, command) -> None:
+    write_presets(presets_file, """
+[presets.remote]
+formula = "small_ft"
+models.small_ft = { hf = "not a repo!!", file = "x.gguf" }
+""")
+    assert_one_line_error(run(command), "preset 'remote'", "'not a repo!!' is not a Hugging "
+                          "Face repo id")
+
+
+@pytest.mark.parametrize("formula,words", [
+    ("small_ft" + " + small_ft" * 100_000, "characters, more than the 1000 allowed"),
+    ("(" * 5000 + "small_ft" + ")" * 5000, "characters, more than the 1000 allowed"),
+    ("(" * 200 + "small_ft" + ")" * 200, "parentheses nested more than 100 deep"),
+    ("-" * 400 + "small_ft", "operators nested more than 100 deep"),
+])
+def test_9_formula_length_and_depth(family, formula, words) -> None:
+    result = run(["generate", "-m", f"small_ft={family.small_ft}", "--formula", formula, "hi"])
+    assert_one_line_error(result, words)
+
+
+def test_9_truncated_download(monkeypatch) -> None:
+    import httpx2
+    import huggingface_hub
+
+    from eft_local import hub
+    from eft_local.config import ModelSpec
+
+    def cut(*_args, **_kwargs):
+        raise httpx2.RemoteProtocolError("peer closed connection without sending complete "
+                                         "message body (received 100 bytes, expected 9000)")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", cut)
+    spec = ModelSpec(role="small_ft", hf_repo="acme/tiny-GGUF", hf_file="tiny.gguf")
+    with pytest.raises(EftError, match=r"^small_ft: download of hf:acme/tiny-GGUF/tiny.gguf "
+                       r"failed: the connection failed \(RemoteProtocolError: peer closed"):
+        hub.download_file(spec)
+
+
+# -- 10. a non-finite parameter in a preset is refused at load, naming file and preset -------
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e308"])
+def test_10_non_finite_beta_in_a_preset(presets_file, family, value) -> None:
+    write_presets(presets_file, f"""
+[presets.wild]
+formula = "small_ft"
+beta = {value}
+models.small_ft = {{ path = "{family.small_ft}" }}
+""")
+    assert_one_line_error(run(["models"]), "models.toml: preset 'wild': beta must be a finite "
+                          "number in [-1e+06, 1e+06]")
+
+
+# -- 11. an overflowing knob is named, with the range that works; no numpy warnings ----------
+@pytest.mark.parametrize("option,value,words", [
+    ("--beta", "1e308", ("--beta", "[-1e+06, 1e+06]")),
+    ("--temperature", "1e-308", ("temperature", "0 (greedy) or in [1e-06, 1e+06]")),
+    ("--temperature", "1e308", ("--temperature", "[0, 1e+06]")),
+    ("--formula", "1e30 * small_ft", ("weight 1e+30", "±1e+06")),
+])
+def test_11_overflow_names_the_knob(family, option, value, words) -> None:
+    proc = cli(["generate", "-m", f"small_ft={family.small_ft}", *GREEDY, option, value, "hi"])
+    assert proc.returncode in (1, 2), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    for word in words:
+        assert word in proc.stderr
+    assert "masked or non-finite" not in proc.stderr and "Warning" not in proc.stderr
+
+
+def test_11_beta_in_the_repl_and_the_mix_overflow_message(family) -> None:
+    result = run(["chat", *family.trio(), *GREEDY], input="/beta 1e308\nHi\n/quit\n")
+    assert result.exit_code == 0
+    assert result.stderr.splitlines()[-1] == ("error: invalid beta 1e+308: the mix overflows "
+                                              "float32; use a value in [-1e+06, 1e+06]")
+    rows = np.array([[3e38, 1.0], [-3e38, 2.0]], dtype=np.float32)
+    with pytest.raises(EftError, match="the mix overflowed float32"):
+        sampler.mix_logits(rows, np.array([10.0, -10.0]))
+
+
+# -- 12. llama.cpp's specific reason, not its generic last line ------------------------------
+def test_12_the_most_specific_llama_cpp_error(family, tmp_path) -> None:
+    data = family.small_ft.read_bytes()
+    future = tmp_path / "future.gguf"
+    future.write_bytes(data[:4] + struct.pack("<I", 999) + data[8:])
+    assert_one_line_error(run(["check", str(future)]),
+                          "this GGUF file is version 999 but this software only supports up "
+                          "to version 3")
+    key = b"llama.feed_forward_length"
+    at = data.index(key) + len(key) + 4
+    (n_ff,) = struct.unpack("<I", data[at:at + 4])
+    wrong = tmp_path / "wrong.gguf"
+    wrong.write_bytes(data[:at] + struct.pack("<I", 2 * n_ff) + data[at + 4:])
+    result = run(["generate", "-m", f"small_ft={wrong}", *GREEDY, "hi"])
+    assert_one_line_error(result, "tensor 'blk.0.ffn_gate.weight' has wrong shape")
+
+
+# -- 13. an unreachable hub: fast, one line, no retry log; offline advice that fits ----------
+def test_13_unreachable_hub_fails_fast_in_one_line(presets_file, monkeypatch) -> None:
+    write_presets(presets_file, """
+[presets.remote]
+formula = "small_ft"
+models.small_ft = { hf = "acme/tiny-GGUF", file = "tiny.gguf" }
+""")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    started = time.perf_counter()
+    proc = cli(["pull", "remote"])
+    assert time.perf_counter() - started < 15
+    assert_fails_in_one_line(proc, "download of hf:acme/tiny-GGUF/tiny.gguf failed: the "
+                             "connection failed (ConnectError")
+    assert proc.stderr.splitlines()[:-1] == ["small_ft: downloading hf:acme/tiny-GGUF/tiny.gguf"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline = cli(["pull", "remote"])
+    assert_fails_in_one_line(offline, "HF_HUB_OFFLINE is set (unset it")
+    assert "run `eft-local pull`" not in offline.stderr

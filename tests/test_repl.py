@@ -72,7 +72,8 @@ def test_exact_transcript_with_slash_commands(family, tmp_path: Path, monkeypatc
     )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert errors == ["error: /beta: 'abc' is not a number",
-                      "error: invalid temperature -1.0: must be a number >= 0",
+                      "error: invalid temperature -1.0: must be 0 (greedy) or in [1e-06, 1e+06] "
+                      "(beyond, float32 overflows)",
                       "error: invalid beta nan: must be a finite number"]
     transcript = json.loads((tmp_path / "t.json").read_text("utf-8"))
     assert transcript["turns"] == saved
