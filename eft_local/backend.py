@@ -29,6 +29,7 @@ from eft_local.errors import EftError  # noqa: E402
 
 VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
 ATTR_UNUSED, ATTR_CONTROL = L.LLAMA_TOKEN_ATTR_UNUSED, L.LLAMA_TOKEN_ATTR_CONTROL
+ATTR_UNKNOWN = L.LLAMA_TOKEN_ATTR_UNKNOWN
 QUANT_TYPES = {"q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0,
                "q4_k_m": L.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q5_k_m": L.LLAMA_FTYPE_MOSTLY_Q5_K_M,
                "q6_k": L.LLAMA_FTYPE_MOSTLY_Q6_K, "f16": L.LLAMA_FTYPE_MOSTLY_F16}

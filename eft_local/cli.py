@@ -200,6 +200,9 @@ def sampling_options(func: F) -> F:
         click.option("--system", metavar="TEXT", help="System prompt."),
         click.option("--stop", multiple=True, metavar="TEXT",
                      help="End the reply before this text (repeatable)."),
+        click.option("--parse-special", is_flag=True,
+                     help="Read control-token text in messages (<|im_end|>...) as control "
+                     "tokens, not as plain text (unsafe with untrusted input)."),
     ], func)
 
 
@@ -225,6 +228,7 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
                            formula=opts.get("formula"), params=params, settings=settings,
                            options=options, progress=lambda msg: click.echo(msg, err=True))
     session.stop = tuple(opts.get("stop") or ())
+    session.parse_special = bool(opts.get("parse_special"))
     return session
 
 

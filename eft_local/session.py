@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -114,6 +115,9 @@ class Session:
         self.conversation = Conversation()
         self.stop: tuple[str, ...] = ()
         """Stop strings used when a call gives none: the text ends before the first one."""
+        self.parse_special = False
+        """Parse control-token text inside messages (unsafe with untrusted input)."""
+        self._specials: re.Pattern[str] | bool | None = None
 
     # -- loading --------------------------------------------------------------------------
     def _load(self, paths: Mapping[str, Path], say: Progress) -> dict[str, Model]:
@@ -195,8 +199,15 @@ class Session:
         return self.formula.describe(self.params)
 
     # -- prompts --------------------------------------------------------------------------
-    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        """Render ``messages`` with the chat template and tokenize them (specials parsed)."""
+    def chat_tokens(self, messages: list[dict[str, str]], *,
+                    parse_special: bool | None = None) -> list[int]:
+        """Render ``messages`` with the chat template and tokenize them.
+
+        The template's own text is tokenized with special-token parsing; the messages'
+        content is not, so a control token's text typed in a message (``<|im_end|>``...)
+        stays plain text and cannot fake a turn. ``parse_special`` (default: the session's
+        :attr:`parse_special`) parses it too: the raw behaviour, for trusted input only.
+        """
         ref = self.models[self.preset.ft_role]
         vocab = self.report.vocabs.get(self.preset.ft_role)
 
@@ -205,9 +216,51 @@ class Session:
                 return ""
             return ref.piece(token, special=True).decode("utf-8", "replace")
 
-        text = render(self.template, messages, bos_token=text_of(vocab and vocab.bos),
-                      eos_token=text_of(vocab and vocab.eos))
-        return ref.tokenize(text, add_bos=False, special=True)
+        tokens = {"bos_token": text_of(vocab and vocab.bos),
+                  "eos_token": text_of(vocab and vocab.eos)}
+        text = render(self.template, messages, **tokens)
+        special = self.parse_special if parse_special is None else parse_special
+        pattern = None if special else self._special_pattern()
+        contents = [m.get("content") for m in messages]
+        if pattern is None or not any(isinstance(c, str) and pattern.search(c)
+                                      for c in contents):
+            return ref.tokenize(text, add_bos=False, special=True)
+        # where each message's content lies in the rendered text: render again with marks
+        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        parts = re.split("\ue000(\\d+)\ue001", render(self.template, marked, **tokens))
+        spans, pos = [], 0
+        for i, part in enumerate(parts):
+            piece = contents[int(part)] if i % 2 else part
+            if i % 2:
+                spans.append((pos, pos + len(piece)))
+            pos += len(piece)
+        if "".join(contents[int(p)] if i % 2 else p for i, p in enumerate(parts)) != text:
+            raise EftError("a message holds special-token text and the chat template changes "
+                           "messages, so it cannot be kept as plain text; remove it (or parse "
+                           "it as control tokens with --parse-special)")
+        out: list[int] = []
+        start = 0
+        for found in pattern.finditer(text):  # plain text where a special overlaps content
+            a, b = found.span()
+            if any(a < end and b > begin for begin, end in spans):
+                if a > start:
+                    out += ref.tokenize(text[start:a], add_bos=False, special=True)
+                out += ref.tokenize(text[a:b], add_bos=False, special=False)
+                start = b
+        if start < len(text):
+            out += ref.tokenize(text[start:], add_bos=False, special=True)
+        return out
+
+    def _special_pattern(self) -> re.Pattern[str] | None:
+        """A regex matching the text of every control token of the reference vocabulary."""
+        if self._specials is None:
+            vocab = self.report.vocabs.get(self.preset.ft_role)
+            mask = backend.ATTR_CONTROL | backend.ATTR_UNKNOWN
+            texts = sorted({t.decode("utf-8", "replace") for t, a in
+                            zip(vocab.texts, vocab.attrs, strict=False) if a & mask and t}
+                           if vocab else (), key=len, reverse=True)
+            self._specials = re.compile("|".join(map(re.escape, texts))) if texts else False
+        return self._specials or None
 
     def raw_tokens(self, prompt: str) -> list[int]:
         """Tokenize plain text (BOS added if the model's vocabulary asks for it)."""
