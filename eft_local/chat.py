@@ -275,6 +275,11 @@ class Conversation:
         if not ok:
             raise EftError(f"{path}: transcript needs 'turns': a list of "
                            "{role: user|assistant, content: text}")
+        for i, turn in enumerate(turns):
+            want = "user" if i % 2 == 0 else "assistant"
+            if turn["role"] != want:
+                raise EftError(f"{path}: turn {i + 1} is a {turn['role']} turn where a {want} "
+                               "turn belongs (turns alternate, starting with the user)")
         system = data.get("system")
         return cls(system=system if isinstance(system, str) else None,
                    turns=[{"role": t["role"], "content": t["content"]} for t in turns])

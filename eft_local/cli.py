@@ -22,6 +22,7 @@ import click
 
 from eft_local import __version__, limits
 from eft_local.errors import EftError
+from eft_local.text import printable
 
 if TYPE_CHECKING:
     from eft_local.config import Preset
@@ -38,7 +39,7 @@ def one_line(message: str) -> str:
 
 def fail(message: str, code: int = 1) -> None:
     """Print ``error: message`` on stderr and exit with ``code``."""
-    click.echo(f"error: {one_line(message)}", err=True)
+    click.echo(f"error: {printable(one_line(message))}", err=True)
     sys.exit(code)
 
 
@@ -98,7 +99,7 @@ class EftGroup(click.Group):
 def _warning_line(message: Warning | str, category: type[Warning], *_args: Any,
                   **_kwargs: Any) -> None:
     """Python warnings as one ``warning:`` line, never with a source line."""
-    click.echo(f"warning: {one_line(str(message))}", err=True)
+    click.echo(f"warning: {printable(one_line(str(message)))}", err=True)
 
 
 def _unavailable(name: str, why: str) -> click.Command:
@@ -226,7 +227,8 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
                           draft_k=opts.get("draft_k"))
     session = load_session(preset, models=tuple(opts.get("models") or ()),
                            formula=opts.get("formula"), params=params, settings=settings,
-                           options=options, progress=lambda msg: click.echo(msg, err=True))
+                           options=options,
+                           progress=lambda msg: click.echo(printable(msg), err=True))
     session.stop = tuple(opts.get("stop") or ())
     session.parse_special = bool(opts.get("parse_special"))
     return session
@@ -271,13 +273,14 @@ def models() -> None:
         if i:
             click.echo()
         mark = " (default)" if name == config.default else ""
-        click.echo(f"{name}{mark}: {preset.description}".rstrip(": "))
-        click.echo(f"  formula: {preset.formula.text}  = {preset.formula.describe(preset.params)}")
+        click.echo(printable(f"{name}{mark}: {preset.description}".rstrip(": ")))
+        click.echo(printable(
+            f"  formula: {preset.formula.text}  = {preset.formula.describe(preset.params)}"))
         width = max(len(role) for role in preset.models)
         for role, spec in preset.models.items():
             local = hub.cached_path(spec)
             state = f"present, {size_text(local.stat().st_size)}" if local else "missing"
-            click.echo(f"  {role:<{width}}  {spec.describe()}  [{state}]")
+            click.echo(printable(f"  {role:<{width}}  {spec.describe()}  [{state}]"))
 
 
 @main.command()
@@ -296,9 +299,9 @@ def pull(preset: str | None) -> None:
     for role, spec in chosen.models.items():
         local = hub.cached_path(spec)
         if local is None:
-            click.echo(f"{role}: downloading {spec.describe()}", err=True)
+            click.echo(printable(f"{role}: downloading {spec.describe()}"), err=True)
             local = hub.resolve(spec, download=True)
-        click.echo(f"{role}: present ({local}, {size_text(local.stat().st_size)})")
+        click.echo(printable(f"{role}: present ({local}, {size_text(local.stat().st_size)})"))
 
 
 @main.command()
@@ -321,9 +324,9 @@ def check(targets: tuple[str, ...], models: tuple[str, ...], as_json: bool) -> N
         click.echo(json.dumps({"preset": preset.name, **report.to_dict()}, indent=2,
                               ensure_ascii=False))
     else:
-        click.echo(f"preset: {preset.name}")
+        click.echo(printable(f"preset: {preset.name}"))
         for role, spec in preset.models.items():
-            click.echo(f"  {role}: {spec.describe()}")
+            click.echo(printable(f"  {role}: {spec.describe()}"))
         click.echo(report.render())
     if not report.ok:
         sys.exit(1)

@@ -20,8 +20,12 @@ from eft_local.chat import Conversation
 from eft_local.cli import model_options, open_session, sampling_options, write
 from eft_local.errors import EftError
 from eft_local.session import Session
+from eft_local.text import printable
 
 PROMPT = ">>> "
+MORE = "... "
+BLOCK = '"""'
+"""A line starting with this opens a multi-line message; a line ending with it closes it."""
 ReadLine = Callable[[str], "str | None"]
 
 HELP = [
@@ -40,6 +44,7 @@ HELP = [
     ("/stats", "tokens/s and time per model"),
     ("/why", "top tokens of each model and of the mix at the last step"),
     ("/help", "this list"),
+    ('"""', 'a multi-line message, ended by another """ (or end lines with \\)'),
     ("/quit", "leave (Ctrl-D works too; Ctrl-C stops a reply)"),
 ]
 ALIASES = {"lam": "lambda", "temperature": "temp", "exit": "quit", "q": "quit", "?": "help"}
@@ -85,10 +90,17 @@ def interactive() -> bool:
 
 
 def read_line(prompt: str) -> str | None:
-    """One line of input (None at end of input); piped input is echoed after the prompt."""
+    """One line of input (None at end of input); piped input is echoed after the prompt.
+
+    At a terminal, lines that arrive together with it (a paste) are joined to it, so a
+    pasted paragraph is one message.
+    """
     if sys.stdin.isatty():
         try:
-            return input(prompt)
+            line = input(prompt)
+            while _more_input_waiting():
+                line += "\n" + input("")
+            return line
         except EOFError:
             return None
     write(prompt)
@@ -100,6 +112,16 @@ def read_line(prompt: str) -> str | None:
     return line
 
 
+def _more_input_waiting(seconds: float = 0.02) -> bool:
+    """True when more typed-ahead input is already there (the rest of a paste)."""
+    try:
+        import select
+
+        return bool(select.select([sys.stdin], [], [], seconds)[0])
+    except (ImportError, OSError, ValueError):
+        return False
+
+
 # -- output helpers --------------------------------------------------------------------------
 def say(text: str) -> None:
     """One line of REPL output on stdout."""
@@ -108,7 +130,7 @@ def say(text: str) -> None:
 
 def error(message: object) -> None:
     """One error line on stderr; the session goes on."""
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {printable(str(message))}", err=True)
 
 
 def banner(session: Session) -> str:
@@ -123,7 +145,7 @@ def banner(session: Session) -> str:
     lines.append(f"  = {session.describe()}" + (f"  ({used})" if used else ""))
     lines.append(f"sampling: {sampling_text(session)}")
     lines.append("type /help for commands, /quit or Ctrl-D to leave")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))
 
 
 def sampling_text(session: Session) -> str:
@@ -164,12 +186,14 @@ class Repl:
         self.session = session
         self.max_tokens = max_tokens
         self.read = read
+        self.saved: list[dict[str, str]] = []
+        """The turns as last saved or loaded (to tell an unsaved conversation)."""
 
     def run(self) -> None:
         """Until /quit or end of input (Ctrl-D)."""
         while True:
             try:
-                line = self.read(PROMPT)
+                line = self.read_message()
             except KeyboardInterrupt:
                 write("\n")
                 continue
@@ -181,6 +205,29 @@ class Repl:
                 continue
             if not self.handle(line):
                 return
+
+    def read_message(self) -> str | None:
+        """One input: a line; lines ending in a backslash continue onto the next; a block
+        between two lines of triple quotes is one message. None at end of input."""
+        line = self.read(PROMPT)
+        if line is None:
+            return None
+        if line.strip().startswith(BLOCK):
+            first = line.strip()[len(BLOCK):]
+            if first.endswith(BLOCK) and first:
+                return first[: -len(BLOCK)]
+            lines = [first] if first else []
+            while (more := self.read(MORE)) is not None:
+                if more.rstrip().endswith(BLOCK):
+                    lines.append(more.rstrip()[: -len(BLOCK)])
+                    break
+                lines.append(more)
+            return "\n".join(lines).strip("\n")
+        lines = []
+        while line is not None and line.endswith("\\"):
+            lines.append(line[:-1])
+            line = self.read(MORE)
+        return "\n".join([*lines, line or ""])
 
     def handle(self, line: str) -> bool:
         """Run one input line; False when the user asked to quit."""
@@ -284,13 +331,19 @@ class Repl:
         conv.save(arg, extra={"preset": self.session.preset.name,
                               "formula": self.session.describe(),
                               "params": dict(self.session.params)})
+        self.saved = [dict(t) for t in conv.turns]
         say(f"saved {len(conv.turns)} turns to {arg}")
 
     def cmd_load(self, arg: str) -> None:
         if not arg:
             raise EftError("/load needs a file name")
-        self.session.conversation = Conversation.load(arg)
-        say(f"loaded {len(self.session.conversation.turns)} turns from {arg}")
+        loaded = Conversation.load(arg)
+        old = self.session.conversation.turns
+        self.session.conversation = loaded
+        replaced = (f" (replaced an unsaved conversation of {len(old)} turns)"
+                    if old and old != self.saved else "")
+        self.saved = [dict(t) for t in loaded.turns]
+        say(f"loaded {len(loaded.turns)} turns from {arg}{replaced}")
 
     def cmd_stats(self, _arg: str) -> None:
         for line in stats_lines(self.session.stats()):

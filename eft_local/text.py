@@ -30,10 +30,12 @@ class TextStream:
         return self._emit(self._pending[: len(self._pending) - hold], keep=hold)
 
     def flush(self) -> str:
-        """Everything still held back (call when generation ends without a stop string)."""
+        """Everything still held back (call when generation ends without a stop string),
+        less an incomplete UTF-8 character at the very end (a reply cut by max-tokens)."""
         if self.stopped:
             return ""
-        return self._emit(self._pending + self._decoder.decode(b"", final=True))
+        self._decoder.reset()  # drops the bytes of a character that never completed
+        return self._emit(self._pending)
 
     def _emit(self, out: str, keep: int = 0) -> str:
         self._pending = self._pending[len(self._pending) - keep:] if keep else ""
@@ -47,3 +49,11 @@ def _overlap(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+def printable(text: str) -> str:
+    """``text`` safe to echo to a terminal: control and format characters (escape
+    sequences, bidi overrides, newlines) written as Python escapes, e.g. ``\\x1b``."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)

@@ -20,6 +20,7 @@ from eft_local import config, repl, sampler
 from eft_local.chat import render
 from eft_local.errors import EftError
 from eft_local.limits import N_CTX_MAX, max_threads
+from eft_local.text import TextStream
 from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
 from tests.ggufs import SPECIALS
 
@@ -466,3 +467,63 @@ def test_14_parse_special_flag(family) -> None:
     assert safe.exit_code == raw.exit_code == 0
     assert (json.loads(stdout(safe))["prompt_tokens"]
             > json.loads(stdout(raw))["prompt_tokens"])  # the special texts as many pieces
+
+
+# -- smaller items ------------------------------------------------------------------------------
+def test_multi_line_messages_in_the_repl(family, monkeypatch) -> None:
+    seen: list[str] = []
+
+    def answer(self, message: str) -> None:
+        seen.append(message)
+
+    monkeypatch.setattr(repl.Repl, "answer", answer)
+    script = 'one \\\ntwo\n"""\nblock a\n\nblock b\n"""\n"""inline"""\nsingle\n/quit\n'
+    result = run(["chat", *family.trio(), *GREEDY], input=script)
+    assert result.exit_code == 0, result.output
+    assert seen == ["one \ntwo", "block a\n\nblock b", "inline", "single"]
+
+
+def test_a_paste_at_a_terminal_is_one_message(monkeypatch) -> None:
+    lines = iter(["first line", "second line", "third"])
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    waiting = iter([True, True, False])
+    monkeypatch.setattr(repl, "_more_input_waiting", lambda: next(waiting))
+    assert repl.read_line(">>> ") == "first line\nsecond line\nthird"
+
+
+def test_load_validates_and_says_what_it_replaced(family, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "twice.json").write_text(json.dumps(
+        {"turns": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}))
+    (tmp_path / "ok.json").write_text(json.dumps(
+        {"turns": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}))
+    script = "/load twice.json\nHi\n/load ok.json\n/load ok.json\n/quit\n"
+    result = run(["chat", *family.trio(), *GREEDY], input=script)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[-1] == (
+        "error: twice.json: turn 2 is a user turn where a assistant turn belongs (turns "
+        "alternate, starting with the user)")
+    assert ("loaded 2 turns from ok.json (replaced an unsaved conversation of 2 turns)\n"
+            ">>> /load ok.json\nloaded 2 turns from ok.json\n") in stdout(result)
+
+
+def test_an_incomplete_character_at_the_end_is_held_back() -> None:
+    stream = TextStream()
+    assert stream.push("a€".encode()[:3]) == "a"  # max-tokens cut the euro sign's 3 bytes
+    assert stream.flush() == ""
+    assert stream.text == "a"
+
+
+def test_control_characters_in_preset_names_are_escaped(presets_file, family) -> None:
+    write_presets(presets_file, f"""
+[presets."evil\\u001b[2J\\u202e"]
+description = "clears\\u001b[31m the screen"
+formula = "small_ft"
+models.small_ft = {{ path = "{family.small_ft}" }}
+""")
+    result = run(["models"])
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\u202e" not in result.output
+    assert "evil\\x1b[2J\\u202e: clears\\x1b[31m the screen" in stdout(result)
+    assert_one_line_error(run(["check", "evil\x1b[2J"]), "unknown preset 'evil\\x1b[2J'")
