@@ -91,7 +91,8 @@ def make_engine(models: Mapping[str, Model], roles: Sequence[str], ref_role: str
     """An engine over a subset of loaded models (the reference is the first if absent)."""
     sub = {r: models[r] for r in roles}
     ref = ref_role if ref_role in sub else roles[0]
-    return Engine(sub, ref_role=ref, allowed=allowed, parallel=parallel, n_threads=n_threads)
+    return Engine(sub, template_role=ref, allowed=allowed, parallel=parallel,
+                  n_threads=n_threads)
 
 
 def set_threads(engine: Engine, mode: str = "seq") -> None:
@@ -156,7 +157,8 @@ def run_table(models: Mapping[str, Model], roles: tuple[str, ...], ref_role: str
                           n_threads=n_threads)
         w = np.array([full[r] if len(c.roles) > 1 else 1.0 for r in c.roles], np.float32)
         spec = None if c.draft_k == "plain" else Speculator(
-            eng, draft_k=c.draft_k, reuse_draft_rows=c.reuse)  # type: ignore[arg-type]
+            eng, draft_k=c.draft_k, reuse_draft_rows=c.reuse,  # type: ignore[arg-type]
+            draft_role=eng.template_role)
         runners.append((c, eng, spec, w))
     tallies = {c.label: Tally() for c in configs}
     for c, eng, spec, w in runners:  # warm-up (also lets the adaptive size settle)
@@ -274,7 +276,7 @@ def sampler_costs(vocabs: Sequence[int] = SAMPLER_VOCABS, repeats: int = 30
         shared = ranked[rng.permutation(vocab)]
         shapes = {"zipf": (shared + 0.5 * rng.standard_normal((3, vocab))).astype(np.float32),
                   "flat": (3.0 * rng.standard_normal((3, vocab))).astype(np.float32)}
-        eng = Engine({r: _Dummy() for r in ("a", "b", "c")}, ref_role="b",
+        eng = Engine({r: _Dummy() for r in ("a", "b", "c")}, template_role="b",
                      allowed=np.ones(vocab, dtype=bool))
         w = np.array([1.0, 1.0, -1.0], dtype=np.float32)
         for shape, rows in shapes.items():
@@ -446,7 +448,7 @@ def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats:
     session = load_session(preset, models=models, options=LoadOptions(
         n_ctx=512, n_threads=n_threads, parallel=False, speculative=False))
     try:
-        roles, ref = session.engine.roles, session.preset.ft_role
+        roles, ref = session.engine.roles, session.preset.template_role
         large = next((r for r in roles if r.startswith("large")), roles[0])
         files = ", ".join(f"{r}={Path(session.models[r].path).name} "
                           f"({Path(session.models[r].path).stat().st_size / 2**20:.1f} MiB)"

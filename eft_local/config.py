@@ -29,7 +29,11 @@ ENV_CONFIG = "EFT_LOCAL_CONFIG"
 _LOAD_KEYS = {"n_ctx": (0, N_CTX_MAX), "n_gpu_layers": (-1, N_GPU_LAYERS_MAX),
               "n_threads": (1, None), "n_batch": (1, N_CTX_MAX)}
 """Load options per model: (lowest, highest) value; None: max_threads() on this machine."""
-_PRESET_KEYS = {"description", "formula", "models", "ft_role", "chat_template", *PARAMETERS}
+ROLE_KEYS = ("template_role", "draft_role", "conservative_role")
+"""What a role does besides its weight: chat template, tokenizer and stop tokens; drafting
+for speculative decoding; the reference of conservative decoding."""
+_PRESET_KEYS = {"description", "formula", "models", "ft_role", "chat_template", *ROLE_KEYS,
+                *PARAMETERS}
 
 
 @dataclass(frozen=True)
@@ -60,16 +64,24 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Preset:
-    """A named combination: models by role and the formula that mixes them."""
+    """A named combination: models by role and the formula that mixes them.
+
+    ``template_role``: chat template, tokenizer and stop tokens. ``draft_role``: the model
+    that drafts for speculative decoding (None: the cheapest model with a non-zero weight,
+    chosen when generating). ``conservative_role``: whose top-p set conservative decoding
+    keeps (None: the fine-tuned model with the largest positive weight).
+    """
 
     name: str
     models: Mapping[str, ModelSpec]
     formula: Formula
-    ft_role: str
+    template_role: str
     description: str = ""
     params: Mapping[str, float] = field(default_factory=lambda: dict(PARAMETERS))
     chat_template: str | None = None
     origin: str = ""
+    draft_role: str | None = None
+    conservative_role: str | None = None
 
     def with_formula(self, text: str) -> Preset:
         """The same models mixed by another formula."""
@@ -173,15 +185,36 @@ def parse_preset(name: str, table: Any, path: Path) -> Preset:
     for key in PARAMETERS:
         if key in table:
             params[key] = _number(table[key], f"{where}: {key}")
-    ft_role = table.get("ft_role") or default_ft_role(tuple(models))
-    if ft_role not in models:
-        raise EftError(f"{where}: ft_role {ft_role!r} is not one of its models")
+    roles = _parse_roles(table, tuple(models), where)
     template = table.get("chat_template")
     if template is not None and not isinstance(template, str):
         raise EftError(f"{where}: chat_template must be a string")
-    return Preset(name=name, models=models, formula=formula, ft_role=ft_role,
+    return Preset(name=name, models=models, formula=formula,
                   description=str(table.get("description", "")), params=params,
-                  chat_template=template, origin=str(path))
+                  chat_template=template, origin=str(path), **roles)
+
+
+def _parse_roles(table: Mapping[str, Any], models: tuple[str, ...], where: str
+                 ) -> dict[str, Any]:
+    """template_role, draft_role, conservative_role. ``ft_role``, the old single key, is an
+    alias of template_role and the default conservative_role (the fine-tuned model it
+    named); draft_role keeps its default (the cheapest model with weight)."""
+    if "ft_role" in table and "template_role" in table:
+        raise EftError(f"{where}: give template_role or its old name ft_role, not both")
+    out: dict[str, Any] = {}
+    if "ft_role" in table and "conservative_role" not in table:
+        table = {**table, "conservative_role": table["ft_role"]}  # what ft_role meant there
+    for key in ROLE_KEYS:
+        source = "ft_role" if key == "template_role" and "ft_role" in table else key
+        value = table.get(source)
+        if value is None:
+            out[key] = default_template_role(models) if key == "template_role" else None
+            continue
+        if not isinstance(value, str) or value not in models:
+            raise EftError(f"{where}: {source} {value!r} is not one of its models "
+                           f"({', '.join(models)})")
+        out[key] = value
+    return out
 
 
 def parse_model(role: str, spec: Any, where: str, base_dir: Path) -> ModelSpec:
@@ -239,11 +272,31 @@ def check_repo_id(repo: Any, where: str) -> None:
                        "letters, digits, '-', '_' and '.')")
 
 
-def default_ft_role(roles: tuple[str, ...]) -> str:
-    """small_ft if present, else the first role with 'ft' in its name, else the first."""
+def is_fine_tuned(role: str) -> bool:
+    """A role named as a fine-tuned model: ``ft`` is one of its ``_``-separated parts."""
+    return "ft" in role.split("_")
+
+
+def default_template_role(roles: tuple[str, ...]) -> str:
+    """small_ft if present, else the first fine-tuned role, else the first."""
     if "small_ft" in roles:
         return "small_ft"
-    return next((r for r in roles if "ft" in r.split("_")), roles[0])
+    return next((r for r in roles if is_fine_tuned(r)), roles[0])
+
+
+def default_conservative_role(formula: Formula, params: Mapping[str, float]) -> str:
+    """The fine-tuned model of the formula's delta under these knobs: the fine-tuned role
+    (see :func:`is_fine_tuned`) with the largest positive weight (small_ft for up-scaling,
+    large_ft for down-scaling); without one, the positive role that ``beta`` scales up;
+    else the role with the largest weight. Equal weights: the first role."""
+    weights = formula.weights(params)
+    positive = [r for r, w in weights.items() if w > 0]
+    pool = [r for r in positive if is_fine_tuned(r)]
+    if not pool and "beta" in formula.params:
+        one, zero = (formula.weights({**params, "beta": b}) for b in (1.0, 0.0))
+        pool = [r for r in positive if one[r] > zero[r]]
+    pool = pool or positive or list(weights)
+    return max(pool, key=lambda r: weights[r])
 
 
 def preset_from_paths(pairs: list[str], *, formula: str | None = None) -> Preset:
@@ -267,7 +320,8 @@ def preset_from_paths(pairs: list[str], *, formula: str | None = None) -> Preset
             raise EftError(f"roles {', '.join(roles)}: give --formula (the default up-scaling "
                            "needs large_base, small_ft and small_base)")
     return Preset(name="command-line", models=models,
-                  formula=parse_formula(formula, roles=roles), ft_role=default_ft_role(roles),
+                  formula=parse_formula(formula, roles=roles),
+                  template_role=default_template_role(roles),
                   description="models given with --model")
 
 

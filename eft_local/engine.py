@@ -82,17 +82,27 @@ class Stats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
 
+SAME_COST = 0.1
+"""Model files whose sizes differ by at most this fraction cost the same to decode (a base
+and its instruct model differ by a chat template and metadata)."""
+
+
 class Engine:
     """Decode with a weighted mix of ``models`` (role -> model), masked by ``allowed``."""
 
-    def __init__(self, models: Mapping[str, Model], *, ref_role: str, allowed: np.ndarray,
-                 parallel: bool = False, n_threads: int | None = None) -> None:
-        if ref_role not in models:
-            raise EftError(f"reference role {ref_role!r} is not among the models")
+    def __init__(self, models: Mapping[str, Model], *, template_role: str, allowed: np.ndarray,
+                 conservative_role: str | None = None, parallel: bool = False,
+                 n_threads: int | None = None) -> None:
         self.models = dict(models)
         self.roles = tuple(self.models)
-        self.ref_role = ref_role
-        self.ref_index = self.roles.index(ref_role)
+        for kind, role in (("template", template_role), ("conservative", conservative_role)):
+            if role is not None and role not in self.models:
+                raise EftError(f"{kind} role {role!r} is not among the models "
+                               f"({', '.join(self.roles)})")
+        self.template_role = template_role
+        self.conservative_role = conservative_role or template_role
+        """Whose top-p set conservative decoding keeps, and whose own pick diagnostics show
+        (the session sets it from the preset, or the formula's fine-tuned model)."""
         self.allowed = allowed
         self.width = int(allowed.size)
         self.n_ctx = min(m.n_ctx for m in self.models.values())
@@ -107,9 +117,28 @@ class Engine:
             self.share_threads()
 
     @property
-    def ref(self) -> Model:
-        """The fine-tuned model: tokenizer, template and stop tokens come from it."""
-        return self.models[self.ref_role]
+    def template_model(self) -> Model:
+        """The model whose tokenizer, chat template and end-of-generation tokens are used."""
+        return self.models[self.template_role]
+
+    def is_eog(self, token: int) -> bool:
+        """True when ``token`` ends generation (the template model's EOS/EOT/EOG ids)."""
+        return self.template_model.is_eog(token)
+
+    def index(self, role: str) -> int:
+        """Position of ``role`` in :attr:`roles` (and in rows and weights)."""
+        return self.roles.index(role)
+
+    def cheapest_role(self, weights: np.ndarray, prefer: str | None = None) -> str:
+        """The cheapest model with a non-zero weight: the smallest file, where files within
+        :data:`SAME_COST` of the smallest count as equal and ``prefer`` (then role order)
+        breaks the tie. The default drafter for speculative decoding."""
+        live = [r for r, w in zip(self.roles, np.asarray(weights), strict=True) if w != 0]
+        live = live or list(self.roles)
+        cost = {r: _file_size(self.models[r]) for r in live}
+        low = min(cost.values())
+        cheap = [r for r in live if cost[r] <= low * (1.0 + SAME_COST)]
+        return prefer if prefer in cheap else cheap[0]
 
     # -- threads --------------------------------------------------------------------------
     def share_threads(self) -> None:
@@ -184,7 +213,7 @@ class Engine:
 
     def advance(self, token: int) -> None:
         """Append one token to every model; sets :attr:`rows` to the next position."""
-        n = len(self.ref.tokens)
+        n = len(self.template_model.tokens)
         self.rows = self.evaluate(n, [token])[:, -1, :]
 
     # -- one sampling step ----------------------------------------------------------------
@@ -193,7 +222,7 @@ class Engine:
         """The mixed log-probs for one position, before temperature and filters."""
         mixed = sampler.mix_logits(rows, weights, self.allowed)
         if settings.conservative_top_p is not None:
-            ref = self.model_logprobs(rows, self.ref_index)
+            ref = self.model_logprobs(rows, self.index(self.conservative_role))
             mixed = sampler.conservative(mixed, ref, settings.conservative_top_p)
         return mixed
 
@@ -212,7 +241,8 @@ class Engine:
             lps = [self.model_logprobs(rows, i) for i in range(len(self.roles))]
             p_models = {r: float(np.exp(lp[token]))
                         for r, lp in zip(self.roles, lps, strict=True)}
-            ref_token, _ = sampler.pick(lps[self.ref_index], settings, position)
+            ref_token, _ = sampler.pick(lps[self.index(self.conservative_role)], settings,
+                                        position)
         self.last = (rows, weights)
         self.stats.sampler_seconds += time.perf_counter() - start
         return Step(position=position, token=token, p_mix=float(np.exp(final[token])),
@@ -244,7 +274,7 @@ class Engine:
                                    diagnostics=diagnostics)
                 self.count_token(started)
                 yield step
-                if self.ref.is_eog(step.token):
+                if self.is_eog(step.token):
                     self.finish_reason = "eog"
                     return
                 position += 1
@@ -284,9 +314,11 @@ def _lanes(models: Mapping[str, Model], n_threads: int) -> list[list[str]]:
 
 
 def _file_size(model: Model) -> int:
+    """Bytes of the model's file (its ``file_size()`` when it has one), 1 if unknown."""
     try:
-        return Path(model.path).stat().st_size
-    except (OSError, TypeError):
+        sized = getattr(model, "file_size", None)
+        return int(sized()) if callable(sized) else Path(model.path).stat().st_size
+    except (OSError, TypeError, ValueError):
         return 1
 
 

@@ -242,7 +242,8 @@ def evaluate_targets(targets: Sequence[Target], questions: Sequence[Question], *
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(targets):
         key = (tuple((r, s.describe()) for r, s in t.preset.models.items()),
-               t.preset.formula.text, t.preset.ft_role)
+               t.preset.formula.text, t.preset.template_role, t.preset.draft_role,
+               t.preset.conservative_role)
         groups.setdefault(key, []).append(i)
     settings = SamplerSettings(temperature=0.0)
     for indices in groups.values():

@@ -22,7 +22,13 @@ import numpy as np
 
 from eft_local import backend, hub, limits, speculative
 from eft_local.chat import FALLBACK_TEMPLATE, Conversation, render
-from eft_local.config import Config, Preset, load_config, preset_from_paths
+from eft_local.config import (
+    Config,
+    Preset,
+    default_conservative_role,
+    load_config,
+    preset_from_paths,
+)
 from eft_local.engine import Engine, Model, Step
 from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS
@@ -76,7 +82,7 @@ def check_models(preset: Preset, *, download: bool = False) -> AlignmentReport:
     """The tokenizer-alignment report for a preset's models (vocabularies only)."""
     vocabs = {role: backend.read_vocab(hub.resolve(spec, download=download))
               for role, spec in preset.models.items()}
-    return align(vocabs, reference=preset.ft_role)
+    return align(vocabs, reference=preset.template_role)
 
 
 class Session:
@@ -98,7 +104,7 @@ class Session:
         if models is None:
             paths = {role: hub.resolve(spec) for role, spec in preset.models.items()}
             report = align({r: backend.read_vocab(p) for r, p in paths.items()},
-                           reference=preset.ft_role)
+                           reference=preset.template_role)
             if not report.ok:
                 raise EftError(f"preset {preset.name!r}: models do not share a token space: "
                                f"{report.summary()}")
@@ -107,9 +113,10 @@ class Session:
             raise EftError("pass the alignment report together with pre-loaded models")
         self.report = report
         self.models = dict(models)
-        self.engine = Engine(self.models, ref_role=preset.ft_role, allowed=report.allowed,
+        self.engine = Engine(self.models, template_role=preset.template_role,
+                             conservative_role=self.conservative_role(), allowed=report.allowed,
                              parallel=self.options.parallel, n_threads=self.options.n_threads)
-        ref = self.models[preset.ft_role]
+        ref = self.models[preset.template_role]
         self.template = (preset.chat_template or getattr(ref, "chat_template", lambda: None)()
                          or FALLBACK_TEMPLATE)
         self.conversation = Conversation()
@@ -198,6 +205,24 @@ class Session:
         """The formula with numbers filled in."""
         return self.formula.describe(self.params)
 
+    # -- roles ----------------------------------------------------------------------------
+    def conservative_role(self) -> str:
+        """Whose top-p set conservative decoding keeps: the preset's conservative_role, else
+        the formula's fine-tuned model under the current knobs."""
+        return self.preset.conservative_role or default_conservative_role(self.formula,
+                                                                          self.params)
+
+    def draft_role(self) -> str:
+        """The model that drafts: the preset's draft_role, else the cheapest model (smallest
+        file) with a non-zero weight under the current knobs."""
+        return self.preset.draft_role or self.engine.cheapest_role(
+            self.weights(), prefer=self.conservative_role())
+
+    def roles(self) -> dict[str, str]:
+        """What each role does now: template, draft and conservative reference."""
+        return {"template": self.preset.template_role, "draft": self.draft_role(),
+                "conservative": self.conservative_role()}
+
     # -- prompts --------------------------------------------------------------------------
     def chat_tokens(self, messages: list[dict[str, str]], *,
                     parse_special: bool | None = None) -> list[int]:
@@ -208,8 +233,8 @@ class Session:
         stays plain text and cannot fake a turn. ``parse_special`` (default: the session's
         :attr:`parse_special`) parses it too: the raw behaviour, for trusted input only.
         """
-        ref = self.models[self.preset.ft_role]
-        vocab = self.report.vocabs.get(self.preset.ft_role)
+        ref = self.models[self.preset.template_role]
+        vocab = self.report.vocabs.get(self.preset.template_role)
 
         def text_of(token: int | None) -> str:
             if token is None or token < 0:
@@ -254,7 +279,7 @@ class Session:
     def _special_pattern(self) -> re.Pattern[str] | None:
         """A regex matching the text of every control token of the reference vocabulary."""
         if self._specials is None:
-            vocab = self.report.vocabs.get(self.preset.ft_role)
+            vocab = self.report.vocabs.get(self.preset.template_role)
             mask = backend.ATTR_CONTROL | backend.ATTR_UNKNOWN
             texts = sorted({t.decode("utf-8", "replace") for t, a in
                             zip(vocab.texts, vocab.attrs, strict=False) if a & mask and t}
@@ -264,7 +289,8 @@ class Session:
 
     def raw_tokens(self, prompt: str) -> list[int]:
         """Tokenize plain text (BOS added if the model's vocabulary asks for it)."""
-        return self.models[self.preset.ft_role].tokenize(prompt, add_bos=True, special=False)
+        return self.models[self.preset.template_role].tokenize(prompt, add_bos=True,
+                                                               special=False)
 
     # -- generation -----------------------------------------------------------------------
     def stream(self, tokens: list[int], *, max_tokens: int = 512,
@@ -273,13 +299,17 @@ class Session:
         """Generate after ``tokens``; yields text chunks, the last one carries ``finish``."""
         if max_tokens < 1:
             raise EftError(f"invalid max_tokens {max_tokens}: must be >= 1")
-        ref = self.models[self.preset.ft_role]
+        ref = self.models[self.preset.template_role]
         text = TextStream(self.stop if stop is None else stop)
         finish = "length"
         weights = self.weights()
+        self.engine.conservative_role = self.conservative_role()
+        drafter = self.draft_role()
         generate = self.engine.generate
-        if self.options.speculative and speculative.worth_speculating(self.engine, weights):
-            generate = speculative.speculator(self.engine, self.options.draft_k).generate
+        if self.options.speculative and speculative.worth_speculating(self.engine, weights,
+                                                                      drafter):
+            generate = speculative.speculator(self.engine, self.options.draft_k,
+                                              self.preset.draft_role).generate
         steps = generate(tokens, weights, self.settings, max_tokens=max_tokens,
                          diagnostics=diagnostics)
         try:
@@ -364,7 +394,7 @@ class Session:
     # -- introspection --------------------------------------------------------------------
     def token_text(self, token: int) -> str:
         """A token's text, control tokens shown as themselves."""
-        ref = self.models[self.preset.ft_role]
+        ref = self.models[self.preset.template_role]
         return ref.piece(token, special=True).decode("utf-8", "replace")
 
     def why(self, k: int = 5) -> dict[str, list[tuple[str, float]]]:

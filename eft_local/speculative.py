@@ -1,6 +1,7 @@
-"""Speculative EFT decoding (paper section 4.3): draft with the reference, verify in blocks.
+"""Speculative EFT decoding (paper section 4.3): draft with one model, verify in blocks.
 
-The reference model (the small fine-tuned one) drafts up to ``k`` tokens, each drawn from
+The draft model (the preset's ``draft_role``, by default the cheapest model with a non-zero
+weight, see :meth:`Engine.cheapest_role`) drafts up to ``k`` tokens, each drawn from
 its own filtered distribution with the same position-seeded uniform that plain decoding
 uses, so draft and verifier are coupled. Every model then evaluates the block in one
 batched decode with a row per position; the true mixed distribution of each position is
@@ -136,9 +137,10 @@ def _ema(old: float | None, new: float, rate: float = 0.2) -> float:
     return new if old is None else (1.0 - rate) * old + rate * new
 
 
-def worth_speculating(engine: Engine, weights: np.ndarray) -> bool:
-    """True when some model besides the reference has a non-zero weight in the mix."""
-    return any(w != 0 for i, w in enumerate(np.asarray(weights)) if i != engine.ref_index)
+def worth_speculating(engine: Engine, weights: np.ndarray, draft_role: str) -> bool:
+    """True when some model besides the drafter has a non-zero weight in the mix."""
+    skip = engine.index(draft_role)
+    return any(w != 0 for i, w in enumerate(np.asarray(weights)) if i != skip)
 
 
 class Speculator:
@@ -146,11 +148,19 @@ class Speculator:
     :meth:`Engine.generate` (same steps, same stops, ``finish_reason`` set on the engine)."""
 
     def __init__(self, engine: Engine, *, draft_k: int | None = None,
-                 stop_below: float | None = None, reuse_draft_rows: bool = True) -> None:
+                 stop_below: float | None = None, reuse_draft_rows: bool = True,
+                 draft_role: str | None = None) -> None:
         if draft_k is not None and (isinstance(draft_k, bool) or draft_k < 1):
             raise EftError(f"invalid draft_k {draft_k!r}: must be an integer >= 1 (or None "
                            "for an adaptive block size)")
+        if draft_role is not None and draft_role not in engine.models:
+            raise EftError(f"draft role {draft_role!r} is not among the models "
+                           f"({', '.join(engine.roles)})")
         self.engine = engine
+        self.draft_role = draft_role
+        """The drafting model; None: the cheapest one with weight, chosen per generation."""
+        self.drafter = draft_role or engine.template_role
+        """The model drafting in the current (or last) generation."""
         self.sizer = BlockSizer(fixed=draft_k)
         self.stop_below = (STOP_BELOW if draft_k is None else 0.0) if stop_below is None \
             else stop_below
@@ -168,6 +178,8 @@ class Speculator:
                  *, max_tokens: int, diagnostics: bool = False) -> Iterator[Step]:
         """Yield the tokens plain decoding would yield, drafting and verifying in blocks."""
         eng = self.engine
+        self.drafter = self.draft_role or eng.cheapest_role(
+            weights, prefer=eng.conservative_role)
         started = time.perf_counter()
         eng.finish_reason = "length"
         eng.prime(tokens)
@@ -216,7 +228,7 @@ class Speculator:
     def _stopped(self, token: int, next_position: int, emitted: int, max_tokens: int) -> bool:
         """The stops of plain decoding, in its order; sets the engine's finish reason."""
         eng = self.engine
-        if eng.ref.is_eog(token):
+        if eng.is_eog(token):
             eng.finish_reason = "eog"
             return True
         if next_position >= eng.n_ctx:
@@ -227,14 +239,14 @@ class Speculator:
     # -- draft, verify, bookkeeping -------------------------------------------------------
     def _draft(self, seq: list[int], head: np.ndarray | None, settings: SamplerSettings,
                k: int) -> tuple[list[int], list[np.ndarray]]:
-        """Up to ``k`` tokens from the reference alone, drawn with the positions' uniforms,
-        and the reference's row before each of them."""
+        """Up to ``k`` tokens from the draft model alone, drawn with the positions' uniforms,
+        and the draft model's row before each of them."""
         if k == 0:
             return [], []
         eng = self.engine
-        role = eng.ref_role
+        role = self.drafter
         if head is not None:
-            row = head[eng.ref_index]
+            row = head[eng.index(role)]
         else:
             row = eng.evaluate_role(role, len(seq) - 1, seq[-1:])[-1]
         draft: list[int] = []
@@ -246,7 +258,7 @@ class Speculator:
                 return draft, rows
             draft.append(token)
             rows.append(row)
-            if len(draft) == k or eng.ref.is_eog(token):
+            if len(draft) == k or eng.is_eog(token):
                 return draft, rows
             row = eng.evaluate_role(role, len(seq) + len(draft) - 1, [token])[-1]
 
@@ -269,12 +281,13 @@ class Speculator:
             return rows if head is None else np.concatenate([head[:, None, :], rows], axis=1)
         keeps = [start] * len(eng.roles)
         batches = [block] * len(eng.roles)
-        keeps[eng.ref_index] = len(seq) + len(draft) - 1
-        batches[eng.ref_index] = draft[-1:]
+        drafter = eng.index(self.drafter)
+        keeps[drafter] = len(seq) + len(draft) - 1
+        batches[drafter] = draft[-1:]
         each = eng.evaluate_each(keeps, batches, all_logits=True)
         out = []
         for i, rows in enumerate(each):
-            if i == eng.ref_index:
+            if i == drafter:
                 out.append(np.concatenate([np.stack(ref_rows), rows]))
             else:
                 out.append(rows if head is None else np.concatenate([head[i][None], rows]))
@@ -303,7 +316,8 @@ class Speculator:
         if self._plain_steps % SHADOW_EVERY:
             return None
         eng = self.engine
-        own = sampler.log_softmax(np.where(eng.allowed, rows[eng.ref_index], sampler.NEG_INF))
+        own = sampler.log_softmax(np.where(eng.allowed, rows[eng.index(self.drafter)],
+                                           sampler.NEG_INF))
         return sampler.pick(own, settings, position)[0]
 
     def _rewind_to(self, seq: list[int]) -> None:
@@ -315,9 +329,10 @@ class Speculator:
 _SPECULATORS: weakref.WeakKeyDictionary[Engine, Speculator] = weakref.WeakKeyDictionary()
 
 
-def speculator(engine: Engine, draft_k: int | None) -> Speculator:
+def speculator(engine: Engine, draft_k: int | None, draft_role: str | None = None
+               ) -> Speculator:
     """The engine's speculator (created once, so the adaptive state lasts across turns)."""
     spec = _SPECULATORS.get(engine)
-    if spec is None or spec.draft_k != draft_k:
-        spec = _SPECULATORS[engine] = Speculator(engine, draft_k=draft_k)
+    if spec is None or spec.draft_k != draft_k or spec.draft_role != draft_role:
+        spec = _SPECULATORS[engine] = Speculator(engine, draft_k=draft_k, draft_role=draft_role)
     return spec

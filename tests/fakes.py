@@ -22,13 +22,15 @@ class FakeModel:
     """Implements :class:`eft_local.engine.Model` without llama.cpp."""
 
     def __init__(self, *, seed: int, noise: float = 0.3, n_vocab: int = 48, n_ctx: int = 256,
-                 family: int = 7, scale: float = 2.5, eog_bias: float = -1.5) -> None:
+                 family: int = 7, scale: float = 2.5, eog_bias: float = -1.5,
+                 size: int = 1) -> None:
         self.path = Path(f"fake-{seed}.gguf")
         self.n_vocab = n_vocab
         self.n_ctx = n_ctx
         self.tokens: list[int] = []
         self.seed, self.noise, self.family, self.scale = seed, noise, family, scale
         self.eog_bias = eog_bias
+        self.size = size
         self.eval_calls = 0
         self._hashes = [12345]
 
@@ -57,6 +59,10 @@ class FakeModel:
         """Forget positions from ``n_past`` on."""
         del self.tokens[n_past:]
         del self._hashes[n_past + 1:]
+
+    def file_size(self) -> int:
+        """The pretended size of the model file (what drafting cost is judged by)."""
+        return self.size
 
     def is_eog(self, token: int) -> bool:
         """Token 1 ends generation."""

@@ -8,12 +8,14 @@ import pytest
 
 from eft_local.config import (
     FAMILY_DIR,
+    default_conservative_role,
     load_config,
     preset_from_paths,
     shipped_config_path,
     user_config_path,
 )
 from eft_local.errors import EftError
+from eft_local.formula import PARAMETERS, parse_formula
 
 
 def write(path: Path, text: str) -> Path:
@@ -27,7 +29,7 @@ def test_shipped_presets_parse_and_default_is_the_bundled_up_scaling() -> None:
     assert preset.name == "tiny-up"
     assert preset.formula.roles == ("large_base", "small_ft", "small_base")
     assert all(spec.path.parent == FAMILY_DIR for spec in preset.models.values())
-    assert config.get("tiny-down").ft_role == "large_ft"
+    assert config.get("tiny-down").template_role == "large_ft"
     qwen = config.get("qwen2.5-up").models["small_base"]
     assert qwen.hf_repo and qwen.hf_file.endswith(".gguf") and qwen.path is None
     assert shipped_config_path().is_file()
@@ -108,12 +110,73 @@ def test_unknown_preset_lists_known_ones() -> None:
 
 def test_models_from_the_command_line() -> None:
     p = preset_from_paths(["large_base=a.gguf", "small_ft=b.gguf", "small_base=c.gguf"])
-    assert p.formula.text.startswith("large_base + beta") and p.ft_role == "small_ft"
+    assert p.formula.text.startswith("large_base + beta") and p.template_role == "small_ft"
     single = preset_from_paths(["chat=x.gguf"])
-    assert single.formula.roles == ("chat",) and single.ft_role == "chat"
+    assert single.formula.roles == ("chat",) and single.template_role == "chat"
     custom = preset_from_paths(["a=1.gguf", "b_ft=2.gguf"], formula="a + 0.5*b_ft")
-    assert custom.ft_role == "b_ft"
+    assert custom.template_role == "b_ft"
     for bad, message in [(["nopath"], "expected ROLE=PATH"), (["a=x", "a=y"], "given twice"),
                          (["a b=x"], "plain name"), (["a=x", "b=y"], "give --formula")]:
         with pytest.raises(EftError, match=message):
             preset_from_paths(bad)
+
+
+def test_role_keys_default_alias_and_explicit(tmp_path: Path) -> None:
+    config = load_config(user=Path("/nonexistent.toml"))
+    down = config.get("tiny-down")
+    assert (down.template_role, down.draft_role, down.conservative_role) == (
+        "large_ft", None, None)  # draft and conservative follow the knobs
+    user = write(tmp_path / "user.toml", """
+[presets.old]
+formula = "large_base + beta * (chat - base)"
+ft_role = "chat"
+[presets.old.models]
+large_base = "big.gguf"
+chat = "chat.gguf"
+base = "base.gguf"
+[presets.new]
+formula = "up"
+template_role = "large_base"
+draft_role = "small_base"
+conservative_role = "small_ft"
+[presets.new.models]
+large_base = "big.gguf"
+small_ft = "chat.gguf"
+small_base = "base.gguf"
+""")
+    config = load_config(user=user)
+    old, new = config.get("old"), config.get("new")
+    assert (old.template_role, old.draft_role, old.conservative_role) == ("chat", None, "chat")
+    assert (new.template_role, new.draft_role, new.conservative_role) == (
+        "large_base", "small_base", "small_ft")
+
+
+@pytest.mark.parametrize("line,message", [
+    ("draft_role = 'z'", "preset 'p': draft_role 'z' is not one of its models (a, b_ft)"),
+    ("conservative_role = 3", "preset 'p': conservative_role 3 is not one of its models"),
+    ("template_role = 'zz'", "preset 'p': template_role 'zz' is not one of its models"),
+    ("template_role = 'a'\nft_role = 'a'", "give template_role or its old name ft_role"),
+])
+def test_bad_role_keys_name_file_preset_and_key(tmp_path: Path, line: str, message: str
+                                                ) -> None:
+    user = write(tmp_path / "bad.toml",
+                 f"[presets.p]\nformula='a + b_ft'\n{line}\n[presets.p.models]\n"
+                 "a='a.gguf'\nb_ft='b.gguf'\n")
+    with pytest.raises(EftError) as err:
+        load_config(user=user)
+    assert message in str(err.value) and "bad.toml" in str(err.value)
+
+
+@pytest.mark.parametrize("formula,params,expected", [
+    ("up", {}, "small_ft"),
+    ("down", {}, "large_ft"),
+    ("amplified", {"beta": 1.5}, "small_ft"),
+    ("interpolate", {"lam": 0.5}, "small_ft"),
+    ("interpolate", {"lam": 0.0}, "small_ft_alt"),
+    ("large_base + beta * (chat - base)", {}, "chat"),
+    ("large_ft", {}, "large_ft"),
+])
+def test_default_conservative_role_is_the_fine_tuned_model_of_the_delta(
+        formula: str, params: dict, expected: str) -> None:
+    f = parse_formula(formula)
+    assert default_conservative_role(f, {**PARAMETERS, **params}) == expected

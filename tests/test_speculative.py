@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from eft_local import backend
 from eft_local.config import preset_from_paths
 from eft_local.engine import Engine, Step
+from eft_local.errors import EftError
 from eft_local.formula import PRESET_FORMULAS, parse_formula
 from eft_local.sampler import SamplerSettings
-from eft_local.session import LoadOptions, Session
+from eft_local.session import LoadOptions, Session, load_session
 from eft_local.speculative import BlockSizer, Speculator, speculator, worth_speculating
 from eft_local.vocab import align
 from tests import ggufs
@@ -34,7 +35,7 @@ def fake_engine(formula: str, *, noise: float = 0.3, n_ctx: int = 256, n_vocab: 
     roles = FORMULA_ROLES[formula]
     models = {r: FakeModel(seed=i + 1, noise=noise, n_ctx=n_ctx, n_vocab=n_vocab)
               for i, r in enumerate(roles)}
-    return Engine(models, ref_role=REF.get(formula, "small_ft"),
+    return Engine(models, template_role=REF.get(formula, "small_ft"),
                   allowed=np.ones(n_vocab, dtype=bool), parallel=parallel)
 
 
@@ -188,8 +189,8 @@ def test_adaptive_falls_back_to_plain_steps_and_stays_identical() -> None:
 def test_single_model_mix_is_not_worth_speculating() -> None:
     engine = fake_engine("up")
     only_ref = np.array([1.0 if r == "small_ft" else 0.0 for r in engine.roles])
-    assert not worth_speculating(engine, only_ref)
-    assert worth_speculating(engine, weights_for(engine, "up", 0.0))
+    assert not worth_speculating(engine, only_ref, "small_ft")
+    assert worth_speculating(engine, weights_for(engine, "up", 0.0), "small_ft")
 
 
 # -- real llama.cpp models -----------------------------------------------------------------
@@ -222,7 +223,8 @@ def test_rewind_gives_the_rows_of_a_fresh_evaluation(trio: dict[str, Path]) -> N
 
 def gguf_session(trio: dict[str, Path], formula: str | None = None,
                  **options: object) -> Session:
-    preset = preset_from_paths([f"{r}={p}" for r, p in trio.items()], formula=formula)
+    preset = replace(preset_from_paths([f"{r}={p}" for r, p in trio.items()], formula=formula),
+                     draft_role="small_ft")  # large_base is near it (the cheapest: small_base)
     report = align({r: backend.read_vocab(p) for r, p in trio.items()}, reference="small_ft")
     models = {r: backend.LlamaModel(p, n_ctx=128, n_threads=1) for r, p in trio.items()}
     return Session(preset, models=models, report=report,
@@ -286,3 +288,51 @@ def test_session_speculates_only_when_another_model_counts(trio: dict[str, Path]
     finally:
         mixed.close()
         alone.close()
+
+
+# -- which model drafts ----------------------------------------------------------------------
+def sized_engine(formula: str, sizes: dict[str, int]) -> Engine:
+    roles = FORMULA_ROLES[formula]
+    models = {r: FakeModel(seed=i + 1, size=sizes[r]) for i, r in enumerate(roles)}
+    return Engine(models, template_role=REF.get(formula, "small_ft"),
+                  allowed=np.ones(48, dtype=bool))
+
+
+def test_down_scaling_drafts_with_the_small_model_not_large_ft() -> None:
+    engine = sized_engine("down", {"small_base": 100, "large_ft": 1000, "large_base": 1000})
+    w = weights_for(engine, "down", 1.0)
+    assert engine.cheapest_role(w) == "small_base"
+    spec = Speculator(engine, draft_k=3)
+    s = SamplerSettings(temperature=1.0, seed=3)
+    b = list(spec.generate(PROMPT, w, s, max_tokens=30))
+    assert spec.drafter == "small_base" and engine.stats.drafted > 0
+    plain = sized_engine("down", {"small_base": 100, "large_ft": 1000, "large_base": 1000})
+    a, _ = run(plain, w, s, draft_k="plain", max_tokens=30)
+    assert same_steps(a, b)
+
+
+def test_default_drafter_follows_the_weights_and_prefers_the_fine_tuned_on_ties() -> None:
+    engine = sized_engine("up", {"large_base": 1000, "small_ft": 105, "small_base": 100})
+    assert engine.cheapest_role(weights_for(engine, "up", 1.0), prefer="small_ft") == "small_ft"
+    apart = sized_engine("up", {"large_base": 1000, "small_ft": 150, "small_base": 100})
+    assert apart.cheapest_role(weights_for(apart, "up", 1.0), prefer="small_ft") == "small_base"
+    # beta = 0: only the large base has weight, so it is the only candidate
+    assert engine.cheapest_role(weights_for(engine, "up", 0.0)) == "large_base"
+    spec = Speculator(engine, draft_k=2, draft_role="large_base")  # explicit wins
+    list(spec.generate(PROMPT, weights_for(engine, "up", 1.0), SamplerSettings(),
+                       max_tokens=5))
+    assert spec.drafter == "large_base"
+    with pytest.raises(EftError, match="draft role 'nope' is not among the models"):
+        Speculator(engine, draft_role="nope")
+
+
+def test_bundled_down_scaling_session_drafts_with_small_base() -> None:
+    with load_session("tiny-down", options=LoadOptions(draft_k=3, n_ctx=256)) as session:
+        assert session.roles() == {"template": "large_ft", "draft": "small_base",
+                                   "conservative": "large_ft"}
+        session.set_sampling(temperature=0.0)
+        session.generate("The capital of", max_tokens=8)
+        assert speculator(session.engine, 3).drafter == "small_base"
+        assert session.engine.stats.drafted > 0
+        session.set_param("beta", 0.0)  # small_base alone: nothing to speculate with
+        assert session.draft_role() == "small_base"
