@@ -220,11 +220,10 @@ class Engine:
     def distribution(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings
                      ) -> np.ndarray:
         """The mixed log-probs for one position, before temperature and filters."""
-        mixed = sampler.mix_logits(rows, weights, self.allowed)
         if settings.conservative_top_p is not None:
-            ref = self.model_logprobs(rows, self.index(self.conservative_role))
-            mixed = sampler.conservative(mixed, ref, settings.conservative_top_p)
-        return mixed
+            return sampler.conservative_mix(rows, weights, self.index(self.conservative_role),
+                                            settings.conservative_top_p, self.allowed)
+        return sampler.mix_logits(rows, weights, self.allowed)
 
     def model_logprobs(self, rows: np.ndarray, index: int) -> np.ndarray:
         """One model's own log-probs over the allowed ids."""

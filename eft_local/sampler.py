@@ -25,8 +25,9 @@ _BLOCK = 1024
 class SamplerSettings:
     """Knobs applied to the mixed distribution, validated on creation.
 
-    ``conservative_top_p``: paper section 4.4. Outside the top-p set of the reference
-    (fine-tuned) model, a token keeps that model's log-prob instead of the mix.
+    ``conservative_top_p``: paper section 4.4 (:func:`conservative_mix`). Outside the top-p
+    set of the conservative (fine-tuned) model, a token keeps that model's own log-prob
+    instead of the weighted sum; the result is normalised once.
     """
 
     temperature: float = 1.0
@@ -75,25 +76,61 @@ def mix_logits(rows: np.ndarray, weights: np.ndarray, allowed: np.ndarray | None
     renormalising gives exactly this; ``allowed`` (bool, width) masks rows outside the
     common token range after the sum, so negative weights never meet ``-inf``.
     """
-    # einsum, not @: a BLAS matrix-vector product spawns threads that cost milliseconds
-    # per step on busy cores at large vocabularies
-    with np.errstate(over="ignore", invalid="ignore"):
-        mixed = np.einsum("m,mv->v", np.asarray(weights, dtype=np.float32),
-                          np.asarray(rows, dtype=np.float32))
+    mixed = _weighted_sum(rows, weights)
     if allowed is not None:
         mixed[~allowed] = NEG_INF
     top = mixed.max()
     if np.isnan(top) or top == np.inf:
-        raise EftError("the mix overflowed float32 (weights "
-                       + ", ".join(f"{w:g}" for w in np.asarray(weights).ravel())
-                       + "): lower beta/lam or the formula's numbers")
+        raise _overflow(weights)
     return log_softmax(mixed)
 
 
-def conservative(mixed: np.ndarray, reference: np.ndarray, top_p: float) -> np.ndarray:
-    """Outside the reference model's top-p set, use its log-prob instead of the mix."""
-    inside = top_p_mask(reference, top_p)
-    return log_softmax(np.where(inside, mixed, reference))
+def _weighted_sum(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    # einsum, not @: a BLAS matrix-vector product spawns threads that cost milliseconds
+    # per step on busy cores at large vocabularies
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.einsum("m,mv->v", np.asarray(weights, dtype=np.float32),
+                         np.asarray(rows, dtype=np.float32))
+
+
+def _overflow(weights: np.ndarray) -> EftError:
+    return EftError("the mix overflowed float32 (weights "
+                    + ", ".join(f"{w:g}" for w in np.asarray(weights).ravel())
+                    + "): lower beta/lam or the formula's numbers")
+
+
+def conservative_mix(rows: np.ndarray, weights: np.ndarray, reference: int, top_p: float,
+                     allowed: np.ndarray | None = None) -> np.ndarray:
+    """Conservative decoding (paper section 4.4) of raw logit rows ``(n_models, width)``.
+
+    With ``lp_m`` each model's own log-softmax over the allowed ids and ``ref`` the row at
+    index ``reference`` (the fine-tuned model)::
+
+        score(y) = sum_m w_m * lp_m(y)   if y is in the top-p set of lp_ref
+        score(y) = lp_ref(y)             otherwise
+
+    normalised once over all allowed ``y``. Tokens outside the set keep the reference's own
+    log-prob, so an exploding large/small ratio on a rare token cannot reach them.
+    """
+    rows = np.asarray(rows, dtype=np.float32)
+    weights = np.asarray(weights, dtype=np.float32)
+    ok = None if allowed is None or allowed.all() else np.asarray(allowed, dtype=bool)
+    lse = np.array([_logsumexp(row if ok is None else row[ok]) for row in rows])
+    lp_ref = rows[reference] - np.float32(lse[reference])
+    if ok is not None:
+        lp_ref[~ok] = NEG_INF
+    inside = top_p_mask(lp_ref, top_p)
+    mixed = _weighted_sum(rows, weights) - np.float32(np.dot(weights, lse))
+    if not np.isfinite(mixed[inside]).all():
+        raise _overflow(weights)
+    return log_softmax(np.where(inside, mixed, lp_ref))
+
+
+def _logsumexp(x: np.ndarray) -> float:
+    top = x.max() if x.size else -np.inf
+    if not np.isfinite(top):
+        raise EftError("every token of a row is masked or non-finite")
+    return float(top + np.log(np.exp(x - top, dtype=np.float32).sum(dtype=np.float64)))
 
 
 def top_p_mask(logprobs: np.ndarray, top_p: float) -> np.ndarray:

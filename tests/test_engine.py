@@ -9,10 +9,13 @@ import pytest
 
 from eft_local import backend
 from eft_local.config import preset_from_paths
+from eft_local.engine import Engine
 from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings
 from eft_local.session import LoadOptions, Session
 from tests import ggufs
+from tests.fakes import FakeModel
+from tests.test_sampler import HAND_EXPECTED, HAND_ROWS, HAND_WEIGHTS
 
 ROLES = ("large_base", "small_ft", "small_base")
 
@@ -202,3 +205,15 @@ def test_padding_rows_never_get_probability(tmp_path: Path, trio: dict[str, Path
         result = s.generate("pad", max_tokens=40)
     assert all(st.token < common for st in result.steps)
     assert all(row.size == common for row in seen)
+
+
+def test_conservative_decoding_normalises_once_as_the_paper_defines() -> None:
+    """The engine path of conservative decoding on the hand-computed 4-token example."""
+    models = {r: FakeModel(seed=i, n_vocab=4) for i, r in
+              enumerate(("large_base", "small_ft", "small_base"))}
+    engine = Engine(models, template_role="small_ft", allowed=np.ones(4, dtype=bool))
+    out = engine.distribution(HAND_ROWS, HAND_WEIGHTS, SamplerSettings(conservative_top_p=0.8))
+    np.testing.assert_allclose(np.exp(out), HAND_EXPECTED, atol=1e-6)
+    engine.conservative_role = "large_base"  # flat: its top-0.8 set is 4 tokens, the mix
+    out = engine.distribution(HAND_ROWS, HAND_WEIGHTS, SamplerSettings(conservative_top_p=0.8))
+    np.testing.assert_allclose(np.exp(out), [0.2, 0.6, 0.1, 0.1], atol=1e-6)

@@ -59,13 +59,62 @@ def test_log_softmax_is_stable_for_huge_logits() -> None:
     np.testing.assert_allclose(out, ref_log_softmax([1e4, 1e4 - 1, -1e4]), atol=1e-5)
 
 
-def test_conservative_keeps_reference_outside_its_top_p() -> None:
-    ref = S.log_softmax(np.log(np.array([0.6, 0.3, 0.05, 0.05], dtype=np.float32)))
-    mixed = S.log_softmax(np.log(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32)))
-    out = S.conservative(mixed, ref, 0.8)
-    # top-0.8 set of ref = {0, 1}: they keep the mix; 2 and 3 take ref, then renormalise
-    raw = np.array([0.1, 0.2, 0.05, 0.05])
-    np.testing.assert_allclose(np.exp(out), raw / raw.sum(), atol=1e-6)
+# Conservative decoding, paper section 4.4: up-scaling large_base + small_ft - small_base,
+# rows that are already log-probs. small_ft = [.5, .3, .1, .1]: its top-0.8 set is {0, 1}.
+# Inside: .25 * .5 / .5 = .25 and .25 * .3 / .1 = .75; outside: small_ft's .1 and .1;
+# normalised once: [.25, .75, .1, .1] / 1.2. (The old rule normalised the mix first,
+# [.25, .75, .125, .125] / 1.25, then spliced in .1 and .1: [.2, .6, .1, .1].)
+HAND_ROWS = np.log(np.array([[0.25, 0.25, 0.25, 0.25],   # large_base
+                             [0.5, 0.3, 0.1, 0.1],       # small_ft
+                             [0.5, 0.1, 0.2, 0.2]],      # small_base
+                            dtype=np.float32))
+HAND_WEIGHTS = np.array([1.0, 1.0, -1.0], dtype=np.float32)
+HAND_EXPECTED = np.array([0.25, 0.75, 0.1, 0.1]) / 1.2
+
+
+def test_conservative_matches_the_hand_computed_example() -> None:
+    out = S.conservative_mix(HAND_ROWS, HAND_WEIGHTS, 1, 0.8)
+    np.testing.assert_allclose(np.exp(out), HAND_EXPECTED, atol=1e-6)
+    shifted = HAND_ROWS + np.array([[3.0], [-7.0], [11.0]], dtype=np.float32)  # raw logits
+    np.testing.assert_allclose(S.conservative_mix(shifted, HAND_WEIGHTS, 1, 0.8), out,
+                               atol=1e-5)
+
+
+def conservative_by_definition(r: np.ndarray, w: np.ndarray, ref: int, top_p: float,
+                               allowed: np.ndarray) -> np.ndarray:
+    """The paper's rule in float64, written out token by token (the top-p set from
+    :func:`top_p_mask`, tested against brute force below)."""
+    lps = [ref_log_softmax(row[allowed]) for row in r]
+    lp_ref = lps[ref]
+    inside = set(np.flatnonzero(S.top_p_mask(lp_ref.astype(np.float32), top_p)).tolist())
+    score = np.array([sum(wm * lp[i] for wm, lp in zip(w, lps, strict=True)) if i in inside
+                      else lp_ref[i] for i in range(lp_ref.size)])
+    out = np.full(r.shape[1], -np.inf)
+    out[allowed] = ref_log_softmax(score)
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 10_000), top_p=st.floats(0.05, 1.0), width=st.integers(2, 200),
+       n_models=st.integers(1, 4), masked=st.integers(0, 5))
+def test_conservative_follows_the_definition_on_random_rows(
+        seed: int, top_p: float, width: int, n_models: int, masked: int) -> None:
+    rng = np.random.default_rng(seed)
+    r = rows(seed, n=n_models, width=width)
+    w = rng.uniform(-2, 2, n_models).astype(np.float32)
+    ref = int(rng.integers(n_models))
+    allowed = np.ones(width, dtype=bool)
+    allowed[rng.choice(width, size=min(masked, width - 1), replace=False)] = False
+    got = S.conservative_mix(r, w, ref, top_p, allowed)
+    want = conservative_by_definition(r, w, ref, top_p, allowed)
+    assert np.all(np.isneginf(got[~allowed]))
+    np.testing.assert_allclose(np.exp(got[allowed]), np.exp(want[allowed]), atol=2e-4)
+
+
+def test_conservative_at_top_p_one_is_the_plain_mix() -> None:
+    r, w = rows(11), np.array([1.0, 1.5, -1.5], dtype=np.float32)
+    np.testing.assert_allclose(S.conservative_mix(r, w, 1, 1.0), S.mix_logits(r, w),
+                               atol=1e-5)
 
 
 @settings(max_examples=200, deadline=None)
