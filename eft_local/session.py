@@ -323,7 +323,8 @@ class Session:
                 finish = self.engine.finish_reason
         finally:
             steps.close()
-        yield Chunk(text=text.flush(), finish=finish)
+        tail = text.flush()  # may apply a stop string that waited for an earlier, longer one
+        yield Chunk(text=tail, finish="stop" if text.stopped else finish)
 
     def prompt_tokens(self, prompt: str, *, raw: bool = True, system: str | None = None
                       ) -> list[int]:

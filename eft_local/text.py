@@ -7,11 +7,17 @@ from collections.abc import Sequence
 
 
 class TextStream:
-    """Turn token bytes into text as it becomes final, holding back partial stop strings."""
+    """Turn token bytes into text as it becomes final, holding back partial stop strings.
+
+    The text ends before the earliest stop string in text order, whichever stop it is; while
+    a longer stop that starts earlier could still complete, a later match waits for more
+    text (or for :meth:`flush`).
+    """
 
     def __init__(self, stops: Sequence[str] = ()) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._stops = [s for s in stops if s]
+        self._longest = max((len(s) for s in self._stops), default=0)
         self._pending = ""
         self.text = ""
         self.stopped = False
@@ -21,34 +27,42 @@ class TextStream:
         if self.stopped:
             return ""
         self._pending += self._decoder.decode(data)
-        for stop in self._stops:
-            idx = self._pending.find(stop)
-            if idx >= 0:
-                self.stopped = True
-                return self._emit(self._pending[:idx])
-        hold = max((_overlap(self._pending, s) for s in self._stops), default=0)
-        return self._emit(self._pending[: len(self._pending) - hold], keep=hold)
+        return self._scan(final=False)
 
     def flush(self) -> str:
-        """Everything still held back (call when generation ends without a stop string),
-        less an incomplete UTF-8 character at the very end (a reply cut by max-tokens)."""
+        """Everything still held back (call when generation ends), cut at a stop string
+        that was waiting for an earlier, longer one; less an incomplete UTF-8 character at
+        the very end (a reply cut by max-tokens). Sets :attr:`stopped` if a stop applied."""
         if self.stopped:
             return ""
         self._decoder.reset()  # drops the bytes of a character that never completed
-        return self._emit(self._pending)
+        return self._scan(final=True)
+
+    def _scan(self, *, final: bool) -> str:
+        pending = self._pending
+        found = [i for i in (pending.find(s) for s in self._stops) if i >= 0]
+        first = min(found) if found else -1
+        partial = None if final else self._partial_start()
+        if first >= 0 and (partial is None or partial > first):
+            self.stopped = True
+            return self._emit(pending[:first])
+        safe = len(pending) if partial is None else partial
+        return self._emit(pending[:safe], keep=len(pending) - safe)
+
+    def _partial_start(self) -> int | None:
+        """Where the earliest stop string that may still complete starts: the smallest
+        ``j`` whose ``pending[j:]`` is a proper prefix of some stop (None: none)."""
+        pending = self._pending
+        for j in range(max(0, len(pending) - self._longest + 1), len(pending)):
+            tail = pending[j:]
+            if any(len(s) > len(tail) and s.startswith(tail) for s in self._stops):
+                return j
+        return None
 
     def _emit(self, out: str, keep: int = 0) -> str:
         self._pending = self._pending[len(self._pending) - keep:] if keep else ""
         self.text += out
         return out
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``stop``."""
-    for n in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
 
 
 def printable(text: str) -> str:
