@@ -13,7 +13,6 @@ import os
 import re
 import threading
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 # Before llama.cpp's OpenMP runtime loads: spinning worker threads make every decode crawl
@@ -26,10 +25,12 @@ import numpy as np  # noqa: E402
 
 from eft_local import limits  # noqa: E402
 from eft_local.errors import EftError  # noqa: E402
+from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, ATTR_UNUSED, VocabInfo  # noqa: E402
 
 VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
-ATTR_UNUSED, ATTR_CONTROL = L.LLAMA_TOKEN_ATTR_UNUSED, L.LLAMA_TOKEN_ATTR_CONTROL
-ATTR_UNKNOWN = L.LLAMA_TOKEN_ATTR_UNKNOWN
+if (ATTR_UNKNOWN, ATTR_UNUSED, ATTR_CONTROL) != (
+        L.LLAMA_TOKEN_ATTR_UNKNOWN, L.LLAMA_TOKEN_ATTR_UNUSED, L.LLAMA_TOKEN_ATTR_CONTROL):
+    raise ImportError("llama_cpp's token attribute bits differ from eft_local.vocab's")
 QUANT_TYPES = {"q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0,
                "q4_k_m": L.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q5_k_m": L.LLAMA_FTYPE_MOSTLY_Q5_K_M,
                "q6_k": L.LLAMA_FTYPE_MOSTLY_Q6_K, "f16": L.LLAMA_FTYPE_MOSTLY_F16}
@@ -117,23 +118,6 @@ def _load_model(path: Path, *, vocab_only: bool, n_gpu_layers: int):
         raise EftError(f"{path}: llama.cpp could not load this GGUF file"
                        + (f" ({why})" if why else " (corrupt or unsupported)"))
     return model
-
-
-@dataclass(frozen=True)
-class VocabInfo:
-    """A model's vocabulary as llama.cpp sees it: what the alignment check compares."""
-
-    path: str
-    vocab_type: str
-    n_tokens: int
-    bos: int
-    eos: int
-    eot: int
-    eog: frozenset[int]
-    add_bos: bool
-    add_eos: bool
-    texts: tuple[bytes, ...]
-    attrs: tuple[int, ...]
 
 
 def _vocab_info(model, path: Path) -> VocabInfo:

@@ -34,7 +34,7 @@ from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS
 from eft_local.sampler import SamplerSettings
 from eft_local.text import TextStream
-from eft_local.vocab import AlignmentReport, align
+from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, AlignmentReport, align
 
 Progress = Callable[[str], None]
 
@@ -280,7 +280,7 @@ class Session:
         """A regex matching the text of every control token of the reference vocabulary."""
         if self._specials is None:
             vocab = self.report.vocabs.get(self.preset.template_role)
-            mask = backend.ATTR_CONTROL | backend.ATTR_UNKNOWN
+            mask = ATTR_CONTROL | ATTR_UNKNOWN
             texts = sorted({t.decode("utf-8", "replace") for t, a in
                             zip(vocab.texts, vocab.attrs, strict=False) if a & mask and t}
                            if vocab else (), key=len, reverse=True)

@@ -12,12 +12,33 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eft_local.backend import ATTR_CONTROL, ATTR_UNUSED, VocabInfo
+ATTR_UNKNOWN = 1 << 0
+ATTR_UNUSED = 1 << 1
+ATTR_CONTROL = 1 << 3
+"""Token attribute bits as llama.cpp defines them (``llama_token_attr``); the backend checks
+them against llama_cpp when it loads."""
 
 ALIGNED = "aligned"
 COMMON_RANGE = "aligned on a common range"
 INCOMPATIBLE = "incompatible"
 _SPECIAL = ATTR_CONTROL | ATTR_UNUSED
+
+
+@dataclass(frozen=True)
+class VocabInfo:
+    """A model's vocabulary as llama.cpp sees it: what the alignment check compares."""
+
+    path: str
+    vocab_type: str
+    n_tokens: int
+    bos: int
+    eos: int
+    eot: int
+    eog: frozenset[int]
+    add_bos: bool
+    add_eos: bool
+    texts: tuple[bytes, ...]
+    attrs: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -27,6 +48,15 @@ class Mismatch:
     token_id: int
     texts: dict[str, bytes]
     special: bool
+
+
+@dataclass(frozen=True)
+class MaskedEnd:
+    """An end-of-generation id of the template model that the mask removes, and why."""
+
+    token_id: int
+    text: bytes
+    why: str
 
 
 @dataclass(frozen=True)
@@ -43,6 +73,20 @@ class AlignmentReport:
     notes: tuple[str, ...]
     verdict: str
     allowed: np.ndarray = field(repr=False)
+    reference: str | None = None
+    masked_ends: tuple[MaskedEnd, ...] = ()
+
+    def end_reason(self) -> str:
+        """Why the template model's end-of-turn tokens are (partly) masked; '' if not."""
+        if not self.masked_ends:
+            return ""
+        listed = "; ".join(f"id {m.token_id} {m.text.decode('utf-8', 'replace')!r} {m.why}"
+                           for m in self.masked_ends)
+        ends = _end_ids(self.vocabs[self.reference]) if self.reference in self.vocabs else ()
+        if len(self.masked_ends) == len(ends):
+            return (f"every end-of-turn token of {self.reference} is masked ({listed}): "
+                    "replies could never end their turn")
+        return f"end-of-turn token(s) of {self.reference} masked: {listed}"
 
     @property
     def ok(self) -> bool:
@@ -61,15 +105,17 @@ class AlignmentReport:
         types = {v.vocab_type for v in self.vocabs.values()}
         if len(types) > 1:
             why += f"; vocab types differ ({', '.join(sorted(types))})"
+        if self.masked_ends:
+            why += f"; {self.end_reason()}"
         return f"{self.verdict}: {why}"
 
     def render(self) -> str:
         """A multi-line human-readable report."""
-        lines = [f"{'role':<14} {'type':<5} {'tokens':>7} {'logit rows':>10} {'bos':>6} "
+        lines = [f"{'role':<14} {'type':<5} {'tokens':>7} {'bos':>6} "
                  f"{'eos':>6} {'eot':>6}  end-of-generation ids"]
         for role, v in self.vocabs.items():
             eog = ",".join(str(i) for i in sorted(v.eog)[:6]) + ("..." if len(v.eog) > 6 else "")
-            lines.append(f"{role:<14} {v.vocab_type:<5} {v.n_tokens:>7} {v.n_tokens:>10} "
+            lines.append(f"{role:<14} {v.vocab_type:<5} {v.n_tokens:>7} "
                          f"{v.bos:>6} {v.eos:>6} {v.eot:>6}  {eog}")
         lines.append(f"common range: ids 0..{self.common - 1}; identical text: "
                      f"{self.identical}/{self.common}")
@@ -86,7 +132,8 @@ class AlignmentReport:
                 texts = "  ".join(f"{r}={t!r}" for r, t in m.texts.items())
                 lines.append(f"  id {m.token_id}: {texts}")
         lines.extend(f"note: {n}" for n in self.notes)
-        lines.append(f"verdict: {self.verdict}")
+        reason = self.end_reason()
+        lines.append(f"verdict: {self.verdict}" + (f" ({reason})" if reason else ""))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -103,16 +150,20 @@ class AlignmentReport:
                  "texts": {r: t.decode("utf-8", "replace") for r, t in m.texts.items()}}
                 for m in self.mismatches],
             "models": {r: {"path": v.path, "vocab_type": v.vocab_type, "tokens": v.n_tokens,
-                           "logit_rows": v.n_tokens, "bos": v.bos, "eos": v.eos, "eot": v.eot,
+                           "bos": v.bos, "eos": v.eos, "eot": v.eot,
                            "eog": sorted(v.eog), "add_bos": v.add_bos}
                        for r, v in self.vocabs.items()},
             "notes": list(self.notes),
+            "masked_end_tokens": [
+                {"id": m.token_id, "text": m.text.decode("utf-8", "replace"), "why": m.why}
+                for m in self.masked_ends],
         }
 
 
 def align(vocabs: Mapping[str, VocabInfo], *, reference: str | None = None,
           max_listed: int = 10) -> AlignmentReport:
-    """Compare vocabularies; ``reference`` (the fine-tuned role) keeps its end tokens."""
+    """Compare vocabularies; ``reference`` (the template role) keeps its end tokens where
+    it can, and the report says which of them are masked anyway, and why."""
     vocabs = dict(vocabs)
     roles = list(vocabs)
     common = min(v.n_tokens for v in vocabs.values())
@@ -142,8 +193,11 @@ def align(vocabs: Mapping[str, VocabInfo], *, reference: str | None = None,
         values = {r: getattr(v, attr) for r, v in vocabs.items()}
         if len(set(values.values())) > 1:
             notes.append(f"{attr} differs: " + ", ".join(f"{r}={x}" for r, x in values.items()))
+    masked_ends = _masked_ends(vocabs, reference, common, allowed)
     types = {v.vocab_type for v in vocabs.values()}
-    if len(types) > 1 or n_normal:
+    every_end_masked = bool(masked_ends) and len(masked_ends) == len(
+        _end_ids(vocabs[reference]))  # type: ignore[index]
+    if len(types) > 1 or n_normal or every_end_masked:
         verdict = INCOMPATIBLE
     elif len({v.n_tokens for v in vocabs.values()}) > 1 or not allowed.all():
         verdict = COMMON_RANGE
@@ -153,4 +207,33 @@ def align(vocabs: Mapping[str, VocabInfo], *, reference: str | None = None,
         vocabs=vocabs, common=common, identical=common - len(differ),
         mismatches=tuple(mismatches), n_normal_mismatch=n_normal, n_special_mismatch=n_special,
         unused=int(unused_ids.size), notes=tuple(notes), verdict=verdict, allowed=allowed,
+        reference=reference if reference in vocabs else None, masked_ends=masked_ends,
     )
+
+
+def _end_ids(vocab: VocabInfo) -> list[int]:
+    """A vocabulary's end-of-generation ids: EOS, EOT and every EOG token."""
+    return sorted(i for i in {vocab.eos, vocab.eot, *vocab.eog} if i >= 0)
+
+
+def _masked_ends(vocabs: Mapping[str, VocabInfo], reference: str | None, common: int,
+                 allowed: np.ndarray) -> tuple[MaskedEnd, ...]:
+    """The template model's end ids the mask removes: beyond the common range, or marked
+    unused by another model."""
+    if reference not in vocabs:
+        return ()
+    ref = vocabs[reference]
+    out = []
+    for i in _end_ids(ref):
+        text = ref.texts[i] if i < len(ref.texts) else b""
+        if i >= common:
+            short = ", ".join(f"{r} {v.n_tokens}" for r, v in vocabs.items()
+                              if v.n_tokens <= i)
+            out.append(MaskedEnd(i, text, f"is beyond the common range 0..{common - 1} "
+                                          f"(tokens: {short})"))
+        elif not allowed[i]:
+            unused = [r for r, v in vocabs.items() if v.attrs[i] & ATTR_UNUSED]
+            why = (f"is marked unused by {', '.join(unused)}" if unused
+                   else "differs between the models")
+            out.append(MaskedEnd(i, text, why))
+    return tuple(out)

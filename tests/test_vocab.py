@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,15 @@ import pytest
 
 from eft_local import backend
 from eft_local.errors import EftError
-from eft_local.vocab import ALIGNED, COMMON_RANGE, INCOMPATIBLE, align
+from eft_local.vocab import (
+    ALIGNED,
+    ATTR_CONTROL,
+    ATTR_UNUSED,
+    COMMON_RANGE,
+    INCOMPATIBLE,
+    VocabInfo,
+    align,
+)
 from tests import ggufs
 
 
@@ -77,3 +87,41 @@ def test_corrupt_and_missing_files(tmp_path: Path) -> None:
         backend.read_vocab(text)
     with pytest.raises(EftError, match="not found"):
         backend.read_vocab(tmp_path / "missing.gguf")
+
+
+def hand_vocab(n: int, *, eos: int = 1, eot: int = -1, unused: tuple[int, ...] = ()
+               ) -> VocabInfo:
+    """A vocabulary written by hand: no GGUF, no llama.cpp."""
+    texts = tuple(b"<|eos|>" if i == eos else b"<|end|>" if i == eot else b"t%d" % i
+                  for i in range(n))
+    attrs = tuple(ATTR_UNUSED if i in unused else ATTR_CONTROL if i in (eos, eot) else 4
+                  for i in range(n))
+    return VocabInfo(path=f"v{n}.gguf", vocab_type="bpe", n_tokens=n, bos=0, eos=eos, eot=eot,
+                     eog=frozenset(i for i in (eos, eot) if i >= 0), add_bos=False,
+                     add_eos=False, texts=texts, attrs=attrs)
+
+
+def test_end_of_turn_beyond_the_common_range_is_reported() -> None:
+    ft = hand_vocab(12, eot=11)
+    report = align({"small_ft": ft, "large_base": hand_vocab(10)}, reference="small_ft")
+    assert report.verdict == COMMON_RANGE  # EOS (id 1) can still end a reply
+    assert "end-of-turn token(s) of small_ft masked: id 11 '<|end|>' is beyond the common " \
+           "range 0..9 (tokens: large_base 10)" in report.summary()
+    assert report.render().endswith(f"verdict: {COMMON_RANGE} ({report.end_reason()})")
+    assert report.to_dict()["masked_end_tokens"][0]["id"] == 11
+
+
+def test_end_of_turn_marked_unused_by_another_model_is_reported() -> None:
+    ft, base = hand_vocab(10, eos=9), hand_vocab(10, eos=1, unused=(9,))
+    report = align({"small_ft": ft, "small_base": base}, reference="small_ft")
+    assert not report.allowed[9]
+    assert report.verdict == INCOMPATIBLE and not report.ok
+    assert ("every end-of-turn token of small_ft is masked (id 9 '<|eos|>' is marked unused "
+            "by small_base): replies could never end their turn") in report.summary()
+
+
+def test_vocab_module_does_not_load_the_backend() -> None:
+    code = ("import sys, eft_local.vocab; "
+            "sys.exit(any(m in sys.modules for m in ('eft_local.backend', 'llama_cpp')))")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
