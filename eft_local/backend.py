@@ -85,6 +85,13 @@ def _forget_errors() -> None:
     _recent_errors.clear()
 
 
+def _undecodable(char: str) -> str:
+    """Name what a surrogate stands for: an undecodable byte (surrogateescape) or itself."""
+    code = ord(char)
+    return f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else (
+        f"lone surrogate \\u{code:04x}")
+
+
 def supports_gpu_offload() -> bool:
     """True when this llama.cpp build can offload layers (Metal, CUDA, Vulkan...)."""
     _ensure_backend()
@@ -258,7 +265,12 @@ class LlamaModel:
     # -- text -----------------------------------------------------------------------------
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
         """Text to token ids; ``add_bos`` adds BOS only where the model's vocab asks for it."""
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            before = text[max(0, exc.start - 12):exc.start]
+            raise EftError(f"the text is not valid UTF-8: {_undecodable(text[exc.start])} "
+                           f"after {before!r}") from None
         cap = len(data) + 8
         buf = (L.llama_token * cap)()
         n = L.llama_tokenize(self._vocab, data, len(data), buf, cap, add_bos, special)

@@ -527,3 +527,10 @@ models.small_ft = {{ path = "{family.small_ft}" }}
     assert "\x1b" not in result.output and "\u202e" not in result.output
     assert "evil\\x1b[2J\\u202e: clears\\x1b[31m the screen" in stdout(result)
     assert_one_line_error(run(["check", "evil\x1b[2J"]), "unknown preset 'evil\\x1b[2J'")
+
+
+def test_undecodable_bytes_in_arguments_are_named(family) -> None:
+    result = run(["generate", *family.trio(), *GREEDY, "caf\udce9 au lait"])  # argv: b"caf\xe9"
+    assert_one_line_error(result, "the text is not valid UTF-8: byte 0xe9 after ", "caf'")
+    result = run(["generate", *family.trio(), *GREEDY, "--system", "\ud800", "hi"])
+    assert_one_line_error(result, "not valid UTF-8: lone surrogate \\ud800")
