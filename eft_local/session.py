@@ -232,7 +232,17 @@ class Session:
         content is not, so a control token's text typed in a message (``<|im_end|>``...)
         stays plain text and cannot fake a turn. ``parse_special`` (default: the session's
         :attr:`parse_special`) parses it too: the raw behaviour, for trusted input only.
+        BOS comes first when the model asks for it (``add_bos``) and the template did not
+        write it.
         """
+        tokens = self._template_tokens(messages, parse_special)
+        vocab = self.report.vocabs.get(self.preset.template_role)
+        if vocab and vocab.add_bos and vocab.bos >= 0 and tokens[:1] != [vocab.bos]:
+            return [vocab.bos, *tokens]
+        return tokens
+
+    def _template_tokens(self, messages: list[dict[str, str]], parse_special: bool | None
+                         ) -> list[int]:
         ref = self.models[self.preset.template_role]
         vocab = self.report.vocabs.get(self.preset.template_role)
 

@@ -31,9 +31,11 @@ def byte_alphabet() -> list[str]:
 
 
 def tokenizer(*, pad_to: int = 0, swap: tuple[int, int] | None = None,
-              extra_special: str | None = None) -> TokenizerSpec:
+              extra_special: str | None = None, add_bos: bool = False,
+              template: str = TEMPLATE) -> TokenizerSpec:
     """Specials, 256 byte tokens and a few merges; ``pad_to`` adds [PAD] unused tokens,
-    ``swap`` exchanges two normal tokens (a mismatched vocabulary)."""
+    ``swap`` exchanges two normal tokens (a mismatched vocabulary); ``add_bos``: the model
+    asks for BOS in front of every prompt."""
     merged = [m.replace(" ", "") for m in MERGES]
     tokens = SPECIALS + byte_alphabet() + merged
     types = [CONTROL] * len(SPECIALS) + [NORMAL] * (len(tokens) - len(SPECIALS))
@@ -47,7 +49,7 @@ def tokenizer(*, pad_to: int = 0, swap: tuple[int, int] | None = None,
         tokens.append(f"[PAD{len(tokens)}]")
         types.append(UNUSED)
     return TokenizerSpec(tokens=tokens, token_types=types, merges=MERGES, bos_id=0, eos_id=1,
-                         eot_id=4, add_bos=False, chat_template=TEMPLATE)
+                         eot_id=4, add_bos=add_bos, chat_template=template)
 
 
 def write_model(path: Path, *, n_embd: int = 32, n_layer: int = 1, seed: int = 0,

@@ -12,7 +12,7 @@ from eft_local.config import preset_from_paths
 from eft_local.engine import Engine
 from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings
-from eft_local.session import LoadOptions, Session
+from eft_local.session import LoadOptions, Session, load_session
 from tests import ggufs
 from tests.fakes import FakeModel
 from tests.test_sampler import HAND_EXPECTED, HAND_ROWS, HAND_WEIGHTS
@@ -217,3 +217,24 @@ def test_conservative_decoding_normalises_once_as_the_paper_defines() -> None:
     engine.conservative_role = "large_base"  # flat: its top-0.8 set is 4 tokens, the mix
     out = engine.distribution(HAND_ROWS, HAND_WEIGHTS, SamplerSettings(conservative_top_p=0.8))
     np.testing.assert_allclose(np.exp(out), [0.2, 0.6, 0.1, 0.1], atol=1e-6)
+
+
+@pytest.mark.parametrize("template", [
+    ggufs.TEMPLATE,                       # no bos_token in the template: BOS prepended
+    "{{ bos_token }}" + ggufs.TEMPLATE,  # the template writes it: not twice
+])
+def test_bos_is_prepended_when_the_model_asks_for_it(tmp_path: Path, template: str) -> None:
+    path = ggufs.write_model(tmp_path / "bos.gguf", add_bos=True, template=template)
+    with load_session(models=[f"chat={path}"], options=LoadOptions(n_ctx=128)) as s:
+        bos = s.report.vocabs["chat"].bos
+        tokens = s.chat_tokens([{"role": "user", "content": "hi"}])
+        assert tokens[0] == bos and tokens[1] != bos
+        assert s.raw_tokens("hi")[0] == bos  # as plain prompts always had
+
+
+def test_no_bos_when_the_model_does_not_ask(trio: dict[str, Path]) -> None:
+    s = session(trio)
+    try:
+        assert s.chat_tokens([{"role": "user", "content": "hi"}])[0] != 0  # bos id 0
+    finally:
+        s.close()
