@@ -381,11 +381,11 @@ class Session:
         except BaseException:
             conv.turns[:] = before
             raise
-        if dropped:
-            yield Chunk(notice=f"dropped the {dropped} oldest exchange(s) to fit the context "
-                        f"of {self.engine.n_ctx} tokens")
         reply: list[str] = []
         try:
+            if dropped:
+                yield Chunk(notice=f"dropped the {dropped} oldest exchange(s) to fit the "
+                            f"context of {self.engine.n_ctx} tokens")
             for chunk in self.stream(self.chat_tokens(conv.messages()), max_tokens=max_tokens,
                                      stop=stop, diagnostics=diagnostics):
                 reply.append(chunk.text)
