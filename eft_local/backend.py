@@ -330,6 +330,32 @@ class LlamaModel:
             raise
         return np.stack(rows)
 
+    def eval_into(self, tokens: list[int], out: np.ndarray) -> None:
+        """Like :meth:`eval` for the last row only, copied into ``out`` (the first
+        ``out.size`` logits): no allocation per step."""
+        if len(tokens) > 1:
+            out[:] = self.eval(tokens)[-1, : out.size]
+            return
+        if len(self.tokens) + 1 > self.n_ctx:
+            raise EftError(f"{self.path.name}: context full ({len(self.tokens)} + 1 tokens > "
+                           f"n_ctx {self.n_ctx})")
+        b = self._batch
+        b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = (
+            tokens[0], len(self.tokens), 1, 0, True)
+        b.n_tokens = 1
+        start_len = len(self.tokens)
+        try:
+            rc = L.llama_decode(self._ctx, b)
+            if rc != 0:
+                raise EftError(f"{self.path.name}: llama_decode failed (code {rc})")
+            self.tokens.append(tokens[0])
+        except BaseException:  # a failed decode or Ctrl-C: the cache keeps what it had
+            L.llama_memory_seq_rm(self._mem, 0, start_len, -1)
+            del self.tokens[start_len:]
+            raise
+        ptr = L.llama_get_logits_ith(self._ctx, 0)
+        out[:] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))[: out.size]
+
     def rewind(self, n_past: int) -> None:
         """Drop cached positions from ``n_past`` on."""
         if n_past < len(self.tokens):

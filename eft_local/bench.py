@@ -98,14 +98,8 @@ def make_engine(models: Mapping[str, Model], roles: Sequence[str], ref_role: str
 def set_threads(engine: Engine, mode: str = "seq") -> None:
     """Sequential engines give each model the whole budget (or one thread in ``seq1``);
     parallel ones split it between lanes."""
-    if engine._pool is None:
-        n = 1 if mode == "seq1" else engine.n_threads
-        for model in engine.models.values():
-            setter = getattr(model, "set_threads", None)
-            if setter:
-                setter(n)
-    else:
-        engine.share_threads()
+    if mode == "seq1":
+        engine.n_threads = 1
 
 
 def decode_once(engine: Engine, spec: Speculator | None, prompt: list[int],

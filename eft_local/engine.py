@@ -1,12 +1,12 @@
 """The decode loop over N models that condition on one token sequence.
 
-Every model holds the same tokens in its KV cache. :meth:`Engine.prime` brings all of them
+Every model holds the same tokens in its KV cache. :meth:`Engine.prime` brings the models
 to a prompt, re-using the longest cached prefix (so a chat turn evaluates only its new
-suffix); each step mixes the models' rows with the formula weights, samples with the
-position's uniform draw, and evaluates the chosen token on every model. With
-``parallel=True`` the models are grouped into lanes (at most one per thread of the budget,
-balanced by file size) that decode concurrently; ctypes releases the GIL around llama.cpp.
-Speculative decoding (:mod:`eft_local.speculative`) drives the same evaluation methods.
+suffix), each model with the whole thread budget in turn; each step mixes the models' rows
+with the formula weights, draws with the position's noise, and evaluates the chosen token
+on every model with a non-zero weight, as the decode :class:`~eft_local.schedule.Schedule`
+says (lanes run concurrently: ctypes releases the GIL around llama.cpp). Speculative
+decoding (:mod:`eft_local.speculative`) drives the same evaluation methods.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -22,8 +22,10 @@ from typing import Protocol
 import numpy as np
 
 from eft_local import sampler
+from eft_local import schedule as schedules
 from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings
+from eft_local.schedule import Schedule
 
 
 class Model(Protocol):
@@ -88,17 +90,25 @@ and its instruct model differ by a chat template and metadata)."""
 
 
 class Engine:
-    """Decode with a weighted mix of ``models`` (role -> model), masked by ``allowed``."""
+    """Decode with a weighted mix of ``models`` (role -> model), masked by ``allowed``.
+
+    Decoding steps evaluate the models as ``schedule`` says (default: concurrent lanes with
+    ``parallel``, else one after another); prompts are evaluated by each model with the
+    whole thread budget, one after another. Only the models in :attr:`active` (those with a
+    non-zero weight, and any that diagnostics or conservative decoding read) are evaluated;
+    the others' caches catch up, from their longest cached prefix, when they are next active.
+    """
 
     def __init__(self, models: Mapping[str, Model], *, template_role: str, allowed: np.ndarray,
                  conservative_role: str | None = None, parallel: bool = False,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None, schedule: Schedule | None = None) -> None:
         self.models = dict(models)
         self.roles = tuple(self.models)
         for kind, role in (("template", template_role), ("conservative", conservative_role)):
             if role is not None and role not in self.models:
                 raise EftError(f"{kind} role {role!r} is not among the models "
                                f"({', '.join(self.roles)})")
+        self._index = {r: i for i, r in enumerate(self.roles)}
         self.template_role = template_role
         self.conservative_role = conservative_role or template_role
         """Whose top-p set conservative decoding keeps, and whose own pick diagnostics show
@@ -107,14 +117,20 @@ class Engine:
         self.width = int(allowed.size)
         self.n_ctx = min(m.n_ctx for m in self.models.values())
         self.stats = Stats()
-        self.rows: np.ndarray | None = None
         self.last: tuple[np.ndarray, np.ndarray] | None = None  # rows, weights of last step
         self.finish_reason = "length"
         self.n_threads = max(1, n_threads or os.cpu_count() or 1)
-        self.lanes = _lanes(self.models, self.n_threads) if parallel else [list(self.roles)]
-        self._pool = ThreadPoolExecutor(len(self.lanes)) if len(self.lanes) > 1 else None
-        if self._pool is not None:
-            self.share_threads()
+        sizes = {r: float(_file_size(m)) for r, m in self.models.items()}
+        self.schedule = schedule or (schedules.lanes(sizes, self.n_threads) if parallel
+                                     else schedules.sequential(self.roles))
+        self.active: tuple[str, ...] = self.roles
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+        self._threads: dict[str, int] = {}
+        self._row_buf = np.zeros((len(self.roles), self.width), dtype=np.float32)
+        self._scores = np.empty(self.width, dtype=np.float32)
+        self._samplers: dict[SamplerSettings, sampler.Sampler] = {}
+        self.rows: np.ndarray | None = None
 
     @property
     def template_model(self) -> Model:
@@ -127,7 +143,7 @@ class Engine:
 
     def index(self, role: str) -> int:
         """Position of ``role`` in :attr:`roles` (and in rows and weights)."""
-        return self.roles.index(role)
+        return self._index[role]
 
     def cheapest_role(self, weights: np.ndarray, prefer: str | None = None) -> str:
         """The cheapest model with a non-zero weight: the smallest file, where files within
@@ -140,26 +156,73 @@ class Engine:
         cheap = [r for r in live if cost[r] <= low * (1.0 + SAME_COST)]
         return prefer if prefer in cheap else cheap[0]
 
-    # -- threads --------------------------------------------------------------------------
-    def share_threads(self) -> None:
-        """Split the thread budget between the parallel lanes (one model per lane at once)."""
-        per_lane = max(1, self.n_threads // len(self.lanes))
-        for lane in self.lanes:
-            for role in lane:
-                _set_threads(self.models[role], per_lane)
+    @property
+    def allowed(self) -> np.ndarray:
+        """Bool mask of the token ids that may be drawn (the common range, minus unused);
+        assign a new mask to change it (the engine keeps the blocked ids precomputed)."""
+        return self._allowed
 
-    # -- evaluation over all models -------------------------------------------------------
+    @allowed.setter
+    def allowed(self, mask: np.ndarray) -> None:
+        self._allowed = mask
+        self._blocked = np.flatnonzero(~np.asarray(mask, dtype=bool))
+
+    @property
+    def lanes(self) -> list[list[str]]:
+        """Every lane of the decode schedule, stage after stage."""
+        return [list(lane) for stage in self.schedule.stages for lane in stage]
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Decode with ``schedule`` from the next step on."""
+        if sorted(schedule.roles()) != sorted(self.roles):
+            raise EftError(f"schedule {schedule.describe()!r} does not name every model once")
+        self.schedule = schedule
+
+    def activate(self, weights: np.ndarray, settings: SamplerSettings, *,
+                 diagnostics: bool = False, extra: Sequence[str] = ()) -> tuple[str, ...]:
+        """Choose the models to evaluate from now on: non-zero weight, the conservative
+        model when conservative decoding reads it, every model for diagnostics, and
+        ``extra`` (the drafter)."""
+        w = np.asarray(weights).ravel()
+        need = {r for r, x in zip(self.roles, w, strict=True) if x != 0} | set(extra)
+        if diagnostics:
+            need = set(self.roles)
+        if settings.conservative_top_p is not None:
+            need.add(self.conservative_role)
+        if not need:
+            need.add(self.template_role)
+        self.active = tuple(r for r in self.roles if r in need)
+        return self.active
+
+    # -- evaluation -----------------------------------------------------------------------
+    def _use_threads(self, role: str, n: int) -> None:
+        if self._threads.get(role) != n:
+            setter = getattr(self.models[role], "set_threads", None)
+            if setter is not None:
+                setter(n)
+            self._threads[role] = n
+
     def evaluate_role(self, role: str, n_keep: int, tokens: list[int], *,
                       all_logits: bool = False) -> np.ndarray:
-        """Rewind one model to ``n_keep`` and evaluate ``tokens``; rows (rows, width)."""
+        """Rewind one model to ``n_keep`` and evaluate ``tokens`` with its decode threads;
+        rows (rows, width)."""
+        for _lanes, threads in self.schedule.threads(self.n_threads, (role,)):
+            self._use_threads(role, threads)
         return self._timed_eval(role, n_keep, tokens, all_logits)
 
-    def _timed_eval(self, role: str, n_keep: int, tokens: list[int], all_logits: bool
-                    ) -> np.ndarray:
+    def _timed_eval(self, role: str, n_keep: int, tokens: list[int], all_logits: bool,
+                    out: np.ndarray | None = None) -> np.ndarray:
         model = self.models[role]
         start = time.perf_counter()
         model.rewind(n_keep)
-        rows = model.eval(tokens, all_logits=all_logits)[:, : self.width]
+        into = getattr(model, "eval_into", None) if out is not None and not all_logits else None
+        if into is not None:
+            into(tokens, out)
+            rows = out[None]
+        else:
+            rows = model.eval(tokens, all_logits=all_logits)[:, : self.width]
+            if out is not None:
+                out[:] = rows[-1]
         self.stats.eval_seconds[role] = (self.stats.eval_seconds.get(role, 0.0)
                                          + time.perf_counter() - start)
         return rows
@@ -173,50 +236,96 @@ class Engine:
         return np.stack(self.evaluate_each(n_keep, tokens, all_logits=all_logits))
 
     def evaluate_each(self, n_keep: int | Sequence[int],
-                      tokens: list[int] | Sequence[list[int]], *, all_logits: bool = False
-                      ) -> list[np.ndarray]:
-        """Like :meth:`evaluate`, one array per model (row counts may differ)."""
-        keeps = [n_keep] * len(self.roles) if isinstance(n_keep, int) else list(n_keep)
+                      tokens: list[int] | Sequence[list[int]], *, all_logits: bool = False,
+                      roles: Sequence[str] | None = None, prefill: bool = False,
+                      out: np.ndarray | None = None) -> list[np.ndarray]:
+        """Like :meth:`evaluate` for ``roles`` (default: all), one array per model (row
+        counts may differ). ``prefill``: each model with every thread, one after another;
+        else the decode schedule. ``out`` (models, width) receives each model's last row."""
+        roles = self.roles if roles is None else tuple(roles)
+        keeps = [n_keep] * len(roles) if isinstance(n_keep, int) else list(n_keep)
         batches = (list(tokens) if tokens and isinstance(tokens[0], list)
-                   else [list(tokens)] * len(self.roles))  # type: ignore[list-item]
-        jobs = {r: (k, t) for r, k, t in zip(self.roles, keeps, batches, strict=True)}
-        if self._pool is None:
-            done = self._run_lane(self.roles, jobs, all_logits)
-        else:
-            futures = [self._pool.submit(self._run_lane, lane, jobs, all_logits)
-                       for lane in self.lanes]
-            done = {}
-            for future in futures:
-                done.update(future.result())
-        return [done[r] for r in self.roles]
+                   else [list(tokens)] * len(roles))  # type: ignore[list-item]
+        jobs = {r: (k, t) for r, k, t in zip(roles, keeps, batches, strict=True)}
+        outs = {r: (None if out is None else out[self._index[r]]) for r in roles}
+        done: dict[str, np.ndarray] = {}
+        if prefill:
+            for r in roles:
+                self._use_threads(r, self.n_threads)
+                done[r] = self._timed_eval(r, *jobs[r], all_logits, outs[r])
+            return [done[r] for r in roles]
+        for stage_lanes, threads in self.schedule.threads(self.n_threads, roles):
+            for lane in stage_lanes:
+                for r in lane:
+                    self._use_threads(r, threads)
+            if len(stage_lanes) == 1:
+                done.update(self._run_lane(stage_lanes[0], jobs, all_logits, outs))
+                continue
+            if self._pool_size < len(stage_lanes):
+                self.close()
+                self._pool, self._pool_size = ThreadPoolExecutor(len(stage_lanes)), len(
+                    stage_lanes)
+            assert self._pool is not None
+            futures = [self._pool.submit(self._run_lane, lane, jobs, all_logits, outs)
+                       for lane in stage_lanes]
+            try:
+                for future in futures:
+                    done.update(future.result())
+            finally:  # never leave a worker decoding while the caller rewinds
+                wait(futures)
+        return [done[r] for r in roles]
 
     def _run_lane(self, lane: Sequence[str], jobs: Mapping[str, tuple[int, list[int]]],
-                  all_logits: bool) -> dict[str, np.ndarray]:
-        return {r: self._timed_eval(r, *jobs[r], all_logits) for r in lane}
+                  all_logits: bool, outs: Mapping[str, np.ndarray | None]
+                  ) -> dict[str, np.ndarray]:
+        return {r: self._timed_eval(r, *jobs[r], all_logits, outs[r]) for r in lane}
 
     def prime(self, tokens: list[int]) -> None:
-        """Make every model hold ``tokens``, re-using cached prefixes; sets :attr:`rows`."""
+        """Make every active model hold ``tokens``, re-using cached prefixes; sets
+        :attr:`rows` (rows of inactive models are stale: their weight is 0)."""
         if not tokens:
             raise EftError("empty prompt: nothing to condition on")
         if len(tokens) >= self.n_ctx:
             raise EftError(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx} "
                            "(raise n_ctx or shorten the prompt)")
         keeps, suffixes = [], []
-        for role in self.roles:
+        for role in self.active:
             cached = self.models[role].tokens
             k = common_prefix(cached, tokens)
             k = min(k, len(tokens) - 1)  # the last token is re-evaluated for its logits
             keeps.append(k)
             suffixes.append(tokens[k:])
-        self.stats.prefilled += max(len(s) for s in suffixes)
-        self.rows = self.evaluate(keeps, suffixes)[:, -1, :]
+        longest = max(len(s) for s in suffixes)
+        self.stats.prefilled += longest
+        self.evaluate_each(keeps, suffixes, roles=self.active, prefill=longest > 1,
+                           out=self._row_buf)
+        self.rows = self._row_buf
 
     def advance(self, token: int) -> None:
-        """Append one token to every model; sets :attr:`rows` to the next position."""
-        n = len(self.template_model.tokens)
-        self.rows = self.evaluate(n, [token])[:, -1, :]
+        """Append one token to every active model; sets :attr:`rows` to the next position."""
+        n = len(self.models[self.active[0]].tokens)
+        self.evaluate_each(n, [token], roles=self.active, out=self._row_buf)
+        self.rows = self._row_buf
 
     # -- one sampling step ----------------------------------------------------------------
+    def sampler(self, settings: SamplerSettings) -> sampler.Sampler:
+        """The sampler for ``settings``, built once."""
+        found = self._samplers.get(settings)
+        if found is None:
+            if len(self._samplers) > 8:
+                self._samplers.clear()
+            found = self._samplers[settings] = sampler.make_sampler(settings)
+        return found
+
+    def scores(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings
+               ) -> np.ndarray:
+        """The mix for one position as log-probs up to a constant, in a buffer that the
+        next call reuses (conservative decoding: normalised, see :meth:`distribution`)."""
+        if settings.conservative_top_p is not None:
+            np.copyto(self._scores, self.distribution(rows, weights, settings))
+            return self._scores
+        return sampler.mix_scores(rows, weights, self._blocked, out=self._scores)
+
     def distribution(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings
                      ) -> np.ndarray:
         """The mixed log-probs for one position, before temperature and filters."""
@@ -225,35 +334,40 @@ class Engine:
                                             settings.conservative_top_p, self.allowed)
         return sampler.mix_logits(rows, weights, self.allowed)
 
+    def model_scores(self, row: np.ndarray) -> np.ndarray:
+        """A copy of one model's row with the ids outside the common range at ``-inf``."""
+        out = np.array(row, dtype=np.float32)
+        out[self._blocked] = sampler.NEG_INF
+        return out
+
     def model_logprobs(self, rows: np.ndarray, index: int) -> np.ndarray:
         """One model's own log-probs over the allowed ids."""
-        return sampler.log_softmax(np.where(self.allowed, rows[index], sampler.NEG_INF))
+        return sampler.log_softmax(self.model_scores(rows[index]))
 
     def choose(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings,
                position: int, *, diagnostics: bool = False) -> Step:
         """Sample the token at ``position`` from the mix of ``rows``."""
         start = time.perf_counter()
-        mixed = self.distribution(rows, weights, settings)
-        token, final = sampler.pick(mixed, settings, position)
+        sample = self.sampler(settings)
+        picked = sample(self.scores(rows, weights, settings), position)
         p_models = ref_token = None
         if diagnostics:
             lps = [self.model_logprobs(rows, i) for i in range(len(self.roles))]
-            p_models = {r: float(np.exp(lp[token]))
+            p_models = {r: float(np.exp(lp[picked.token]))
                         for r, lp in zip(self.roles, lps, strict=True)}
-            ref_token, _ = sampler.pick(lps[self.index(self.conservative_role)], settings,
-                                        position)
+            ref_token = sample(lps[self.index(self.conservative_role)], position).token
         self.last = (rows, weights)
         self.stats.sampler_seconds += time.perf_counter() - start
-        return Step(position=position, token=token, p_mix=float(np.exp(final[token])),
+        return Step(position=position, token=picked.token, p_mix=picked.p,
                     p_models=p_models, ref_token=ref_token)
 
     def why(self, settings: SamplerSettings, k: int = 5) -> dict[str, list[tuple[int, float]]]:
-        """Top tokens of each model and of the mix at the last step."""
+        """Top tokens of each evaluated model and of the mix at the last step."""
         if self.last is None:
             return {}
         rows, weights = self.last
         out = {r: sampler.top_tokens(self.model_logprobs(rows, i), k)
-               for i, r in enumerate(self.roles)}
+               for i, r in enumerate(self.roles) if r in self.active}
         out["mix"] = sampler.top_tokens(
             sampler.filter_logprobs(self.distribution(rows, weights, settings), settings), k)
         return out
@@ -265,6 +379,7 @@ class Engine:
         context; :attr:`finish_reason` says which (the caller may stop earlier)."""
         started = time.perf_counter()
         self.finish_reason = "length"
+        self.activate(weights, settings, diagnostics=diagnostics)
         self.prime(tokens)
         position = len(tokens)
         try:
@@ -295,21 +410,7 @@ class Engine:
         """Stop worker threads (models are closed by their owner)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-            self._pool = None
-
-
-def _lanes(models: Mapping[str, Model], n_threads: int) -> list[list[str]]:
-    """Group roles into at most ``n_threads`` lanes of similar cost (file size), largest
-    model first, so that parallel decodes never need more threads than the budget."""
-    n_lanes = max(1, min(n_threads, len(models)))
-    cost = {r: _file_size(m) for r, m in models.items()}
-    lanes: list[list[str]] = [[] for _ in range(n_lanes)]
-    load = [0] * n_lanes
-    for role in sorted(models, key=lambda r: -cost[r]):
-        i = load.index(min(load))
-        lanes[i].append(role)
-        load[i] += max(cost[role], 1)
-    return [lane for lane in lanes if lane]
+            self._pool, self._pool_size = None, 0
 
 
 def _file_size(model: Model) -> int:
@@ -319,12 +420,6 @@ def _file_size(model: Model) -> int:
         return int(sized()) if callable(sized) else Path(model.path).stat().st_size
     except (OSError, TypeError, ValueError):
         return 1
-
-
-def _set_threads(model: Model, n: int) -> None:
-    setter = getattr(model, "set_threads", None)
-    if setter is not None:
-        setter(n)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

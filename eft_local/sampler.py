@@ -1,16 +1,27 @@
 """Pure NumPy sampling: combine models' logit rows by formula weights, filter, draw.
 
-Every function takes arrays (and, to draw, a uniform number) and returns arrays or ints,
-so each is deterministic and testable on its own. Log-probs are float32; rejected tokens
-are ``-inf``. The random number for position ``n`` comes from :func:`uniform_for`, which
-depends only on the seed and the position: that is what makes speculative and plain
-decoding give identical text.
+Sampling is a chain of small filters built once from :class:`SamplerSettings` by
+:func:`make_sampler` (the shape of mlx-lm's ``make_sampler``). The order, in one place
+(:func:`make_filters`): **temperature, then top-k, then top-p, then min-p**, then the draw.
+Temperature 0 short-circuits to the argmax. Each filter takes scores (log-probs up to an
+additive constant, float32) and returns scores with rejected tokens at ``-inf``; it may work
+in place. No filter needs normalised input, so a step never pays for a log-softmax.
+
+The draw at absolute position ``n`` is an exponential race (the Gumbel-max trick) with noise
+that depends only on the seed and ``n`` (:func:`race`): exact sampling, and since a drafting
+model draws with the same noise at the same position, draft and mix agree close to the
+optimum sum(min(p, q)) of any coupling; plain and speculative decoding give identical text
+by construction.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,6 +30,10 @@ from eft_local.limits import TEMPERATURE_RANGE
 
 NEG_INF = np.float32(-np.inf)
 _BLOCK = 1024
+"""Tokens per block of the inverse-CDF draw."""
+
+Filter = Callable[[np.ndarray], np.ndarray]
+"""One link of the chain: scores in, scores out (rejected tokens ``-inf``), maybe in place."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,7 @@ def _check(ok: bool, name: str, value: object, want: str) -> None:
         raise EftError(f"invalid {name} {value!r}: must be {want}")
 
 
+# -- mixing --------------------------------------------------------------------------------
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """Numerically stable log-softmax of a 1-D row, float32; ``-inf`` entries stay ``-inf``."""
     x = np.asarray(x, dtype=np.float32)
@@ -68,21 +84,46 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.float32(np.log(np.exp(shifted, dtype=np.float32).sum(dtype=np.float64)))
 
 
-def mix_logits(rows: np.ndarray, weights: np.ndarray, allowed: np.ndarray | None = None
-               ) -> np.ndarray:
-    """Weighted sum of raw logit rows ``(n_models, width)``, renormalised to log-probs.
-
-    Each row's own log-normaliser is a constant per row, so summing log_softmax'ed rows and
-    renormalising gives exactly this; ``allowed`` (bool, width) masks rows outside the
-    common token range after the sum, so negative weights never meet ``-inf``.
-    """
-    mixed = _weighted_sum(rows, weights)
-    if allowed is not None:
-        mixed[~allowed] = NEG_INF
-    top = mixed.max()
+def mix_scores(rows: np.ndarray, weights: np.ndarray, blocked: np.ndarray | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Weighted sum of raw logit rows ``(n_models, width)`` into ``out``: the mix's log-probs
+    up to a constant. Each row's log-normaliser is a constant, so this equals the sum of
+    log-softmaxed rows up to a shift. ``blocked`` (token ids) are set to ``-inf`` after the
+    sum, so negative weights never meet ``-inf``; models of weight 0 are skipped."""
+    rows = np.asarray(rows, dtype=np.float32)
+    weights = np.asarray(weights, dtype=np.float32).ravel()
+    if out is None:
+        out = np.empty(rows.shape[1], dtype=np.float32)
+    first = True
+    with np.errstate(over="ignore", invalid="ignore"):
+        for i, w in enumerate(weights):
+            if w == 0:
+                continue
+            if first:
+                np.multiply(rows[i], w, out=out)
+                first = False
+            elif w == 1:
+                np.add(out, rows[i], out=out)
+            elif w == -1:
+                np.subtract(out, rows[i], out=out)
+            else:
+                out += w * rows[i]
+    if first:
+        out[:] = 0.0
+    if blocked is not None and blocked.size:
+        out[blocked] = NEG_INF
+    top = out.max()
     if np.isnan(top) or top == np.inf:
         raise _overflow(weights)
-    return log_softmax(mixed)
+    return out
+
+
+def mix_logits(rows: np.ndarray, weights: np.ndarray, allowed: np.ndarray | None = None
+               ) -> np.ndarray:
+    """Weighted sum of raw logit rows ``(n_models, width)``, renormalised to log-probs;
+    ``allowed`` (bool, width) masks rows outside the common token range."""
+    blocked = None if allowed is None else np.flatnonzero(~allowed)
+    return log_softmax(mix_scores(rows, weights, blocked))
 
 
 def _weighted_sum(rows: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -134,7 +175,8 @@ def _logsumexp(x: np.ndarray) -> float:
 
 
 def top_p_mask(logprobs: np.ndarray, top_p: float) -> np.ndarray:
-    """Bool mask of the smallest set of most likely tokens whose mass reaches ``top_p``."""
+    """Bool mask of the smallest set of most likely tokens whose mass reaches ``top_p``
+    (``logprobs`` may be off by a constant)."""
     if top_p >= 1.0:
         return np.isfinite(logprobs)
     probs = np.exp(logprobs - logprobs.max(), dtype=np.float32)
@@ -152,26 +194,165 @@ def top_p_mask(logprobs: np.ndarray, top_p: float) -> np.ndarray:
     return mask
 
 
-def filter_logprobs(logprobs: np.ndarray, s: SamplerSettings) -> np.ndarray:
-    """Temperature, then top-k, top-p and min-p; returns renormalised log-probs."""
-    out = logprobs / np.float32(s.temperature) if s.temperature not in (0.0, 1.0) else logprobs
-    if s.top_k and s.top_k < out.size:
-        kth = np.partition(out, out.size - s.top_k)[out.size - s.top_k]
-        out = np.where(out >= kth, out, NEG_INF)
+# -- the filters, and the one place that orders them ---------------------------------------
+def temperature_filter(temperature: float) -> Filter:
+    """Divide the scores by ``temperature`` (> 0)."""
+    inv = np.float32(1.0 / temperature)
+
+    def apply(scores: np.ndarray) -> np.ndarray:
+        return np.multiply(scores, inv, out=scores)
+
+    return apply
+
+
+def top_k_filter(k: int) -> Filter:
+    """Keep the ``k`` best tokens (ties at the k-th score are all kept)."""
+    def apply(scores: np.ndarray) -> np.ndarray:
+        if k >= scores.size:
+            return scores
+        kth = np.partition(scores, scores.size - k)[scores.size - k]
+        scores[scores < kth] = NEG_INF
+        return scores
+
+    return apply
+
+
+def top_p_filter(p: float) -> Filter:
+    """Keep the smallest set of best tokens whose probability reaches ``p``."""
+    def apply(scores: np.ndarray) -> np.ndarray:
+        scores[~top_p_mask(scores, p)] = NEG_INF
+        return scores
+
+    return apply
+
+
+def min_p_filter(p: float) -> Filter:
+    """Drop tokens less likely than ``p`` times the best one."""
+    log_p = np.float32(math.log(p))
+
+    def apply(scores: np.ndarray) -> np.ndarray:
+        scores[scores < scores.max() + log_p] = NEG_INF
+        return scores
+
+    return apply
+
+
+def make_filters(s: SamplerSettings) -> tuple[Filter, ...]:
+    """The chain for ``s``, in order: temperature, top-k, top-p, min-p (each only when it
+    changes something). At temperature 0 the draw is the argmax, which every filter keeps,
+    so the filters then only shape the reported probability."""
+    chain: list[Filter] = []
+    if s.temperature not in (0.0, 1.0):
+        chain.append(temperature_filter(s.temperature))
+    if s.top_k:
+        chain.append(top_k_filter(s.top_k))
     if s.top_p < 1.0:
-        out = np.where(top_p_mask(out, s.top_p), out, NEG_INF)
+        chain.append(top_p_filter(s.top_p))
     if s.min_p > 0.0:
-        out = np.where(out >= out.max() + np.float32(math.log(s.min_p)), out, NEG_INF)
-    return log_softmax(out) if out is not logprobs else out
+        chain.append(min_p_filter(s.min_p))
+    return tuple(chain)
+
+
+def filter_logprobs(logprobs: np.ndarray, s: SamplerSettings) -> np.ndarray:
+    """The chain of ``s`` applied to a copy of ``logprobs``, renormalised to log-probs."""
+    out = np.array(logprobs, dtype=np.float32)
+    for link in make_filters(s):
+        out = link(out)
+    return log_softmax(out)
+
+
+# -- drawing -------------------------------------------------------------------------------
+class Pick(NamedTuple):
+    """A drawn token, its probability and the best token's probability (after filters)."""
+
+    token: int
+    p: float
+    p_top: float
+
+
+Sampler = Callable[[np.ndarray, int], Pick]
+"""``sampler(scores, position) -> Pick``; may change ``scores`` in place."""
+
+
+def make_sampler(s: SamplerSettings) -> Sampler:
+    """A sampler for ``s``: the filter chain, then the argmax (temperature 0) or the race
+    seeded by ``(s.seed, position)``. Build it once per settings, call it every step."""
+    chain = make_filters(s)
+    greedy = s.temperature == 0.0
+    seed = s.seed
+
+    def sample(scores: np.ndarray, position: int) -> Pick:
+        for link in chain:
+            scores = link(scores)
+        top = int(np.argmax(scores))
+        best = scores[top]
+        if not np.isfinite(best):
+            raise EftError("every token of a row is masked or non-finite")
+        probs = np.subtract(scores, best, out=scores)
+        np.exp(probs, out=probs)
+        total = float(probs.sum(dtype=np.float64))
+        token = top if greedy else race(probs, seed, position)
+        return Pick(token, float(probs[token]) / total, 1.0 / total)
+
+    return sample
+
+
+def race(probs: np.ndarray, seed: int, position: int) -> int:
+    """An exact sample from ``probs`` (non-negative, not normalised) with the noise of
+    ``(seed, position)``: the exponential race, argmax p_i / E_i with E_i ~ Exp(1) (the
+    Gumbel-max trick: log p_i - log E_i is log p_i plus Gumbel noise). Every distribution
+    drawn at a position meets the same noise, so two models' draws agree with probability
+    close to the optimum sum(min(p, q))."""
+    noise = race_noise(seed, position, probs.size)
+    with np.errstate(divide="ignore"):
+        return int(np.argmax(np.divide(probs, noise, out=_scratch(probs.size))))
+
+
+_NOISE: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+_NOISE_KEEP = 24  # a drafted block and its verification read the same positions
+_NOISE_LOCK = threading.Lock()
+_SCRATCH = threading.local()
+
+
+def race_noise(seed: int, position: int, n: int) -> np.ndarray:
+    """The Exp(1) noise of ``n`` tokens at ``position`` (read-only; the last few positions'
+    noise is kept, since a draft and its verification draw at the same positions)."""
+    key = (seed, position, n)
+    with _NOISE_LOCK:
+        found = _NOISE.get(key)
+        if found is not None:
+            _NOISE.move_to_end(key)
+            return found
+    raw = np.random.SFC64((seed, position)).random_raw((n + 1) // 2).view(np.uint32)[:n]
+    noise = np.multiply(raw, np.float32(2.0**-32), dtype=np.float32)
+    noise += np.float32(2.0**-33)  # v in (0, 1); E = -log(1 - v), precise near 0
+    np.negative(noise, out=noise)
+    with np.errstate(divide="ignore"):  # v rounded to 1: E = inf, that token never wins
+        np.log1p(noise, out=noise)
+    np.negative(noise, out=noise)
+    noise.flags.writeable = False
+    with _NOISE_LOCK:
+        _NOISE[key] = noise
+        while len(_NOISE) > _NOISE_KEEP:
+            _NOISE.popitem(last=False)
+    return noise
+
+
+def _scratch(n: int) -> np.ndarray:
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.size != n:
+        buf = _SCRATCH.buf = np.empty(n, dtype=np.float32)
+    return buf
 
 
 def uniform_for(seed: int, position: int) -> float:
-    """The uniform draw in [0, 1) used at absolute token position ``position``."""
+    """A uniform number in [0, 1) for ``position``: the noise of :func:`draw`."""
     return float(np.random.default_rng((seed, position)).random())
 
 
 def draw(logprobs: np.ndarray, u: float, *, greedy: bool = False) -> int:
-    """Inverse-CDF sample of a token id with uniform ``u``; ``greedy`` takes the argmax."""
+    """Inverse-CDF sample of a token id with uniform ``u`` (token-id order; the coupling
+    this project used before the race, kept to compare); ``greedy`` takes the argmax."""
     if greedy:
         return int(np.argmax(logprobs))
     probs = np.exp(logprobs - logprobs.max())
@@ -191,11 +372,11 @@ def draw(logprobs: np.ndarray, u: float, *, greedy: bool = False) -> int:
 
 
 def pick(logprobs: np.ndarray, settings: SamplerSettings, position: int) -> tuple[int, np.ndarray]:
-    """Filter ``logprobs`` by ``settings`` and draw the token for ``position``."""
-    final = filter_logprobs(logprobs, settings)
-    greedy = settings.temperature == 0.0
-    u = 0.0 if greedy else uniform_for(settings.seed, position)
-    return draw(final, u, greedy=greedy), final
+    """Filter ``logprobs`` by ``settings`` and draw the token for ``position`` (a one-off;
+    steps build a sampler once with :func:`make_sampler`); returns the token and the
+    filtered log-probs."""
+    token = make_sampler(settings)(np.array(logprobs, dtype=np.float32), position).token
+    return token, filter_logprobs(logprobs, settings)
 
 
 def top_tokens(logprobs: np.ndarray, k: int = 5) -> list[tuple[int, float]]:

@@ -125,6 +125,7 @@ class Session:
         self.parse_special = False
         """Parse control-token text inside messages (unsafe with untrusted input)."""
         self._specials: re.Pattern[str] | bool | None = None
+        self._speculator: speculative.Speculator | None = None
 
     # -- loading --------------------------------------------------------------------------
     def _load(self, paths: Mapping[str, Path], say: Progress) -> dict[str, Model]:
@@ -217,6 +218,17 @@ class Session:
         file) with a non-zero weight under the current knobs."""
         return self.preset.draft_role or self.engine.cheapest_role(
             self.weights(), prefer=self.conservative_role())
+
+    @property
+    def speculator(self) -> speculative.Speculator:
+        """This session's speculator, made once (its adaptive block size lasts across
+        turns) and again when ``options.draft_k`` or the preset's draft role changes."""
+        k, role = self.options.draft_k, self.preset.draft_role
+        spec = self._speculator
+        if spec is None or spec.draft_k != k or spec.draft_role != role:
+            spec = self._speculator = speculative.Speculator(self.engine, draft_k=k,
+                                                             draft_role=role)
+        return spec
 
     def roles(self) -> dict[str, str]:
         """What each role does now: template, draft and conservative reference."""
@@ -318,8 +330,7 @@ class Session:
         generate = self.engine.generate
         if self.options.speculative and speculative.worth_speculating(self.engine, weights,
                                                                       drafter):
-            generate = speculative.speculator(self.engine, self.options.draft_k,
-                                              self.preset.draft_role).generate
+            generate = self.speculator.generate
         steps = generate(tokens, weights, self.settings, max_tokens=max_tokens,
                          diagnostics=diagnostics)
         try:

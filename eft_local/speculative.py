@@ -1,30 +1,27 @@
 """Speculative EFT decoding (paper section 4.3): draft with one model, verify in blocks.
 
-The draft model (the preset's ``draft_role``, by default the cheapest model with a non-zero
-weight, see :meth:`Engine.cheapest_role`) drafts up to ``k`` tokens, each drawn from
-its own filtered distribution with the same position-seeded uniform that plain decoding
-uses, so draft and verifier are coupled. Every model then evaluates the block in one
-batched decode with a row per position; the true mixed distribution of each position is
-sampled with exactly the code of plain decoding (:meth:`Engine.choose`). Drafted tokens are
-kept while the sample agrees; the first disagreement keeps the sample and drops the rest,
-and if every draft agrees the last row gives one more token for free. Since each position's
-token is drawn from the same rows with the same uniform as in plain decoding, the output is
-the same token sequence (exactly so when the models' rows do not depend on batching, as
-with the in-memory fakes; llama.cpp's batched rows differ from one-token rows by about
-1e-5, which can flip a draw that lands that close to a boundary).
+The drafter (the preset's ``draft_role``, by default :meth:`Engine.cheapest_role`)
+drafts up to ``k`` tokens, each drawn from its own filtered distribution with the noise of
+its position (:func:`eft_local.sampler.race`), the very noise plain decoding uses, so draft
+and mix are coupled. Every active model then evaluates the block in one batched decode with
+a row per position; each position's mixed distribution is sampled with exactly the code of
+plain decoding (:meth:`Engine.choose`). Drafted tokens are kept while the sample agrees; the
+first disagreement keeps the sample and drops the rest, and if every draft agrees the last
+row gives one more token for free. Since each position's token is drawn from the same rows
+with the same noise as in plain decoding, the output is the same token sequence (exactly so
+when the models' rows do not depend on batching, as with the in-memory fakes; llama.cpp's
+batched rows differ from one-token rows by about 1e-5, which can flip a draw that lands
+that close to a tie).
 """
 
 from __future__ import annotations
 
-import math
 import time
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from eft_local import sampler
 from eft_local.engine import Engine, Step, common_prefix
 from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings
@@ -182,6 +179,7 @@ class Speculator:
             weights, prefer=eng.conservative_role)
         started = time.perf_counter()
         eng.finish_reason = "length"
+        eng.activate(weights, settings, diagnostics=diagnostics, extra=(self.drafter,))
         eng.prime(tokens)
         seq = list(tokens)
         head: np.ndarray | None = eng.rows  # rows at len(seq); None: seq[-1] not evaluated
@@ -239,12 +237,13 @@ class Speculator:
     # -- draft, verify, bookkeeping -------------------------------------------------------
     def _draft(self, seq: list[int], head: np.ndarray | None, settings: SamplerSettings,
                k: int) -> tuple[list[int], list[np.ndarray]]:
-        """Up to ``k`` tokens from the draft model alone, drawn with the positions' uniforms,
-        and the draft model's row before each of them."""
+        """Up to ``k`` tokens from the drafter alone, drawn with the positions' noise (the
+        argmax at temperature 0), and the drafter's row before each of them."""
         if k == 0:
             return [], []
         eng = self.engine
         role = self.drafter
+        sample = eng.sampler(settings)
         if head is not None:
             row = head[eng.index(role)]
         else:
@@ -252,23 +251,23 @@ class Speculator:
         draft: list[int] = []
         rows: list[np.ndarray] = []
         while True:
-            own = sampler.log_softmax(np.where(eng.allowed, row, sampler.NEG_INF))
-            token, final = sampler.pick(own, settings, len(seq) + len(draft))
-            if draft and self.stop_below and math.exp(float(final.max())) < self.stop_below:
+            picked = sample(eng.model_scores(row), len(seq) + len(draft))
+            if draft and self.stop_below and picked.p_top < self.stop_below:
                 return draft, rows
-            draft.append(token)
+            draft.append(picked.token)
             rows.append(row)
-            if len(draft) == k or eng.is_eog(token):
+            if len(draft) == k or eng.is_eog(picked.token):
                 return draft, rows
-            row = eng.evaluate_role(role, len(seq) + len(draft) - 1, [token])[-1]
+            row = eng.evaluate_role(role, len(seq) + len(draft) - 1, [picked.token])[-1]
 
     def _verify(self, seq: list[int], head: np.ndarray | None, draft: list[int],
                 ref_rows: list[np.ndarray]) -> np.ndarray:
         """Rows (models, len(draft) + 1, width): row i is the position ``len(seq) + i``.
 
-        Every model evaluates the block (the unevaluated last token of ``seq``, if any, and
-        the draft) in one batched decode. With ``reuse_draft_rows`` the drafter evaluates
-        only the last draft token and its drafting rows stand for the others.
+        Every active model evaluates the block (the unevaluated last token of ``seq``, if
+        any, and the draft) in one batched decode. With ``reuse_draft_rows`` the drafter
+        evaluates only the last draft token and its drafting rows stand for the others.
+        Rows of inactive models (weight 0) are zeros.
         """
         eng = self.engine
         pending = [] if head is not None else seq[-1:]
@@ -276,22 +275,30 @@ class Speculator:
         if not block:
             return head[:, None, :]  # type: ignore[index]
         start = len(seq) - len(pending)
-        if not (self.reuse_draft_rows and draft):
-            rows = eng.evaluate(start, block, all_logits=True)
-            return rows if head is None else np.concatenate([head[:, None, :], rows], axis=1)
-        keeps = [start] * len(eng.roles)
-        batches = [block] * len(eng.roles)
-        drafter = eng.index(self.drafter)
-        keeps[drafter] = len(seq) + len(draft) - 1
-        batches[drafter] = draft[-1:]
-        each = eng.evaluate_each(keeps, batches, all_logits=True)
-        out = []
-        for i, rows in enumerate(each):
-            if i == drafter:
-                out.append(np.concatenate([np.stack(ref_rows), rows]))
+        active = eng.active
+        keeps = {r: start for r in active}
+        batches = {r: block for r in active}
+        reuse = self.reuse_draft_rows and bool(draft)
+        if reuse:
+            keeps[self.drafter] = len(seq) + len(draft) - 1
+            batches[self.drafter] = draft[-1:]
+        each = eng.evaluate_each([keeps[r] for r in active], [batches[r] for r in active],
+                                 all_logits=True, roles=active)
+        out = np.empty((len(eng.roles), len(draft) + 1, eng.width), dtype=np.float32)
+        for role in eng.roles:
+            if role not in active:
+                out[eng.index(role)] = 0.0
+        for role, rows in zip(active, each, strict=True):
+            i = eng.index(role)
+            if reuse and role == self.drafter:
+                out[i, : len(ref_rows)] = ref_rows
+                out[i, len(ref_rows):] = rows
+            elif head is None:
+                out[i] = rows
             else:
-                out.append(rows if head is None else np.concatenate([head[i][None], rows]))
-        return np.stack(out)
+                out[i, 0] = head[i]
+                out[i, 1:] = rows
+        return out
 
     def _record(self, draft: list[int], accepted: int, draft_s: float, verify_s: float,
                 head: np.ndarray | None) -> None:
@@ -316,23 +323,10 @@ class Speculator:
         if self._plain_steps % SHADOW_EVERY:
             return None
         eng = self.engine
-        own = sampler.log_softmax(np.where(eng.allowed, rows[eng.index(self.drafter)],
-                                           sampler.NEG_INF))
-        return sampler.pick(own, settings, position)[0]
+        row = rows[eng.index(self.drafter)]
+        return eng.sampler(settings)(eng.model_scores(row), position).token
 
     def _rewind_to(self, seq: list[int]) -> None:
         """Drop rejected drafts: every model keeps only the part of ``seq`` it evaluated."""
         for model in self.engine.models.values():
             model.rewind(common_prefix(model.tokens, seq))
-
-
-_SPECULATORS: weakref.WeakKeyDictionary[Engine, Speculator] = weakref.WeakKeyDictionary()
-
-
-def speculator(engine: Engine, draft_k: int | None, draft_role: str | None = None
-               ) -> Speculator:
-    """The engine's speculator (created once, so the adaptive state lasts across turns)."""
-    spec = _SPECULATORS.get(engine)
-    if spec is None or spec.draft_k != draft_k or spec.draft_role != draft_role:
-        spec = _SPECULATORS[engine] = Speculator(engine, draft_k=draft_k, draft_role=draft_role)
-    return spec

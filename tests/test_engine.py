@@ -11,7 +11,7 @@ from eft_local import backend
 from eft_local.config import preset_from_paths
 from eft_local.engine import Engine
 from eft_local.errors import EftError
-from eft_local.sampler import SamplerSettings
+from eft_local.sampler import SamplerSettings, log_softmax
 from eft_local.session import LoadOptions, Session, load_session
 from tests import ggufs
 from tests.fakes import FakeModel
@@ -56,15 +56,17 @@ def alone(path: Path, prompt: list[int], generated: list[int]) -> list[np.ndarra
 
 
 def record_distributions(s: Session) -> list[np.ndarray]:
+    """The mixed log-probs of every step (the engine samples from scores: the same up to a
+    constant)."""
     seen: list[np.ndarray] = []
-    original = s.engine.distribution
+    original = s.engine.scores
 
     def wrapper(rows, weights, settings):
         out = original(rows, weights, settings)
-        seen.append(out.copy())
+        seen.append(log_softmax(out))
         return out
 
-    s.engine.distribution = wrapper  # type: ignore[method-assign]
+    s.engine.scores = wrapper  # type: ignore[method-assign]
     return seen
 
 
@@ -128,8 +130,9 @@ def test_same_seed_same_text_and_diagnostics(trio: dict[str, Path]) -> None:
 def test_context_limit_stops_cleanly(trio: dict[str, Path]) -> None:
     with session(trio, options=LoadOptions(n_ctx=32, speculative=False),
                  settings=SamplerSettings(temperature=0.0)) as s:
-        s.engine.allowed = s.engine.allowed.copy()
-        s.engine.allowed[[1, 4]] = False  # no end-of-generation token: run into the limit
+        allowed = s.engine.allowed.copy()
+        allowed[[1, 4]] = False  # no end-of-generation token: run into the limit
+        s.engine.allowed = allowed
         result = s.generate("hello", max_tokens=500)
         assert result.finish == "context"
         assert result.prompt_tokens + len(result.steps) == s.engine.n_ctx

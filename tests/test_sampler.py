@@ -189,3 +189,81 @@ def test_top_tokens() -> None:
     top = S.top_tokens(lp, 2)
     assert [t for t, _ in top] == [1, 2]
     assert np.isclose(top[0][1], 0.5)
+
+
+# -- the filter chain and the race ---------------------------------------------------------
+def test_chain_order_is_temperature_then_filters() -> None:
+    s = S.SamplerSettings(temperature=0.5, top_k=3, top_p=0.9, min_p=0.1)
+    names = [f.__qualname__.split(".")[0] for f in S.make_filters(s)]
+    assert names == ["temperature_filter", "top_k_filter", "top_p_filter", "min_p_filter"]
+    assert S.make_filters(S.SamplerSettings()) == ()  # T=1, no filter: nothing to do
+    # temperature first: at T=0.5 the top-p set is smaller than at T=1
+    lp = S.log_softmax(np.log(np.array([0.4, 0.3, 0.2, 0.1], dtype=np.float32)))
+    cold = S.filter_logprobs(lp, S.SamplerSettings(temperature=0.5, top_p=0.7))
+    assert np.isfinite(cold).sum() == 2  # 16:9:4:1 -> top two hold 25/30 >= 0.7
+    warm = S.filter_logprobs(lp, S.SamplerSettings(top_p=0.7))
+    assert np.isfinite(warm).sum() == 2
+    hot = S.filter_logprobs(lp, S.SamplerSettings(temperature=4.0, top_p=0.7))
+    assert np.isfinite(hot).sum() == 3  # flatter: three tokens needed
+
+
+def test_filters_ignore_constant_shifts() -> None:
+    lp = S.log_softmax(rows(4, n=1, width=200)[0])
+    s = S.SamplerSettings(temperature=0.7, top_k=50, top_p=0.8, min_p=0.02, seed=3)
+    np.testing.assert_allclose(S.filter_logprobs(lp + 17.0, s), S.filter_logprobs(lp, s),
+                               atol=1e-5)
+    sample = S.make_sampler(s)
+    assert all(sample(lp.copy(), i).token == sample(lp + 17.0, i).token for i in range(50))
+
+
+def test_greedy_is_the_argmax_of_the_masked_mix() -> None:
+    r = rows(12, width=3000)
+    w = np.array([1.0, 1.5, -1.5], dtype=np.float32)
+    blocked = np.array([int(np.argmax(w @ r))])  # the best token is outside the range
+    scores = S.mix_scores(r, w, blocked)
+    picked = S.make_sampler(S.SamplerSettings(temperature=0.0))(scores.copy(), 5)
+    expected = w @ r
+    expected[blocked] = -np.inf
+    assert picked.token == int(np.argmax(expected))
+    lp = S.log_softmax(expected)
+    assert picked.p == pytest.approx(float(np.exp(lp.max())), rel=1e-4)
+
+
+def test_race_samples_exactly() -> None:
+    width = 3000
+    lp = S.log_softmax(rows(13, n=1, width=width, scale=1.5)[0])
+    p = np.exp(lp.astype(np.float64))
+    probs = np.exp(lp)
+    n = 20_000
+    counts = np.bincount([S.race(probs, 7, i) for i in range(n)], minlength=width)
+    top = np.argsort(-p)[:5]
+    np.testing.assert_allclose(counts[top] / n, p[top], atol=4 * np.sqrt(p[top] / n).max())
+    thirds = [counts[i:i + 1000].sum() / n for i in range(0, width, 1000)]
+    np.testing.assert_allclose(thirds, [p[i:i + 1000].sum() for i in range(0, width, 1000)],
+                               atol=0.015)
+    assert S.race(probs, 7, 3) == S.race(probs.copy(), 7, 3)  # only the seed and position
+
+
+def coupled_rows(seed: int, width: int, closeness: float) -> tuple[np.ndarray, np.ndarray]:
+    """A peaked mix and a drafter that agrees with it up to noise."""
+    rng = np.random.default_rng(seed)
+    shared = -1.5 * np.log(np.arange(1, width + 1))[rng.permutation(width)]
+    p = S.log_softmax((shared + closeness * rng.standard_normal(width)).astype(np.float32))
+    q = S.log_softmax((shared + closeness * rng.standard_normal(width)).astype(np.float32))
+    return p, q
+
+
+def test_race_coupling_accepts_near_the_optimum() -> None:
+    """The same noise for draft and mix: P(same token) close to sum(min(p, q)) (at least
+    (1 - tv) / (1 + tv) for Gumbel-max); the inverse-CDF coupling in token-id order reaches
+    far less."""
+    optimum, race, inverse = [], [], []
+    for pos in range(300):
+        p, q = coupled_rows(pos, 2000, 1.0)
+        optimum.append(float(np.minimum(np.exp(p), np.exp(q)).sum()))
+        race.append(S.race(np.exp(p), 1, pos) == S.race(np.exp(q), 1, pos))
+        u = S.uniform_for(1, pos)
+        inverse.append(S.draw(p, u) == S.draw(q, u))
+    best = np.mean(optimum)  # 0.53
+    assert np.mean(race) >= 0.8 * best  # 0.45
+    assert np.mean(inverse) < 0.6 * best  # 0.29

@@ -17,7 +17,7 @@ from eft_local.errors import EftError
 from eft_local.formula import PRESET_FORMULAS, parse_formula
 from eft_local.sampler import SamplerSettings
 from eft_local.session import LoadOptions, Session, load_session
-from eft_local.speculative import BlockSizer, Speculator, speculator, worth_speculating
+from eft_local.speculative import BlockSizer, Speculator, worth_speculating
 from eft_local.vocab import align
 from tests import ggufs
 from tests.fakes import FakeModel
@@ -236,7 +236,7 @@ def test_gguf_speculative_equals_plain(trio: dict[str, Path], temperature: float
                                        reuse: bool) -> None:
     plain = gguf_session(trio, speculative=False)
     spec = gguf_session(trio, speculative=True, draft_k=4)
-    speculator(spec.engine, 4).reuse_draft_rows = reuse
+    spec.speculator.reuse_draft_rows = reuse
     try:
         for seed in (1, 2):
             for s in (plain, spec):
@@ -332,7 +332,80 @@ def test_bundled_down_scaling_session_drafts_with_small_base() -> None:
                                    "conservative": "large_ft"}
         session.set_sampling(temperature=0.0)
         session.generate("The capital of", max_tokens=8)
-        assert speculator(session.engine, 3).drafter == "small_base"
+        assert session.speculator.drafter == "small_base"
         assert session.engine.stats.drafted > 0
         session.set_param("beta", 0.0)  # small_base alone: nothing to speculate with
         assert session.draft_role() == "small_base"
+
+
+# -- zero weights, the drafter, the session's speculator -----------------------------------
+def test_zero_weight_models_are_not_evaluated_and_catch_up_lazily() -> None:
+    s = SamplerSettings(temperature=1.0, seed=4)
+    engine = fake_engine("up")
+    base_only = weights_for(engine, "up", 0.0)  # large_base alone
+    first, _ = run(engine, base_only, s, draft_k="plain", max_tokens=10)
+    assert engine.models["small_ft"].eval_calls == engine.models["small_base"].eval_calls == 0
+    seq = PROMPT + [x.token for x in first]
+    # beta back to 1: the small models catch up on the whole prefix once, then follow
+    mixed = weights_for(engine, "up", 1.0)
+    again, _ = run(engine, mixed, s, draft_k="plain", prompt=seq, max_tokens=10)
+    fresh = fake_engine("up")
+    expected, _ = run(fresh, mixed, s, draft_k="plain", prompt=seq, max_tokens=10)
+    assert same_steps(again, expected)
+    assert engine.models["small_ft"].eval_calls == 1 + 9  # the prompt in one batch, 9 steps
+
+
+@pytest.mark.parametrize("draft_k", [None, 3])
+def test_zero_weight_models_are_skipped_in_speculative_decoding(draft_k: int | None) -> None:
+    s = SamplerSettings(temperature=0.7, seed=8)
+    plain_engine = fake_engine("interpolate")
+    spec_engine = fake_engine("interpolate")
+    w = weights_for(plain_engine, "interpolate", 1.0, lam=1.0)  # small_ft_alt has weight 0
+    assert w[spec_engine.index("small_ft_alt")] == 0
+    a, _ = run(plain_engine, w, s, draft_k="plain")
+    b, _ = run(spec_engine, w, s, draft_k=draft_k)
+    assert same_steps(a, b)
+    assert spec_engine.models["small_ft_alt"].eval_calls == 0
+
+
+@pytest.mark.parametrize("drafter", ["large_base", "small_ft", "small_base"])
+def test_any_drafter_gives_the_plain_tokens(drafter: str) -> None:
+    s = SamplerSettings(temperature=1.0, seed=6)
+    plain_engine, spec_engine = fake_engine("up"), fake_engine("up")
+    w = weights_for(plain_engine, "up", 1.0)
+    a, _ = run(plain_engine, w, s, draft_k="plain", max_tokens=30)
+    b = list(Speculator(spec_engine, draft_k=3, draft_role=drafter).generate(
+        PROMPT, w, s, max_tokens=30))
+    assert same_steps(a, b)
+    assert worth_speculating(spec_engine, w, drafter)
+    assert not worth_speculating(spec_engine, np.array([0.0, 2.0, 0.0]), "small_ft")
+
+
+def test_the_session_owns_its_speculator(trio: dict[str, Path]) -> None:
+    a, b = gguf_session(trio, draft_k=3), gguf_session(trio, draft_k=3)
+    try:
+        spec = a.speculator
+        assert spec is a.speculator and spec is not b.speculator and spec.engine is a.engine
+        a.set_sampling(temperature=0.0)
+        a.generate("hello", max_tokens=8)
+        assert a.speculator is spec and spec.block_sizes  # it drafted, and stays
+        a.options = LoadOptions(draft_k=2)
+        assert a.speculator is not spec and a.speculator.draft_k == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def test_eval_into_writes_the_last_row_in_place(trio: dict[str, Path]) -> None:
+    a = backend.LlamaModel(trio["small_base"], n_ctx=64)
+    b = backend.LlamaModel(trio["small_base"], n_ctx=64)
+    try:
+        out = np.zeros(a.n_vocab - 3, dtype=np.float32)
+        a.eval([5, 6, 7])
+        b.eval([5, 6, 7])
+        a.eval_into([9], out)
+        assert np.array_equal(out, b.eval([9])[-1][: out.size])
+        assert a.tokens == b.tokens == [5, 6, 7, 9]
+    finally:
+        a.close()
+        b.close()
