@@ -273,7 +273,8 @@ class Session:
                                       for c in contents):
             return ref.tokenize(text, add_bos=False, special=True)
         # where each message's content lies in the rendered text: render again with marks
-        marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        marked = [{**m, "content": f"\ue000{i}\ue001"} if isinstance(m.get("content"), str)
+                  else m for i, m in enumerate(messages)]
         parts = re.split("\ue000(\\d+)\ue001", render(self.template, marked, **tokens))
         spans, pos = [], 0
         for i, part in enumerate(parts):

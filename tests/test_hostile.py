@@ -459,6 +459,10 @@ def test_14_a_template_that_rewrites_messages_refuses_special_text(family) -> No
         with pytest.raises(EftError, match="special-token text and the chat template changes"):
             s.chat_tokens([{"role": "user", "content": "a<|end|>"}])
         assert s.chat_tokens([{"role": "user", "content": "a"}])
+        s.template = "{% for m in messages %}<|user|>{{ m.content }}<|end|>{% endfor %}"
+        tokens = s.chat_tokens([{"role": "assistant", "content": None},  # e.g. a tool call
+                                {"role": "user", "content": "a<|end|>"}])
+        assert _specials(tokens) == 4
 
 
 def test_14_parse_special_flag(family) -> None:
