@@ -455,3 +455,4 @@ def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
 main.register("chat", "eft_local.repl:chat")
 main.register("eval", "eft_local.evaluate:evaluate")
 main.register("bench", "eft_local.bench:bench")
+main.register("score", "eft_local.score_cli:score")

@@ -53,6 +53,10 @@ class Step:
     p_models: Mapping[str, float] | None = None
     ref_token: int | None = None
     from_draft: bool = False
+    logprob: float | None = None
+    """With ``top_n``: the token's log-prob under the mix at temperature 1, no filters."""
+    top: tuple[tuple[int, float], ...] | None = None
+    """With ``top_n``: the most likely (id, log-prob) pairs of that distribution."""
 
 
 @dataclass
@@ -345,8 +349,10 @@ class Engine:
         return sampler.log_softmax(self.model_scores(rows[index]))
 
     def choose(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings,
-               position: int, *, diagnostics: bool = False) -> Step:
-        """Sample the token at ``position`` from the mix of ``rows``."""
+               position: int, *, diagnostics: bool = False, top_n: int | None = None
+               ) -> Step:
+        """Sample the token at ``position`` from the mix of ``rows``; ``top_n`` (0 or more)
+        adds the token's log-prob under the unfiltered mix and its ``top_n`` best tokens."""
         start = time.perf_counter()
         sample = self.sampler(settings)
         picked = sample(self.scores(rows, weights, settings), position)
@@ -356,10 +362,14 @@ class Engine:
             p_models = {r: float(np.exp(lp[picked.token]))
                         for r, lp in zip(self.roles, lps, strict=True)}
             ref_token = sample(lps[self.index(self.conservative_role)], position).token
+        logprob = top = None
+        if top_n is not None:
+            mixed = self.distribution(rows, weights, settings)
+            logprob, top = float(mixed[picked.token]), top_logprobs(mixed, top_n)
         self.last = (rows, weights)
         self.stats.sampler_seconds += time.perf_counter() - start
         return Step(position=position, token=picked.token, p_mix=picked.p,
-                    p_models=p_models, ref_token=ref_token)
+                    p_models=p_models, ref_token=ref_token, logprob=logprob, top=top)
 
     def why(self, settings: SamplerSettings, k: int = 5) -> dict[str, list[tuple[int, float]]]:
         """Top tokens of each evaluated model and of the mix at the last step."""
@@ -374,7 +384,8 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------
     def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
-                 *, max_tokens: int, diagnostics: bool = False) -> Iterator[Step]:
+                 *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None
+                 ) -> Iterator[Step]:
         """Yield sampled tokens until an end-of-generation token, ``max_tokens`` or a full
         context; :attr:`finish_reason` says which (the caller may stop earlier)."""
         started = time.perf_counter()
@@ -385,7 +396,7 @@ class Engine:
         try:
             for n in range(1, max_tokens + 1):
                 step = self.choose(self.rows, weights, settings, position,
-                                   diagnostics=diagnostics)
+                                   diagnostics=diagnostics, top_n=top_n)
                 self.count_token(started)
                 yield step
                 if self.is_eog(step.token):
@@ -411,6 +422,30 @@ class Engine:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool, self._pool_size = None, 0
+
+
+def top_logprobs(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
+    """The ``n`` most likely ids of a log-prob row with their log-probs, best first."""
+    n = min(n, logprobs.size)
+    if n < 1:
+        return ()
+    idx = np.argpartition(logprobs, logprobs.size - n)[-n:]
+    idx = idx[np.argsort(-logprobs[idx], kind="stable")]
+    return tuple((int(i), float(logprobs[i])) for i in idx)
+
+
+def _lanes(models: Mapping[str, Model], n_threads: int) -> list[list[str]]:
+    """Group roles into at most ``n_threads`` lanes of similar cost (file size), largest
+    model first, so that parallel decodes never need more threads than the budget."""
+    n_lanes = max(1, min(n_threads, len(models)))
+    cost = {r: _file_size(m) for r, m in models.items()}
+    lanes: list[list[str]] = [[] for _ in range(n_lanes)]
+    load = [0] * n_lanes
+    for role in sorted(models, key=lambda r: -cost[r]):
+        i = load.index(min(load))
+        lanes[i].append(role)
+        load[i] += max(cost[role], 1)
+    return [lane for lane in lanes if lane]
 
 
 def _file_size(model: Model) -> int:

@@ -33,6 +33,7 @@ from eft_local.engine import Engine, Model, Step
 from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS
 from eft_local.sampler import SamplerSettings
+from eft_local.scoring import Score, score_tokens
 from eft_local.text import TextStream
 from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, AlignmentReport, align
 
@@ -310,6 +311,24 @@ class Session:
             self._specials = re.compile("|".join(map(re.escape, texts))) if texts else False
         return self._specials or None
 
+    def tokenize(self, text: str, *, add_bos: bool = True, parse_special: bool = False
+                 ) -> list[int]:
+        """Tokenize plain text with the template model's tokenizer: BOS first when
+        ``add_bos`` and the vocabulary asks for it; control-token text parsed as control
+        tokens only with ``parse_special``."""
+        return self.models[self.preset.template_role].tokenize(text, add_bos=add_bos,
+                                                               special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of ``tokens`` (control tokens as their text), UTF-8 decoded as a whole."""
+        ref = self.models[self.preset.template_role]
+        n_vocab = ref.n_vocab
+        bad = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, int)
+                    or not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise EftError(f"token id {bad!r} is outside the vocabulary (0..{n_vocab - 1})")
+        return b"".join(ref.piece(t, special=True) for t in tokens).decode("utf-8", "replace")
+
     def raw_tokens(self, prompt: str) -> list[int]:
         """Tokenize plain text (BOS added if the model's vocabulary asks for it)."""
         return self.models[self.preset.template_role].tokenize(prompt, add_bos=True,
@@ -318,8 +337,11 @@ class Session:
     # -- generation -----------------------------------------------------------------------
     def stream(self, tokens: list[int], *, max_tokens: int = 512,
                stop: Sequence[str] | None = None,
-               diagnostics: bool = False) -> Iterator[Chunk]:
-        """Generate after ``tokens``; yields text chunks, the last one carries ``finish``."""
+               diagnostics: bool = False, top_n: int | None = None) -> Iterator[Chunk]:
+        """Generate after ``tokens``; yields text chunks, the last one carries ``finish``.
+
+        ``top_n`` (0 or more) gives each step its log-prob under the mix (temperature 1, no
+        filters: as :meth:`score` defines it) and the ``top_n`` most likely tokens there."""
         if max_tokens < 1:
             raise EftError(f"invalid max_tokens {max_tokens}: must be >= 1")
         ref = self.models[self.preset.template_role]
@@ -333,7 +355,7 @@ class Session:
                                                                       drafter):
             generate = self.speculator.generate
         steps = generate(tokens, weights, self.settings, max_tokens=max_tokens,
-                         diagnostics=diagnostics)
+                         diagnostics=diagnostics, top_n=top_n)
         try:
             for step in steps:
                 piece = b"" if ref.is_eog(step.token) else ref.piece(step.token)
@@ -413,6 +435,24 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         self.conversation.turns.clear()
+
+    # -- scoring --------------------------------------------------------------------------
+    def score(self, text_or_tokens: str | Sequence[int], *, top_n: int = 0,
+              per_model: bool = False) -> Score:
+        """Every token's log-prob under the mix (see :mod:`eft_local.scoring`).
+
+        A string is tokenized as raw text (BOS first when the model asks for it); a token
+        list is scored as is. The first token has no log-prob (nothing precedes it).
+        ``top_n`` adds the most likely tokens at each position, ``per_model`` each model's
+        own log-prob of the token. Uses the current knobs and formula; the sampler's
+        temperature and filters do not apply (conservative decoding does).
+        """
+        tokens = (self.raw_tokens(text_or_tokens) if isinstance(text_or_tokens, str)
+                  else list(text_or_tokens))
+        self.engine.conservative_role = self.conservative_role()
+        result = score_tokens(self.engine, tokens, self.weights(), self.settings, top_n=top_n,
+                              per_model=per_model)
+        return replace(result, formula=self.describe())
 
     # -- introspection --------------------------------------------------------------------
     def token_text(self, token: int) -> str:

@@ -172,7 +172,8 @@ class Speculator:
 
     # -- the loop -------------------------------------------------------------------------
     def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
-                 *, max_tokens: int, diagnostics: bool = False) -> Iterator[Step]:
+                 *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None
+                 ) -> Iterator[Step]:
         """Yield the tokens plain decoding would yield, drafting and verifying in blocks."""
         eng = self.engine
         self.drafter = self.draft_role or eng.cheapest_role(
@@ -201,7 +202,7 @@ class Speculator:
                     else None
                 for i in range(len(draft) + 1):
                     step = eng.choose(rows[:, i], weights, settings, position + i,
-                                      diagnostics=diagnostics)
+                                      diagnostics=diagnostics, top_n=top_n)
                     if guess is not None:
                         self.sizer.count(int(guess == step.token), guess != step.token)
                     agree = i < len(draft) and step.token == draft[i]
