@@ -180,6 +180,10 @@ def model_options(func: F) -> F:
                      help="Speculative block size (default: adaptive)."),
         click.option("--parallel/--sequential", default=None,
                      help="Evaluate the models in parallel threads (default) or in turn."),
+        click.option("--schedule", type=click.Choice(["auto", "lanes", "large-first",
+                                                      "sequential"]),
+                     help="Decode schedule (default auto: measured once per machine and "
+                     "model set, then cached; --sequential means sequential)."),
     ], func)
 
 
@@ -224,7 +228,7 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
                           n_gpu_layers=opts.get("gpu_layers"),
                           parallel=opts.get("parallel") is not False,
                           speculative=not opts.get("no_speculative"),
-                          draft_k=opts.get("draft_k"))
+                          draft_k=opts.get("draft_k"), schedule=opts.get("schedule"))
     session = load_session(preset, models=tuple(opts.get("models") or ()),
                            formula=opts.get("formula"), params=params, settings=settings,
                            options=options,

@@ -124,7 +124,7 @@ class Engine:
         self.last: tuple[np.ndarray, np.ndarray] | None = None  # rows, weights of last step
         self.finish_reason = "length"
         self.n_threads = max(1, n_threads or os.cpu_count() or 1)
-        sizes = {r: float(_file_size(m)) for r, m in self.models.items()}
+        sizes = {r: float(file_size(m)) for r, m in self.models.items()}
         self.schedule = schedule or (schedules.lanes(sizes, self.n_threads) if parallel
                                      else schedules.sequential(self.roles))
         self.active: tuple[str, ...] = self.roles
@@ -155,7 +155,7 @@ class Engine:
         breaks the tie. The default drafter for speculative decoding."""
         live = [r for r, w in zip(self.roles, np.asarray(weights), strict=True) if w != 0]
         live = live or list(self.roles)
-        cost = {r: _file_size(self.models[r]) for r in live}
+        cost = {r: file_size(self.models[r]) for r in live}
         low = min(cost.values())
         cheap = [r for r in live if cost[r] <= low * (1.0 + SAME_COST)]
         return prefer if prefer in cheap else cheap[0]
@@ -434,22 +434,9 @@ def top_logprobs(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(i), float(logprobs[i])) for i in idx)
 
 
-def _lanes(models: Mapping[str, Model], n_threads: int) -> list[list[str]]:
-    """Group roles into at most ``n_threads`` lanes of similar cost (file size), largest
-    model first, so that parallel decodes never need more threads than the budget."""
-    n_lanes = max(1, min(n_threads, len(models)))
-    cost = {r: _file_size(m) for r, m in models.items()}
-    lanes: list[list[str]] = [[] for _ in range(n_lanes)]
-    load = [0] * n_lanes
-    for role in sorted(models, key=lambda r: -cost[r]):
-        i = load.index(min(load))
-        lanes[i].append(role)
-        load[i] += max(cost[role], 1)
-    return [lane for lane in lanes if lane]
-
-
-def _file_size(model: Model) -> int:
-    """Bytes of the model's file (its ``file_size()`` when it has one), 1 if unknown."""
+def file_size(model: Model) -> int:
+    """A model's cost proxy: bytes of its file (its ``file_size()`` when it has one), 1 if
+    unknown."""
     try:
         sized = getattr(model, "file_size", None)
         return int(sized()) if callable(sized) else Path(model.path).stat().st_size

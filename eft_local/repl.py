@@ -379,7 +379,20 @@ def stats_lines(stats: dict[str, Any]) -> list[str]:
             f"time per model: {per_model or 'none yet'}",
             f"sampler: {stats['sampler_ms_per_token']:.3f} ms/token"] + (
         [f"speculative: {stats['accepted_tokens']}/{stats['drafted_tokens']} drafted tokens "
-         f"accepted ({stats['acceptance_rate']:.0%})"] if stats.get("drafted_tokens") else [])
+         f"accepted ({stats['acceptance_rate']:.0%})"] if stats.get("drafted_tokens") else []
+    ) + [schedule_line(stats)]
+
+
+def schedule_line(stats: dict[str, Any]) -> str:
+    """The decode schedule, with its speed against the largest model alone when measured."""
+    line = (f"schedule: {stats['schedule']} ({stats['schedule_stages']}) on "
+            f"{stats['threads']} thread(s)")
+    if "schedule_measured_ratio" in stats:
+        line += (f"; x{stats['schedule_predicted_ratio']:.2f} predicted, "
+                 f"x{stats['schedule_measured_ratio']:.2f} measured at load against the "
+                 f"largest model alone ({stats['large_alone_ms']:.1f} ms/token at "
+                 f"{stats['large_alone_threads']} thread(s))")
+    return line
 
 
 # -- the command ----------------------------------------------------------------------------

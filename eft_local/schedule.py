@@ -124,7 +124,9 @@ def _stage_splits(roles: Sequence[str], n_threads: int
     """Unordered splits into stages (stage order does not change the cost), each stage
     split into at most ``n_threads`` lanes."""
     for stages in _partitions(list(roles)):
-        per_stage = [[lanes_ for lanes_ in _partitions(st) if len(lanes_) <= n_threads]
+        # one lane of several models is the same as those models in stages of their own
+        per_stage = [[lanes_ for lanes_ in _partitions(st)
+                      if len(lanes_) <= n_threads and (len(lanes_) > 1 or len(st) == 1)]
                      for st in stages]
         for combo in itertools.product(*per_stage):
             yield tuple(tuple(tuple(lane) for lane in lanes_) for lanes_ in combo)

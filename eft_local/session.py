@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eft_local import backend, hub, limits, speculative
+from eft_local import backend, hub, limits, speculative, tuning
+from eft_local import schedule as schedules
 from eft_local.chat import FALLBACK_TEMPLATE, Conversation, render
 from eft_local.config import (
     Config,
@@ -29,7 +30,7 @@ from eft_local.config import (
     load_config,
     preset_from_paths,
 )
-from eft_local.engine import Engine, Model, Step
+from eft_local.engine import Engine, Model, Step, file_size
 from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS
 from eft_local.sampler import SamplerSettings
@@ -71,8 +72,14 @@ class LoadOptions:
     parallel: bool = True  # measured on 2 shared cores: see docs/benchmarks.md
     speculative: bool = True
     draft_k: int | None = None  # None: adaptive block size
+    schedule: str | None = None
+    """Decode schedule: ``auto`` (measured at load, cached; the default with ``parallel``),
+    ``lanes``, ``large-first`` or ``sequential`` (the default without ``parallel``)."""
 
     def __post_init__(self) -> None:
+        if self.schedule is not None and self.schedule not in ("auto", *schedules.NAMES):
+            raise EftError(f"invalid schedule {self.schedule!r}: choose auto, "
+                           f"{', '.join(schedules.NAMES)}")
         if self.n_ctx is not None:
             limits.check_n_ctx(self.n_ctx, "load options")
         if self.n_threads is not None:
@@ -117,6 +124,9 @@ class Session:
         self.engine = Engine(self.models, template_role=preset.template_role,
                              conservative_role=self.conservative_role(), allowed=report.allowed,
                              parallel=self.options.parallel, n_threads=self.options.n_threads)
+        self.tuning: tuning.Tuning | None = None
+        """How the decode schedule was chosen (None: named, not measured)."""
+        self._set_schedule(say)
         ref = self.models[preset.template_role]
         self.template = (preset.chat_template or getattr(ref, "chat_template", lambda: None)()
                          or FALLBACK_TEMPLATE)
@@ -157,6 +167,18 @@ class Session:
             say(f"warning: n_ctx {min(m.n_ctx for m in loaded.values())} is above the training "
                 f"context of {', '.join(beyond)} tokens: replies past it may be poor")
         return loaded
+
+    def _set_schedule(self, say: Progress) -> None:
+        """The decode schedule: measured (cached per machine and model set) or named."""
+        eng = self.engine
+        name = self.options.schedule or ("auto" if self.options.parallel else "sequential")
+        sizes = {r: float(file_size(m)) for r, m in self.models.items()}
+        if name == "auto" and tuning.can_tune(self.models, eng.n_threads):
+            self.tuning = tuning.tuned(eng, say=say)
+            eng.set_schedule(self.tuning.schedule)
+            say(self.tuning.summary())
+        elif name != "auto":
+            eng.set_schedule(schedules.named(name, sizes, eng.n_threads))
 
     def close(self) -> None:
         """Free every model."""
@@ -229,6 +251,8 @@ class Session:
         if spec is None or spec.draft_k != k or spec.draft_role != role:
             spec = self._speculator = speculative.Speculator(self.engine, draft_k=k,
                                                              draft_role=role)
+            if self.tuning is not None:  # measured cost of a longer verification block
+                spec.sizer.slope = self.tuning.verify_slope
         return spec
 
     def roles(self) -> dict[str, str]:
@@ -476,7 +500,21 @@ class Session:
                 "seconds_per_model": dict(s.eval_seconds),
                 "sampler_ms_per_token": 1e3 * s.sampler_seconds / max(1, s.generated),
                 "drafted_tokens": s.drafted, "accepted_tokens": s.accepted,
-                "acceptance_rate": s.acceptance_rate()}
+                "acceptance_rate": s.acceptance_rate(), **self.schedule_stats()}
+
+    def schedule_stats(self) -> dict[str, object]:
+        """The decode schedule and, when it was measured, its predicted and measured speed
+        relative to the largest model alone at its best thread count."""
+        out: dict[str, object] = {"schedule": self.engine.schedule.name,
+                                  "schedule_stages": self.engine.schedule.describe(),
+                                  "threads": self.engine.n_threads}
+        t = self.tuning
+        if t is not None:
+            predicted, measured = t.ratios()
+            out.update(schedule_predicted_ratio=predicted, schedule_measured_ratio=measured,
+                       schedule_step_ms=1e3 * t.measured, large_alone_ms=1e3 * t.alone,
+                       large_alone_threads=t.alone_threads)
+        return out
 
 
 def load_session(preset: str | None = None, *, models: Sequence[str] = (),

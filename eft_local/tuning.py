@@ -1,0 +1,229 @@
+"""The decode schedule chosen by measurement, once per machine and model set (cached).
+
+:func:`tune` times each model's one-token decode and a small block at 1..N threads,
+predicts every candidate schedule's cost per step (:func:`eft_local.schedule.predict`),
+then times the most promising few as real decoding steps and keeps the fastest. The result,
+with the cost of the largest model alone at its best thread count (the baseline of every
+speed ratio), is cached in ``$XDG_CACHE_HOME/eft-local/schedules.json`` under a key made of
+the CPU, the thread budget and the model files (path, size, modification time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from eft_local import schedule as schedules
+from eft_local.engine import Engine, Model
+from eft_local.schedule import Schedule
+
+BLOCK = 4
+"""Tokens of the small block timed next to the one-token decode (the verification slope)."""
+TRIALS = 3
+"""Candidate schedules timed as real steps (the best predicted ones, and the named ones)."""
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """A chosen schedule with what it was chosen from; seconds are per decoding step."""
+
+    schedule: Schedule
+    predicted: float
+    measured: float
+    alone: float  # the largest model alone at its best thread count
+    alone_threads: int
+    costs: Mapping[str, Mapping[int, float]]  # role -> threads -> one-token decode seconds
+    verify_slope: float  # cost of one more block token / one-token decode, median of models
+    trials: Mapping[str, tuple[float, float]]  # schedule text -> (predicted, measured)
+    cached: bool = False
+
+    def ratios(self) -> tuple[float, float]:
+        """Speed relative to the largest model alone at its best: (predicted, measured)."""
+        return self.alone / self.predicted, self.alone / self.measured
+
+    def summary(self) -> str:
+        """One line for people."""
+        pred, meas = self.ratios()
+        return (f"schedule {self.schedule.name} ({self.schedule.describe()}): predicted "
+                f"{1e3 * self.predicted:.1f} ms/step, measured {1e3 * self.measured:.1f}; "
+                f"x{pred:.2f} predicted, x{meas:.2f} measured against the largest model alone "
+                f"({1e3 * self.alone:.1f} ms at {self.alone_threads} thread(s))"
+                + (" [cached]" if self.cached else ""))
+
+
+def machine() -> str:
+    """One line naming the CPU, its count, the OS and Python."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} CPUs, {platform.system()}, Python {platform.python_version()}"
+
+
+def can_tune(models: Mapping[str, Model], n_threads: int) -> bool:
+    """Worth measuring: several models, several threads, and thread counts that can be set."""
+    return (len(models) > 1 and n_threads > 1
+            and all(hasattr(m, "set_threads") for m in models.values()))
+
+
+def decode_costs(models: Mapping[str, Model], n_threads: int, *, repeats: int = 3,
+                 context: int = 8) -> tuple[dict[str, dict[int, float]], float]:
+    """Median seconds of each model's one-token decode at 1..n_threads threads, and the
+    median over models of the extra cost of each further token in a block of :data:`BLOCK`
+    (relative to one token). Leaves every cache empty."""
+    prefix = [(7 * i + 3) % 200 + 5 for i in range(context)]
+    costs: dict[str, dict[int, float]] = {}
+    slopes = []
+    for role, model in models.items():
+        model.rewind(0)
+        model.eval(prefix)
+        costs[role] = {}
+        for threads in range(1, n_threads + 1):
+            model.set_threads(threads)  # type: ignore[attr-defined]
+            one, block = [], []
+            for r in range(repeats + 1):
+                for n, into in ((1, one), (BLOCK, block)):
+                    model.rewind(context)
+                    start = time.perf_counter()
+                    model.eval([(11 * j + r) % 200 + 5 for j in range(n)], all_logits=True)
+                    if r:  # the first round warms up
+                        into.append(time.perf_counter() - start)
+            costs[role][threads] = statistics.median(one)
+            if threads == n_threads:
+                slopes.append((statistics.median(block) / costs[role][threads] - 1) / (BLOCK - 1))
+        model.rewind(0)
+    return costs, max(0.05, statistics.median(slopes))
+
+
+def step_seconds(engine: Engine, schedule: Schedule, *, steps: int = 4, context: int = 8
+                 ) -> float:
+    """Median seconds of a real decoding step of every model of ``engine`` under
+    ``schedule`` (the engine's own schedule is restored; caches are left empty)."""
+    old = engine.schedule
+    engine.set_schedule(schedule)
+    try:
+        prefix = [(5 * i + 1) % 200 + 5 for i in range(context)]
+        engine.evaluate_each(0, prefix, prefill=True)
+        times = []
+        for r in range(steps + 1):
+            start = time.perf_counter()
+            engine.evaluate_each(context, [(13 * r) % 200 + 5])
+            if r:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        engine.set_schedule(old)
+        for model in engine.models.values():
+            model.rewind(0)
+
+
+def tune(engine: Engine, *, say: Callable[[str], None] = lambda _m: None) -> Tuning:
+    """Measure and choose the decode schedule for ``engine``'s models (not cached)."""
+    n = engine.n_threads
+    say(f"measuring decode schedules on {n} threads (once for these models)")
+    costs, slope = decode_costs(engine.models, n)
+    sizes = {r: c[n] for r, c in costs.items()}
+    predicted = sorted(((schedules.predict(s, costs, n), s)
+                        for s in schedules.candidates(sizes, n)), key=lambda x: x[0])
+    trial = [s for _, s in predicted[:TRIALS]]
+    trial += [s for _, s in predicted if s.name in schedules.NAMES and s not in trial]
+    pred_of = {s.describe(): p for p, s in predicted}
+    trials: dict[str, tuple[float, float]] = {}
+    for _ in range(2):  # two interleaved rounds: the faster of each counts
+        for s in trial:
+            t = step_seconds(engine, s)
+            old = trials.get(s.describe())
+            trials[s.describe()] = (pred_of[s.describe()], t if old is None else min(old[1], t))
+    best = min(trial, key=lambda s: trials[s.describe()][1])
+    large = max(sizes, key=lambda r: sizes[r])
+    threads, alone = min(costs[large].items(), key=lambda kv: kv[1])
+    return Tuning(schedule=best, predicted=trials[best.describe()][0],
+                  measured=trials[best.describe()][1], alone=alone, alone_threads=threads,
+                  costs=costs, verify_slope=slope, trials=trials)
+
+
+# -- the cache -----------------------------------------------------------------------------
+def cache_path() -> Path:
+    """$XDG_CACHE_HOME/eft-local/schedules.json (~/.cache by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "eft-local" / "schedules.json"
+
+
+def cache_key(models: Mapping[str, Model], n_threads: int) -> str:
+    """The CPU, the thread budget and each model file (path, size, modification time)."""
+    parts = [machine(), str(n_threads)]
+    for role in sorted(models):
+        path = Path(models[role].path)
+        try:
+            st = path.stat()
+            parts.append(f"{role}={path.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{role}={path}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def load_cached(engine: Engine) -> Tuning | None:
+    """The cached tuning for these models on this machine, if any (and still valid)."""
+    entry = _read_cache().get(cache_key(engine.models, engine.n_threads))
+    try:
+        s = Schedule(entry["name"], tuple(tuple(tuple(lane) for lane in stage)
+                                          for stage in entry["stages"]))
+        if sorted(s.roles()) != sorted(engine.roles):
+            return None
+        return Tuning(schedule=s, predicted=entry["predicted"], measured=entry["measured"],
+                      alone=entry["alone"], alone_threads=entry["alone_threads"],
+                      costs={r: {int(t): v for t, v in c.items()}
+                             for r, c in entry["costs"].items()},
+                      verify_slope=entry["verify_slope"],
+                      trials={k: tuple(v) for k, v in entry["trials"].items()},  # type: ignore[misc]
+                      cached=True)
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
+
+
+def save(engine: Engine, tuning: Tuning) -> None:
+    """Store ``tuning`` for these models on this machine (best effort)."""
+    data = _read_cache()
+    data[cache_key(engine.models, engine.n_threads)] = {
+        "name": tuning.schedule.name, "stages": tuning.schedule.stages,
+        "predicted": tuning.predicted, "measured": tuning.measured, "alone": tuning.alone,
+        "alone_threads": tuning.alone_threads, "costs": tuning.costs,
+        "verify_slope": tuning.verify_slope, "trials": tuning.trials}
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def tuned(engine: Engine, *, say: Callable[[str], None] = lambda _m: None,
+          retune: bool = False) -> Tuning:
+    """The cached tuning, else a new one (then cached)."""
+    found = None if retune else load_cached(engine)
+    if found is None:
+        found = tune(engine, say=say)
+        save(engine, found)
+    return found

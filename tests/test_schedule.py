@@ -1,0 +1,135 @@
+"""Decode schedules: their shapes, predicted costs, the measured choice and its cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eft_local import schedule as S
+from eft_local import tuning
+from eft_local.config import preset_from_paths
+from eft_local.engine import Engine
+from eft_local.errors import EftError
+from eft_local.sampler import SamplerSettings
+from eft_local.session import LoadOptions, Session
+from tests import ggufs
+from tests.fakes import FakeModel
+
+SIZES = {"large_base": 1200.0, "small_ft": 160.0, "small_base": 160.0}
+COSTS = {"large_base": {1: 0.080, 2: 0.058}, "small_ft": {1: 0.010, 2: 0.007},
+         "small_base": {1: 0.010, 2: 0.007}}
+
+
+def test_named_schedules_and_their_predicted_costs() -> None:
+    lanes = S.named("lanes", SIZES, 2)
+    first = S.named("large-first", SIZES, 2)
+    seq = S.named("sequential", SIZES, 2)
+    assert lanes.describe() == "large_base + small_ft,small_base"
+    assert first.describe() == "large_base | small_ft + small_base"
+    assert seq.describe() == "large_base | small_ft | small_base"
+    assert S.predict(lanes, COSTS, 2) == pytest.approx(0.080)  # each lane on one thread
+    assert S.predict(first, COSTS, 2) == pytest.approx(0.058 + 0.010)
+    assert S.predict(seq, COSTS, 2) == pytest.approx(0.058 + 0.007 + 0.007)
+    best = min(S.candidates(SIZES, 2), key=lambda s: S.predict(s, COSTS, 2))
+    assert best.describe() == first.describe()
+    with pytest.raises(EftError, match="unknown schedule 'fast'"):
+        S.named("fast", SIZES, 2)
+
+
+def test_candidates_cover_every_split_once() -> None:
+    found = S.candidates(SIZES, 2)
+    assert [s.name for s in found[:3]] == list(S.NAMES)
+    assert len({tuple(sorted(map(str, s.stages))) for s in found}) == len(found)
+    assert all(sorted(s.roles()) == sorted(SIZES) for s in found)
+    assert all(len(stage) <= 2 for s in found for stage in s.stages)  # never more lanes
+    # one stage of two lanes (3 ways), a model then two lanes (3), three stages (1)
+    assert len(found) == 7
+
+
+def test_inactive_models_free_their_threads() -> None:
+    lanes = S.named("lanes", SIZES, 2)
+    assert list(lanes.threads(2)) == [((("large_base",), ("small_ft", "small_base")), 1)]
+    assert list(lanes.threads(2, ("large_base",))) == [((("large_base",),), 2)]
+
+
+class Threaded(FakeModel):
+    """A fake that records the thread count of every evaluation."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.threads = 0
+        self.seen: list[tuple[int, int]] = []  # (tokens, threads)
+
+    def set_threads(self, n: int) -> None:
+        self.threads = n
+
+    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+        self.seen.append((len(tokens), self.threads))
+        return super().eval(tokens, all_logits=all_logits)
+
+
+def test_prompts_use_every_thread_in_turn_and_steps_the_schedule() -> None:
+    models = {r: Threaded(seed=i + 1, size=int(SIZES[r])) for i, r in enumerate(SIZES)}
+    engine = Engine(models, template_role="small_ft", allowed=np.ones(48, dtype=bool),
+                    n_threads=2, schedule=S.named("lanes", SIZES, 2))
+    w = np.array([1.0, 1.0, -1.0], dtype=np.float32)
+    list(engine.generate(list(range(2, 30)), w, SamplerSettings(seed=1), max_tokens=4))
+    engine.close()
+    for role, model in models.items():
+        assert model.seen[0] == (28, 2)  # the prompt: the whole budget
+        assert set(model.seen[1:]) == {(1, 1)}, role  # steps: one lane each, one thread
+
+
+def trio_paths(tmp_path: Path) -> dict[str, Path]:
+    return {"large_base": ggufs.write_model(tmp_path / "large.gguf", seed=1, n_embd=64),
+            "small_ft": ggufs.write_model(tmp_path / "ft.gguf", seed=2),
+            "small_base": ggufs.write_model(tmp_path / "base.gguf", seed=3)}
+
+
+def session(paths: dict[str, Path], **options: object) -> Session:
+    preset = preset_from_paths([f"{r}={p}" for r, p in paths.items()])
+    return Session(preset, options=LoadOptions(n_threads=2, **options))  # type: ignore[arg-type]
+
+
+def test_schedule_measured_at_load_then_cached(tmp_path: Path) -> None:
+    paths = trio_paths(tmp_path)
+    said: list[str] = []
+    preset = preset_from_paths([f"{r}={p}" for r, p in paths.items()])
+    with Session(preset, options=LoadOptions(n_threads=2), progress=said.append) as s:
+        t = s.tuning
+        assert t is not None and not t.cached
+        assert s.engine.schedule == t.schedule
+        assert set(t.costs) == set(paths) and all(set(c) == {1, 2} for c in t.costs.values())
+        assert t.measured == min(m for _, m in t.trials.values())  # the fastest trial won
+        assert any("measuring decode schedules" in m for m in said)
+        stats = s.stats()
+        assert stats["schedule"] == t.schedule.name
+        assert stats["schedule_measured_ratio"] == pytest.approx(t.alone / t.measured)
+    assert tuning.cache_path().is_file()
+    with session(paths) as again:
+        assert again.tuning is not None and again.tuning.cached
+        assert again.tuning.schedule == t.schedule
+    paths["small_base"].write_bytes(paths["small_base"].read_bytes())  # new mtime: measure
+    with session(paths) as changed:
+        assert changed.tuning is not None and not changed.tuning.cached
+
+
+def test_named_schedule_overrides_measurement(tmp_path: Path) -> None:
+    paths = trio_paths(tmp_path)
+    with session(paths, schedule="large-first") as s:
+        assert s.tuning is None and s.engine.schedule.name == "large-first"
+        assert s.stats()["schedule_stages"] == "large_base | small_ft + small_base"
+    with session(paths, parallel=False) as s:
+        assert s.engine.schedule.name == "sequential"
+    with pytest.raises(EftError, match="invalid schedule 'fastest'"):
+        LoadOptions(schedule="fastest")
+
+
+def test_a_broken_cache_is_measured_again(tmp_path: Path) -> None:
+    paths = trio_paths(tmp_path)
+    tuning.cache_path().parent.mkdir(parents=True)
+    tuning.cache_path().write_text("{not json")
+    with session(paths) as s:
+        assert s.tuning is not None and not s.tuning.cached
