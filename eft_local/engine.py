@@ -12,9 +12,10 @@ decoding (:mod:`eft_local.speculative`) drives the same evaluation methods.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -270,19 +271,31 @@ class Engine:
                 self._pool, self._pool_size = ThreadPoolExecutor(len(stage_lanes)), len(
                     stage_lanes)
             assert self._pool is not None
-            futures = [self._pool.submit(self._run_lane, lane, jobs, all_logits, outs)
-                       for lane in stage_lanes]
+            gate, futures = _Gate(), []
             try:
+                for lane in stage_lanes:
+                    futures.append(self._pool.submit(self._run_lane, lane, jobs, all_logits,
+                                                     outs, gate))
                 for future in futures:
                     done.update(future.result())
-            finally:  # never leave a worker decoding while the caller rewinds
-                wait(futures)
+            except BaseException:  # Ctrl-C or a failed lane: no rollback while one decodes
+                gate.close()
+                raise
         return [done[r] for r in roles]
 
     def _run_lane(self, lane: Sequence[str], jobs: Mapping[str, tuple[int, list[int]]],
-                  all_logits: bool, outs: Mapping[str, np.ndarray | None]
-                  ) -> dict[str, np.ndarray]:
-        return {r: self._timed_eval(r, *jobs[r], all_logits, outs[r]) for r in lane}
+                  all_logits: bool, outs: Mapping[str, np.ndarray | None],
+                  gate: _Gate | None = None) -> dict[str, np.ndarray]:
+        done = {}
+        for r in lane:
+            if gate is not None and not gate.enter():
+                raise _LaneStopped
+            try:
+                done[r] = self._timed_eval(r, *jobs[r], all_logits, outs[r])
+            finally:
+                if gate is not None:
+                    gate.leave()
+        return done
 
     def prime(self, tokens: list[int]) -> None:
         """Make every active model hold ``tokens``, re-using cached prefixes; sets
@@ -432,6 +445,47 @@ def top_logprobs(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     idx = np.argpartition(logprobs, logprobs.size - n)[-n:]
     idx = idx[np.argsort(-logprobs[idx], kind="stable")]
     return tuple((int(i), float(logprobs[i])) for i in idx)
+
+
+class _LaneStopped(Exception):
+    """A lane skipped its remaining models because another lane failed or was interrupted."""
+
+
+class _Gate:
+    """Lets lane workers into a model's decode until it is closed; :meth:`close` then waits
+    until no worker is inside one, so the caller may roll back caches."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._inside = 0
+        self._closed = False
+
+    def enter(self) -> bool:
+        """Start a decode (False once closed: the lane stops)."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._inside += 1
+            return True
+
+    def leave(self) -> None:
+        """A decode has finished."""
+        with self._cond:
+            self._inside -= 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Let no more decodes start and wait for those inside, even through further Ctrl-C
+        presses (each lane is inside at most one decode, so this is short)."""
+        while True:
+            try:
+                with self._cond:
+                    self._closed = True
+                    while self._inside:
+                        self._cond.wait()
+                return
+            except KeyboardInterrupt:
+                continue
 
 
 def file_size(model: Model) -> int:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -409,3 +413,84 @@ def test_eval_into_writes_the_last_row_in_place(trio: dict[str, Path]) -> None:
     finally:
         a.close()
         b.close()
+
+
+# -- Ctrl-C while a parallel lane decodes ---------------------------------------------------
+class BlockingModel(FakeModel):
+    """A fake whose ``block_at``-th eval waits on an event: a lane stuck in a decode."""
+
+    def __init__(self, *, shared: dict, block_at: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.shared, self.block_at, self.calls = shared, block_at, 0
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+        self.calls += 1
+        blocking = self.calls == self.block_at
+        self.shared["inside"] += 1
+        try:
+            if blocking:
+                self.entered.set()
+                self.release.wait(10)
+            return super().eval(tokens, all_logits=all_logits)
+        finally:
+            self.shared["inside"] -= 1
+
+    def rewind(self, n_past: int) -> None:
+        """Counts rollbacks from the caller's thread while some lane is inside a decode."""
+        if threading.current_thread() is threading.main_thread() and self.shared["inside"]:
+            self.shared["rewound_mid_decode"] += 1
+        super().rewind(n_past)
+
+
+def main_waits_for_a_result() -> bool:
+    """True while the main thread is inside ``Future.result``."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    while frame is not None:
+        if frame.f_code.co_name == "result" and "futures" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+@pytest.mark.parametrize("path", ["plain", "speculative"])
+def test_ctrl_c_during_a_lane_decode_waits_for_every_lane(path: str) -> None:
+    shared = {"inside": 0, "rewound_mid_decode": 0}
+    roles = FORMULA_ROLES["up"]
+    models = {r: BlockingModel(shared=shared, seed=i + 1, block_at=3 if r == "large_base"
+                               else 0) for i, r in enumerate(roles)}
+    engine = Engine(models, template_role="small_ft", allowed=np.ones(48, dtype=bool),
+                    parallel=True, n_threads=3)
+    assert len(engine.lanes) == 3
+    blocked = models["large_base"]
+
+    def interrupt() -> None:  # Ctrl-C while large_base's lane is inside its decode
+        blocked.entered.wait(10)
+        for _ in range(100):  # again if it landed just before the wait began (a known race)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(0.05)
+            if not main_waits_for_a_result():
+                break
+        time.sleep(0.5)  # the lane stays inside its decode a while after the Ctrl-C
+        blocked.release.set()
+
+    helper = threading.Thread(target=interrupt)
+    helper.start()
+    w = weights_for(engine, "up", 1.0)
+    gen = (engine.generate(PROMPT, w, SamplerSettings(), max_tokens=50) if path == "plain"
+           else Speculator(engine, draft_k=2).generate(PROMPT, w, SamplerSettings(),
+                                                        max_tokens=50))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in gen:
+                pass
+        # when the interrupt reaches the caller no lane is still decoding, and no model
+        # was rolled back while one was
+        assert shared["inside"] == 0
+        assert shared["rewound_mid_decode"] == 0
+    finally:
+        blocked.release.set()
+        helper.join()
+        engine.close()
+    # the models are usable afterwards: the next generation starts from their caches
+    assert len(list(engine.generate(PROMPT, w, SamplerSettings(), max_tokens=3))) == 3
