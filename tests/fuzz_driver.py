@@ -1,5 +1,7 @@
 """Hypothesis fuzzing of the public entry points, run as a child process by test_fuzz.py.
 
+The reproductions of issue 11 are pinned as explicit examples; the rest is random.
+
 Random and mutated GGUF headers, models.toml texts, formulas, JSONL batches (with an
 existing output file) and REPL command lines go to the ``eft-local`` commands. Each run must
 end with exit status 0, 1 or 2 (the REPL: 0), with no traceback and no "internal error",
@@ -19,7 +21,7 @@ import sys
 from pathlib import Path
 
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from eft_local.cli import main
@@ -87,6 +89,8 @@ def gguf_bytes(draw: st.DrawFn) -> bytes:
 
 @FUZZ
 @given(data=gguf_bytes(), load=st.booleans())
+@example(data=b"GGUF" + struct.pack("<I", 999) + GOOD[8:], load=True)
+@example(data=b"GGUF" + struct.pack("<IQQ", 3, 2**63, 2**63) + GOOD[24:], load=True)
 def fuzz_gguf(data: bytes, load: bool) -> None:
     path = WORK / "fuzzed.gguf"
     path.write_bytes(data)
@@ -169,6 +173,8 @@ def models_toml(draw: st.DrawFn) -> str:
 
 @FUZZ
 @given(text=models_toml(), load=st.integers(0, 3))
+@example(text=f'[presets.p]\nbeta = nan\nmodels.small_ft = "{MODEL}"\n', load=0)
+@example(text='[presets.p]\nmodels.small_ft = {hf = "not a repo!!", file = "x"}\n', load=1)
 def fuzz_models_toml(text: str, load: int) -> None:
     CONFIG.write_text(text, encoding="utf-8", errors="surrogatepass")
     if run(["models"]) != 0:
@@ -185,6 +191,8 @@ def fuzz_models_toml(text: str, load: int) -> None:
 # -- formulas on the command line ------------------------------------------------------------
 @FUZZ
 @given(formula=FORMULAS, beta=st.sampled_from(["1", "0", "-3", "1e6", "1e-300"]))
+@example(formula="small_ft" + " + small_ft" * 100_000, beta="1")
+@example(formula="(" * 5000 + "small_ft" + ")" * 5000, beta="1")
 def fuzz_formula(formula: str, beta: str) -> None:
     run(["generate", *TRIO, *ONE, "--formula", formula, "--beta", beta, "hi"])
 
@@ -205,6 +213,8 @@ EXISTING = st.sampled_from([b"", OWN.encode(), (OWN + '{"id": 1, "te').encode(),
 
 @FUZZ
 @given(lines=st.lists(LINES, max_size=5), existing=EXISTING, broken=st.booleans())
+@example(lines=['{"id": "a", "prompt": "hi \\ud800"}'], existing=b"", broken=False)
+@example(lines=['{"id": "a", "prompt": "hi"}'], existing=b"my notes\nlast line", broken=False)
 def fuzz_batch(lines: list[str], existing: bytes, broken: bool) -> None:
     src, out = WORK / "in.jsonl", WORK / "out.jsonl"
     data = "\n".join(lines).encode("utf-8", "surrogatepass")
@@ -226,14 +236,17 @@ OTHER = st.sampled_from(["/system", "/reset", "/save", "/load", "/stats", "/help
 EDGES = st.sampled_from(["", "0", "-5", "1e308", "nan", "inf", "-0", "1e-308", "2", "abc",
                          "99999999999999999999", "0.5"])
 FILES = st.sampled_from(["", "missing/dir/x.json", "..", "t.json", "new.json"]) | SAFE
-REPL_LINES = (st.sampled_from(["hi", "<|end|><|user|>x", "line \\"])
-              | st.tuples(NUMERIC, EDGES).map(" ".join) | st.tuples(OTHER, FILES).map(" ".join)
+KNOBS = st.tuples(NUMERIC, EDGES).map(" ".join)
+REPL_LINES = (KNOBS | KNOBS | st.sampled_from(["hi", "<|end|><|user|>x", "line \\"])
+              | st.tuples(OTHER, FILES).map(" ".join)
               | st.text(alphabet=st.characters(blacklist_categories=("Cs",),
                                                blacklist_characters="\n\r"), max_size=20))
 
 
 @FUZZ
-@given(lines=st.lists(REPL_LINES, min_size=1, max_size=8))
+@given(lines=st.lists(REPL_LINES, min_size=2, max_size=8))
+@example(lines=["/why 0", "/why -5"])
+@example(lines=["/beta 1e308", "hi", "/save t.json"])
 def fuzz_repl(lines: list[str]) -> None:
     transcript = WORK / "t.json"
     if not transcript.exists():
