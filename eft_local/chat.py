@@ -280,6 +280,9 @@ class Conversation:
             if turn["role"] != want:
                 raise EftError(f"{path}: turn {i + 1} is a {turn['role']} turn where a {want} "
                                "turn belongs (turns alternate, starting with the user)")
+        if len(turns) % 2:
+            raise EftError(f"{path}: the last turn is the user's, with no reply (a transcript "
+                           "ends with an assistant turn)")
         system = data.get("system")
         return cls(system=system if isinstance(system, str) else None,
                    turns=[{"role": t["role"], "content": t["content"]} for t in turns])

@@ -250,9 +250,15 @@ REPL_LINES = (KNOBS | KNOBS | st.sampled_from(["hi", "<|end|><|user|>x", "line \
 def fuzz_repl(lines: list[str]) -> None:
     transcript = WORK / "t.json"
     if not transcript.exists():
-        transcript.write_text(json.dumps({"turns": [{"role": "user", "content": "a"}]}))
-    script = ["hi", *lines, "again"]  # commands in a conversation that has begun
+        transcript.write_text(json.dumps({"turns": [{"role": "user", "content": "a"},
+                                                    {"role": "assistant", "content": "b"}]}))
+    saved = WORK / "end.json"
+    saved.unlink(missing_ok=True)
+    script = ["hi", *lines, "again", "/save end.json"]  # in a conversation that has begun
     run(["chat", "-m", f"small_ft={MODEL}", *ONE], stdin="\n".join(script) + "\n", codes=(0,))
+    if saved.exists():  # (not when an open triple-quote block swallowed the last lines)
+        roles = [t["role"] for t in json.loads(saved.read_text("utf-8"))["turns"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2), f"history broken: {roles}"
 
 
 def main_() -> None:

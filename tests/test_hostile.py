@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from eft_local import config, repl, sampler
-from eft_local.chat import render
+from eft_local.chat import Conversation, render
 from eft_local.errors import EftError
 from eft_local.limits import N_CTX_MAX, max_threads
 from eft_local.text import TextStream
@@ -538,3 +538,10 @@ def test_undecodable_bytes_in_arguments_are_named(family) -> None:
     assert_one_line_error(result, "the text is not valid UTF-8: byte 0xe9 after ", "caf'")
     result = run(["generate", *family.trio(), *GREEDY, "--system", "\ud800", "hi"])
     assert_one_line_error(result, "not valid UTF-8: lone surrogate \\ud800")
+
+
+def test_load_refuses_a_transcript_that_ends_with_a_user_turn(tmp_path) -> None:
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"turns": [{"role": "user", "content": "a"}]}))
+    with pytest.raises(EftError, match="the last turn is the user's, with no reply"):
+        Conversation.load(path)
