@@ -199,6 +199,8 @@ class LlamaModel:
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._mem = L.llama_get_memory(self._ctx)
         self.tokens: list[int] = []
+        self.full_rewinds = 0
+        """Rollbacks that had to clear the cache and evaluate the kept tokens again."""
         self._piece_buf = ctypes.create_string_buffer(64)
 
     def kv_cache_bytes(self, n_ctx: int) -> int:
@@ -325,8 +327,7 @@ class LlamaModel:
                     ptr = L.llama_get_logits_ith(self._ctx, i)
                     rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
         except BaseException:  # a failed decode or Ctrl-C: the cache keeps what it had
-            L.llama_memory_seq_rm(self._mem, 0, start_len, -1)
-            del self.tokens[start_len:]
+            self._drop_from(start_len)
             raise
         return np.stack(rows)
 
@@ -350,17 +351,31 @@ class LlamaModel:
                 raise EftError(f"{self.path.name}: llama_decode failed (code {rc})")
             self.tokens.append(tokens[0])
         except BaseException:  # a failed decode or Ctrl-C: the cache keeps what it had
-            L.llama_memory_seq_rm(self._mem, 0, start_len, -1)
-            del self.tokens[start_len:]
+            self._drop_from(start_len)
             raise
         ptr = L.llama_get_logits_ith(self._ctx, 0)
         out[:] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))[: out.size]
 
     def rewind(self, n_past: int) -> None:
-        """Drop cached positions from ``n_past`` on."""
-        if n_past < len(self.tokens):
-            L.llama_memory_seq_rm(self._mem, 0, n_past, -1)
+        """Drop cached positions from ``n_past`` on. Where the cache cannot drop part of a
+        sequence (recurrent and hybrid models), it is cleared and the kept tokens are
+        evaluated again from position 0, as llama-server does."""
+        if n_past >= len(self.tokens):
+            return
+        keep = self.tokens[:n_past]
+        if not self._drop_from(n_past) and keep:
+            self.eval(keep)
+
+    def _drop_from(self, n_past: int) -> bool:
+        """Remove positions from ``n_past`` on; False when llama.cpp cannot remove part of
+        the sequence: then the whole cache is cleared (``tokens`` becomes empty)."""
+        if L.llama_memory_seq_rm(self._mem, 0, n_past, -1):
             del self.tokens[n_past:]
+            return True
+        L.llama_memory_clear(self._mem, True)
+        self.tokens.clear()
+        self.full_rewinds += 1
+        return False
 
     def set_threads(self, n_threads: int) -> None:
         """Change the number of threads used for decoding."""

@@ -241,3 +241,44 @@ def test_no_bos_when_the_model_does_not_ask(trio: dict[str, Path]) -> None:
         assert s.chat_tokens([{"role": "user", "content": "hi"}])[0] != 0  # bos id 0
     finally:
         s.close()
+
+
+def test_failed_partial_rollback_clears_and_evaluates_again(
+        trio: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache that cannot drop part of a sequence (recurrent/hybrid models: llama.cpp's
+    llama_memory_seq_rm returns false): rewind clears it and evaluates the kept tokens."""
+    monkeypatch.setattr(backend.L, "llama_memory_seq_rm", lambda *_args: False)
+    model = backend.LlamaModel(trio["small_ft"], n_ctx=256)
+    try:
+        model.eval([5, 6, 7, 8, 9, 10])
+        model.rewind(3)
+        assert model.tokens == [5, 6, 7] and model.full_rewinds == 1
+        row = model.eval([20, 21])[-1]
+    finally:
+        model.close()
+    fresh = fresh_logprobs(trio["small_ft"], [5, 6, 7, 20, 21])
+    np.testing.assert_allclose(log_softmax64(row), fresh, atol=1e-4)
+
+
+def test_failed_decode_with_a_failed_rollback_leaves_a_clean_cache(
+        trio: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    model = backend.LlamaModel(trio["small_ft"], n_ctx=256, n_batch=4)
+    real_decode, calls = backend.L.llama_decode, []
+
+    def decode(ctx, batch):  # the second chunk of a prompt fails
+        calls.append(1)
+        return 1 if len(calls) == 2 else real_decode(ctx, batch)
+
+    try:
+        model.eval([5, 6])
+        with monkeypatch.context() as m:
+            m.setattr(backend.L, "llama_decode", decode)
+            m.setattr(backend.L, "llama_memory_seq_rm", lambda *_args: False)
+            with pytest.raises(EftError, match="llama_decode failed"):
+                model.eval(list(range(30, 40)))
+        assert model.tokens == []  # cleared: the next prompt is evaluated from position 0
+        row = model.eval([5, 6, 7, 20])[-1]
+    finally:
+        model.close()
+    np.testing.assert_allclose(log_softmax64(row), fresh_logprobs(trio["small_ft"],
+                                                                  [5, 6, 7, 20]), atol=1e-4)
