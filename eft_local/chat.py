@@ -237,13 +237,21 @@ class Conversation:
         return True
 
     def fit(self, count_tokens: Callable[[list[dict[str, str]]], int], budget: int) -> int:
-        """Drop oldest exchanges until the prompt fits ``budget`` tokens; returns how many."""
+        """Drop oldest exchanges until the prompt fits ``budget`` tokens; returns how many.
+
+        Works on a copy: when even the newest turn alone (with the system prompt) does not
+        fit, the history is left exactly as it was and the error says how many tokens it
+        needs and how many are allowed.
+        """
+        trial = Conversation(system=self.system, turns=list(self.turns))
         dropped = 0
-        while count_tokens(self.messages()) > budget:
-            if not self.drop_oldest_exchange():
-                raise EftError(f"the prompt does not fit the context ({budget} tokens left for "
-                               "it); shorten it or raise n_ctx")
+        while (need := count_tokens(trial.messages())) > budget:
+            if not trial.drop_oldest_exchange():
+                raise EftError(f"the message needs {need} tokens (with the system prompt and "
+                               f"chat template) but {budget} are allowed; shorten it or raise "
+                               "n_ctx")
             dropped += 1
+        self.turns[:] = trial.turns
         return dropped
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
