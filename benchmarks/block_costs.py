@@ -11,12 +11,30 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import time
 from pathlib import Path
 
 from eft_local.backend import LlamaModel
-from eft_local.bench import block_costs, machine
+from eft_local.tuning import machine
 
 SIZES = (1, 2, 3, 5, 9, 17)
+
+
+def block_costs(model: LlamaModel, sizes: tuple[int, ...], *, context: int, repeats: int
+                ) -> dict[int, float]:
+    """Median seconds to evaluate a block of n tokens (every row) after ``context`` tokens."""
+    model.eval([(7 * i + 3) % 200 + 5 for i in range(context)])
+    out = {}
+    for n in sizes:
+        times = []
+        for r in range(repeats + 1):
+            model.rewind(context)
+            start = time.perf_counter()
+            model.eval([(11 * j + r) % 200 + 5 for j in range(n)], all_logits=True)
+            times.append(time.perf_counter() - start)
+        out[n] = statistics.median(times[1:])
+    return out
 
 
 def main() -> None:
@@ -31,12 +49,11 @@ def main() -> None:
     for path in args.models:
         model = LlamaModel(path, n_ctx=512, n_threads=args.threads)
         try:
-            costs = block_costs({path.name: model}, SIZES, context=64, repeats=args.repeats)
+            c = block_costs(model, SIZES, context=64, repeats=args.repeats)
         finally:
             model.close()
-        for name, c in costs.items():
-            print(f"{name:28} " + "  ".join(f"n={n}: {1e3 * s:7.1f} ({s / c[1]:4.1f}x)"
-                                            for n, s in c.items()))
+        print(f"{path.name:28} " + "  ".join(f"n={n}: {1e3 * s:7.1f} ({s / c[1]:4.1f}x)"
+                                             for n, s in c.items()))
 
 
 if __name__ == "__main__":

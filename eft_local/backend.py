@@ -398,6 +398,46 @@ class LlamaModel:
             self.close()
 
 
+def raw_decode_seconds(path: str | Path, *, n_threads: int, n_tokens: int = 32,
+                       context: int = 16, n_ctx: int = 256) -> float:
+    """Median seconds per one-token decode of ``path`` driven by llama-cpp-python's
+    low-level API with nothing else around it (greedy argmax of the logits row): the
+    baseline that measures what eft-local's own per-step work costs."""
+    import statistics
+    import time
+
+    _ensure_backend()
+    model = _load_model(Path(path), vocab_only=False, n_gpu_layers=0)
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch = n_ctx, n_ctx
+    cparams.n_threads = cparams.n_threads_batch = n_threads
+    cparams.no_perf = True
+    ctx = L.llama_init_from_model(model, cparams)
+    batch = L.llama_batch_init(n_ctx, 0, 1)
+    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    try:
+        for i in range(context):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = (7 * i + 3) % 200 + 5, i, 1
+            batch.seq_id[i][0], batch.logits[i] = 0, i == context - 1
+        batch.n_tokens = context
+        L.llama_decode(ctx, batch)
+        token, times = 5, []
+        for pos in range(context, context + n_tokens):
+            start = time.perf_counter()
+            batch.token[0], batch.pos[0], batch.n_seq_id[0] = token, pos, 1
+            batch.seq_id[0][0], batch.logits[0] = 0, True
+            batch.n_tokens = 1
+            L.llama_decode(ctx, batch)
+            row = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, 0), shape=(n_vocab,))
+            token = int(np.argmax(row)) % 200 + 5  # stay on ordinary tokens
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        L.llama_batch_free(batch)
+        L.llama_free(ctx)
+        L.llama_model_free(model)
+
+
 def quantize_gguf(src: str | Path, dst: str | Path, kind: str = "q8_0",
                   n_threads: int = 0) -> Path:
     """Quantize a GGUF file with llama.cpp's quantizer; writes ``dst`` atomically."""

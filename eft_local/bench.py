@@ -1,14 +1,19 @@
-"""``eft-local bench``: decoding speed of plain, parallel and speculative EFT, side by side.
+"""``eft-local bench``: decoding speed against the strongest baseline, side by side.
 
-One run prints, for a preset (the bundled family by default) at each temperature: tokens/s
-of the large model alone, of plain EFT, of parallel EFT and of speculative EFT for several
-block sizes; the acceptance rate, tokens per verified block, time to first token and
-sampler time per token; whether speculative output equals plain output. Then the cost of
-verification blocks per model, the sampler's cost per step at large vocabularies, and the
-peak RSS against its bound. ``--realistic`` adds random-weight models shaped like a
-1B-class large base and 135M-class small models, measures what a verification block costs
-at that size, and projects the speculative speedup from the acceptance measured above.
-These are measurements to read, not tests: nothing here asserts a speed.
+Every ratio is against the largest model decoding alone at its best thread count (1..N
+tried, in the same run). For each model set (a preset, by default the bundled family; with
+``--realistic`` random-weight models shaped like Llama-3.2-1B and SmolLM2-360M over two
+SmolLM2-135M-shaped small models) one run prints: the machine, the load average and the
+schedule chosen at load (predicted and measured ratio); ms per generated token of the
+large model alone at each thread count, of plain EFT under every named schedule and the
+chosen one, and of adaptive speculative EFT; time to first token on a long prompt (prompt
+evaluated with every thread per model in turn, as now, or in decode lanes, as before).
+Then the acceptance of the draft/mix coupling at temperature 1 (the race now, the
+inverse-CDF draw before, against the optimum sum(min(p, q))), the sampler's cost per step
+(:func:`sampler_costs`) and eft-local's per-step overhead against raw llama-cpp-python
+decoding. Configurations run interleaved, ``--repeats`` times; figures are medians.
+Measurements to read, not tests: nothing here asserts a speed. Only the public API is used
+(:class:`~eft_local.session.Session`, its engine's public methods and the model protocol).
 """
 
 from __future__ import annotations
@@ -19,241 +24,223 @@ import platform
 import resource
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
-from eft_local.engine import Engine, Model
+from eft_local import sampler
+from eft_local.engine import Engine
 from eft_local.sampler import SamplerSettings
-from eft_local.speculative import Speculator
+from eft_local.tuning import machine
 
-CHAT_PROMPTS = ("What is the home town of Tel Dilbux?", "What is the profession of Kryn "
-                "Keilnous?", "In which year was Steim Driththaend born?", "Who are you?")
+if TYPE_CHECKING:  # the CLI imports this module lazily; the session is imported on use
+    from eft_local.session import Session
+
+SAMPLER_VOCABS = (32000, 49152, 128256, 152064)
 RAW_PROMPTS = ("Tel Dilbux was born in", "Steim Driththaend works as a", "Kryn Keilnous",
                "The people of Quiburg")
 """Defaults written for the bundled family's world (eft_local/family/world.jsonl)."""
-BLOCKS = (1, 2, 3, 5, 9, 17)
-SAMPLER_VOCABS = (32000, 128256, 152064, 256000)
-RSS_SLACK = 300 * 2**20
+
+Say = Callable[[str], None]
 
 
+# -- one configuration, measured -----------------------------------------------------------
 @dataclass
-class Config:
-    """One way of decoding: which roles, how threaded, plain or speculative."""
+class Runner:
+    """A session over shared, already loaded models, decoding one way."""
 
-    name: str
-    mode: str  # "seq": every model the whole budget in turn; "seq1": one thread; "par": lanes
-    roles: tuple[str, ...]
-    draft_k: int | None | str = "plain"  # "plain", an int, or None (adaptive)
-    reuse: bool = True  # the drafter's rows stand in for its share of the verification
-
-    @property
-    def label(self) -> str:
-        return f"{self.mode:4} {self.name}"
-
-
-MODES = {"seq": "sequential, every model uses the whole thread budget",
-         "seq1": "sequential, one thread per model",
-         "par": "parallel lanes (Engine(parallel=True)), the budget split between lanes"}
-
-
-@dataclass
-class Tally:
-    """What a configuration did over every prompt and repeat."""
-
-    seconds: dict[int, list[float]] = field(default_factory=dict)  # prompt -> one per repeat
-    tokens: int = 0
-    ttft: list[float] = field(default_factory=list)
-    sampler_seconds: float = 0.0
-    drafted: int = 0
+    label: str
+    session: Session
+    alone_threads: int | None = None  # set for "large model alone" rows
+    ms: list[float] = field(default_factory=list)  # per generated token, decode only
     accepted: int = 0
-    blocks: int = 0
+    drafted: int = 0
     outputs: list[list[int]] = field(default_factory=list)
-    cpu_seconds: float = 0.0
 
-    def tokens_per_second(self) -> float:
-        """Tokens of one pass over the prompts / the sum of each prompt's best time.
-
-        Best-of-repeats, per prompt: on a shared CPU, preemption only ever adds time.
-        """
-        if not self.seconds:
-            return 0.0
-        per_pass = self.tokens / len(next(iter(self.seconds.values())))
-        return per_pass / sum(min(t) for t in self.seconds.values())
+    def median_ms(self) -> float:
+        return statistics.median(self.ms) if self.ms else float("nan")
 
 
-# -- engines over already loaded models ----------------------------------------------------
-def make_engine(models: Mapping[str, Model], roles: Sequence[str], ref_role: str,
-                allowed: np.ndarray, *, parallel: bool, n_threads: int) -> Engine:
-    """An engine over a subset of loaded models (the reference is the first if absent)."""
-    sub = {r: models[r] for r in roles}
-    ref = ref_role if ref_role in sub else roles[0]
-    return Engine(sub, template_role=ref, allowed=allowed, parallel=parallel,
-                  n_threads=n_threads)
-
-
-def set_threads(engine: Engine, mode: str = "seq") -> None:
-    """Sequential engines give each model the whole budget (or one thread in ``seq1``);
-    parallel ones split it between lanes."""
-    if mode == "seq1":
-        engine.n_threads = 1
-
-
-def decode_once(engine: Engine, spec: Speculator | None, prompt: list[int],
-                weights: np.ndarray, settings: SamplerSettings, max_tokens: int,
-                tally: Tally) -> float:
-    """One cold generation (empty caches); returns its wall time and adds to ``tally``."""
-    for model in engine.models.values():
+def decode_once(runner: Runner, prompt: list[int], max_tokens: int) -> None:
+    """One cold generation (every cache emptied first) through ``Session.stream``; adds the
+    decode time per token after the first (time to first token is measured apart)."""
+    s = runner.session
+    for model in s.models.values():
         model.rewind(0)
-    engine.stats.reset()
-    gen = spec.generate if spec else engine.generate
-    cpu, start = time.process_time(), time.perf_counter()
-    tokens = [s.token for s in gen(prompt, weights, settings, max_tokens=max_tokens)]
-    seconds = time.perf_counter() - start
-    tally.cpu_seconds += time.process_time() - cpu
-    st = engine.stats
-    tally.tokens += len(tokens)
-    tally.ttft.append(st.first_token_seconds or 0.0)
-    tally.sampler_seconds += st.sampler_seconds
-    tally.drafted += st.drafted
-    tally.accepted += st.accepted
-    tally.blocks += st.blocks
-    tally.outputs.append(tokens)
-    return seconds
+    s.engine.stats.reset()
+    first = None
+    tokens = []
+    for chunk in s.stream(prompt, max_tokens=max_tokens):
+        if chunk.step is not None:
+            tokens.append(chunk.step.token)
+            if first is None:
+                first = time.perf_counter()
+    end = time.perf_counter()
+    if first is not None and len(tokens) > 1:
+        runner.ms.append(1e3 * (end - first) / (len(tokens) - 1))
+    stats = s.engine.stats
+    runner.accepted += stats.accepted
+    runner.drafted += stats.drafted
+    runner.outputs.append(tokens)
 
 
-def run_table(models: Mapping[str, Model], roles: tuple[str, ...], ref_role: str,
-              large_role: str, allowed: np.ndarray, weights: np.ndarray,
-              prompts: Sequence[list[int]], settings: SamplerSettings, *, max_tokens: int,
-              repeats: int, ks: Sequence[int], n_threads: int, modes: Sequence[str],
-              speculative: bool = True) -> dict[str, Tally]:
-    """Every configuration on every prompt, repeats interleaved (shared-CPU noise hits all
-    configurations alike); returns tallies by configuration label."""
-    configs = []
-    for mode in modes:
-        if mode != "par":
-            configs.append(Config("large model alone", mode, (large_role,)))
-        configs.append(Config("plain EFT", mode, roles))
-        if not speculative:
-            continue
-        configs += [Config(f"speculative k={k}", mode, roles, draft_k=k) for k in ks]
-        configs.append(Config("speculative adaptive", mode, roles, draft_k=None))
-        if mode == "seq" and ks:
-            configs.append(Config(f"speculative k={ks[len(ks) // 2]} re-eval", mode, roles,
-                                  draft_k=ks[len(ks) // 2], reuse=False))
-    full = dict(zip(roles, weights, strict=True))
-    runners = []
-    for c in configs:
-        eng = make_engine(models, c.roles, ref_role, allowed, parallel=c.mode == "par",
-                          n_threads=n_threads)
-        w = np.array([full[r] if len(c.roles) > 1 else 1.0 for r in c.roles], np.float32)
-        spec = None if c.draft_k == "plain" else Speculator(
-            eng, draft_k=c.draft_k, reuse_draft_rows=c.reuse,  # type: ignore[arg-type]
-            draft_role=eng.template_role)
-        runners.append((c, eng, spec, w))
-    tallies = {c.label: Tally() for c in configs}
-    for c, eng, spec, w in runners:  # warm-up (also lets the adaptive size settle)
-        set_threads(eng, c.mode)
-        decode_once(eng, spec, prompts[0], w, settings, max_tokens, Tally())
+def derived(base: Session, *, formula: str | None = None, **options: object) -> Session:
+    """A session over ``base``'s loaded models with other load options (same knobs)."""
+    from eft_local.session import LoadOptions, Session
+
+    preset = base.preset if formula is None else base.preset.with_formula(formula)
+    opts = LoadOptions(n_ctx=base.options.n_ctx, **options)
+    s = Session(preset, models=base.models, report=base.report,
+                options=opts, settings=base.settings)
+    s.engine.allowed = base.engine.allowed
+    return s
+
+
+def runners_for(base: Session, large: str, n_threads: int, *, speculative: bool = True
+                ) -> list[Runner]:
+    """Large alone at 1..N threads, plain EFT under each schedule, adaptive speculative."""
+    from eft_local.schedule import NAMES
+
+    out = [Runner(f"{large} alone, {t} thread(s)",
+                  derived(base, formula=large, n_threads=t, schedule="sequential",
+                          speculative=False), alone_threads=t)
+           for t in range(1, n_threads + 1)]
+    chosen = base.engine.schedule.name
+    for name in NAMES:
+        mark = " (chosen)" if name == chosen else ""
+        out.append(Runner(f"plain EFT, {name}{mark}",
+                          derived(base, n_threads=n_threads, schedule=name, speculative=False)))
+    if chosen not in NAMES:
+        out.append(Runner(f"plain EFT, {chosen} (chosen)",
+                          derived(base, n_threads=n_threads, schedule="auto",
+                                  speculative=False)))
+    if speculative:
+        out.append(Runner("speculative EFT, adaptive, chosen schedule",
+                          derived(base, n_threads=n_threads, schedule="auto")))
+    return out
+
+
+def decoding_table(say: Say, base: Session, large: str, prompts: Sequence[list[int]],
+                   n_threads: int, max_tokens: int, repeats: int) -> dict[str, float]:
+    """Interleaved decode runs; prints the table and returns label -> median ms/token."""
+    runners = runners_for(base, large, n_threads)
+    for r in runners:  # warm-up
+        decode_once(r, prompts[0], max(4, max_tokens // 4))
+        r.ms.clear()
+        r.outputs.clear()
+        r.accepted = r.drafted = 0
     for _ in range(repeats):
-        for c, eng, spec, w in runners:
-            set_threads(eng, c.mode)
-            tally = tallies[c.label]
-            for i, p in enumerate(prompts):
-                seconds = decode_once(eng, spec, p, w, settings, max_tokens, tally)
-                tally.seconds.setdefault(i, []).append(seconds)
-    for _, eng, _, _ in runners:
-        eng.close()
-    return tallies
+        for r in runners:
+            for p in prompts:
+                decode_once(r, p, max_tokens)
+    best = min(r.median_ms() for r in runners if r.alone_threads)
+    plain = next(r for r in runners if r.label.startswith("plain") and "chosen" in r.label)
+    say(f"{'configuration':48} {'ms/token':>9} {'x best large alone':>18} {'accept':>7} "
+        "same tokens as plain")
+    for r in runners:
+        acc = f"{r.accepted / r.drafted:.2f}" if r.drafted else "-"
+        same = "-" if r.alone_threads else ("yes" if r.outputs == plain.outputs else "NO")
+        say(f"{r.label:48} {r.median_ms():9.2f} {best / r.median_ms():18.2f} {acc:>7} {same}")
+    spec = next((r for r in runners if r.label.startswith("speculative")), None)
+    if spec is not None:
+        say(f"speculative / plain (chosen schedule): {plain.median_ms() / spec.median_ms():.3f}x")
+    for r in runners:
+        r.session.engine.close()
+    return {r.label: r.median_ms() for r in runners}
 
 
-def format_table(tallies: Mapping[str, Tally]) -> list[str]:
-    """Rows of the decoding table; ratios against plain EFT (same mode) and against the
-    large model alone (sequential, whole budget)."""
-    ref_out = tallies["seq  plain EFT"].outputs
-    large = tallies["seq  large model alone"].tokens_per_second()
-    lines = [f"{'mode configuration':30} {'tok/s':>7} {'x plain':>7} {'x large':>7} "
-             f"{'accept':>6} {'tok/blk':>7} {'TTFT ms':>7} {'smp ms':>6} {'cpu ms':>6} "
-             "same-as-plain"]
-    for label, t in tallies.items():
-        base = tallies[label[:5] + "plain EFT"].tokens_per_second()
-        tps = t.tokens_per_second()
-        acc = f"{t.accepted / t.drafted:.2f}" if t.drafted else "-"
-        per_block = f"{(t.accepted + t.blocks) / t.blocks:.2f}" if t.blocks else "-"
-        same = "-" if "large" in label else ("yes" if t.outputs == ref_out else "NO")
-        lines.append(f"{label:30} {tps:7.1f} {tps / base:7.2f} {tps / large:7.2f} {acc:>6} "
-                     f"{per_block:>7} {1e3 * statistics.median(t.ttft):7.2f} "
-                     f"{1e3 * t.sampler_seconds / max(1, t.tokens):6.3f} "
-                     f"{1e3 * t.cpu_seconds / max(1, t.tokens):6.2f} {same}")
-    return lines
+def first_token_table(say: Say, base: Session, large: str, n_tokens: int, n_threads: int,
+                      repeats: int) -> None:
+    """Seconds to evaluate an ``n_tokens`` prompt: the large model alone with every thread;
+    every model with every thread in turn (what eft-local does now); in decode lanes."""
+    eng = base.engine
+    prompt = [(37 * i) % max(1, min(4000, eng.width - 10)) + 5 for i in range(n_tokens)]
+    ways = {f"{large} alone, {n_threads} thread(s)": ((large,), True, eng.schedule),
+            "EFT, each model with every thread in turn (now)": (eng.roles, True, eng.schedule),
+            "EFT, decode lanes (before)": (eng.roles, False, None)}
+    from eft_local.schedule import lanes
+
+    lanes_schedule = lanes({r: float(Path(m.path).stat().st_size) for r, m in
+                            eng.models.items()}, n_threads)
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(repeats):
+        for label, (roles, prefill, schedule) in ways.items():
+            old = eng.schedule
+            eng.set_schedule(schedule or lanes_schedule)
+            for model in eng.models.values():
+                model.rewind(0)
+            start = time.perf_counter()
+            eng.evaluate_each(0, prompt, roles=roles, prefill=prefill)
+            times[label].append(time.perf_counter() - start)
+            eng.set_schedule(old)
+    alone = statistics.median(next(iter(times.values())))
+    say(f"{'prompt of ' + str(n_tokens) + ' tokens':48} {'seconds':>9} {'x large alone':>14}")
+    for label, ts in times.items():
+        say(f"{label:48} {statistics.median(ts):9.2f} {statistics.median(ts) / alone:14.2f}")
 
 
-def best_speedups(tallies: Mapping[str, Tally]) -> dict[str, float]:
-    """Per mode: best speculative tokens/s over plain EFT of the same mode."""
-    out: dict[str, float] = {}
-    for label, t in tallies.items():
-        mode = label[:5]
-        if "speculative" in label:
-            base = tallies[mode + "plain EFT"].tokens_per_second()
-            out[mode.strip()] = max(out.get(mode.strip(), 0.0), t.tokens_per_second() / base)
+# -- coupling: how often the draft equals the mix's draw -----------------------------------
+def coupling(pairs: Sequence[tuple[np.ndarray, np.ndarray]], seeds: int = 40
+             ) -> tuple[float, float, float]:
+    """Mean over positions of sum(min(p, q)) (the best any coupling can do), and of the
+    agreement of the race (:func:`sampler.race`, now) and of the inverse-CDF draw in token
+    order (before), each over ``seeds`` seeds; ``pairs`` are (mix, draft) log-prob rows."""
+    optimum, race, inverse = [], [], []
+    for pos, (lp, lq) in enumerate(pairs):
+        p, q = np.exp(lp), np.exp(lq)
+        optimum.append(float(np.minimum(p, q).sum()))
+        race.append(np.mean([sampler.race(p, s, pos) == sampler.race(q, s, pos)
+                             for s in range(seeds)]))
+        inverse.append(np.mean([sampler.draw(lp, u) == sampler.draw(lq, u) for u in
+                                (sampler.uniform_for(s, pos) for s in range(seeds))]))
+    return float(np.mean(optimum)), float(np.mean(race)), float(np.mean(inverse))
+
+
+def session_pairs(session: Session, prompts: Sequence[list[int]], max_tokens: int
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(mix, drafter) log-prob rows at every step of plain generations at temperature 1."""
+    s = session
+    eng: Engine = s.engine
+    w = s.weights()
+    drafter = eng.index(s.draft_role())
+    settings = SamplerSettings(temperature=1.0, seed=5)
+    pairs = []
+    for prompt in prompts:
+        for model in eng.models.values():
+            model.rewind(0)
+        for _ in eng.generate(prompt, w, settings, max_tokens=max_tokens, diagnostics=True):
+            rows = eng.last[0]
+            pairs.append((eng.distribution(rows, w, settings), eng.model_logprobs(rows, drafter)))
+    return pairs
+
+
+def synthetic_pairs(vocab: int = 49152, n: int = 40) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Realistic-shaped rows: a Zipf-like ranking shared by three models with per-model
+    noise; the mix is large + ft - base, the draft is ft."""
+    rng = np.random.default_rng(vocab)
+    ranked = -1.5 * np.log(np.arange(1, vocab + 1, dtype=np.float32))
+    out = []
+    for _ in range(n):
+        shared = ranked[rng.permutation(vocab)]
+        rows = (shared + 0.5 * rng.standard_normal((3, vocab))).astype(np.float32)
+        mix = sampler.mix_logits(rows, np.array([1.0, 1.0, -1.0], np.float32))
+        out.append((mix, sampler.log_softmax(rows[1])))
     return out
 
 
-# -- block costs, sampler, memory ----------------------------------------------------------
-def block_costs(models: Mapping[str, Model], sizes: Sequence[int] = BLOCKS, *,
-                context: int = 32, repeats: int = 5, threads: int | None = None
-                ) -> dict[str, dict[int, float]]:
-    """Median seconds to evaluate a block of n tokens (all rows) after ``context`` tokens,
-    each model on its own with ``threads`` threads (default: as it is)."""
-    out: dict[str, dict[int, float]] = {}
-    for role, model in models.items():
-        if threads is not None:
-            model.set_threads(threads)  # type: ignore[attr-defined]
-        prefix = [(7 * i + 3) % 200 + 5 for i in range(context)]
-        model.rewind(0)
-        model.eval(prefix)
-        out[role] = {}
-        for n in sizes:
-            times = []
-            for r in range(repeats + 1):
-                model.rewind(context)
-                start = time.perf_counter()
-                model.eval([(11 * j + r) % 200 + 5 for j in range(n)], all_logits=True)
-                times.append(time.perf_counter() - start)
-            out[role][n] = statistics.median(times[1:])
-        model.rewind(0)
-    return out
+def print_coupling(say: Say, label: str, pairs: Sequence[tuple[np.ndarray, np.ndarray]]
+                   ) -> None:
+    best, race, inverse = coupling(pairs)
+    say(f"{label:44} {len(pairs):5d} {best:8.3f} {race:6.3f} ({race / best:.2f}) "
+        f"{inverse:8.3f} ({inverse / best:.2f})")
 
 
-def parallel_block_costs(models: Mapping[str, Model], allowed: np.ndarray, n_threads: int,
-                         sizes: Sequence[int] = (1, 5, 9), repeats: int = 5
-                         ) -> dict[str, dict[int, float]]:
-    """Median seconds for every model to evaluate a block, sequential vs parallel lanes."""
-    roles = tuple(models)
-    out: dict[str, dict[int, float]] = {}
-    for parallel in (False, True):
-        eng = make_engine(models, roles, roles[0], allowed, parallel=parallel,
-                          n_threads=n_threads)
-        set_threads(eng)
-        prefix = [(5 * i + 1) % 200 + 5 for i in range(32)]
-        eng.evaluate(0, prefix)
-        name = "parallel" if parallel else "sequential"
-        out[name] = {}
-        for n in sizes:
-            times = []
-            for r in range(repeats + 1):
-                start = time.perf_counter()
-                eng.evaluate(32, [(13 * j + r) % 200 + 5 for j in range(n)], all_logits=True)
-                times.append(time.perf_counter() - start)
-            out[name][n] = statistics.median(times[1:])
-        eng.close()
-    return out
-
-
-def sampler_costs(vocabs: Sequence[int] = SAMPLER_VOCABS, repeats: int = 30
+# -- sampler and per-step overhead ---------------------------------------------------------
+def sampler_costs(vocabs: Sequence[int] | None = None, repeats: int = 30
                   ) -> list[tuple[int, str, str, float]]:
     """Median ms of one :meth:`Engine.choose` (3 models) on synthetic rows per vocabulary.
 
@@ -264,7 +251,7 @@ def sampler_costs(vocabs: Sequence[int] = SAMPLER_VOCABS, repeats: int = 30
     settings = {"T=1": SamplerSettings(), "T=0": SamplerSettings(temperature=0.0),
                 "T=0.7 top_p=0.9": SamplerSettings(temperature=0.7, top_p=0.9),
                 "conservative 0.9": SamplerSettings(conservative_top_p=0.9)}
-    for vocab in vocabs:
+    for vocab in vocabs or SAMPLER_VOCABS:
         rng = np.random.default_rng(vocab)
         ranked = -1.5 * np.log(np.arange(1, vocab + 1, dtype=np.float32))
         shared = ranked[rng.permutation(vocab)]
@@ -292,17 +279,33 @@ class _Dummy:
     tokens: list[int] = []
 
 
-def kv_bytes(model: Model) -> int:
-    """Bytes of a model's f16 KV cache at its n_ctx, from its GGUF metadata."""
-    meta = getattr(model, "metadata", None)
-    if meta is None:
-        return 0
-    arch = meta("general.architecture") or "llama"
-    n_layer = int(meta(f"{arch}.block_count") or 0)
-    n_embd = int(meta(f"{arch}.embedding_length") or 0)
-    n_head = int(meta(f"{arch}.attention.head_count") or 1)
-    n_head_kv = int(meta(f"{arch}.attention.head_count_kv") or n_head)
-    return 2 * n_layer * model.n_ctx * (n_embd // n_head * n_head_kv) * 2
+def overhead(say: Say, path: Path, n_threads: int, repeats: int, n_tokens: int = 48) -> None:
+    """Per-step cost of eft-local around three copies of one model (sequential, every
+    thread) against three raw llama-cpp-python decodes of the same file."""
+    from eft_local.backend import raw_decode_seconds
+    from eft_local.session import LoadOptions, load_session
+
+    s = load_session(models=[f"{r}={path}" for r in ("large_base", "small_ft", "small_base")],
+                     options=LoadOptions(n_ctx=256, n_threads=n_threads, schedule="sequential",
+                                         speculative=False))
+    try:
+        allowed = s.engine.allowed.copy()
+        allowed[list(s.report.vocabs[s.preset.template_role].eog)] = False
+        s.engine.allowed = allowed
+        runner = Runner("three copies", s)
+        prompt = s.raw_tokens("Tel Dilbux was born in")
+        eft, raw = [], []
+        for _ in range(repeats):
+            runner.ms.clear()
+            decode_once(runner, prompt, n_tokens)
+            eft.append(runner.median_ms())
+            raw.append(1e3 * raw_decode_seconds(path, n_threads=n_threads, n_tokens=n_tokens))
+        e, r = statistics.median(eft), statistics.median(raw)
+        say(f"{path.name}, {n_threads} thread(s): eft-local {e:.3f} ms/token with three "
+            f"copies; raw llama-cpp-python {r:.3f} ms/token each; overhead per step "
+            f"{e - 3 * r:.3f} ms")
+    finally:
+        s.close()
 
 
 def peak_rss() -> int:
@@ -311,64 +314,48 @@ def peak_rss() -> int:
     return rss if platform.system() == "Darwin" else rss * 1024
 
 
-def rss_bound(models: Sequence[Model]) -> int:
-    """Model files + KV caches + 300 MB: the issue's bound on peak RSS."""
-    files = sum(Path(m.path).stat().st_size for m in models)
-    return files + sum(kv_bytes(m) for m in models) + RSS_SLACK
-
-
-def machine() -> str:
-    """One line describing the CPU."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} CPUs, {platform.system()}, Python {platform.python_version()}"
-
-
 # -- realistic sizes -----------------------------------------------------------------------
-REALISTIC = {  # role: (n_embd, n_layer, n_head, n_head_kv, n_ff); vocab shared
-    "large_base": (2048, 16, 32, 8, 8192),    # Llama-3.2-1B-like body, 1.2B with embeddings
-    "small_ft": (576, 30, 9, 3, 1536),        # SmolLM2-135M-like
+SHAPES = {  # name: (n_embd, n_layer, n_head, n_head_kv, n_ff); vocabulary shared
+    "large_1b": (2048, 16, 32, 8, 8192),    # Llama-3.2-1B-like body
+    "large_360m": (960, 32, 15, 5, 2560),   # SmolLM2-360M-like
+    "small_ft": (576, 30, 9, 3, 1536),      # SmolLM2-135M-like
     "small_base": (576, 30, 9, 3, 1536),
 }
+REALISTIC = {"1B + 2 x 135M": ("large_1b", "small_ft", "small_base"),
+             "360M + 2 x 135M": ("large_360m", "small_ft", "small_base")}
 REALISTIC_VOCAB = 49152
 
 
-def _write_realistic(out_dir: str, quants: Sequence[str]) -> None:
-    """Write and quantize the random-weight models (run in a child process: the float32
-    arrays would otherwise count in this process's peak RSS)."""
+def _write_realistic(out_dir: str, names: Sequence[str]) -> None:
+    """Write and quantize the random-weight models to Q8_0 (in a child process: the
+    float32 arrays would otherwise count in this process's peak RSS)."""
     from eft_local.backend import quantize_gguf
     from eft_local.gguf_writer import LlamaShape, TokenizerSpec, write_llama_gguf
 
-    tokens = ["<s>", "</s>"] + [f"t{i}" for i in range(REALISTIC_VOCAB - 2)]
-    tok = TokenizerSpec(tokens=tokens, token_types=[3, 3] + [1] * (REALISTIC_VOCAB - 2),
-                        merges=["t 0"], bos_id=0, eos_id=1)
-    for i, (role, (embd, layers, heads, kv, ff)) in enumerate(REALISTIC.items()):
-        todo = [q for q in quants if not (Path(out_dir) / f"{role}.{q}.gguf").exists()]
-        if not todo:
+    v = REALISTIC_VOCAB
+    tok = TokenizerSpec(tokens=["<s>", "</s>"] + [f"t{i}" for i in range(v - 2)],
+                        token_types=[3, 3] + [1] * (v - 2), merges=["t 0"], bos_id=0, eos_id=1)
+    for i, name in enumerate(SHAPES):
+        dst = Path(out_dir) / f"{name}.q8_0.gguf"
+        if name not in names or dst.exists():
             continue
-        shape = LlamaShape(n_vocab=REALISTIC_VOCAB, n_embd=embd, n_layer=layers,
-                           n_head=heads, n_head_kv=kv, n_ff=ff, n_ctx_train=2048)
-        f32 = write_llama_gguf(Path(out_dir) / f"{role}.f32.tmp", shape=shape, tokenizer=tok,
-                               seed=i, name=f"random-{role}")
-        for quant in todo:
-            quantize_gguf(f32, Path(out_dir) / f"{role}.{quant}.gguf", quant)
+        embd, layers, heads, kv, ff = SHAPES[name]
+        shape = LlamaShape(n_vocab=v, n_embd=embd, n_layer=layers, n_head=heads, n_head_kv=kv,
+                           n_ff=ff, n_ctx_train=2048)
+        f32 = write_llama_gguf(Path(out_dir) / f"{name}.f32.tmp", shape=shape, tokenizer=tok,
+                               seed=i, name=f"random-{name}")
+        quantize_gguf(f32, dst, "q8_0")
         f32.unlink()
 
 
-def realistic_paths(cache: Path, quant: str = "q8_0") -> dict[str, Path]:
+def realistic_paths(cache: Path) -> dict[str, Path]:
     """Paths of the realistic-size models, written once into ``cache``."""
     cache.mkdir(parents=True, exist_ok=True)
-    paths = {r: cache / f"{r}.{quant}.gguf" for r in REALISTIC}
-    if not all(p.exists() for p in paths.values()):
+    paths = {name: cache / f"{name}.q8_0.gguf" for name in SHAPES}
+    missing = [n for n, p in paths.items() if not p.exists()]
+    if missing:
         proc = multiprocessing.get_context("spawn").Process(
-            target=_write_realistic, args=(str(cache), [quant]))
+            target=_write_realistic, args=(str(cache), missing))
         proc.start()
         proc.join()
         if proc.exitcode != 0:
@@ -376,195 +363,105 @@ def realistic_paths(cache: Path, quant: str = "q8_0") -> dict[str, Path]:
     return paths
 
 
-def projection(costs: Mapping[str, Mapping[int, float]], ref: str, per_block: float, k: int,
-               sampler_s: float) -> tuple[float, float, float]:
-    """Projected (plain s/token, speculative s/token, speedup) at these costs.
-
-    Plain: every model decodes one token per step. Speculative, per block of ``k`` drafts
-    (as :class:`Speculator` runs it, drafter rows reused): the drafter decodes ``k + 1``
-    single tokens, every other model verifies ``k + 1`` tokens in one batch, and the block
-    yields ``per_block`` tokens (measured on the bundled family).
-    """
-    plain = sum(c[1] for c in costs.values()) + sampler_s
-    verify = sum(_interp(c, k + 1) for role, c in costs.items() if role != ref)
-    block = (k + 1) * costs[ref][1] + verify + (k + per_block) * sampler_s
-    spec = block / per_block
-    return plain, spec, plain / spec
-
-
-def _interp(c: Mapping[int, float], n: int) -> float:
-    xs = sorted(c)
-    return float(np.interp(n, xs, [c[x] for x in xs]))
-
-
 # -- the command ---------------------------------------------------------------------------
-@click.command("bench")
-@click.argument("preset", required=False)
-@click.option("--model", "models", multiple=True, metavar="ROLE=PATH",
-              help="Benchmark these models instead of a preset.")
-@click.option("--max-tokens", default=48, show_default=True, help="Tokens per prompt.")
-@click.option("--repeats", default=5, show_default=True,
-              help="Interleaved repeats; each prompt's best time counts.")
-@click.option("--temperature", "temperatures", multiple=True, type=float,
-              default=(0.0, 1.0), show_default=True)
-@click.option("--k", "ks", multiple=True, type=int, default=(2, 4, 8), show_default=True)
-@click.option("--realistic", is_flag=True,
-              help="Also measure 1B/135M-shaped random models and project the speedup.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("benchmarks/out"),
-              show_default=True, help="Where realistic-size models are written once.")
-@click.option("--threads", type=int, default=None, help="Thread budget (default: all CPUs).")
-@click.option("--modes", default="seq,seq1,par", show_default=True,
-              help="Threading modes to compare: seq, seq1, par (comma-separated).")
-@click.option("--chat/--raw", default=False, show_default=True,
-              help="Chat questions, or raw text to continue.")
-@click.option("--ignore-eos/--stop-at-eos", default=True, show_default=True,
-              help="Mask end-of-generation tokens so every prompt runs to --max-tokens.")
-@click.option("--prompts", "prompts_file", type=click.Path(exists=True, path_type=Path),
-              help="A text file, one prompt per line (default: four built-in prompts).")
-@click.option("--alpha", "alphas", multiple=True, type=float,
-              help="Also project with this per-token acceptance rate (e.g. from a chat run).")
-def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats: int,
-          temperatures: tuple[float, ...], ks: tuple[int, ...], realistic: bool,
-          cache_dir: Path, threads: int | None, modes: str, chat: bool,
-          ignore_eos: bool, prompts_file: Path | None, alphas: tuple[float, ...]) -> None:
-    """Tokens/s of the large model, plain, parallel and speculative EFT, side by side."""
+def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence[list[int]],
+              *, n_threads: int, max_tokens: int, repeats: int, prompt_tokens: int) -> None:
+    """Everything measured on one set of loaded models."""
+    s = base
+    files = ", ".join(f"{r}={Path(m.path).name} ({Path(m.path).stat().st_size / 2**20:.0f} MiB)"
+                      for r, m in s.models.items())
+    say(f"\n## {title}: {s.describe()}\nmodels: {files}")
+    t = s.tuning
+    if t is not None:
+        say(f"chosen at load: {t.summary()}")
+        say("schedules timed at load (ms/step predicted, measured): " + "; ".join(
+            f"{k} {1e3 * p:.1f} {1e3 * m:.1f}" for k, (p, m) in t.trials.items()))
+    say(f"\n### decoding, temperature 1, {len(prompts)} prompts x {max_tokens} tokens (end "
+        f"tokens masked), {repeats} interleaved repeats, median ms per token after the first")
+    decoding_table(say, base, large, prompts, n_threads, max_tokens, repeats)
+    if prompt_tokens:
+        say(f"\n### time to first token, median of {repeats}")
+        first_token_table(say, base, large, prompt_tokens, n_threads, repeats)
+
+
+def open_base(say: Say, preset: str | None, models: Sequence[str], n_threads: int,
+              n_ctx: int) -> Session:
+    """The measured session; end-of-generation tokens masked so runs have equal length."""
     from eft_local.session import LoadOptions, load_session
 
+    s = load_session(preset, models=models, options=LoadOptions(
+        n_ctx=n_ctx, n_threads=n_threads, schedule="auto"), progress=say,
+        settings=SamplerSettings(temperature=1.0, seed=1))
+    allowed = s.engine.allowed.copy()
+    eog = s.report.vocabs[s.preset.template_role].eog
+    allowed[[t for t in eog if t < allowed.size]] = False
+    s.engine.allowed = allowed
+    return s
+
+
+@click.command("bench")
+@click.argument("preset", required=False)
+@click.option("--model", "-m", "models", multiple=True, metavar="ROLE=PATH",
+              help="Benchmark these models instead of a preset.")
+@click.option("--max-tokens", default=32, show_default=True, help="Tokens per prompt.")
+@click.option("--repeats", default=3, show_default=True, help="Interleaved repeats.")
+@click.option("--threads", type=int, default=None, help="Thread budget (default: all CPUs).")
+@click.option("--prompt-tokens", default=500, show_default=True,
+              help="Prompt length for time to first token (0: skip).")
+@click.option("--realistic", is_flag=True,
+              help="Also measure 1B/360M/135M-shaped random-weight models (written once).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("benchmarks/out"),
+              show_default=True, help="Where the realistic-size models are written once.")
+@click.option("--retune", is_flag=True, help="Measure the schedules again (ignore the cache).")
+@click.option("--skip-family", is_flag=True, help="Only the realistic sizes.")
+def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats: int,
+          threads: int | None, prompt_tokens: int, realistic: bool, cache_dir: Path,
+          retune: bool, skip_family: bool) -> None:
+    """Speed of plain and speculative EFT against the large model alone at its best."""
+    from eft_local import tuning
+
     say = click.echo
-    n_threads = threads or os.cpu_count() or 1
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()]
-    if "seq" not in mode_list or set(mode_list) - set(MODES):
-        raise click.BadParameter(f"{modes!r}: give seq and any of seq1, par", param_hint="--modes")
-    say(f"machine: {machine()}; thread budget {n_threads}; load average "
-        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    for m in mode_list:
-        say(f"mode {m}: {MODES[m]}")
-    session = load_session(preset, models=models, options=LoadOptions(
-        n_ctx=512, n_threads=n_threads, parallel=False, speculative=False))
-    try:
-        roles, ref = session.engine.roles, session.preset.template_role
-        large = next((r for r in roles if r.startswith("large")), roles[0])
-        files = ", ".join(f"{r}={Path(session.models[r].path).name} "
-                          f"({Path(session.models[r].path).stat().st_size / 2**20:.1f} MiB)"
-                          for r in roles)
-        say(f"preset {session.preset.name}: {session.describe()}\nmodels: {files}")
-        texts = ([line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
-                 if prompts_file else list(CHAT_PROMPTS if chat else RAW_PROMPTS))
-        prompts = ([session.chat_tokens([{"role": "user", "content": q}]) for q in texts]
-                   if chat else [session.raw_tokens(q) for q in texts])
-        allowed = session.report.allowed.copy()
-        if ignore_eos:
-            allowed[[t for t in session.report.vocabs[ref].eog if t < allowed.size]] = False
-        results: dict[float, dict[str, Tally]] = {}
-        for temp in temperatures:
-            settings = SamplerSettings(temperature=temp, seed=1)
-            results[temp] = run_table(session.models, roles, ref, large,
-                                      allowed, session.weights(), prompts,
-                                      settings, max_tokens=max_tokens, repeats=repeats,
-                                      ks=ks, n_threads=n_threads,
-                                      modes=mode_list)
-            say(f"\n## decoding, temperature {temp}, {len(prompts)} "
-                f"{'chat' if chat else 'raw'} prompts x {max_tokens} tokens"
-                f"{' (end tokens masked)' if ignore_eos else ' max'}, best of {repeats} per prompt")
-            for line in format_table(results[temp]):
-                say(line)
-            say("best speculative / plain, same mode: " + ", ".join(
-                f"{m} {x:.2f}x" for m, x in best_speedups(results[temp]).items()))
-        for n in sorted({1, n_threads}):
-            say(f"\n## verification block cost per model, {n} thread(s) "
-                "(ms for n tokens, all rows; x one token)")
-            _print_costs(say, block_costs(session.models, threads=n))
-        say("\n## all models, sequential vs parallel lanes (ms per block)")
-        _print_costs(say, parallel_block_costs(session.models, session.report.allowed,
-                                               n_threads))
-        loaded: list[Model] = list(session.models.values())
-        if realistic:
-            loaded += _realistic(say, cache_dir, results, n_threads, ks, mode_list, repeats,
-                                 alphas)
-        say("\n## sampler: one Engine.choose step over 3 models, synthetic rows (ms, median)")
-        for vocab, shape, label, ms in sampler_costs():
-            say(f"vocab {vocab:7d} {shape:5} {label:17} {ms:7.3f}")
-        bound = rss_bound(loaded)
-        say(f"\n## memory\npeak RSS {peak_rss() / 2**20:.0f} MiB; bound (model files + KV "
-            f"caches + 300 MiB) {bound / 2**20:.0f} MiB")
-        for m in loaded[len(session.models):]:
-            close = getattr(m, "close", None)
-            if close:
-                close()
-    finally:
-        session.close()
-
-
-def _print_costs(say: Callable[[str], None], costs: Mapping[str, Mapping[int, float]]) -> None:
-    for role, c in costs.items():
-        one = c[min(c)]
-        say(f"{role:12} " + "  ".join(f"n={n}: {1e3 * s:7.2f} ({s / one:4.1f}x)"
-                                      for n, s in c.items()))
-
-
-def _realistic(say: Callable[[str], None], cache: Path, results: Mapping[float, Mapping],
-               n_threads: int, ks: Sequence[int], modes: Sequence[str], repeats: int,
-               alphas: Sequence[float] = ()) -> list[Model]:
-    """Cost of decoding and verifying at 1B/135M sizes, and the projected speedup."""
-    from eft_local.backend import LlamaModel
-
-    paths = realistic_paths(cache)
-    models = {r: LlamaModel(p, n_ctx=512, n_threads=n_threads) for r, p in paths.items()}
-    files = ", ".join(f"{r} {p.stat().st_size / 2**20:.0f} MiB" for r, p in paths.items())
-    say(f"\n## realistic sizes (random weights, Q8_0, vocab {REALISTIC_VOCAB}): {files}")
-    allowed = np.ones(REALISTIC_VOCAB, dtype=bool)
-    roles = tuple(REALISTIC)
-    prompts = [[(37 * i + j) % 4000 + 2 for i in range(4)] for j in range(2)]
-    tallies = run_table(models, roles, "small_ft", "large_base", allowed,
-                        np.array([1.0, 1.0, -1.0], np.float32), prompts,
-                        SamplerSettings(temperature=0.0), max_tokens=16,
-                        repeats=2, ks=(), n_threads=n_threads, modes=modes,
-                        speculative=False)
-    say(f"decoding, greedy, {len(prompts)} prompts of 4 tokens x 16 tokens, best of 2")
-    for line in format_table(tallies):
-        say(line)
-    sampler_s = _sampler_seconds(REALISTIC_VOCAB)
-    for n in sorted({1, n_threads}):
-        say(f"block cost per model, {n} thread(s) (ms for n tokens, all rows; x one token)")
-        costs = block_costs(models, (1, 2, 3, 5, 9), context=64, repeats=3, threads=n)
-        _print_costs(say, costs)
-        _project(say, costs, results, ks, sampler_s, alphas)
-    if "par" in modes:
-        say("all models, sequential vs parallel lanes (ms per block)")
-        _print_costs(say, parallel_block_costs(models, allowed, n_threads, (1, 5), repeats=3))
-    return list(models.values())
-
-
-def _project(say: Callable[[str], None], costs: Mapping[str, Mapping[int, float]],
-             results: Mapping[float, Mapping[str, Tally]], ks: Sequence[int],
-             sampler_s: float, alphas: Sequence[float] = ()) -> None:
-    large_alone = costs["large_base"][1] + sampler_s / 3
-    say(f"one-token step: large alone {1e3 * large_alone:.1f} ms "
-        f"({1 / large_alone:.1f} tok/s); plain EFT "
-        f"{1e3 * (sum(c[1] for c in costs.values()) + sampler_s):.1f} ms "
-        f"(EFT/large speed {large_alone / (sum(c[1] for c in costs.values()) + sampler_s):.2f})")
-    say("PROJECTION (not a measured generation): these block costs x the tokens per block "
-        "measured on the preset above (sequential mode)")
-    say(f"{'temperature':>11} {'k':>3} {'tok/blk':>7} {'plain ms/tok':>12} "
-        f"{'spec ms/tok':>11} {'x plain':>7} {'x large':>7}")
-    for temp, tallies in results.items():
-        for k in ks:
-            t = tallies.get(f"seq  speculative k={k}")
-            if t is None or not t.blocks:
-                continue
-            per_block = (t.accepted + t.blocks) / t.blocks
-            plain, spec, gain = projection(costs, "small_ft", per_block, k, sampler_s)
-            say(f"{temp:11} {k:3} {per_block:7.2f} {1e3 * plain:12.1f} {1e3 * spec:11.1f} "
-                f"{gain:7.2f} {large_alone / spec:7.2f}")
-    for alpha in (*alphas, 1.0):  # given acceptance rates, then the ceiling: all kept
-        for k in ks:
-            per_block = k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
-            plain, spec, gain = projection(costs, "small_ft", per_block, k, sampler_s)
-            name = "(all kept)" if alpha >= 1 else f"(a={alpha:.2f})"
-            say(f"{name:>11} {k:3} {per_block:7.2f} {1e3 * plain:12.1f} {1e3 * spec:11.1f} "
-                f"{gain:7.2f} {large_alone / spec:7.2f}")
-
-
-def _sampler_seconds(vocab: int) -> float:
-    rows = [r for r in sampler_costs((vocab,), repeats=10) if r[1] == "zipf" and r[2] == "T=1"]
-    return rows[0][3] / 1e3
+    if retune:  # forget every cached schedule choice
+        tuning.cache_path().unlink(missing_ok=True)
+    n = threads or os.cpu_count() or 1
+    say(f"machine: {machine()}; thread budget {n}; load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if not skip_family:
+        s = open_base(say, preset, models, n, 512)
+        try:
+            large = next((r for r in s.engine.roles if r.startswith("large")),
+                         max(s.models, key=lambda r: Path(s.models[r].path).stat().st_size))
+            prompts = [s.raw_tokens(q) for q in RAW_PROMPTS]
+            model_set(say, f"preset {s.preset.name}", s, large, prompts, n_threads=n,
+                      max_tokens=max_tokens, repeats=repeats, prompt_tokens=prompt_tokens)
+            say("\n## draft/mix coupling at temperature 1: positions, mean sum(min(p, q)), "
+                "agreement of the race (now) and of the inverse-CDF draw (before), each with "
+                "its fraction of the optimum")
+            print_coupling(say, f"preset {s.preset.name}, drafter {s.draft_role()}",
+                           session_pairs(s, prompts, max_tokens))
+            print_coupling(say, "synthetic Zipf rows, vocab 49152", synthetic_pairs())
+            say(f"\n## per-step overhead against raw llama-cpp-python (median of {repeats})")
+            small = next((m for r, m in s.models.items() if r.startswith("small")),
+                         None)
+            if small is not None:
+                overhead(say, Path(small.path), n, repeats)
+        finally:
+            s.close()
+    if realistic:
+        paths = realistic_paths(cache_dir)
+        for title, (large_shape, ft, base) in REALISTIC.items():
+            pairs = [f"large_base={paths[large_shape]}", f"small_ft={paths[ft]}",
+                     f"small_base={paths[base]}"]
+            s = open_base(say, None, pairs, n, 1024)
+            try:
+                prompts = [[(37 * i + j) % 4000 + 2 for i in range(8)] for j in range(2)]
+                model_set(say, f"realistic {title} (random weights, Q8_0)", s, "large_base",
+                          prompts, n_threads=n, max_tokens=max_tokens // 2, repeats=repeats,
+                          prompt_tokens=prompt_tokens)
+            finally:
+                s.close()
+    say("\n## sampler: one Engine.choose step over 3 models, synthetic rows (ms, median)")
+    for vocab, shape, label, ms in sampler_costs():
+        say(f"vocab {vocab:7d} {shape:5} {label:17} {ms:7.3f}")
+    say(f"\npeak RSS {peak_rss() / 2**20:.0f} MiB; load average now "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")

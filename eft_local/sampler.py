@@ -303,9 +303,9 @@ def race(probs: np.ndarray, seed: int, position: int) -> int:
     Gumbel-max trick: log p_i - log E_i is log p_i plus Gumbel noise). Every distribution
     drawn at a position meets the same noise, so two models' draws agree with probability
     close to the optimum sum(min(p, q))."""
-    noise = race_noise(seed, position, probs.size)
-    with np.errstate(divide="ignore"):
-        return int(np.argmax(np.divide(probs, noise, out=_scratch(probs.size))))
+    neg = race_noise(seed, position, probs.size)  # -E_i
+    # p_i / -E_i <= 0: the most negative is the largest p_i / E_i
+    return int(np.argmin(np.divide(probs, neg, out=_scratch(probs.size))))
 
 
 _NOISE: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
@@ -315,8 +315,9 @@ _SCRATCH = threading.local()
 
 
 def race_noise(seed: int, position: int, n: int) -> np.ndarray:
-    """The Exp(1) noise of ``n`` tokens at ``position`` (read-only; the last few positions'
-    noise is kept, since a draft and its verification draw at the same positions)."""
+    """Minus the Exp(1) noise of ``n`` tokens at ``position``: log(1 - v) with v uniform in
+    (0, 1), precise near 0 (read-only; the last few positions' noise is kept, since a draft
+    and its verification draw at the same positions)."""
     key = (seed, position, n)
     with _NOISE_LOCK:
         found = _NOISE.get(key)
@@ -324,18 +325,16 @@ def race_noise(seed: int, position: int, n: int) -> np.ndarray:
             _NOISE.move_to_end(key)
             return found
     raw = np.random.SFC64((seed, position)).random_raw((n + 1) // 2).view(np.uint32)[:n]
-    noise = np.multiply(raw, np.float32(2.0**-32), dtype=np.float32)
-    noise += np.float32(2.0**-33)  # v in (0, 1); E = -log(1 - v), precise near 0
-    np.negative(noise, out=noise)
-    with np.errstate(divide="ignore"):  # v rounded to 1: E = inf, that token never wins
-        np.log1p(noise, out=noise)
-    np.negative(noise, out=noise)
-    noise.flags.writeable = False
+    neg = np.multiply(raw, np.float32(-(2.0**-32)), dtype=np.float32)
+    neg -= np.float32(2.0**-33)  # -v, never 0; v rounded to 1 gives -inf: that token loses
+    with np.errstate(divide="ignore"):
+        np.log1p(neg, out=neg)
+    neg.flags.writeable = False
     with _NOISE_LOCK:
-        _NOISE[key] = noise
+        _NOISE[key] = neg
         while len(_NOISE) > _NOISE_KEEP:
             _NOISE.popitem(last=False)
-    return noise
+    return neg
 
 
 def _scratch(n: int) -> np.ndarray:
