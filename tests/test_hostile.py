@@ -10,7 +10,9 @@ import resource
 import struct
 import subprocess
 import sys
+import threading
 import time
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from eft_local.limits import N_CTX_MAX, max_threads
 from eft_local.text import TextStream
 from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
 from tests.ggufs import SPECIALS
+from tests.test_hub import COMMIT, FILE, REPO, FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
 GREEDY = ["-t", "0", "--max-tokens", "2", *THREADS]
@@ -545,3 +548,43 @@ def test_load_refuses_a_transcript_that_ends_with_a_user_turn(tmp_path) -> None:
     path.write_text(json.dumps({"turns": [{"role": "user", "content": "a"}]}))
     with pytest.raises(EftError, match="the last turn is the user's, with no reply"):
         Conversation.load(path)
+
+
+class _StalledHub(FakeHub):
+    """Answers the file's GET with headers and then nothing (a stalled body)."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        if "/resolve/" not in self.path:
+            return super().do_GET()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", '"stalled"')
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        self.wfile.flush()
+        time.sleep(30)
+
+
+def test_13_a_stalled_download_ends_in_one_line(tmp_path) -> None:
+    _StalledHub.payload = b"GGUF" + bytes(1000)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StalledHub)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}",
+               HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
+               HF_HUB_DOWNLOAD_TIMEOUT="1", NO_PROXY="127.0.0.1", PYTHONPATH=str(ROOT))
+    code = ("from eft_local.config import ModelSpec\nfrom eft_local import hub\n"
+            "from eft_local.cli import fail\n"
+            f"spec = ModelSpec(role='small_ft', hf_repo={REPO!r}, hf_file={FILE!r})\n"
+            "try:\n    hub.resolve(spec)\nexcept Exception as exc:\n    fail(str(exc))\n")
+    started = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert time.perf_counter() - started < 60  # 5 resumes of 1 s each, then give up
+    assert_fails_in_one_line(proc, "download of hf:acme/tiny-GGUF/tiny.gguf failed: the "
+                             "connection failed (ReadTimeout")
+    assert proc.stderr.count("\n") == 1  # no retry log
