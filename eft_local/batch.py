@@ -2,9 +2,10 @@
 
 Input lines are ``{"id": ..., "prompt": ..., "system": ..., "raw": ..., "max_tokens": ...}``
 (only ``prompt`` is required; ``id`` defaults to the line number). Each result is one whole
-line, flushed at once, so an interrupted run loses nothing; a rerun skips every id already
-in the output. A bad record yields ``{"id": ..., "line": n, "error": "..."}`` and the batch
-goes on.
+line, flushed at once, so an interrupted run loses nothing; a rerun skips every id the output
+already holds a result for, and tries again those that ended in an error record (the old
+error stays in the file, the new record follows it; ``--skip-errors`` skips them instead).
+A bad record yields ``{"id": ..., "line": n, "error": "..."}`` and the batch goes on.
 """
 
 from __future__ import annotations
@@ -197,23 +198,36 @@ def _result_record(line: bytes) -> dict[str, Any] | None:
     return record if ok else None
 
 
-def done_keys(output_path: Path | None) -> set[Key]:
-    """Records already in the output; a torn last line (no newline) is cut off first."""
+def previous_results(output_path: Path | None) -> dict[Key, bool]:
+    """Each key already in the output: True when one of its records is a result, False when
+    it has only error records (a later error for a done id is a duplicate line's). A torn
+    last line (no newline) is cut off first."""
     if output_path is None:
-        return set()
+        return {}
     found, torn = scan_output(output_path)
     if torn:
         data = output_path.read_bytes()
         with output_path.open("r+b") as fh:
             fh.truncate(data.rfind(b"\n") + 1)
         click.echo(f"{output_path}: dropped an incomplete last line", err=True)
-    keys: set[Key] = set()
+    status: dict[Key, bool] = {}
     for record in found:
         if _usable_id(record.get("id")):
-            keys.add(("id", record["id"]))
+            key: Key = ("id", record["id"])
         elif isinstance(record.get("line"), int):
-            keys.add(("line", record["line"]))
-    return keys
+            key = ("line", record["line"])
+        else:
+            continue
+        status[key] = status.get(key, False) or "error" not in record
+    return status
+
+
+def done_keys(output_path: Path | None, *, retry_errors: bool = True) -> set[Key]:
+    """Keys a rerun skips: those with a result, and with ``retry_errors=False`` also those
+    whose records are all errors (by default a rerun tries them again, appending the new
+    record after the old ones)."""
+    return {key for key, ok in previous_results(output_path).items()
+            if ok or not retry_errors}
 
 
 def run_job(session: Session, job: Job, defaults: BatchDefaults) -> dict[str, Any]:
@@ -247,12 +261,17 @@ def records(session: Session, lines: list[tuple[int, str]], defaults: BatchDefau
 
 
 def run_batch(session: Session, input_path: Path, output_path: Path | None,
-              defaults: BatchDefaults) -> None:
-    """Run every prompt of ``input_path``, appending results to ``output_path`` (or stdout)."""
+              defaults: BatchDefaults, *, retry_errors: bool = True) -> None:
+    """Run every prompt of ``input_path``, appending results to ``output_path`` (or stdout).
+
+    A rerun skips what the output already holds a result for, and tries again the records
+    that only ended in errors (``retry_errors=False``: skips them too)."""
     lines = read_lines(input_path)
-    skip = done_keys(output_path)
+    previous = previous_results(output_path)
+    skip = {key for key, ok in previous.items() if ok or not retry_errors}
+    failed_before = {key for key, ok in previous.items() if not ok}
     total = len(lines)
-    counts = {"done": 0, "errors": 0, "skipped": 0}
+    counts = {"done": 0, "errors": 0, "skipped": 0, "retried": 0}
     out: IO[str]
     try:
         out = output_path.open("a", encoding="utf-8") if output_path else sys.stdout
@@ -266,14 +285,20 @@ def run_batch(session: Session, input_path: Path, output_path: Path | None,
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             counts["errors" if "error" in record else "done"] += 1
+            key: Key = (("id", record["id"]) if _usable_id(record["id"])
+                        else ("line", record.get("line")))
+            retry = " (retried)" if key in failed_before else ""
+            counts["retried"] += bool(retry)
             state = f"error: {record['error']}" if "error" in record else record["finish"]
             name = record["id"] if record["id"] is not None else f"line {record['line']}"
-            click.echo(f"{n}/{total} {name}: {state}", err=True)
+            click.echo(f"{n}/{total} {name}: {state}{retry}", err=True)
     finally:
         if out is not sys.stdout:
             out.close()
         click.echo(f"{counts['done']} generated, {counts['errors']} errors, "
-                   f"{counts['skipped']} already done", err=True)
+                   f"{counts['skipped']} already done"
+                   + (f" ({counts['retried']} earlier errors retried)" if counts["retried"]
+                      else ""), err=True)
 
 
 def result_record(session: Session, result: Result, *, diagnostics: bool) -> dict[str, Any]:

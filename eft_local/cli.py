@@ -370,9 +370,12 @@ def _check_preset(targets: tuple[str, ...], models: tuple[str, ...]) -> Preset:
               help="JSONL file of prompts: {\"id\", \"prompt\", \"system\", \"raw\", "
               "\"max_tokens\"} per line.")
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSONL results, appended as each prompt finishes; a rerun skips done ids.")
+              help="JSONL results, appended as each prompt finishes; a rerun skips done ids "
+              "and retries those that ended in an error.")
+@click.option("--skip-errors", is_flag=True,
+              help="With --output: a rerun also skips prompts whose result was an error.")
 def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path | None,
-             output_path: Path | None, **opts: Any) -> None:
+             output_path: Path | None, skip_errors: bool, **opts: Any) -> None:
     """Generate one reply for PROMPT (or stdin), or a JSONL batch with --input.
 
     The reply is streamed to stdout; --json prints one JSON record instead.
@@ -382,8 +385,9 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
     """
     preset, prompt = _split_args(args, opts, batch=input_path is not None)
     if input_path is None:
-        if output_path is not None:
-            raise click.UsageError("--output needs --input")
+        if output_path is not None or skip_errors:
+            raise click.UsageError(f"{'--output' if output_path else '--skip-errors'} needs "
+                                   "--input")
         prompt = prompt if prompt is not None else _stdin_prompt()
         if not prompt.strip():
             raise EftError("empty prompt")
@@ -397,7 +401,7 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
     defaults = BatchDefaults(raw=raw, system=opts["system"], max_tokens=opts["max_tokens"],
                              diagnostics=as_json)
     with open_session(preset, opts) as session:
-        run_batch(session, input_path, output_path, defaults)
+        run_batch(session, input_path, output_path, defaults, retry_errors=not skip_errors)
 
 
 def _split_args(args: tuple[str, ...], opts: Mapping[str, Any], *, batch: bool

@@ -89,10 +89,13 @@ def test_batch_resumes_and_appends_only_new_records(family, tmp_path: Path) -> N
     after = out.read_bytes()
     assert after.startswith(before)
     new = read_jsonl(out)[3:]
-    assert [r["id"] for r in new] == [3]
-    assert new[0]["text"] == expected_texts(family, {"3": {"prompt": "three"}})["3"]
-    assert again.stderr.splitlines()[-1] == "1 generated, 0 errors, 3 already done"
-    assert run(args).stderr.splitlines()[-1] == "0 generated, 0 errors, 4 already done"
+    assert new[1]["text"] == expected_texts(family, {"3": {"prompt": "three"}})["3"]
+    # the broken line is tried again (and fails again): its new error record is appended
+    assert again.stderr.splitlines()[-1] == ("1 generated, 1 errors, 2 already done "
+                                             "(1 earlier errors retried)")
+    assert [r["id"] for r in new] == [None, 3] and "error" in new[0]
+    skipped = run([*args, "--skip-errors"])
+    assert skipped.stderr.splitlines()[-1] == "0 generated, 0 errors, 4 already done"
     assert out.read_bytes() == after
 
 
@@ -127,3 +130,34 @@ def test_batch_input_that_is_not_utf8(family, tmp_path: Path) -> None:
     result = run(["generate", *family.trio(), *OPTS, "--input", str(src)])
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1].startswith(f"error: {src}: not UTF-8 text")
+
+
+def test_batch_rerun_retries_error_records_and_keeps_their_history(family, tmp_path: Path
+                                                                  ) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "ok", "prompt": "Hi"},
+                                             {"id": "long", "prompt": "x" * 300, "raw": True}])
+    out = tmp_path / "out.jsonl"
+    args = ["generate", *family.trio(), *OPTS, "--input", str(src), "--output", str(out)]
+    assert run(args).stderr.splitlines()[-1] == "1 generated, 1 errors, 0 already done"
+    first = out.read_bytes()
+    # still failing, skipped on request: nothing is appended
+    assert run([*args, "--skip-errors"]).stderr.splitlines()[-1] == (
+        "0 generated, 0 errors, 2 already done")
+    assert out.read_bytes() == first
+    # the user shortens the prompt: a plain rerun retries it and appends the result
+    write_jsonl(src, [{"id": "ok", "prompt": "Hi"}, {"id": "long", "prompt": "x y z"}])
+    again = run(args)
+    assert again.exit_code == 0, again.output
+    assert "2/2 long: length (retried)" in again.stderr.splitlines()
+    assert again.stderr.splitlines()[-1] == ("1 generated, 0 errors, 1 already done "
+                                             "(1 earlier errors retried)")
+    assert out.read_bytes().startswith(first)  # the error record stays as history
+    records = read_jsonl(out)
+    assert [(r["id"], "error" in r) for r in records] == [("ok", False), ("long", True),
+                                                          ("long", False)]
+    assert run(args).stderr.splitlines()[-1] == "0 generated, 0 errors, 2 already done"
+
+
+def test_skip_errors_needs_input(family) -> None:
+    result = run(["generate", *family.trio(), *OPTS, "--skip-errors", "Hi"])
+    assert result.exit_code == 2 and "--skip-errors needs --input" in result.stderr
