@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from jinja2 import TemplateError
+from jinja2 import Environment, TemplateError
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
@@ -106,7 +108,8 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         name = func.__name__.removeprefix("do_")
 
         def bounded(*args: object, **kwargs: object) -> object:
-            values = [a for a in args if not hasattr(a, "environment")]  # skip env/context
+            values = [a for a in args  # skip what @pass_environment & co. put first
+                      if not isinstance(a, (Environment, EvalContext, Context))]
             if values:
                 self._check(name, values[0], tuple(values[1:]), kwargs)
             return func(*args, **kwargs)
@@ -143,9 +146,10 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
 
 def render(template: str, messages: list[dict[str, str]], *, bos_token: str = "",
            eos_token: str = "", add_generation_prompt: bool = True,
-           seconds: float = RENDER_SECONDS) -> str:
+           seconds: float | None = None) -> str:
     """Render ``messages`` with a chat template in a sandbox, within a time limit and a size
     limit; every failure is an :class:`EftError` "chat template failed: ..."."""
+    seconds = RENDER_SECONDS if seconds is None else seconds
     given = sum(len(str(m.get("content", ""))) for m in messages)
     limit = RENDER_CHARS + 4 * (given + len(bos_token) + len(eos_token))
 
