@@ -434,7 +434,17 @@ def _stdin_prompt() -> str:
     """The prompt piped on stdin, less the one newline that ``echo`` adds."""
     if sys.stdin.isatty():
         raise EftError("no prompt: give PROMPT as an argument or pipe it on stdin")
-    text = sys.stdin.read()
+    buffer = getattr(sys.stdin, "buffer", None)
+    if buffer is None:
+        text = sys.stdin.read()
+    else:
+        data = buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EftError(f"stdin is not valid UTF-8: byte 0x{data[exc.start]:02x} at offset "
+                           f"{exc.start} ({exc.reason}); convert it first, e.g. "
+                           "iconv -f latin1 -t utf-8") from None
     return text[:-1] if text.endswith("\n") else text
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from eft_local import __version__, config
 from eft_local.cli import main
@@ -345,3 +346,10 @@ def test_bad_input_is_one_line(case: str, presets, family) -> None:
     result = run(args, input=stdin)
     assert_one_line_error(result, *words)
     assert stdout(result) == ""
+
+
+def test_invalid_utf8_on_stdin_is_one_line_naming_the_offset(family) -> None:
+    result = CliRunner().invoke(main, ["generate", *family.trio(), *THREADS],
+                                input=b"caf\xe9 hi")
+    assert_one_line_error(result, "stdin is not valid UTF-8", "byte 0xe9 at offset 3")
+    assert "loading" not in result.stderr  # refused before any model loads
