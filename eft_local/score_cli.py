@@ -17,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from eft_local.batch import BadRecord, check_paths, done_keys, read_lines
-from eft_local.cli import Number, _split_args, _stdin_prompt, model_options, open_session
+from eft_local.cliopts import Number, model_options, open_session, split_args, stdin_prompt
 from eft_local.errors import EftError
 
 if TYPE_CHECKING:
@@ -88,11 +88,11 @@ def score(args: tuple[str, ...], top_n: int, per_model: bool, as_json: bool,
     Texts longer than the context are scored in windows, each conditioned on half a context
     of the tokens before it (a note says so).
     """
-    preset, text = _split_args(args, opts, batch=input_path is not None)
+    preset, text = split_args(args, opts, batch=input_path is not None)
     if input_path is None:
         if output_path is not None:
             raise click.UsageError("--output needs --input")
-        text = text if text is not None else _stdin_prompt()
+        text = text if text is not None else stdin_prompt()
         if not text:
             raise EftError("empty text: nothing to score")
         with open_session(preset, opts) as session:
