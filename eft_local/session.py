@@ -251,8 +251,11 @@ class Session:
         if spec is None or spec.draft_k != k or spec.draft_role != role:
             spec = self._speculator = speculative.Speculator(self.engine, draft_k=k,
                                                              draft_role=role)
-            if self.tuning is not None:  # measured cost of a longer verification block
-                spec.sizer.slope = self.tuning.verify_slope
+            t = self.tuning
+            if t is not None:  # start from the costs measured at load, not from a guess
+                drafter = self.draft_role()
+                spec.sizer.prior(step=t.measured, slope=t.verify_slope,
+                                 draft_step=t.costs[drafter][max(t.costs[drafter])])
         return spec
 
     def roles(self) -> dict[str, str]:

@@ -96,6 +96,14 @@ class BlockSizer:
         """The block size with the highest expected rate (0 = plain steps)."""
         return max(range(self.k_max + 1), key=self.rate)
 
+    def prior(self, *, step: float, slope: float, draft_step: float) -> None:
+        """Start from measured costs: a plain step of every model (``step`` seconds), the
+        relative cost of each further block token, and one drafted token."""
+        self.verify.setdefault(1, step)
+        self.slope = slope
+        if self.draft_step is None:
+            self.draft_step = draft_step
+
     def next_k(self) -> int:
         """The block size for the next block."""
         if self.fixed is not None:

@@ -107,6 +107,8 @@ def test_schedule_measured_at_load_then_cached(tmp_path: Path) -> None:
         stats = s.stats()
         assert stats["schedule"] == t.schedule.name
         assert stats["schedule_measured_ratio"] == pytest.approx(t.alone / t.measured)
+        sizer = s.speculator.sizer  # adaptive speculation starts from the measured costs
+        assert sizer.verify[1] == t.measured and sizer.slope == t.verify_slope
     assert tuning.cache_path().is_file()
     with session(paths) as again:
         assert again.tuning is not None and again.tuning.cached

@@ -494,3 +494,12 @@ def test_ctrl_c_during_a_lane_decode_waits_for_every_lane(path: str) -> None:
         engine.close()
     # the models are usable afterwards: the next generation starts from their caches
     assert len(list(engine.generate(PROMPT, w, SamplerSettings(), max_tokens=3))) == 3
+
+
+def test_block_sizer_starts_from_measured_costs() -> None:
+    cheap = BlockSizer()
+    cheap.prior(step=0.1, slope=0.05, draft_step=0.005)  # verification nearly free
+    assert cheap.next_k() > 2
+    dear = BlockSizer()
+    dear.prior(step=0.1, slope=1.0, draft_step=0.02)  # n tokens cost n steps
+    assert dear.next_k() == 0  # plain steps from the start, no block spent to find out
