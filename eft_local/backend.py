@@ -99,11 +99,11 @@ def supports_gpu_offload() -> bool:
 
 
 def _check_file(path: Path) -> None:
-    if path.is_dir():
-        raise EftError(f"{path}: is a directory, not a GGUF model file")
-    if not path.exists():
-        raise EftError(f"{path}: model file not found")
     try:
+        if path.is_dir():
+            raise EftError(f"{path}: is a directory, not a GGUF model file")
+        if not path.exists():
+            raise EftError(f"{path}: model file not found")
         with path.open("rb") as fh:
             magic = fh.read(4)
     except OSError as exc:

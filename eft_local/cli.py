@@ -95,6 +95,9 @@ class EftGroup(click.Group):
         except BrokenPipeError:
             sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - nothing left to tell anyone
             sys.exit(1)
+        except OSError as exc:  # the file system said no: a name too long, a full disk...
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}")
         except Exception as exc:  # a bug: still one line, the traceback on request
             if os.environ.get("EFT_LOCAL_DEBUG"):
                 raise

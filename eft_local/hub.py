@@ -18,7 +18,10 @@ CONNECT_SECONDS = 5.0
 def cached_path(spec: ModelSpec) -> Path | None:
     """The local file for ``spec`` if it is already present (no network), else None."""
     if spec.path is not None:
-        return spec.path if spec.path.is_file() else None
+        try:
+            return spec.path if spec.path.is_file() else None
+        except OSError:  # e.g. a name too long for the file system
+            return None
     from huggingface_hub import try_to_load_from_cache
 
     try:

@@ -9,7 +9,8 @@ and the output file must keep every byte it had (except a torn record of its own
 kills this process with a signal, which the parent test reports; the case being run is
 written to ``current-case`` first, so the parent can show it.
 
-Usage: python -m tests.fuzz_driver WORKDIR [EXAMPLES]
+Usage: python -m tests.fuzz_driver WORKDIR [EXAMPLES]   (FUZZ_RANDOM=1: fresh random cases;
+FUZZ_ONLY=repl: one kind)
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def run(args: list[str], stdin: str | None = None, *, codes: tuple[int, ...] = (
     return result.exit_code
 
 
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                derandomize="FUZZ_RANDOM" not in os.environ,  # set it to explore new cases
                 suppress_health_check=list(HealthCheck))
 
 

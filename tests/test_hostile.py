@@ -589,3 +589,9 @@ def test_13_a_stalled_download_ends_in_one_line(tmp_path) -> None:
     assert_fails_in_one_line(proc, "download of hf:acme/tiny-GGUF/tiny.gguf failed: the "
                              "connection failed (ReadTimeout")
     assert proc.stderr.count("\n") == 1  # no retry log
+
+
+@pytest.mark.parametrize("args", [["check", "x" * 300], ["generate", "-m", "small_ft=" + "x" * 300,
+                                                          "hi"]])
+def test_a_file_name_too_long_is_one_line(args) -> None:
+    assert_one_line_error(run(args), "File name too long")  # found by the fuzz test
