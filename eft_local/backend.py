@@ -31,9 +31,10 @@ VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: 
 if (ATTR_UNKNOWN, ATTR_UNUSED, ATTR_CONTROL) != (
         L.LLAMA_TOKEN_ATTR_UNKNOWN, L.LLAMA_TOKEN_ATTR_UNUSED, L.LLAMA_TOKEN_ATTR_CONTROL):
     raise ImportError("llama_cpp's token attribute bits differ from eft_local.vocab's")
-QUANT_TYPES = {"q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0,
-               "q4_k_m": L.LLAMA_FTYPE_MOSTLY_Q4_K_M, "q5_k_m": L.LLAMA_FTYPE_MOSTLY_Q5_K_M,
-               "q6_k": L.LLAMA_FTYPE_MOSTLY_Q6_K, "f16": L.LLAMA_FTYPE_MOSTLY_F16}
+QUANT_TYPES = {name: getattr(L, f"LLAMA_FTYPE_MOSTLY_{name.upper()}") for name in (
+    "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
+    "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")} | {"f32": L.LLAMA_FTYPE_ALL_F32}
+"""Output types of :func:`quantize_gguf` (llama-quantize's names, lower case)."""
 
 DEFAULT_N_CTX = 4096
 """Context size when none is set: this, or the model's training context if smaller."""
@@ -393,8 +394,8 @@ class LlamaModel:
             L.llama_model_free(self._model)
             self._model = None
 
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown
+    def __del__(self, _suppress: type[contextlib.suppress] = contextlib.suppress) -> None:
+        with _suppress(Exception):  # bound early: at interpreter shutdown globals are None
             self.close()
 
 
@@ -439,21 +440,43 @@ def raw_decode_seconds(path: str | Path, *, n_threads: int, n_tokens: int = 32,
 
 
 def quantize_gguf(src: str | Path, dst: str | Path, kind: str = "q8_0",
-                  n_threads: int = 0) -> Path:
-    """Quantize a GGUF file with llama.cpp's quantizer; writes ``dst`` atomically."""
-    if kind not in QUANT_TYPES:
-        raise EftError(f"unknown quantization {kind!r}; choose from {', '.join(QUANT_TYPES)}")
+                  n_threads: int = 0, *, allow_requantize: bool = False) -> Path:
+    """Quantize a GGUF file with llama.cpp's quantizer into ``dst``, written atomically
+    (a hidden temporary file beside it, renamed when complete; removed on any failure).
+
+    ``kind`` is one of :data:`QUANT_TYPES` (any case). A source that is already quantized
+    is refused unless ``allow_requantize``: its precision would be lost twice.
+    """
+    name = kind.strip().lower()
+    if name not in QUANT_TYPES:
+        raise EftError(f"unknown quantization type {kind!r} (choose from "
+                       f"{', '.join(t.upper() if t[0] == 'q' else t for t in QUANT_TYPES)})")
     src, dst = Path(src), Path(dst)
     _check_file(src)
+    if dst.is_dir():
+        raise EftError(f"{dst}: is a directory; give the output file name")
+    if not dst.parent.is_dir():
+        raise EftError(f"{dst}: folder {dst.parent} does not exist")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise EftError(f"{dst}: is the input file; write the output to another file")
     _ensure_backend()
     params = L.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[kind]
+    params.ftype = QUANT_TYPES[name]
     params.nthread = n_threads
-    tmp = dst.with_name(dst.name + ".part")
+    params.allow_requantize = allow_requantize
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
     _forget_errors()
-    rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != 0:
+    try:
+        rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            why = _last_error()
+            found = re.search(r"requantizing from type (\S+)", why)
+            if found:
+                raise EftError(f"{src}: already quantized ({found.group(1)}); "
+                               "quantizing again loses precision twice: allow it with "
+                               "--allow-requantize")
+            raise EftError(f"{src}: quantization to {name} failed ({why or f'code {rc}'})")
+        tmp.replace(dst)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise EftError(f"{src}: quantization to {kind} failed ({_last_error() or rc})")
-    tmp.replace(dst)
     return dst

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eft_local import __version__
+from eft_local import __version__, limits
 from eft_local.cliopts import (
     model_options,
     open_session,
@@ -228,6 +228,26 @@ def _check_preset(targets: tuple[str, ...], models: tuple[str, ...]) -> Preset:
     return load_config().get(targets[0] if targets else None)
 
 
+# -- quantize -------------------------------------------------------------------------------
+@main.command()
+@click.argument("source", metavar="IN", type=click.Path(path_type=Path))
+@click.argument("output", metavar="OUT", type=click.Path(path_type=Path))
+@click.argument("kind", metavar="TYPE")
+@click.option("--allow-requantize", is_flag=True,
+              help="Accept an input that is already quantized (its precision is lost twice).")
+@click.option("--threads", type=click.IntRange(0, limits.max_threads()), default=0,
+              help="Quantizer threads (0: all cores).")
+def quantize(source: Path, output: Path, kind: str, allow_requantize: bool,
+             threads: int) -> None:
+    """Write a quantized copy IN -> OUT with llama.cpp's quantizer: TYPE is Q8_0, Q6_K,
+    Q5_K_M, Q4_K_M, Q4_0, f16... OUT appears only when complete."""
+    from eft_local.session import quantize as run
+
+    run(source, output, kind, allow_requantize=allow_requantize, n_threads=threads)
+    click.echo(printable(f"{output}: {kind} ({size_text(source.stat().st_size)} -> "
+                         f"{size_text(output.stat().st_size)})"))
+
+
 # -- generate -------------------------------------------------------------------------------
 @main.command()
 @click.argument("args", nargs=-1, metavar="[PRESET] [PROMPT]")
@@ -301,3 +321,4 @@ main.register("chat", "eft_local.repl:chat")
 main.register("eval", "eft_local.evaluate:evaluate")
 main.register("bench", "eft_local.bench:bench")
 main.register("score", "eft_local.score_cli:score")
+main.register("explore", "eft_local.explore_cli:explore")

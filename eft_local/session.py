@@ -93,6 +93,14 @@ def check_models(preset: Preset, *, download: bool = False) -> AlignmentReport:
     return align(vocabs, reference=preset.template_role)
 
 
+def quantize(source: str | Path, output: str | Path, kind: str, *,
+             allow_requantize: bool = False, n_threads: int = 0) -> Path:
+    """Write a quantized copy of a GGUF file with llama.cpp's quantizer (``kind``: Q8_0,
+    Q5_K_M, Q4_K_M, Q4_0, f16...); the output appears only when complete."""
+    return backend.quantize_gguf(source, output, kind, n_threads,
+                                 allow_requantize=allow_requantize)
+
+
 class Session:
     """Models loaded for one preset, a conversation, and the knobs that steer the mix."""
 
