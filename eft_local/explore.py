@@ -1,0 +1,512 @@
+"""``eft-local explore``: which file for which role? Quality, speed and memory of each
+combination of candidate GGUF files.
+
+Each combination is mixed by one formula and compared, position by position over a text,
+with a reference combination (default: the largest candidate file of each role): KL
+divergence, top-1 agreement and perplexity (:mod:`eft_local.quality`). The reference's
+distributions are computed once and cached on disk, compressed to the top-k log-probs and
+the remaining mass, under a key made of its files' hashes, the formula, the knobs, the text
+and the window. Costs: decode tokens/s (plain and speculative), time to first token, model
+bytes, KV cache and measured RSS.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from eft_local import hub, speculative
+from eft_local.config import (
+    FAMILY_DIR,
+    PACKAGE_DIR,
+    ModelSpec,
+    Preset,
+    load_config,
+    preset_from_paths,
+)
+from eft_local.errors import EftError
+from eft_local.quality import Quality, TopK, kl_topk, mix_rows, pareto, summarise, top_k
+from eft_local.refcache import Reference, ReferenceCache, windows
+from eft_local.sampler import SamplerSettings
+from eft_local.session import LoadOptions, Session, check_models
+from eft_local.vocab import align
+
+FAMILY_TEXT = FAMILY_DIR / "heldout.txt"
+"""Fresh documents of the bundled family's world (``python -m training.heldout_text``)."""
+ENGLISH_TEXT = PACKAGE_DIR / "texts" / "english.txt"
+"""A short English sample, for real models."""
+DEFAULT_TOP_K = 128
+DEFAULT_WINDOW = 512
+
+Say = Callable[[str], None]
+
+
+# -- candidates and combinations -------------------------------------------------------------
+@dataclass(frozen=True)
+class Combination:
+    """One file per role."""
+
+    files: Mapping[str, Path]
+    label: str = ""
+
+    def key(self) -> tuple[str, ...]:
+        """Identity: the resolved files in role order."""
+        return tuple(str(p.resolve()) for p in self.files.values())
+
+
+def expand(pairs: Sequence[str], option: str = "--model") -> dict[str, list[Path]]:
+    """``ROLE=PATH`` strings (repeated roles are alternatives, PATH may be a glob) to the
+    candidate files of each role, in order, without duplicates."""
+    out: dict[str, list[Path]] = {}
+    for pair in pairs:
+        role, sep, pattern = pair.partition("=")
+        role, pattern = role.strip(), pattern.strip()
+        if not sep or not role or not pattern:
+            raise EftError(f"{option} {pair!r}: expected ROLE=PATH, e.g. small_ft=model.gguf")
+        if not role.isidentifier():
+            raise EftError(f"{option} {pair!r}: role {role!r} must be a plain name")
+        pattern = os.path.expanduser(pattern)
+        found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not found:
+            raise EftError(f"{option} {pair!r}: no file matches {pattern!r}")
+        known = out.setdefault(role, [])
+        for name in found:
+            path = Path(name)
+            if all(path.resolve() != p.resolve() for p in known):
+                known.append(path)
+    return out
+
+
+def candidates_for(preset: str | None, models: Sequence[str], variants: Sequence[str], *,
+                   formula: str | None = None) -> tuple[Preset, dict[str, list[Path]]]:
+    """The template preset (formula, knobs, load options) and the candidate files of each
+    role: ``models`` (``ROLE=PATH``, repeated roles are alternatives), or a preset's files
+    plus ``variants``."""
+    if preset and models:
+        raise EftError(f"give a preset ({preset!r}) or --model ROLE=PATH alternatives, "
+                       "not both")
+    if models:
+        if variants:
+            raise EftError("--variant goes with a preset; with --model, repeat -m ROLE=PATH "
+                           "for each alternative")
+        candidates = expand(models)
+        template = preset_from_paths([f"{r}={paths[0]}" for r, paths in candidates.items()],
+                                     formula=formula)
+        return template, candidates
+    template = load_config().get(preset)
+    if formula:
+        template = template.with_formula(formula)
+    candidates = {role: [hub.resolve(spec)] for role, spec in template.models.items()}
+    for role, paths in expand(variants, "--variant").items():
+        if role not in candidates:
+            raise EftError(f"--variant {role}=...: preset {template.name!r} has no role "
+                           f"{role!r} (its roles: {', '.join(candidates)})")
+        known = candidates[role]
+        known += [p for p in paths if all(p.resolve() != q.resolve() for q in known)]
+    return template, candidates
+
+
+def combinations(candidates: Mapping[str, Sequence[Path]], *, first: Combination | None = None,
+                 limit: int | None = None) -> list[Combination]:
+    """Every combination (``first`` leading when it is one of them), or ``limit`` of them
+    chosen so that each candidate file appears in at least one."""
+    roles = list(candidates)
+    every = [dict(zip(roles, files, strict=True))
+             for files in itertools.product(*(candidates[r] for r in roles))]
+    combos = [Combination(files) for files in every]
+    if first is not None:
+        lead = [c for c in combos if c.key() == first.key()]
+        combos = lead + [c for c in combos if c.key() != first.key()]
+    if limit is not None and limit < len(combos):
+        widest = max(len(candidates[r]) for r in roles)
+        if limit < widest:
+            raise EftError(f"--max-combinations {limit}: covering every file needs at least "
+                           f"{widest} (a role has {widest} candidates)")
+        chosen: list[Combination] = [combos[0]]
+        for i in range(len(chosen), widest):  # the i-th file of each role (cycling)
+            files = {r: candidates[r][i % len(candidates[r])] for r in roles}
+            chosen.append(Combination(files))
+        seen = {c.key() for c in chosen}
+        for c in combos:
+            if len(chosen) >= limit:
+                break
+            if c.key() not in seen:
+                chosen.append(c)
+                seen.add(c.key())
+        covered = {str(p.resolve()) for c in chosen for p in c.files.values()}
+        missing = [p for r in roles for p in candidates[r] if str(p.resolve()) not in covered]
+        for path in missing:  # only when combos[0] and the cycle overlap; swap one in
+            role = next(r for r in roles if path in candidates[r])
+            chosen[-1] = Combination({**chosen[-1].files, role: path})
+        combos = chosen[:limit]
+    tags = _tags(candidates)
+    return [replace(c, label=" / ".join(tags[r][str(p)] for r, p in c.files.items()
+                                        if len(candidates[r]) > 1) or "single")
+            for c in combos]
+
+
+def _tags(candidates: Mapping[str, Sequence[Path]]) -> dict[str, dict[str, str]]:
+    """A short name per file: its stem without what all of its role's files share."""
+    out: dict[str, dict[str, str]] = {}
+    for role, files in candidates.items():
+        stems = [p.name.removesuffix(".gguf") for p in files]
+        prefix = os.path.commonprefix(stems) if len(stems) > 1 else ""
+        out[role] = {str(p): (s[len(prefix):].strip("._-") or s)
+                     for p, s in zip(files, stems, strict=True)}
+    return out
+
+
+def largest(candidates: Mapping[str, Sequence[Path]],
+            overrides: Mapping[str, Path] | None = None) -> Combination:
+    """The reference by default: the largest file of each role (``overrides`` win)."""
+    files = {}
+    for role, paths in candidates.items():
+        if overrides and role in overrides:
+            files[role] = overrides[role]
+            continue
+        sizes = []
+        for p in paths:
+            try:
+                sizes.append((p.stat().st_size, -paths.index(p), p))
+            except OSError:
+                sizes.append((-1, -paths.index(p), p))
+        files[role] = max(sizes)[2]
+    extra = set(overrides or {}) - set(candidates)
+    if extra:
+        raise EftError(f"--reference: role {sorted(extra)[0]!r} is not among the models "
+                       f"({', '.join(candidates)})")
+    return Combination(files, label="reference")
+
+
+def preset_for(template: Preset, combo: Combination) -> Preset:
+    """``template`` (formula, knobs, load options) with the files of ``combo``."""
+    models = {}
+    for role, path in combo.files.items():
+        spec = template.models.get(role) or ModelSpec(role=role)
+        models[role] = replace(spec, path=path, hf_repo=None, hf_file=None, revision=None)
+    return replace(template, name=combo.label or "combination", models=models)
+
+
+# -- text and its windows ----------------------------------------------------------------------
+def default_text(vocab_texts: Sequence[bytes]) -> Path:
+    """The family's held-out sample for the family's vocabulary, else the English one."""
+    family = check_models(preset_from_paths([f"small_ft={FAMILY_DIR / 'small_ft.gguf'}"]))
+    same = tuple(family.vocabs["small_ft"].texts) == tuple(vocab_texts)
+    return FAMILY_TEXT if same else ENGLISH_TEXT
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; one-line errors."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EftError(f"{path}: text file not found") from None
+    except IsADirectoryError:
+        raise EftError(f"{path}: is a directory, not a text file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EftError(f"{path}: cannot read as UTF-8 text ({exc})") from None
+    if not text.strip():
+        raise EftError(f"{path}: the text is empty")
+    return text
+
+
+def text_logprobs(session: Session, chunks: Sequence[list[int]], *, piece: int = 0
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The session's mixed log-probs over ``chunks`` (each evaluated from an empty cache):
+    yields (rows, next-token ids), each row predicting its next token.
+
+    One batched evaluation per model and piece of a chunk, every model in its lane.
+    """
+    engine = session.engine
+    weights, allowed = session.weights(), session.report.allowed
+    piece = piece or int(np.clip(2**24 // (allowed.size * len(engine.roles)), 1, 512))
+    for chunk in chunks:
+        for start in range(0, len(chunk) - 1, piece):
+            part = chunk[start:min(start + piece, len(chunk) - 1)]
+            rows = engine.evaluate(start, part, all_logits=True)
+            targets = np.asarray(chunk[start + 1:start + 1 + len(part)], dtype=np.int64)
+            yield mix_rows(rows, weights, allowed), targets
+
+
+# -- one row per combination -------------------------------------------------------------------
+@dataclass
+class Row:
+    """What one combination scored and cost."""
+
+    label: str
+    files: dict[str, str]
+    quality: Quality
+    tokens_per_second: float
+    speculative_tokens_per_second: float | None
+    first_token_seconds: float
+    model_bytes: int
+    kv_bytes: int
+    rss_bytes: int
+    accuracy: float | None = None
+    format_rate: float | None = None
+    is_reference: bool = False
+    pareto: bool = False
+
+    @property
+    def memory_bytes(self) -> int:
+        """Model files plus KV caches."""
+        return self.model_bytes + self.kv_bytes
+
+    @property
+    def speed(self) -> float:
+        """Decode tokens/s with the default schedule (speculative when it is used)."""
+        return self.speculative_tokens_per_second or self.tokens_per_second
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"label": self.label, "files": self.files, **self.quality.to_dict(),
+                "tokens_per_second": self.tokens_per_second,
+                "speculative_tokens_per_second": self.speculative_tokens_per_second,
+                "first_token_seconds": self.first_token_seconds,
+                "model_bytes": self.model_bytes, "kv_bytes": self.kv_bytes,
+                "memory_bytes": self.memory_bytes, "rss_bytes": self.rss_bytes,
+                "accuracy": self.accuracy, "format_rate": self.format_rate,
+                "is_reference": self.is_reference, "pareto": self.pareto}
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A combination that could not be evaluated, and why."""
+
+    label: str
+    files: dict[str, str]
+    reason: str
+
+
+def mark_pareto(rows: Sequence[Row]) -> list[Row]:
+    """Sort by quality (mean KL, then top-1 agreement) and mark the Pareto-optimal rows."""
+    rows = sorted(rows, key=lambda r: (r.quality.kl_mean, -r.quality.top1_agreement))
+    flags = pareto([(r.quality.kl_mean, r.speed, r.memory_bytes) for r in rows])
+    for row, flag in zip(rows, flags, strict=True):
+        row.pareto = flag
+    return rows
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (peak RSS where /proc is absent)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to explore: text, compression, decode measurement, optional questions."""
+
+    text: str | None = None  # None: the default sample for the reference's vocabulary
+    top_k: int = DEFAULT_TOP_K
+    window: int = DEFAULT_WINDOW
+    decode_tokens: int = 64
+    prompts: int = 6
+    prompt_tokens: int = 64
+    questions: Sequence[object] = ()
+    decline_text: str | None = None
+
+
+class Explorer:
+    """Evaluates combinations against one cached reference."""
+
+    def __init__(self, template: Preset, reference: Combination, settings: Settings, *,
+                 params: Mapping[str, float] | None = None,
+                 options: LoadOptions | None = None, cache_dir: Path | None = None,
+                 say: Say | None = None) -> None:
+        self.template = template
+        self.params = {**template.params, **(params or {})}
+        self.reference = reference
+        self.settings = settings
+        self.options = options or LoadOptions()
+        self.cache = ReferenceCache(cache_dir)
+        self.say = say or (lambda _m: None)
+        self.ref: Reference | None = None
+        self.ref_source = ""
+        self.ref_report = check_models(preset_for(template, reference))
+        if not self.ref_report.ok:
+            raise EftError(f"the reference combination is incompatible: "
+                           f"{self.ref_report.summary()}")
+        if settings.text is None:
+            path = default_text(self.ref_report.vocabs[template.ft_role].texts)
+            self.settings = replace(settings, text=read_text(path))
+            self.text_source = str(path)
+        else:
+            self.text_source = "given text"
+        self.key = self.cache.key(
+            reference.files, self.text, formula=template.formula.text,
+            ft_role=template.ft_role, params={k: float(v) for k, v in self.params.items()},
+            top_k=settings.top_k, window=settings.window,
+            n_ctx=[self.options.n_ctx, {r: m.n_ctx for r, m in template.models.items()}])
+
+    @property
+    def text(self) -> str:
+        """The evaluation text."""
+        assert self.settings.text is not None
+        return self.settings.text
+
+    # -- the reference ------------------------------------------------------------------
+    def prepare(self, will_run: Sequence[Combination]) -> None:
+        """Load the cached reference, or compute it now unless a combination to run is the
+        reference itself (then it is computed while that combination runs)."""
+        self.ref = self.cache.load(self.key)
+        if self.ref is not None:
+            self.ref_source = "cache"
+            self.say(f"reference: from the cache ({self.cache.path(self.key)})")
+        elif all(c.key() != self.reference.key() for c in will_run):
+            with self._open(self.reference) as session:
+                self._compute_reference(session)
+
+    def _compute_reference(self, session: Session) -> Reference:
+        s = self.settings
+        ref_model = session.models[session.preset.ft_role]
+        vocab = session.report.vocabs[session.preset.ft_role]
+        tokens = ref_model.tokenize(self.text, add_bos=False, special=True)
+        bos = vocab.bos if vocab.add_bos and vocab.bos >= 0 else -1
+        window = min(s.window, session.engine.n_ctx)
+        chunks = windows(tokens, window, None if bos < 0 else bos)
+        parts, nlls = [], []
+        for lp, targets in text_logprobs(session, chunks):
+            parts.append(top_k(lp, s.top_k))
+            nlls.append(-lp[np.arange(len(targets)), targets])
+        if not parts:
+            raise EftError("the text is too short: it needs at least 2 tokens")
+        self.ref = Reference(tokens=np.asarray(tokens, dtype=np.int32), window=window, bos=bos,
+                             dist=TopK.concat(parts), nll=np.concatenate(nlls),
+                             meta={"files": {r: str(p) for r, p in
+                                             self.reference.files.items()},
+                                   "formula": self.template.formula.text,
+                                   "params": self.params})
+        path = self.cache.save(self.key, self.ref)
+        self.ref_source = "computed"
+        self.say(f"reference: computed over {len(self.ref.nll)} positions, cached in {path}")
+        return self.ref
+
+    # -- one combination ----------------------------------------------------------------
+    def _open(self, combo: Combination) -> Session:
+        preset = preset_for(self.template, combo)
+        return Session(preset, params=self.params, options=self.options,
+                       settings=SamplerSettings(temperature=0.0))
+
+    def check(self, combo: Combination) -> str | None:
+        """Why ``combo`` cannot be compared with the reference, or None."""
+        try:
+            report = check_models(preset_for(self.template, combo))
+        except EftError as exc:
+            return str(exc)
+        if not report.ok:
+            return report.summary()
+        both = align({**report.vocabs, "(reference)": self.ref_report.vocabs[
+            self.template.ft_role]}, reference=self.template.ft_role)
+        if not both.ok:
+            return f"cannot be compared with the reference: {both.summary()}"
+        return None
+
+    def run(self, combo: Combination) -> Row | Skipped:
+        """Evaluate one combination; a Skipped record when it is incompatible or fails."""
+        files = {r: str(p) for r, p in combo.files.items()}
+        why = self.check(combo)
+        if why is not None:
+            return Skipped(combo.label, files, why)
+        before = current_rss()
+        try:
+            with self._open(combo) as session:
+                row = self._measure(session, combo)
+        except EftError as exc:
+            return Skipped(combo.label, files, str(exc))
+        row.rss_bytes = max(0, row.rss_bytes - before)
+        return row
+
+    def _measure(self, session: Session, combo: Combination) -> Row:
+        rss = current_rss()
+        is_ref = combo.key() == self.reference.key()
+        if self.ref is None:
+            if not is_ref:
+                raise EftError("the reference is not ready (call prepare first)")
+            self._compute_reference(session)
+        ref = self.ref
+        assert ref is not None
+        if session.engine.n_ctx < ref.window:
+            raise EftError(f"its context ({session.engine.n_ctx} tokens) is shorter than the "
+                           f"reference's window ({ref.window})")
+        kls, agree, nll, at = [], [], [], 0
+        for lp, targets in text_logprobs(session, ref.chunks()):
+            n = len(targets)
+            part = TopK(ref.dist.ids[at:at + n], ref.dist.logprobs[at:at + n],
+                        ref.dist.rest[at:at + n])
+            kls.append(kl_topk(part, lp))
+            agree.append(np.argmax(lp, axis=1) == part.top1)
+            nll.append(-lp[np.arange(n), targets])
+            at += n
+        rss = max(rss, current_rss())
+        quality = summarise(np.concatenate(kls), np.concatenate(agree), np.concatenate(nll))
+        plain, ttft = self._decode(session, ref, speculative=False)
+        spec = None
+        if self.options.speculative and speculative.worth_speculating(session.engine,
+                                                                     session.weights()):
+            spec, _ = self._decode(session, ref, speculative=True)
+        rss = max(rss, current_rss())
+        accuracy = format_rate = None
+        if self.settings.questions:
+            from eft_local.evaluate import Target, run_target
+
+            score = run_target(session, Target(combo.label, session.preset, self.params),
+                               self.settings.questions,  # type: ignore[arg-type]
+                               max_tokens=24, decline_text=self.settings.decline_text,
+                               multi_turn=False)
+            accuracy, format_rate = score.accuracy, score.format_rate
+        models = session.models.values()
+        return Row(label=combo.label, files={r: str(p) for r, p in combo.files.items()},
+                   quality=quality, tokens_per_second=plain, speculative_tokens_per_second=spec,
+                   first_token_seconds=ttft,
+                   model_bytes=sum(Path(m.path).stat().st_size for m in models),
+                   kv_bytes=sum(getattr(m, "kv_cache_bytes", lambda _n: 0)(m.n_ctx)
+                                for m in models),
+                   rss_bytes=max(rss, current_rss()), accuracy=accuracy,
+                   format_rate=format_rate, is_reference=is_ref)
+
+    def _decode(self, session: Session, ref: Reference, *, speculative: bool
+                ) -> tuple[float, float]:
+        """Greedy decode from a few prompts cut from the text: tokens/s after the first token,
+        and the median time to the first token (each prompt prefilled from an empty cache)."""
+        s = self.settings
+        tokens = ref.tokens.tolist()
+        length = max(1, min(s.prompt_tokens, session.engine.n_ctx - s.decode_tokens - 1,
+                            len(tokens)))
+        span = max(1, len(tokens) - length)
+        starts = sorted({int(i * span / s.prompts) for i in range(s.prompts)})
+        generated, seconds, firsts = 0, 0.0, []
+        session.options = replace(session.options, speculative=speculative)
+        for i, start in enumerate([starts[0], *starts]):  # the first run warms up, untimed
+            prompt = tokens[start:start + length]
+            for model in session.models.values():
+                model.rewind(0)
+            session.engine.stats.reset()
+            t0 = time.perf_counter()
+            for _chunk in session.stream(prompt, max_tokens=s.decode_tokens):
+                pass
+            total = time.perf_counter() - t0
+            stats = session.stats()
+            first = float(stats["first_token_seconds"] or 0.0)  # type: ignore[arg-type]
+            if i == 0:
+                continue
+            firsts.append(first)
+            generated += int(stats["generated_tokens"]) - 1  # type: ignore[call-overload]
+            seconds += total - first
+        session.options = replace(session.options, speculative=self.options.speculative)
+        return generated / seconds if seconds else 0.0, statistics.median(firsts)
