@@ -290,11 +290,18 @@ def render_table(scores: Iterable[Score], categories: Sequence[str]) -> str:
 @click.option("--single-turn", is_flag=True, help="Skip the multi-turn pass (each question "
               "asked again as turn 2-5 after other questions and their answers).")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path),
+              help="Draw FILE.png or FILE.svg: accuracy and format against beta, declines "
+              "against lambda, a bar chart of the other targets (needs eft-local[plot]).")
 def evaluate(targets: tuple[str, ...], questions_path: Path | None, limit: int | None,
              paper: bool, max_tokens: int, decline_text: str | None, no_speculative: bool,
-             single_turn: bool, as_json: bool) -> None:
+             single_turn: bool, as_json: bool, plot_path: Path | None) -> None:
     """Score presets, formulas (PRESET:FORMULA, PRESET@beta=X) or GGUF files on a
     question set, side by side."""
+    if plot_path is not None:
+        from eft_local import plots
+
+        plots.require(plot_path)
     config = load_config()
     specs = list(targets) + (list(PAPER_TARGETS) if paper else [])
     if not specs:
@@ -316,3 +323,6 @@ def evaluate(targets: tuple[str, ...], questions_path: Path | None, limit: int |
                                "scores": [s.to_dict() for s in scores]}, indent=2))
     else:
         click.echo(render_table(scores, categories))
+    if plot_path is not None:
+        plots.scores_plot(scores, plot_path)
+        click.echo(f"plot: {plot_path}", err=True)
