@@ -223,7 +223,9 @@ def text_logprobs(session: Session, chunks: Sequence[list[int]], *, piece: int =
     """The session's mixed log-probs over ``chunks`` (each evaluated from an empty cache):
     yields (rows, next-token ids), each row predicting its next token.
 
-    One batched evaluation per model and piece of a chunk, every model in its lane.
+    One batched evaluation per model and piece of a chunk, each model with every thread
+    in turn (as :mod:`eft_local.scoring` does); :meth:`Session.score` gives log-probs of the
+    text's own tokens only, and KL needs the whole distribution.
     """
     engine = session.engine
     weights, allowed = session.weights(), session.report.allowed
@@ -231,7 +233,7 @@ def text_logprobs(session: Session, chunks: Sequence[list[int]], *, piece: int =
     for chunk in chunks:
         for start in range(0, len(chunk) - 1, piece):
             part = chunk[start:min(start + piece, len(chunk) - 1)]
-            rows = engine.evaluate(start, part, all_logits=True)
+            rows = np.stack(engine.evaluate_each(start, part, all_logits=True, prefill=True))
             targets = np.asarray(chunk[start + 1:start + 1 + len(part)], dtype=np.int64)
             yield mix_rows(rows, weights, allowed), targets
 
@@ -343,14 +345,15 @@ class Explorer:
             raise EftError(f"the reference combination is incompatible: "
                            f"{self.ref_report.summary()}")
         if settings.text is None:
-            path = default_text(self.ref_report.vocabs[template.ft_role].texts)
+            path = default_text(self.ref_report.vocabs[template.template_role].texts)
             self.settings = replace(settings, text=read_text(path))
             self.text_source = str(path)
         else:
             self.text_source = "given text"
         self.key = self.cache.key(
             reference.files, self.text, formula=template.formula.text,
-            ft_role=template.ft_role, params={k: float(v) for k, v in self.params.items()},
+            template_role=template.template_role,
+            params={k: float(v) for k, v in self.params.items()},
             top_k=settings.top_k, window=settings.window,
             n_ctx=[self.options.n_ctx, {r: m.n_ctx for r, m in template.models.items()}])
 
@@ -374,8 +377,8 @@ class Explorer:
 
     def _compute_reference(self, session: Session) -> Reference:
         s = self.settings
-        ref_model = session.models[session.preset.ft_role]
-        vocab = session.report.vocabs[session.preset.ft_role]
+        ref_model = session.models[session.preset.template_role]
+        vocab = session.report.vocabs[session.preset.template_role]
         tokens = ref_model.tokenize(self.text, add_bos=False, special=True)
         bos = vocab.bos if vocab.add_bos and vocab.bos >= 0 else -1
         window = min(s.window, session.engine.n_ctx)
@@ -412,7 +415,7 @@ class Explorer:
         if not report.ok:
             return report.summary()
         both = align({**report.vocabs, "(reference)": self.ref_report.vocabs[
-            self.template.ft_role]}, reference=self.template.ft_role)
+            self.template.template_role]}, reference=self.template.template_role)
         if not both.ok:
             return f"cannot be compared with the reference: {both.summary()}"
         return None
@@ -457,8 +460,8 @@ class Explorer:
         quality = summarise(np.concatenate(kls), np.concatenate(agree), np.concatenate(nll))
         plain, ttft = self._decode(session, ref, speculative=False)
         spec = None
-        if self.options.speculative and speculative.worth_speculating(session.engine,
-                                                                     session.weights()):
+        if self.options.speculative and speculative.worth_speculating(
+                session.engine, session.weights(), session.draft_role()):
             spec, _ = self._decode(session, ref, speculative=True)
         rss = max(rss, current_rss())
         accuracy = format_rate = None

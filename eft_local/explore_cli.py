@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from eft_local import limits
-from eft_local.cli import model_options, size_text
+from eft_local.cliopts import model_options, size_text
 from eft_local.errors import EftError
 from eft_local.explore import (
     DEFAULT_TOP_K,
@@ -122,7 +122,7 @@ def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str
                           n_gpu_layers=opts.get("gpu_layers"),
                           parallel=opts.get("parallel") is not False,
                           speculative=not opts.get("no_speculative"),
-                          draft_k=opts.get("draft_k"))
+                          draft_k=opts.get("draft_k"), schedule=opts.get("schedule"))
 
     def say(message: str) -> None:
         click.echo(printable(message), err=True)
