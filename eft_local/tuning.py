@@ -28,6 +28,8 @@ BLOCK = 4
 """Tokens of the small block timed next to the one-token decode (the verification slope)."""
 TRIALS = 3
 """Candidate schedules timed as real steps (the best predicted ones, and the named ones)."""
+CUSTOM_MARGIN = 0.05
+"""A schedule other than the named ones is kept only when it is this much faster."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,10 @@ def tune(engine: Engine, *, say: Callable[[str], None] = lambda _m: None) -> Tun
             old = trials.get(s.describe())
             trials[s.describe()] = (pred_of[s.describe()], t if old is None else min(old[1], t))
     best = min(trial, key=lambda s: trials[s.describe()][1])
+    named = min((s for s in trial if s.name in schedules.NAMES),
+                key=lambda s: trials[s.describe()][1])
+    if trials[best.describe()][1] > (1.0 - CUSTOM_MARGIN) * trials[named.describe()][1]:
+        best = named  # an unusual split must win clearly, not by noise
     large = max(sizes, key=lambda r: sizes[r])
     threads, alone = min(costs[large].items(), key=lambda kv: kv[1])
     return Tuning(schedule=best, predicted=trials[best.describe()][0],

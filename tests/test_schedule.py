@@ -102,7 +102,9 @@ def test_schedule_measured_at_load_then_cached(tmp_path: Path) -> None:
         assert t is not None and not t.cached
         assert s.engine.schedule == t.schedule
         assert set(t.costs) == set(paths) and all(set(c) == {1, 2} for c in t.costs.values())
-        assert t.measured == min(m for _, m in t.trials.values())  # the fastest trial won
+        assert t.measured == t.trials[t.schedule.describe()][1]
+        fastest = min(m for _, m in t.trials.values())  # won, or within the custom margin
+        assert t.measured <= fastest / (1 - tuning.CUSTOM_MARGIN)
         assert any("measuring decode schedules" in m for m in said)
         stats = s.stats()
         assert stats["schedule"] == t.schedule.name
