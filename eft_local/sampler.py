@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+import numpy.random  # noqa: F401  (loaded lazily otherwise: 20 ms inside the first step)
 
 from eft_local.errors import EftError
 from eft_local.limits import TEMPERATURE_RANGE
