@@ -154,11 +154,15 @@ def combinations(candidates: Mapping[str, Sequence[Path]], *, first: Combination
 
 
 def _tags(candidates: Mapping[str, Sequence[Path]]) -> dict[str, dict[str, str]]:
-    """A short name per file: its stem without what all of its role's files share."""
+    """A short name per file: its stem without the leading name parts (up to a ``.``, ``_``
+    or ``-``) that all of its role's files share."""
     out: dict[str, dict[str, str]] = {}
     for role, files in candidates.items():
         stems = [p.name.removesuffix(".gguf") for p in files]
         prefix = os.path.commonprefix(stems) if len(stems) > 1 else ""
+        while prefix and not all(len(s) == len(prefix) or s[len(prefix)] in "._-"
+                                 for s in stems):  # whole name parts only
+            prefix = prefix[:-1]
         out[role] = {str(p): (s[len(prefix):].strip("._-") or s)
                      for p, s in zip(files, stems, strict=True)}
     return out
@@ -264,8 +268,8 @@ class Row:
 
     @property
     def speed(self) -> float:
-        """Decode tokens/s with the default schedule (speculative when it is used)."""
-        return self.speculative_tokens_per_second or self.tokens_per_second
+        """Decode tokens/s, the better of plain and speculative decoding."""
+        return max(self.tokens_per_second, self.speculative_tokens_per_second or 0.0)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -485,15 +489,16 @@ class Explorer:
 
     def _decode(self, session: Session, ref: Reference, *, speculative: bool
                 ) -> tuple[float, float]:
-        """Greedy decode from a few prompts cut from the text: tokens/s after the first token,
-        and the median time to the first token (each prompt prefilled from an empty cache)."""
+        """Greedy decode from a few prompts cut from the text, each prefilled from an empty
+        cache: the median over prompts of tokens/s after the first token, and of the time to
+        the first token (medians: one stall on a busy machine does not decide a row)."""
         s = self.settings
         tokens = ref.tokens.tolist()
         length = max(1, min(s.prompt_tokens, session.engine.n_ctx - s.decode_tokens - 1,
                             len(tokens)))
         span = max(1, len(tokens) - length)
         starts = sorted({int(i * span / s.prompts) for i in range(s.prompts)})
-        generated, seconds, firsts = 0, 0.0, []
+        rates, firsts = [], []
         session.options = replace(session.options, speculative=speculative)
         for i, start in enumerate([starts[0], *starts]):  # the first run warms up, untimed
             prompt = tokens[start:start + length]
@@ -506,10 +511,11 @@ class Explorer:
             total = time.perf_counter() - t0
             stats = session.stats()
             first = float(stats["first_token_seconds"] or 0.0)  # type: ignore[arg-type]
+            after = int(stats["generated_tokens"]) - 1  # type: ignore[call-overload]
             if i == 0:
                 continue
             firsts.append(first)
-            generated += int(stats["generated_tokens"]) - 1  # type: ignore[call-overload]
-            seconds += total - first
+            if after > 0 and total > first:
+                rates.append(after / (total - first))
         session.options = replace(session.options, speculative=self.options.speculative)
-        return generated / seconds if seconds else 0.0, statistics.median(firsts)
+        return (statistics.median(rates) if rates else 0.0), statistics.median(firsts)

@@ -50,8 +50,9 @@ def render(rows: Sequence[Row], skipped: Sequence[Skipped], roles: Sequence[str]
                       f"{r.format_rate:.3f}" if r.format_rate is not None else "-"]
         lines.append("| " + " | ".join(printable(c) for c in cells) + " |")
     lines.append("")
-    lines.append("* Pareto-optimal: no other row is both closer to the reference and faster, "
-                 "or both closer and smaller.")
+    lines.append("* Pareto-optimal: no other row is both closer to the reference (KL mean) "
+                 "and faster (the better of tok/s and spec tok/s), or both closer and smaller "
+                 "(memory).")
     for s in skipped:
         lines.append(printable(f"skipped {s.label}: {s.reason}"))
     return "\n".join(lines)

@@ -256,7 +256,10 @@ def test_max_combinations_covers_every_file() -> None:
     used = {p for c in chosen for p in c.files.values()}
     assert used == {p for paths in cands.values() for p in paths}
     assert len({c.key() for c in chosen}) == 3
-    assert [c.label for c in everything][:2] == ["1 / 1", "1 / 2"]
+    assert [c.label for c in everything][:2] == ["a1 / b1", "a1 / b2"]
+    tags = combinations({"x": [Path("d/big.Q8_0.gguf"), Path("big.Q4_K_M.gguf"),
+                               Path("big.gguf")], "y": [Path("small_ft.gguf")]})
+    assert [c.label for c in tags] == ["Q8_0", "Q4_K_M", "big"]
     with pytest.raises(Exception, match="at least 3"):
         combinations(cands, limit=2)
 
@@ -369,3 +372,33 @@ def test_skipped_is_a_record_not_an_exception(family, tmp_path) -> None:
     broken = trio(family.large_base, family.corrupt, family.small_base)
     out = ex.run(broken)
     assert isinstance(out, Skipped) and "corrupt.gguf" in out.reason
+
+
+def test_questions_run_the_eval_scorer_per_combination(family, variants, tmp_path) -> None:
+    from eft_local.evaluate import Target, load_questions, run_target
+    from eft_local.sampler import SamplerSettings
+    from eft_local.session import Session
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"prompt": "hello", "expected": "there"}\n'
+                         '{"prompt": "the hill", "expected": "north"}\n')
+    args = ["explore", "-m", f"large_base={family.large_base}",
+            "-m", f"large_base={variants['large_base_q8']}",
+            "-m", f"small_ft={family.small_ft}", "-m", f"small_base={family.small_base}",
+            "--text", str(text), "--window", str(WINDOW), "--decode-tokens", "4",
+            "--threads", "1", "--cache-dir", str(tmp_path / "c"), "--questions",
+            str(questions)]
+    result = run([*args, "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(stdout(result))["rows"]
+    for row in rows:  # the same scores as eval's scorer on a session of those files
+        preset = preset_from_paths([f"{r}={p}" for r, p in row["files"].items()])
+        with Session(preset, settings=SamplerSettings(temperature=0.0),
+                     options=OPTIONS) as session:
+            score = run_target(session, Target("x", preset), load_questions(questions),
+                               max_tokens=24, decline_text=None, multi_turn=False)
+        assert (row["accuracy"], row["format_rate"]) == (score.accuracy, score.format_rate)
+    table = stdout(run(args))
+    assert table.splitlines()[0].endswith("| accuracy | format |")
