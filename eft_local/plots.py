@@ -81,6 +81,7 @@ def explore_plot(rows: Sequence[Any], path: Path, *, title: str = "") -> int:
     positive = [k for k in kl if k > 0]
     if positive and max(positive) / min(positive) > 10:
         ax.set_yscale("symlog", linthresh=min(positive))
+    ax.margins(x=0.2, y=0.12)  # room for the labels of the outermost points
     ax.set_xlabel("decode tokens/s (the better of plain and speculative)")
     ax.set_ylabel("mean KL(reference || combination), nats")
     ax.set_title(title or "combinations: closeness to the reference vs speed "
