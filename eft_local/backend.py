@@ -200,6 +200,10 @@ class LlamaModel:
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._mem = L.llama_get_memory(self._ctx)
         self.tokens: list[int] = []
+        self.partial_rewind = not (L.llama_model_is_recurrent(self._model)
+                                   or L.llama_model_is_hybrid(self._model))
+        """False for recurrent and hybrid models: a rollback clears the cache and evaluates
+        the kept tokens again (see :meth:`rewind`)."""
         self.full_rewinds = 0
         """Rollbacks that had to clear the cache and evaluate the kept tokens again."""
         self._piece_buf = ctypes.create_string_buffer(64)

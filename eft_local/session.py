@@ -145,6 +145,13 @@ class Session:
         """Parse control-token text inside messages (unsafe with untrusted input)."""
         self._specials: re.Pattern[str] | bool | None = None
         self._speculator: speculative.Speculator | None = None
+        whole = [r for r, m in self.models.items() if not getattr(m, "partial_rewind", True)]
+        self.can_speculate = not whole
+        """False when a model cannot roll back part of its cache (recurrent or hybrid):
+        every rejected draft would evaluate its whole context again, so decoding is plain."""
+        if whole and self.options.speculative:
+            say(f"note: {', '.join(whole)} cannot roll back part of its cache (recurrent or "
+                "hybrid model): speculative decoding is off")
 
     # -- loading --------------------------------------------------------------------------
     def _load(self, paths: Mapping[str, Path], say: Progress) -> dict[str, Model]:
@@ -386,8 +393,8 @@ class Session:
         self.engine.conservative_role = self.conservative_role()
         drafter = self.draft_role()
         generate = self.engine.generate
-        if self.options.speculative and speculative.worth_speculating(self.engine, weights,
-                                                                      drafter):
+        if (self.options.speculative and self.can_speculate
+                and speculative.worth_speculating(self.engine, weights, drafter)):
             generate = self.speculator.generate
         steps = generate(tokens, weights, self.settings, max_tokens=max_tokens,
                          diagnostics=diagnostics, top_n=top_n)

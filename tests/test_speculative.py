@@ -510,3 +510,20 @@ def test_block_sizer_starts_from_measured_costs() -> None:
     dear = BlockSizer()
     dear.prior(step=0.1, slope=1.0, draft_step=0.02)  # n tokens cost n steps
     assert dear.next_k() == 0  # plain steps from the start, no block spent to find out
+
+
+def test_no_speculation_when_a_model_cannot_roll_back_part_of_its_cache(
+        trio: dict[str, Path]) -> None:
+    preset = replace(preset_from_paths([f"{r}={p}" for r, p in trio.items()]),
+                     draft_role="small_ft")
+    report = align({r: backend.read_vocab(p) for r, p in trio.items()}, reference="small_ft")
+    models = {r: backend.LlamaModel(p, n_ctx=128, n_threads=1) for r, p in trio.items()}
+    assert all(m.partial_rewind for m in models.values())  # llama: a KV cache
+    models["large_base"].partial_rewind = False  # as llama.cpp says of recurrent models
+    said: list[str] = []
+    with Session(preset, models=models, report=report, progress=said.append,
+                 options=LoadOptions(speculative=True, draft_k=3)) as s:
+        s.set_sampling(temperature=0.0)
+        s.generate("hello", max_tokens=12)
+        assert s.engine.stats.drafted == 0 and not s.can_speculate
+    assert any("large_base cannot roll back part of its cache" in m for m in said)
