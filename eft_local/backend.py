@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 import llama_cpp as L  # noqa: E402
 import numpy as np  # noqa: E402
 
-from eft_local import limits  # noqa: E402
+from eft_local import ggufscan, limits  # noqa: E402
 from eft_local.errors import EftError  # noqa: E402
 from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, ATTR_UNUSED, VocabInfo  # noqa: E402
 
@@ -111,6 +111,11 @@ def _check_file(path: Path) -> None:
         raise EftError(f"{path}: cannot read model file ({exc.strerror or exc})") from None
     if magic != b"GGUF":
         raise EftError(f"{path}: not a GGUF file (bad magic bytes)")
+    repeated = ggufscan.duplicate_token(path)  # llama.cpp aborts on these
+    if repeated:
+        first, second, text = repeated
+        raise EftError(f"{path}: token {second} repeats the text of token {first} ({text!r}); "
+                       "llama.cpp cannot load a vocabulary with duplicate tokens")
 
 
 def _load_model(path: Path, *, vocab_only: bool, n_gpu_layers: int):

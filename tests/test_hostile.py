@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,10 +22,11 @@ import pytest
 from eft_local import config, repl, sampler
 from eft_local.chat import Conversation, render
 from eft_local.errors import EftError
+from eft_local.gguf_writer import LlamaShape, write_llama_gguf
 from eft_local.limits import N_CTX_MAX, max_threads
 from eft_local.text import TextStream
 from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
-from tests.ggufs import SPECIALS
+from tests.ggufs import SPECIALS, tokenizer
 from tests.test_hub import COMMIT, FILE, REPO, FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -597,3 +599,17 @@ def test_a_file_name_too_long_is_one_line(args) -> None:
     result = run(args)  # found by the fuzz test
     assert_one_line_error(result, "File name too long")
     assert "internal error" not in result.stderr
+
+
+def test_a_vocabulary_with_duplicate_tokens_is_refused_before_llama_cpp(tmp_path) -> None:
+    # llama.cpp aborts on it (GGML_ASSERT id_to_token.size() == token_to_id.size()); the fuzz
+    # test found it with one flipped byte in a token's text
+    tok = tokenizer()
+    tokens = list(tok.tokens)
+    tokens[40] = tokens[30]
+    shape = LlamaShape(n_vocab=len(tokens), n_embd=32, n_layer=1, n_head=4, n_head_kv=2,
+                       n_ff=64, n_ctx_train=256)
+    path = write_llama_gguf(tmp_path / "twice.gguf", shape=shape,
+                            tokenizer=replace(tok, tokens=tokens))
+    for args in (["check", str(path)], ["generate", "-m", f"small_ft={path}", *GREEDY, "hi"]):
+        assert_fails_in_one_line(cli(args), "twice.gguf: token 40 repeats the text of token 30")
