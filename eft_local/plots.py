@@ -56,6 +56,21 @@ def _save(fig: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _labels(ax: Any, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str]) -> None:
+    """Label each point; a label that would sit on an earlier one moves down a line."""
+    ax.autoscale_view()
+    anchors = ax.transData.transform(list(zip(xs, ys, strict=True)))
+    pixels = ax.figure.dpi / 72  # per point
+    placed: list[tuple[float, float]] = []
+    for (x, y), text, data in zip(anchors, texts, zip(xs, ys, strict=True), strict=True):
+        dy = 4.0
+        while any(abs(x - px) < 110 and abs(y + dy * pixels - py) < 10 * pixels
+                  for px, py in placed):
+            dy -= 10.0
+        placed.append((x, y + dy * pixels))
+        ax.annotate(text, data, textcoords="offset points", xytext=(6, dy), fontsize=7)
+
+
 def explore_plot(rows: Sequence[Any], path: Path, *, title: str = "") -> int:
     """KL to the reference against decode tokens/s, one labelled point per row (size =
     memory), the Pareto front drawn; returns the number of points."""
@@ -75,13 +90,12 @@ def explore_plot(rows: Sequence[Any], path: Path, *, title: str = "") -> int:
         ax.plot([s for s, _ in front], [k for _, k in front], color="tab:orange",
                 linewidth=1, linestyle="--", label="Pareto front")
         ax.legend(loc="best", fontsize=8)
-    for s, k, r in zip(speed, kl, rows, strict=True):
-        ax.annotate(r.label + (" (reference)" if r.is_reference else ""), (s, k),
-                    textcoords="offset points", xytext=(6, 4), fontsize=7)
     positive = [k for k in kl if k > 0]
     if positive and max(positive) / min(positive) > 10:
         ax.set_yscale("symlog", linthresh=min(positive))
     ax.margins(x=0.2, y=0.12)  # room for the labels of the outermost points
+    _labels(ax, speed, kl, [r.label + (" (reference)" if r.is_reference else "")
+                            for r in rows])
     ax.set_xlabel("decode tokens/s (the better of plain and speculative)")
     ax.set_ylabel("mean KL(reference || combination), nats")
     ax.set_title(title or "combinations: closeness to the reference vs speed "
