@@ -314,7 +314,8 @@ def result_record(session: Session, result: Result, *, diagnostics: bool) -> dic
 
 def step_record(session: Session, step: Step) -> dict[str, Any]:
     """One token's diagnostics: text, p under the mix and each model, and whether the
-    small fine-tuned model alone would have chosen another token."""
+    fine-tuned model alone (the session's conservative role) would have chosen another
+    token."""
     return {"position": step.position, "token": step.token,
             "text": session.token_text(step.token), "p_mix": step.p_mix,
             "p_models": dict(step.p_models or {}), "ref_token": step.ref_token,
