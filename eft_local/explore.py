@@ -319,6 +319,7 @@ class Settings:
     """How to explore: text, compression, decode measurement, optional questions."""
 
     text: str | None = None  # None: the default sample for the reference's vocabulary
+    text_name: str = "the given text"  # where ``text`` came from, for messages
     top_k: int = DEFAULT_TOP_K
     window: int = DEFAULT_WINDOW
     decode_tokens: int = 64
@@ -353,7 +354,7 @@ class Explorer:
             self.settings = replace(settings, text=read_text(path))
             self.text_source = str(path)
         else:
-            self.text_source = "given text"
+            self.text_source = settings.text_name
         self.key = self.cache.key(
             reference.files, self.text, formula=template.formula.text,
             template_role=template.template_role,
@@ -392,7 +393,8 @@ class Explorer:
             parts.append(top_k(lp, s.top_k))
             nlls.append(-lp[np.arange(len(targets)), targets])
         if not parts:
-            raise EftError("the text is too short: it needs at least 2 tokens")
+            raise EftError(f"{self.text_source}: the text is {len(tokens)} token(s); "
+                           "comparing needs at least 2")
         self.ref = Reference(tokens=np.asarray(tokens, dtype=np.int32), window=window, bos=bos,
                              dist=TopK.concat(parts), nll=np.concatenate(nlls),
                              meta={"files": {r: str(p) for r, p in
@@ -435,6 +437,8 @@ class Explorer:
             with self._open(combo) as session:
                 row = self._measure(session, combo)
         except EftError as exc:
+            if self.ref is None:  # the reference itself failed: nothing can be compared
+                raise EftError(f"the reference combination failed: {exc}") from None
             return Skipped(combo.label, files, str(exc))
         row.rss_bytes = max(0, row.rss_bytes - before)
         return row

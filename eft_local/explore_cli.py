@@ -115,7 +115,8 @@ def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str
         questions = tuple(load_questions(DEFAULT_QUESTIONS if bundled else questions_path,
                                          limit))
         decline = FAMILY_DECLINE if bundled else None
-    settings = Settings(text=read_text(text_path) if text_path else None, top_k=top_k,
+    settings = Settings(text=read_text(text_path) if text_path else None,
+                        text_name=str(text_path), top_k=top_k,
                         window=window, decode_tokens=decode_tokens, questions=questions,
                         decline_text=decline)
     params = {k: opts[k] for k in ("beta", "lam") if opts.get(k) is not None}
@@ -138,7 +139,8 @@ def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str
                            item_show_func=lambda c: c.label if c is not None else None
                            ) as bar:
         for combo in combos:
-            bar.update(0, combo)
+            bar.current_item = combo  # shown while it runs (update(0, ...) draws nothing)
+            bar.render_progress()
             results.append(explorer.run(combo))
             bar.update(1)
     rows = mark_pareto([r for r in results if isinstance(r, Row)])

@@ -402,3 +402,11 @@ def test_questions_run_the_eval_scorer_per_combination(family, variants, tmp_pat
         assert (row["accuracy"], row["format_rate"]) == (score.accuracy, score.format_rate)
     table = stdout(run(args))
     assert table.splitlines()[0].endswith("| accuracy | format |")
+
+
+def test_a_text_too_short_fails_in_one_line_naming_it(family, tmp_path) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("a")
+    result = run(["explore", "-m", f"m={family.small_ft}", "-m", f"m={family.small_base}",
+                  "--text", str(text), "--threads", "1", "--cache-dir", str(tmp_path / "c")])
+    assert_one_line_error(result, str(text), "1 token(s)", "reference")
