@@ -1,0 +1,398 @@
+"""OpenAI's API as data: request bodies validated into frozen requests, responses built as
+dicts. No web framework here (see :mod:`eft_local.server`); every bad value is an
+:class:`ApiError` with OpenAI's error body and the right HTTP status.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from eft_local.errors import EftError
+from eft_local.sampler import SamplerSettings
+
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per token (OpenAI's limit for chat ``top_logprobs``)."""
+MAX_STOPS = 16
+"""Most stop strings per request."""
+LOGPROB_FLOOR = -9999.0
+"""A log-prob of -inf (a masked token) as OpenAI writes it: JSON has no infinity."""
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's body: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        """The JSON error body."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    """A 400 error about ``param``."""
+    return ApiError(400, message, param=param, code=code)
+
+
+# -- field readers ----------------------------------------------------------------------------
+def _number(body: Mapping[str, Any], name: str, low: float, high: float, *,
+            integer: bool = False, where: str = "") -> float | int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    param = f"{where}{name}"
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise bad(f"'{param}' must be {'an integer' if integer else 'a number'}, got "
+                  f"{value!r}", param)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise bad(f"'{param}' is {value!r}; it must be in [{low:g}, {high:g}]", param)
+    return value
+
+
+def _bool(body: Mapping[str, Any], name: str, default: bool = False, where: str = "") -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad(f"'{where}{name}' must be true or false, got {value!r}", f"{where}{name}")
+    return value
+
+
+def _stops(body: Mapping[str, Any]) -> tuple[str, ...] | None:
+    value = body.get("stop")
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad("'stop' must be a string or a list of strings", "stop")
+    if len(stops) > MAX_STOPS:
+        raise bad(f"'stop' has {len(stops)} strings; at most {MAX_STOPS} are allowed", "stop")
+    return tuple(s for s in stops if s)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """EFT settings of one request: parameter values, formula, diagnostics."""
+
+    params: Mapping[str, float] = field(default_factory=dict)
+    formula: str | None = None
+    diagnostics: bool = False
+
+
+def parse_model_name(name: str) -> tuple[str, dict[str, float]]:
+    """``PRESET@beta=1.5,lam=0.3`` -> (``PRESET``, {"beta": 1.5, "lam": 0.3})."""
+    preset, sep, rest = name.partition("@")
+    params: dict[str, float] = {}
+    if not sep:
+        return preset, params
+    for part in rest.split(","):
+        key, eq, text = part.partition("=")
+        key = key.strip()
+        key = "lam" if key == "lambda" else key
+        if not eq or key not in ("beta", "lam"):
+            raise bad(f"model {name!r}: after '@' give knobs as beta=X or lam=X "
+                      "(comma-separated)", "model")
+        try:
+            value = float(text)
+        except ValueError:
+            raise bad(f"model {name!r}: {key} {text.strip()!r} is not a number",
+                      "model") from None
+        if not math.isfinite(value):
+            raise bad(f"model {name!r}: {key} must be a finite number", "model")
+        params[key] = value
+    return preset, params
+
+
+def model_name(preset: str, params: Mapping[str, float]) -> str:
+    """The name :func:`parse_model_name` reads back."""
+    if not params:
+        return preset
+    return preset + "@" + ",".join(f"{k}={v:g}" for k, v in params.items())
+
+
+_EFT_KEYS = ("beta", "lambda", "lam", "formula", "conservative_top_p", "diagnostics")
+
+
+def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
+           ) -> tuple[Knobs, float | None]:
+    """The request's EFT knobs (model-name knobs, then the ``eft`` object, which wins) and
+    its conservative top-p."""
+    eft = body.get("eft")
+    if eft is None:
+        return Knobs(params=dict(name_params)), None
+    if not isinstance(eft, dict):
+        raise bad("'eft' must be an object: {beta, lambda, formula, conservative_top_p, "
+                  "diagnostics}", "eft")
+    unknown = [k for k in eft if k not in _EFT_KEYS]
+    if unknown:
+        raise bad(f"'eft.{unknown[0]}' is not an EFT setting (known: beta, lambda, formula, "
+                  "conservative_top_p, diagnostics)", f"eft.{unknown[0]}")
+    params = dict(name_params)
+    for key in ("beta", "lambda", "lam"):
+        value = _number(eft, key, -1e30, 1e30, where="eft.")
+        if value is not None:
+            params["lam" if key == "lambda" else key] = float(value)
+    formula = eft.get("formula")
+    if formula is not None and (not isinstance(formula, str) or not formula.strip()):
+        raise bad("'eft.formula' must be a formula text, e.g. 'up' or "
+                  "'large_base + beta * (small_ft - small_base)'", "eft.formula")
+    ctp = _number(eft, "conservative_top_p", 0, 1, where="eft.")
+    if ctp is not None and ctp <= 0:
+        raise bad("'eft.conservative_top_p' must be in (0, 1]", "eft.conservative_top_p")
+    return Knobs(params=params, formula=formula,
+                 diagnostics=_bool(eft, "diagnostics", where="eft.")), (
+        None if ctp is None else float(ctp))
+
+
+def _sampling(body: Mapping[str, Any], base: SamplerSettings, conservative: float | None,
+              default_seed: int | None) -> SamplerSettings:
+    changes: dict[str, Any] = {}
+    for name, low, high, integer in (("temperature", 0, 2, False), ("top_p", 0, 1, False),
+                                     ("min_p", 0, 1, False), ("top_k", 0, 2**31, True)):
+        value = _number(body, name, low, high, integer=integer)
+        if value is not None:
+            changes[name] = value
+    if changes.get("top_p") == 0:
+        changes["top_p"] = 1e-9  # OpenAI accepts 0: only the most likely token
+    if changes.get("min_p") == 1:
+        raise bad("'min_p' must be below 1", "min_p")
+    seed = _number(body, "seed", -2**63, 2**64, integer=True)
+    if seed is not None:
+        changes["seed"] = int(seed) % 2**63
+    elif default_seed is None:
+        changes["seed"] = uuid.uuid4().int % 2**63  # OpenAI: no seed, a new draw each time
+    if conservative is not None:
+        changes["conservative_top_p"] = conservative
+    for name in ("frequency_penalty", "presence_penalty"):
+        value = _number(body, name, -2, 2)
+        if value:
+            raise bad(f"'{name}' is not supported (only 0)", name)
+    if body.get("logit_bias"):
+        raise bad("'logit_bias' is not supported", "logit_bias")
+    try:
+        return replace(base, **changes)
+    except EftError as exc:
+        raise bad(str(exc)) from None
+
+
+def _n(body: Mapping[str, Any]) -> None:
+    n = _number(body, "n", 1, 128, integer=True)
+    if n is not None and n != 1:
+        raise bad(f"'n' is {n}; this server generates one choice per request (n=1)", "n")
+    best_of = _number(body, "best_of", 1, 128, integer=True)
+    if best_of is not None and best_of != 1:
+        raise bad("'best_of' is not supported (only 1)", "best_of")
+
+
+@dataclass(frozen=True)
+class Common:
+    """What chat and completion requests share."""
+
+    model: str | None
+    preset: str | None
+    knobs: Knobs
+    settings: SamplerSettings
+    max_tokens: int | None
+    stop: tuple[str, ...] | None
+    stream: bool
+    include_usage: bool
+
+
+def _common(body: Mapping[str, Any], base: SamplerSettings, default_seed: int | None,
+            max_key: str) -> Common:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("'model' must be a string", "model")
+    preset, name_params = parse_model_name(model) if model else (None, {})
+    knobs, conservative = _knobs(body, name_params)
+    _n(body)
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    if options and not stream:
+        raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
+    include_usage = _bool(options or {}, "include_usage", where="stream_options.")
+    limit = None
+    for key in (max_key, "max_tokens"):
+        value = _number(body, key, 0 if max_key == "max_tokens" else 1, 2**31, integer=True)
+        if value is not None:
+            limit = int(value)
+            break
+    return Common(model=model, preset=preset or None, knobs=knobs,
+                  settings=_sampling(body, base, conservative, default_seed),
+                  max_tokens=limit, stop=_stops(body), stream=stream,
+                  include_usage=include_usage)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated ``/v1/chat/completions`` body."""
+
+    common: Common
+    messages: list[dict[str, str]]
+    logprobs: bool
+    top_logprobs: int
+
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _content(message: Mapping[str, Any], i: int) -> str:
+    content = message.get("content")
+    where = f"messages[{i}].content"
+    if content is None and message.get("role") == "assistant":
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(
+                    part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad(f"'{where}[{j}]' is a {kind!r} part; only text parts "
+                          "({\"type\": \"text\", \"text\": ...}) are supported", where)
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad(f"'{where}' must be a string or a list of text parts", where)
+
+
+def parse_chat(body: Any, base: SamplerSettings, default_seed: int | None) -> ChatRequest:
+    """Validate a chat completions body."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad(f"'messages[{i}]' must be an object", f"messages[{i}]")
+        role = message.get("role")
+        if role not in ROLES:
+            raise bad(f"'messages[{i}].role' is {role!r}; supported roles: system, developer, "
+                      "user, assistant", f"messages[{i}].role")
+        if message.get("tool_calls"):
+            raise bad("tool calls are not supported", f"messages[{i}].tool_calls")
+        out.append({"role": ROLES[role], "content": _content(message, i)})
+    if body.get("tools"):
+        raise bad("'tools' are not supported", "tools")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad("'response_format' other than {\"type\": \"text\"} is not supported",
+                  "response_format")
+    common = _common(body, base, default_seed, "max_completion_tokens")
+    if common.max_tokens == 0:
+        raise bad("'max_tokens' must be at least 1", "max_tokens")
+    logprobs = _bool(body, "logprobs")
+    top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+    if top is not None and not logprobs:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return ChatRequest(common=common, messages=out, logprobs=logprobs,
+                       top_logprobs=int(top or 0))
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A validated ``/v1/completions`` body: one or more prompts (text or token ids)."""
+
+    common: Common
+    prompts: list[str | list[int]]
+    echo: bool
+    logprobs: int | None
+
+
+def _prompts(value: Any) -> list[str | list[int]]:
+    def ids(x: Any) -> bool:
+        return isinstance(x, list) and bool(x) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(value, str):
+        return [value]
+    if ids(value):
+        return [list(value)]
+    if isinstance(value, list) and value and all(isinstance(p, str) or ids(p) for p in value):
+        return [p if isinstance(p, str) else list(p) for p in value]
+    raise bad("'prompt' must be a string, a list of token ids, or a non-empty list of "
+              "those", "prompt")
+
+
+def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None
+                     ) -> CompletionRequest:
+    """Validate a (legacy) completions body."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    if "prompt" not in body:
+        raise bad("'prompt' is required", "prompt")
+    prompts = _prompts(body["prompt"])
+    if body.get("suffix"):
+        raise bad("'suffix' is not supported", "suffix")
+    common = _common(body, base, default_seed, "max_tokens")
+    echo = _bool(body, "echo")
+    logprobs = _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+    if common.max_tokens == 0 and not echo:
+        raise bad("'max_tokens' 0 generates nothing; give 'echo': true to score the prompt",
+                  "max_tokens")
+    if common.max_tokens == 0 and common.stream:
+        raise bad("'max_tokens' 0 (scoring only) cannot be streamed", "stream")
+    return CompletionRequest(common=common, prompts=prompts, echo=echo,
+                             logprobs=None if logprobs is None else int(logprobs))
+
+
+# -- responses --------------------------------------------------------------------------------
+def finite(value: float) -> float:
+    """``value`` or :data:`LOGPROB_FLOOR` for -inf."""
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+def new_id(prefix: str) -> str:
+    """An id like ``chatcmpl-3f2a...``."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    """Seconds since the epoch (``created``)."""
+    return int(time.time())
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    """OpenAI's usage object."""
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def finish_reason(finish: str | None) -> str:
+    """Engine finish reasons in OpenAI's words: end of turn or stop string -> ``stop``;
+    ``max_tokens`` or a full context -> ``length``."""
+    return "stop" if finish in ("stop", "eog") else "length"
+
+
+def chat_logprob(text: str, data: bytes, logprob: float,
+                 top: Sequence[tuple[str, bytes, float]]) -> dict[str, Any]:
+    """One entry of a chat choice's ``logprobs.content``."""
+    return {"token": text, "logprob": finite(logprob), "bytes": list(data),
+            "top_logprobs": [{"token": t, "logprob": finite(lp), "bytes": list(b)}
+                             for t, b, lp in top]}
+
+
+def legacy_logprobs(tokens: Sequence[str], logprobs: Sequence[float | None],
+                    tops: Sequence[Mapping[str, float] | None], offsets: Sequence[int]
+                    ) -> dict[str, Any]:
+    """The completions ``logprobs`` object (tokens, token_logprobs, top_logprobs,
+    text_offset)."""
+    return {"tokens": list(tokens),
+            "token_logprobs": [None if lp is None else finite(lp) for lp in logprobs],
+            "top_logprobs": [None if t is None else {k: finite(v) for k, v in t.items()}
+                             for t in tops],
+            "text_offset": list(offsets)}

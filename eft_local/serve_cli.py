@@ -1,0 +1,96 @@
+"""``eft-local serve``: the OpenAI-compatible server (needs the ``server`` extra)."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from typing import Any
+
+import click
+
+from eft_local.cliopts import model_options, sampling_options
+from eft_local.errors import EftError
+from eft_local.text import printable
+
+HINT = "eft-local serve needs Starlette and uvicorn: pip install 'eft-local[server]'"
+
+
+def _log(message: str) -> None:
+    stamp = time.strftime("%H:%M:%S")
+    click.echo(printable(f"{stamp} {message}"), err=True)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command()
+@click.argument("preset_arg", required=False, metavar="[PRESET]")
+@click.option("--preset", "pinned", metavar="NAME",
+              help="Serve only this preset (requests naming another get 404).")
+@model_options
+@sampling_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (another than loopback wants --api-key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--api-key", envvar="EFT_LOCAL_API_KEY", metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' (or set EFT_LOCAL_API_KEY).")
+@click.option("--max-queue", type=click.IntRange(1, 10_000), default=16, show_default=True,
+              help="Requests that may wait behind the running one; more get 503.")
+@click.option("--max-body", type=click.IntRange(1024, 1 << 30), default=8 << 20,
+              show_default=True, help="Largest request body in bytes; larger get 413.")
+def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
+          api_key: str | None, max_queue: int, max_body: int, **opts: Any) -> None:
+    """Serve the emulated model over an OpenAI-compatible HTTP API.
+
+    Endpoints: /v1/chat/completions, /v1/completions (echo + logprobs scores a text),
+    /v1/models, /tokenize, /detokenize, /tokenizer_info, /health. Requests may name any
+    preset whose files are present (it is loaded on demand, one set at a time) unless
+    --preset or --model pins one; model names like PRESET@beta=1.5 and an "eft" object in
+    the body set the knobs per request. The sampling options are the defaults of every
+    request. Requests run one at a time in arrival order.
+    """
+    try:
+        import uvicorn
+
+        from eft_local.server import ServerOptions, create_app
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] in ("starlette", "uvicorn", "anyio", "h11"):
+            raise EftError(HINT) from None
+        raise
+    from eft_local.cliopts import open_session
+    from eft_local.config import load_config
+    from eft_local.serving import Runner
+
+    if opts.get("parse_special"):
+        raise click.UsageError("--parse-special is not available for serve (clients send "
+                               "untrusted messages)")
+    if pinned and preset_arg and pinned != preset_arg:
+        raise click.UsageError(f"give the preset once: {preset_arg!r} or --preset {pinned!r}")
+    if not api_key and not is_loopback(host):
+        click.echo(f"warning: listening on {host} without --api-key: anyone who can reach "
+                   f"port {port} can use the models", err=True)
+    session = open_session(pinned or preset_arg, opts)  # fails here, before listening
+    config = None if opts.get("models") else load_config()
+    runner = Runner(config, session.preset, pinned=bool(pinned or opts.get("models")),
+                    params=session.params, settings=session.settings, options=session.options,
+                    max_queue=max_queue, log=_log)
+    runner.adopt(session)
+    options = ServerOptions(api_key=api_key, max_body=max_body, max_tokens=opts["max_tokens"],
+                            system=opts.get("system"), stop=tuple(opts.get("stop") or ()),
+                            seed=opts.get("seed"))
+    app = create_app(runner, options, log=_log)
+    runner.start()
+    _log(f"serving {session.preset.name!r} on http://{host}:{port}/v1 "
+         f"(OpenAI API; Ctrl-C stops)")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=2)
+    finally:
+        runner.stop()

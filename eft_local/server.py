@@ -1,0 +1,474 @@
+"""``eft-local serve``'s web side: an OpenAI-compatible HTTP API over Starlette.
+
+Routes parse and check a request (:mod:`eft_local.openai_api`), hand the work to the
+engine's worker thread (:mod:`eft_local.serving`) and turn its events into OpenAI's
+responses, or server-sent events ending in ``data: [DONE]``. Every failure is OpenAI's error
+body with a 4xx/5xx status and one log line; no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from eft_local import __version__
+from eft_local.openai_api import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    model_name,
+    new_id,
+    now,
+    parse_chat,
+    parse_completion,
+    usage,
+)
+from eft_local.serving import (
+    Job,
+    Runner,
+    chat_work,
+    completion_work,
+    detokenize_work,
+    tokenize_work,
+    tokenizer_info_work,
+)
+
+FINGERPRINT = f"eft-local-{__version__}"
+POLL_SECONDS = 0.05
+"""How often a non-streaming request checks whether its client is still there."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """What the command line sets for every request."""
+
+    api_key: str | None = None
+    max_body: int = 8 << 20
+    max_tokens: int = 512
+    completion_max_tokens: int = 16
+    system: str | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    """OpenAI's error body with ``exc``'s status (and Retry-After on a full queue)."""
+    headers = {"Retry-After": "1"} if exc.code == "queue_full" else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def sse(data: Any) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+class Api:
+    """The routes, bound to one :class:`Runner`."""
+
+    def __init__(self, runner: Runner, options: ServerOptions,
+                 log: Callable[[str], None]) -> None:
+        self.runner, self.options, self.log = runner, options, log
+
+    # -- plumbing -------------------------------------------------------------------------
+    def route(self, handler: Callable[[Request], Awaitable[Response]], *, auth: bool = True
+              ) -> Callable[[Request], Awaitable[Response]]:
+        """Wrap a handler: API key, OpenAI errors, one log line per failure."""
+
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            try:
+                if auth:
+                    self.check_key(request)
+                return await handler(request)
+            except ApiError as exc:
+                self.log(f"{request.method} {request.url.path} {exc.status} {exc.message}")
+                return error_response(exc)
+            except Exception as exc:  # a bug: one line, no traceback to the client
+                self.log(f"{request.method} {request.url.path} 500 internal error: "
+                         f"{type(exc).__name__}: {exc} ({time.perf_counter() - started:.2f} s)")
+                return error_response(ApiError(500, f"internal error ({type(exc).__name__})"))
+
+        return endpoint
+
+    def check_key(self, request: Request) -> None:
+        """401 unless the request carries the server's key (when it has one)."""
+        key = self.options.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                    key.encode()):
+            raise ApiError(401, "Incorrect API key provided. Send it as 'Authorization: "
+                           "Bearer KEY'.", code="invalid_api_key")
+
+    async def body(self, request: Request) -> Any:
+        """The JSON body, within the size limit."""
+        limit = self.options.max_body
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"the request body is {int(length)} bytes; the limit is "
+                           f"{limit}", code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body is over the limit of {limit} bytes",
+                               code="request_too_large")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks), parse_constant=_refuse_constant)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"We could not parse the JSON body of your request ({exc}). "
+                           "Send valid JSON with 'Content-Type: application/json'.") from None
+
+    async def start(self, job: Job) -> None:
+        """Queue ``job`` with an event queue on this loop."""
+        job.loop = asyncio.get_running_loop()
+        job.events = asyncio.Queue()
+        self.runner.submit(job)
+
+    async def events(self, job: Job, request: Request | None) -> AsyncIterator[tuple[str, Any]]:
+        """The job's events up to ``end``; with ``request``, the job is cancelled when that
+        client goes away."""
+        assert job.events is not None
+        getter: asyncio.Task | None = None
+        try:
+            while True:
+                getter = getter or asyncio.ensure_future(job.events.get())
+                done, _ = await asyncio.wait({getter}, timeout=POLL_SECONDS if request else None)
+                if not done:
+                    if request is not None and await request.is_disconnected():
+                        job.cancel()
+                    continue
+                kind, data = getter.result()
+                getter = None
+                if kind == "end":
+                    return
+                yield kind, data
+        finally:
+            if getter is not None:
+                getter.cancel()
+
+    async def first(self, job: Job, stream: AsyncIterator[tuple[str, Any]]) -> Any:
+        """The ``start`` event's data; an error before it is raised."""
+        async for kind, data in stream:
+            if kind == "error":
+                raise data
+            if kind in ("start", "result"):
+                return data
+        raise ApiError(499 if job.cancelled.is_set() else 500, "the request ended early")
+
+    def log_done(self, request: Request, job: Job, started: float, status: int = 200) -> None:
+        info = job.info
+        timings = info.get("timings", {})
+        line = (f"{request.method} {request.url.path} {status} "
+                f"prompt={info.get('prompt_tokens', 0)}")
+        if timings:
+            line += (f" (evaluated {timings.get('prompt_n', 0)}, cached "
+                     f"{timings.get('cache_n', 0)})")
+        line += (f" completion={info.get('completion_tokens', 0)} "
+                 f"{time.perf_counter() - started:.2f} s")
+        if info.get("cancelled"):
+            line += f" client gone: stopped after {job.generated} tokens"
+        self.log(line)
+
+    # -- simple routes --------------------------------------------------------------------
+    async def health(self, _request: Request) -> Response:
+        runner = self.runner
+        if runner.state == "ready":
+            return JSONResponse({"status": "ok", "model": runner.loaded})
+        message = "Loading model" if runner.state == "loading" else (
+            f"model failed to load: {runner.error}")
+        return JSONResponse({"status": runner.state, **ApiError(503, message).body()},
+                            status_code=503)
+
+    def model_cards(self) -> list[dict[str, Any]]:
+        cards = []
+        for preset in self.runner.available():
+            meta = {"preset": preset.name, "formula": preset.formula.text,
+                    "description": preset.description, "roles": list(preset.models),
+                    "loaded": preset.name == self.runner.loaded}
+            cards.append({"id": preset.name, "object": "model", "created": 0,
+                          "owned_by": "eft-local", "eft": meta})
+            for knob in preset.formula.params:
+                name = model_name(preset.name, {knob: preset.params[knob]})
+                cards.append({"id": name, "object": "model", "created": 0,
+                              "owned_by": "eft-local", "eft": {**meta, knob: preset.params[knob]}})
+        return cards
+
+    async def models(self, _request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": self.model_cards()})
+
+    async def model(self, request: Request) -> Response:
+        wanted = request.path_params["name"]
+        for card in self.model_cards():
+            if card["id"] == wanted:
+                return JSONResponse(card)
+        raise ApiError(404, f"the model {wanted!r} does not exist", param="model",
+                       code="model_not_found")
+
+    async def _simple(self, request: Request, job: Job) -> Response:
+        await self.start(job)
+        data = await self.first(job, self.events(job, request))
+        return JSONResponse(data)
+
+    async def tokenize(self, request: Request) -> Response:
+        body = await self.body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return await self._simple(request, Job(work=tokenize_work(body),
+                                               preset=self._preset(body)))
+
+    async def detokenize(self, request: Request) -> Response:
+        body = await self.body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        return await self._simple(request, Job(work=detokenize_work(body),
+                                               preset=self._preset(body)))
+
+    async def tokenizer_info(self, request: Request) -> Response:
+        return await self._simple(request, Job(work=tokenizer_info_work,
+                                               preset=self._preset(dict(request.query_params))))
+
+    def _preset(self, body: dict[str, Any]) -> str | None:
+        from eft_local.openai_api import parse_model_name
+
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, "'model' must be a string", param="model")
+        return parse_model_name(model)[0] if model else None
+
+    # -- chat -----------------------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        started = time.perf_counter()
+        opts = self.options
+        req = parse_chat(await self.body(request), self.runner.settings, opts.seed)
+        job = Job(work=chat_work(req, default_max=opts.max_tokens, system=opts.system,
+                                 default_stop=opts.stop),
+                  preset=req.common.preset, knobs=req.common.knobs, settings=req.common.settings)
+        await self.start(job)
+        if req.common.stream:
+            stream = self.events(job, None)
+            head = await self.first(job, stream)
+            return StreamingResponse(self._chat_stream(request, req, job, head, stream, started),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        stream = self.events(job, request)
+        head = await self.first(job, stream)
+        text, entries, diag = [], [], []
+        done: dict[str, Any] = {}
+        async for kind, data in stream:
+            if kind == "error":
+                raise data
+            if kind == "chunk":
+                text.append(data["text"])
+                entries += data["logprobs"]
+                diag += data["eft"]
+            elif kind == "done":
+                done = data
+        job.info["timings"] = done.get("timings", {})
+        self.log_done(request, job, started)
+        eft = {**head["eft"], **({"tokens": diag} if req.common.knobs.diagnostics else {})}
+        return JSONResponse({
+            "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(),
+            "model": req.common.model or head["eft"]["preset"],
+            "system_fingerprint": FINGERPRINT,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                         "logprobs": {"content": entries} if req.logprobs else None,
+                         "finish_reason": done.get("finish", "length")}],
+            "usage": usage(done.get("prompt_tokens", head["prompt_tokens"]),
+                           done.get("completion_tokens", 0)),
+            "timings": done.get("timings", {}), "eft": eft})
+
+    async def _chat_stream(self, request: Request, req: ChatRequest, job: Job,
+                           head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
+                           started: float) -> AsyncIterator[str]:
+        base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(),
+                "model": req.common.model or head["eft"]["preset"],
+                "system_fingerprint": FINGERPRINT}
+        extra = {"usage": None} if req.common.include_usage else {}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None,
+                  logprobs: list[dict[str, Any]] | None = None, **more: Any) -> str:
+            choice = {"index": 0, "delta": delta,
+                      "logprobs": {"content": logprobs} if logprobs is not None else None,
+                      "finish_reason": finish}
+            return sse({**base, "choices": [choice], **extra, **more})
+
+        finished = False
+        try:
+            yield chunk({"role": "assistant", "content": ""}, eft=head["eft"])
+            finish = "length"
+            async for kind, data in stream:
+                if kind == "error":
+                    yield sse(data.body())
+                    self.log(f"{request.method} {request.url.path} stream error: "
+                             f"{data.message}")
+                    finished = True
+                    return
+                if kind == "chunk":
+                    finish = data["finish"] or finish
+                    more = {"eft": {"tokens": data["eft"]}} if data["eft"] else {}
+                    if data["text"] or data["logprobs"] or more:
+                        yield chunk({"content": data["text"]},
+                                    logprobs=data["logprobs"] if req.logprobs else None, **more)
+                elif kind == "done":
+                    finish = data["finish"]
+                    job.info["timings"] = data["timings"]
+                    yield chunk({}, finish, timings=data["timings"])
+                    if req.common.include_usage:
+                        yield sse({**base, "choices": [],
+                                   "usage": usage(data["prompt_tokens"],
+                                                  data["completion_tokens"])})
+            yield "data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:
+                job.cancel()
+            self.log_done(request, job, started, 200)
+
+    # -- completions ----------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        started = time.perf_counter()
+        opts = self.options
+        req = parse_completion(await self.body(request), self.runner.settings, opts.seed)
+        job = Job(work=completion_work(req, default_max=opts.completion_max_tokens,
+                                       default_stop=opts.stop),
+                  preset=req.common.preset, knobs=req.common.knobs, settings=req.common.settings)
+        await self.start(job)
+        if req.common.stream:
+            stream = self.events(job, None)
+            head = await self.first(job, stream)
+            return StreamingResponse(self._completion_stream(request, req, job, head, stream,
+                                                             started),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache",
+                                              "X-Accel-Buffering": "no"})
+        stream = self.events(job, request)
+        head = await self.first(job, stream)
+        choices: dict[int, dict[str, Any]] = {}
+        prompt_total = completion_total = 0
+        timings: list[dict[str, Any]] = []
+        async for kind, data in stream:
+            if kind == "error":
+                raise data
+            choice = choices.setdefault(data["index"], {
+                "index": data["index"], "text": "", "finish_reason": None,
+                "logprobs": _empty_legacy() if req.logprobs is not None else None,
+                "diag": []})
+            if kind == "chunk":
+                choice["text"] += data["text"]
+                if data.get("legacy_logprobs"):
+                    for key, values in data["legacy_logprobs"].items():
+                        choice["logprobs"][key] += values
+                choice["diag"] += data.get("eft", [])
+            elif kind == "done":
+                choice["finish_reason"] = data["finish"]
+                prompt_total += data["prompt_tokens"]
+                completion_total += data["completion_tokens"]
+                timings.append(data["timings"])
+        job.info.update(prompt_tokens=prompt_total, completion_tokens=completion_total,
+                        timings=timings[0] if len(timings) == 1 else {})
+        self.log_done(request, job, started)
+        out = []
+        for i in sorted(choices):
+            c = choices[i]
+            diag = c.pop("diag")
+            if req.common.knobs.diagnostics:
+                c["eft"] = {"tokens": diag}
+            out.append(c)
+        body: dict[str, Any] = {
+            "id": new_id("cmpl"), "object": "text_completion", "created": now(),
+            "model": req.common.model or head["eft"]["preset"],
+            "system_fingerprint": FINGERPRINT, "choices": out,
+            "usage": usage(prompt_total, completion_total), "eft": head["eft"]}
+        if len(timings) == 1:
+            body["timings"] = timings[0]
+        return JSONResponse(body)
+
+    async def _completion_stream(self, request: Request, req: CompletionRequest, job: Job,
+                                 head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
+                                 started: float) -> AsyncIterator[str]:
+        base = {"id": new_id("cmpl"), "object": "text_completion", "created": now(),
+                "model": req.common.model or head["eft"]["preset"],
+                "system_fingerprint": FINGERPRINT}
+        extra = {"usage": None} if req.common.include_usage else {}
+        finished = False
+        prompt_total = completion_total = 0
+        try:
+            async for kind, data in stream:
+                if kind == "error":
+                    yield sse(data.body())
+                    finished = True
+                    return
+                if kind == "chunk" and (data["text"] or data.get("legacy_logprobs")
+                                        or data.get("eft")):
+                    choice = {"index": data["index"], "text": data["text"],
+                              "logprobs": data.get("legacy_logprobs"), "finish_reason": None}
+                    more = {"eft": {"tokens": data["eft"]}} if data.get("eft") else {}
+                    yield sse({**base, "choices": [choice], **extra, **more})
+                elif kind == "done":
+                    prompt_total += data["prompt_tokens"]
+                    completion_total += data["completion_tokens"]
+                    job.info["timings"] = data["timings"]
+                    yield sse({**base, "choices": [{"index": data["index"], "text": "",
+                                                    "logprobs": None,
+                                                    "finish_reason": data["finish"]}],
+                               **extra, "timings": data["timings"]})
+            if req.common.include_usage:
+                yield sse({**base, "choices": [], "usage": usage(prompt_total,
+                                                                 completion_total)})
+            yield "data: [DONE]\n\n"
+            finished = True
+        finally:
+            if not finished:
+                job.cancel()
+            self.log_done(request, job, started, 200)
+
+
+def _empty_legacy() -> dict[str, list[Any]]:
+    return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 404)
+    message = (f"no route {request.method} {request.url.path}" if status in (404, 405)
+               else str(getattr(exc, "detail", exc)))
+    return error_response(ApiError(status, message, code="not_found" if status == 404
+                                   else None))
+
+
+def create_app(runner: Runner, options: ServerOptions | None = None,
+               log: Callable[[str], None] = print) -> Starlette:
+    """The Starlette application serving ``runner``."""
+    api = Api(runner, options or ServerOptions(), log)
+    r = api.route
+    routes: Sequence[Route] = [
+        Route("/health", r(api.health, auth=False), methods=["GET"]),
+        Route("/v1/health", r(api.health, auth=False), methods=["GET"]),
+        Route("/v1/models", r(api.models), methods=["GET"]),
+        Route("/v1/models/{name:path}", r(api.model), methods=["GET"]),
+        Route("/v1/chat/completions", r(api.chat), methods=["POST"]),
+        Route("/v1/completions", r(api.completions), methods=["POST"]),
+        Route("/tokenize", r(api.tokenize), methods=["POST"]),
+        Route("/detokenize", r(api.detokenize), methods=["POST"]),
+        Route("/tokenizer_info", r(api.tokenizer_info), methods=["GET"]),
+    ]
+    return Starlette(routes=list(routes), exception_handlers={HTTPException: _not_found})

@@ -1,0 +1,63 @@
+"""Start ``eft-local serve``'s app on a loopback port inside the test process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import uvicorn
+
+from eft_local.config import load_config
+from eft_local.server import ServerOptions, create_app
+from eft_local.serving import Runner
+from eft_local.session import LoadOptions, load_session
+
+
+@dataclass
+class Served:
+    """A running server: its base URL, its runner and its log lines."""
+
+    url: str
+    runner: Runner
+    logs: list[str] = field(default_factory=list)
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+
+@contextmanager
+def serving(preset: str = "tiny-up", *, pinned: bool = False,
+            options: ServerOptions | None = None, max_queue: int = 16) -> Iterator[Served]:
+    """The bundled family's ``preset`` served on 127.0.0.1 (an ephemeral port)."""
+    logs: list[str] = []
+    session = load_session(preset, options=LoadOptions(n_threads=1))
+    runner = Runner(load_config(), session.preset, pinned=pinned, params=session.params,
+                    settings=session.settings, options=session.options, max_queue=max_queue,
+                    log=logs.append)
+    runner.adopt(session)
+    runner.start()
+    app = create_app(runner, options or ServerOptions(), log=logs.append)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    try:
+        yield Served(url=f"http://127.0.0.1:{port}", runner=runner, logs=logs)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        runner.stop()
+        sock.close()
