@@ -517,7 +517,7 @@ def tokenizer_info_work(session: Session, job: Job) -> None:
         "vocab_size": session.engine.width,
         "bos_token": text(vocab.bos if vocab else None),
         "eos_token": text(vocab.eos if vocab else None),
-        "eot_token": text(vocab.eot if vocab else None),
+        "eot_token": text(vocab.eot if vocab else None), "pad_token": None,
         "bos_token_id": vocab.bos if vocab else None,
         "eos_token_id": vocab.eos if vocab else None,
         "add_bos_token": bool(vocab and vocab.add_bos),
