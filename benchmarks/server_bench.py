@@ -57,13 +57,17 @@ def start_server(preset: str, port: int, threads: int) -> subprocess.Popen:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+            if CLIENT.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("the server did not start")
+
+
+CLIENT = httpx.Client(timeout=300)
+"""One connection pool for every request, as a real client keeps."""
 
 
 def via_server(url: str, prompt: str, seed: int, max_tokens: int) -> tuple[int, float, float]:
@@ -73,7 +77,7 @@ def via_server(url: str, prompt: str, seed: int, max_tokens: int) -> tuple[int, 
     start = time.perf_counter()
     first = None
     tokens = 0
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:
+    with CLIENT.stream("POST", url + "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -101,7 +105,7 @@ def in_process(session, prompt: str, seed: int, max_tokens: int) -> tuple[int, f
 def chat(url: str, messages: list[dict[str, str]], max_tokens: int) -> dict:
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
     start = time.perf_counter()
-    out = httpx.post(url + "/v1/chat/completions", json=body, timeout=300).json()
+    out = CLIENT.post(url + "/v1/chat/completions", json=body).json()
     out["seconds"] = time.perf_counter() - start
     return out
 
