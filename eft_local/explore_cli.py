@@ -12,6 +12,7 @@ import click
 
 from eft_local import limits
 from eft_local.cliopts import model_options, size_text
+from eft_local.combos import candidates_for, combinations, largest
 from eft_local.errors import EftError
 from eft_local.explore import (
     DEFAULT_TOP_K,
@@ -20,9 +21,6 @@ from eft_local.explore import (
     Row,
     Settings,
     Skipped,
-    candidates_for,
-    combinations,
-    largest,
     mark_pareto,
     read_text,
 )

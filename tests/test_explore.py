@@ -11,18 +11,16 @@ import numpy as np
 import pytest
 
 from eft_local import backend, quality
+from eft_local.combos import Combination, combinations, largest
 from eft_local.config import FAMILY_DIR, preset_from_paths
 from eft_local.explore import (
     ENGLISH_TEXT,
     FAMILY_TEXT,
-    Combination,
     Explorer,
     Row,
     Settings,
     Skipped,
-    combinations,
     default_text,
-    largest,
 )
 from eft_local.session import LoadOptions
 from tests.clihelp import assert_one_line_error, run, stdout
