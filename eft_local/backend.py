@@ -111,11 +111,9 @@ def _check_file(path: Path) -> None:
         raise EftError(f"{path}: cannot read model file ({exc.strerror or exc})") from None
     if magic != b"GGUF":
         raise EftError(f"{path}: not a GGUF file (bad magic bytes)")
-    repeated = ggufscan.duplicate_token(path)  # llama.cpp aborts on these
-    if repeated:
-        first, second, text = repeated
-        raise EftError(f"{path}: token {second} repeats the text of token {first} ({text!r}); "
-                       "llama.cpp cannot load a vocabulary with duplicate tokens")
+    problem = ggufscan.scan(path).problem()  # what llama.cpp would abort on
+    if problem:
+        raise EftError(f"{path}: {problem}")
 
 
 def _load_model(path: Path, *, vocab_only: bool, n_gpu_layers: int):

@@ -1,10 +1,11 @@
 """A bounded pure-Python look at a GGUF header, for files llama.cpp would abort on.
 
-llama.cpp validates most of a GGUF file with clean errors, but some malformed vocabularies
-end in a failed assertion (an abort, no error message): a token list with two identical
-tokens is one (``GGML_ASSERT(id_to_token.size() == token_to_id.size())``). This module
-reads the header's key/value pairs up to ``tokenizer.ggml.tokens`` and reports such a
-duplicate. Anything it cannot parse is left to llama.cpp's own checks.
+llama.cpp validates most of a GGUF file with clean errors, but some malformed files end in a
+failed assertion (an abort, no error message). The fuzz test found two: a token list with two
+identical tokens (``GGML_ASSERT(id_to_token.size() == token_to_id.size())``) and a block
+count outside 1..512 (``GGML_ASSERT(hparams.n_layer_all > 0 && ... <= LLAMA_MAX_LAYERS)``).
+This module reads the header's key/value pairs and reports both. Anything it cannot parse is
+left to llama.cpp's own checks.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import functools
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 """Byte sizes of GGUF's fixed-size value types (8 = string and 9 = array vary)."""
+_INTEGERS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
 _STRING, _ARRAY = 8, 9
 _MAX_KV = 1 << 16
 
@@ -24,28 +27,54 @@ class _Unreadable(Exception):
     """The header is not what this scanner understands: leave it to llama.cpp."""
 
 
-def duplicate_token(path: str | Path) -> tuple[int, int, bytes] | None:
-    """``(first_id, second_id, text)`` of the first repeated token text, else None.
+LLAMA_MAX_LAYERS = 512
+"""llama.cpp asserts (aborts) on a block count outside 1..512."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the scan found: the architecture, its block count, a repeated token text."""
+
+    arch: str | None = None
+    block_count: int | None = None
+    duplicate: tuple[int, int, bytes] | None = None
+
+    def problem(self) -> str | None:
+        """Why llama.cpp would abort on this file, or None."""
+        if self.block_count is not None and not 0 < self.block_count <= LLAMA_MAX_LAYERS:
+            return (f"{self.arch}.block_count is {self.block_count}, outside 1..{LLAMA_MAX_LAYERS}"
+                    " (a corrupt or unsupported file)")
+        if self.duplicate:
+            first, second, text = self.duplicate
+            return (f"token {second} repeats the text of token {first} ({text!r}); llama.cpp "
+                    "cannot load a vocabulary with duplicate tokens")
+        return None
+
+
+def scan(path: str | Path) -> Header:
+    """The header facts of a GGUF file (empty when it cannot be parsed here).
 
     About 0.3 s for a 152k-token vocabulary; remembered per file (path, size, mtime).
     """
     try:
         stat = Path(path).stat()
     except OSError:
-        return None
-    return _duplicate_token(str(path), stat.st_size, stat.st_mtime_ns)
+        return Header()
+    return _scan_file(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=32)
-def _duplicate_token(path: str, _size: int, _mtime: int) -> tuple[int, int, bytes] | None:
+def _scan_file(path: str, _size: int, _mtime: int) -> Header:
+    found: dict = {}
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _scan(mm)
+            _scan(mm, found)
     except (OSError, ValueError, _Unreadable, struct.error):
-        return None
+        pass
+    return Header(**found)
 
 
-def _scan(mm: mmap.mmap) -> tuple[int, int, bytes] | None:
+def _scan(mm: mmap.mmap, found: dict) -> None:
     if mm[:4] != b"GGUF" or struct.unpack_from("<I", mm, 4)[0] not in (2, 3):
         raise _Unreadable
     n_kv = struct.unpack_from("<Q", mm, 16)[0]
@@ -53,19 +82,27 @@ def _scan(mm: mmap.mmap) -> tuple[int, int, bytes] | None:
     for _ in range(min(n_kv, _MAX_KV)):
         key, pos = _string(mm, pos)
         (kind,), pos = struct.unpack_from("<I", mm, pos), pos + 4
-        if key == b"tokenizer.ggml.tokens" and kind == _ARRAY:
+        arch = found.get("arch")
+        if key == b"general.architecture" and kind == _STRING:
+            text, pos = _string(mm, pos)
+            found["arch"] = text.decode("utf-8", "replace")
+        elif arch and key == f"{arch}.block_count".encode() and kind in _INTEGERS:
+            fmt = _INTEGERS[kind]
+            found["block_count"] = struct.unpack_from(fmt, mm, pos)[0]
+            pos += struct.calcsize(fmt)
+        elif key == b"tokenizer.ggml.tokens" and kind == _ARRAY:
             (elem, count), pos = struct.unpack_from("<IQ", mm, pos), pos + 12
             if elem != _STRING:
-                return None
+                return
             seen: dict[bytes, int] = {}
             for i in range(count):
                 text, pos = _string(mm, pos)
                 if text in seen:
-                    return seen[text], i, text
+                    found["duplicate"] = (seen[text], i, text)
+                    return
                 seen[text] = i
-            return None
-        pos = _skip(mm, pos, kind, depth=0)
-    return None
+        else:
+            pos = _skip(mm, pos, kind, depth=0)
 
 
 def _string(mm: mmap.mmap, pos: int) -> tuple[bytes, int]:

@@ -613,3 +613,14 @@ def test_a_vocabulary_with_duplicate_tokens_is_refused_before_llama_cpp(tmp_path
                             tokenizer=replace(tok, tokens=tokens))
     for args in (["check", str(path)], ["generate", "-m", f"small_ft={path}", *GREEDY, "hi"]):
         assert_fails_in_one_line(cli(args), "twice.gguf: token 40 repeats the text of token 30")
+
+
+@pytest.mark.parametrize("blocks", [0, 100_000])
+def test_a_block_count_llama_cpp_would_abort_on_is_refused(family, tmp_path, blocks) -> None:
+    data = family.small_ft.read_bytes()  # found by the fuzz test: GGML_ASSERT(n_layer_all ...)
+    key = b"llama.block_count"
+    at = data.index(key) + len(key) + 4
+    bad = tmp_path / "layers.gguf"
+    bad.write_bytes(data[:at] + struct.pack("<I", blocks) + data[at + 4:])
+    proc = cli(["generate", "-m", f"small_ft={bad}", *GREEDY, "hi"])
+    assert_fails_in_one_line(proc, f"llama.block_count is {blocks}, outside 1..512")
