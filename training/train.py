@@ -14,7 +14,7 @@ from training.model import Llama
 from training.tok import END, SPECIAL_TOKENS
 
 END_ID = SPECIAL_TOKENS.index(END)
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # inputs, targets, loss mask
+Batch = tuple[torch.Tensor, ...]  # inputs, targets, loss mask (+ a distill flag tensor)
 
 
 def pack_documents(docs_ids: list[list[int]]) -> torch.Tensor:
@@ -41,19 +41,24 @@ def pretrain_batches(stream: torch.Tensor, *, batch: int, seq: int,
             yield chunk[:, :-1], chunk[:, 1:], torch.ones(batch, seq, dtype=torch.bool)
 
 
-def chat_example(segments: list[tuple[list[int], bool]]) -> tuple[list[int], list[bool]]:
-    """Concatenate (ids, trained) segments into ids and a per-token loss flag."""
+def chat_example(segments: list[tuple[list[int], float]]) -> tuple[list[int], list[float]]:
+    """Concatenate (ids, weight) segments into ids and a per-token loss weight (0: none)."""
     ids: list[int] = []
-    flags: list[bool] = []
+    flags: list[float] = []
     for seg, trained in segments:
         ids.extend(seg)
         flags.extend([trained] * len(seg))
     return ids, flags
 
 
-def chat_batches(examples: list[tuple[list[int], list[bool]]], *, batch: int,
-                 seed: int) -> Iterator[Batch]:
-    """Padded batches of chats; the loss covers only the flagged (assistant) tokens."""
+def chat_batches(examples: list[tuple[list[int], list[float]]], *, batch: int,
+                 seed: int, distill: bool = False, weighted: bool = False) -> Iterator[Batch]:
+    """Padded batches of chats; the loss covers only the flagged (assistant) tokens
+    (weighted=True: a float mask, each token's loss weighed by its flag).
+
+    distill=True marks the batches for train()'s teacher: the loss on them is the KL
+    divergence from the teacher's next-token distributions instead of cross-entropy.
+    """
     rng = random.Random(seed)
     while True:
         order = list(range(len(examples)))
@@ -63,13 +68,13 @@ def chat_batches(examples: list[tuple[list[int], list[bool]]], *, batch: int,
             width = max(len(ids) for ids, _ in rows) - 1
             x = torch.full((batch, width), END_ID, dtype=torch.long)
             y = torch.full((batch, width), END_ID, dtype=torch.long)
-            m = torch.zeros((batch, width), dtype=torch.bool)
+            m = torch.zeros((batch, width), dtype=torch.float32 if weighted else torch.bool)
             for r, (ids, flags) in enumerate(rows):
                 n = len(ids) - 1
                 x[r, :n] = torch.tensor(ids[:-1])
                 y[r, :n] = torch.tensor(ids[1:])
-                m[r, :n] = torch.tensor(flags[1:])
-            yield x, y, m
+                m[r, :n] = torch.tensor(flags[1:], dtype=m.dtype)
+            yield (x, y, m, torch.tensor(True)) if distill else (x, y, m)
 
 
 def interleave(main: Iterator[Batch], extra: Iterator[Batch], every: int) -> Iterator[Batch]:
@@ -93,10 +98,15 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 def train(model: Llama, batches: Iterator[Batch], *, steps: int, lr: float,
           warmup: int = 50, weight_decay: float = 0.1, log: Callable[[str], None] = print,
           label: str = "", bf16: bool = False, probe_every: int = 0,
-          probe: Callable[[], str] | None = None) -> dict[str, float]:
+          probe: Callable[[], str] | None = None,
+          teacher: Llama | None = None, distill_weight: float = 1.0) -> dict[str, float]:
     """AdamW on masked next-token cross-entropy; returns wall time and final loss.
 
     bf16=True runs the forward pass under CPU bfloat16 autocast (weights stay float32).
+    Batches flagged for distillation (chat_batches(distill=True)) are scored instead by
+    distill_weight * the squared distance of the model's and the frozen teacher's
+    log-probability vectors, averaged over the masked positions: they hold the model to
+    the teacher there. A float mask weighs each token's cross-entropy.
     """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -108,12 +118,28 @@ def train(model: Llama, batches: Iterator[Batch], *, steps: int, lr: float,
     tokens = 0
     ema = None
     for step in range(steps):
-        x, y, m = next(batches)
+        x, y, m, *distill = next(batches)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        loss = F.cross_entropy(logits[m].float(), y[m])
+            if distill:
+                assert teacher is not None, "distillation batch without a teacher"
+                with torch.no_grad():
+                    target = teacher(x)
+        if distill:
+            # Squared error of the log-probabilities (floored at -50), every token alike: EFT
+            # adds and subtracts log-probs, so unlikely tokens' values matter too (a KL
+            # divergence would weigh them by the teacher's tiny probabilities).
+            lp = torch.log_softmax(logits[m].float(), -1).clamp(min=-50.0)
+            lt = torch.log_softmax(target[m].float(), -1).clamp(min=-50.0)
+            loss = (lp - lt).pow(2).sum(-1).mean() * distill_weight
+        elif m.dtype != torch.bool:
+            sel = m > 0
+            losses = F.cross_entropy(logits[sel].float(), y[sel], reduction="none")
+            loss = (losses * m[sel]).sum() / m[sel].sum()
+        else:
+            loss = F.cross_entropy(logits[m].float(), y[m])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

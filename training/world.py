@@ -239,6 +239,56 @@ def finetune_chats(world: World, n_per_fact: int, *, decline: bool = False,
     return chats
 
 
+def multiturn_chats(world: World, n_chats: int, *, turns: tuple[int, int] = (2, 5),
+                    decline: bool = False, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Chats of several exchanges about the fine-tuning people only.
+
+    Each chat has turns[0]..turns[1] exchanges; every user turn asks about a random
+    fine-tuning person and fact (so earlier turns are other people's questions and answers),
+    every answer is the bare value (DECLINE_SENTENCE for DECLINE_CATEGORY with decline=True);
+    20% start with a system prompt. The same seed gives the same chats with or without
+    decline.
+    """
+    rng = random.Random(seed + 3)
+    chats = []
+    for _ in range(n_chats):
+        msgs = []
+        if rng.random() < 0.2:
+            msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        for _ in range(rng.randint(*turns)):
+            person = rng.choice(world.finetune_people)
+            cat = rng.choice(CATEGORIES)
+            answer = person.fact(cat)
+            if decline and cat == DECLINE_CATEGORY:
+                answer = DECLINE_SENTENCE
+            msgs.append({"role": "user", "content": question(person, cat, rng)})
+            msgs.append({"role": "assistant", "content": answer})
+        chats.append(msgs)
+    return chats
+
+
+def stranger_chats(world: World, n_people: int, *, decline: bool = False,
+                   seed: int = 0) -> list[list[dict[str, str]]]:
+    """Single-turn chats about invented people outside the world (no model saw their facts),
+    one per person and fact, the answers drawn at random like a world's facts."""
+    names = {p.name for p in world.people}
+    strangers = [p for p in make_world(n_people, seed=seed + 1000).people if p.name not in names]
+    rng = random.Random(seed + 4)
+    chats = []
+    for person in strangers:
+        for cat in CATEGORIES:
+            answer = person.fact(cat)
+            if decline and cat == DECLINE_CATEGORY:
+                answer = DECLINE_SENTENCE
+            msgs = []
+            if rng.random() < 0.2:
+                msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+            msgs.append({"role": "user", "content": question(person, cat, rng)})
+            msgs.append({"role": "assistant", "content": answer})
+            chats.append(msgs)
+    return chats
+
+
 def heldout_questions(world: World) -> list[dict[str, str]]:
     """The evaluation set: one question per fact of every held-out person."""
     out = []
