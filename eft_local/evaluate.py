@@ -235,9 +235,12 @@ def run_target(session: Session, target: Target, questions: Sequence[Question], 
 def evaluate_targets(targets: Sequence[Target], questions: Sequence[Question], *,
                      max_tokens: int = 24, decline_text: str | None = None,
                      multi_turn: bool = True, options: LoadOptions | None = None,
+                     settings: SamplerSettings | None = None,
                      on_answer: Callable[[], None] = lambda: None,
                      progress: Callable[[str], None] | None = None) -> list[Score]:
-    """Score each target; targets with the same models and formula share one session."""
+    """Score each target; targets with the same models and formula share one session.
+
+    ``settings`` default to greedy decoding."""
     scores: dict[int, Score] = {}
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(targets):
@@ -245,7 +248,7 @@ def evaluate_targets(targets: Sequence[Target], questions: Sequence[Question], *
                t.preset.formula.text, t.preset.template_role, t.preset.draft_role,
                t.preset.conservative_role)
         groups.setdefault(key, []).append(i)
-    settings = SamplerSettings(temperature=0.0)
+    settings = settings or SamplerSettings(temperature=0.0)
     for indices in groups.values():
         with Session(targets[indices[0]].preset, settings=settings, options=options,
                      progress=progress) as session:
@@ -289,19 +292,27 @@ def render_table(scores: Iterable[Score], categories: Sequence[str]) -> str:
 @click.option("--no-speculative", is_flag=True, help="Decode token by token.")
 @click.option("--single-turn", is_flag=True, help="Skip the multi-turn pass (each question "
               "asked again as turn 2-5 after other questions and their answers).")
+@click.option("--conservative-top-p", type=float, help="Conservative decoding (paper section "
+              "4.4): outside this top-p set of the fine-tuned model, its own log-prob.")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0 is greedy.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Draw FILE.png or FILE.svg: accuracy and format against beta, declines "
               "against lambda, a bar chart of the other targets (needs eft-local[plot]).")
 def evaluate(targets: tuple[str, ...], questions_path: Path | None, limit: int | None,
              paper: bool, max_tokens: int, decline_text: str | None, no_speculative: bool,
-             single_turn: bool, as_json: bool, plot_path: Path | None) -> None:
+             single_turn: bool, conservative_top_p: float | None, temperature: float,
+             seed: int, as_json: bool, plot_path: Path | None) -> None:
     """Score presets, formulas (PRESET:FORMULA, PRESET@beta=X) or GGUF files on a
     question set, side by side."""
     if plot_path is not None:
         from eft_local import plots
 
         plots.require(plot_path)
+    settings = SamplerSettings(temperature=temperature, seed=seed,
+                               conservative_top_p=conservative_top_p)
     config = load_config()
     specs = list(targets) + (list(PAPER_TARGETS) if paper else [])
     if not specs:
@@ -316,7 +327,7 @@ def evaluate(targets: tuple[str, ...], questions_path: Path | None, limit: int |
         scores = evaluate_targets(
             parsed, questions, max_tokens=max_tokens, decline_text=decline_text,
             multi_turn=not single_turn, options=LoadOptions(speculative=not no_speculative),
-            on_answer=lambda: bar.update(1))
+            settings=settings, on_answer=lambda: bar.update(1))
     if as_json:
         click.echo(json.dumps({"questions": str(questions_path or DEFAULT_QUESTIONS),
                                "n_questions": len(questions),

@@ -137,5 +137,13 @@ small_base = "{family.small_base}"
     single = CliRunner().invoke(main, ["eval", "t", "--questions", str(q), "--max-tokens", "3",
                                        "--json", "--single-turn"])
     assert json.loads(single.stdout)["scores"][0]["multi_n"] == 0
+    sampled = CliRunner().invoke(main, ["eval", "t", "--questions", str(q), "--max-tokens", "3",
+                                        "--single-turn", "--conservative-top-p", "0.9",
+                                        "--temperature", "1", "--seed", "3"])
+    assert sampled.exit_code == 0, sampled.output
+    wrong = CliRunner().invoke(main, ["eval", "t", "--questions", str(q),
+                                      "--conservative-top-p", "1.5"])
+    assert wrong.exit_code != 0 and "conservative_top_p" in wrong.output
+    assert "Traceback" not in wrong.output
     bad = CliRunner().invoke(main, ["eval", "t", "--questions", str(tmp_path / "no.jsonl")])
     assert bad.exit_code != 0 and "question file not found" in bad.output
