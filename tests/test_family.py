@@ -16,7 +16,7 @@ from eft_local.evaluate import (
     load_questions,
     parse_target,
 )
-from eft_local.session import LoadOptions, check_models
+from eft_local.session import LoadOptions, check_models, load_session
 
 ROLES = ("small_base", "large_base", "small_ft", "large_ft", "small_ft_alt")
 
@@ -54,6 +54,29 @@ def test_up_scaling_beats_the_small_fine_tuned_model(reduced_scores) -> None:
 
 def test_lambda_moves_the_declining_behaviour(reduced_scores) -> None:
     assert reduced_scores["lam0"].declined > reduced_scores["lam1"].declined
+
+
+def test_the_default_preset_holds_a_conversation(reduced_scores) -> None:
+    """Issue 7: at turns 2-5 (earlier turns: other people's questions and answers) replies
+    are still bare answers that end the turn, not pre-training FAQ text."""
+    for key in ("small_ft", "up", "lam0", "lam1"):
+        score = reduced_scores[key]
+        assert score.multi_n == 60
+        assert score.multi_turn_format >= 0.9, (key, score.multi_turn_format)
+    up = reduced_scores["up"]
+    assert up.multi_turn_format >= 0.95
+    assert up.multi_turn_accuracy >= up.accuracy - 0.05, (up.accuracy, up.multi_turn_accuracy)
+
+
+def test_a_chat_session_answers_the_second_question_and_stops() -> None:
+    first, second = load_questions(DEFAULT_QUESTIONS)[:4:3]
+    with load_session(options=LoadOptions(speculative=False)) as session:
+        session.set_sampling(temperature=0.0)
+        replies = []
+        for q in (first, second):
+            chunks = list(session.chat(q.prompt, max_tokens=24))
+            replies.append(("".join(c.text for c in chunks), chunks[-1].finish))
+    assert replies == [(first.expected, "eog"), (second.expected, "eog")]
 
 
 def test_default_chat_turn_runs_offline_and_ends_its_turn() -> None:
