@@ -70,11 +70,17 @@ CLIENT = httpx.Client(timeout=300)
 """One connection pool for every request, as a real client keeps."""
 
 
-def via_server(url: str, prompt: str, seed: int, max_tokens: int) -> tuple[int, float, float]:
-    """(completion tokens, seconds, seconds to the first token) of one streamed request."""
+def via_server(url: str, prompt: str, seed: int, max_tokens: int, stream: bool = True
+               ) -> tuple[int, float, float]:
+    """(completion tokens, seconds, seconds to the first token) of one request (streamed:
+    timed to the first text; else the first token is not seen: 0)."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "seed": seed,
-            "temperature": 1.0, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 1.0, "stream": stream}
     start = time.perf_counter()
+    if not stream:
+        out = CLIENT.post(url + "/v1/completions", json=body).json()
+        return out["usage"]["completion_tokens"], time.perf_counter() - start, 0.0
+    body["stream_options"] = {"include_usage": True}
     first = None
     tokens = 0
     with CLIENT.stream("POST", url + "/v1/completions", json=body) as r:
@@ -142,6 +148,7 @@ def main() -> None:
     try:
         session = load_session(args.preset, options=LoadOptions(n_threads=args.threads))
         served = {"tokens": 0, "seconds": 0.0, "first": []}
+        whole = {"tokens": 0, "seconds": 0.0, "first": []}
         local = {"tokens": 0, "seconds": 0.0, "first": []}
         for i, prompt in enumerate(PROMPTS[:2]):  # warm-up, both sides
             via_server(url, prompt, i, 8)
@@ -151,12 +158,14 @@ def main() -> None:
                 seed = 100 * r + i
                 for side, result in (
                         (served, via_server(url, prompt, seed, args.max_tokens)),
-                        (local, in_process(session, prompt, seed, args.max_tokens))):
+                        (local, in_process(session, prompt, seed, args.max_tokens)),
+                        (whole, via_server(url, prompt, seed, args.max_tokens, False))):
                     tokens, seconds, first = result
                     side["tokens"] += tokens
                     side["seconds"] += seconds
                     side["first"].append(first)
         rate_s = served["tokens"] / served["seconds"]
+        rate_w = whole["tokens"] / whole["seconds"]
         rate_l = local["tokens"] / local["seconds"]
         print(f"preset {args.preset}, {args.threads} threads, {args.rounds} rounds x "
               f"{len(PROMPTS)} prompts, max {args.max_tokens} tokens, temperature 1")
@@ -165,7 +174,9 @@ def main() -> None:
         print(f"server:     {served['tokens']} tokens, {rate_s:.1f} tokens/s, first token "
               f"{1e3 * statistics.median(served['first']):.1f} ms (median, streamed, client "
               "side)")
-        print(f"ratio server / in-process: {rate_s / rate_l:.3f}")
+        print(f"server, not streamed: {whole['tokens']} tokens, {rate_w:.1f} tokens/s")
+        print(f"ratio server / in-process: streamed {rate_s / rate_l:.3f}, not streamed "
+              f"{rate_w / rate_l:.3f}")
         session.close()
         long_chat(url)
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import sys
 import time
 from typing import Any
 
@@ -12,10 +11,6 @@ import click
 from eft_local.cliopts import model_options, sampling_options
 from eft_local.errors import EftError
 from eft_local.text import printable
-
-SWITCH_SECONDS = 0.0005
-"""The interpreter's thread switch interval while serving (Python's default is 5 ms): the
-engine thread and the web thread hand the GIL to each other at every token."""
 
 HINT = "eft-local serve needs Starlette and uvicorn: pip install 'eft-local[server]'"
 
@@ -94,7 +89,6 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     runner.start()
     _log(f"serving {session.preset.name!r} on http://{host}:{port}/v1 "
          f"(OpenAI API; Ctrl-C stops)")
-    sys.setswitchinterval(SWITCH_SECONDS)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
                     timeout_graceful_shutdown=2)
