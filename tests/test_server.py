@@ -146,6 +146,40 @@ def test_completions_echo_logprobs_equal_session_score(client: openai.OpenAI) ->
     assert len(both.choices[1].logprobs.tokens) == 5
 
 
+def test_parts_stop_limits_and_llama_extensions(client: openai.OpenAI) -> None:
+    base = chat(client, temperature=0, max_tokens=24).choices[0].message.content
+    parts = client.chat.completions.create(
+        model="tiny-up", temperature=0, max_tokens=24,
+        messages=[{"role": "user", "content": [{"type": "text", "text": QUESTION[:10]},
+                                               {"type": "text", "text": QUESTION[10:]}]}])
+    assert parts.choices[0].message.content == base
+    cut = base[2:5]
+    stopped = chat(client, temperature=0, max_tokens=24, stop=["zzz", cut])
+    assert stopped.choices[0].message.content == base[:base.index(cut)]
+    assert stopped.choices[0].finish_reason == "stop"
+    short = chat(client, temperature=0, max_tokens=None, max_completion_tokens=2)
+    assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"
+    top1 = chat(client, temperature=1.0, max_tokens=24, seed=9, extra_body={"top_k": 1})
+    assert top1.choices[0].message.content == base
+    tiny_p = chat(client, temperature=1.0, max_tokens=24, seed=9, extra_body={"min_p": 0.999})
+    assert tiny_p.choices[0].message.content == base
+
+
+def test_completions_stream_equals_the_whole_response(client: openai.OpenAI) -> None:
+    prompt = "Has Zhithdou was born in"
+    whole = client.completions.create(model="tiny-up", prompt=prompt, max_tokens=12, seed=4,
+                                      temperature=1.0, logprobs=1)
+    parts = list(client.completions.create(model="tiny-up", prompt=prompt, max_tokens=12,
+                                           seed=4, temperature=1.0, stream=True))
+    assert "".join(p.choices[0].text for p in parts if p.choices) == whole.choices[0].text
+    assert parts[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    lp = whole.choices[0].logprobs
+    assert lp.text_offset[0] == len(prompt)  # offsets run over prompt + completion
+    text = prompt + whole.choices[0].text
+    for token, offset in zip(lp.tokens, lp.text_offset, strict=True):
+        assert text[offset:offset + len(token)] == token
+
+
 def test_tokenize_detokenize_and_tokenizer_info(served: Served) -> None:
     text = "Has Zhithdou was born"
     tokens = httpx.post(served.url + "/tokenize", json={"prompt": text}).json()["tokens"]
