@@ -94,6 +94,8 @@ class Runner:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="eft-engine", daemon=True)
         self._base: tuple[dict[str, float], Any, SamplerSettings] | None = None
+        self.current: Job | None = None
+        """The job the worker runs now."""
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -108,8 +110,20 @@ class Runner:
         self._base = (dict(session.params), session.formula, session.settings)
 
     def stop(self) -> None:
-        """Finish the current job, stop the worker and free the models."""
+        """Cancel the running and waiting jobs, stop the worker and free the models."""
         if self._thread.is_alive():
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    job.cancel()
+                    job.emit("error", ApiError(503, "the server is shutting down",
+                                               code="shutting_down"))
+                    job.emit("end")
+            if self.current is not None:
+                self.current.cancel()
             self._queue.put(None)
             self._thread.join(timeout=60)
         if self.session is not None:
@@ -169,7 +183,11 @@ class Runner:
                 return
             with self._lock:
                 self._waiting = max(0, self._waiting - 1)
-            self._run(job)
+            self.current = job
+            try:
+                self._run(job)
+            finally:
+                self.current = None
 
     def _run(self, job: Job) -> None:
         session = None

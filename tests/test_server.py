@@ -419,3 +419,30 @@ def test_binding_beyond_loopback_without_a_key_warns() -> None:
     result = run(["serve", "no-such-preset", "--host", "0.0.0.0"])
     assert "warning: listening on 0.0.0.0 without --api-key" in result.stderr
     assert_one_line_error(result, "no-such-preset")
+
+
+def test_stopping_the_server_cancels_the_running_generation() -> None:
+    with serving("tiny-up") as s:
+        session = s.runner.session
+        original = session.stream
+
+        def slow(*args, **kwargs):
+            for chunk in original(*args, **kwargs):
+                time.sleep(0.05)
+                yield chunk
+
+        session.stream = slow
+        job_done = threading.Event()
+        body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 200,
+                "temperature": 0, "eft": {"formula": "large_base"}}
+        threading.Thread(target=lambda: (httpx.post(s.v1 + "/chat/completions", json=body,
+                                                    timeout=60), job_done.set()),
+                         daemon=True).start()
+        deadline = time.monotonic() + 10
+        while s.runner.current is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        started = time.monotonic()
+        s.runner.stop()
+        assert time.monotonic() - started < 5
+        assert s.runner.history[-1].info["cancelled"]
