@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 import time
 from typing import Any
 
@@ -28,6 +29,23 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (before any model loads); a one-line error if not."""
+    try:
+        family, kind, proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise EftError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise EftError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 @click.command()
@@ -76,7 +94,12 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     if not api_key and not is_loopback(host):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach "
                    f"port {port} can use the models", err=True)
-    session = open_session(pinned or preset_arg, opts)  # fails here, before listening
+    sock = listen(host, port)
+    try:
+        session = open_session(pinned or preset_arg, opts)  # fails here, before serving
+    except BaseException:
+        sock.close()
+        raise
     config = None if opts.get("models") else load_config()
     runner = Runner(config, session.preset, pinned=bool(pinned or opts.get("models")),
                     params=session.params, settings=session.settings, options=session.options,
@@ -89,8 +112,10 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     runner.start()
     _log(f"serving {session.preset.name!r} on http://{host}:{port}/v1 "
          f"(OpenAI API; Ctrl-C stops)")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=2))
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                    timeout_graceful_shutdown=2)
+        server.run(sockets=[sock])
     finally:
         runner.stop()
+        sock.close()

@@ -446,3 +446,13 @@ def test_stopping_the_server_cancels_the_running_generation() -> None:
         s.runner.stop()
         assert time.monotonic() - started < 5
         assert s.runner.history[-1].info["cancelled"]
+
+
+def test_a_port_in_use_is_a_one_line_error() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run(["serve", "tiny-up", "--port", str(taken.getsockname()[1])])
+    assert_one_line_error(result, "cannot listen on 127.0.0.1")
