@@ -27,7 +27,11 @@ from eft_local.schedule import Schedule
 BLOCK = 4
 """Tokens of the small block timed next to the one-token decode (the verification slope)."""
 TRIALS = 3
-"""Candidate schedules timed as real steps (the best predicted ones, and the named ones)."""
+"""Other splits timed as real steps besides the named ones: at most this many, and only
+those predicted to beat every named schedule."""
+ROUNDS = 3
+"""Interleaved rounds of trial steps; like the per-model costs, the fastest counts
+(preemption by other processes only ever adds time)."""
 CUSTOM_MARGIN = 0.05
 """A schedule other than the named ones is kept only when it is this much faster."""
 
@@ -82,7 +86,7 @@ def can_tune(models: Mapping[str, Model], n_threads: int) -> bool:
 
 def decode_costs(models: Mapping[str, Model], n_threads: int, *, repeats: int = 3,
                  context: int = 8) -> tuple[dict[str, dict[int, float]], float]:
-    """Median seconds of each model's one-token decode at 1..n_threads threads, and the
+    """Fastest seconds of each model's one-token decode at 1..n_threads threads, and the
     median over models of the extra cost of each further token in a block of :data:`BLOCK`
     (relative to one token). Leaves every cache empty."""
     prefix = [(7 * i + 3) % 200 + 5 for i in range(context)]
@@ -102,16 +106,16 @@ def decode_costs(models: Mapping[str, Model], n_threads: int, *, repeats: int = 
                     model.eval([(11 * j + r) % 200 + 5 for j in range(n)], all_logits=True)
                     if r:  # the first round warms up
                         into.append(time.perf_counter() - start)
-            costs[role][threads] = statistics.median(one)
+            costs[role][threads] = min(one)
             if threads == n_threads:
-                slopes.append((statistics.median(block) / costs[role][threads] - 1) / (BLOCK - 1))
+                slopes.append((min(block) / costs[role][threads] - 1) / (BLOCK - 1))
         model.rewind(0)
     return costs, max(0.05, statistics.median(slopes))
 
 
 def step_seconds(engine: Engine, schedule: Schedule, *, steps: int = 4, context: int = 8
                  ) -> float:
-    """Median seconds of a real decoding step of every model of ``engine`` under
+    """Fastest seconds of a real decoding step of every model of ``engine`` under
     ``schedule`` (the engine's own schedule is restored; caches are left empty)."""
     old = engine.schedule
     engine.set_schedule(schedule)
@@ -124,7 +128,7 @@ def step_seconds(engine: Engine, schedule: Schedule, *, steps: int = 4, context:
             engine.evaluate_each(context, [(13 * r) % 200 + 5])
             if r:
                 times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return min(times)
     finally:
         engine.set_schedule(old)
         for model in engine.models.values():
@@ -139,20 +143,23 @@ def tune(engine: Engine, *, say: Callable[[str], None] = lambda _m: None) -> Tun
     sizes = {r: c[n] for r, c in costs.items()}
     predicted = sorted(((schedules.predict(s, costs, n), s)
                         for s in schedules.candidates(sizes, n)), key=lambda x: x[0])
-    trial = [s for _, s in predicted[:TRIALS]]
-    trial += [s for _, s in predicted if s.name in schedules.NAMES and s not in trial]
+    named = [(p, s) for p, s in predicted if s.name in schedules.NAMES]
+    # the named schedules, and the splits predicted to beat all of them (at most TRIALS)
+    trial = [s for _, s in named]
+    trial += [s for p, s in predicted[:TRIALS] if s.name not in schedules.NAMES
+              and p < named[0][0]]
     pred_of = {s.describe(): p for p, s in predicted}
     trials: dict[str, tuple[float, float]] = {}
-    for _ in range(2):  # two interleaved rounds: the faster of each counts
+    for _ in range(ROUNDS):  # interleaved rounds: each schedule's fastest counts
         for s in trial:
             t = step_seconds(engine, s)
             old = trials.get(s.describe())
             trials[s.describe()] = (pred_of[s.describe()], t if old is None else min(old[1], t))
     best = min(trial, key=lambda s: trials[s.describe()][1])
-    named = min((s for s in trial if s.name in schedules.NAMES),
-                key=lambda s: trials[s.describe()][1])
-    if trials[best.describe()][1] > (1.0 - CUSTOM_MARGIN) * trials[named.describe()][1]:
-        best = named  # an unusual split must win clearly, not by noise
+    best_named = min((s for s in trial if s.name in schedules.NAMES),
+                     key=lambda s: trials[s.describe()][1])
+    if trials[best.describe()][1] > (1.0 - CUSTOM_MARGIN) * trials[best_named.describe()][1]:
+        best = best_named  # an unusual split must win clearly, not by noise
     large = max(sizes, key=lambda r: sizes[r])
     threads, alone = min(costs[large].items(), key=lambda kv: kv[1])
     return Tuning(schedule=best, predicted=trials[best.describe()][0],
