@@ -40,6 +40,7 @@ def assert_one_line_error(result: Result, *words: str) -> None:
     assert len(errors) == 1, result.stderr
     assert err[-1] == errors[0]
     assert "Traceback" not in result.output
+    assert "internal error" not in errors[0], errors[0]  # a bug, not the user's mistake
     for word in words:
         assert word in errors[0], errors[0]
 
