@@ -127,8 +127,9 @@ def read_lines(input_path: Path) -> list[tuple[int, str]]:
     return [(n, line) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
-def parse_job(line_no: int, line: str, defaults: BatchDefaults) -> Job:
-    """Validate one input line; raises :class:`BadRecord` naming the problem."""
+def read_record(line_no: int, line: str) -> tuple[dict[str, Any], str | int | None]:
+    """One input line as a JSON object, and its id when that id can go into a record
+    (a str or int without lone surrogates), else None; raises :class:`BadRecord`."""
     try:
         data = json.loads(line)
     except ValueError as exc:
@@ -136,17 +137,30 @@ def parse_job(line_no: int, line: str, defaults: BatchDefaults) -> Job:
     if not isinstance(data, dict):
         raise BadRecord(line_no, None, "a record must be a JSON object")
     record_id = data.get("id", line_no)
-    bad_id = record_id if _usable_id(record_id) and _lone_surrogate(record_id) is None else None
+    safe = _usable_id(record_id) and _lone_surrogate(record_id) is None
+    return data, (record_id if safe else None)
+
+
+def check_unicode(line_no: int, data: dict[str, Any], keys: tuple[str, ...],
+                  record_id: str | int | None) -> None:
+    """Refuse string fields holding a lone surrogate (they cannot be encoded as UTF-8)."""
+    for key in keys:
+        where = _lone_surrogate(data.get(key))
+        if where is not None:
+            raise BadRecord(line_no, record_id, f"{key!r} is not valid Unicode (a lone "
+                            f"surrogate \\u{ord(data[key][where]):04x} at character {where})")
+
+
+def parse_job(line_no: int, line: str, defaults: BatchDefaults) -> Job:
+    """Validate one input line; raises :class:`BadRecord` naming the problem."""
+    data, bad_id = read_record(line_no, line)
+    record_id = data.get("id", line_no)
     for key, types in _KEYS.items():
         if key in data and (not isinstance(data[key], types)
                             or (bool not in types and isinstance(data[key], bool))):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise BadRecord(line_no, bad_id, f"{key!r} must be {names}, got {data[key]!r}")
-    for key in ("id", "prompt", "system"):
-        where = _lone_surrogate(data.get(key))
-        if where is not None:
-            raise BadRecord(line_no, bad_id, f"{key!r} is not valid Unicode (a lone surrogate "
-                            f"\\u{ord(data[key][where]):04x} at character {where})")
+    check_unicode(line_no, data, ("id", "prompt", "system"), bad_id)
     if "prompt" not in data:
         raise BadRecord(line_no, record_id, "missing 'prompt'")
     if not data["prompt"].strip():

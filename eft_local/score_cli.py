@@ -16,7 +16,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
-from eft_local.batch import BadRecord, check_paths, done_keys, read_lines
+from eft_local.batch import (
+    BadRecord,
+    check_paths,
+    check_unicode,
+    done_keys,
+    read_lines,
+    read_record,
+)
 from eft_local.cliopts import Number, model_options, open_session, split_args, stdin_prompt
 from eft_local.errors import EftError
 
@@ -112,22 +119,18 @@ def score(args: tuple[str, ...], top_n: int, per_model: bool, as_json: bool,
 
 
 def _parse(line_no: int, line: str) -> tuple[str | int, str]:
-    try:
-        data = json.loads(line)
-    except ValueError as exc:
-        raise BadRecord(line_no, None, f"not JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise BadRecord(line_no, None, "a record must be a JSON object")
-    record_id = data.get("id", line_no)
-    if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
-        raise BadRecord(line_no, None, f"'id' must be str or int, got {record_id!r}")
+    data, record_id = read_record(line_no, line)
+    raw_id = data.get("id", line_no)
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        raise BadRecord(line_no, None, f"'id' must be str or int, got {raw_id!r}")
+    check_unicode(line_no, data, ("id", "text"), record_id)
     text = data.get("text")
     if not isinstance(text, str):
         raise BadRecord(line_no, record_id, "missing 'text' (a string)" if text is None
                         else f"'text' must be str, got {text!r}")
     if not text:
         raise BadRecord(line_no, record_id, "empty 'text'")
-    return record_id, text
+    return raw_id, text
 
 
 def run_batch(session: Session, input_path: Path, output_path: Path | None, *, top_n: int,

@@ -173,3 +173,18 @@ def test_cli_score_bad_input_is_one_line(family) -> None:
     assert_one_line_error(run(["score", *family.trio(), *THREADS, ""]), "empty")
     assert_one_line_error(run(["score", *family.trio(), *THREADS, "--output", "x.jsonl", "hi"]),
                           "--output")
+
+
+def test_cli_score_batch_lone_surrogates_are_error_records(family, tmp_path: Path) -> None:
+    # a lone surrogate in an id or a text is valid JSON but cannot be written as UTF-8
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "\\ud800", "text": "hello there"}\n'
+                   '{"id": "b", "text": "hi \\udc00"}\n{"id": "c", "text": "the other one"}\n')
+    dst = tmp_path / "out.jsonl"
+    result = run(["score", *family.trio(), *THREADS, "--input", str(src), "--output", str(dst)])
+    assert result.exit_code == 0, result.output
+    assert "internal error" not in result.output
+    records = [json.loads(line) for line in dst.read_text().splitlines()]
+    assert [r["id"] for r in records] == [None, "b", "c"]
+    assert "surrogate" in records[0]["error"] and "surrogate" in records[1]["error"]
+    assert records[2]["logprob"] < 0
