@@ -36,8 +36,12 @@ STOP_BELOW = 0.2
 PROBE_EVERY = 64
 """While plain steps win, one speculative block every this many tokens re-measures."""
 REPLAN_EVERY = 8
-"""The best block size is recomputed after this many observed blocks (estimates move
-slowly; the search costs about 20 us)."""
+"""While plain steps win, the best block size is recomputed after this many observed steps
+(the search costs about 20 us); after a speculative block it is recomputed at once, so one
+block that did not pay is not followed by more of the same."""
+PROBE_MARGIN = 0.8
+"""A probe block is spent only when the best block is predicted at least this fraction of
+the plain rate: blocks the measured costs say cannot pay are not probed."""
 SHADOW_EVERY = 4
 """While plain steps win, every this many steps the draft is guessed (not decoded) to keep
 the acceptance estimate fresh."""
@@ -58,8 +62,8 @@ class BlockSizer:
     fixed: int | None = None
     k_max: int = K_MAX
     decay: float = 0.9
-    accepted: float = 3.0  # prior: alpha = 0.75
-    rejected: float = 1.0
+    accepted: float = 1.2  # prior: alpha = 0.6, worth two observed blocks
+    rejected: float = 0.8
     slope: float = VERIFY_SLOPE
     draft_step: float | None = None  # seconds per drafted token (EMA)
     verify: dict[int, float] = field(default_factory=dict)  # block length -> seconds (EMA)
@@ -67,6 +71,7 @@ class BlockSizer:
     plain_run: int = 0
     _plan: int | None = None
     _plan_age: int = 0
+    plain_only: bool = False  # the last plan found that no block could pay
 
     @property
     def alpha(self) -> float:
@@ -86,15 +91,25 @@ class BlockSizer:
         per_token = (self.verify[hi] - self.verify[lo]) / (hi - lo)
         return max(self.verify[lo] + per_token * (n - lo), 1e-9)
 
-    def rate(self, k: int) -> float:
-        """Expected tokens per second with ``k`` drafts per block."""
-        alpha = min(self.alpha, 0.999)
+    def rate(self, k: int, alpha: float | None = None) -> float:
+        """Expected tokens per second with ``k`` drafts per block (at the estimated
+        acceptance, or at ``alpha``)."""
+        alpha = min(self.alpha if alpha is None else alpha, 0.999)
         tokens = (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
         return tokens / (k * (self.draft_step or 0.0) + self.verify_cost(k + 1))
 
     def best_k(self) -> int:
         """The block size with the highest expected rate (0 = plain steps)."""
         return max(range(self.k_max + 1), key=self.rate)
+
+    def hopeless(self) -> bool:
+        """True when, with the measured costs, no block could pay even if every draft were
+        accepted: then plain decoding is faster, and neither shadow guesses nor probes are
+        worth their time. False while a cost is unknown or the block size is fixed."""
+        if self.fixed is not None or self.draft_step is None or not self.verify:
+            return False
+        plain = self.rate(0)
+        return all(self.rate(k, 1.0) < plain for k in range(1, self.k_max + 1))
 
     def prior(self, *, step: float, slope: float, draft_step: float) -> None:
         """Start from measured costs: a plain step of every model (``step`` seconds), the
@@ -112,20 +127,23 @@ class BlockSizer:
             return 2  # measure something first
         if self._plan is None or self._plan_age >= REPLAN_EVERY:
             self._plan, self._plan_age = self.best_k(), 0
+            self.plain_only = self._plan == 0 and self.hopeless()
         k = self._plan
         if k > 0:
             self.plain_run = 0
             return k
         self.plain_run += 1
-        if self.plain_run >= self.probe_every:
+        if self.plain_run >= self.probe_every and not self.plain_only:
             self.plain_run = 0
-            return max(range(1, self.k_max + 1), key=self.rate)
+            probe = max(range(1, self.k_max + 1), key=self.rate)
+            if self.rate(probe) >= PROBE_MARGIN * self.rate(0):
+                return probe
         return 0
 
     def observe(self, drafted: int, accepted: int, draft_seconds: float,
                 verify_seconds: float, block_len: int) -> None:
         """Update the estimates after one verified block (``drafted`` may be 0)."""
-        self._plan_age += 1
+        self._plan_age += REPLAN_EVERY if drafted else 1
         if block_len:
             self.verify[block_len] = _ema(self.verify.get(block_len), verify_seconds)
         if drafted:
@@ -172,6 +190,9 @@ class Speculator:
         self.reuse_draft_rows = reuse_draft_rows
         self.block_sizes: list[int] = []
         self._plain_steps = 0
+        self._rows: np.ndarray | None = None
+        self.plain_generations = 0
+        """Generations handed to plain decoding because no block could pay."""
 
     @property
     def draft_k(self) -> int | None:
@@ -186,6 +207,11 @@ class Speculator:
         eng = self.engine
         self.drafter = self.draft_role or eng.cheapest_role(
             weights, prefer=eng.conservative_role)
+        if self.sizer.hopeless():  # blocks cannot pay here: plain decoding, as is
+            self.plain_generations += 1
+            yield from eng.generate(tokens, weights, settings, max_tokens=max_tokens,
+                                    diagnostics=diagnostics, top_n=top_n)
+            return
         started = time.perf_counter()
         eng.finish_reason = "length"
         eng.activate(weights, settings, diagnostics=diagnostics, extra=(self.drafter,))
@@ -200,6 +226,8 @@ class Speculator:
                 # as in plain decoding); later blocks start with that token, unevaluated
                 k = 0 if head is not None else min(self.sizer.next_k(), max_tokens - emitted - 1,
                                                    eng.n_ctx - 1 - position)
+                if k <= 0 and head is None:  # a plain step, by plain decoding's own path
+                    k, head = 0, self._plain_step(seq)
                 t0 = time.perf_counter()
                 draft, ref_rows = self._draft(seq, head, settings, max(0, k))
                 t1 = time.perf_counter()
@@ -244,6 +272,20 @@ class Speculator:
         return emitted >= max_tokens
 
     # -- draft, verify, bookkeeping -------------------------------------------------------
+    def _plain_step(self, seq: list[int]) -> np.ndarray:
+        """Evaluate the last token of ``seq`` with every active model exactly as a plain
+        step does (one-token decode into a row buffer, the decode schedule) and time it:
+        adaptive speculation that chose plain steps costs what plain decoding costs."""
+        eng = self.engine
+        if self._rows is None or self._rows.shape != (len(eng.roles), eng.width):
+            self._rows = np.zeros((len(eng.roles), eng.width), dtype=np.float32)
+        start = time.perf_counter()
+        eng.evaluate_each(len(seq) - 1, seq[-1:], roles=eng.active, out=self._rows)
+        seconds = time.perf_counter() - start
+        eng.stats.verify_seconds += seconds
+        self.sizer.observe(0, 0, 0.0, seconds, 1)
+        return self._rows
+
     def _draft(self, seq: list[int], head: np.ndarray | None, settings: SamplerSettings,
                k: int) -> tuple[list[int], list[np.ndarray]]:
         """Up to ``k`` tokens from the drafter alone, drawn with the positions' noise (the
@@ -320,13 +362,15 @@ class Speculator:
             stats.accepted += accepted
             self.block_sizes.append(len(draft))
         block_len = len(draft) + (head is None)
+        if not block_len:
+            return  # a plain step (timed by _plain_step) or the prompt's first token
         self.sizer.observe(len(draft), accepted, draft_s, verify_s, block_len)
 
     def _shadow_guess(self, rows: np.ndarray, settings: SamplerSettings, position: int
                       ) -> int | None:
         """During adaptive plain steps, every few steps: the token the drafter would have
         drafted (sampled, not decoded), to keep the acceptance estimate fresh."""
-        if self.sizer.fixed is not None:
+        if self.sizer.fixed is not None or self.sizer.plain_only:
             return None
         self._plain_steps += 1
         if self._plain_steps % SHADOW_EVERY:

@@ -527,3 +527,47 @@ def test_no_speculation_when_a_model_cannot_roll_back_part_of_its_cache(
         s.generate("hello", max_tokens=12)
         assert s.engine.stats.drafted == 0 and not s.can_speculate
     assert any("large_base cannot roll back part of its cache" in m for m in said)
+
+
+def test_block_sizer_never_spends_a_block_where_the_measured_costs_say_it_cannot_pay() -> None:
+    """Issue 9: a drafted token costs more than a plain step of every model, so no block
+    pays at any acceptance: plain steps from the first token, and no probe blocks either."""
+    sizer = BlockSizer()
+    sizer.prior(step=0.0004, slope=0.07, draft_step=0.001)  # the family's load-time costs
+    ks = [sizer.next_k() for _ in range(3 * sizer.probe_every)]
+    assert ks == [0] * len(ks)
+    paying = BlockSizer()
+    paying.prior(step=0.1, slope=0.1, draft_step=0.005)  # 1B-like: cheap drafts, batching
+    assert paying.next_k() > 0
+
+
+def test_one_block_that_did_not_pay_ends_the_plan() -> None:
+    sizer = BlockSizer()
+    sizer.prior(step=0.01, slope=0.1, draft_step=0.001)
+    assert sizer.next_k() > 0
+    sizer.observe(4, 0, draft_seconds=0.004, verify_seconds=0.05, block_len=5)  # dear, rejected
+    assert sizer.next_k() == 0  # replanned at once, not after REPLAN_EVERY blocks
+
+
+def test_adaptive_plain_steps_are_plain_decoding_steps() -> None:
+    """Where blocks cannot pay, adaptive speculation drafts nothing and evaluates one token
+    per step with every active model (no all-logits batches), and yields plain's tokens."""
+    s = SamplerSettings(temperature=1.0, seed=4)
+    plain_engine, spec_engine = fake_engine("up", noise=3.0), fake_engine("up", noise=3.0)
+    w = weights_for(plain_engine, "up", 1.0)
+    a, _ = run(plain_engine, w, s, draft_k="plain", max_tokens=80)
+    spec = Speculator(spec_engine, draft_k=None)
+    spec.sizer.prior(step=0.0004, slope=0.5, draft_step=0.001)
+    calls: list[bool] = []
+    evaluate_each = spec_engine.evaluate_each
+
+    def spy(*args: object, **kwargs: object) -> list[np.ndarray]:
+        calls.append(bool(kwargs.get("all_logits")))
+        return evaluate_each(*args, **kwargs)  # type: ignore[arg-type]
+
+    spec_engine.evaluate_each = spy  # type: ignore[method-assign]
+    b = list(spec.generate(PROMPT, w, s, max_tokens=80))
+    assert same_steps(a, b)
+    assert spec.block_sizes == [] and spec_engine.stats.drafted == 0
+    assert not any(calls)
+    assert spec.plain_generations == 1  # handed to plain decoding from the first token
