@@ -229,18 +229,17 @@ class Api:
         return JSONResponse(data)
 
     async def tokenize(self, request: Request) -> Response:
-        body = await self.body(request)
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return await self._simple(request, Job(work=tokenize_work(body),
-                                               preset=self._preset(body)))
+        return await self._tokenizer_job(request, tokenize_work)
 
     async def detokenize(self, request: Request) -> Response:
+        return await self._tokenizer_job(request, detokenize_work)
+
+    async def _tokenizer_job(self, request: Request, make_work: Any) -> Response:
+        """Run ``make_work(body)`` for a JSON-object body on the queue."""
         body = await self.body(request)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        return await self._simple(request, Job(work=detokenize_work(body),
-                                               preset=self._preset(body)))
+        return await self._simple(request, Job(work=make_work(body), preset=self._preset(body)))
 
     async def tokenizer_info(self, request: Request) -> Response:
         return await self._simple(request, Job(work=tokenizer_info_work,
