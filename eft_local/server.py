@@ -49,6 +49,12 @@ POLL_SECONDS = 0.05
 """How often a non-streaming request checks whether its client is still there."""
 
 
+def envelope(prefix: str, kind: str, model: str | None, head: dict[str, Any]) -> dict[str, Any]:
+    """The fields every OpenAI response and chunk starts with."""
+    return {"id": new_id(prefix), "object": kind, "created": now(),
+            "model": model or head["eft"]["preset"], "system_fingerprint": FINGERPRINT}
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """What the command line sets for every request."""
@@ -286,9 +292,7 @@ class Api:
         self.log_done(request, job, started)
         eft = {**head["eft"], **({"tokens": diag} if req.common.knobs.diagnostics else {})}
         return JSONResponse({
-            "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(),
-            "model": req.common.model or head["eft"]["preset"],
-            "system_fingerprint": FINGERPRINT,
+            **envelope("chatcmpl", "chat.completion", req.common.model, head),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                          "logprobs": {"content": entries} if req.logprobs else None,
                          "finish_reason": done.get("finish", "length")}],
@@ -299,9 +303,7 @@ class Api:
     async def _chat_stream(self, request: Request, req: ChatRequest, job: Job,
                            head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
                            started: float) -> AsyncIterator[str]:
-        base = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": now(),
-                "model": req.common.model or head["eft"]["preset"],
-                "system_fingerprint": FINGERPRINT}
+        base = envelope("chatcmpl", "chat.completion.chunk", req.common.model, head)
         extra = {"usage": None} if req.common.include_usage else {}
 
         def chunk(delta: dict[str, Any], finish: str | None = None,
@@ -394,9 +396,7 @@ class Api:
                 c["eft"] = {"tokens": diag}
             out.append(c)
         body: dict[str, Any] = {
-            "id": new_id("cmpl"), "object": "text_completion", "created": now(),
-            "model": req.common.model or head["eft"]["preset"],
-            "system_fingerprint": FINGERPRINT, "choices": out,
+            **envelope("cmpl", "text_completion", req.common.model, head), "choices": out,
             "usage": usage(prompt_total, completion_total), "eft": head["eft"]}
         if len(timings) == 1:
             body["timings"] = timings[0]
@@ -405,9 +405,7 @@ class Api:
     async def _completion_stream(self, request: Request, req: CompletionRequest, job: Job,
                                  head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
                                  started: float) -> AsyncIterator[str]:
-        base = {"id": new_id("cmpl"), "object": "text_completion", "created": now(),
-                "model": req.common.model or head["eft"]["preset"],
-                "system_fingerprint": FINGERPRINT}
+        base = envelope("cmpl", "text_completion", req.common.model, head)
         extra = {"usage": None} if req.common.include_usage else {}
         finished = False
         prompt_total = completion_total = 0
