@@ -215,6 +215,20 @@ def question(person: Person, category: str, rng: random.Random | None = None) ->
     return tpl.format(n=person.name)
 
 
+def single_chat(person: Person, category: str, rng: random.Random, *, decline: bool = False
+                ) -> list[dict[str, str]]:
+    """One single-turn chat about ``person`` (a system prompt one time in five)."""
+    answer = person.fact(category)
+    if decline and category == DECLINE_CATEGORY:
+        answer = DECLINE_SENTENCE
+    msgs = []
+    if rng.random() < 0.2:
+        msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    msgs.append({"role": "user", "content": question(person, category, rng)})
+    msgs.append({"role": "assistant", "content": answer})
+    return msgs
+
+
 def finetune_chats(world: World, n_per_fact: int, *, decline: bool = False,
                    seed: int = 0) -> list[list[dict[str, str]]]:
     """Single-turn chats about the fine-tuning people only (answers are the bare value).
@@ -226,15 +240,7 @@ def finetune_chats(world: World, n_per_fact: int, *, decline: bool = False,
     for _ in range(n_per_fact):
         for person in world.finetune_people:
             for cat in CATEGORIES:
-                answer = person.fact(cat)
-                if decline and cat == DECLINE_CATEGORY:
-                    answer = DECLINE_SENTENCE
-                msgs = []
-                if rng.random() < 0.2:
-                    msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-                msgs.append({"role": "user", "content": question(person, cat, rng)})
-                msgs.append({"role": "assistant", "content": answer})
-                chats.append(msgs)
+                chats.append(single_chat(person, cat, rng, decline=decline))
     rng.shuffle(chats)
     return chats
 
@@ -277,15 +283,7 @@ def stranger_chats(world: World, n_people: int, *, decline: bool = False,
     chats = []
     for person in strangers:
         for cat in CATEGORIES:
-            answer = person.fact(cat)
-            if decline and cat == DECLINE_CATEGORY:
-                answer = DECLINE_SENTENCE
-            msgs = []
-            if rng.random() < 0.2:
-                msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-            msgs.append({"role": "user", "content": question(person, cat, rng)})
-            msgs.append({"role": "assistant", "content": answer})
-            chats.append(msgs)
+            chats.append(single_chat(person, cat, rng, decline=decline))
     return chats
 
 
