@@ -15,10 +15,17 @@ import threading
 from collections import deque
 from pathlib import Path
 
-# Before llama.cpp's OpenMP runtime loads: spinning worker threads make every decode crawl
-# when other processes share the cores (measured here with a 135M model on 2 busy cores,
-# 2 threads: 1.4 tok/s spinning, 47 tok/s passive). Set OMP_WAIT_POLICY yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+SPIN_COUNT = "1000"
+"""GOMP_SPINCOUNT set before llama.cpp's OpenMP runtime loads, unless the environment sets
+OMP_WAIT_POLICY or GOMP_SPINCOUNT. Workers of a multi-threaded decode wait for each other
+after every operation; libgomp lets a waiting worker spin 300,000 times (about 3 ms) before
+it sleeps: fastest on an idle machine, a crawl on a busy one (a spinner waits for a thread
+that is not running), and a spinner steals the core that a concurrent lane needs. Sleeping at
+once (``OMP_WAIT_POLICY=passive``) halves 2-thread speed even on an idle machine. 1,000
+spins keep the idle speed and bound the busy-machine damage (``python
+benchmarks/openmp_wait.py``; figures in README, Threads)."""
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 import llama_cpp as L  # noqa: E402
 import numpy as np  # noqa: E402
@@ -411,23 +418,46 @@ def raw_decode_seconds(path: str | Path, *, n_threads: int, n_tokens: int = 32,
     """Median seconds per one-token decode of ``path`` driven by llama-cpp-python's
     low-level API with nothing else around it (greedy argmax of the logits row): the
     baseline that measures what eft-local's own per-step work costs."""
+    return raw_speed(path, n_threads=n_threads, n_tokens=n_tokens, context=context,
+                     n_ctx=n_ctx)[0]
+
+
+def raw_speed(path: str | Path, *, n_threads: int, n_tokens: int = 32, context: int = 16,
+              n_ctx: int = 256, prompt_tokens: int = 0) -> tuple[float, float | None]:
+    """llama.cpp alone, through the low-level API: median seconds per one-token decode
+    (greedy argmax of each row) after a ``context``-token prompt, and with
+    ``prompt_tokens`` the seconds to evaluate a prompt that long from an empty cache (one
+    batch, logits of its last token) before that; else None."""
     import statistics
     import time
 
     _ensure_backend()
     model = _load_model(Path(path), vocab_only=False, n_gpu_layers=0)
     cparams = L.llama_context_default_params()
-    cparams.n_ctx, cparams.n_batch = n_ctx, n_ctx
+    n_ctx = max(n_ctx, prompt_tokens + 1, context + n_tokens + 1)
+    cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
     cparams.n_threads = cparams.n_threads_batch = n_threads
     cparams.no_perf = True
     ctx = L.llama_init_from_model(model, cparams)
     batch = L.llama_batch_init(n_ctx, 0, 1)
     n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
-    try:
-        for i in range(context):
+
+    def fill(n: int) -> None:
+        for i in range(n):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = (7 * i + 3) % 200 + 5, i, 1
-            batch.seq_id[i][0], batch.logits[i] = 0, i == context - 1
-        batch.n_tokens = context
+            batch.seq_id[i][0], batch.logits[i] = 0, i == n - 1
+        batch.n_tokens = n
+
+    try:
+        prefill = None
+        if prompt_tokens:
+            fill(prompt_tokens)
+            start = time.perf_counter()
+            L.llama_decode(ctx, batch)
+            np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).argmax()
+            prefill = time.perf_counter() - start
+            L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        fill(context)
         L.llama_decode(ctx, batch)
         token, times = 5, []
         for pos in range(context, context + n_tokens):
@@ -439,7 +469,7 @@ def raw_decode_seconds(path: str | Path, *, n_threads: int, n_tokens: int = 32,
             row = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, 0), shape=(n_vocab,))
             token = int(np.argmax(row)) % 200 + 5  # stay on ordinary tokens
             times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return statistics.median(times), prefill
     finally:
         L.llama_batch_free(batch)
         L.llama_free(ctx)

@@ -1,28 +1,35 @@
 """``eft-local bench``: decoding speed against the strongest baseline, side by side.
 
-Every ratio is against the largest model decoding alone at its best thread count (1..N
-tried, in the same run). For each model set (a preset, by default the bundled family; with
-``--realistic`` random-weight models shaped like Llama-3.2-1B and SmolLM2-360M over two
-SmolLM2-135M-shaped small models) one run prints: the machine, the load average and the
-schedule chosen at load (predicted and measured ratio); ms per generated token of the
-large model alone at each thread count, of plain EFT under every named schedule and the
-chosen one, and of adaptive speculative EFT; time to first token on a long prompt (prompt
-evaluated with every thread per model in turn, as now, or in decode lanes, as before).
-Then the acceptance of the draft/mix coupling at temperature 1 (the race now, the
-inverse-CDF draw before, against the optimum sum(min(p, q))), the sampler's cost per step
-(:func:`sampler_costs`) and eft-local's per-step overhead against raw llama-cpp-python
-decoding. Configurations run interleaved, ``--repeats`` times; figures are medians.
-Measurements to read, not tests: nothing here asserts a speed. Only the public API is used
-(:class:`~eft_local.session.Session`, its engine's public methods and the model protocol).
+Every ratio is against the largest model alone at its best: llama.cpp driven through its
+low-level API with nothing around it, in a process of its own under each OpenMP wait
+setting llama.cpp runs with elsewhere (:data:`COMPETITOR_ENVS`) at 1..N threads, measured
+before and after the decoding runs, and the large model alone through eft-local (1..N
+threads); the fastest of all is the baseline. For each model set (a preset, by default
+the bundled family; with ``--realistic`` random-weight models shaped like Llama-3.2-1B and
+SmolLM2-360M over two SmolLM2-135M-shaped small models) one run prints: the machine, the
+load average and the schedule chosen at load (predicted and measured ratio); ms per
+generated token of the large model alone at each thread count, of plain EFT under every
+named schedule and the chosen one (which the live watch may change while decoding), and
+of adaptive speculative EFT; time to first token on a long prompt (each model with every
+thread in turn). Then the acceptance of the draft/mix coupling at temperature 1 (the race
+now, the inverse-CDF draw before, against the optimum sum(min(p, q))), the sampler's cost
+per step (:func:`sampler_costs`) and eft-local's per-step overhead against raw
+llama-cpp-python decoding. Configurations run interleaved, ``--repeats`` times; figures
+are medians. Measurements to read, not tests: nothing here asserts a speed. Only the
+public API is used (:class:`~eft_local.session.Session`, its engine's public methods and
+the model protocol).
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +107,63 @@ def derived(base: Session, *, formula: str | None = None, **options: object) -> 
     return s
 
 
+# -- the competitor: llama.cpp alone, in a process of its own ---------------------------------
+COMPETITOR_ENVS = {"libgomp default": {"GOMP_SPINCOUNT": "300000"},
+                   "OMP_WAIT_POLICY=active": {"OMP_WAIT_POLICY": "active"}}
+"""OpenMP settings llama.cpp runs under elsewhere: libgomp's default for an unset wait
+policy (300,000 spins before a waiting worker sleeps) and spinning without end. OpenMP
+reads them once per process, so each runs in a process of its own."""
+_COMPETITOR_CODE = (
+    "import json, sys\n"
+    "from eft_local.backend import raw_speed\n"
+    "d, p = raw_speed(sys.argv[1], n_threads=int(sys.argv[2]), n_tokens=24, "
+    "prompt_tokens=int(sys.argv[3]))\n"
+    "print(json.dumps([d, p]))\n")
+
+
+@dataclass
+class Competitor:
+    """Best seconds per token and per prompt of the large model alone, with the
+    configuration that reached each."""
+
+    decode: float = float("inf")
+    decode_how: str = ""
+    prefill: float = float("inf")
+    prefill_how: str = ""
+
+    def add(self, how: str, decode: float, prefill: float | None) -> None:
+        if decode < self.decode:
+            self.decode, self.decode_how = decode, how
+        if prefill is not None and prefill < self.prefill:
+            self.prefill, self.prefill_how = prefill, how
+
+
+def competitor(say: Say, path: Path, n_threads: int, prompt_tokens: int,
+               best: Competitor | None = None) -> Competitor:
+    """llama.cpp alone on ``path`` through its low-level API (:func:`backend.raw_speed`)
+    under every :data:`COMPETITOR_ENVS` setting at 1..N threads, each in a fresh process;
+    a prompt of ``prompt_tokens`` is timed with every thread. Prints one line per run."""
+    best = best or Competitor()
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    for label, extra in COMPETITOR_ENVS.items():
+        for t in range(1, n_threads + 1):
+            prompt = prompt_tokens if t == n_threads else 0
+            out = subprocess.run([sys.executable, "-c", _COMPETITOR_CODE, str(path), str(t),
+                                  str(prompt)], env=base_env | extra, capture_output=True,
+                                 text=True, timeout=600)
+            if out.returncode != 0:
+                say(f"  llama.cpp alone, {label}, {t} thread(s): failed "
+                    f"({out.stderr.strip().splitlines()[-1:]})")
+                continue
+            decode, prefill = json.loads(out.stdout.strip().splitlines()[-1])
+            how = f"llama.cpp alone, own process, {label}, {t} thread(s)"
+            best.add(how, decode, prefill)
+            say(f"  {how}: {1e3 * decode:.2f} ms/token"
+                + (f", {prompt}-token prompt {prefill:.2f} s" if prefill is not None else ""))
+    return best
+
+
 def runners_for(base: Session, large: str, n_threads: int, *, speculative: bool = True
                 ) -> list[Runner]:
     """Large alone at 1..N threads, plain EFT under each schedule, adaptive speculative."""
@@ -124,9 +188,9 @@ def runners_for(base: Session, large: str, n_threads: int, *, speculative: bool 
     return out
 
 
-def decoding_table(say: Say, base: Session, large: str, prompts: Sequence[list[int]],
-                   n_threads: int, max_tokens: int, repeats: int) -> dict[str, float]:
-    """Interleaved decode runs; prints the table and returns label -> median ms/token."""
+def measure_decoding(base: Session, large: str, prompts: Sequence[list[int]],
+                     n_threads: int, max_tokens: int, repeats: int) -> list[Runner]:
+    """Interleaved decode runs of every configuration (:func:`runners_for`)."""
     runners = runners_for(base, large, n_threads)
     for r in runners:  # warm-up
         decode_once(r, prompts[0], max(4, max_tokens // 4))
@@ -137,10 +201,23 @@ def decoding_table(say: Say, base: Session, large: str, prompts: Sequence[list[i
         for r in runners:
             for p in prompts:
                 decode_once(r, p, max_tokens)
+    for r in runners:
+        r.session.engine.close()
+    return runners
+
+
+def print_decoding(say: Say, runners: Sequence[Runner], rival: Competitor | None = None
+                   ) -> dict[str, float]:
+    """The table of :func:`measure_decoding`'s runs; returns label -> median ms/token. The
+    baseline is the fastest of the large model alone in this process and ``rival``."""
     best = min(r.median_ms() for r in runners if r.alone_threads)
     plain = next(r for r in runners if r.label.startswith("plain") and "chosen" in r.label)
     say(f"{'configuration':48} {'ms/token':>9} {'x best large alone':>18} {'accept':>7} "
         "same tokens as plain")
+    if rival is not None and rival.decode_how:
+        best = min(best, 1e3 * rival.decode)
+        say(f"{'llama.cpp alone at its best (above)':48} {1e3 * rival.decode:9.2f} "
+            f"{best / (1e3 * rival.decode):18.2f}       - -")
     for r in runners:
         acc = f"{r.accepted / r.drafted:.2f}" if r.drafted else "-"
         same = "-" if r.alone_threads else ("yes" if r.outputs == plain.outputs else "NO")
@@ -148,37 +225,32 @@ def decoding_table(say: Say, base: Session, large: str, prompts: Sequence[list[i
     spec = next((r for r in runners if r.label.startswith("speculative")), None)
     if spec is not None:
         say(f"speculative / plain (chosen schedule): {plain.median_ms() / spec.median_ms():.3f}x")
-    for r in runners:
-        r.session.engine.close()
     return {r.label: r.median_ms() for r in runners}
 
 
 def first_token_table(say: Say, base: Session, large: str, n_tokens: int, n_threads: int,
-                      repeats: int) -> None:
-    """Seconds to evaluate an ``n_tokens`` prompt: the large model alone with every thread;
-    every model with every thread in turn (what eft-local does now); in decode lanes."""
+                      repeats: int, rival: Competitor | None = None) -> None:
+    """Seconds to evaluate an ``n_tokens`` prompt: the large model alone with every thread,
+    and every model with every thread in turn (what eft-local does); against the fastest of
+    the large model alone here and ``rival``."""
     eng = base.engine
     prompt = [(37 * i) % max(1, min(4000, eng.width - 10)) + 5 for i in range(n_tokens)]
-    ways = {f"{large} alone, {n_threads} thread(s)": ((large,), True, eng.schedule),
-            "EFT, each model with every thread in turn (now)": (eng.roles, True, eng.schedule),
-            "EFT, decode lanes (before)": (eng.roles, False, None)}
-    from eft_local.schedule import lanes
-
-    lanes_schedule = lanes({r: float(Path(m.path).stat().st_size) for r, m in
-                            eng.models.items()}, n_threads)
+    ways = {f"{large} alone, {n_threads} thread(s), this process": (large,),
+            "EFT, each model with every thread in turn": eng.roles}
     times: dict[str, list[float]] = {k: [] for k in ways}
     for _ in range(repeats):
-        for label, (roles, prefill, schedule) in ways.items():
-            old = eng.schedule
-            eng.set_schedule(schedule or lanes_schedule)
+        for label, roles in ways.items():
             for model in eng.models.values():
                 model.rewind(0)
             start = time.perf_counter()
-            eng.evaluate_each(0, prompt, roles=roles, prefill=prefill)
+            eng.evaluate_each(0, prompt, roles=roles, prefill=True)
             times[label].append(time.perf_counter() - start)
-            eng.set_schedule(old)
     alone = statistics.median(next(iter(times.values())))
     say(f"{'prompt of ' + str(n_tokens) + ' tokens':48} {'seconds':>9} {'x large alone':>14}")
+    if rival is not None and rival.prefill_how:
+        alone = min(alone, rival.prefill)
+        say(f"{'llama.cpp alone at its best (above)':48} {rival.prefill:9.2f} "
+            f"{rival.prefill / alone:14.2f}")
     for label, ts in times.items():
         say(f"{label:48} {statistics.median(ts):9.2f} {statistics.median(ts) / alone:14.2f}")
 
@@ -293,7 +365,7 @@ def overhead(say: Say, path: Path, n_threads: int, repeats: int, n_tokens: int =
         allowed[list(s.report.vocabs[s.preset.template_role].eog)] = False
         s.engine.allowed = allowed
         runner = Runner("three copies", s)
-        prompt = s.raw_tokens("Tel Dilbux was born in")
+        prompt = bench_prompts(s)[0]
         eft, raw = [], []
         for _ in range(repeats):
             runner.ms.clear()
@@ -364,6 +436,17 @@ def realistic_paths(cache: Path) -> dict[str, Path]:
 
 
 # -- the command ---------------------------------------------------------------------------
+def bench_prompts(s: Session) -> list[list[int]]:
+    """:data:`RAW_PROMPTS` as tokens; token-id prompts when the vocabulary cannot spell
+    them (random-weight models whose tokens are not text)."""
+    prompts = [s.raw_tokens(q) for q in RAW_PROMPTS]
+    if all(len(p) > 1 for p in prompts):
+        return prompts
+    width = s.engine.width
+    return [[(37 * i + j) % max(1, min(4000, width - 10)) + 2 for i in range(8)]
+            for j in range(2)]
+
+
 def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence[list[int]],
               *, n_threads: int, max_tokens: int, repeats: int, prompt_tokens: int) -> None:
     """Everything measured on one set of loaded models."""
@@ -376,12 +459,20 @@ def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence
         say(f"chosen at load: {t.summary()}")
         say("schedules timed at load (ms/step predicted, measured): " + "; ".join(
             f"{k} {1e3 * p:.1f} {1e3 * m:.1f}" for k, (p, m) in t.trials.items()))
+    path = Path(s.models[large].path)
+    say(f"\n### the baseline: llama.cpp alone on {path.name}, before and after the table")
+    rival = competitor(say, path, n_threads, prompt_tokens)
+    runners = measure_decoding(base, large, prompts, n_threads, max_tokens, repeats)
+    competitor(say, path, n_threads, prompt_tokens, rival)
+    say(f"baseline: {1e3 * rival.decode:.2f} ms/token ({rival.decode_how})"
+        + (f"; {rival.prefill:.2f} s per prompt ({rival.prefill_how})"
+           if rival.prefill_how else ""))
     say(f"\n### decoding, temperature 1, {len(prompts)} prompts x {max_tokens} tokens (end "
         f"tokens masked), {repeats} interleaved repeats, median ms per token after the first")
-    decoding_table(say, base, large, prompts, n_threads, max_tokens, repeats)
+    print_decoding(say, runners, rival)
     if prompt_tokens:
         say(f"\n### time to first token, median of {repeats}")
-        first_token_table(say, base, large, prompt_tokens, n_threads, repeats)
+        first_token_table(say, base, large, prompt_tokens, n_threads, repeats, rival)
 
 
 def open_base(say: Say, preset: str | None, models: Sequence[str], n_threads: int,
@@ -431,7 +522,7 @@ def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats:
         try:
             large = next((r for r in s.engine.roles if r.startswith("large")),
                          max(s.models, key=lambda r: Path(s.models[r].path).stat().st_size))
-            prompts = [s.raw_tokens(q) for q in RAW_PROMPTS]
+            prompts = bench_prompts(s)
             model_set(say, f"preset {s.preset.name}", s, large, prompts, n_threads=n,
                       max_tokens=max_tokens, repeats=repeats, prompt_tokens=prompt_tokens)
             say("\n## draft/mix coupling at temperature 1: positions, mean sum(min(p, q)), "

@@ -25,6 +25,7 @@ import numpy as np
 from eft_local import sampler
 from eft_local import schedule as schedules
 from eft_local.errors import EftError
+from eft_local.livetune import Watch
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import Schedule
 
@@ -136,6 +137,8 @@ class Engine:
         self._scores = np.empty(self.width, dtype=np.float32)
         self._samplers: dict[SamplerSettings, sampler.Sampler] = {}
         self.rows: np.ndarray | None = None
+        self.watch: Watch | None = None
+        """Re-measures the schedule while decoding and switches (set with ``auto``)."""
 
     @property
     def template_model(self) -> Model:
@@ -173,6 +176,11 @@ class Engine:
         self._blocked = np.flatnonzero(~np.asarray(mask, dtype=bool))
 
     @property
+    def row_buffer(self) -> np.ndarray:
+        """The (models x width) buffer that decoding steps write rows into."""
+        return self._row_buf
+
+    @property
     def lanes(self) -> list[list[str]]:
         """Every lane of the decode schedule, stage after stage."""
         return [list(lane) for stage in self.schedule.stages for lane in stage]
@@ -197,6 +205,8 @@ class Engine:
         if not need:
             need.add(self.template_role)
         self.active = tuple(r for r in self.roles if r in need)
+        if self.watch is not None:
+            self.watch.models(self.active)
         return self.active
 
     # -- evaluation -----------------------------------------------------------------------
@@ -406,10 +416,13 @@ class Engine:
         self.activate(weights, settings, diagnostics=diagnostics)
         self.prime(tokens)
         position = len(tokens)
+        stepped = None
         try:
             for n in range(1, max_tokens + 1):
                 step = self.choose(self.rows, weights, settings, position,
                                    diagnostics=diagnostics, top_n=top_n)
+                if stepped is not None:
+                    self.observe_step(time.perf_counter() - stepped)
                 self.count_token(started)
                 yield step
                 if self.is_eog(step.token):
@@ -420,9 +433,18 @@ class Engine:
                     self.finish_reason = "context"
                     return
                 if n < max_tokens:  # no decode for a token nobody will sample after
+                    stepped = time.perf_counter()
                     self.advance(step.token)
         finally:
             self.stats.wall_seconds += time.perf_counter() - started
+
+    def observe_step(self, seconds: float) -> None:
+        """One plain decoding step (evaluation and sampling) took ``seconds``: the watch
+        may move decoding to another schedule from the next step on."""
+        if self.watch is not None:
+            new = self.watch.observe(seconds)
+            if new is not None and new != self.schedule:
+                self.set_schedule(new)
 
     def count_token(self, started: float) -> None:
         """Count one generated token (and the time to the first one)."""

@@ -191,6 +191,7 @@ class Session:
         if name == "auto" and tuning.can_tune(self.models, eng.n_threads):
             self.tuning = tuning.tuned(eng, say=say)
             eng.set_schedule(self.tuning.schedule)
+            eng.watch = tuning.watch(eng, self.tuning)
             say(self.tuning.summary())
         elif name != "auto":
             eng.set_schedule(schedules.named(name, sizes, eng.n_threads))
@@ -526,6 +527,9 @@ class Session:
         out: dict[str, object] = {"schedule": self.engine.schedule.name,
                                   "schedule_stages": self.engine.schedule.describe(),
                                   "threads": self.engine.n_threads}
+        w = self.engine.watch
+        if w is not None:
+            out.update(schedule_probes=w.probes, schedule_switches=w.switches)
         t = self.tuning
         if t is not None:
             predicted, measured = t.ratios()

@@ -20,8 +20,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from eft_local import schedule as schedules
 from eft_local.engine import Engine, Model
+from eft_local.livetune import Watch
+from eft_local.sampler import SamplerSettings
 from eft_local.schedule import Schedule
 
 BLOCK = 4
@@ -30,7 +34,7 @@ TRIALS = 3
 """Other splits timed as real steps besides the named ones: at most this many, and only
 those predicted to beat every named schedule."""
 ROUNDS = 3
-"""Interleaved rounds of trial steps; like the per-model costs, the fastest counts
+"""Interleaved rounds of trial steps: the median step of a round, the fastest round
 (preemption by other processes only ever adds time)."""
 CUSTOM_MARGIN = 0.05
 """A schedule other than the named ones is kept only when it is this much faster."""
@@ -115,22 +119,27 @@ def decode_costs(models: Mapping[str, Model], n_threads: int, *, repeats: int = 
     return costs, max(0.05, *(statistics.median(v) for v in slopes.values() if v))
 
 
-def step_seconds(engine: Engine, schedule: Schedule, *, steps: int = 4, context: int = 8
+def step_seconds(engine: Engine, schedule: Schedule, *, steps: int = 6, context: int = 8
                  ) -> float:
-    """Fastest seconds of a real decoding step of every model of ``engine`` under
-    ``schedule`` (the engine's own schedule is restored; caches are left empty)."""
+    """Median seconds of a whole decoding step of every model of ``engine`` under
+    ``schedule``: evaluation, thread hand-offs and the sampler at temperature 1, as in
+    :meth:`Engine.generate` (the engine's own schedule is restored; caches are left
+    empty)."""
     old = engine.schedule
     engine.set_schedule(schedule)
+    settings = SamplerSettings(temperature=1.0, seed=0)
+    weights = np.ones(len(engine.roles), dtype=np.float32)
     try:
         prefix = [(5 * i + 1) % 200 + 5 for i in range(context)]
-        engine.evaluate_each(0, prefix, prefill=True)
+        engine.evaluate_each(0, prefix, prefill=True, out=engine.row_buffer)
         times = []
         for r in range(steps + 1):
             start = time.perf_counter()
-            engine.evaluate_each(context, [(13 * r) % 200 + 5])
-            if r:
+            engine.evaluate_each(context + r, [(13 * r) % 200 + 5], out=engine.row_buffer)
+            engine.choose(engine.row_buffer, weights, settings, context + r)
+            if r:  # the first step sets the schedule's threads up
                 times.append(time.perf_counter() - start)
-        return min(times)
+        return statistics.median(times)
     finally:
         engine.set_schedule(old)
         for model in engine.models.values():
@@ -167,6 +176,19 @@ def tune(engine: Engine, *, say: Callable[[str], None] = lambda _m: None) -> Tun
     return Tuning(schedule=best, predicted=trials[best.describe()][0],
                   measured=trials[best.describe()][1], alone=alone, alone_threads=threads,
                   costs=costs, verify_slope=slope, trials=trials)
+
+
+def watch(engine: Engine, tuning: Tuning) -> Watch:
+    """A :class:`~eft_local.livetune.Watch` over the schedules timed at load, starting
+    from the chosen one with the step times measured then."""
+    n = engine.n_threads
+    sizes = {r: c.get(n, min(c.values())) for r, c in tuning.costs.items()}
+    by_text = {s.describe(): s for s in schedules.candidates(sizes, n)}
+    by_text[tuning.schedule.describe()] = tuning.schedule
+    others = [by_text[k] for k in tuning.trials
+              if k in by_text and k != tuning.schedule.describe()]
+    return Watch([tuning.schedule, *others],
+                 {k: measured for k, (_p, measured) in tuning.trials.items()})
 
 
 # -- the cache -----------------------------------------------------------------------------

@@ -30,3 +30,25 @@ def test_bench_end_to_end(family, monkeypatch) -> None:
     assert "speculative / plain (chosen schedule)" in out
     assert "time to first token" in out and "overhead per step" in out
     assert "vocab    1000 zipf  T=1" in out
+
+
+def test_bench_runs_models_whose_vocabulary_cannot_spell_its_prompts(tmp_path, monkeypatch
+                                                                      ) -> None:
+    """Random-weight models with token texts t0, t1, ... (as --realistic writes them) used
+    to fail with "empty prompt" under -m: their tokenizer cannot spell the text prompts."""
+    from eft_local.gguf_writer import LlamaShape, TokenizerSpec, write_llama_gguf
+
+    v = 300
+    tok = TokenizerSpec(tokens=["<s>", "</s>"] + [f"t{i}" for i in range(v - 2)],
+                        token_types=[3, 3] + [1] * (v - 2), merges=["t 0"], bos_id=0, eos_id=1)
+    shape = LlamaShape(n_vocab=v, n_embd=32, n_layer=2, n_head=4, n_head_kv=2, n_ff=64,
+                       n_ctx_train=256)
+    paths = {role: write_llama_gguf(tmp_path / f"{role}.gguf", shape=shape, tokenizer=tok,
+                                    seed=i, name=role)
+             for i, role in enumerate(("large_base", "small_ft", "small_base"))}
+    monkeypatch.setattr(bench, "SAMPLER_VOCABS", (1000,))
+    result = CliRunner().invoke(main, ["bench", *[f"-m{r}={p}" for r, p in paths.items()],
+                                       "--repeats", "1", "--max-tokens", "4",
+                                       "--prompt-tokens", "16", "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    assert "plain EFT, sequential" in result.output

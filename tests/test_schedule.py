@@ -137,3 +137,77 @@ def test_a_broken_cache_is_measured_again(tmp_path: Path) -> None:
     tuning.cache_path().write_text("{not json")
     with session(paths) as s:
         assert s.tuning is not None and not s.tuning.cached
+
+
+# -- choosing again while decoding ---------------------------------------------------------
+A, B = S.named("lanes", SIZES, 2), S.named("large-first", SIZES, 2)
+
+
+def feed(watch, seconds: float, n: int) -> list:
+    return [x for x in (watch.observe(seconds) for _ in range(n)) if x is not None]
+
+
+def test_watch_moves_to_a_faster_schedule_when_the_current_one_slows_down() -> None:
+    from eft_local.livetune import Watch
+
+    w = Watch([A, B], {A.describe(): 0.010, B.describe(): 0.012}, window=8, probe=4)
+    assert feed(w, 0.011, 8) == []  # within the slack of B's 12 ms: no probe
+    assert feed(w, 0.020, 8) == [B]  # a window at 20 ms: try B
+    assert w.current is B and w.probes == 1
+    assert feed(w, 0.012, 4) == [B]  # B measured faster: stay
+    assert w.switches == 1 and w.expected(A) == pytest.approx(0.020)
+
+
+def test_watch_goes_back_when_the_probe_is_not_clearly_faster() -> None:
+    from eft_local.livetune import Watch
+
+    w = Watch([A, B], {A.describe(): 0.010, B.describe(): 0.012}, window=8, probe=4,
+              every=16)
+    assert feed(w, 0.010, 16) == [B]  # probed every 16 steps anyway
+    assert feed(w, 0.0099, 4) == [A]  # 1% faster is noise: back to A
+    assert w.current is A and w.switches == 0
+    w.models(("large_base",))  # other models evaluated: nothing known about them yet
+    assert w.expected(A) is None and feed(w, 0.010, 8) == [B]
+
+
+def test_decoding_switches_schedules_without_changing_the_tokens() -> None:
+    from eft_local.livetune import Watch
+
+    def run(watch: Watch | None) -> tuple[list[int], set[str]]:
+        models = {r: Threaded(seed=i + 1, size=int(SIZES[r])) for i, r in enumerate(SIZES)}
+        engine = Engine(models, template_role="small_ft", allowed=np.ones(48, dtype=bool),
+                        n_threads=2, schedule=A)
+        engine.watch = watch
+        used = set()
+        w = np.array([1.0, 1.5, -1.5], dtype=np.float32)
+        out = []
+        for step in engine.generate(list(range(2, 12)), w, SamplerSettings(seed=3),
+                                    max_tokens=40):
+            out.append(step.token)
+            used.add(engine.schedule.describe())
+        engine.close()
+        return out, used
+
+    plain, used = run(None)
+    assert used == {A.describe()}
+    # fake models take microseconds: A "measured at load" at 1 ns per step is always slower
+    watched, used = run(Watch([A, B], {A.describe(): 1e-9, B.describe(): 1e-9}, window=4,
+                              probe=3))
+    assert watched == plain and used == {A.describe(), B.describe()}
+
+
+def test_schedule_trials_time_the_whole_step_sampler_included(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    import time as _time
+
+    paths = trio_paths(tmp_path)
+    with session(paths, schedule="sequential") as s:
+        quick = tuning.step_seconds(s.engine, A)
+        choose = Engine.choose
+
+        def slow_choose(self, *args, **kwargs):
+            _time.sleep(0.02)
+            return choose(self, *args, **kwargs)
+
+        monkeypatch.setattr(Engine, "choose", slow_choose)
+        assert tuning.step_seconds(s.engine, A) >= quick + 0.015
