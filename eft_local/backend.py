@@ -197,6 +197,8 @@ class LlamaModel:
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = min(n_batch, cparams.n_ctx)
         cparams.n_threads = cparams.n_threads_batch = max(1, n_threads)
+        self.threads = max(1, n_threads)
+        """Threads used for decoding and prompts (:meth:`set_threads`)."""
         cparams.no_perf = True
         _forget_errors()
         self._ctx = L.llama_init_from_model(self._model, cparams)
@@ -393,8 +395,11 @@ class LlamaModel:
         return False
 
     def set_threads(self, n_threads: int) -> None:
-        """Change the number of threads used for decoding."""
-        L.llama_set_n_threads(self._ctx, max(1, n_threads), max(1, n_threads))
+        """Change the number of threads used for decoding (and prompts)."""
+        n = max(1, n_threads)
+        if n != self.threads:
+            L.llama_set_n_threads(self._ctx, n, n)
+            self.threads = n
 
     def close(self) -> None:
         """Free the context and weights (idempotent)."""

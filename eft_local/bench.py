@@ -123,19 +123,39 @@ _COMPETITOR_CODE = (
 
 @dataclass
 class Competitor:
-    """Best seconds per token and per prompt of the large model alone, with the
-    configuration that reached each."""
+    """llama.cpp alone: each configuration's runs, and the best configuration by the median
+    of its runs (the best of many runs of one configuration would flatter it)."""
 
-    decode: float = float("inf")
-    decode_how: str = ""
-    prefill: float = float("inf")
-    prefill_how: str = ""
+    runs: dict[str, list[float]] = field(default_factory=dict)
+    prompts: dict[str, list[float]] = field(default_factory=dict)
 
     def add(self, how: str, decode: float, prefill: float | None) -> None:
-        if decode < self.decode:
-            self.decode, self.decode_how = decode, how
-        if prefill is not None and prefill < self.prefill:
-            self.prefill, self.prefill_how = prefill, how
+        self.runs.setdefault(how, []).append(decode)
+        if prefill is not None:
+            self.prompts.setdefault(how, []).append(prefill)
+
+    @staticmethod
+    def _best(found: dict[str, list[float]]) -> tuple[float, str]:
+        if not found:
+            return float("inf"), ""
+        how = min(found, key=lambda k: statistics.median(found[k]))
+        return statistics.median(found[how]), how
+
+    @property
+    def decode(self) -> float:
+        return self._best(self.runs)[0]
+
+    @property
+    def decode_how(self) -> str:
+        return self._best(self.runs)[1]
+
+    @property
+    def prefill(self) -> float:
+        return self._best(self.prompts)[0]
+
+    @property
+    def prefill_how(self) -> str:
+        return self._best(self.prompts)[1]
 
 
 def competitor(say: Say, path: Path, n_threads: int, prompt_tokens: int,
@@ -173,17 +193,13 @@ def runners_for(base: Session, large: str, n_threads: int, *, speculative: bool 
                   derived(base, formula=large, n_threads=t, schedule="sequential",
                           speculative=False), alone_threads=t)
            for t in range(1, n_threads + 1)]
-    chosen = base.engine.schedule.name
     for name in NAMES:
-        mark = " (chosen)" if name == chosen else ""
-        out.append(Runner(f"plain EFT, {name}{mark}",
+        out.append(Runner(f"plain EFT, {name}",
                           derived(base, n_threads=n_threads, schedule=name, speculative=False)))
-    if chosen not in NAMES:
-        out.append(Runner(f"plain EFT, {chosen} (chosen)",
-                          derived(base, n_threads=n_threads, schedule="auto",
-                                  speculative=False)))
+    out.append(Runner(f"plain EFT, auto ({base.engine.schedule.name} at load, watched)",
+                      derived(base, n_threads=n_threads, schedule="auto", speculative=False)))
     if speculative:
-        out.append(Runner("speculative EFT, adaptive, chosen schedule",
+        out.append(Runner("speculative EFT, adaptive, auto schedule",
                           derived(base, n_threads=n_threads, schedule="auto")))
     return out
 
@@ -211,7 +227,7 @@ def print_decoding(say: Say, runners: Sequence[Runner], rival: Competitor | None
     """The table of :func:`measure_decoding`'s runs; returns label -> median ms/token. The
     baseline is the fastest of the large model alone in this process and ``rival``."""
     best = min(r.median_ms() for r in runners if r.alone_threads)
-    plain = next(r for r in runners if r.label.startswith("plain") and "chosen" in r.label)
+    plain = next(r for r in runners if r.label.startswith("plain EFT, auto"))
     say(f"{'configuration':48} {'ms/token':>9} {'x best large alone':>18} {'accept':>7} "
         "same tokens as plain")
     if rival is not None and rival.decode_how:
@@ -221,10 +237,15 @@ def print_decoding(say: Say, runners: Sequence[Runner], rival: Competitor | None
     for r in runners:
         acc = f"{r.accepted / r.drafted:.2f}" if r.drafted else "-"
         same = "-" if r.alone_threads else ("yes" if r.outputs == plain.outputs else "NO")
-        say(f"{r.label:48} {r.median_ms():9.2f} {best / r.median_ms():18.2f} {acc:>7} {same}")
+        say(f"{r.label[:48]:48} {r.median_ms():9.2f} {best / r.median_ms():18.2f} {acc:>7} {same}")
     spec = next((r for r in runners if r.label.startswith("speculative")), None)
     if spec is not None:
-        say(f"speculative / plain (chosen schedule): {plain.median_ms() / spec.median_ms():.3f}x")
+        say(f"speculative / plain (auto): {plain.median_ms() / spec.median_ms():.3f}x")
+    for r in (plain, spec):
+        w = None if r is None else r.session.engine.watch
+        if r is not None and w is not None:
+            say(f"{r.label}: the live watch probed {w.probes} time(s), switched {w.switches}, "
+                f"ended on {r.session.engine.schedule.name}")
     return {r.label: r.median_ms() for r in runners}
 
 
@@ -464,7 +485,8 @@ def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence
     rival = competitor(say, path, n_threads, prompt_tokens)
     runners = measure_decoding(base, large, prompts, n_threads, max_tokens, repeats)
     competitor(say, path, n_threads, prompt_tokens, rival)
-    say(f"baseline: {1e3 * rival.decode:.2f} ms/token ({rival.decode_how})"
+    say(f"baseline, the best configuration by the median of its runs: "
+        f"{1e3 * rival.decode:.2f} ms/token ({rival.decode_how})"
         + (f"; {rival.prefill:.2f} s per prompt ({rival.prefill_how})"
            if rival.prefill_how else ""))
     say(f"\n### decoding, temperature 1, {len(prompts)} prompts x {max_tokens} tokens (end "

@@ -132,7 +132,6 @@ class Engine:
         self.active: tuple[str, ...] = self.roles
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
-        self._threads: dict[str, int] = {}
         self._row_buf = np.zeros((len(self.roles), self.width), dtype=np.float32)
         self._scores = np.empty(self.width, dtype=np.float32)
         self._samplers: dict[SamplerSettings, sampler.Sampler] = {}
@@ -211,11 +210,11 @@ class Engine:
 
     # -- evaluation -----------------------------------------------------------------------
     def _use_threads(self, role: str, n: int) -> None:
-        if self._threads.get(role) != n:
-            setter = getattr(self.models[role], "set_threads", None)
-            if setter is not None:
-                setter(n)
-            self._threads[role] = n
+        # asked every time: models may be shared with other engines (bench, explore) that
+        # set other counts; a model skips the call when nothing changes
+        setter = getattr(self.models[role], "set_threads", None)
+        if setter is not None:
+            setter(n)
 
     def evaluate_role(self, role: str, n_keep: int, tokens: list[int], *,
                       all_logits: bool = False) -> np.ndarray:
@@ -276,16 +275,18 @@ class Engine:
             if len(stage_lanes) == 1:
                 done.update(self._run_lane(stage_lanes[0], jobs, all_logits, outs))
                 continue
-            if self._pool_size < len(stage_lanes):
+            # the first lane runs in this thread, the others in workers: one hand-off fewer
+            if self._pool_size < len(stage_lanes) - 1:
                 self.close()
-                self._pool, self._pool_size = ThreadPoolExecutor(len(stage_lanes)), len(
-                    stage_lanes)
+                self._pool_size = len(stage_lanes) - 1
+                self._pool = ThreadPoolExecutor(self._pool_size)
             assert self._pool is not None
             gate, futures = _Gate(), []
             try:
-                for lane in stage_lanes:
+                for lane in stage_lanes[1:]:
                     futures.append(self._pool.submit(self._run_lane, lane, jobs, all_logits,
                                                      outs, gate))
+                done.update(self._run_lane(stage_lanes[0], jobs, all_logits, outs, gate))
                 for future in futures:
                     done.update(future.result())
             except BaseException:  # Ctrl-C or a failed lane: no rollback while one decodes

@@ -3,8 +3,10 @@
 The schedule chosen at load (:mod:`eft_local.tuning`) is measured once, in a few steps, under
 the load of that moment. :class:`Watch` times every plain decoding step (evaluation, thread
 hand-offs and the sampler) under the current schedule; when the median of a window is
-clearly slower than another candidate's last measured time, or every :attr:`Watch.every`
-steps anyway, it tries each other candidate for a few steps and keeps the fastest. A step's
+clearly slower than another candidate's last measured time, or after :attr:`Watch.every`
+steps anyway, it tries each other candidate for a few steps and keeps the fastest. A probe
+that changes nothing doubles the steps until the next one (up to :attr:`Watch.most`): a
+machine that stays as it is pays less and less for the checks. A step's
 text never depends on the schedule, only its speed does.
 """
 
@@ -25,14 +27,15 @@ class Watch:
     """
 
     def __init__(self, options: Sequence[Schedule], expected: Mapping[str, float], *,
-                 window: int = 32, probe: int = 6, slack: float = 1.2, every: int = 512,
-                 margin: float = 0.05) -> None:
+                 window: int = 32, probe: int = 6, slack: float = 1.2, every: int = 128,
+                 most: int = 2048, margin: float = 0.05) -> None:
         if not options:
             raise ValueError("a watch needs at least one schedule")
         self.options = list(options)
         self.current = self.options[0]
-        self.window, self.probe, self.slack, self.every, self.margin = (
-            window, probe, slack, every, margin)
+        self.window, self.probe, self.slack, self.every, self.most, self.margin = (
+            window, probe, slack, every, most, margin)
+        self._interval = every
         self._full = tuple(sorted(self.current.roles()))
         self._expected: dict[tuple, float] = {(self._full, k): v for k, v in expected.items()}
         self._active = self._full
@@ -70,7 +73,7 @@ class Watch:
         now = self._record(self._times)
         others = [self.expected(s) for s in self.options if s is not self.current]
         slower = any(t is None or now > self.slack * t for t in others)
-        if len(self.options) > 1 and (slower or self._since >= self.every):
+        if len(self.options) > 1 and (slower or self._since >= self._interval):
             self._since, self.probes = 0, self.probes + 1
             self._home = self.current
             self._queue = [s for s in self.options if s is not self.current]
@@ -97,5 +100,8 @@ class Watch:
             best = home  # a change must pay clearly, not by noise
         if best is not home:
             self.switches += 1
+            self._interval = self.every
+        else:
+            self._interval = min(self.most, 2 * self._interval)
         self.current = best
         return best

@@ -26,8 +26,13 @@ def test_bench_end_to_end(family, monkeypatch) -> None:
     out = result.output
     assert "load average" in out and "machine:" in out
     assert "large_base alone, 1 thread(s)" in out and "large_base alone, 2 thread(s)" in out
-    assert "(chosen)" in out and "x best large alone" in out
-    assert "speculative / plain (chosen schedule)" in out
+    assert "plain EFT, auto (" in out and "x best large alone" in out
+    assert "speculative / plain (auto)" in out and "the live watch probed" in out
+    # the baseline: llama.cpp alone in processes of its own, each OpenMP setting, 1..N threads
+    for how in bench.COMPETITOR_ENVS:
+        for t in (1, 2):
+            assert f"llama.cpp alone, own process, {how}, {t} thread(s):" in out
+    assert "llama.cpp alone at its best (above)" in out
     assert "time to first token" in out and "overhead per step" in out
     assert "vocab    1000 zipf  T=1" in out
 

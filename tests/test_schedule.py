@@ -211,3 +211,35 @@ def test_schedule_trials_time_the_whole_step_sampler_included(tmp_path: Path,
 
         monkeypatch.setattr(Engine, "choose", slow_choose)
         assert tuning.step_seconds(s.engine, A) >= quick + 0.015
+
+
+def test_engines_sharing_models_each_get_their_thread_counts() -> None:
+    """bench's sessions share loaded models: each engine used to remember the count it had
+    set, so after another engine set 1 thread, "2 threads" decoded on 1."""
+    models = {r: Threaded(seed=i + 1, size=int(SIZES[r])) for i, r in enumerate(SIZES)}
+    allowed = np.ones(48, dtype=bool)
+    two = Engine(models, template_role="small_ft", allowed=allowed, n_threads=2,
+                 schedule=S.named("sequential", SIZES, 2))
+    one = Engine(models, template_role="small_ft", allowed=allowed, n_threads=1,
+                 schedule=S.named("sequential", SIZES, 1))
+    for engine in (two, one, two):
+        for model in models.values():
+            model.seen.clear()
+        engine.evaluate_each(0, [5])
+        assert {t for m in models.values() for _, t in m.seen} == {engine.n_threads}
+    two.close()
+    one.close()
+
+
+def test_watch_checks_less_often_while_nothing_changes() -> None:
+    from eft_local.livetune import Watch
+
+    w = Watch([A, B], {A.describe(): 0.010, B.describe(): 0.012}, window=8, probe=2,
+              every=16, most=64)
+    gaps, steps = [], 0
+    for _ in range(400):
+        steps += 1
+        if w.observe(0.012 if w.current is B else 0.010) is B:
+            gaps.append(steps)
+            steps = 0
+    assert gaps[:4] == [16, 2 + 32, 2 + 64, 2 + 64] and w.switches == 0
