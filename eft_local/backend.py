@@ -456,6 +456,9 @@ def raw_speed(path: str | Path, *, n_threads: int, n_tokens: int = 32, context: 
     try:
         prefill = None
         if prompt_tokens:
+            fill(min(8, prompt_tokens))  # warm up: the first decode sets buffers up
+            L.llama_decode(ctx, batch)
+            L.llama_memory_clear(L.llama_get_memory(ctx), True)
             fill(prompt_tokens)
             start = time.perf_counter()
             L.llama_decode(ctx, batch)
