@@ -218,10 +218,9 @@ class Engine:
 
     def evaluate_role(self, role: str, n_keep: int, tokens: list[int], *,
                       all_logits: bool = False) -> np.ndarray:
-        """Rewind one model to ``n_keep`` and evaluate ``tokens`` with its decode threads;
-        rows (rows, width)."""
-        for _lanes, threads in self.schedule.threads(self.n_threads, (role,)):
-            self._use_threads(role, threads)
+        """Rewind one model to ``n_keep`` and evaluate ``tokens`` with every thread (it
+        runs alone: the drafter while drafting); rows (rows, width)."""
+        self._use_threads(role, self.n_threads)
         return self._timed_eval(role, n_keep, tokens, all_logits)
 
     def _timed_eval(self, role: str, n_keep: int, tokens: list[int], all_logits: bool,

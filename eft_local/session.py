@@ -270,7 +270,7 @@ class Session:
             t = self.tuning
             if t is not None:  # start from the costs measured at load, not from a guess
                 drafter = self.draft_role()
-                spec.sizer.prior(step=t.measured, slope=t.verify_slope,
+                spec.sizer.prior(step=t.measured, verify=t.verify_costs(drafter),
                                  draft_step=t.costs[drafter][max(t.costs[drafter])])
         return spec
 

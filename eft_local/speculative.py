@@ -1,23 +1,23 @@
 """Speculative EFT decoding (paper section 4.3): draft with one model, verify in blocks.
 
-The drafter (the preset's ``draft_role``, by default :meth:`Engine.cheapest_role`)
-drafts up to ``k`` tokens, each drawn from its own filtered distribution with the noise of
-its position (:func:`eft_local.sampler.race`), the very noise plain decoding uses, so draft
-and mix are coupled. Every active model then evaluates the block in one batched decode with
-a row per position; each position's mixed distribution is sampled with exactly the code of
-plain decoding (:meth:`Engine.choose`). Drafted tokens are kept while the sample agrees; the
-first disagreement keeps the sample and drops the rest, and if every draft agrees the last
-row gives one more token for free. Since each position's token is drawn from the same rows
-with the same noise as in plain decoding, the output is the same token sequence (exactly so
-when the models' rows do not depend on batching, as with the in-memory fakes; llama.cpp's
-batched rows differ from one-token rows by about 1e-5, which can flip a draw that lands
-that close to a tie).
+The drafter (the preset's ``draft_role``, by default :meth:`Engine.cheapest_role`) drafts up
+to ``k`` tokens, each drawn from its own filtered distribution with the noise of its
+position (:func:`eft_local.sampler.race`), the very noise plain decoding uses, so draft and
+mix are coupled. Every active model then evaluates the block in one batched decode with a
+row per position (each model in turn with every thread); each position's mixed distribution
+is sampled with exactly the code of plain decoding (:meth:`Engine.choose`). Drafted tokens
+are kept while the sample agrees; the first disagreement keeps the sample and drops the
+rest, and if every draft agrees the last row gives one more token for free. Since each
+position's token is drawn from the same rows with the same noise as in plain decoding, the
+output is the same token sequence (exactly so when the models' rows do not depend on
+batching, as with the in-memory fakes; llama.cpp's batched rows differ from one-token rows
+by about 1e-5, which can flip a draw that lands that close to a tie).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -111,11 +111,16 @@ class BlockSizer:
         plain = self.rate(0)
         return all(self.rate(k, 1.0) < plain for k in range(1, self.k_max + 1))
 
-    def prior(self, *, step: float, slope: float, draft_step: float) -> None:
-        """Start from measured costs: a plain step of every model (``step`` seconds), the
-        relative cost of each further block token, and one drafted token."""
+    def prior(self, *, step: float, draft_step: float, slope: float | None = None,
+              verify: Mapping[int, float] | None = None) -> None:
+        """Start from measured costs: a plain step of every model (``step`` seconds), one
+        drafted token, and the verification of blocks of some lengths (``verify``: length
+        -> seconds) or else the relative cost of each further block token (``slope``)."""
         self.verify.setdefault(1, step)
-        self.slope = slope
+        for n, seconds in (verify or {}).items():
+            self.verify.setdefault(n, seconds)
+        if slope is not None:
+            self.slope = slope
         if self.draft_step is None:
             self.draft_step = draft_step
 
@@ -333,8 +338,10 @@ class Speculator:
         if reuse:
             keeps[self.drafter] = len(seq) + len(draft) - 1
             batches[self.drafter] = draft[-1:]
+        # a block is a short prompt: each model in turn with every thread is fastest there
+        # (what the load-time costs measured), a lone token takes the decode schedule
         each = eng.evaluate_each([keeps[r] for r in active], [batches[r] for r in active],
-                                 all_logits=True, roles=active)
+                                 all_logits=True, roles=active, prefill=len(block) > 1)
         out = np.empty((len(eng.roles), len(draft) + 1, eng.width), dtype=np.float32)
         for role in eng.roles:
             if role not in active:

@@ -28,8 +28,8 @@ from eft_local.livetune import Watch
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import Schedule
 
-BLOCK = 4
-"""Tokens of the small block timed next to the one-token decode (the verification slope)."""
+BLOCKS = (2, 4, 8)
+"""Block lengths timed per model with every thread (speculative verification's costs)."""
 TRIALS = 3
 """Other splits timed as real steps besides the named ones: at most this many, and only
 those predicted to beat every named schedule."""
@@ -50,13 +50,22 @@ class Tuning:
     alone: float  # the largest model alone at its best thread count
     alone_threads: int
     costs: Mapping[str, Mapping[int, float]]  # role -> threads -> one-token decode seconds
-    verify_slope: float  # cost of one more block token / one-token decode, median of models
+    blocks: Mapping[str, Mapping[int, float]]  # role -> block length -> seconds, all threads
     trials: Mapping[str, tuple[float, float]]  # schedule text -> (predicted, measured)
     cached: bool = False
 
     def ratios(self) -> tuple[float, float]:
         """Speed relative to the largest model alone at its best: (predicted, measured)."""
         return self.alone / self.predicted, self.alone / self.measured
+
+    def verify_costs(self, drafter: str) -> dict[int, float]:
+        """Predicted seconds to verify a block of each timed length: every other model
+        evaluates the block, the drafter its last token only (with every thread, in turn)."""
+        n_max = max(self.costs[drafter])
+        lengths = sorted({n for c in self.blocks.values() for n in c})
+        return {n: self.costs[drafter][n_max] + sum(c[n] for r, c in self.blocks.items()
+                                                    if r != drafter and n in c)
+                for n in lengths}
 
     def summary(self) -> str:
         """One line for people."""
@@ -89,34 +98,36 @@ def can_tune(models: Mapping[str, Model], n_threads: int) -> bool:
 
 
 def decode_costs(models: Mapping[str, Model], n_threads: int, *, repeats: int = 3,
-                 context: int = 8) -> tuple[dict[str, dict[int, float]], float]:
-    """Fastest seconds of each model's one-token decode at 1..n_threads threads, and the
-    extra cost of each further token in a block of :data:`BLOCK` (relative to one token):
-    the median over models at each thread count, the largest of those (a decode schedule
-    may run a model on fewer threads than all, where batching can help far less: on 2 CPU
-    cores a 1B model's block cost 0.6 of a token per token on 2 threads, 1.0 on 1). Leaves
-    every cache empty."""
+                 context: int = 8) -> tuple[dict[str, dict[int, float]],
+                                            dict[str, dict[int, float]]]:
+    """Fastest seconds of each model's one-token decode at 1..n_threads threads, and of
+    its blocks of :data:`BLOCKS` tokens with every thread (how speculative decoding
+    verifies: each model in turn with every thread). On 2 CPU cores blocks are far cheaper
+    per token than single tokens, except 2-token blocks (a 1B model: 41 ms for one token,
+    63 for two, 114 for eight). Leaves every cache empty."""
     prefix = [(7 * i + 3) % 200 + 5 for i in range(context)]
     costs: dict[str, dict[int, float]] = {}
-    slopes: dict[int, list[float]] = {t: [] for t in range(1, n_threads + 1)}
+    blocks: dict[str, dict[int, float]] = {}
     for role, model in models.items():
         model.rewind(0)
         model.eval(prefix)
-        costs[role] = {}
+        costs[role], blocks[role] = {}, {}
         for threads in range(1, n_threads + 1):
             model.set_threads(threads)  # type: ignore[attr-defined]
-            one, block = [], []
+            lengths = (1, *BLOCKS) if threads == n_threads else (1,)
+            times: dict[int, list[float]] = {n: [] for n in lengths}
             for r in range(repeats + 1):
-                for n, into in ((1, one), (BLOCK, block)):
+                for n in lengths:
                     model.rewind(context)
                     start = time.perf_counter()
-                    model.eval([(11 * j + r) % 200 + 5 for j in range(n)], all_logits=True)
+                    model.eval([(11 * j + r) % 200 + 5 for j in range(n)], all_logits=n > 1)
                     if r:  # the first round warms up
-                        into.append(time.perf_counter() - start)
-            costs[role][threads] = min(one)
-            slopes[threads].append((min(block) / costs[role][threads] - 1) / (BLOCK - 1))
+                        times[n].append(time.perf_counter() - start)
+            costs[role][threads] = min(times[1])
+            if threads == n_threads:
+                blocks[role] = {n: min(times[n]) for n in BLOCKS}
         model.rewind(0)
-    return costs, max(0.05, *(statistics.median(v) for v in slopes.values() if v))
+    return costs, blocks
 
 
 def step_seconds(engine: Engine, schedule: Schedule, *, steps: int = 6, context: int = 8
@@ -150,7 +161,7 @@ def tune(engine: Engine, *, say: Callable[[str], None] = lambda _m: None) -> Tun
     """Measure and choose the decode schedule for ``engine``'s models (not cached)."""
     n = engine.n_threads
     say(f"measuring decode schedules on {n} threads (once for these models)")
-    costs, slope = decode_costs(engine.models, n)
+    costs, blocks = decode_costs(engine.models, n)
     sizes = {r: c[n] for r, c in costs.items()}
     predicted = sorted(((schedules.predict(s, costs, n), s)
                         for s in schedules.candidates(sizes, n)), key=lambda x: x[0])
@@ -175,7 +186,7 @@ def tune(engine: Engine, *, say: Callable[[str], None] = lambda _m: None) -> Tun
     threads, alone = min(costs[large].items(), key=lambda kv: kv[1])
     return Tuning(schedule=best, predicted=trials[best.describe()][0],
                   measured=trials[best.describe()][1], alone=alone, alone_threads=threads,
-                  costs=costs, verify_slope=slope, trials=trials)
+                  costs=costs, blocks=blocks, trials=trials)
 
 
 def watch(engine: Engine, tuning: Tuning) -> Watch:
@@ -231,7 +242,8 @@ def load_cached(engine: Engine) -> Tuning | None:
                       alone=entry["alone"], alone_threads=entry["alone_threads"],
                       costs={r: {int(t): v for t, v in c.items()}
                              for r, c in entry["costs"].items()},
-                      verify_slope=entry["verify_slope"],
+                      blocks={r: {int(n): v for n, v in c.items()}
+                              for r, c in entry["blocks"].items()},
                       trials={k: tuple(v) for k, v in entry["trials"].items()},  # type: ignore[misc]
                       cached=True)
     except (TypeError, KeyError, ValueError, AttributeError):
@@ -245,7 +257,7 @@ def save(engine: Engine, tuning: Tuning) -> None:
         "name": tuning.schedule.name, "stages": tuning.schedule.stages,
         "predicted": tuning.predicted, "measured": tuning.measured, "alone": tuning.alone,
         "alone_threads": tuning.alone_threads, "costs": tuning.costs,
-        "verify_slope": tuning.verify_slope, "trials": tuning.trials}
+        "blocks": tuning.blocks, "trials": tuning.trials}
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
