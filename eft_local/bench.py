@@ -249,6 +249,34 @@ def print_decoding(say: Say, runners: Sequence[Runner], rival: Competitor | None
     return {r.label: r.median_ms() for r in runners}
 
 
+def speculation_costs(say: Say, s: Session, alphas: Sequence[float] = (
+        0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)) -> None:
+    """Speculative decoding's costs as measured at load (one drafted token; verifying
+    blocks of 2, 4 and 8 tokens) and what the block sizer's model makes of them at each
+    per-token acceptance: the best block size and its ms per token against a plain step.
+    Random-weight models cannot show a real acceptance; this shows the one it takes."""
+    from eft_local.speculative import BlockSizer
+
+    t = s.tuning
+    if t is None:
+        return
+    drafter = s.draft_role()
+    verify = t.verify_costs(drafter)
+    draft = t.costs[drafter][max(t.costs[drafter])]
+    sizer = BlockSizer()
+    sizer.prior(step=t.measured, draft_step=draft, verify=verify)
+    say(f"\n### speculative decoding: costs measured at load, drafter {drafter}")
+    say(f"plain step {1e3 * t.measured:.1f} ms; drafted token {1e3 * draft:.2f} ms; "
+        "verifying a block of " + ", ".join(f"{n}: {1e3 * v:.1f} ms"
+                                            for n, v in sorted(verify.items())))
+    say(f"{'acceptance per drafted token':30} {'best block':>10} {'ms/token':>9} "
+        f"{'x plain':>8}")
+    for a in alphas:
+        k = max(range(sizer.k_max + 1), key=lambda k: sizer.rate(k, a))
+        say(f"{a:30.2f} {k:10d} {1e3 / sizer.rate(k, a):9.1f} "
+            f"{sizer.rate(k, a) * t.measured:8.2f}")
+
+
 def first_token_table(say: Say, base: Session, large: str, n_tokens: int, n_threads: int,
                       repeats: int, rival: Competitor | None = None) -> None:
     """Seconds to evaluate an ``n_tokens`` prompt: the large model alone with every thread,
@@ -492,6 +520,8 @@ def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence
     say(f"\n### decoding, temperature 1, {len(prompts)} prompts x {max_tokens} tokens (end "
         f"tokens masked), {repeats} interleaved repeats, median ms per token after the first")
     print_decoding(say, runners, rival)
+    if t is not None:
+        speculation_costs(say, base)
     if prompt_tokens:
         say(f"\n### time to first token, median of {repeats}")
         first_token_table(say, base, large, prompt_tokens, n_threads, repeats, rival)

@@ -33,6 +33,7 @@ def test_bench_end_to_end(family, monkeypatch) -> None:
         for t in (1, 2):
             assert f"llama.cpp alone, own process, {how}, {t} thread(s):" in out
     assert "llama.cpp alone at its best (above)" in out
+    assert "speculative decoding: costs measured at load" in out and "x plain" in out
     assert "time to first token" in out and "overhead per step" in out
     assert "vocab    1000 zipf  T=1" in out
 
