@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -407,13 +407,15 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------
     def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
-                 *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None
-                 ) -> Iterator[Step]:
+                 *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
+                 on_step: Callable[[np.ndarray, Step], None] | None = None,
+                 extra: Sequence[str] = ()) -> Iterator[Step]:
         """Yield sampled tokens until an end-of-generation token, ``max_tokens`` or a full
-        context; :attr:`finish_reason` says which (the caller may stop earlier)."""
+        context; :attr:`finish_reason` says which (the caller may stop earlier).
+        ``on_step(rows, step)`` sees each step's rows; ``extra`` models are evaluated too."""
         started = time.perf_counter()
         self.finish_reason = "length"
-        self.activate(weights, settings, diagnostics=diagnostics)
+        self.activate(weights, settings, diagnostics=diagnostics, extra=extra)
         self.prime(tokens)
         position = len(tokens)
         stepped = None
@@ -423,6 +425,8 @@ class Engine:
                                    diagnostics=diagnostics, top_n=top_n)
                 if stepped is not None:
                     self.observe_step(time.perf_counter() - stepped)
+                if on_step is not None:
+                    on_step(self.rows, step)
                 self.count_token(started)
                 yield step
                 if self.is_eog(step.token):

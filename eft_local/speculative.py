@@ -111,6 +111,13 @@ class BlockSizer:
         plain = self.rate(0)
         return all(self.rate(k, 1.0) < plain for k in range(1, self.k_max + 1))
 
+    def plain_wins(self) -> bool:
+        """True when, at the acceptance estimated so far and the measured costs, plain
+        steps beat every block size (False while a cost is unknown or the size is fixed)."""
+        if self.fixed is not None or self.draft_step is None or not self.verify:
+            return False
+        return self.best_k() == 0
+
     def prior(self, *, step: float, draft_step: float, slope: float | None = None,
               verify: Mapping[int, float] | None = None) -> None:
         """Start from measured costs: a plain step of every model (``step`` seconds), one
@@ -216,6 +223,16 @@ class Speculator:
             self.plain_generations += 1
             yield from eng.generate(tokens, weights, settings, max_tokens=max_tokens,
                                     diagnostics=diagnostics, top_n=top_n)
+            return
+        if self.sizer.plain_wins():
+            # plain steps win at the acceptance seen so far: plain decoding's own loop (the
+            # speculative one costs more per plain step), guessing drafts to keep learning
+            self.plain_generations += 1
+            yield from eng.generate(tokens, weights, settings, max_tokens=max_tokens,
+                                    diagnostics=diagnostics, top_n=top_n,
+                                    on_step=lambda rows, step: self._shadow_step(
+                                        rows, step, settings),
+                                    extra=(self.drafter,))
             return
         started = time.perf_counter()
         eng.finish_reason = "length"
@@ -385,6 +402,13 @@ class Speculator:
         eng = self.engine
         row = rows[eng.index(self.drafter)]
         return eng.sampler(settings)(eng.model_scores(row), position).token
+
+    def _shadow_step(self, rows: np.ndarray, step: Step, settings: SamplerSettings) -> None:
+        """A plain-decoding step: every few steps, count whether the drafter's guess (with
+        the position's noise) is the token the mix drew."""
+        guess = self._shadow_guess(rows, settings, step.position)
+        if guess is not None:
+            self.sizer.count(int(guess == step.token), guess != step.token)
 
     def _rewind_to(self, seq: list[int]) -> None:
         """Drop rejected drafts: every model keeps only the part of ``seq`` it evaluated."""

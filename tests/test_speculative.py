@@ -571,3 +571,26 @@ def test_adaptive_plain_steps_are_plain_decoding_steps() -> None:
     assert spec.block_sizes == [] and spec_engine.stats.drafted == 0
     assert not any(calls)
     assert spec.plain_generations == 1  # handed to plain decoding from the first token
+
+
+def test_where_plain_wins_so_far_generation_is_plain_decoding_that_keeps_learning() -> None:
+    """Blocks could pay at high acceptance, but not at the acceptance estimated so far: the
+    generation runs plain decoding's own loop (the speculative loop's plain steps cost more:
+    0.944x on the family), its drafts guessed to learn the acceptance; once that is high
+    enough, the next generation drafts."""
+    s = SamplerSettings(temperature=1.0, seed=4)
+    plain_engine, spec_engine = fake_engine("up", noise=3.0), fake_engine("up", noise=3.0)
+    w = weights_for(plain_engine, "up", 1.0)
+    a, _ = run(plain_engine, w, s, draft_k="plain", max_tokens=60)
+    spec = Speculator(spec_engine, draft_k=None)
+    spec.sizer.prior(step=0.05, draft_step=0.005, verify={2: 0.09, 4: 0.1, 8: 0.14})
+    spec.sizer.accepted, spec.sizer.rejected = 0.2, 1.8  # alpha 0.1: plain wins
+    assert spec.sizer.plain_wins() and not spec.sizer.hopeless()
+    before = spec.sizer.accepted + spec.sizer.rejected
+    b = list(spec.generate(PROMPT, w, s, max_tokens=60))
+    assert same_steps(a, b) and spec.plain_generations == 1
+    assert spec_engine.stats.drafted == 0
+    assert spec.sizer.accepted + spec.sizer.rejected != before  # guesses were counted
+    spec.sizer.accepted, spec.sizer.rejected = 9.5, 0.5  # learned: alpha 0.95
+    c = list(spec.generate(PROMPT, w, s, max_tokens=60))
+    assert same_steps(a, c) and spec.plain_generations == 1 and spec_engine.stats.drafted > 0
