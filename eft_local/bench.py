@@ -141,21 +141,13 @@ class Competitor:
         how = min(found, key=lambda k: statistics.median(found[k]))
         return statistics.median(found[how]), how
 
-    @property
-    def decode(self) -> float:
-        return self._best(self.runs)[0]
+    def best_decode(self) -> tuple[float, str]:
+        """Seconds per token of the best configuration, and which it was ("" if none)."""
+        return self._best(self.runs)
 
-    @property
-    def decode_how(self) -> str:
-        return self._best(self.runs)[1]
-
-    @property
-    def prefill(self) -> float:
-        return self._best(self.prompts)[0]
-
-    @property
-    def prefill_how(self) -> str:
-        return self._best(self.prompts)[1]
+    def best_prefill(self) -> tuple[float, str]:
+        """Seconds per prompt of the best configuration, and which it was ("" if none)."""
+        return self._best(self.prompts)
 
 
 def competitor(say: Say, path: Path, n_threads: int, prompt_tokens: int,
@@ -230,10 +222,11 @@ def print_decoding(say: Say, runners: Sequence[Runner], rival: Competitor | None
     plain = next(r for r in runners if r.label.startswith("plain EFT, auto"))
     say(f"{'configuration':48} {'ms/token':>9} {'x best large alone':>18} {'accept':>7} "
         "same tokens as plain")
-    if rival is not None and rival.decode_how:
-        best = min(best, 1e3 * rival.decode)
-        say(f"{'llama.cpp alone at its best (above)':48} {1e3 * rival.decode:9.2f} "
-            f"{best / (1e3 * rival.decode):18.2f}       - -")
+    decode, how = rival.best_decode() if rival is not None else (0.0, "")
+    if how:
+        best = min(best, 1e3 * decode)
+        say(f"{'llama.cpp alone at its best (above)':48} {1e3 * decode:9.2f} "
+            f"{best / (1e3 * decode):18.2f}       - -")
     for r in runners:
         acc = f"{r.accepted / r.drafted:.2f}" if r.drafted else "-"
         same = "-" if r.alone_threads else ("yes" if r.outputs == plain.outputs else "NO")
@@ -255,20 +248,14 @@ def speculation_costs(say: Say, s: Session, alphas: Sequence[float] = (
     blocks of 2, 4 and 8 tokens) and what the block sizer's model makes of them at each
     per-token acceptance: the best block size and its ms per token against a plain step.
     Random-weight models cannot show a real acceptance; this shows the one it takes."""
-    from eft_local.speculative import BlockSizer
-
     t = s.tuning
-    if t is None:
+    if t is None or s.speculator.sizer.draft_step is None:
         return
-    drafter = s.draft_role()
-    verify = t.verify_costs(drafter)
-    draft = t.costs[drafter][max(t.costs[drafter])]
-    sizer = BlockSizer()
-    sizer.prior(step=t.measured, draft_step=draft, verify=verify)
-    say(f"\n### speculative decoding: costs measured at load, drafter {drafter}")
-    say(f"plain step {1e3 * t.measured:.1f} ms; drafted token {1e3 * draft:.2f} ms; "
+    sizer = s.speculator.sizer  # started from the load-time costs; read, not changed
+    say(f"\n### speculative decoding: costs measured at load, drafter {s.draft_role()}")
+    say(f"plain step {1e3 * t.measured:.1f} ms; drafted token {1e3 * sizer.draft_step:.2f} ms; "
         "verifying a block of " + ", ".join(f"{n}: {1e3 * v:.1f} ms"
-                                            for n, v in sorted(verify.items())))
+                                            for n, v in sorted(sizer.verify.items()) if n > 1))
     say(f"{'acceptance per drafted token':30} {'best block':>10} {'ms/token':>9} "
         f"{'x plain':>8}")
     for a in alphas:
@@ -296,10 +283,10 @@ def first_token_table(say: Say, base: Session, large: str, n_tokens: int, n_thre
             times[label].append(time.perf_counter() - start)
     alone = statistics.median(next(iter(times.values())))
     say(f"{'prompt of ' + str(n_tokens) + ' tokens':48} {'seconds':>9} {'x large alone':>14}")
-    if rival is not None and rival.prefill_how:
-        alone = min(alone, rival.prefill)
-        say(f"{'llama.cpp alone at its best (above)':48} {rival.prefill:9.2f} "
-            f"{rival.prefill / alone:14.2f}")
+    prefill, how = rival.best_prefill() if rival is not None else (0.0, "")
+    if how:
+        alone = min(alone, prefill)
+        say(f"{'llama.cpp alone at its best (above)':48} {prefill:9.2f} {prefill / alone:14.2f}")
     for label, ts in times.items():
         say(f"{label:48} {statistics.median(ts):9.2f} {statistics.median(ts) / alone:14.2f}")
 
@@ -513,10 +500,10 @@ def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence
     rival = competitor(say, path, n_threads, prompt_tokens)
     runners = measure_decoding(base, large, prompts, n_threads, max_tokens, repeats)
     competitor(say, path, n_threads, prompt_tokens, rival)
+    (decode, how), (prefill, prefill_how) = rival.best_decode(), rival.best_prefill()
     say(f"baseline, the best configuration by the median of its runs: "
-        f"{1e3 * rival.decode:.2f} ms/token ({rival.decode_how})"
-        + (f"; {rival.prefill:.2f} s per prompt ({rival.prefill_how})"
-           if rival.prefill_how else ""))
+        f"{1e3 * decode:.2f} ms/token ({how})"
+        + (f"; {prefill:.2f} s per prompt ({prefill_how})" if prefill_how else ""))
     say(f"\n### decoding, temperature 1, {len(prompts)} prompts x {max_tokens} tokens (end "
         f"tokens masked), {repeats} interleaved repeats, median ms per token after the first")
     print_decoding(say, runners, rival)
