@@ -101,6 +101,18 @@ def test_why_and_stats(family) -> None:
     assert re.fullmatch(r"sampler: [\d.]+ ms/token", stats[2]), stats[2]
 
 
+
+def test_stats_line_names_the_watch_of_a_measured_schedule(family) -> None:
+    from eft_local.config import preset_from_paths
+    from eft_local.repl import schedule_line
+    from eft_local.session import LoadOptions
+
+    with Session(preset_from_paths(family.pairs()), options=LoadOptions(n_threads=2)) as s:
+        line = schedule_line(s.stats())
+    assert re.search(r"measured at load .*; watched while decoding: 0 probe\(s\), "
+                     r"0 switch\(es\)$", line), line
+
+
 def test_ctrl_c_stops_the_answer_and_keeps_it(family, monkeypatch) -> None:
     session = api_session(family.pairs(), temperature=0)
     real_chat = session.chat
