@@ -45,6 +45,7 @@ from eft_local.sampler import SamplerSettings
 from eft_local.tuning import machine
 
 if TYPE_CHECKING:  # the CLI imports this module lazily; the session is imported on use
+    from eft_local.gguf_writer import LlamaShape
     from eft_local.session import Session
 
 SAMPLER_VOCABS = (32000, 49152, 128256, 152064)
@@ -434,9 +435,33 @@ REALISTIC = {"1B + 2 x 135M": ("large_1b", "small_ft", "small_base"),
 REALISTIC_VOCAB = 49152
 
 
-def _write_realistic(out_dir: str, names: Sequence[str]) -> None:
+PEAK = 18.0
+"""Logit boost of token ``t + 1`` after token ``t`` in the ``--agreeing`` models."""
+LAYER_SCALE = 0.05
+"""Scale of their layers' output projections: the residual stays close to the embedding."""
+
+
+def next_token_tensors(shape: LlamaShape, seed: int) -> dict[str, np.ndarray]:
+    """Random weights for a model that predicts token ``t + 1`` after ``t`` (mod the
+    vocabulary) with high probability: quiet layers, and an output matrix holding each
+    token's embedding in the row of the next token. Models of any width built this way agree
+    with each other often, as a drafter and its targets do, at the same compute cost as
+    random models of their shape."""
+    from eft_local.gguf_writer import random_tensors
+
+    t = random_tensors(shape, seed)
+    for name in t:
+        if name.endswith(("attn_output.weight", "ffn_down.weight")):
+            t[name] *= np.float32(LAYER_SCALE)
+    embd = t["token_embd.weight"]
+    t["output.weight"] += np.roll(embd, 1, axis=0) * np.float32(PEAK / shape.n_embd)
+    return t
+
+
+def _write_realistic(out_dir: str, names: Sequence[str], agreeing: bool = False) -> None:
     """Write and quantize the random-weight models to Q8_0 (in a child process: the
-    float32 arrays would otherwise count in this process's peak RSS)."""
+    float32 arrays would otherwise count in this process's peak RSS); ``agreeing``: the
+    models of :func:`next_token_tensors`."""
     from eft_local.backend import quantize_gguf
     from eft_local.gguf_writer import LlamaShape, TokenizerSpec, write_llama_gguf
 
@@ -451,19 +476,21 @@ def _write_realistic(out_dir: str, names: Sequence[str]) -> None:
         shape = LlamaShape(n_vocab=v, n_embd=embd, n_layer=layers, n_head=heads, n_head_kv=kv,
                            n_ff=ff, n_ctx_train=2048)
         f32 = write_llama_gguf(Path(out_dir) / f"{name}.f32.tmp", shape=shape, tokenizer=tok,
-                               seed=i, name=f"random-{name}")
+                               seed=i, name=f"random-{name}",
+                               tensors=next_token_tensors(shape, i) if agreeing else None)
         quantize_gguf(f32, dst, "q8_0")
         f32.unlink()
 
 
-def realistic_paths(cache: Path) -> dict[str, Path]:
-    """Paths of the realistic-size models, written once into ``cache``."""
+def realistic_paths(cache: Path, names: Sequence[str] = tuple(SHAPES),
+                    agreeing: bool = False) -> dict[str, Path]:
+    """Paths of the realistic-size models ``names``, written once into ``cache``."""
     cache.mkdir(parents=True, exist_ok=True)
-    paths = {name: cache / f"{name}.q8_0.gguf" for name in SHAPES}
+    paths = {name: cache / f"{name}.q8_0.gguf" for name in names}
     missing = [n for n, p in paths.items() if not p.exists()]
     if missing:
         proc = multiprocessing.get_context("spawn").Process(
-            target=_write_realistic, args=(str(cache), missing))
+            target=_write_realistic, args=(str(cache), missing, agreeing))
         proc.start()
         proc.join()
         if proc.exitcode != 0:
@@ -471,7 +498,6 @@ def realistic_paths(cache: Path) -> dict[str, Path]:
     return paths
 
 
-# -- the command ---------------------------------------------------------------------------
 def bench_prompts(s: Session) -> list[list[int]]:
     """:data:`RAW_PROMPTS` as tokens; token-id prompts when the vocabulary cannot spell
     them (random-weight models whose tokens are not text)."""
@@ -514,6 +540,22 @@ def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence
         first_token_table(say, base, large, prompt_tokens, n_threads, repeats, rival)
 
 
+def realistic_sets(say: Say, paths: dict[str, Path], kind: str, *, n_threads: int,
+                   max_tokens: int, repeats: int, prompt_tokens: int) -> None:
+    """:func:`model_set` for each of :data:`REALISTIC` over the models at ``paths``."""
+    for title, (large_shape, ft, base) in REALISTIC.items():
+        pairs = [f"large_base={paths[large_shape]}", f"small_ft={paths[ft]}",
+                 f"small_base={paths[base]}"]
+        s = open_base(say, None, pairs, n_threads, 1024)
+        try:
+            prompts = [[(37 * i + j) % 4000 + 2 for i in range(8)] for j in range(2)]
+            model_set(say, f"realistic {title} ({kind})", s, "large_base", prompts,
+                      n_threads=n_threads, max_tokens=max_tokens, repeats=repeats,
+                      prompt_tokens=prompt_tokens)
+        finally:
+            s.close()
+
+
 def open_base(say: Say, preset: str | None, models: Sequence[str], n_threads: int,
               n_ctx: int) -> Session:
     """The measured session; end-of-generation tokens masked so runs have equal length."""
@@ -544,9 +586,12 @@ def open_base(say: Say, preset: str | None, models: Sequence[str], n_threads: in
               show_default=True, help="Where the realistic-size models are written once.")
 @click.option("--retune", is_flag=True, help="Measure the schedules again (ignore the cache).")
 @click.option("--skip-family", is_flag=True, help="Only the realistic sizes.")
+@click.option("--agreeing", is_flag=True,
+              help="Also measure the realistic shapes built to predict the next token id, "
+                   "so that drafts are often accepted (written once).")
 def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats: int,
           threads: int | None, prompt_tokens: int, realistic: bool, cache_dir: Path,
-          retune: bool, skip_family: bool) -> None:
+          retune: bool, skip_family: bool, agreeing: bool) -> None:
     """Speed of plain and speculative EFT against the large model alone at its best."""
     from eft_local import tuning
 
@@ -578,18 +623,12 @@ def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats:
         finally:
             s.close()
     if realistic:
-        paths = realistic_paths(cache_dir)
-        for title, (large_shape, ft, base) in REALISTIC.items():
-            pairs = [f"large_base={paths[large_shape]}", f"small_ft={paths[ft]}",
-                     f"small_base={paths[base]}"]
-            s = open_base(say, None, pairs, n, 1024)
-            try:
-                prompts = [[(37 * i + j) % 4000 + 2 for i in range(8)] for j in range(2)]
-                model_set(say, f"realistic {title} (random weights, Q8_0)", s, "large_base",
-                          prompts, n_threads=n, max_tokens=max_tokens // 2, repeats=repeats,
-                          prompt_tokens=prompt_tokens)
-            finally:
-                s.close()
+        realistic_sets(say, realistic_paths(cache_dir), "random weights, Q8_0", n_threads=n,
+                       max_tokens=max_tokens // 2, repeats=repeats, prompt_tokens=prompt_tokens)
+    if agreeing:
+        realistic_sets(say, realistic_paths(cache_dir / "agreeing", agreeing=True),
+                       "random weights built to predict the next token id, Q8_0",
+                       n_threads=n, max_tokens=max_tokens, repeats=repeats, prompt_tokens=0)
     say("\n## sampler: one Engine.choose step over 3 models, synthetic rows (ms, median)")
     for vocab, shape, label, ms in sampler_costs():
         say(f"vocab {vocab:7d} {shape:5} {label:17} {ms:7.3f}")

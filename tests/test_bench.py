@@ -58,3 +58,36 @@ def test_bench_runs_models_whose_vocabulary_cannot_spell_its_prompts(tmp_path, m
                                        "--prompt-tokens", "16", "--threads", "2"])
     assert result.exit_code == 0, result.output
     assert "plain EFT, sequential" in result.output
+
+
+def test_agreeing_models_predict_the_next_token_id(tmp_path) -> None:
+    """bench --agreeing: models of any width built by next_token_tensors put most of their
+    probability on token t + 1 after t, so a drafter and its targets agree."""
+    from eft_local.backend import LlamaModel
+    from eft_local.gguf_writer import LlamaShape, TokenizerSpec, write_llama_gguf
+
+    v = 512
+    tok = TokenizerSpec(tokens=["<s>", "</s>"] + [f"t{i}" for i in range(v - 2)],
+                        token_types=[3, 3] + [1] * (v - 2), merges=["t 0"], bos_id=0, eos_id=1)
+    for seed, width in ((1, 64), (2, 128)):
+        shape = LlamaShape(n_vocab=v, n_embd=width, n_layer=2, n_head=4, n_head_kv=2,
+                           n_ff=2 * width, n_ctx_train=256)
+        path = write_llama_gguf(tmp_path / f"m{seed}.gguf", shape=shape, tokenizer=tok,
+                                tensors=bench.next_token_tensors(shape, seed), name="m")
+        model = LlamaModel(str(path), n_ctx=64, n_threads=1)
+        try:
+            tokens = list(range(100, 120))
+            rows = model.eval(tokens, all_logits=True)
+        finally:
+            model.close()
+        p = np.exp(rows - rows.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        assert (rows.argmax(axis=1) == np.array(tokens) + 1).all()
+        assert np.median(p[np.arange(len(tokens)), np.array(tokens) + 1]) > 0.5
+    plain = write_llama_gguf(tmp_path / "plain.gguf", shape=shape, tokenizer=tok, name="p")
+    model = LlamaModel(str(plain), n_ctx=64, n_threads=1)
+    try:  # the random weights alone do not: the construction is what agrees
+        assert (model.eval(tokens, all_logits=True).argmax(axis=1)
+                != np.array(tokens) + 1).mean() > 0.9
+    finally:
+        model.close()
