@@ -450,6 +450,13 @@ class Engine:
             if new is not None and new != self.schedule:
                 self.set_schedule(new)
 
+    def settle_schedule(self) -> None:
+        """Steps other than plain ones follow: end any probe of the watch."""
+        if self.watch is not None:
+            home = self.watch.settle()
+            if home != self.schedule:
+                self.set_schedule(home)
+
     def count_token(self, started: float) -> None:
         """Count one generated token (and the time to the first one)."""
         if self.stats.first_token_seconds is None:

@@ -81,6 +81,14 @@ class Watch:
             return self._next_probe()
         return None
 
+    def settle(self) -> Schedule:
+        """Leave a probe unfinished (decoding goes elsewhere for a while, to speculative
+        blocks say): back to the schedule it left; returns the schedule to use."""
+        if self._probing:
+            self._probing, self._queue, self._times = False, [], []
+            self.current = self._home or self.current
+        return self.current
+
     def _record(self, times: Sequence[float]) -> float:
         median = statistics.median(times)
         self._expected[(self._active, self.current.describe())] = median

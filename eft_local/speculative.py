@@ -236,6 +236,7 @@ class Speculator:
             return
         started = time.perf_counter()
         eng.finish_reason = "length"
+        eng.settle_schedule()  # a probe left unfinished would outlive its plain steps
         eng.activate(weights, settings, diagnostics=diagnostics, extra=(self.drafter,))
         eng.prime(tokens)
         seq = list(tokens)

@@ -265,3 +265,28 @@ def test_speculative_blocks_and_drafts_use_every_thread() -> None:
     drafts = models["small_ft"].seen[1:]
     assert blocks and set(blocks) == {2}
     assert drafts and {t for _, t in drafts} == {2}
+
+
+def test_a_probe_left_unfinished_goes_back_to_the_schedule_it_left() -> None:
+    """Speculative blocks do not feed the watch: a probe begun in plain steps used to stay
+    on the probed schedule through every later block."""
+    from eft_local.livetune import Watch
+    from eft_local.speculative import Speculator
+
+    w = Watch([A, B], {A.describe(): 0.010, B.describe(): 0.012}, window=4, probe=6,
+              every=4)
+    assert feed(w, 0.010, 4) == [B] and w.current is B  # probing B
+    assert w.settle() is A and w.current is A
+    assert feed(w, 0.010, 3) == []  # a fresh window, no half probe carried over
+    models = {r: Threaded(seed=i + 1, size=int(SIZES[r])) for i, r in enumerate(SIZES)}
+    engine = Engine(models, template_role="small_ft", allowed=np.ones(48, dtype=bool),
+                    n_threads=2, schedule=A)
+    engine.watch = Watch([A, B], {A.describe(): 1e-9, B.describe(): 1e-9}, window=2,
+                         probe=50)
+    weights = np.array([1.0, 1.0, -1.0], dtype=np.float32)
+    list(engine.generate(list(range(2, 8)), weights, SamplerSettings(seed=1), max_tokens=6))
+    assert engine.schedule == B  # mid-probe when plain decoding stopped
+    spec = Speculator(engine, draft_k=3, draft_role="small_ft")
+    list(spec.generate(list(range(2, 8)), weights, SamplerSettings(seed=1), max_tokens=6))
+    engine.close()
+    assert engine.schedule == A
