@@ -45,7 +45,7 @@ from eft_local.sampler import SamplerSettings
 from eft_local.tuning import machine
 
 if TYPE_CHECKING:  # the CLI imports this module lazily; the session is imported on use
-    from eft_local.gguf_writer import LlamaShape
+    from eft_local.gguf_writer import LlamaShape, TokenizerSpec
     from eft_local.session import Session
 
 SAMPLER_VOCABS = (32000, 49152, 128256, 152064)
@@ -458,16 +458,24 @@ def next_token_tensors(shape: LlamaShape, seed: int) -> dict[str, np.ndarray]:
     return t
 
 
+def realistic_tokenizer(n_vocab: int) -> TokenizerSpec:
+    """Token texts t0, t1, ... after <s> and </s>: a vocabulary that spells no text."""
+    from eft_local.gguf_writer import TokenizerSpec
+
+    return TokenizerSpec(tokens=["<s>", "</s>"] + [f"t{i}" for i in range(n_vocab - 2)],
+                         token_types=[3, 3] + [1] * (n_vocab - 2), merges=["t 0"], bos_id=0,
+                         eos_id=1)
+
+
 def _write_realistic(out_dir: str, names: Sequence[str], agreeing: bool = False) -> None:
     """Write and quantize the random-weight models to Q8_0 (in a child process: the
     float32 arrays would otherwise count in this process's peak RSS); ``agreeing``: the
     models of :func:`next_token_tensors`."""
     from eft_local.backend import quantize_gguf
-    from eft_local.gguf_writer import LlamaShape, TokenizerSpec, write_llama_gguf
+    from eft_local.gguf_writer import LlamaShape, write_llama_gguf
 
     v = REALISTIC_VOCAB
-    tok = TokenizerSpec(tokens=["<s>", "</s>"] + [f"t{i}" for i in range(v - 2)],
-                        token_types=[3, 3] + [1] * (v - 2), merges=["t 0"], bos_id=0, eos_id=1)
+    tok = realistic_tokenizer(v)
     for i, name in enumerate(SHAPES):
         dst = Path(out_dir) / f"{name}.q8_0.gguf"
         if name not in names or dst.exists():

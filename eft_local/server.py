@@ -79,6 +79,13 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def event_stream(body: Any) -> StreamingResponse:
+    """Server-sent events from the async iterator ``body``, never cached or buffered by
+    proxies."""
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
@@ -271,10 +278,7 @@ class Api:
         if req.common.stream:
             stream = self.events(job, None)
             head = await self.first(job, stream)
-            return StreamingResponse(self._chat_stream(request, req, job, head, stream, started),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
+            return event_stream(self._chat_stream(request, req, job, head, stream, started))
         stream = self.events(job, request)
         head = await self.first(job, stream)
         text, entries, diag = [], [], []
@@ -357,11 +361,8 @@ class Api:
         if req.common.stream:
             stream = self.events(job, None)
             head = await self.first(job, stream)
-            return StreamingResponse(self._completion_stream(request, req, job, head, stream,
-                                                             started),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
+            return event_stream(self._completion_stream(request, req, job, head, stream,
+                                                        started))
         stream = self.events(job, request)
         head = await self.first(job, stream)
         choices: dict[int, dict[str, Any]] = {}

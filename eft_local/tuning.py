@@ -103,8 +103,8 @@ def decode_costs(models: Mapping[str, Model], n_threads: int, *, repeats: int = 
     """Fastest seconds of each model's one-token decode at 1..n_threads threads, and of
     its blocks of :data:`BLOCKS` tokens with every thread (how speculative decoding
     verifies: each model in turn with every thread). On 2 CPU cores blocks are far cheaper
-    per token than single tokens, except 2-token blocks (a 1B model: 41 ms for one token,
-    63 for two, 114 for eight). Leaves every cache empty."""
+    per token than single tokens, except 2-token blocks (docs/benchmarks.md). Leaves every
+    cache empty."""
     prefix = [(7 * i + 3) % 200 + 5 for i in range(context)]
     costs: dict[str, dict[int, float]] = {}
     blocks: dict[str, dict[int, float]] = {}

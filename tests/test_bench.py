@@ -42,11 +42,10 @@ def test_bench_runs_models_whose_vocabulary_cannot_spell_its_prompts(tmp_path, m
                                                                       ) -> None:
     """Random-weight models with token texts t0, t1, ... (as --realistic writes them) used
     to fail with "empty prompt" under -m: their tokenizer cannot spell the text prompts."""
-    from eft_local.gguf_writer import LlamaShape, TokenizerSpec, write_llama_gguf
+    from eft_local.gguf_writer import LlamaShape, write_llama_gguf
 
     v = 300
-    tok = TokenizerSpec(tokens=["<s>", "</s>"] + [f"t{i}" for i in range(v - 2)],
-                        token_types=[3, 3] + [1] * (v - 2), merges=["t 0"], bos_id=0, eos_id=1)
+    tok = bench.realistic_tokenizer(v)
     shape = LlamaShape(n_vocab=v, n_embd=32, n_layer=2, n_head=4, n_head_kv=2, n_ff=64,
                        n_ctx_train=256)
     paths = {role: write_llama_gguf(tmp_path / f"{role}.gguf", shape=shape, tokenizer=tok,
@@ -64,11 +63,10 @@ def test_agreeing_models_predict_the_next_token_id(tmp_path) -> None:
     """bench --agreeing: models of any width built by next_token_tensors put most of their
     probability on token t + 1 after t, so a drafter and its targets agree."""
     from eft_local.backend import LlamaModel
-    from eft_local.gguf_writer import LlamaShape, TokenizerSpec, write_llama_gguf
+    from eft_local.gguf_writer import LlamaShape, write_llama_gguf
 
     v = 512
-    tok = TokenizerSpec(tokens=["<s>", "</s>"] + [f"t{i}" for i in range(v - 2)],
-                        token_types=[3, 3] + [1] * (v - 2), merges=["t 0"], bos_id=0, eos_id=1)
+    tok = bench.realistic_tokenizer(v)
     for seed, width in ((1, 64), (2, 128)):
         shape = LlamaShape(n_vocab=v, n_embd=width, n_layer=2, n_head=4, n_head_kv=2,
                            n_ff=2 * width, n_ctx_train=256)

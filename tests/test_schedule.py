@@ -70,10 +70,18 @@ class Threaded(FakeModel):
         return super().eval(tokens, all_logits=all_logits)
 
 
+def threaded_engine(schedule: S.Schedule, n_threads: int = 2,
+                    models: dict[str, Threaded] | None = None) -> Engine:
+    """An engine over three thread-recording fakes (``models``, else new ones)."""
+    if models is None:
+        models = {r: Threaded(seed=i + 1, size=int(SIZES[r])) for i, r in enumerate(SIZES)}
+    return Engine(models, template_role="small_ft", allowed=np.ones(48, dtype=bool),
+                  n_threads=n_threads, schedule=schedule)
+
+
 def test_prompts_use_every_thread_in_turn_and_steps_the_schedule() -> None:
-    models = {r: Threaded(seed=i + 1, size=int(SIZES[r])) for i, r in enumerate(SIZES)}
-    engine = Engine(models, template_role="small_ft", allowed=np.ones(48, dtype=bool),
-                    n_threads=2, schedule=S.named("lanes", SIZES, 2))
+    engine = threaded_engine(S.named("lanes", SIZES, 2))
+    models = engine.models
     w = np.array([1.0, 1.0, -1.0], dtype=np.float32)
     list(engine.generate(list(range(2, 30)), w, SamplerSettings(seed=1), max_tokens=4))
     engine.close()
@@ -178,9 +186,7 @@ def test_decoding_switches_schedules_without_changing_the_tokens() -> None:
     from eft_local.livetune import Watch
 
     def run(watch: Watch | None) -> tuple[list[int], set[str]]:
-        models = {r: Threaded(seed=i + 1, size=int(SIZES[r])) for i, r in enumerate(SIZES)}
-        engine = Engine(models, template_role="small_ft", allowed=np.ones(48, dtype=bool),
-                        n_threads=2, schedule=A)
+        engine = threaded_engine(A)
         engine.watch = watch
         used = set()
         w = np.array([1.0, 1.5, -1.5], dtype=np.float32)
@@ -220,12 +226,9 @@ def test_schedule_trials_time_the_whole_step_sampler_included(tmp_path: Path,
 def test_engines_sharing_models_each_get_their_thread_counts() -> None:
     """bench's sessions share loaded models: each engine used to remember the count it had
     set, so after another engine set 1 thread, "2 threads" decoded on 1."""
-    models = {r: Threaded(seed=i + 1, size=int(SIZES[r])) for i, r in enumerate(SIZES)}
-    allowed = np.ones(48, dtype=bool)
-    two = Engine(models, template_role="small_ft", allowed=allowed, n_threads=2,
-                 schedule=S.named("sequential", SIZES, 2))
-    one = Engine(models, template_role="small_ft", allowed=allowed, n_threads=1,
-                 schedule=S.named("sequential", SIZES, 1))
+    two = threaded_engine(S.named("sequential", SIZES, 2))
+    models = two.models
+    one = threaded_engine(S.named("sequential", SIZES, 1), 1, models)
     for engine in (two, one, two):
         for model in models.values():
             model.seen.clear()
@@ -254,9 +257,8 @@ def test_speculative_blocks_and_drafts_use_every_thread() -> None:
     threads and 221 ms on 1; they used to run in the decode lanes, one thread each."""
     from eft_local.speculative import Speculator
 
-    models = {r: Threaded(seed=i + 1, size=int(SIZES[r])) for i, r in enumerate(SIZES)}
-    engine = Engine(models, template_role="small_ft", allowed=np.ones(48, dtype=bool),
-                    n_threads=2, schedule=S.named("lanes", SIZES, 2))
+    engine = threaded_engine(S.named("lanes", SIZES, 2))
+    models = engine.models
     spec = Speculator(engine, draft_k=4, draft_role="small_ft")
     w = np.array([1.0, 1.0, -1.0], dtype=np.float32)
     list(spec.generate(list(range(2, 12)), w, SamplerSettings(seed=1), max_tokens=12))
@@ -278,9 +280,7 @@ def test_a_probe_left_unfinished_goes_back_to_the_schedule_it_left() -> None:
     assert feed(w, 0.010, 4) == [B] and w.current is B  # probing B
     assert w.settle() is A and w.current is A
     assert feed(w, 0.010, 3) == []  # a fresh window, no half probe carried over
-    models = {r: Threaded(seed=i + 1, size=int(SIZES[r])) for i, r in enumerate(SIZES)}
-    engine = Engine(models, template_role="small_ft", allowed=np.ones(48, dtype=bool),
-                    n_threads=2, schedule=A)
+    engine = threaded_engine(A)
     engine.watch = Watch([A, B], {A.describe(): 1e-9, B.describe(): 1e-9}, window=2,
                          probe=50)
     weights = np.array([1.0, 1.0, -1.0], dtype=np.float32)
