@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from eft_local.backend import LlamaModel
-from eft_local.tuning import machine
+from eft_local.schedule.tuning import machine
 
 SIZES = (1, 2, 3, 5, 9, 17)
 

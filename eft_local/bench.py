@@ -42,7 +42,7 @@ import numpy as np
 from eft_local import sampler
 from eft_local.engine import Engine
 from eft_local.sampler import SamplerSettings
-from eft_local.tuning import machine
+from eft_local.schedule.tuning import machine
 
 if TYPE_CHECKING:  # the CLI imports this module lazily; the session is imported on use
     from eft_local.gguf_writer import LlamaShape, TokenizerSpec
@@ -180,7 +180,7 @@ def competitor(say: Say, path: Path, n_threads: int, prompt_tokens: int,
 def runners_for(base: Session, large: str, n_threads: int, *, speculative: bool = True
                 ) -> list[Runner]:
     """Large alone at 1..N threads, plain EFT under each schedule, adaptive speculative."""
-    from eft_local.schedule import NAMES
+    from eft_local.schedule.shapes import NAMES
 
     out = [Runner(f"{large} alone, {t} thread(s)",
                   derived(base, formula=large, n_threads=t, schedule="sequential",
@@ -601,7 +601,7 @@ def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats:
           threads: int | None, prompt_tokens: int, realistic: bool, cache_dir: Path,
           retune: bool, skip_family: bool, agreeing: bool) -> None:
     """Speed of plain and speculative EFT against the large model alone at its best."""
-    from eft_local import tuning
+    from eft_local.schedule import tuning
 
     say = click.echo
     if retune:  # forget every cached schedule choice

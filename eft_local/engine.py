@@ -23,11 +23,11 @@ from typing import Protocol
 import numpy as np
 
 from eft_local import sampler
-from eft_local import schedule as schedules
+from eft_local.schedule import shapes as schedules
 from eft_local.errors import EftError
-from eft_local.livetune import Watch
+from eft_local.schedule.watch import Watch
 from eft_local.sampler import SamplerSettings
-from eft_local.schedule import Schedule
+from eft_local.schedule.shapes import Schedule
 
 
 class Model(Protocol):

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from eft_local import backend, hub, limits, speculative, tuning
-from eft_local import schedule as schedules
+from eft_local import backend, hub, limits, speculative
+from eft_local.schedule import tuning
+from eft_local.schedule import shapes as schedules
 from eft_local.chat import FALLBACK_TEMPLATE, Conversation, render
 from eft_local.config import (
     Config,

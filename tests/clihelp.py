@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner, Result
 
-from eft_local.cli import main
+from eft_local.cli.main import main
 from eft_local.sampler import SamplerSettings
 from eft_local.session import LoadOptions, Session, load_session
 

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from eft_local.cli import main
+from eft_local.cli.main import main
 from tests.ggufs import write_model
 
 WORK = Path(sys.argv[1] if len(sys.argv) > 1 else ".").resolve()

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import uvicorn
 
 from eft_local.config import load_config
-from eft_local.server import ServerOptions, create_app
-from eft_local.serving import Runner
+from eft_local.server.app import ServerOptions, create_app
+from eft_local.server.worker import Runner
 from eft_local.session import LoadOptions, load_session
 
 

@@ -6,7 +6,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from eft_local import bench
-from eft_local.cli import main
+from eft_local.cli.main import main
 
 
 def test_coupling_of_identical_rows_is_perfect_and_the_race_beats_inverse_cdf() -> None:

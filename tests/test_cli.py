@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from eft_local import __version__, config
-from eft_local.cli import main
+from eft_local.cli.main import main
 from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
 
 GREEDY = ["-t", "0", "--max-tokens", "6", *THREADS]

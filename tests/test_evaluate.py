@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from eft_local.cli import main
+from eft_local.cli.main import main
 from eft_local.config import load_config
 from eft_local.errors import EftError
 from eft_local.evaluate import (

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eft_local import backend, quality
-from eft_local.combos import Combination, combinations, largest
+from eft_local import backend
+from eft_local.explore import metrics as quality
+from eft_local.explore.candidates import Combination, combinations, largest
 from eft_local.config import FAMILY_DIR, preset_from_paths
-from eft_local.explore import (
+from eft_local.explore.explorer import (
     ENGLISH_TEXT,
     FAMILY_TEXT,
     Explorer,
@@ -227,7 +228,7 @@ def _row(kl: float, speed: float, memory: int) -> Row:
 
 
 def test_pareto_marks_rows_no_other_beats_on_speed_or_size() -> None:
-    from eft_local.explore import mark_pareto
+    from eft_local.explore.explorer import mark_pareto
 
     rows = mark_pareto([_row(0.3, 30, 40), _row(0.0, 10, 100), _row(0.1, 20, 100),
                         _row(0.2, 15, 50), _row(0.3, 15, 60), _row(0.3, 40, 200)])

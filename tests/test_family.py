@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from eft_local.cli import main
+from eft_local.cli.main import main
 from eft_local.config import FAMILY_DIR, load_config
 from eft_local.evaluate import (
     DEFAULT_QUESTIONS,

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eft_local import config, repl, sampler
+from eft_local import config, sampler
+from eft_local.cli import repl
 from eft_local.chat import Conversation, render
 from eft_local.errors import EftError
 from eft_local.gguf_writer import LlamaShape, write_llama_gguf
@@ -36,7 +37,7 @@ GREEDY = ["-t", "0", "--max-tokens", "2", *THREADS]
 def cli(args: list[str], *, prelude: str = "", stdin: str = "", address_space: int | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run ``eft-local ARGS`` in a child process (after Python code ``prelude``)."""
-    code = f"import sys\n{prelude}\nfrom eft_local.cli import main\nmain(sys.argv[1:])"
+    code = f"import sys\n{prelude}\nfrom eft_local.cli.main import main\nmain(sys.argv[1:])"
 
     def limit() -> None:
         if address_space is not None:
@@ -578,7 +579,7 @@ def test_13_a_stalled_download_ends_in_one_line(tmp_path) -> None:
                HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
                HF_HUB_DOWNLOAD_TIMEOUT="1", NO_PROXY="127.0.0.1", PYTHONPATH=str(ROOT))
     code = ("from eft_local.config import ModelSpec\nfrom eft_local import hub\n"
-            "from eft_local.cli import fail\n"
+            "from eft_local.cli.main import fail\n"
             f"spec = ModelSpec(role='small_ft', hf_repo={REPO!r}, hf_file={FILE!r})\n"
             "try:\n    hub.resolve(spec)\nexcept Exception as exc:\n    fail(str(exc))\n")
     started = time.perf_counter()

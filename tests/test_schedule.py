@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eft_local import schedule as S
-from eft_local import tuning
+from eft_local.schedule import shapes as S
+from eft_local.schedule import tuning
 from eft_local.config import preset_from_paths
 from eft_local.engine import Engine
 from eft_local.errors import EftError
@@ -160,7 +160,7 @@ def feed(watch, seconds: float, n: int) -> list:
 
 
 def test_watch_moves_to_a_faster_schedule_when_the_current_one_slows_down() -> None:
-    from eft_local.livetune import Watch
+    from eft_local.schedule.watch import Watch
 
     w = Watch([A, B], {A.describe(): 0.010, B.describe(): 0.012}, window=8, probe=4)
     assert feed(w, 0.011, 8) == []  # within the slack of B's 12 ms: no probe
@@ -171,7 +171,7 @@ def test_watch_moves_to_a_faster_schedule_when_the_current_one_slows_down() -> N
 
 
 def test_watch_goes_back_when_the_probe_is_not_clearly_faster() -> None:
-    from eft_local.livetune import Watch
+    from eft_local.schedule.watch import Watch
 
     w = Watch([A, B], {A.describe(): 0.010, B.describe(): 0.012}, window=8, probe=4,
               every=16)
@@ -183,7 +183,7 @@ def test_watch_goes_back_when_the_probe_is_not_clearly_faster() -> None:
 
 
 def test_decoding_switches_schedules_without_changing_the_tokens() -> None:
-    from eft_local.livetune import Watch
+    from eft_local.schedule.watch import Watch
 
     def run(watch: Watch | None) -> tuple[list[int], set[str]]:
         engine = threaded_engine(A)
@@ -239,7 +239,7 @@ def test_engines_sharing_models_each_get_their_thread_counts() -> None:
 
 
 def test_watch_checks_less_often_while_nothing_changes() -> None:
-    from eft_local.livetune import Watch
+    from eft_local.schedule.watch import Watch
 
     w = Watch([A, B], {A.describe(): 0.010, B.describe(): 0.012}, window=8, probe=2,
               every=16, most=64)
@@ -272,7 +272,7 @@ def test_speculative_blocks_and_drafts_use_every_thread() -> None:
 def test_a_probe_left_unfinished_goes_back_to_the_schedule_it_left() -> None:
     """Speculative blocks do not feed the watch: a probe begun in plain steps used to stay
     on the probed schedule through every later block."""
-    from eft_local.livetune import Watch
+    from eft_local.schedule.watch import Watch
     from eft_local.speculative import Speculator
 
     w = Watch([A, B], {A.describe(): 0.010, B.describe(): 0.012}, window=4, probe=6,

@@ -17,9 +17,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from eft_local.config import load_config
-from eft_local.serve_cli import is_loopback
-from eft_local.server import ServerOptions, create_app
-from eft_local.serving import Job, Runner
+from eft_local.cli.serve import is_loopback
+from eft_local.server.app import ServerOptions, create_app
+from eft_local.server.worker import Job, Runner
 from eft_local.session import LoadOptions, load_session
 from tests.clihelp import THREADS, assert_one_line_error, run, stdout
 from tests.servehelp import Served, serving
@@ -408,7 +408,7 @@ def test_serve_without_the_extra_names_what_to_install(monkeypatch: pytest.Monke
         monkeypatch.setitem(sys.modules, name, None)  # as if they were not installed
     monkeypatch.setitem(sys.modules, "starlette", None)
     monkeypatch.setitem(sys.modules, "uvicorn", None)
-    monkeypatch.delitem(sys.modules, "eft_local.server", raising=False)
+    monkeypatch.delitem(sys.modules, "eft_local.server.app", raising=False)
     result = run(["serve", "tiny-up"])
     assert_one_line_error(result, "pip install 'eft-local[server]'")
 

@@ -1,4 +1,4 @@
-"""``eft-local explore``: the command over :mod:`eft_local.explore`."""
+"""``eft-local explore``: the command over :mod:`eft_local.explore.explorer`."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 import click
 
 from eft_local import limits
-from eft_local.cliopts import model_options, size_text
-from eft_local.combos import candidates_for, combinations, largest
+from eft_local.cli.options import model_options, size_text
+from eft_local.explore.candidates import candidates_for, combinations, largest
 from eft_local.errors import EftError
-from eft_local.explore import (
+from eft_local.explore.explorer import (
     DEFAULT_TOP_K,
     DEFAULT_WINDOW,
     Explorer,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from eft_local.cliopts import model_options, sampling_options
+from eft_local.cli.options import model_options, sampling_options
 from eft_local.errors import EftError
 from eft_local.text import printable
 
@@ -77,14 +77,14 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     try:
         import uvicorn
 
-        from eft_local.server import ServerOptions, create_app
+        from eft_local.server.app import ServerOptions, create_app
     except ImportError as exc:
         if (exc.name or "").split(".")[0] in ("starlette", "uvicorn", "anyio", "h11"):
             raise EftError(HINT) from None
         raise
-    from eft_local.cliopts import open_session
+    from eft_local.cli.options import open_session
     from eft_local.config import load_config
-    from eft_local.serving import Runner
+    from eft_local.server.worker import Runner
 
     if opts.get("parse_special"):
         raise click.UsageError("--parse-special is not available for serve (clients send "

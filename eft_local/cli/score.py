@@ -16,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
-from eft_local.batch import (
+from eft_local.records import (
     BadRecord,
     check_paths,
     check_unicode,
@@ -24,7 +24,7 @@ from eft_local.batch import (
     read_lines,
     read_record,
 )
-from eft_local.cliopts import Number, model_options, open_session, split_args, stdin_prompt
+from eft_local.cli.options import Number, model_options, open_session, split_args, stdin_prompt
 from eft_local.errors import EftError
 
 if TYPE_CHECKING:

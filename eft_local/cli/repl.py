@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from eft_local.chat import Conversation
-from eft_local.cliopts import model_options, open_session, sampling_options, write
+from eft_local.cli.options import model_options, open_session, sampling_options, write
 from eft_local.errors import EftError
 from eft_local.session import Session
 from eft_local.text import printable

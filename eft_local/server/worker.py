@@ -6,7 +6,7 @@ only for its new suffix). A job reports back through events that the web side re
 asyncio queue; setting :attr:`Job.cancelled` stops a generation before its next token. Each
 job's knobs (beta, lam, formula, sampler settings) are applied when it starts and the
 server's defaults restored when it ends, so nothing leaks into the next request. No web
-framework is imported here (see :mod:`eft_local.server`).
+framework is imported here (see :mod:`eft_local.server.app`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from eft_local import hub
 from eft_local.config import Config, Preset
 from eft_local.errors import EftError
 from eft_local.formula import parse_formula
-from eft_local.openai_api import (
+from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
@@ -332,7 +332,7 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                         [(session.token_text(t), token_bytes(session, t), lp)
                          for t, lp in (step.top or ())]))
                 if diagnostics:
-                    from eft_local.batch import step_record
+                    from eft_local.records import step_record
 
                     eft_pending.append(step_record(session, step))
             if chunk.finish:
@@ -496,7 +496,7 @@ def tokenize_work(body: Mapping[str, Any]) -> Callable[[Session, Job], None]:
 
     def work(session: Session, job: Job) -> None:
         if messages is not None:
-            from eft_local.openai_api import parse_chat
+            from eft_local.server.protocol import parse_chat
 
             chat = parse_chat({"messages": messages}, SamplerSettings(), 0)
             tokens = session.chat_tokens(chat.messages)

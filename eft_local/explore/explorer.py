@@ -3,7 +3,7 @@ combination of candidate GGUF files.
 
 Each combination is mixed by one formula and compared, position by position over a text,
 with a reference combination (default: the largest candidate file of each role): KL
-divergence, top-1 agreement and perplexity (:mod:`eft_local.quality`). The reference's
+divergence, top-1 agreement and perplexity (:mod:`eft_local.explore.metrics`). The reference's
 distributions are computed once and cached on disk, compressed to the top-k log-probs and
 the remaining mass, under a key made of its files' hashes, the formula, the knobs, the text
 and the window. Costs: decode tokens/s (plain and speculative), time to first token, model
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from eft_local import speculative
-from eft_local.combos import Combination, preset_for
+from eft_local.explore.candidates import Combination, preset_for
 from eft_local.config import FAMILY_DIR, PACKAGE_DIR, Preset, preset_from_paths
 from eft_local.errors import EftError
-from eft_local.quality import Quality, TopK, kl_topk, mix_rows, pareto, summarise, top_k
-from eft_local.refcache import Reference, ReferenceCache, windows
+from eft_local.explore.metrics import Quality, TopK, kl_topk, mix_rows, pareto, summarise, top_k
+from eft_local.explore.refcache import Reference, ReferenceCache, windows
 from eft_local.sampler import SamplerSettings
 from eft_local.session import LoadOptions, Session, check_models
 from eft_local.vocab import align

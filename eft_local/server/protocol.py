@@ -1,5 +1,5 @@
 """OpenAI's API as data: request bodies validated into frozen requests, responses built as
-dicts. No web framework here (see :mod:`eft_local.server`); every bad value is an
+dicts. No web framework here (see :mod:`eft_local.server.app`); every bad value is an
 :class:`ApiError` with OpenAI's error body and the right HTTP status.
 """
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from eft_local.errors import EftError
-from eft_local.quality import TopK
+from eft_local.explore.metrics import TopK
 
 CACHE_VERSION = 1
 

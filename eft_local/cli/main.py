@@ -2,7 +2,7 @@
 
 Each command parses its options, calls the library and prints. Every failure is one line
 on stderr and a non-zero exit status (see :class:`EftGroup`). Options shared by several
-commands are decorators in :mod:`eft_local.cliopts`; other modules' commands are registered
+commands are decorators in :mod:`eft_local.cli.options`; other modules' commands are registered
 at the bottom of this file and imported only when used (they import cliopts, never this
 module, so the imports have no cycle).
 """
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eft_local import __version__, limits
-from eft_local.cliopts import (
+from eft_local.cli.options import (
     model_options,
     open_session,
     sampling_options,
@@ -286,7 +286,7 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
             _generate_one(session, prompt, raw=raw, as_json=as_json, system=opts["system"],
                           max_tokens=opts["max_tokens"])
         return
-    from eft_local.batch import BatchDefaults, check_paths, run_batch
+    from eft_local.records import BatchDefaults, check_paths, run_batch
 
     check_paths(input_path, output_path)
     defaults = BatchDefaults(raw=raw, system=opts["system"], max_tokens=opts["max_tokens"],
@@ -298,7 +298,7 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
 def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
                   system: str | None, max_tokens: int) -> None:
     """Stream one reply to stdout, or print it as a JSON record."""
-    from eft_local.batch import result_record
+    from eft_local.records import result_record
 
     if as_json:
         result = session.generate(prompt, raw=raw, system=system, max_tokens=max_tokens,
@@ -317,9 +317,9 @@ def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
 
 
 # -- commands from other modules: one line each (imported on first use) ----------------------
-main.register("chat", "eft_local.repl:chat")
+main.register("chat", "eft_local.cli.repl:chat")
 main.register("eval", "eft_local.evaluate:evaluate")
 main.register("bench", "eft_local.bench:bench")
-main.register("score", "eft_local.score_cli:score")
-main.register("explore", "eft_local.explore_cli:explore")
-main.register("serve", "eft_local.serve_cli:serve")
+main.register("score", "eft_local.cli.score:score")
+main.register("explore", "eft_local.cli.explore:explore")
+main.register("serve", "eft_local.cli.serve:serve")

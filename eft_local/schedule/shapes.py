@@ -5,7 +5,7 @@ once, each lane a list of models evaluated in turn; the thread budget is split e
 between the lanes of a stage that have work. Three named shapes and every other one are
 enumerated by :func:`candidates`; :func:`predict` gives a schedule's cost per token from the
 models' measured one-token decode times at each thread count, and the session picks the
-cheapest after measuring (:mod:`eft_local.tuning`).
+cheapest after measuring (:mod:`eft_local.schedule.tuning`).
 """
 
 from __future__ import annotations

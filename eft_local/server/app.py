@@ -1,7 +1,7 @@
 """``eft-local serve``'s web side: an OpenAI-compatible HTTP API over Starlette.
 
-Routes parse and check a request (:mod:`eft_local.openai_api`), hand the work to the
-engine's worker thread (:mod:`eft_local.serving`) and turn its events into OpenAI's
+Routes parse and check a request (:mod:`eft_local.server.protocol`), hand the work to the
+engine's worker thread (:mod:`eft_local.server.worker`) and turn its events into OpenAI's
 responses, or server-sent events ending in ``data: [DONE]``. Every failure is OpenAI's error
 body with a 4xx/5xx status and one log line; no traceback ever reaches a client.
 """
@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from eft_local import __version__
-from eft_local.openai_api import (
+from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
@@ -34,7 +34,7 @@ from eft_local.openai_api import (
     parse_completion,
     usage,
 )
-from eft_local.serving import (
+from eft_local.server.worker import (
     Job,
     Runner,
     chat_work,
@@ -259,7 +259,7 @@ class Api:
                                                preset=self._preset(dict(request.query_params))))
 
     def _preset(self, body: dict[str, Any]) -> str | None:
-        from eft_local.openai_api import parse_model_name
+        from eft_local.server.protocol import parse_model_name
 
         model = body.get("model")
         if model is not None and not isinstance(model, str):

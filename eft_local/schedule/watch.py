@@ -1,6 +1,6 @@
 """Keeping the fastest decode schedule while decoding.
 
-The schedule chosen at load (:mod:`eft_local.tuning`) is measured once, in a few steps, under
+The schedule chosen at load (:mod:`eft_local.schedule.tuning`) is measured once, in a few steps, under
 the load of that moment. :class:`Watch` times every plain decoding step (evaluation, thread
 hand-offs and the sampler) under the current schedule; when the median of a window is
 clearly slower than another candidate's last measured time, or after :attr:`Watch.every`
@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 
-from eft_local.schedule import Schedule
+from eft_local.schedule.shapes import Schedule
 
 
 class Watch:

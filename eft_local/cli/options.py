@@ -1,7 +1,7 @@
 """Command-line pieces shared by the commands of several modules: option types, the
 model and sampling options, opening a session from them, and reading a prompt.
 
-:mod:`eft_local.cli`, :mod:`eft_local.repl` and :mod:`eft_local.score_cli` import this
+:mod:`eft_local.cli.main`, :mod:`eft_local.cli.repl` and :mod:`eft_local.cli.score` import this
 module; it imports none of them, so no command module imports the group that registers it.
 """
 

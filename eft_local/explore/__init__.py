@@ -1,0 +1,1 @@
+"""``eft-local explore``'s library: which GGUF file for which role."""

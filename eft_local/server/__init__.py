@@ -1,0 +1,1 @@
+"""``eft-local serve``: the OpenAI-compatible HTTP server (needs the ``server`` extra)."""
