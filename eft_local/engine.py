@@ -12,7 +12,6 @@ decoding (:mod:`eft_local.speculative`) drives the same evaluation methods.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,11 +22,12 @@ from typing import Protocol
 import numpy as np
 
 from eft_local import sampler
-from eft_local.schedule import shapes as schedules
 from eft_local.errors import EftError
-from eft_local.schedule.watch import Watch
 from eft_local.sampler import SamplerSettings
+from eft_local.schedule import shapes as schedules
+from eft_local.schedule.lanes import Gate, LaneStopped
 from eft_local.schedule.shapes import Schedule
+from eft_local.schedule.watch import Watch
 
 
 class Model(Protocol):
@@ -280,7 +280,7 @@ class Engine:
                 self._pool_size = len(stage_lanes) - 1
                 self._pool = ThreadPoolExecutor(self._pool_size)
             assert self._pool is not None
-            gate, futures = _Gate(), []
+            gate, futures = Gate(), []
             try:
                 for lane in stage_lanes[1:]:
                     futures.append(self._pool.submit(self._run_lane, lane, jobs, all_logits,
@@ -295,11 +295,11 @@ class Engine:
 
     def _run_lane(self, lane: Sequence[str], jobs: Mapping[str, tuple[int, list[int]]],
                   all_logits: bool, outs: Mapping[str, np.ndarray | None],
-                  gate: _Gate | None = None) -> dict[str, np.ndarray]:
+                  gate: Gate | None = None) -> dict[str, np.ndarray]:
         done = {}
         for r in lane:
             if gate is not None and not gate.enter():
-                raise _LaneStopped
+                raise LaneStopped
             try:
                 done[r] = self._timed_eval(r, *jobs[r], all_logits, outs[r])
             finally:
@@ -478,47 +478,6 @@ def top_logprobs(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     idx = np.argpartition(logprobs, logprobs.size - n)[-n:]
     idx = idx[np.argsort(-logprobs[idx], kind="stable")]
     return tuple((int(i), float(logprobs[i])) for i in idx)
-
-
-class _LaneStopped(Exception):
-    """A lane skipped its remaining models because another lane failed or was interrupted."""
-
-
-class _Gate:
-    """Lets lane workers into a model's decode until it is closed; :meth:`close` then waits
-    until no worker is inside one, so the caller may roll back caches."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._inside = 0
-        self._closed = False
-
-    def enter(self) -> bool:
-        """Start a decode (False once closed: the lane stops)."""
-        with self._cond:
-            if self._closed:
-                return False
-            self._inside += 1
-            return True
-
-    def leave(self) -> None:
-        """A decode has finished."""
-        with self._cond:
-            self._inside -= 1
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        """Let no more decodes start and wait for those inside, even through further Ctrl-C
-        presses (each lane is inside at most one decode, so this is short)."""
-        while True:
-            try:
-                with self._cond:
-                    self._closed = True
-                    while self._inside:
-                        self._cond.wait()
-                return
-            except KeyboardInterrupt:
-                continue
 
 
 def file_size(model: Model) -> int:

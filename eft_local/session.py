@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from eft_local import backend, hub, limits, speculative
-from eft_local.schedule import tuning
-from eft_local.schedule import shapes as schedules
 from eft_local.chat import FALLBACK_TEMPLATE, Conversation, render
 from eft_local.config import (
     Config,
@@ -35,6 +33,8 @@ from eft_local.engine import Engine, Model, Step, file_size
 from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS
 from eft_local.sampler import SamplerSettings
+from eft_local.schedule import shapes as schedules
+from eft_local.schedule import tuning
 from eft_local.scoring import Score, score_tokens
 from eft_local.text import TextStream
 from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, AlignmentReport, align

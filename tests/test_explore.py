@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from eft_local import backend
+from eft_local.config import FAMILY_DIR, preset_from_paths
 from eft_local.explore import metrics as quality
 from eft_local.explore.candidates import Combination, combinations, largest
-from eft_local.config import FAMILY_DIR, preset_from_paths
 from eft_local.explore.explorer import (
     ENGLISH_TEXT,
     FAMILY_TEXT,

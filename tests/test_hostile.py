@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from eft_local import config, sampler
-from eft_local.cli import repl
 from eft_local.chat import Conversation, render
+from eft_local.cli import repl
 from eft_local.errors import EftError
 from eft_local.gguf_writer import LlamaShape, write_llama_gguf
 from eft_local.limits import N_CTX_MAX, max_threads

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from eft_local.cli import repl
 from eft_local.chat import Conversation
+from eft_local.cli import repl
 from eft_local.session import Session
 from tests.clihelp import THREADS, api_session, run, stdout
 
@@ -103,8 +103,8 @@ def test_why_and_stats(family) -> None:
 
 
 def test_stats_line_names_the_watch_of_a_measured_schedule(family) -> None:
-    from eft_local.config import preset_from_paths
     from eft_local.cli.repl import schedule_line
+    from eft_local.config import preset_from_paths
     from eft_local.session import LoadOptions
 
     with Session(preset_from_paths(family.pairs()), options=LoadOptions(n_threads=2)) as s:

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eft_local.schedule import shapes as S
-from eft_local.schedule import tuning
 from eft_local.config import preset_from_paths
 from eft_local.engine import Engine
 from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings
+from eft_local.schedule import shapes as S
+from eft_local.schedule import tuning
 from eft_local.session import LoadOptions, Session
 from tests import ggufs
 from tests.fakes import FakeModel

@@ -20,8 +20,9 @@ from eft_local.engine import Engine, Step
 from eft_local.errors import EftError
 from eft_local.formula import PRESET_FORMULAS, parse_formula
 from eft_local.sampler import SamplerSettings
+from eft_local.schedule.blocks import BlockSizer
 from eft_local.session import LoadOptions, Session, load_session
-from eft_local.speculative import BlockSizer, Speculator, worth_speculating
+from eft_local.speculative import Speculator, worth_speculating
 from eft_local.vocab import align
 from tests import ggufs
 from tests.fakes import FakeModel

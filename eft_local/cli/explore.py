@@ -12,8 +12,8 @@ import click
 
 from eft_local import limits
 from eft_local.cli.options import model_options, size_text
-from eft_local.explore.candidates import candidates_for, combinations, largest
 from eft_local.errors import EftError
+from eft_local.explore.candidates import candidates_for, combinations, largest
 from eft_local.explore.explorer import (
     DEFAULT_TOP_K,
     DEFAULT_WINDOW,

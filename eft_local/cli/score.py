@@ -16,6 +16,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
+from eft_local.cli.options import Number, model_options, open_session, split_args, stdin_prompt
+from eft_local.errors import EftError
 from eft_local.records import (
     BadRecord,
     check_paths,
@@ -24,8 +26,6 @@ from eft_local.records import (
     read_lines,
     read_record,
 )
-from eft_local.cli.options import Number, model_options, open_session, split_args, stdin_prompt
-from eft_local.errors import EftError
 
 if TYPE_CHECKING:
     from eft_local.scoring import Score

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from eft_local import speculative
-from eft_local.explore.candidates import Combination, preset_for
 from eft_local.config import FAMILY_DIR, PACKAGE_DIR, Preset, preset_from_paths
 from eft_local.errors import EftError
+from eft_local.explore.candidates import Combination, preset_for
 from eft_local.explore.metrics import Quality, TopK, kl_topk, mix_rows, pareto, summarise, top_k
 from eft_local.explore.refcache import Reference, ReferenceCache, windows
 from eft_local.sampler import SamplerSettings

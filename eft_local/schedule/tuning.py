@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from eft_local.schedule import shapes as schedules
 from eft_local.engine import Engine, Model
-from eft_local.schedule.watch import Watch
 from eft_local.sampler import SamplerSettings
+from eft_local.schedule import shapes as schedules
 from eft_local.schedule.shapes import Schedule
+from eft_local.schedule.watch import Watch
 
 BLOCKS = (2, 4, 8)
 """Block lengths timed per model with every thread (speculative verification's costs)."""

@@ -1,13 +1,13 @@
 """Keeping the fastest decode schedule while decoding.
 
-The schedule chosen at load (:mod:`eft_local.schedule.tuning`) is measured once, in a few steps, under
-the load of that moment. :class:`Watch` times every plain decoding step (evaluation, thread
-hand-offs and the sampler) under the current schedule; when the median of a window is
-clearly slower than another candidate's last measured time, or after :attr:`Watch.every`
-steps anyway, it tries each other candidate for a few steps and keeps the fastest. A probe
-that changes nothing doubles the steps until the next one (up to :attr:`Watch.most`): a
-machine that stays as it is pays less and less for the checks. A step's
-text never depends on the schedule, only its speed does.
+The schedule chosen at load (:mod:`eft_local.schedule.tuning`) is measured once, in a few
+steps, under the load of that moment. :class:`Watch` times every plain decoding step
+(evaluation, thread hand-offs and the sampler) under the current schedule; when the median
+of a window is clearly slower than another candidate's last measured time, or after
+:attr:`Watch.every` steps anyway, it tries each other candidate for a few steps and keeps
+the fastest. A probe that changes nothing doubles the steps until the next one (up to
+:attr:`Watch.most`): a machine that stays as it is pays less and less for the checks. A
+step's text never depends on the schedule, only its speed does.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from eft_local import hub
 from eft_local.config import Config, Preset
 from eft_local.errors import EftError
 from eft_local.formula import parse_formula
+from eft_local.sampler import SamplerSettings
 from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
@@ -33,7 +34,6 @@ from eft_local.server.protocol import (
     finish_reason,
     model_name,
 )
-from eft_local.sampler import SamplerSettings
 from eft_local.session import LoadOptions, Session
 
 Log = Callable[[str], None]
