@@ -50,7 +50,7 @@ def main() -> None:
                              f"small_ft={d / 'small_ft.q8_0.gguf'}",
                              f"small_base={d / 'small_base.q8_0.gguf'}"],
                      options=LoadOptions(n_ctx=1024, schedule="auto", speculative=False),
-                     settings=SamplerSettings(temperature=1.0, seed=1), progress=print)
+                     sampling=SamplerSettings(temperature=1.0, seed=1), progress=print)
     allowed = s.engine.allowed.copy()
     allowed[list(s.report.vocabs[s.preset.template_role].eog)] = False  # equal lengths
     s.engine.allowed = allowed

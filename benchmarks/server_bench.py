@@ -96,7 +96,7 @@ def via_server(url: str, prompt: str, seed: int, max_tokens: int, stream: bool =
 
 
 def in_process(session, prompt: str, seed: int, max_tokens: int) -> tuple[int, float, float]:
-    session.settings = SamplerSettings(temperature=1.0, seed=seed)
+    session.update(sampling=SamplerSettings(temperature=1.0, seed=seed))
     start = time.perf_counter()
     first = None
     tokens = 0

@@ -103,7 +103,7 @@ def derived(base: Session, *, formula: str | None = None, **options: object) -> 
     preset = base.preset if formula is None else base.preset.with_formula(formula)
     opts = LoadOptions(n_ctx=base.options.n_ctx, **options)
     s = Session(preset, models=base.models, report=base.report,
-                options=opts, settings=base.settings)
+                options=opts, sampling=base.sampling)
     s.engine.allowed = base.engine.allowed
     return s
 
@@ -571,7 +571,7 @@ def open_base(say: Say, preset: str | None, models: Sequence[str], n_threads: in
 
     s = load_session(preset, models=models, options=LoadOptions(
         n_ctx=n_ctx, n_threads=n_threads, schedule="auto"), progress=say,
-        settings=SamplerSettings(temperature=1.0, seed=1))
+        sampling=SamplerSettings(temperature=1.0, seed=1))
     allowed = s.engine.allowed.copy()
     eog = s.report.vocabs[s.preset.template_role].eog
     allowed[[t for t in eog if t < allowed.size]] = False

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from jinja2 import Environment, TemplateError
 from jinja2.nodes import EvalContext
@@ -23,6 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
 from eft_local.errors import EftError
+from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, VocabInfo
 
 FALLBACK_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
@@ -298,3 +300,69 @@ class Conversation:
         system = data.get("system")
         return cls(system=system if isinstance(system, str) else None,
                    turns=[{"role": t["role"], "content": t["content"]} for t in turns])
+
+
+# -- tokenizing a rendered chat -----------------------------------------------------------------
+class Tokenizer(Protocol):
+    """What :func:`tokenize_messages` needs of a model."""
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]: ...
+    def piece(self, token: int, *, special: bool = False) -> bytes: ...
+
+
+def special_pattern(vocab: VocabInfo | None) -> re.Pattern[str] | None:
+    """A regex matching the text of every control token of ``vocab`` (None: there is
+    none)."""
+    mask = ATTR_CONTROL | ATTR_UNKNOWN
+    texts = sorted({t.decode("utf-8", "replace") for t, a in
+                    zip(vocab.texts, vocab.attrs, strict=False) if a & mask and t}
+                   if vocab else (), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+
+def tokenize_messages(template: str, messages: list[dict[str, str]], model: Tokenizer,
+                      vocab: VocabInfo | None, *, specials: re.Pattern[str] | None
+                      ) -> list[int]:
+    """Render ``messages`` with ``template`` and tokenize the text: the template's own
+    markup with special-token parsing, the messages' content without it wherever it holds
+    text that ``specials`` matches (a control token's text typed in a message stays plain
+    text and cannot fake a turn). ``specials`` None parses everything (trusted input)."""
+
+    def text_of(token: int | None) -> str:
+        if token is None or token < 0:
+            return ""
+        return model.piece(token, special=True).decode("utf-8", "replace")
+
+    tokens = {"bos_token": text_of(vocab and vocab.bos),
+              "eos_token": text_of(vocab and vocab.eos)}
+    text = render(template, messages, **tokens)
+    contents = [m.get("content") for m in messages]
+    if specials is None or not any(isinstance(c, str) and specials.search(c)
+                                   for c in contents):
+        return model.tokenize(text, add_bos=False, special=True)
+    # where each message's content lies in the rendered text: render again with marks
+    marked = [{**m, "content": f"\ue000{i}\ue001"} if isinstance(m.get("content"), str)
+              else m for i, m in enumerate(messages)]
+    parts = re.split("\ue000(\\d+)\ue001", render(template, marked, **tokens))
+    spans, pos = [], 0
+    for i, part in enumerate(parts):
+        piece = contents[int(part)] if i % 2 else part
+        if i % 2:
+            spans.append((pos, pos + len(piece)))
+        pos += len(piece)
+    if "".join(contents[int(p)] if i % 2 else p for i, p in enumerate(parts)) != text:
+        raise EftError("a message holds special-token text and the chat template changes "
+                       "messages, so it cannot be kept as plain text; remove it (or parse "
+                       "it as control tokens with --parse-special)")
+    out: list[int] = []
+    start = 0
+    for found in specials.finditer(text):  # plain text where a special overlaps content
+        a, b = found.span()
+        if any(a < end and b > begin for begin, end in spans):
+            if a > start:
+                out += model.tokenize(text[start:a], add_bos=False, special=True)
+            out += model.tokenize(text[a:b], add_bos=False, special=False)
+            start = b
+    if start < len(text):
+        out += model.tokenize(text[start:], add_bos=False, special=True)
+    return out

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -59,6 +59,9 @@ class Step:
     """With ``top_n``: the token's log-prob under the mix at temperature 1, no filters."""
     top: tuple[tuple[int, float], ...] | None = None
     """With ``top_n``: the most likely (id, log-prob) pairs of that distribution."""
+    finish: str | None = None
+    """On the last step of a generation: ``eog`` (an end-of-generation token), ``length``
+    (``max_tokens``) or ``context`` (the context is full)."""
 
 
 @dataclass
@@ -117,14 +120,14 @@ class Engine:
         self._index = {r: i for i, r in enumerate(self.roles)}
         self.template_role = template_role
         self.conservative_role = conservative_role or template_role
-        """Whose top-p set conservative decoding keeps, and whose own pick diagnostics show
-        (the session sets it from the preset, or the formula's fine-tuned model)."""
+        """Whose top-p set conservative decoding keeps, and whose own pick diagnostics show,
+        when a call names none (the session names one in every call)."""
         self.allowed = allowed
         self.width = int(allowed.size)
         self.n_ctx = min(m.n_ctx for m in self.models.values())
         self.stats = Stats()
-        self.last: tuple[np.ndarray, np.ndarray] | None = None  # rows, weights of last step
-        self.finish_reason = "length"
+        self.last: tuple[np.ndarray, np.ndarray, str] | None = None
+        """Rows, weights and conservative role of the last sampled step (for :meth:`why`)."""
         self.n_threads = max(1, n_threads or os.cpu_count() or 1)
         sizes = {r: float(file_size(m)) for r, m in self.models.items()}
         self.schedule = schedule or (schedules.lanes(sizes, self.n_threads) if parallel
@@ -191,7 +194,8 @@ class Engine:
         self.schedule = schedule
 
     def activate(self, weights: np.ndarray, settings: SamplerSettings, *,
-                 diagnostics: bool = False, extra: Sequence[str] = ()) -> tuple[str, ...]:
+                 diagnostics: bool = False, extra: Sequence[str] = (),
+                 conservative: str | None = None) -> tuple[str, ...]:
         """Choose the models to evaluate from now on: non-zero weight, the conservative
         model when conservative decoding reads it, every model for diagnostics, and
         ``extra`` (the drafter)."""
@@ -200,7 +204,7 @@ class Engine:
         if diagnostics:
             need = set(self.roles)
         if settings.conservative_top_p is not None:
-            need.add(self.conservative_role)
+            need.add(conservative or self.conservative_role)
         if not need:
             need.add(self.template_role)
         self.active = tuple(r for r in self.roles if r in need)
@@ -344,20 +348,23 @@ class Engine:
             found = self._samplers[settings] = sampler.make_sampler(settings)
         return found
 
-    def scores(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings
-               ) -> np.ndarray:
+    def scores(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings,
+               conservative: str | None = None) -> np.ndarray:
         """The mix for one position as log-probs up to a constant, in a buffer that the
         next call reuses (conservative decoding: normalised, see :meth:`distribution`)."""
         if settings.conservative_top_p is not None:
-            np.copyto(self._scores, self.distribution(rows, weights, settings))
+            np.copyto(self._scores, self.distribution(rows, weights, settings, conservative))
             return self._scores
         return sampler.mix_scores(rows, weights, self._blocked, out=self._scores)
 
-    def distribution(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings
-                     ) -> np.ndarray:
-        """The mixed log-probs for one position, before temperature and filters."""
+    def distribution(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings,
+                     conservative: str | None = None) -> np.ndarray:
+        """The mixed log-probs for one position, before temperature and filters;
+        ``conservative`` (default :attr:`conservative_role`) is whose top-p set conservative
+        decoding keeps."""
         if settings.conservative_top_p is not None:
-            return sampler.conservative_mix(rows, weights, self.index(self.conservative_role),
+            role = conservative or self.conservative_role
+            return sampler.conservative_mix(rows, weights, self.index(role),
                                             settings.conservative_top_p, self.allowed)
         return sampler.mix_logits(rows, weights, self.allowed)
 
@@ -372,24 +379,27 @@ class Engine:
         return sampler.log_softmax(self.model_scores(rows[index]))
 
     def choose(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings,
-               position: int, *, diagnostics: bool = False, top_n: int | None = None
-               ) -> Step:
+               position: int, *, diagnostics: bool = False, top_n: int | None = None,
+               conservative: str | None = None) -> Step:
         """Sample the token at ``position`` from the mix of ``rows``; ``top_n`` (0 or more)
-        adds the token's log-prob under the unfiltered mix and its ``top_n`` best tokens."""
+        adds the token's log-prob under the unfiltered mix and its ``top_n`` best tokens;
+        diagnostics show what ``conservative`` (default :attr:`conservative_role`) alone
+        would have drawn."""
         start = time.perf_counter()
+        role = conservative or self.conservative_role
         sample = self.sampler(settings)
-        picked = sample(self.scores(rows, weights, settings), position)
+        picked = sample(self.scores(rows, weights, settings, role), position)
         p_models = ref_token = None
         if diagnostics:
             lps = [self.model_logprobs(rows, i) for i in range(len(self.roles))]
             p_models = {r: float(np.exp(lp[picked.token]))
                         for r, lp in zip(self.roles, lps, strict=True)}
-            ref_token = sample(lps[self.index(self.conservative_role)], position).token
+            ref_token = sample(lps[self.index(role)], position).token
         logprob = top = None
         if top_n is not None:
-            mixed = self.distribution(rows, weights, settings)
-            logprob, top = float(mixed[picked.token]), top_logprobs(mixed, top_n)
-        self.last = (rows, weights)
+            mixed = self.distribution(rows, weights, settings, role)
+            logprob, top = float(mixed[picked.token]), sampler.top_logprobs(mixed, top_n)
+        self.last = (rows, weights, role)
         self.stats.sampler_seconds += time.perf_counter() - start
         return Step(position=position, token=picked.token, p_mix=picked.p,
                     p_models=p_models, ref_token=ref_token, logprob=logprob, top=top)
@@ -398,49 +408,58 @@ class Engine:
         """Top tokens of each evaluated model and of the mix at the last step."""
         if self.last is None:
             return {}
-        rows, weights = self.last
-        out = {r: sampler.top_tokens(self.model_logprobs(rows, i), k)
+        rows, weights, role = self.last
+        out = {r: sampler.top_logprobs(self.model_logprobs(rows, i), k)
                for i, r in enumerate(self.roles) if r in self.active}
-        out["mix"] = sampler.top_tokens(
-            sampler.filter_logprobs(self.distribution(rows, weights, settings), settings), k)
-        return out
+        out["mix"] = sampler.top_logprobs(sampler.filter_logprobs(
+            self.distribution(rows, weights, settings, role), settings), k)
+        return {name: [(t, float(np.exp(lp))) for t, lp in top] for name, top in out.items()}
 
     # -- the loop -------------------------------------------------------------------------
     def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
                  *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
+                 conservative: str | None = None,
                  on_step: Callable[[np.ndarray, Step], None] | None = None,
                  extra: Sequence[str] = ()) -> Iterator[Step]:
         """Yield sampled tokens until an end-of-generation token, ``max_tokens`` or a full
-        context; :attr:`finish_reason` says which (the caller may stop earlier).
-        ``on_step(rows, step)`` sees each step's rows; ``extra`` models are evaluated too."""
+        context; the last step's :attr:`Step.finish` says which (the caller may stop
+        earlier). ``on_step(rows, step)`` sees each step's rows; ``extra`` models are
+        evaluated too."""
         started = time.perf_counter()
-        self.finish_reason = "length"
-        self.activate(weights, settings, diagnostics=diagnostics, extra=extra)
+        self.activate(weights, settings, diagnostics=diagnostics, extra=extra,
+                      conservative=conservative)
         self.prime(tokens)
         position = len(tokens)
         stepped = None
         try:
             for n in range(1, max_tokens + 1):
                 step = self.choose(self.rows, weights, settings, position,
-                                   diagnostics=diagnostics, top_n=top_n)
+                                   diagnostics=diagnostics, top_n=top_n,
+                                   conservative=conservative)
                 if stepped is not None:
                     self.observe_step(time.perf_counter() - stepped)
                 if on_step is not None:
                     on_step(self.rows, step)
                 self.count_token(started)
-                yield step
-                if self.is_eog(step.token):
-                    self.finish_reason = "eog"
+                finish = self.finish(step.token, position + 1, n, max_tokens)
+                yield step if finish is None else replace(step, finish=finish)
+                if finish is not None:
                     return
                 position += 1
-                if position >= self.n_ctx:
-                    self.finish_reason = "context"
-                    return
-                if n < max_tokens:  # no decode for a token nobody will sample after
-                    stepped = time.perf_counter()
-                    self.advance(step.token)
+                stepped = time.perf_counter()
+                self.advance(step.token)
         finally:
             self.stats.wall_seconds += time.perf_counter() - started
+
+    def finish(self, token: int, next_position: int, emitted: int, max_tokens: int
+               ) -> str | None:
+        """Why a generation ends after ``token`` (``eog``, ``context``, ``length``), or
+        None when it goes on."""
+        if self.is_eog(token):
+            return "eog"
+        if next_position >= self.n_ctx:
+            return "context"
+        return "length" if emitted >= max_tokens else None
 
     def observe_step(self, seconds: float) -> None:
         """One plain decoding step (evaluation and sampling) took ``seconds``: the watch
@@ -468,16 +487,6 @@ class Engine:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool, self._pool_size = None, 0
-
-
-def top_logprobs(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
-    """The ``n`` most likely ids of a log-prob row with their log-probs, best first."""
-    n = min(n, logprobs.size)
-    if n < 1:
-        return ()
-    idx = np.argpartition(logprobs, logprobs.size - n)[-n:]
-    idx = idx[np.argsort(-logprobs[idx], kind="stable")]
-    return tuple((int(i), float(logprobs[i])) for i in idx)
 
 
 def file_size(model: Model) -> int:

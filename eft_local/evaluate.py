@@ -250,7 +250,7 @@ def evaluate_targets(targets: Sequence[Target], questions: Sequence[Question], *
         groups.setdefault(key, []).append(i)
     settings = settings or SamplerSettings(temperature=0.0)
     for indices in groups.values():
-        with Session(targets[indices[0]].preset, settings=settings, options=options,
+        with Session(targets[indices[0]].preset, sampling=settings, options=options,
                      progress=progress) as session:
             for i in indices:
                 scores[i] = run_target(session, targets[i], questions, max_tokens=max_tokens,

@@ -379,11 +379,11 @@ def pick(logprobs: np.ndarray, settings: SamplerSettings, position: int) -> tupl
     return token, filter_logprobs(logprobs, settings)
 
 
-def top_tokens(logprobs: np.ndarray, k: int = 5) -> list[tuple[int, float]]:
-    """The ``k`` most likely token ids with their probabilities, best first."""
-    k = min(k, logprobs.size)
-    if k < 1:
-        return []
-    idx = np.argpartition(logprobs, logprobs.size - k)[-k:]
+def top_logprobs(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
+    """The ``n`` most likely ids of a log-prob row with their log-probs, best first."""
+    n = min(n, logprobs.size)
+    if n < 1:
+        return ()
+    idx = np.argpartition(logprobs, logprobs.size - n)[-n:]
     idx = idx[np.argsort(-logprobs[idx], kind="stable")]
-    return [(int(i), float(np.exp(logprobs[i]))) for i in idx]
+    return tuple((int(i), float(logprobs[i])) for i in idx)

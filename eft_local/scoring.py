@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eft_local.engine import Engine, top_logprobs
+from eft_local.engine import Engine
 from eft_local.errors import EftError
-from eft_local.sampler import SamplerSettings
+from eft_local.sampler import SamplerSettings, top_logprobs
 
 CHUNK = 256
 """Positions evaluated per batch while scoring (bounds memory: rows x vocab per model)."""
@@ -88,7 +88,7 @@ def windows(n_tokens: int, n_ctx: int) -> list[tuple[int, int, int]]:
 
 def score_tokens(engine: Engine, tokens: Sequence[int], weights: np.ndarray,
                  settings: SamplerSettings, *, top_n: int = 0, per_model: bool = False,
-                 chunk: int = CHUNK) -> Score:
+                 conservative: str | None = None, chunk: int = CHUNK) -> Score:
     """Score ``tokens`` under the mix of ``engine`` with ``weights`` (see module doc).
 
     Only ``settings.conservative_top_p`` matters: the mix is taken at temperature 1 with no
@@ -119,7 +119,8 @@ def score_tokens(engine: Engine, tokens: Sequence[int], weights: np.ndarray,
                 if target < first or target >= end:
                     continue
                 out.append(_token_score(engine, rows[:, i, :width], tokens[target], target,
-                                        weights, mix_settings, top_n, per_model))
+                                        weights, mix_settings, top_n, per_model,
+                                        conservative))
     notes = []
     context = 0
     if len(plan) > 1:
@@ -132,8 +133,8 @@ def score_tokens(engine: Engine, tokens: Sequence[int], weights: np.ndarray,
 
 def _token_score(engine: Engine, rows: np.ndarray, token: int, position: int,
                  weights: np.ndarray, settings: SamplerSettings, top_n: int,
-                 per_model: bool) -> TokenScore:
-    mixed = engine.distribution(rows, weights, settings)
+                 per_model: bool, conservative: str | None) -> TokenScore:
+    mixed = engine.distribution(rows, weights, settings, conservative)
     top = top_logprobs(mixed, top_n) if top_n else ()
     models = None
     if per_model:

@@ -4,24 +4,24 @@
 >>> s = load_session()                      # the default preset from models.toml
 >>> for chunk in s.chat("Where was Tova Brint born?"):
 ...     print(chunk.text, end="")
->>> s.set_param("beta", 1.5)                # stronger fine-tuning behaviour, live
+>>> s.generate("Tova Brint was born in", beta=1.5, temperature=0).text   # this call only
+>>> s.set_param("beta", 1.5)                # the session's default from now on
 
-The CLI uses only this module.
+Every call takes its settings (:class:`eft_local.settings.Settings`: formula, knobs,
+sampling, stops) as one frozen value or as keyword changes to :attr:`Session.defaults`;
+nothing a call is given outlives it. The CLI and the server use only this module.
 """
 
 from __future__ import annotations
 
-import math
-import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 
-from eft_local import backend, hub, limits, speculative
-from eft_local.chat import FALLBACK_TEMPLATE, Conversation, render
+from eft_local import backend, hub, speculative
+from eft_local.chat import FALLBACK_TEMPLATE, Conversation, special_pattern, tokenize_messages
 from eft_local.config import (
     Config,
     Preset,
@@ -31,25 +31,41 @@ from eft_local.config import (
 )
 from eft_local.engine import Engine, Model, Step, file_size
 from eft_local.errors import EftError
-from eft_local.formula import PARAMETERS
+from eft_local.formula import Formula
+from eft_local.loading import LoadOptions, check_models, load_models, quantize
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as schedules
 from eft_local.schedule import tuning
 from eft_local.scoring import Score, score_tokens
+from eft_local.settings import Settings
 from eft_local.text import TextStream
-from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, AlignmentReport, align
+from eft_local.vocab import AlignmentReport, align
 
 Progress = Callable[[str], None]
+"""Where a session reports while it loads. Lines that start with ``warning:`` or ``note:``
+are notices (:func:`is_notice`); the others (which file loads, the schedule chosen) are
+details that the CLI prints only with ``--verbose``."""
+
+__all__ = ["Chunk", "LoadOptions", "Result", "SamplerSettings", "Score", "Session",
+           "Settings", "Step", "check_models", "is_notice", "load_session", "quantize"]
+
+
+def is_notice(message: str) -> bool:
+    """True for progress lines people should see by default (warnings and notes)."""
+    return message.startswith(("warning:", "note:"))
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """A piece of streamed output: new text, the step that made it, or a notice."""
+    """A piece of streamed output: new text, the step that made it, or a notice. The last
+    chunk of a generation carries ``finish`` and ``evaluated``: how many prompt tokens the
+    models evaluated (the others were re-used from their caches)."""
 
     text: str = ""
     step: Step | None = None
     finish: str | None = None
     notice: str | None = None
+    evaluated: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,60 +78,19 @@ class Result:
     steps: list[Step] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    """Runtime-wide load defaults; a preset's per-model options win over these."""
-
-    n_ctx: int | None = None
-    n_threads: int | None = None
-    n_gpu_layers: int | None = None
-    n_batch: int = 512
-    parallel: bool = True  # measured on 2 shared cores: see docs/benchmarks.md
-    speculative: bool = True
-    draft_k: int | None = None  # None: adaptive block size
-    schedule: str | None = None
-    """Decode schedule: ``auto`` (measured at load, cached; the default with ``parallel``),
-    ``lanes``, ``large-first`` or ``sequential`` (the default without ``parallel``)."""
-
-    def __post_init__(self) -> None:
-        if self.schedule is not None and self.schedule not in ("auto", *schedules.NAMES):
-            raise EftError(f"invalid schedule {self.schedule!r}: choose auto, "
-                           f"{', '.join(schedules.NAMES)}")
-        if self.n_ctx is not None:
-            limits.check_n_ctx(self.n_ctx, "load options")
-        if self.n_threads is not None:
-            limits.check_threads(self.n_threads, "load options")
-
-
-def check_models(preset: Preset, *, download: bool = False) -> AlignmentReport:
-    """The tokenizer-alignment report for a preset's models (vocabularies only)."""
-    vocabs = {role: backend.read_vocab(hub.resolve(spec, download=download))
-              for role, spec in preset.models.items()}
-    return align(vocabs, reference=preset.template_role)
-
-
-def quantize(source: str | Path, output: str | Path, kind: str, *,
-             allow_requantize: bool = False, n_threads: int = 0) -> Path:
-    """Write a quantized copy of a GGUF file with llama.cpp's quantizer (``kind``: Q8_0,
-    Q5_K_M, Q4_K_M, Q4_0, f16...); the output appears only when complete."""
-    return backend.quantize_gguf(source, output, kind, n_threads,
-                                 allow_requantize=allow_requantize)
-
-
 class Session:
-    """Models loaded for one preset, a conversation, and the knobs that steer the mix."""
+    """Models loaded for one preset, a conversation, and the default settings of calls."""
 
     def __init__(self, preset: Preset, *, params: Mapping[str, float] | None = None,
-                 settings: SamplerSettings | None = None, options: LoadOptions | None = None,
+                 sampling: SamplerSettings | None = None, options: LoadOptions | None = None,
                  progress: Progress | None = None,
                  models: Mapping[str, Model] | None = None,
                  report: AlignmentReport | None = None) -> None:
         self.preset = preset
-        self.formula = preset.formula
-        self.params = dict(preset.params)
-        for name, value in (params or {}).items():
-            self.set_param(name, value)
-        self.settings = settings or SamplerSettings()
+        self.defaults = Settings(formula=preset.formula, params=preset.params,
+                                 sampling=sampling or SamplerSettings()
+                                 ).replace(params=params or {})
+        """The settings of every call that gives none (see :meth:`settings_for`)."""
         self.options = options or LoadOptions()
         say = progress or (lambda _msg: None)
         if models is None:
@@ -125,7 +100,7 @@ class Session:
             if not report.ok:
                 raise EftError(f"preset {preset.name!r}: models do not share a token space: "
                                f"{report.summary()}")
-            models = self._load(paths, say)
+            models = load_models(preset, paths, self.options, say)
         elif report is None:
             raise EftError("pass the alignment report together with pre-loaded models")
         self.report = report
@@ -140,10 +115,6 @@ class Session:
         self.template = (preset.chat_template or getattr(ref, "chat_template", lambda: None)()
                          or FALLBACK_TEMPLATE)
         self.conversation = Conversation()
-        self.stop: tuple[str, ...] = ()
-        """Stop strings used when a call gives none: the text ends before the first one."""
-        self.parse_special = False
-        """Parse control-token text inside messages (unsafe with untrusted input)."""
         self._specials: re.Pattern[str] | bool | None = None
         self._speculator: speculative.Speculator | None = None
         whole = [r for r, m in self.models.items() if not getattr(m, "partial_rewind", True)]
@@ -155,35 +126,6 @@ class Session:
                 "hybrid model): speculative decoding is off")
 
     # -- loading --------------------------------------------------------------------------
-    def _load(self, paths: Mapping[str, Path], say: Progress) -> dict[str, Model]:
-        opts = self.options
-        gpu = backend.supports_gpu_offload()
-        cores = opts.n_threads or max(1, os.cpu_count() or 1)
-        share = max(1, cores // len(paths)) if opts.parallel else cores
-        loaded: dict[str, Model] = {}
-        try:
-            for role, path in paths.items():
-                spec = self.preset.models[role]
-                layers = spec.n_gpu_layers if spec.n_gpu_layers is not None else (
-                    opts.n_gpu_layers if opts.n_gpu_layers is not None else (-1 if gpu else 0))
-                size = path.stat().st_size / 2**20 if path.is_file() else 0
-                say(f"loading {role}: {path.name} ({size:.1f} MiB"
-                    f"{', GPU offload' if layers and gpu else ', CPU'})")
-                loaded[role] = backend.LlamaModel(
-                    path, n_ctx=spec.n_ctx if spec.n_ctx is not None else opts.n_ctx,
-                    n_gpu_layers=layers if gpu else 0,
-                    n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch)
-        except BaseException:
-            for model in loaded.values():
-                model.close()
-            raise
-        beyond = [f"{role} {m.n_ctx_train}" for role, m in loaded.items()
-                  if m.n_ctx > getattr(m, "n_ctx_train", m.n_ctx) > 0]
-        if beyond:
-            say(f"warning: n_ctx {min(m.n_ctx for m in loaded.values())} is above the training "
-                f"context of {', '.join(beyond)} tokens: replies past it may be poor")
-        return loaded
-
     def _set_schedule(self, say: Progress) -> None:
         """The decode schedule: measured (cached per machine and model set) or named."""
         eng = self.engine
@@ -211,53 +153,66 @@ class Session:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    # -- knobs ----------------------------------------------------------------------------
+    # -- settings -------------------------------------------------------------------------
+    @property
+    def formula(self) -> Formula:
+        """The default formula."""
+        return self.defaults.formula
+
+    @property
+    def params(self) -> dict[str, float]:
+        """The default knob values (``beta``, ``lam``)."""
+        return dict(self.defaults.params)
+
+    @property
+    def sampling(self) -> SamplerSettings:
+        """The default sampler settings."""
+        return self.defaults.sampling
+
+    def update(self, **changes: object) -> None:
+        """Change the defaults of later calls (any keyword of :meth:`Settings.replace`)."""
+        self.defaults = self.defaults.replace(**changes)
+
     def set_param(self, name: str, value: float) -> None:
-        """Set a formula parameter (``beta`` or ``lam``/``lambda``)."""
-        name = "lam" if name == "lambda" else name
-        if name not in PARAMETERS:
-            raise EftError(f"unknown parameter {name!r} (known: {', '.join(PARAMETERS)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-                value):
-            raise EftError(f"invalid {name} {value!r}: must be a finite number")
-        if abs(value) > limits.PARAM_LIMIT:
-            raise EftError(f"invalid {name} {value:g}: the mix overflows float32; use a value "
-                           f"in [-{limits.PARAM_LIMIT:g}, {limits.PARAM_LIMIT:g}]")
-        params = {**self.params, name: float(value)}
-        try:
-            self.formula.weights(params)
-        except EftError as exc:
-            raise EftError(f"invalid {name} {value:g}: {exc}") from None
-        self.params = params
+        """Set a formula parameter (``beta`` or ``lam``/``lambda``) for later calls."""
+        self.defaults = self.defaults.replace(params={name: value})
 
     def set_sampling(self, **changes: object) -> None:
-        """Change sampler settings (temperature, top_p, top_k, min_p, seed, ...)."""
+        """Change sampler settings (temperature, top_p, top_k, min_p, seed, ...) for later
+        calls."""
         try:
-            self.settings = replace(self.settings, **changes)  # type: ignore[arg-type]
+            sampling = replace(self.sampling, **changes)  # type: ignore[arg-type]
         except TypeError as exc:
             raise EftError(f"unknown sampler setting: {exc}") from None
+        self.defaults = self.defaults.replace(sampling=sampling)
 
-    def weights(self) -> np.ndarray:
-        """Formula weights for the current parameters, in the engine's role order."""
-        w = self.formula.weights(self.params)
+    def settings_for(self, settings: Settings | None = None, **changes: object) -> Settings:
+        """The settings of one call: ``settings`` (default :attr:`defaults`) with
+        ``changes`` (any keyword of :meth:`Settings.replace`)."""
+        base = self.defaults if settings is None else settings
+        return base.replace(**changes) if changes else base
+
+    def weights(self, settings: Settings | None = None) -> np.ndarray:
+        """Formula weights (default settings unless given), in the engine's role order."""
+        w = (settings or self.defaults).weights()
         return np.array([w.get(role, 0.0) for role in self.engine.roles], dtype=np.float32)
 
-    def describe(self) -> str:
+    def describe(self, settings: Settings | None = None) -> str:
         """The formula with numbers filled in."""
-        return self.formula.describe(self.params)
+        return (settings or self.defaults).describe()
 
     # -- roles ----------------------------------------------------------------------------
-    def conservative_role(self) -> str:
+    def conservative_role(self, settings: Settings | None = None) -> str:
         """Whose top-p set conservative decoding keeps: the preset's conservative_role, else
-        the formula's fine-tuned model under the current knobs."""
-        return self.preset.conservative_role or default_conservative_role(self.formula,
-                                                                          self.params)
+        the formula's fine-tuned model under the knobs of ``settings``."""
+        s = settings or self.defaults
+        return self.preset.conservative_role or default_conservative_role(s.formula, s.params)
 
-    def draft_role(self) -> str:
+    def draft_role(self, settings: Settings | None = None) -> str:
         """The model that drafts: the preset's draft_role, else the cheapest model (smallest
-        file) with a non-zero weight under the current knobs."""
+        file) with a non-zero weight under the knobs of ``settings``."""
         return self.preset.draft_role or self.engine.cheapest_role(
-            self.weights(), prefer=self.conservative_role())
+            self.weights(settings), prefer=self.conservative_role(settings))
 
     @property
     def speculator(self) -> speculative.Speculator:
@@ -275,10 +230,10 @@ class Session:
                                  draft_step=t.costs[drafter][max(t.costs[drafter])])
         return spec
 
-    def roles(self) -> dict[str, str]:
-        """What each role does now: template, draft and conservative reference."""
-        return {"template": self.preset.template_role, "draft": self.draft_role(),
-                "conservative": self.conservative_role()}
+    def roles(self, settings: Settings | None = None) -> dict[str, str]:
+        """What each role does: template, draft and conservative reference."""
+        return {"template": self.preset.template_role, "draft": self.draft_role(settings),
+                "conservative": self.conservative_role(settings)}
 
     # -- prompts --------------------------------------------------------------------------
     def chat_tokens(self, messages: list[dict[str, str]], *,
@@ -287,73 +242,21 @@ class Session:
 
         The template's own text is tokenized with special-token parsing; the messages'
         content is not, so a control token's text typed in a message (``<|im_end|>``...)
-        stays plain text and cannot fake a turn. ``parse_special`` (default: the session's
-        :attr:`parse_special`) parses it too: the raw behaviour, for trusted input only.
+        stays plain text and cannot fake a turn. ``parse_special`` (default: that of
+        :attr:`defaults`) parses it too: the raw behaviour, for trusted input only.
         BOS comes first when the model asks for it (``add_bos``) and the template did not
         write it.
         """
-        tokens = self._template_tokens(messages, parse_special)
         vocab = self.report.vocabs.get(self.preset.template_role)
+        special = self.defaults.parse_special if parse_special is None else parse_special
+        if not special and self._specials is None:
+            self._specials = special_pattern(vocab) or False
+        tokens = tokenize_messages(self.template, messages,
+                                   self.models[self.preset.template_role], vocab,
+                                   specials=None if special else self._specials or None)
         if vocab and vocab.add_bos and vocab.bos >= 0 and tokens[:1] != [vocab.bos]:
             return [vocab.bos, *tokens]
         return tokens
-
-    def _template_tokens(self, messages: list[dict[str, str]], parse_special: bool | None
-                         ) -> list[int]:
-        ref = self.models[self.preset.template_role]
-        vocab = self.report.vocabs.get(self.preset.template_role)
-
-        def text_of(token: int | None) -> str:
-            if token is None or token < 0:
-                return ""
-            return ref.piece(token, special=True).decode("utf-8", "replace")
-
-        tokens = {"bos_token": text_of(vocab and vocab.bos),
-                  "eos_token": text_of(vocab and vocab.eos)}
-        text = render(self.template, messages, **tokens)
-        special = self.parse_special if parse_special is None else parse_special
-        pattern = None if special else self._special_pattern()
-        contents = [m.get("content") for m in messages]
-        if pattern is None or not any(isinstance(c, str) and pattern.search(c)
-                                      for c in contents):
-            return ref.tokenize(text, add_bos=False, special=True)
-        # where each message's content lies in the rendered text: render again with marks
-        marked = [{**m, "content": f"\ue000{i}\ue001"} if isinstance(m.get("content"), str)
-                  else m for i, m in enumerate(messages)]
-        parts = re.split("\ue000(\\d+)\ue001", render(self.template, marked, **tokens))
-        spans, pos = [], 0
-        for i, part in enumerate(parts):
-            piece = contents[int(part)] if i % 2 else part
-            if i % 2:
-                spans.append((pos, pos + len(piece)))
-            pos += len(piece)
-        if "".join(contents[int(p)] if i % 2 else p for i, p in enumerate(parts)) != text:
-            raise EftError("a message holds special-token text and the chat template changes "
-                           "messages, so it cannot be kept as plain text; remove it (or parse "
-                           "it as control tokens with --parse-special)")
-        out: list[int] = []
-        start = 0
-        for found in pattern.finditer(text):  # plain text where a special overlaps content
-            a, b = found.span()
-            if any(a < end and b > begin for begin, end in spans):
-                if a > start:
-                    out += ref.tokenize(text[start:a], add_bos=False, special=True)
-                out += ref.tokenize(text[a:b], add_bos=False, special=False)
-                start = b
-        if start < len(text):
-            out += ref.tokenize(text[start:], add_bos=False, special=True)
-        return out
-
-    def _special_pattern(self) -> re.Pattern[str] | None:
-        """A regex matching the text of every control token of the reference vocabulary."""
-        if self._specials is None:
-            vocab = self.report.vocabs.get(self.preset.template_role)
-            mask = ATTR_CONTROL | ATTR_UNKNOWN
-            texts = sorted({t.decode("utf-8", "replace") for t, a in
-                            zip(vocab.texts, vocab.attrs, strict=False) if a & mask and t}
-                           if vocab else (), key=len, reverse=True)
-            self._specials = re.compile("|".join(map(re.escape, texts))) if texts else False
-        return self._specials or None
 
     def tokenize(self, text: str, *, add_bos: bool = True, parse_special: bool = False
                  ) -> list[int]:
@@ -379,82 +282,91 @@ class Session:
                                                                special=False)
 
     # -- generation -----------------------------------------------------------------------
-    def stream(self, tokens: list[int], *, max_tokens: int = 512,
-               stop: Sequence[str] | None = None,
-               diagnostics: bool = False, top_n: int | None = None) -> Iterator[Chunk]:
-        """Generate after ``tokens``; yields text chunks, the last one carries ``finish``.
+    def stream(self, tokens: list[int], *, settings: Settings | None = None,
+               max_tokens: int = 512, diagnostics: bool = False, top_n: int | None = None,
+               **changes: object) -> Iterator[Chunk]:
+        """Generate after ``tokens`` with ``settings`` (default :attr:`defaults`, changed by
+        ``changes``: ``beta=1.5``, ``temperature=0``, ``stop=[...]``...); yields text
+        chunks, the last one carries ``finish``.
 
         ``top_n`` (0 or more) gives each step its log-prob under the mix (temperature 1, no
         filters: as :meth:`score` defines it) and the ``top_n`` most likely tokens there."""
+        s = self.settings_for(settings, **changes)
         if max_tokens < 1:
             raise EftError(f"invalid max_tokens {max_tokens}: must be >= 1")
         ref = self.models[self.preset.template_role]
-        text = TextStream(self.stop if stop is None else stop)
+        text = TextStream(s.stop)
         finish = "length"
-        weights = self.weights()
-        self.engine.conservative_role = self.conservative_role()
-        drafter = self.draft_role()
+        weights = self.weights(s)
+        conservative = self.conservative_role(s)
         generate = self.engine.generate
         if (self.options.speculative and self.can_speculate
-                and speculative.worth_speculating(self.engine, weights, drafter)):
+                and speculative.worth_speculating(self.engine, weights, self.draft_role(s))):
             generate = self.speculator.generate
-        steps = generate(tokens, weights, self.settings, max_tokens=max_tokens,
-                         diagnostics=diagnostics, top_n=top_n)
+        before = self.engine.stats.prefilled
+        steps = generate(tokens, weights, s.sampling, max_tokens=max_tokens,
+                         diagnostics=diagnostics, top_n=top_n, conservative=conservative)
         try:
             for step in steps:
                 piece = b"" if ref.is_eog(step.token) else ref.piece(step.token)
                 yield Chunk(text=text.push(piece), step=step)
+                finish = step.finish or finish
                 if text.stopped:
                     finish = "stop"
                     break
-            else:
-                finish = self.engine.finish_reason
         finally:
             steps.close()
         tail = text.flush()  # may apply a stop string that waited for an earlier, longer one
-        yield Chunk(text=tail, finish="stop" if text.stopped else finish)
+        yield Chunk(text=tail, finish="stop" if text.stopped else finish,
+                    evaluated=self.engine.stats.prefilled - before)
 
-    def prompt_tokens(self, prompt: str, *, raw: bool = True, system: str | None = None
-                      ) -> list[int]:
+    def prompt_tokens(self, prompt: str, *, raw: bool = True, system: str | None = None,
+                      parse_special: bool | None = None) -> list[int]:
         """Tokens for a one-off prompt: ``raw`` text as is, else one chat turn."""
         if raw:
             return self.raw_tokens(prompt)
         conv = Conversation(system=system, turns=[{"role": "user", "content": prompt}])
-        return self.chat_tokens(conv.messages())
+        return self.chat_tokens(conv.messages(), parse_special=parse_special)
 
     def complete(self, prompt: str, *, raw: bool = True, system: str | None = None,
-                 **kwargs: object) -> Iterator[Chunk]:
-        """One-off generation: ``raw`` continues the text, else it is a single chat turn."""
-        return self.stream(self.prompt_tokens(prompt, raw=raw, system=system),
-                           **kwargs)  # type: ignore[arg-type]
+                 settings: Settings | None = None, **kwargs: object) -> Iterator[Chunk]:
+        """One-off generation: ``raw`` continues the text, else it is a single chat turn
+        (keywords as :meth:`stream`)."""
+        s = self.settings_for(settings, **_changes(kwargs))
+        tokens = self.prompt_tokens(prompt, raw=raw, system=system,
+                                    parse_special=s.parse_special)
+        call = {k: v for k, v in kwargs.items() if k in _CALL}
+        return self.stream(tokens, settings=s, **call)  # type: ignore[arg-type]
 
     def generate(self, prompt: str, *, raw: bool = True, system: str | None = None,
                  **kwargs: object) -> Result:
         """Like :meth:`complete`, collected into a :class:`Result`."""
-        tokens = self.prompt_tokens(prompt, raw=raw, system=system)
         out, steps, finish = [], [], "length"
-        for chunk in self.stream(tokens, **kwargs):  # type: ignore[arg-type]
+        for chunk in self.complete(prompt, raw=raw, system=system, **kwargs):
             out.append(chunk.text)
             if chunk.step:
                 steps.append(chunk.step)
             if chunk.finish:
                 finish = chunk.finish
-        return Result(text="".join(out), finish=finish, prompt_tokens=len(tokens), steps=steps)
+        return Result(text="".join(out), finish=finish, prompt_tokens=steps[0].position,
+                      steps=steps)
 
-    def chat(self, message: str, *, max_tokens: int = 512, stop: Sequence[str] | None = None,
-             diagnostics: bool = False) -> Iterator[Chunk]:
+    def chat(self, message: str, *, settings: Settings | None = None, max_tokens: int = 512,
+             diagnostics: bool = False, **changes: object) -> Iterator[Chunk]:
         """Add a user turn, stream the reply, and keep it in the history.
 
         When the history no longer fits, the oldest exchanges are dropped (the system prompt
         stays) and a chunk with a ``notice`` says so. An interrupted reply is kept as far as
         it got; a turn that fails leaves the history exactly as it was.
         """
+        s = self.settings_for(settings, **changes)
         conv = self.conversation
         before = list(conv.turns)
         conv.add("user", message)
         reserve = min(max_tokens, self.engine.n_ctx // 4)
         try:
-            dropped = conv.fit(lambda msgs: len(self.chat_tokens(msgs)),
+            dropped = conv.fit(lambda msgs: len(self.chat_tokens(msgs,
+                                                                 parse_special=s.parse_special)),
                                self.engine.n_ctx - reserve)
         except BaseException:
             conv.turns[:] = before
@@ -464,8 +376,9 @@ class Session:
             if dropped:
                 yield Chunk(notice=f"dropped the {dropped} oldest exchange(s) to fit the "
                             f"context of {self.engine.n_ctx} tokens")
-            for chunk in self.stream(self.chat_tokens(conv.messages()), max_tokens=max_tokens,
-                                     stop=stop, diagnostics=diagnostics):
+            tokens = self.chat_tokens(conv.messages(), parse_special=s.parse_special)
+            for chunk in self.stream(tokens, settings=s, max_tokens=max_tokens,
+                                     diagnostics=diagnostics):
                 reply.append(chunk.text)
                 yield chunk
         except Exception:  # a failed turn leaves the history as it was
@@ -481,35 +394,56 @@ class Session:
         self.conversation.turns.clear()
 
     # -- scoring --------------------------------------------------------------------------
-    def score(self, text_or_tokens: str | Sequence[int], *, top_n: int = 0,
-              per_model: bool = False) -> Score:
+    def score(self, text_or_tokens: str | Sequence[int], *, settings: Settings | None = None,
+              top_n: int = 0, per_model: bool = False, **changes: object) -> Score:
         """Every token's log-prob under the mix (see :mod:`eft_local.scoring`).
 
         A string is tokenized as raw text (BOS first when the model asks for it); a token
         list is scored as is. The first token has no log-prob (nothing precedes it).
         ``top_n`` adds the most likely tokens at each position, ``per_model`` each model's
-        own log-prob of the token. Uses the current knobs and formula; the sampler's
-        temperature and filters do not apply (conservative decoding does).
+        own log-prob of the token. Uses the formula and knobs of ``settings`` (default
+        :attr:`defaults`, with ``changes``); the sampler's temperature and filters do not
+        apply (conservative decoding does).
         """
+        s = self.settings_for(settings, **changes)
         tokens = (self.raw_tokens(text_or_tokens) if isinstance(text_or_tokens, str)
                   else list(text_or_tokens))
-        self.engine.conservative_role = self.conservative_role()
-        result = score_tokens(self.engine, tokens, self.weights(), self.settings, top_n=top_n,
-                              per_model=per_model)
-        return replace(result, formula=self.describe())
+        result = score_tokens(self.engine, tokens, self.weights(s), s.sampling, top_n=top_n,
+                              per_model=per_model, conservative=self.conservative_role(s))
+        return replace(result, formula=s.describe())
 
     # -- introspection --------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        """The context every model holds, in tokens (the smallest of them)."""
+        return self.engine.n_ctx
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids are ``0 .. vocab_size - 1`` (the models' common range)."""
+        return self.engine.width
+
+    def is_eog(self, token: int) -> bool:
+        """True when ``token`` ends a generation (end of turn or of text)."""
+        return self.engine.is_eog(token)
+
     def token_text(self, token: int) -> str:
         """A token's text, control tokens shown as themselves."""
-        ref = self.models[self.preset.template_role]
-        return ref.piece(token, special=True).decode("utf-8", "replace")
+        return self.token_bytes(token).decode("utf-8", "replace")
 
-    def why(self, k: int = 5) -> dict[str, list[tuple[str, float]]]:
-        """Top-k tokens (text, probability) of each model and of the mix at the last step."""
+    def token_bytes(self, token: int) -> bytes:
+        """A token's bytes, control tokens as their text."""
+        return self.models[self.preset.template_role].piece(token, special=True)
+
+    def why(self, k: int = 5, settings: Settings | None = None
+            ) -> dict[str, list[tuple[str, float]]]:
+        """Top-k tokens (text, probability) of each model and of the mix at the last step
+        (the mix filtered by the sampler settings of ``settings``)."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise EftError(f"invalid k {k!r}: must be an integer >= 1")
+        sampling = (settings or self.defaults).sampling
         return {name: [(self.token_text(t), p) for t, p in top]
-                for name, top in self.engine.why(self.settings, k).items()}
+                for name, top in self.engine.why(sampling, k).items()}
 
     def stats(self) -> dict[str, object]:
         """Tokens/s, time to first token, time per model and in the sampler."""
@@ -553,3 +487,11 @@ def load_session(preset: str | None = None, *, models: Sequence[str] = (),
         if formula:
             chosen = chosen.with_formula(formula)
     return Session(chosen, **kwargs)  # type: ignore[arg-type]
+
+
+_CALL = ("max_tokens", "diagnostics", "top_n")
+
+
+def _changes(kwargs: Mapping[str, object]) -> dict[str, object]:
+    """The settings changes among a call's keywords (the rest shape the call itself)."""
+    return {k: v for k, v in kwargs.items() if k not in _CALL}

@@ -42,7 +42,7 @@ def worth_speculating(engine: Engine, weights: np.ndarray, draft_role: str) -> b
 
 class Speculator:
     """Speculative decoding over an :class:`Engine`; its :meth:`generate` mirrors
-    :meth:`Engine.generate` (same steps, same stops, ``finish_reason`` set on the engine)."""
+    :meth:`Engine.generate` (same steps, same stops, the same finish on the last step)."""
 
     def __init__(self, engine: Engine, *, draft_k: int | None = None,
                  stop_below: float | None = None, reuse_draft_rows: bool = True,
@@ -75,16 +75,17 @@ class Speculator:
 
     # -- the loop -------------------------------------------------------------------------
     def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
-                 *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None
-                 ) -> Iterator[Step]:
+                 *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
+                 conservative: str | None = None) -> Iterator[Step]:
         """Yield the tokens plain decoding would yield, drafting and verifying in blocks."""
         eng = self.engine
-        self.drafter = self.draft_role or eng.cheapest_role(
-            weights, prefer=eng.conservative_role)
+        conservative = conservative or eng.conservative_role
+        self.drafter = self.draft_role or eng.cheapest_role(weights, prefer=conservative)
         if self.sizer.hopeless():  # blocks cannot pay here: plain decoding, as is
             self.plain_generations += 1
             yield from eng.generate(tokens, weights, settings, max_tokens=max_tokens,
-                                    diagnostics=diagnostics, top_n=top_n)
+                                    diagnostics=diagnostics, top_n=top_n,
+                                    conservative=conservative)
             return
         if self.sizer.plain_wins():
             # plain steps win at the acceptance seen so far: plain decoding's own loop (the
@@ -92,14 +93,15 @@ class Speculator:
             self.plain_generations += 1
             yield from eng.generate(tokens, weights, settings, max_tokens=max_tokens,
                                     diagnostics=diagnostics, top_n=top_n,
+                                    conservative=conservative,
                                     on_step=lambda rows, step: self._shadow_step(
                                         rows, step, settings),
                                     extra=(self.drafter,))
             return
         started = time.perf_counter()
-        eng.finish_reason = "length"
         eng.settle_schedule()  # a probe left unfinished would outlive its plain steps
-        eng.activate(weights, settings, diagnostics=diagnostics, extra=(self.drafter,))
+        eng.activate(weights, settings, diagnostics=diagnostics, extra=(self.drafter,),
+                     conservative=conservative)
         eng.prime(tokens)
         seq = list(tokens)
         head: np.ndarray | None = eng.rows  # rows at len(seq); None: seq[-1] not evaluated
@@ -123,17 +125,19 @@ class Speculator:
                     else None
                 for i in range(len(draft) + 1):
                     step = eng.choose(rows[:, i], weights, settings, position + i,
-                                      diagnostics=diagnostics, top_n=top_n)
+                                      diagnostics=diagnostics, top_n=top_n,
+                                      conservative=conservative)
                     if guess is not None:
                         self.sizer.count(int(guess == step.token), guess != step.token)
                     agree = i < len(draft) and step.token == draft[i]
-                    if agree:
-                        step = replace(step, from_draft=True)
                     seq.append(step.token)
                     emitted += 1
                     eng.count_token(started)
+                    finish = eng.finish(step.token, position + i + 1, emitted, max_tokens)
+                    if agree or finish:
+                        step = replace(step, from_draft=agree, finish=finish)
                     yield step
-                    if self._stopped(step.token, position + i + 1, emitted, max_tokens):
+                    if finish is not None:
                         self._record(draft, accepted + agree, t1 - t0, t2 - t1, head)
                         return
                     if not agree:
@@ -144,17 +148,6 @@ class Speculator:
         finally:
             self._rewind_to(seq)
             eng.stats.wall_seconds += time.perf_counter() - started
-
-    def _stopped(self, token: int, next_position: int, emitted: int, max_tokens: int) -> bool:
-        """The stops of plain decoding, in its order; sets the engine's finish reason."""
-        eng = self.engine
-        if eng.is_eog(token):
-            eng.finish_reason = "eog"
-            return True
-        if next_position >= eng.n_ctx:
-            eng.finish_reason = "context"
-            return True
-        return emitted >= max_tokens
 
     # -- draft, verify, bookkeeping -------------------------------------------------------
     def _plain_step(self, seq: list[int]) -> np.ndarray:

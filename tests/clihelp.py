@@ -26,7 +26,7 @@ def stdout(result: Result) -> str:
 
 def api_session(pairs: list[str], **settings: object) -> Session:
     """The session the CLI builds from ``--model`` pairs, made through the library."""
-    return load_session(models=pairs, settings=SamplerSettings(**settings),  # type: ignore[arg-type]
+    return load_session(models=pairs, sampling=SamplerSettings(**settings),  # type: ignore[arg-type]
                         options=LoadOptions(n_threads=1))
 
 

@@ -13,7 +13,7 @@ import uvicorn
 
 from eft_local.config import load_config
 from eft_local.server.app import ServerOptions, create_app
-from eft_local.server.worker import Runner
+from eft_local.server.worker import Worker
 from eft_local.session import LoadOptions, load_session
 
 
@@ -22,7 +22,7 @@ class Served:
     """A running server: its base URL, its runner and its log lines."""
 
     url: str
-    runner: Runner
+    runner: Worker
     logs: list[str] = field(default_factory=list)
 
     @property
@@ -36,8 +36,8 @@ def serving(preset: str = "tiny-up", *, pinned: bool = False,
     """The bundled family's ``preset`` served on 127.0.0.1 (an ephemeral port)."""
     logs: list[str] = []
     session = load_session(preset, options=LoadOptions(n_threads=1))
-    runner = Runner(load_config(), session.preset, pinned=pinned, params=session.params,
-                    settings=session.settings, options=session.options, max_queue=max_queue,
+    runner = Worker(load_config(), session.preset, pinned=pinned, params=session.params,
+                    sampling=session.sampling, options=session.options, max_queue=max_queue,
                     log=logs.append)
     runner.adopt(session)
     runner.start()

@@ -122,7 +122,7 @@ def test_every_option_reaches_the_library(monkeypatch) -> None:
     assert seen["models"] == ("small_ft=a.gguf", "x=b.gguf")
     assert seen["formula"] == "small_ft"
     assert seen["params"] == {"beta": 0.5, "lam": 0.3}
-    assert seen["settings"] == SamplerSettings(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
+    assert seen["sampling"] == SamplerSettings(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
                                                conservative_top_p=0.8, seed=9)
     assert seen["options"] == session.LoadOptions(n_ctx=512, n_threads=2, n_gpu_layers=0,
                                                   parallel=True, speculative=False, draft_k=4)

@@ -61,8 +61,8 @@ def record_distributions(s: Session) -> list[np.ndarray]:
     seen: list[np.ndarray] = []
     original = s.engine.scores
 
-    def wrapper(rows, weights, settings):
-        out = original(rows, weights, settings)
+    def wrapper(rows, weights, settings, conservative=None):
+        out = original(rows, weights, settings, conservative)
         seen.append(log_softmax(out))
         return out
 
@@ -72,7 +72,7 @@ def record_distributions(s: Session) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("beta", [1.0, 0.5, 2.0])
 def test_every_step_equals_models_evaluated_alone(trio: dict[str, Path], beta: float) -> None:
-    with session(trio, settings=SamplerSettings(temperature=1.0, seed=3)) as s:
+    with session(trio, sampling=SamplerSettings(temperature=1.0, seed=3)) as s:
         s.set_param("beta", beta)
         seen = record_distributions(s)
         prompt = s.raw_tokens("hello there")
@@ -88,7 +88,7 @@ def test_every_step_equals_models_evaluated_alone(trio: dict[str, Path], beta: f
 
 
 def test_kv_reuse_across_turns_matches_fresh_evaluation(trio: dict[str, Path]) -> None:
-    with session(trio, settings=SamplerSettings(temperature=0.0)) as s:
+    with session(trio, sampling=SamplerSettings(temperature=0.0)) as s:
         for _ in s.chat("hi", max_tokens=6):
             pass
         seen = record_distributions(s)
@@ -117,7 +117,7 @@ def test_rewind_then_eval_matches_fresh(trio: dict[str, Path]) -> None:
 
 
 def test_same_seed_same_text_and_diagnostics(trio: dict[str, Path]) -> None:
-    with session(trio, settings=SamplerSettings(temperature=0.8, seed=11)) as s:
+    with session(trio, sampling=SamplerSettings(temperature=0.8, seed=11)) as s:
         a = s.generate("abc", max_tokens=8, diagnostics=True)
         b = s.generate("abc", max_tokens=8, diagnostics=True)
     assert [x.token for x in a.steps] == [x.token for x in b.steps]
@@ -129,7 +129,7 @@ def test_same_seed_same_text_and_diagnostics(trio: dict[str, Path]) -> None:
 
 def test_context_limit_stops_cleanly(trio: dict[str, Path]) -> None:
     with session(trio, options=LoadOptions(n_ctx=32, speculative=False),
-                 settings=SamplerSettings(temperature=0.0)) as s:
+                 sampling=SamplerSettings(temperature=0.0)) as s:
         allowed = s.engine.allowed.copy()
         allowed[[1, 4]] = False  # no end-of-generation token: run into the limit
         s.engine.allowed = allowed
@@ -142,7 +142,7 @@ def test_context_limit_stops_cleanly(trio: dict[str, Path]) -> None:
 
 def test_chat_drops_oldest_turns_when_full(trio: dict[str, Path]) -> None:
     with session(trio, options=LoadOptions(n_ctx=256, speculative=False),
-                 settings=SamplerSettings(temperature=0.0)) as s:
+                 sampling=SamplerSettings(temperature=0.0)) as s:
         s.conversation.system = "be brief"
         notices = []
         for i in range(8):
@@ -178,7 +178,7 @@ def test_incompatible_models_are_refused(tmp_path: Path, trio: dict[str, Path]) 
 def test_three_copies_of_one_gguf_give_that_model(trio: dict[str, Path]) -> None:
     one = trio["small_ft"]
     copies = {r: one for r in ROLES}
-    with session(copies, settings=SamplerSettings(temperature=0.0)) as s:
+    with session(copies, sampling=SamplerSettings(temperature=0.0)) as s:
         s.set_param("beta", 1.7)
         seen = record_distributions(s)
         prompt = s.raw_tokens("copies")
@@ -189,7 +189,7 @@ def test_three_copies_of_one_gguf_give_that_model(trio: dict[str, Path]) -> None
 
 
 def test_beta_zero_follows_the_large_base_alone(trio: dict[str, Path]) -> None:
-    with session(trio, settings=SamplerSettings(temperature=0.0)) as s:
+    with session(trio, sampling=SamplerSettings(temperature=0.0)) as s:
         s.set_param("beta", 0.0)
         prompt = s.raw_tokens("base only")
         result = s.generate("base only", max_tokens=6)
@@ -201,7 +201,7 @@ def test_beta_zero_follows_the_large_base_alone(trio: dict[str, Path]) -> None:
 def test_padding_rows_never_get_probability(tmp_path: Path, trio: dict[str, Path]) -> None:
     padded = ggufs.write_model(tmp_path / "padded.gguf", seed=9, n_embd=64, pad_to=400)
     models = {**trio, "large_base": padded}
-    with session(models, settings=SamplerSettings(temperature=5.0, seed=1)) as s:
+    with session(models, sampling=SamplerSettings(temperature=5.0, seed=1)) as s:
         assert s.report.verdict == "aligned on a common range"
         common = s.report.common
         seen = record_distributions(s)
@@ -217,8 +217,8 @@ def test_conservative_decoding_normalises_once_as_the_paper_defines() -> None:
     engine = Engine(models, template_role="small_ft", allowed=np.ones(4, dtype=bool))
     out = engine.distribution(HAND_ROWS, HAND_WEIGHTS, SamplerSettings(conservative_top_p=0.8))
     np.testing.assert_allclose(np.exp(out), HAND_EXPECTED, atol=1e-6)
-    engine.conservative_role = "large_base"  # flat: its top-0.8 set is 4 tokens, the mix
-    out = engine.distribution(HAND_ROWS, HAND_WEIGHTS, SamplerSettings(conservative_top_p=0.8))
+    out = engine.distribution(HAND_ROWS, HAND_WEIGHTS, SamplerSettings(conservative_top_p=0.8),
+                              "large_base")  # flat: its top-0.8 set is 4 tokens, the mix
     np.testing.assert_allclose(np.exp(out), [0.2, 0.6, 0.1, 0.1], atol=1e-6)
 
 

@@ -394,7 +394,7 @@ def test_questions_run_the_eval_scorer_per_combination(family, variants, tmp_pat
     rows = json.loads(stdout(result))["rows"]
     for row in rows:  # the same scores as eval's scorer on a session of those files
         preset = preset_from_paths([f"{r}={p}" for r, p in row["files"].items()])
-        with Session(preset, settings=SamplerSettings(temperature=0.0),
+        with Session(preset, sampling=SamplerSettings(temperature=0.0),
                      options=OPTIONS) as session:
             score = run_target(session, Target("x", preset), load_questions(questions),
                                max_tokens=24, decline_text=None, multi_turn=False)

@@ -169,7 +169,7 @@ def test_lambda_and_beta_options_and_live_changes(family) -> None:
                   "1.5", *THREADS], input="/lambda 0.25\n/lam x\n")
     assert result.exit_code == 0, result.output
     with api_session([*family.pairs(), f"small_ft_alt={family.small_base}"]) as s:
-        s.formula = s.preset.with_formula("interpolate").formula
+        s.update(formula=s.preset.with_formula("interpolate").formula)
         s.set_param("beta", 1.5)
         s.set_param("lam", 0.8)
         at_start = s.describe()

@@ -184,11 +184,11 @@ def test_invalid_settings_are_one_line_errors(kwargs: dict) -> None:
     assert "\n" not in str(err.value)
 
 
-def test_top_tokens() -> None:
+def test_top_logprobs() -> None:
     lp = S.log_softmax(np.log(np.array([0.1, 0.5, 0.4], dtype=np.float32)))
-    top = S.top_tokens(lp, 2)
+    top = S.top_logprobs(lp, 2)
     assert [t for t, _ in top] == [1, 2]
-    assert np.isclose(top[0][1], 0.5)
+    assert np.isclose(np.exp(top[0][1]), 0.5)
 
 
 # -- the filter chain and the race ---------------------------------------------------------

@@ -45,7 +45,7 @@ def stepwise(session: Session, tokens: list[int], conservative: float | None = N
 def test_score_equals_each_model_stepped_alone(family, beta: float,
                                                conservative: float | None) -> None:
     with load_session(models=family.pairs(), params={"beta": beta},
-                      settings=SamplerSettings(temperature=0.3, top_k=3,
+                      sampling=SamplerSettings(temperature=0.3, top_k=3,
                                                conservative_top_p=conservative),
                       options=LoadOptions(n_threads=1)) as s:
         tokens = s.tokenize(TEXT)
@@ -89,7 +89,7 @@ def test_generate_json_logprobs_equal_the_score(family) -> None:
 
 
 def test_stream_logprobs_equal_the_score(family) -> None:
-    with load_session(models=family.pairs(), settings=SamplerSettings(temperature=0.7),
+    with load_session(models=family.pairs(), sampling=SamplerSettings(temperature=0.7),
                       options=LoadOptions(n_threads=1)) as s:
         prompt = s.tokenize(TEXT)
         steps = [c.step for c in s.stream(prompt, max_tokens=6, top_n=2) if c.step]

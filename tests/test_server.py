@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 from eft_local.cli.serve import is_loopback
 from eft_local.config import load_config
 from eft_local.server.app import ServerOptions, create_app
-from eft_local.server.worker import Job, Runner
+from eft_local.server.worker import Job, Worker
 from eft_local.session import LoadOptions, load_session
 from tests.clihelp import THREADS, assert_one_line_error, run, stdout
 from tests.servehelp import Served, serving
@@ -374,9 +374,9 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
 
 
 # -- keys, health, pinning, the command -------------------------------------------------------
-def _runner(pinned: bool = False) -> Runner:
+def _runner(pinned: bool = False) -> Worker:
     preset = load_config().get("tiny-up")
-    return Runner(load_config(), preset, pinned=pinned, log=lambda _m: None)
+    return Worker(load_config(), preset, pinned=pinned, log=lambda _m: None)
 
 
 def test_api_key_is_required_when_set() -> None:

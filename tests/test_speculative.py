@@ -60,7 +60,8 @@ def run(engine: Engine, weights: np.ndarray, s: SamplerSettings, *, draft_k: int
         gen = Speculator(engine, draft_k=draft_k,  # type: ignore[arg-type]
                          reuse_draft_rows=reuse).generate(
             prompt, weights, s, max_tokens=max_tokens, diagnostics=diagnostics)
-    return list(gen), engine.finish_reason
+    steps = list(gen)
+    return steps, steps[-1].finish if steps else None
 
 
 def same_steps(a: list[Step], b: list[Step]) -> bool:

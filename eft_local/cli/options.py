@@ -127,13 +127,12 @@ _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "conservative_top
 
 def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
     """Load a session from a preset name or ``--model`` pairs and the shared options."""
-    from eft_local.sampler import SamplerSettings
-    from eft_local.session import LoadOptions, load_session
+    from eft_local.session import LoadOptions, SamplerSettings, load_session
 
     if preset and opts.get("models"):
         raise EftError(f"give a preset ({preset!r}) or --model ROLE=PATH, not both")
     params = {name: opts[name] for name in ("beta", "lam") if opts.get(name) is not None}
-    settings = SamplerSettings(**{name: opts[name] for name in _SAMPLING
+    sampling = SamplerSettings(**{name: opts[name] for name in _SAMPLING
                                   if opts.get(name) is not None})
     options = LoadOptions(n_ctx=opts.get("n_ctx"), n_threads=opts.get("threads"),
                           n_gpu_layers=opts.get("gpu_layers"),
@@ -141,11 +140,11 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
                           speculative=not opts.get("no_speculative"),
                           draft_k=opts.get("draft_k"), schedule=opts.get("schedule"))
     session = load_session(preset, models=tuple(opts.get("models") or ()),
-                           formula=opts.get("formula"), params=params, settings=settings,
+                           formula=opts.get("formula"), params=params, sampling=sampling,
                            options=options,
                            progress=lambda msg: click.echo(printable(msg), err=True))
-    session.stop = tuple(opts.get("stop") or ())
-    session.parse_special = bool(opts.get("parse_special"))
+    session.update(stop=tuple(opts.get("stop") or ()),
+                   parse_special=bool(opts.get("parse_special")))
     return session
 
 

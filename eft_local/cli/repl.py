@@ -150,7 +150,7 @@ def banner(session: Session) -> str:
 
 def sampling_text(session: Session) -> str:
     """The sampler settings on one line."""
-    s = session.settings
+    s = session.sampling
     text = (f"temperature {s.temperature:g}, top-p {s.top_p:g}, top-k {s.top_k}, "
             f"min-p {s.min_p:g}, seed {s.seed}")
     if s.conservative_top_p is not None:
@@ -286,7 +286,7 @@ class Repl:
 
     def _sampling(self, field: str, value: float | int) -> None:
         self.session.set_sampling(**{field: value})
-        say(f"{field} = {getattr(self.session.settings, field):g}")
+        say(f"{field} = {getattr(self.session.sampling, field):g}")
 
     def cmd_beta(self, arg: str) -> None:
         self._param("beta", "beta", arg)

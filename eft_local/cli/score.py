@@ -28,8 +28,7 @@ from eft_local.records import (
 )
 
 if TYPE_CHECKING:
-    from eft_local.scoring import Score
-    from eft_local.session import Session
+    from eft_local.session import Score, Session
 
 LOGPROB_FLOOR = -9999.0
 """Written for a log-prob of -inf (a masked token), as OpenAI's API does; JSON has no inf."""

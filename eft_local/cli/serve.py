@@ -84,7 +84,7 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
         raise
     from eft_local.cli.options import open_session
     from eft_local.config import load_config
-    from eft_local.server.worker import Runner
+    from eft_local.server.worker import Worker
 
     if opts.get("parse_special"):
         raise click.UsageError("--parse-special is not available for serve (clients send "
@@ -101,8 +101,8 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
         sock.close()
         raise
     config = None if opts.get("models") else load_config()
-    runner = Runner(config, session.preset, pinned=bool(pinned or opts.get("models")),
-                    params=session.params, settings=session.settings, options=session.options,
+    runner = Worker(config, session.preset, pinned=bool(pinned or opts.get("models")),
+                    params=session.params, sampling=session.sampling, options=session.options,
                     max_queue=max_queue, log=_log)
     runner.adopt(session)
     options = ServerOptions(api_key=api_key, max_body=max_body, max_tokens=opts["max_tokens"],

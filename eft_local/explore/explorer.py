@@ -252,7 +252,7 @@ class Explorer:
     def _open(self, combo: Combination) -> Session:
         preset = preset_for(self.template, combo)
         return Session(preset, params=self.params, options=self.options,
-                       settings=SamplerSettings(temperature=0.0))
+                       sampling=SamplerSettings(temperature=0.0))
 
     def check(self, combo: Combination) -> str | None:
         """Why ``combo`` cannot be compared with the reference, or None."""

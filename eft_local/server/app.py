@@ -23,6 +23,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from eft_local import __version__
+from eft_local.server.handlers import (
+    chat_work,
+    completion_work,
+    detokenize_work,
+    tokenize_work,
+    tokenizer_info_work,
+)
 from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
@@ -32,17 +39,10 @@ from eft_local.server.protocol import (
     now,
     parse_chat,
     parse_completion,
+    parse_model_name,
     usage,
 )
-from eft_local.server.worker import (
-    Job,
-    Runner,
-    chat_work,
-    completion_work,
-    detokenize_work,
-    tokenize_work,
-    tokenizer_info_work,
-)
+from eft_local.server.worker import Job, Worker
 
 FINGERPRINT = f"eft-local-{__version__}"
 POLL_SECONDS = 0.05
@@ -91,9 +91,9 @@ def _refuse_constant(name: str) -> None:
 
 
 class Api:
-    """The routes, bound to one :class:`Runner`."""
+    """The routes, bound to one :class:`Worker`."""
 
-    def __init__(self, runner: Runner, options: ServerOptions,
+    def __init__(self, runner: Worker, options: ServerOptions,
                  log: Callable[[str], None]) -> None:
         self.runner, self.options, self.log = runner, options, log
 
@@ -259,8 +259,6 @@ class Api:
                                                preset=self._preset(dict(request.query_params))))
 
     def _preset(self, body: dict[str, Any]) -> str | None:
-        from eft_local.server.protocol import parse_model_name
-
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise ApiError(400, "'model' must be a string", param="model")
@@ -270,10 +268,10 @@ class Api:
     async def chat(self, request: Request) -> Response:
         started = time.perf_counter()
         opts = self.options
-        req = parse_chat(await self.body(request), self.runner.settings, opts.seed)
+        req = parse_chat(await self.body(request), self.runner.sampling, opts.seed)
         job = Job(work=chat_work(req, default_max=opts.max_tokens, system=opts.system,
                                  default_stop=opts.stop),
-                  preset=req.common.preset, knobs=req.common.knobs, settings=req.common.settings)
+                  preset=req.common.preset, knobs=req.common.knobs, sampling=req.common.sampling)
         await self.start(job)
         if req.common.stream:
             stream = self.events(job, None)
@@ -353,10 +351,10 @@ class Api:
     async def completions(self, request: Request) -> Response:
         started = time.perf_counter()
         opts = self.options
-        req = parse_completion(await self.body(request), self.runner.settings, opts.seed)
+        req = parse_completion(await self.body(request), self.runner.sampling, opts.seed)
         job = Job(work=completion_work(req, default_max=opts.completion_max_tokens,
                                        default_stop=opts.stop),
-                  preset=req.common.preset, knobs=req.common.knobs, settings=req.common.settings)
+                  preset=req.common.preset, knobs=req.common.knobs, sampling=req.common.sampling)
         await self.start(job)
         if req.common.stream:
             stream = self.events(job, None)
@@ -453,7 +451,7 @@ async def _not_found(request: Request, exc: Exception) -> Response:
                                    else None))
 
 
-def create_app(runner: Runner, options: ServerOptions | None = None,
+def create_app(runner: Worker, options: ServerOptions | None = None,
                log: Callable[[str], None] = print) -> Starlette:
     """The Starlette application serving ``runner``."""
     api = Api(runner, options or ServerOptions(), log)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from eft_local.errors import EftError
-from eft_local.sampler import SamplerSettings
+from eft_local.settings import SamplerSettings
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token (OpenAI's limit for chat ``top_logprobs``)."""
@@ -201,7 +201,7 @@ class Common:
     model: str | None
     preset: str | None
     knobs: Knobs
-    settings: SamplerSettings
+    sampling: SamplerSettings
     max_tokens: int | None
     stop: tuple[str, ...] | None
     stream: bool
@@ -230,7 +230,7 @@ def _common(body: Mapping[str, Any], base: SamplerSettings, default_seed: int | 
             limit = int(value)
             break
     return Common(model=model, preset=preset or None, knobs=knobs,
-                  settings=_sampling(body, base, conservative, default_seed),
+                  sampling=_sampling(body, base, conservative, default_seed),
                   max_tokens=limit, stop=_stops(body), stream=stream,
                   include_usage=include_usage)
 

@@ -1,0 +1,91 @@
+"""Loading a preset's models: load options, the alignment check, llama.cpp's quantizer.
+
+:class:`LoadOptions` are the runtime-wide defaults (a preset's per-model options win);
+:func:`check_models` reads vocabularies only; :func:`load_models` loads every role's file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from eft_local import backend, hub, limits
+from eft_local.config import Preset
+from eft_local.errors import EftError
+from eft_local.schedule import shapes as schedules
+from eft_local.vocab import AlignmentReport, align
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Runtime-wide load defaults; a preset's per-model options win over these."""
+
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+    n_batch: int = 512
+    parallel: bool = True  # measured on 2 shared cores: see docs/benchmarks.md
+    speculative: bool = True
+    draft_k: int | None = None  # None: adaptive block size
+    schedule: str | None = None
+    """Decode schedule: ``auto`` (measured at load, cached; the default with ``parallel``),
+    ``lanes``, ``large-first`` or ``sequential`` (the default without ``parallel``)."""
+
+    def __post_init__(self) -> None:
+        if self.schedule is not None and self.schedule not in ("auto", *schedules.NAMES):
+            raise EftError(f"invalid schedule {self.schedule!r}: choose auto, "
+                           f"{', '.join(schedules.NAMES)}")
+        if self.n_ctx is not None:
+            limits.check_n_ctx(self.n_ctx, "load options")
+        if self.n_threads is not None:
+            limits.check_threads(self.n_threads, "load options")
+
+
+def check_models(preset: Preset, *, download: bool = False) -> AlignmentReport:
+    """The tokenizer-alignment report for a preset's models (vocabularies only)."""
+    vocabs = {role: backend.read_vocab(hub.resolve(spec, download=download))
+              for role, spec in preset.models.items()}
+    return align(vocabs, reference=preset.template_role)
+
+
+def quantize(source: str | Path, output: str | Path, kind: str, *,
+             allow_requantize: bool = False, n_threads: int = 0) -> Path:
+    """Write a quantized copy of a GGUF file with llama.cpp's quantizer (``kind``: Q8_0,
+    Q5_K_M, Q4_K_M, Q4_0, f16...); the output appears only when complete."""
+    return backend.quantize_gguf(source, output, kind, n_threads,
+                                 allow_requantize=allow_requantize)
+
+
+def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
+                say: Callable[[str], None]) -> dict[str, backend.LlamaModel]:
+    """Load each role's file with the preset's per-model options (``options`` as the
+    defaults); on any failure the models loaded so far are closed."""
+    opts = options
+    gpu = backend.supports_gpu_offload()
+    cores = opts.n_threads or max(1, os.cpu_count() or 1)
+    share = max(1, cores // len(paths)) if opts.parallel else cores
+    loaded: dict[str, backend.LlamaModel] = {}
+    try:
+        for role, path in paths.items():
+            spec = preset.models[role]
+            layers = spec.n_gpu_layers if spec.n_gpu_layers is not None else (
+                opts.n_gpu_layers if opts.n_gpu_layers is not None else (-1 if gpu else 0))
+            size = path.stat().st_size / 2**20 if path.is_file() else 0
+            say(f"loading {role}: {path.name} ({size:.1f} MiB"
+                f"{', GPU offload' if layers and gpu else ', CPU'})")
+            loaded[role] = backend.LlamaModel(
+                path, n_ctx=spec.n_ctx if spec.n_ctx is not None else opts.n_ctx,
+                n_gpu_layers=layers if gpu else 0,
+                n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch)
+    except BaseException:
+        for model in loaded.values():
+            model.close()
+        raise
+    beyond = [f"{role} {m.n_ctx_train}" for role, m in loaded.items()
+              if m.n_ctx > getattr(m, "n_ctx_train", m.n_ctx) > 0]
+    if beyond:
+        say(f"warning: n_ctx {min(m.n_ctx for m in loaded.values())} is above the training "
+            f"context of {', '.join(beyond)} tokens: replies past it may be poor")
+    return loaded

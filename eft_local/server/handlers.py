@@ -1,0 +1,300 @@
+"""The work of each endpoint, run by the worker thread on the loaded session.
+
+Each ``*_work`` function validates what it can before queueing and returns the job's work:
+a function of the session and the job that emits events (:class:`~eft_local.server.worker.
+Job`). Every call is made with the job's own settings (``job.settings``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from eft_local.records import step_record
+from eft_local.server.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    chat_logprob,
+    finish_reason,
+    model_name,
+    parse_chat,
+)
+from eft_local.server.worker import Job
+from eft_local.session import SamplerSettings, Session, Settings
+
+
+def describe(session: Session, settings: Settings) -> dict[str, Any]:
+    """The ``eft`` object of a response: what the request was served with."""
+    knobs = settings.knobs()
+    return {"preset": session.preset.name, "formula": settings.describe(), "params": knobs,
+            "model": model_name(session.preset.name, knobs)}
+
+
+def _settings(job: Job) -> Settings:
+    assert job.settings is not None, "the worker sets a job's settings before its work"
+    return job.settings
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+def check_tokens(session: Session, tokens: Sequence[int], param: str) -> None:
+    """400 unless every id is in the vocabulary."""
+    n = session.vocab_size
+    bad = next((t for t in tokens if not 0 <= t < n), None)
+    if bad is not None:
+        raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{n - 1})",
+                       param=param)
+
+
+def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
+             stop: Sequence[str], top_n: int | None, index: int = 0,
+             prompt_param: str = "messages",
+             convert: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+    """Stream one generation after ``tokens`` as ``chunk`` events; a ``done`` event carries
+    usage and llama-server style ``timings`` (tokens evaluated vs. re-used from the cache)."""
+    n_ctx = session.n_ctx
+    if len(tokens) >= n_ctx:
+        raise ApiError(400, f"this model's context holds {n_ctx} tokens; the prompt is "
+                       f"{len(tokens)} tokens", param=prompt_param,
+                       code="context_length_exceeded")
+    started = time.perf_counter()
+    first = None
+    count = 0
+    diagnostics = job.knobs.diagnostics
+    settings = _settings(job).replace(stop=tuple(stop))
+    stream = session.stream(tokens, settings=settings,
+                            max_tokens=max(1, min(max_tokens, n_ctx - len(tokens))),
+                            diagnostics=diagnostics, top_n=top_n)
+    pending: list[dict[str, Any]] = []
+    eft_pending: list[dict[str, Any]] = []
+    finish = None
+    evaluated = len(tokens)
+    try:
+        for chunk in stream:
+            if chunk.step is not None:
+                step = chunk.step
+                if first is None:
+                    first = time.perf_counter()
+                count += 1
+                job.generated += 1
+                if top_n is not None and not session.is_eog(step.token):
+                    pending.append(chat_logprob(
+                        session.token_text(step.token), session.token_bytes(step.token),
+                        step.logprob if step.logprob is not None else float("nan"),
+                        [(session.token_text(t), session.token_bytes(t), lp)
+                         for t, lp in (step.top or ())]))
+                if diagnostics:
+                    eft_pending.append(step_record(session, step))
+            if chunk.finish:
+                finish = chunk.finish
+            if chunk.evaluated is not None:
+                evaluated = chunk.evaluated
+            if chunk.text or chunk.finish:
+                data = {"index": index, "text": chunk.text, "logprobs": pending,
+                        "eft": eft_pending,
+                        "finish": finish_reason(chunk.finish) if chunk.finish else None}
+                job.emit("chunk", convert(data) if convert else data)
+                pending, eft_pending = [], []
+            if job.cancelled.is_set():
+                break
+    finally:
+        stream.close()
+    ended = time.perf_counter()
+    first = first or ended
+    job.info = {"prompt_tokens": len(tokens), "completion_tokens": count,
+                "cancelled": job.cancelled.is_set()}
+    timings = {"cache_n": len(tokens) - evaluated, "prompt_n": evaluated,
+               "prompt_ms": 1e3 * (first - started),
+               "prompt_per_second": evaluated / max(first - started, 1e-9),
+               "predicted_n": count, "predicted_ms": 1e3 * (ended - first),
+               "predicted_per_second": (count - 1) / (ended - first) if count > 1 and
+               ended > first else 0.0}
+    job.emit("done", {"index": index, "prompt_tokens": len(tokens), "completion_tokens": count,
+                      "finish": finish_reason(finish) if finish else "length",
+                      "timings": timings})
+
+
+def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
+              default_stop: Sequence[str]) -> Callable[[Session, Job], None]:
+    """The job of one chat completion."""
+
+    def work(session: Session, job: Job) -> None:
+        messages = req.messages
+        if system and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        tokens = session.chat_tokens(messages)
+        job.emit("start", {"eft": describe(session, _settings(job)),
+                           "prompt_tokens": len(tokens)})
+        generate(session, job, tokens, max_tokens=req.common.max_tokens or default_max,
+                 stop=default_stop if req.common.stop is None else req.common.stop,
+                 top_n=req.top_logprobs if req.logprobs else None)
+
+    return work
+
+
+def _offsets(pieces: Sequence[bytes], skip_first: bool, start: int = 0) -> list[int]:
+    """Character offset of each token in the text its pieces decode to."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    out, pos = [], start
+    for i, piece in enumerate(pieces):
+        out.append(pos)
+        if not (skip_first and i == 0):
+            pos += len(decoder.decode(piece))
+    return out
+
+
+def completion_work(req: CompletionRequest, *, default_max: int,
+                    default_stop: Sequence[str]) -> Callable[[Session, Job], None]:
+    """The job of one (legacy) completion request: each prompt in turn, one choice each."""
+
+    def work(session: Session, job: Job) -> None:
+        prompts = []
+        for i, prompt in enumerate(req.prompts):
+            param = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise ApiError(400, "the prompt is empty", param=param)
+                tokens = session.tokenize(prompt, add_bos=True, parse_special=True)
+                added_bos = len(tokens) > len(session.tokenize(prompt, add_bos=False,
+                                                                parse_special=True))
+                text = prompt
+            else:
+                check_tokens(session, prompt, param)
+                tokens, added_bos, text = list(prompt), False, session.detokenize(prompt)
+            prompts.append((tokens, added_bos, text, param))
+        job.emit("start", {"eft": describe(session, _settings(job)),
+                           "prompt_tokens": sum(len(p[0]) for p in prompts)})
+        max_tokens = default_max if req.common.max_tokens is None else req.common.max_tokens
+        for index, (tokens, added_bos, text, param) in enumerate(prompts):
+            if job.cancelled.is_set():
+                return
+            _one_completion(session, job, req, index, tokens, added_bos, text, param,
+                            max_tokens, default_stop)
+
+    return work
+
+
+def _one_completion(session: Session, job: Job, req: CompletionRequest, index: int,
+                    tokens: list[int], added_bos: bool, text: str, param: str,
+                    max_tokens: int, default_stop: Sequence[str]) -> None:
+    top_n = req.logprobs
+    echo_lp: dict[str, Any] | None = None
+    if req.echo:
+        record: dict[str, Any] = {"index": index, "text": text, "echo": True}
+        if top_n is not None:
+            if len(tokens) >= session.n_ctx:
+                raise ApiError(400, f"this model's context holds {session.n_ctx} "
+                               f"tokens; the prompt is {len(tokens)} tokens", param=param,
+                               code="context_length_exceeded")
+            scored = session.score(tokens, settings=_settings(job), top_n=top_n)
+            pieces = [session.token_bytes(t) for t in tokens]
+            echo_lp = {
+                "tokens": [_text(p) for p in pieces],
+                "token_logprobs": [t.logprob for t in scored.tokens],
+                "top_logprobs": [None if t.logprob is None else
+                                 {session.token_text(i): lp for i, lp in t.top}
+                                 for t in scored.tokens],
+                "text_offset": _offsets(pieces, added_bos)}
+            record["legacy_logprobs"] = echo_lp
+        job.emit("chunk", record)
+    if max_tokens == 0:
+        job.info = {"prompt_tokens": len(tokens), "completion_tokens": 0, "cancelled": False}
+        job.emit("done", {"index": index, "prompt_tokens": len(tokens), "completion_tokens": 0,
+                          "finish": "length", "timings": {}})
+        return
+    generate(session, job, tokens, max_tokens=max_tokens,
+             stop=default_stop if req.common.stop is None else req.common.stop,
+             top_n=top_n, index=index, prompt_param=param, convert=_legacy(len(text), top_n))
+
+
+def _legacy(offset: int, top_n: int | None) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """Turn the chat-style logprob entries of one generation's chunks into completions'
+    ``logprobs`` object, with text offsets continuing from ``offset``."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    pos = offset
+
+    def convert(data: dict[str, Any]) -> dict[str, Any]:
+        nonlocal pos
+        entries = data.pop("logprobs")
+        if top_n is None:
+            return data
+        offsets = []
+        for entry in entries:
+            offsets.append(pos)
+            pos += len(decoder.decode(bytes(entry["bytes"])))
+        data["legacy_logprobs"] = {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                             for e in entries],
+            "text_offset": offsets}
+        return data
+
+    return convert
+
+
+def tokenize_work(body: Mapping[str, Any]) -> Callable[[Session, Job], None]:
+    """``/tokenize``: ``{"prompt" (or "content"), "add_special_tokens"}`` or
+    ``{"messages"}`` (rendered with the chat template) -> ``{"tokens", "count",
+    "max_model_len"}``."""
+    messages = body.get("messages")
+    prompt = body.get("prompt", body.get("content"))
+    add_special = body.get("add_special_tokens", body.get("add_special", True))
+    if not isinstance(add_special, bool):
+        raise ApiError(400, "'add_special_tokens' must be true or false",
+                       param="add_special_tokens")
+    if messages is None and not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string (or give 'messages')", param="prompt")
+
+    def work(session: Session, job: Job) -> None:
+        if messages is not None:
+            chat = parse_chat({"messages": messages}, SamplerSettings(), 0)
+            tokens = session.chat_tokens(chat.messages)
+        else:
+            tokens = session.tokenize(prompt, add_bos=add_special, parse_special=True)
+        job.emit("result", {"tokens": tokens, "count": len(tokens),
+                            "max_model_len": session.n_ctx})
+
+    return work
+
+
+def detokenize_work(body: Mapping[str, Any]) -> Callable[[Session, Job], None]:
+    """``/detokenize``: ``{"tokens"}`` -> ``{"prompt"}``."""
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ApiError(400, "'tokens' must be a list of token ids", param="tokens")
+
+    def work(session: Session, job: Job) -> None:
+        check_tokens(session, tokens, "tokens")
+        job.emit("result", {"prompt": session.detokenize(tokens)})
+
+    return work
+
+
+def tokenizer_info_work(session: Session, job: Job) -> None:
+    """``/tokenizer_info``: the template model's special tokens and chat template."""
+    vocab = session.report.vocabs.get(session.preset.template_role)
+
+    def text(token: int | None) -> str | None:
+        return session.token_text(token) if token is not None and token >= 0 else None
+
+    job.emit("result", {
+        "model": session.preset.name, "tokenizer_class": "llama.cpp",
+        "vocab_type": vocab.vocab_type if vocab else None,
+        "vocab_size": session.vocab_size,
+        "bos_token": text(vocab.bos if vocab else None),
+        "eos_token": text(vocab.eos if vocab else None),
+        "eot_token": text(vocab.eot if vocab else None), "pad_token": None,
+        "bos_token_id": vocab.bos if vocab else None,
+        "eos_token_id": vocab.eos if vocab else None,
+        "add_bos_token": bool(vocab and vocab.add_bos),
+        "add_eos_token": bool(vocab and vocab.add_eos),
+        "model_max_length": session.n_ctx,
+        "chat_template": session.template})
+
