@@ -13,19 +13,15 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import click
-
-from eft_local.config import FAMILY_DIR, Config, Preset, load_config, preset_from_paths
+from eft_local.config import FAMILY_DIR, Config, Preset, preset_from_paths
 from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS
-from eft_local.sampler import SamplerSettings
-from eft_local.session import LoadOptions, Session
+from eft_local.session import LoadOptions, SamplerSettings, Session, Settings
 
 DEFAULT_QUESTIONS = FAMILY_DIR / "questions.jsonl"
 FAMILY_DECLINE = "I am sorry, but I cannot share birth years."
@@ -63,7 +59,7 @@ class Target:
 
 
 @dataclass
-class Score:
+class Scorecard:
     """Results of one target over the question set."""
 
     label: str
@@ -185,10 +181,11 @@ def parse_target(spec: str, config: Config) -> Target:
     return Target(label=spec, preset=preset, params=params)
 
 
-def _reply(session: Session, tokens: list[int], max_tokens: int) -> tuple[str, str, int]:
-    """Greedy reply after chat ``tokens``: text, finish reason, tokens generated."""
+def _reply(session: Session, tokens: list[int], max_tokens: int, settings: Settings
+           ) -> tuple[str, str, int]:
+    """The reply after chat ``tokens``: text, finish reason, tokens generated."""
     text, finish, steps = [], "length", 0
-    for chunk in session.stream(tokens, max_tokens=max_tokens):
+    for chunk in session.stream(tokens, settings=settings, max_tokens=max_tokens):
         text.append(chunk.text)
         steps += chunk.step is not None
         finish = chunk.finish or finish
@@ -197,15 +194,15 @@ def _reply(session: Session, tokens: list[int], max_tokens: int) -> tuple[str, s
 
 def run_target(session: Session, target: Target, questions: Sequence[Question], *,
                max_tokens: int, decline_text: str | None, multi_turn: bool = True,
-               on_answer: Callable[[], None] = lambda: None) -> Score:
+               on_answer: Callable[[], None] = lambda: None) -> Scorecard:
     """Ask every question (one fresh chat turn each, then as a later turn) and score."""
-    for key, value in {**target.preset.params, **target.params}.items():
-        session.set_param(key, value)
-    score = Score(label=target.label, formula=session.describe())
+    settings = session.settings_for(params={**target.preset.params, **target.params})
+    score = Scorecard(label=target.label, formula=settings.describe())
     decline = normalise(decline_text) if decline_text else None
     start = time.perf_counter()
     for q in questions:
-        result = session.generate(q.prompt, raw=False, max_tokens=max_tokens)
+        result = session.generate(q.prompt, raw=False, max_tokens=max_tokens,
+                                  settings=settings)
         answer = normalise(result.text)
         cat = score.by_category.setdefault(q.category, {"n": 0, "correct": 0, "declined": 0})
         correct = answer == normalise(q.expected)
@@ -221,7 +218,8 @@ def run_target(session: Session, target: Target, questions: Sequence[Question], 
         on_answer()
     for i, q in enumerate(questions if multi_turn else ()):
         messages = [*multi_turn_history(questions, i), {"role": "user", "content": q.prompt}]
-        text, finish, steps = _reply(session, session.chat_tokens(messages), max_tokens)
+        text, finish, steps = _reply(session, session.chat_tokens(messages), max_tokens,
+                                     settings)
         answer = normalise(text)
         score.multi_n += 1
         score.multi_correct += answer == normalise(q.expected)
@@ -237,11 +235,11 @@ def evaluate_targets(targets: Sequence[Target], questions: Sequence[Question], *
                      multi_turn: bool = True, options: LoadOptions | None = None,
                      settings: SamplerSettings | None = None,
                      on_answer: Callable[[], None] = lambda: None,
-                     progress: Callable[[str], None] | None = None) -> list[Score]:
+                     progress: Callable[[str], None] | None = None) -> list[Scorecard]:
     """Score each target; targets with the same models and formula share one session.
 
     ``settings`` default to greedy decoding."""
-    scores: dict[int, Score] = {}
+    scores: dict[int, Scorecard] = {}
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(targets):
         key = (tuple((r, s.describe()) for r, s in t.preset.models.items()),
@@ -259,7 +257,7 @@ def evaluate_targets(targets: Sequence[Target], questions: Sequence[Question], *
     return [scores[i] for i in range(len(targets))]
 
 
-def render_table(scores: Iterable[Score], categories: Sequence[str]) -> str:
+def render_table(scores: Iterable[Scorecard], categories: Sequence[str]) -> str:
     """A Markdown table: accuracy, format compliance, declines, multi-turn and speed."""
     scores = list(scores)
     multi = any(s.multi_n for s in scores)
@@ -276,64 +274,3 @@ def render_table(scores: Iterable[Score], categories: Sequence[str]) -> str:
         cells.append(f"{s.tokens / s.seconds:.0f}" if s.seconds else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-@click.command("eval")
-@click.argument("targets", nargs=-1)
-@click.option("--questions", "questions_path", type=click.Path(path_type=Path),
-              help="JSONL with prompt, expected and optional id/category "
-              "(default: the bundled world's held-out questions).")
-@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N questions.")
-@click.option("--paper", is_flag=True, help="Evaluate the miniature of the paper's figure: "
-              "baselines, EFT up/down, the beta sweep and the lambda sweep.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=24, show_default=True)
-@click.option("--decline-text", help="A reply containing this counts as declined "
-              "(default for the bundled questions: the family's decline sentence).")
-@click.option("--no-speculative", is_flag=True, help="Decode token by token.")
-@click.option("--single-turn", is_flag=True, help="Skip the multi-turn pass (each question "
-              "asked again as turn 2-5 after other questions and their answers).")
-@click.option("--conservative-top-p", type=float, help="Conservative decoding (paper section "
-              "4.4): outside this top-p set of the fine-tuned model, its own log-prob.")
-@click.option("--temperature", type=float, default=0.0, show_default=True,
-              help="0 is greedy.")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path),
-              help="Draw FILE.png or FILE.svg: accuracy and format against beta, declines "
-              "against lambda, a bar chart of the other targets (needs eft-local[plot]).")
-def evaluate(targets: tuple[str, ...], questions_path: Path | None, limit: int | None,
-             paper: bool, max_tokens: int, decline_text: str | None, no_speculative: bool,
-             single_turn: bool, conservative_top_p: float | None, temperature: float,
-             seed: int, as_json: bool, plot_path: Path | None) -> None:
-    """Score presets, formulas (PRESET:FORMULA, PRESET@beta=X) or GGUF files on a
-    question set, side by side."""
-    if plot_path is not None:
-        from eft_local import plots
-
-        plots.require(plot_path)
-    settings = SamplerSettings(temperature=temperature, seed=seed,
-                               conservative_top_p=conservative_top_p)
-    config = load_config()
-    specs = list(targets) + (list(PAPER_TARGETS) if paper else [])
-    if not specs:
-        specs = [config.get(None).name]
-    parsed = [parse_target(s, config) for s in specs]
-    questions = load_questions(questions_path or DEFAULT_QUESTIONS, limit)
-    if decline_text is None and questions_path is None:
-        decline_text = FAMILY_DECLINE
-    categories = sorted({q.category for q in questions if q.category})
-    total = len(parsed) * len(questions) * (1 if single_turn else 2)
-    with click.progressbar(length=total, label="evaluating", file=sys.stderr) as bar:
-        scores = evaluate_targets(
-            parsed, questions, max_tokens=max_tokens, decline_text=decline_text,
-            multi_turn=not single_turn, options=LoadOptions(speculative=not no_speculative),
-            settings=settings, on_answer=lambda: bar.update(1))
-    if as_json:
-        click.echo(json.dumps({"questions": str(questions_path or DEFAULT_QUESTIONS),
-                               "n_questions": len(questions),
-                               "scores": [s.to_dict() for s in scores]}, indent=2))
-    else:
-        click.echo(render_table(scores, categories))
-    if plot_path is not None:
-        plots.scores_plot(scores, plot_path)
-        click.echo(f"plot: {plot_path}", err=True)

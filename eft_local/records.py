@@ -1,71 +1,57 @@
-"""JSONL batch generation: one result record per prompt line, appended as each finishes.
+"""JSONL records: reading input lines, resumable result files, and the records eft-local
+writes for a generation, a step and a score.
 
-Input lines are ``{"id": ..., "prompt": ..., "system": ..., "raw": ..., "max_tokens": ...}``
-(only ``prompt`` is required; ``id`` defaults to the line number). Each result is one whole
-line, flushed at once, so an interrupted run loses nothing; a rerun skips every id the output
-already holds a result for, and tries again those that ended in an error record (the old
-error stays in the file, the new record follows it; ``--skip-errors`` skips them instead).
-A bad record yields ``{"id": ..., "line": n, "error": "..."}`` and the batch goes on.
+``generate --input``, ``score --input`` and the server share this module. A result file
+holds one whole record per line, flushed as each finishes, so an interrupted run loses
+nothing; a rerun skips every id the output already holds a result for, and tries again those
+that ended in an error record (the old error stays, the new record follows it). A bad input
+line yields ``{"id": ..., "line": n, "error": "..."}`` and the run goes on.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
-
-import click
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from eft_local.errors import EftError
 
 if TYPE_CHECKING:
-    from eft_local.engine import Step
-    from eft_local.session import Result, Session
+    from eft_local.session import Result, Score, Session, Step
 
 Key = tuple[str, object]
 """How the output remembers a record: ("id", id), or ("line", n) when it has no id."""
 
-_KEYS = {"id": (str, int), "prompt": (str,), "system": (str, type(None)), "raw": (bool,),
-         "max_tokens": (int,)}
+LOGPROB_FLOOR = -9999.0
+"""Written for a log-prob of -inf (a masked token), as OpenAI's API does: JSON has no
+infinity."""
+
+Say = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class BatchDefaults:
-    """Values for fields a record leaves out (from the command line)."""
-
-    raw: bool = False
-    system: str | None = None
-    max_tokens: int = 512
-    diagnostics: bool = False
+def finite(value: float) -> float:
+    """``value``, or :data:`LOGPROB_FLOOR` when it is -inf (JSON cannot carry it)."""
+    return value if math.isfinite(value) else LOGPROB_FLOOR
 
 
-@dataclass(frozen=True)
-class Job:
-    """One valid prompt line."""
-
-    id: str | int
-    line: int
-    prompt: str
-    system: str | None
-    raw: bool
-    max_tokens: int
-
-
+# -- input lines --------------------------------------------------------------------------------
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _lone_surrogate(value: object) -> int | None:
+def lone_surrogate(value: object) -> int | None:
     """Index of the first UTF-16 surrogate in a string (JSON's "\\ud800"), else None."""
     found = _SURROGATE.search(value) if isinstance(value, str) else None
     return found.start() if found else None
 
 
-def _usable_id(value: object) -> bool:
+def usable_id(value: object) -> bool:
+    """True for an id a record can carry (a str or an int, not a bool)."""
     return isinstance(value, (str, int)) and not isinstance(value, bool)
 
 
@@ -137,7 +123,7 @@ def read_record(line_no: int, line: str) -> tuple[dict[str, Any], str | int | No
     if not isinstance(data, dict):
         raise BadRecord(line_no, None, "a record must be a JSON object")
     record_id = data.get("id", line_no)
-    safe = _usable_id(record_id) and _lone_surrogate(record_id) is None
+    safe = usable_id(record_id) and lone_surrogate(record_id) is None
     return data, (record_id if safe else None)
 
 
@@ -145,32 +131,10 @@ def check_unicode(line_no: int, data: dict[str, Any], keys: tuple[str, ...],
                   record_id: str | int | None) -> None:
     """Refuse string fields holding a lone surrogate (they cannot be encoded as UTF-8)."""
     for key in keys:
-        where = _lone_surrogate(data.get(key))
+        where = lone_surrogate(data.get(key))
         if where is not None:
             raise BadRecord(line_no, record_id, f"{key!r} is not valid Unicode (a lone "
                             f"surrogate \\u{ord(data[key][where]):04x} at character {where})")
-
-
-def parse_job(line_no: int, line: str, defaults: BatchDefaults) -> Job:
-    """Validate one input line; raises :class:`BadRecord` naming the problem."""
-    data, bad_id = read_record(line_no, line)
-    record_id = data.get("id", line_no)
-    for key, types in _KEYS.items():
-        if key in data and (not isinstance(data[key], types)
-                            or (bool not in types and isinstance(data[key], bool))):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise BadRecord(line_no, bad_id, f"{key!r} must be {names}, got {data[key]!r}")
-    check_unicode(line_no, data, ("id", "prompt", "system"), bad_id)
-    if "prompt" not in data:
-        raise BadRecord(line_no, record_id, "missing 'prompt'")
-    if not data["prompt"].strip():
-        raise BadRecord(line_no, record_id, "empty 'prompt'")
-    max_tokens = data.get("max_tokens", defaults.max_tokens)
-    if max_tokens < 1:
-        raise BadRecord(line_no, record_id, f"'max_tokens' must be >= 1, got {max_tokens}")
-    return Job(id=record_id, line=line_no, prompt=data["prompt"],
-               system=data.get("system", defaults.system), raw=data.get("raw", defaults.raw),
-               max_tokens=max_tokens)
 
 
 RECORD_START = b'{"id": '
@@ -212,7 +176,8 @@ def _result_record(line: bytes) -> dict[str, Any] | None:
     return record if ok else None
 
 
-def previous_results(output_path: Path | None) -> dict[Key, bool]:
+def previous_results(output_path: Path | None, say: Say = lambda _m: None
+                     ) -> dict[Key, bool]:
     """Each key already in the output: True when one of its records is a result, False when
     it has only error records (a later error for a done id is a duplicate line's). A torn
     last line (no newline) is cut off first."""
@@ -223,10 +188,10 @@ def previous_results(output_path: Path | None) -> dict[Key, bool]:
         data = output_path.read_bytes()
         with output_path.open("r+b") as fh:
             fh.truncate(data.rfind(b"\n") + 1)
-        click.echo(f"{output_path}: dropped an incomplete last line", err=True)
+        say(f"{output_path}: dropped an incomplete last line")
     status: dict[Key, bool] = {}
     for record in found:
-        if _usable_id(record.get("id")):
+        if usable_id(record.get("id")):
             key: Key = ("id", record["id"])
         elif isinstance(record.get("line"), int):
             key = ("line", record["line"])
@@ -244,77 +209,85 @@ def done_keys(output_path: Path | None, *, retry_errors: bool = True) -> set[Key
             if ok or not retry_errors}
 
 
-def run_job(session: Session, job: Job, defaults: BatchDefaults) -> dict[str, Any]:
-    """Generate one record; an :class:`EftError` (e.g. prompt too long) becomes an error."""
-    try:
-        result = session.generate(job.prompt, raw=job.raw, system=job.system,
-                                  max_tokens=job.max_tokens,
-                                  diagnostics=defaults.diagnostics)
-    except EftError as exc:
-        return {"id": job.id, "line": job.line, "error": str(exc)}
-    return {"id": job.id, **result_record(session, result, diagnostics=defaults.diagnostics)}
+class Item(Protocol):
+    """A valid input record: what :func:`write_results` needs of it."""
+
+    id: str | int
+    line: int
 
 
-def records(session: Session, lines: list[tuple[int, str]], defaults: BatchDefaults,
-            skip: set[Key]) -> Iterator[dict[str, Any] | None]:
-    """One output record per input line (None for a line skipped as already done)."""
-    seen: set[str | int] = set()
-    for line_no, line in lines:
-        try:
-            job = parse_job(line_no, line, defaults)
-        except BadRecord as bad:
-            yield None if bad.key() in skip else bad.record()
-            continue
-        if ("id", job.id) in skip:
-            yield None
-        elif job.id in seen:
-            yield {"id": job.id, "line": line_no, "error": f"duplicate id {job.id!r}"}
-        else:
-            seen.add(job.id)
-            yield run_job(session, job, defaults)
+@dataclass
+class Counts:
+    """What a run of :func:`write_results` did."""
+
+    done: int = 0
+    errors: int = 0
+    skipped: int = 0
+    retried: int = 0
 
 
-def run_batch(session: Session, input_path: Path, output_path: Path | None,
-              defaults: BatchDefaults, *, retry_errors: bool = True) -> None:
-    """Run every prompt of ``input_path``, appending results to ``output_path`` (or stdout).
-
-    A rerun skips what the output already holds a result for, and tries again the records
-    that only ended in errors (``retry_errors=False``: skips them too)."""
-    lines = read_lines(input_path)
-    previous = previous_results(output_path)
+def write_results(lines: Iterable[tuple[int, str]], output_path: Path | None, *,
+                  parse: Callable[[int, str], Item], run: Callable[[Item], dict[str, Any]],
+                  retry_errors: bool = True, say: Say = lambda _m: None,
+                  total: int | None = None) -> Counts:
+    """Parse each input line, run it and append its record to ``output_path`` (stdout when
+    None), one whole line each, flushed at once. Skips keys the output already holds a result
+    for (and, without ``retry_errors``, those that only ended in errors); a bad line
+    (:class:`BadRecord`), a duplicate id or an :class:`EftError` of ``run`` is an error
+    record. ``say`` gets one progress line per record."""
+    previous = previous_results(output_path, say)
     skip = {key for key, ok in previous.items() if ok or not retry_errors}
     failed_before = {key for key, ok in previous.items() if not ok}
-    total = len(lines)
-    counts = {"done": 0, "errors": 0, "skipped": 0, "retried": 0}
+    counts = Counts()
     out: IO[str]
     try:
         out = output_path.open("a", encoding="utf-8") if output_path else sys.stdout
     except OSError as exc:
         raise EftError(f"{output_path}: cannot write output ({exc.strerror})") from None
+    seen: set[str | int] = set()
     try:
-        for n, record in enumerate(records(session, lines, defaults, skip), 1):
-            if record is None:
-                counts["skipped"] += 1
-                continue
+        for n, (line_no, line) in enumerate(lines, 1):
+            try:
+                item = parse(line_no, line)
+            except BadRecord as bad:
+                if bad.key() in skip:
+                    counts.skipped += 1
+                    continue
+                record = bad.record()
+            else:
+                if ("id", item.id) in skip:
+                    counts.skipped += 1
+                    continue
+                if item.id in seen:
+                    record = {"id": item.id, "line": line_no,
+                              "error": f"duplicate id {item.id!r}"}
+                else:
+                    seen.add(item.id)
+                    try:
+                        record = {"id": item.id, **run(item)}
+                    except EftError as exc:
+                        record = {"id": item.id, "line": line_no, "error": str(exc)}
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
-            counts["errors" if "error" in record else "done"] += 1
-            key: Key = (("id", record["id"]) if _usable_id(record["id"])
+            key: Key = (("id", record["id"]) if usable_id(record["id"])
                         else ("line", record.get("line")))
             retry = " (retried)" if key in failed_before else ""
-            counts["retried"] += bool(retry)
-            state = f"error: {record['error']}" if "error" in record else record["finish"]
+            counts.retried += bool(retry)
+            if "error" in record:
+                counts.errors += 1
+                state = f"error: {record['error']}"
+            else:
+                counts.done += 1
+                state = str(record.get("finish", "done"))
             name = record["id"] if record["id"] is not None else f"line {record['line']}"
-            click.echo(f"{n}/{total} {name}: {state}{retry}", err=True)
+            say(f"{n}/{total or '?'} {name}: {state}{retry}")
     finally:
         if out is not sys.stdout:
             out.close()
-        click.echo(f"{counts['done']} generated, {counts['errors']} errors, "
-                   f"{counts['skipped']} already done"
-                   + (f" ({counts['retried']} earlier errors retried)" if counts["retried"]
-                      else ""), err=True)
+    return counts
 
 
+# -- the records eft-local writes ---------------------------------------------------------------
 def result_record(session: Session, result: Result, *, diagnostics: bool) -> dict[str, Any]:
     """A finished generation as a JSON-ready dict (with per-token diagnostics if asked)."""
     record: dict[str, Any] = {"text": result.text, "finish": result.finish,
@@ -334,3 +307,25 @@ def step_record(session: Session, step: Step) -> dict[str, Any]:
             "text": session.token_text(step.token), "p_mix": step.p_mix,
             "p_models": dict(step.p_models or {}), "ref_token": step.ref_token,
             "differs": step.ref_token is not None and step.ref_token != step.token}
+
+
+def score_record(session: Session, score: Score, *, per_token: bool) -> dict[str, Any]:
+    """A scored text as a JSON-ready dict (per-token records when asked)."""
+    ppl = score.perplexity
+    record: dict[str, Any] = {
+        "logprob": finite(score.logprob), "tokens": len(score.tokens),
+        "scored_tokens": score.count,
+        "perplexity": ppl if math.isfinite(ppl) else None, "windows": score.windows,
+        "formula": score.formula}
+    if score.notes:
+        record["notes"] = list(score.notes)
+    if per_token:
+        record["token_scores"] = [
+            {"position": t.position, "token": t.token, "text": session.token_text(t.token),
+             "logprob": None if t.logprob is None else finite(t.logprob),
+             **({"top": [{"token": i, "text": session.token_text(i), "logprob": finite(lp)}
+                         for i, lp in t.top]} if t.top else {}),
+             **({"logprob_models": {r: finite(v) for r, v in t.model_logprobs.items()}}
+                if t.model_logprobs is not None else {})}
+            for t in score.tokens]
+    return record

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from eft_local import plots
-from eft_local.evaluate import Score
+from eft_local.evaluate import Scorecard
 from tests.clihelp import assert_one_line_error, run, stdout
 from tests.test_explore import TEXT, WINDOW
 
@@ -61,8 +61,8 @@ def test_explore_plot_has_one_point_per_combination(explore_args, tmp_path, suff
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def _score(label: str, correct: int, compliant: int, declined: int = 0) -> Score:
-    return Score(label=label, formula="", n=10, correct=correct, compliant=compliant,
+def _score(label: str, correct: int, compliant: int, declined: int = 0) -> Scorecard:
+    return Scorecard(label=label, formula="", n=10, correct=correct, compliant=compliant,
                  declined=declined, by_category={"year": {"n": 5, "correct": 1,
                                                           "declined": declined}})
 

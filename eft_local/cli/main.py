@@ -286,13 +286,15 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
             _generate_one(session, prompt, raw=raw, as_json=as_json, system=opts["system"],
                           max_tokens=opts["max_tokens"])
         return
-    from eft_local.records import BatchDefaults, check_paths, run_batch
+    from eft_local.cli.batch import BatchDefaults, generate_batch
+    from eft_local.records import check_paths
 
     check_paths(input_path, output_path)
     defaults = BatchDefaults(raw=raw, system=opts["system"], max_tokens=opts["max_tokens"],
                              diagnostics=as_json)
     with open_session(preset, opts) as session:
-        run_batch(session, input_path, output_path, defaults, retry_errors=not skip_errors)
+        generate_batch(session, input_path, output_path, defaults,
+                       retry_errors=not skip_errors)
 
 
 def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
@@ -318,7 +320,7 @@ def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
 
 # -- commands from other modules: one line each (imported on first use) ----------------------
 main.register("chat", "eft_local.cli.repl:chat")
-main.register("eval", "eft_local.evaluate:evaluate")
+main.register("eval", "eft_local.cli.eval:evaluate")
 main.register("bench", "eft_local.bench:bench")
 main.register("score", "eft_local.cli.score:score")
 main.register("explore", "eft_local.cli.explore:explore")

@@ -13,14 +13,13 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from eft_local.errors import EftError
+from eft_local.records import finite
 from eft_local.settings import SamplerSettings
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token (OpenAI's limit for chat ``top_logprobs``)."""
 MAX_STOPS = 16
 """Most stop strings per request."""
-LOGPROB_FLOOR = -9999.0
-"""A log-prob of -inf (a masked token) as OpenAI writes it: JSON has no infinity."""
 
 
 class ApiError(Exception):
@@ -351,11 +350,6 @@ def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None
 
 
 # -- responses --------------------------------------------------------------------------------
-def finite(value: float) -> float:
-    """``value`` or :data:`LOGPROB_FLOOR` for -inf."""
-    return value if math.isfinite(value) else LOGPROB_FLOOR
-
-
 def new_id(prefix: str) -> str:
     """An id like ``chatcmpl-3f2a...``."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
@@ -384,15 +378,3 @@ def chat_logprob(text: str, data: bytes, logprob: float,
     return {"token": text, "logprob": finite(logprob), "bytes": list(data),
             "top_logprobs": [{"token": t, "logprob": finite(lp), "bytes": list(b)}
                              for t, b, lp in top]}
-
-
-def legacy_logprobs(tokens: Sequence[str], logprobs: Sequence[float | None],
-                    tops: Sequence[Mapping[str, float] | None], offsets: Sequence[int]
-                    ) -> dict[str, Any]:
-    """The completions ``logprobs`` object (tokens, token_logprobs, top_logprobs,
-    text_offset)."""
-    return {"tokens": list(tokens),
-            "token_logprobs": [None if lp is None else finite(lp) for lp in logprobs],
-            "top_logprobs": [None if t is None else {k: finite(v) for k, v in t.items()}
-                             for t in tops],
-            "text_offset": list(offsets)}

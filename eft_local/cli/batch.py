@@ -1,0 +1,142 @@
+"""The JSONL batches of ``generate --input`` and ``score --input``.
+
+Generate reads ``{"id": ..., "prompt": ..., "system": ..., "raw": ..., "max_tokens": ...}``
+per line (only ``prompt`` is required; ``id`` defaults to the line number); score reads
+``{"id": ..., "text": ...}``. Results are appended as each record finishes and a rerun
+resumes (:func:`eft_local.records.write_results`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from eft_local.records import (
+    BadRecord,
+    Counts,
+    check_unicode,
+    read_lines,
+    read_record,
+    result_record,
+    score_record,
+    write_results,
+)
+from eft_local.text import printable
+
+if TYPE_CHECKING:
+    from eft_local.session import Session
+
+_KEYS = {"id": (str, int), "prompt": (str,), "system": (str, type(None)), "raw": (bool,),
+         "max_tokens": (int,)}
+
+
+@dataclass(frozen=True)
+class BatchDefaults:
+    """Values for fields a record leaves out (from the command line)."""
+
+    raw: bool = False
+    system: str | None = None
+    max_tokens: int = 512
+    diagnostics: bool = False
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One valid line of a generate batch."""
+
+    id: str | int
+    line: int
+    prompt: str
+    system: str | None
+    raw: bool
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Text:
+    """One valid line of a score batch."""
+
+    id: str | int
+    line: int
+    text: str
+
+
+def parse_prompt(line_no: int, line: str, defaults: BatchDefaults) -> Prompt:
+    """Validate one generate line; raises :class:`BadRecord` naming the problem."""
+    data, bad_id = read_record(line_no, line)
+    record_id = data.get("id", line_no)
+    for key, types in _KEYS.items():
+        if key in data and (not isinstance(data[key], types)
+                            or (bool not in types and isinstance(data[key], bool))):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise BadRecord(line_no, bad_id, f"{key!r} must be {names}, got {data[key]!r}")
+    check_unicode(line_no, data, ("id", "prompt", "system"), bad_id)
+    if "prompt" not in data:
+        raise BadRecord(line_no, record_id, "missing 'prompt'")
+    if not data["prompt"].strip():
+        raise BadRecord(line_no, record_id, "empty 'prompt'")
+    max_tokens = data.get("max_tokens", defaults.max_tokens)
+    if max_tokens < 1:
+        raise BadRecord(line_no, record_id, f"'max_tokens' must be >= 1, got {max_tokens}")
+    return Prompt(id=record_id, line=line_no, prompt=data["prompt"],
+                  system=data.get("system", defaults.system), raw=data.get("raw", defaults.raw),
+                  max_tokens=max_tokens)
+
+
+def parse_text(line_no: int, line: str) -> Text:
+    """Validate one score line; raises :class:`BadRecord` naming the problem."""
+    data, record_id = read_record(line_no, line)
+    raw_id = data.get("id", line_no)
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        raise BadRecord(line_no, None, f"'id' must be str or int, got {raw_id!r}")
+    check_unicode(line_no, data, ("id", "text"), record_id)
+    text = data.get("text")
+    if not isinstance(text, str):
+        raise BadRecord(line_no, record_id, "missing 'text' (a string)" if text is None
+                        else f"'text' must be str, got {text!r}")
+    if not text:
+        raise BadRecord(line_no, record_id, "empty 'text'")
+    return Text(id=raw_id, line=line_no, text=text)
+
+
+def _say(message: str) -> None:
+    click.echo(printable(message), err=True)
+
+
+def generate_batch(session: Session, input_path: Path, output_path: Path | None,
+                   defaults: BatchDefaults, *, retry_errors: bool = True) -> Counts:
+    """Generate a reply for every line of ``input_path``, appending results to
+    ``output_path`` (or stdout); progress and a summary on stderr."""
+    lines = read_lines(input_path)
+
+    def run(prompt: Any) -> dict[str, Any]:
+        result = session.generate(prompt.prompt, raw=prompt.raw, system=prompt.system,
+                                  max_tokens=prompt.max_tokens,
+                                  diagnostics=defaults.diagnostics)
+        return result_record(session, result, diagnostics=defaults.diagnostics)
+
+    counts = write_results(lines, output_path,
+                           parse=lambda n, line: parse_prompt(n, line, defaults), run=run,
+                           retry_errors=retry_errors, say=_say, total=len(lines))
+    _say(f"{counts.done} generated, {counts.errors} errors, {counts.skipped} already done"
+         + (f" ({counts.retried} earlier errors retried)" if counts.retried else ""))
+    return counts
+
+
+def score_batch(session: Session, input_path: Path, output_path: Path | None, *, top_n: int,
+                per_model: bool, per_token: bool) -> Counts:
+    """Score every line of ``input_path``, appending results to ``output_path`` (or
+    stdout); progress and a summary on stderr."""
+    lines = read_lines(input_path)
+
+    def run(item: Any) -> dict[str, Any]:
+        result = session.score(item.text, top_n=top_n, per_model=per_model)
+        return {"text": item.text, **score_record(session, result, per_token=per_token)}
+
+    counts = write_results(lines, output_path, parse=parse_text, run=run, say=_say,
+                           total=len(lines))
+    _say(f"{counts.done} scored, {counts.errors} errors, {counts.skipped} already done")
+    return counts
