@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from eft_local import ggufscan, limits  # noqa: E402
 from eft_local.errors import EftError  # noqa: E402
+from eft_local.files import atomic_path  # noqa: E402
 from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, ATTR_UNUSED, VocabInfo  # noqa: E402
 
 VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
@@ -509,9 +510,8 @@ def quantize_gguf(src: str | Path, dst: str | Path, kind: str = "q8_0",
     params.ftype = QUANT_TYPES[name]
     params.nthread = n_threads
     params.allow_requantize = allow_requantize
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
     _forget_errors()
-    try:
+    with atomic_path(dst) as tmp:
         rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             why = _last_error()
@@ -521,7 +521,4 @@ def quantize_gguf(src: str | Path, dst: str | Path, kind: str = "q8_0",
                                "quantizing again loses precision twice: allow it with "
                                "--allow-requantize")
             raise EftError(f"{src}: quantization to {name} failed ({why or f'code {rc}'})")
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst

@@ -24,6 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
 from eft_local.errors import EftError
+from eft_local.files import atomic_write
 from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, VocabInfo
 
 FALLBACK_TEMPLATE = (
@@ -264,13 +265,8 @@ class Conversation:
         """Write the transcript as JSON (atomically)."""
         path = Path(path)
         data = {"system": self.system, "turns": self.turns, **(extra or {})}
-        tmp = path.with_name(path.name + ".part")
-        try:
-            tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", "utf-8")
-            tmp.replace(path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise EftError(f"{path}: cannot write transcript ({exc.strerror})") from None
+        atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                     what="transcript")
 
     @classmethod
     def load(cls, path: str | Path) -> Conversation:

@@ -7,12 +7,13 @@ export and the tests' tiny random-weight models both go through write_llama_gguf
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from eft_local.files import atomic_path
 
 TOKEN_TYPE_NORMAL = 1
 TOKEN_TYPE_CONTROL = 3
@@ -183,10 +184,8 @@ def write_llama_gguf(path: str | os.PathLike, *, shape: LlamaShape, tokenizer: T
     arrays = _checked_tensors(shape, random_tensors(shape, seed) if tensors is None else tensors)
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp_name, "llama")
+    with atomic_path(dest, mode=0o644) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), "llama")
         _add_metadata(writer, shape, tokenizer, name)
         for tname, arr in arrays.items():
             writer.add_tensor(tname, arr)
@@ -194,9 +193,4 @@ def write_llama_gguf(path: str | os.PathLike, *, shape: LlamaShape, tokenizer: T
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a model file is for everyone to read
-        os.replace(tmp_name, dest)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return dest

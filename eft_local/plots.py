@@ -7,13 +7,13 @@ Figures are built without pyplot (no display, no global state) and written atomi
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from eft_local.errors import EftError
+from eft_local.files import atomic_path
 
 FORMATS = ("png", "svg")
 HINT = "--plot needs matplotlib: pip install 'eft-local[plot]'"
@@ -46,14 +46,11 @@ def _figure(width: float, height: float) -> Any:
 def _save(fig: Any, path: Path) -> None:
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
-        fig.savefig(tmp, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, metadata={"Date": None} if fmt == "svg" else None)
     except OSError as exc:
         raise EftError(f"{path}: cannot write the plot ({exc})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _labels(ax: Any, xs: Sequence[float], ys: Sequence[float], texts: Sequence[str]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from eft_local import limits
-from eft_local.cli.options import model_options, size_text
+from eft_local.cli.options import model_options
 from eft_local.errors import EftError
 from eft_local.explore.candidates import candidates_for, combinations, largest
 from eft_local.explore.explorer import (
@@ -24,6 +24,7 @@ from eft_local.explore.explorer import (
     mark_pareto,
     read_text,
 )
+from eft_local.limits import size_text
 from eft_local.text import printable
 
 

@@ -25,12 +25,12 @@ from eft_local.cli.options import (
     model_options,
     open_session,
     sampling_options,
-    size_text,
     split_args,
     stdin_prompt,
     write,
 )
 from eft_local.errors import EftError
+from eft_local.limits import size_text
 from eft_local.text import printable
 
 if TYPE_CHECKING:

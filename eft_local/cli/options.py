@@ -154,14 +154,6 @@ def write(text: str) -> None:
     sys.stdout.flush()
 
 
-def size_text(n_bytes: int) -> str:
-    """A file size for people: 12.3 MiB, 4.1 GiB."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n_bytes >= scale:
-            return f"{n_bytes / scale:.1f} {unit}"
-    return f"{n_bytes} B"
-
-
 # -- positional arguments and stdin ---------------------------------------------------------
 def split_args(args: tuple[str, ...], opts: Mapping[str, Any], *, batch: bool
                 ) -> tuple[str | None, str | None]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from eft_local.errors import EftError
 from eft_local.explore.metrics import TopK
+from eft_local.files import atomic_write, cache_dir
 
 CACHE_VERSION = 1
 
@@ -55,8 +55,7 @@ class Reference:
 
 def default_cache_dir() -> Path:
     """$XDG_CACHE_HOME/eft-local/explore (~/.cache by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "eft-local" / "explore"
+    return cache_dir("explore")
 
 
 class ReferenceCache:
@@ -126,11 +125,4 @@ class ReferenceCache:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise EftError(f"{self.dir}: cannot create the cache folder ({exc})") from None
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-        try:
-            tmp.write_bytes(data)
-            tmp.replace(path)
-        except OSError as exc:
-            raise EftError(f"{path}: cannot write the cache ({exc})") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, data, what="the cache")

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from eft_local.engine import Engine, Model
+from eft_local.errors import EftError
+from eft_local.files import atomic_write, cache_dir
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as schedules
 from eft_local.schedule.shapes import Schedule
@@ -205,8 +207,7 @@ def watch(engine: Engine, tuning: Tuning) -> Watch:
 # -- the cache -----------------------------------------------------------------------------
 def cache_path() -> Path:
     """$XDG_CACHE_HOME/eft-local/schedules.json (~/.cache by default)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "eft-local" / "schedules.json"
+    return cache_dir("schedules.json")
 
 
 def cache_key(models: Mapping[str, Model], n_threads: int) -> str:
@@ -261,10 +262,8 @@ def save(engine: Engine, tuning: Tuning) -> None:
     path = cache_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(path)
-    except OSError:
+        atomic_write(path, json.dumps(data, indent=1), what="the schedule cache")
+    except (OSError, EftError):
         pass
 
 
