@@ -63,6 +63,19 @@ def test_generate_prompt_argument_is_one_chat_turn(family) -> None:
     assert stdout(result) == expected + "\n"
 
 
+def test_generate_is_quiet_by_default_and_says_more_with_verbose(family) -> None:
+    args = ["generate", *family.trio(), "--threads", "2", "--max-tokens", "2", "hello"]
+    first = run(args)  # measures the decode schedule: one note, nothing else
+    assert first.exit_code == 0, first.output
+    assert [line.split(":")[0] for line in first.stderr.splitlines()] == ["note"]
+    again = run(args)  # the schedule is cached: not a word
+    assert again.exit_code == 0 and again.stderr == ""
+    verbose = run([*args, "-v"])
+    lines = verbose.stderr.splitlines()
+    assert any(line.startswith("loading large_base: ") for line in lines), lines
+    assert any(line.startswith("schedule ") for line in lines), lines
+
+
 def test_generate_raw_prompt_from_stdin_with_seed(family) -> None:
     args = ["generate", *family.trio(), "--raw", "--seed", "7", "--top-k", "20",
             "--max-tokens", "6", *THREADS]

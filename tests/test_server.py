@@ -106,6 +106,18 @@ def test_model_names_carry_knobs_and_knobs_never_leak(client: openai.OpenAI) -> 
     assert after.model_extra["eft"]["formula"] == "1*large_base + 1*small_ft - 1*small_base"
 
 
+def test_requests_never_touch_the_sessions_own_settings(client: openai.OpenAI,
+                                                         served: Served) -> None:
+    session = served.runner.session
+    assert session is not None
+    defaults = session.defaults
+    chat(client, model="tiny-up@beta=2", temperature=0.3, top_p=0.9, seed=4, stop=["x"],
+         extra_body={"eft": {"formula": "small_ft", "conservative_top_p": 0.8}})
+    client.completions.create(model="tiny-up", prompt="Has", max_tokens=2, temperature=1.5,
+                              extra_body={"eft": {"beta": 0.5}})
+    assert session.defaults is defaults  # the very same frozen value: nothing was written
+
+
 def test_diagnostics_and_logprobs_of_the_mix(client: openai.OpenAI) -> None:
     reply = chat(client, temperature=0, logprobs=True, top_logprobs=3,
                  extra_body={"eft": {"diagnostics": True}})

@@ -95,6 +95,9 @@ def model_options(func: F) -> F:
                                                       "sequential"]),
                      help="Decode schedule (default auto: measured once per machine and "
                      "model set, then cached; --sequential means sequential)."),
+        click.option("--verbose", "-v", is_flag=True,
+                     help="Say which file loads where and which decode schedule was chosen "
+                     "(warnings and notes are always shown)."),
     ], func)
 
 
@@ -142,10 +145,22 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
     session = load_session(preset, models=tuple(opts.get("models") or ()),
                            formula=opts.get("formula"), params=params, sampling=sampling,
                            options=options,
-                           progress=lambda msg: click.echo(printable(msg), err=True))
+                           progress=progress_printer(bool(opts.get("verbose"))))
     session.update(stop=tuple(opts.get("stop") or ()),
                    parse_special=bool(opts.get("parse_special")))
     return session
+
+
+def progress_printer(verbose: bool) -> Callable[[str], None]:
+    """Print a session's progress lines on stderr: notices always, details with
+    ``verbose``."""
+    from eft_local.session import is_notice
+
+    def say(message: str) -> None:
+        if verbose or is_notice(message):
+            click.echo(printable(message), err=True)
+
+    return say
 
 
 def write(text: str) -> None:

@@ -162,7 +162,8 @@ def step_seconds(engine: Engine, schedule: Schedule, *, steps: int = 6, context:
 def tune(engine: Engine, *, say: Callable[[str], None] = lambda _m: None) -> Tuning:
     """Measure and choose the decode schedule for ``engine``'s models (not cached)."""
     n = engine.n_threads
-    say(f"measuring decode schedules on {n} threads (once for these models)")
+    say(f"note: measuring decode schedules on {n} threads (once for these models on this "
+        "machine; a few seconds)")
     costs, blocks = decode_costs(engine.models, n)
     sizes = {r: c[n] for r, c in costs.items()}
     predicted = sorted(((schedules.predict(s, costs, n), s)
