@@ -76,13 +76,16 @@ def _check(ok: bool, name: str, value: object, want: str) -> None:
 
 # -- mixing --------------------------------------------------------------------------------
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    """Numerically stable log-softmax of a 1-D row, float32; ``-inf`` entries stay ``-inf``."""
+    """Numerically stable log-softmax of each row (the last axis), float32; ``-inf``
+    entries stay ``-inf``."""
     x = np.asarray(x, dtype=np.float32)
-    top = x.max()
-    if not np.isfinite(top):
+    top = x.max(axis=-1, keepdims=True)
+    if not np.isfinite(top).all():
         raise EftError("every token of a row is masked or non-finite")
     shifted = x - top
-    return shifted - np.float32(np.log(np.exp(shifted, dtype=np.float32).sum(dtype=np.float64)))
+    norm = np.log(np.exp(shifted, dtype=np.float32).sum(axis=-1, keepdims=True,
+                                                         dtype=np.float64))
+    return shifted - norm.astype(np.float32)
 
 
 def mix_scores(rows: np.ndarray, weights: np.ndarray, blocked: np.ndarray | None = None,
@@ -90,11 +93,12 @@ def mix_scores(rows: np.ndarray, weights: np.ndarray, blocked: np.ndarray | None
     """Weighted sum of raw logit rows ``(n_models, width)`` into ``out``: the mix's log-probs
     up to a constant. Each row's log-normaliser is a constant, so this equals the sum of
     log-softmaxed rows up to a shift. ``blocked`` (token ids) are set to ``-inf`` after the
-    sum, so negative weights never meet ``-inf``; models of weight 0 are skipped."""
+    sum, so negative weights never meet ``-inf``; models of weight 0 are skipped. Rows of
+    several positions ``(n_models, positions, width)`` give ``(positions, width)``."""
     rows = np.asarray(rows, dtype=np.float32)
     weights = np.asarray(weights, dtype=np.float32).ravel()
     if out is None:
-        out = np.empty(rows.shape[1], dtype=np.float32)
+        out = np.empty(rows.shape[1:], dtype=np.float32)
     first = True
     with np.errstate(over="ignore", invalid="ignore"):
         for i, w in enumerate(weights):
@@ -112,7 +116,7 @@ def mix_scores(rows: np.ndarray, weights: np.ndarray, blocked: np.ndarray | None
     if first:
         out[:] = 0.0
     if blocked is not None and blocked.size:
-        out[blocked] = NEG_INF
+        out[..., blocked] = NEG_INF
     top = out.max()
     if np.isnan(top) or top == np.inf:
         raise _overflow(weights)
@@ -122,7 +126,8 @@ def mix_scores(rows: np.ndarray, weights: np.ndarray, blocked: np.ndarray | None
 def mix_logits(rows: np.ndarray, weights: np.ndarray, allowed: np.ndarray | None = None
                ) -> np.ndarray:
     """Weighted sum of raw logit rows ``(n_models, width)``, renormalised to log-probs;
-    ``allowed`` (bool, width) masks rows outside the common token range."""
+    ``allowed`` (bool, width) masks rows outside the common token range. Rows of several
+    positions ``(n_models, positions, width)`` give one row per position."""
     blocked = None if allowed is None else np.flatnonzero(~allowed)
     return log_softmax(mix_scores(rows, weights, blocked))
 

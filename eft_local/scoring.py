@@ -10,7 +10,7 @@ each window after the first is conditioned on the half-context of tokens before 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,11 +65,11 @@ class Score:
         return math.exp(-self.logprob / n) if n else math.nan
 
 
-def windows(n_tokens: int, n_ctx: int) -> list[tuple[int, int, int]]:
+def window_spans(n_tokens: int, n_ctx: int) -> list[tuple[int, int, int]]:
     """How to score ``n_tokens`` with a context of ``n_ctx``: ``(start, first, end)`` per
     window, evaluating ``tokens[start:end]`` and keeping scores for positions ``first..end-1``.
-    One window when the text fits; else each later window starts ``n_ctx // 2`` tokens before
-    the first position it scores."""
+    One window when the text fits; else each later window starts ``(n_ctx - 1) // 2`` tokens
+    before the first position it scores."""
     size = n_ctx - 1  # a full window would leave no room; keep one slot as generation does
     if size < 2:
         raise EftError(f"the context ({n_ctx} tokens) is too small to score anything")
@@ -84,6 +84,26 @@ def windows(n_tokens: int, n_ctx: int) -> list[tuple[int, int, int]]:
         out.append((start, first, end))
         first = end
     return out
+
+
+def logit_rows(engine: Engine, tokens: Sequence[int], *, piece: int = CHUNK,
+               through_last: bool = True) -> Iterator[tuple[np.ndarray, range]]:
+    """Every model's logit rows over ``tokens`` evaluated from position 0, ``piece`` tokens
+    per batch, each model with every thread in turn: per piece, the rows
+    ``(models, n, width)`` and the positions of ``tokens`` they predict (``rows[:, i]``
+    predicts ``tokens[positions[i]]``; over the pieces, 1 .. len(tokens) - 1 in order).
+    ``through_last``: evaluate the last token too (its row predicts nothing and is dropped),
+    so that the caches hold all of ``tokens`` afterwards."""
+    if piece < 1:
+        raise EftError(f"invalid piece {piece}: must be >= 1")
+    end = len(tokens) if through_last else len(tokens) - 1
+    for lo in range(0, end, piece):
+        hi = min(end, lo + piece)
+        rows = np.stack(engine.evaluate_each(lo, list(tokens[lo:hi]), all_logits=True,
+                                             prefill=True))
+        n = min(hi, len(tokens) - 1) - lo  # the last token's row predicts nothing
+        if n > 0:
+            yield rows[:, :n], range(lo + 1, lo + 1 + n)
 
 
 def score_tokens(engine: Engine, tokens: Sequence[int], weights: np.ndarray,
@@ -106,21 +126,16 @@ def score_tokens(engine: Engine, tokens: Sequence[int], weights: np.ndarray,
     if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
         raise EftError(f"invalid top_n {top_n!r}: must be an integer >= 0")
     mix_settings = SamplerSettings(conservative_top_p=settings.conservative_top_p)
-    plan = windows(len(tokens), engine.n_ctx)
+    plan = window_spans(len(tokens), engine.n_ctx)
     out = [TokenScore(position=0, token=tokens[0], logprob=None)]
     for start, first, end in plan:
-        # rows for positions first-1 .. end-2 predict tokens first .. end-1
-        for lo in range(start, end, chunk):
-            hi = min(end, lo + chunk)
-            rows = np.stack(engine.evaluate_each(lo - start, tokens[lo:hi], all_logits=True,
-                                                 prefill=True))
-            for i in range(rows.shape[1]):
-                target = lo + i + 1  # the position whose token row i predicts
-                if target < first or target >= end:
-                    continue
-                out.append(_token_score(engine, rows[:, i, :width], tokens[target], target,
-                                        weights, mix_settings, top_n, per_model,
-                                        conservative))
+        for rows, predicted in logit_rows(engine, tokens[start:end], piece=chunk):
+            for i, at in enumerate(predicted):
+                target = start + at  # the position whose token row i predicts
+                if target >= first:
+                    out.append(_token_score(engine, rows[:, i, :width], tokens[target],
+                                            target, weights, mix_settings, top_n, per_model,
+                                            conservative))
     notes = []
     context = 0
     if len(plan) > 1:

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from eft_local import backend
 from eft_local.config import FAMILY_DIR, preset_from_paths
+from eft_local.errors import EftError
 from eft_local.explore import metrics as quality
 from eft_local.explore.candidates import Combination, combinations, largest
 from eft_local.explore.explorer import (
@@ -227,19 +230,42 @@ def _row(kl: float, speed: float, memory: int) -> Row:
                model_bytes=memory, kv_bytes=0, rss_bytes=0)
 
 
-def test_pareto_marks_rows_no_other_beats_on_speed_or_size() -> None:
+def test_pareto_marks_rows_no_other_row_dominates() -> None:
     from eft_local.explore.explorer import mark_pareto
 
     rows = mark_pareto([_row(0.3, 30, 40), _row(0.0, 10, 100), _row(0.1, 20, 100),
-                        _row(0.2, 15, 50), _row(0.3, 15, 60), _row(0.3, 40, 200)])
+                        _row(0.2, 15, 50), _row(0.3, 15, 60), _row(0.3, 40, 200),
+                        _row(0.1, 20, 90), _row(0.4, 30, 40)])
     marks = {r.label: r.pareto for r in rows}
-    assert [r.quality.kl_mean for r in rows] == [0.0, 0.1, 0.2, 0.3, 0.3, 0.3]
-    assert marks == {"0.0-10-100": True,
-                     "0.1-20-100": True,   # faster than the only closer row, as large
-                     "0.2-15-50": False,   # 0.1-20-100 is closer and faster
-                     "0.3-15-60": False,   # 0.2-15-50 is closer and smaller
-                     "0.3-40-200": False,  # the fastest, but 0.0-10-100 is closer and smaller
-                     "0.3-30-40": True}    # the smallest; nothing closer is faster
+    assert [r.quality.kl_mean for r in rows] == [0.0, 0.1, 0.1, 0.2, 0.3, 0.3, 0.3, 0.4]
+    assert marks == {"0.0-10-100": True,   # the closest
+                     "0.1-20-100": False,  # 0.1-20-90: as close, as fast, smaller
+                     "0.1-20-90": True,
+                     "0.2-15-50": True,    # smaller than every row closer than it
+                     "0.3-15-60": False,   # 0.2-15-50 is closer, as fast and smaller
+                     "0.3-40-200": True,   # the fastest
+                     "0.3-30-40": True,    # the smallest (with 0.4-30-40, which it beats)
+                     "0.4-30-40": False}
+
+
+def dominated_brute_force(points: list[tuple[float, float, float]], i: int) -> bool:
+    """Some other row at least as good on every axis (KL lower, speed higher, memory lower)
+    and strictly better on one."""
+    k, s, m = points[i]
+    for j, (k2, s2, m2) in enumerate(points):
+        as_good = k2 <= k and s2 >= s and m2 <= m
+        if j != i and as_good and (k2, s2, m2) != (k, s, m):
+            return True
+    return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 1e-5, 0.1, 0.2, float("inf")]),
+                          st.sampled_from([0.0, 10.0, 20.0, 30.0]),
+                          st.sampled_from([40, 50, 100])), max_size=8))
+def test_pareto_is_the_set_of_undominated_rows(points) -> None:
+    assert quality.pareto(points) == [not dominated_brute_force(points, i)
+                                      for i in range(len(points))]
 
 
 def test_max_combinations_covers_every_file() -> None:
@@ -261,6 +287,60 @@ def test_max_combinations_covers_every_file() -> None:
     assert [c.label for c in tags] == ["Q8_0", "Q4_K_M", "big"]
     with pytest.raises(Exception, match="at least 3"):
         combinations(cands, limit=2)
+
+
+POOL = [Path(f"m{i}.gguf") for i in range(7)]
+"""File names the drawn candidates share, so that one path may serve several roles."""
+
+
+@st.composite
+def candidate_sets(draw: st.DrawFn) -> tuple[dict[str, list[Path]], Combination | None, int]:
+    """Roles with 1-5 distinct files each (paths shared between roles), a ``first`` that is
+    one of the combinations, none, or a foreign one, and a limit >= the widest role."""
+    n_roles = draw(st.integers(1, 4))
+    cands = {f"r{i}": draw(st.lists(st.sampled_from(POOL), min_size=1, max_size=5,
+                                    unique=True)) for i in range(n_roles)}
+    total = int(np.prod([len(v) for v in cands.values()]))
+    kind = draw(st.sampled_from(["member", "none", "foreign"]))
+    first = None
+    if kind == "member":
+        first = Combination({r: draw(st.sampled_from(v)) for r, v in cands.items()})
+    elif kind == "foreign":
+        first = Combination({r: Path("elsewhere.gguf") for r in cands})
+    widest = max(len(v) for v in cands.values())
+    return cands, first, draw(st.integers(widest, total + 2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(candidate_sets())
+@example(({"small_ft": [Path("ft.gguf"), Path("ft.Q8_0.gguf")],
+           "small_base": [Path("base.gguf"), Path("base.Q6_K.gguf"), Path("base.Q4_K_M.gguf"),
+                          Path("base.Q8_0.gguf")]},
+          Combination({"small_ft": Path("ft.gguf"), "small_base": Path("base.gguf")}), 4))
+def test_max_combinations_are_distinct_cover_every_file_and_lead_with_first(drawn) -> None:
+    cands, first, limit = drawn
+    total = int(np.prod([len(v) for v in cands.values()]))
+    chosen = combinations(cands, first=first, limit=limit)
+    assert len(chosen) == min(limit, total)
+    assert len({c.key() for c in chosen}) == len(chosen)  # no combination twice
+    for c in chosen:
+        assert list(c.files) == list(cands)
+        assert all(p in cands[r] for r, p in c.files.items())
+    for role, files in cands.items():  # every file of every role
+        assert {c.files[role] for c in chosen} == set(files)
+    if first is not None and all(first.files[r] in v for r, v in cands.items()):
+        assert chosen[0].key() == first.key()
+
+
+@given(candidate_sets())
+@settings(max_examples=50, deadline=None)
+def test_max_combinations_below_the_widest_role_is_one_line(drawn) -> None:
+    cands, first, _ = drawn
+    widest = max(len(v) for v in cands.values())
+    for limit in range(widest):
+        with pytest.raises(EftError, match=f"at least {widest}") as info:
+            combinations(cands, first=first, limit=limit)
+        assert "\n" not in str(info.value)
 
 
 def test_reference_defaults_to_the_largest_file_of_each_role(family, variants) -> None:

@@ -53,6 +53,20 @@ def test_mask_removes_ids_even_with_negative_weights() -> None:
     np.testing.assert_allclose(out[:6], sliced, atol=1e-6)
 
 
+def test_mix_of_several_positions_is_each_position_mixed_alone() -> None:
+    r = (np.random.default_rng(5).standard_normal((3, 7, 40)) * 4).astype(np.float32)
+    allowed = np.arange(40) < 37
+    for w in ([1.0, 1.5, -1.5], [1.0, 0.0, -0.0], [0.3, 0.7, 0.0]):
+        w = np.array(w, dtype=np.float32)
+        batch = S.mix_logits(r, w, allowed)
+        assert batch.shape == (7, 40) and batch.dtype == np.float32
+        alone = np.stack([S.mix_logits(r[:, i], w, allowed) for i in range(7)])
+        assert np.array_equal(batch, alone)  # the same arithmetic, bit for bit
+    masked = r.copy()
+    with pytest.raises(EftError, match="masked"):
+        S.mix_logits(masked, np.array([1.0, 1.0, -1.0], np.float32), np.zeros(40, bool))
+
+
 def test_log_softmax_is_stable_for_huge_logits() -> None:
     out = S.log_softmax(np.array([1e4, 1e4 - 1, -1e4], dtype=np.float32))
     assert np.all(np.isfinite(out))

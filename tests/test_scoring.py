@@ -12,7 +12,7 @@ import pytest
 
 from eft_local import backend, sampler
 from eft_local.sampler import SamplerSettings
-from eft_local.scoring import windows
+from eft_local.scoring import window_spans
 from eft_local.session import LoadOptions, Session, load_session
 from tests.clihelp import THREADS, assert_one_line_error, run, stdout
 
@@ -103,7 +103,7 @@ def test_stream_logprobs_equal_the_score(family) -> None:
                                                  (1000, 256), (4097, 300)])
 def test_windows_score_every_position_once_within_the_context(n_tokens: int, n_ctx: int
                                                               ) -> None:
-    plan = windows(n_tokens, n_ctx)
+    plan = window_spans(n_tokens, n_ctx)
     scored = [p for _, first, end in plan for p in range(first, end)]
     assert scored == list(range(1, n_tokens))
     assert all(end - start <= n_ctx - 1 for start, _, end in plan)
@@ -117,7 +117,7 @@ def test_long_text_is_scored_in_windows_with_a_note(family) -> None:
         assert got.windows == 3 and got.notes and "3 windows" in got.notes[0]
         assert [t.token for t in got.tokens] == tokens
         head = s.score(tokens[:255])
-        start, first, end = windows(len(tokens), s.engine.n_ctx)[1]
+        start, first, end = window_spans(len(tokens), s.engine.n_ctx)[1]
         part = s.score(tokens[start:end])
     assert np.allclose([t.logprob for t in got.tokens[1:255]],
                        [t.logprob for t in head.tokens[1:]], atol=1e-5)

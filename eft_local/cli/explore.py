@@ -49,9 +49,9 @@ def render(rows: Sequence[Row], skipped: Sequence[Skipped], roles: Sequence[str]
                       f"{r.format_rate:.3f}" if r.format_rate is not None else "-"]
         lines.append("| " + " | ".join(printable(c) for c in cells) + " |")
     lines.append("")
-    lines.append("* Pareto-optimal: no other row is both closer to the reference (KL mean) "
-                 "and faster (the better of tok/s and spec tok/s), or both closer and smaller "
-                 "(memory).")
+    lines.append("* Pareto-optimal: no other row is at least as close to the reference "
+                 "(KL mean), as fast (the better of tok/s and spec tok/s) and as small "
+                 "(memory), and better on one of them.")
     for s in skipped:
         lines.append(printable(f"skipped {s.label}: {s.reason}"))
     return "\n".join(lines)

@@ -46,11 +46,7 @@ def expand(pairs: Sequence[str], option: str = "--model") -> dict[str, list[Path
         found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not found:
             raise EftError(f"{option} {pair!r}: no file matches {pattern!r}")
-        known = out.setdefault(role, [])
-        for name in found:
-            path = Path(name)
-            if all(path.resolve() != p.resolve() for p in known):
-                known.append(path)
+        out[role] = _distinct([*out.get(role, []), *map(Path, found)])
     return out
 
 
@@ -78,48 +74,68 @@ def candidates_for(preset: str | None, models: Sequence[str], variants: Sequence
         if role not in candidates:
             raise EftError(f"--variant {role}=...: preset {template.name!r} has no role "
                            f"{role!r} (its roles: {', '.join(candidates)})")
-        known = candidates[role]
-        known += [p for p in paths if all(p.resolve() != q.resolve() for q in known)]
+        candidates[role] = _distinct([*candidates[role], *paths])
     return template, candidates
 
 
 def combinations(candidates: Mapping[str, Sequence[Path]], *, first: Combination | None = None,
                  limit: int | None = None) -> list[Combination]:
-    """Every combination (``first`` leading when it is one of them), or ``limit`` of them
-    chosen so that each candidate file appears in at least one."""
+    """Every combination, ``first`` leading when it is one of them; or, with ``limit``
+    below their number, ``limit`` distinct ones (``first`` still leading) that use every
+    file of every role at least once. A limit below the widest role's count is an error."""
     roles = list(candidates)
-    every = [dict(zip(roles, files, strict=True))
-             for files in itertools.product(*(candidates[r] for r in roles))]
-    combos = [Combination(files) for files in every]
-    if first is not None:
-        lead = [c for c in combos if c.key() == first.key()]
-        combos = lead + [c for c in combos if c.key() != first.key()]
-    if limit is not None and limit < len(combos):
-        widest = max(len(candidates[r]) for r in roles)
+    files = {r: _distinct(candidates[r]) for r in roles}
+    every = [Combination(dict(zip(roles, chosen, strict=True)))
+             for chosen in itertools.product(*(files[r] for r in roles))]
+    lead = _index_of(first, files) if first is not None else None
+    if lead is not None:  # the product enumerates in mixed radix, last role fastest
+        at = 0
+        for r in roles:
+            at = at * len(files[r]) + lead[r]
+        every.insert(0, every.pop(at))
+    combos = every
+    if limit is not None and limit < len(every):
+        widest = max((len(f) for f in files.values()), default=0)
         if limit < widest:
             raise EftError(f"--max-combinations {limit}: covering every file needs at least "
                            f"{widest} (a role has {widest} candidates)")
-        chosen: list[Combination] = [combos[0]]
-        for i in range(len(chosen), widest):  # the i-th file of each role (cycling)
-            files = {r: candidates[r][i % len(candidates[r])] for r in roles}
-            chosen.append(Combination(files))
-        seen = {c.key() for c in chosen}
-        for c in combos:
-            if len(chosen) >= limit:
-                break
-            if c.key() not in seen:
-                chosen.append(c)
-                seen.add(c.key())
-        covered = {str(p.resolve()) for c in chosen for p in c.files.values()}
-        missing = [p for r in roles for p in candidates[r] if str(p.resolve()) not in covered]
-        for path in missing:  # only when combos[0] and the cycle overlap; swap one in
-            role = next(r for r in roles if path in candidates[r])
-            chosen[-1] = Combination({**chosen[-1].files, role: path})
-        combos = chosen[:limit]
-    tags = _tags(candidates)
+        # ``widest`` diagonal combinations from the leading one: the i-th takes each role's
+        # file ``i`` places after the leading one's (cycling), so together they use every
+        # file, and they are distinct since the widest role's files differ in each
+        start = lead or {r: 0 for r in roles}
+        combos = [Combination({r: files[r][(start[r] + i) % len(files[r])] for r in roles})
+                  for i in range(widest)]
+        seen = {c.key() for c in combos}
+        combos += [c for c in every if c.key() not in seen][:limit - widest]
+    tags = _tags(files)
     return [replace(c, label=" / ".join(tags[r][str(p)] for r, p in c.files.items()
-                                        if len(candidates[r]) > 1) or "single")
+                                        if len(files[r]) > 1) or "single")
             for c in combos]
+
+
+def _distinct(paths: Sequence[Path]) -> list[Path]:
+    """``paths`` in order, each file once (by resolved path)."""
+    out: list[Path] = []
+    for p in paths:
+        if all(p.resolve() != q.resolve() for q in out):
+            out.append(p)
+    return out
+
+
+def _index_of(combo: Combination, files: Mapping[str, Sequence[Path]]
+              ) -> dict[str, int] | None:
+    """The position of ``combo``'s file in each role's list, or None when it is not one of
+    the combinations of ``files``."""
+    if set(combo.files) != set(files):
+        return None
+    out = {}
+    for role, paths in files.items():
+        want = combo.files[role].resolve()
+        found = [i for i, p in enumerate(paths) if p.resolve() == want]
+        if not found:
+            return None
+        out[role] = found[0]
+    return out
 
 
 def _tags(candidates: Mapping[str, Sequence[Path]]) -> dict[str, dict[str, str]]:

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from eft_local import speculative
+from eft_local import sampler, speculative
 from eft_local.config import FAMILY_DIR, PACKAGE_DIR, Preset, preset_from_paths
 from eft_local.errors import EftError
 from eft_local.explore.candidates import Combination, preset_for
-from eft_local.explore.metrics import Quality, TopK, kl_topk, mix_rows, pareto, summarise, top_k
-from eft_local.explore.refcache import Reference, ReferenceCache, windows
+from eft_local.explore.metrics import Quality, TopK, kl_topk, pareto, summarise, top_k
+from eft_local.explore.refcache import Reference, ReferenceCache, token_chunks
 from eft_local.sampler import SamplerSettings
+from eft_local.scoring import logit_rows
 from eft_local.session import LoadOptions, Session, check_models
 from eft_local.vocab import align
 
@@ -69,19 +70,18 @@ def text_logprobs(session: Session, chunks: Sequence[list[int]], *, piece: int =
     """The session's mixed log-probs over ``chunks`` (each evaluated from an empty cache):
     yields (rows, next-token ids), each row predicting its next token.
 
-    One batched evaluation per model and piece of a chunk, each model with every thread
-    in turn (as :mod:`eft_local.scoring` does); :meth:`Session.score` gives log-probs of the
-    text's own tokens only, and KL needs the whole distribution.
+    Batched evaluations of every position (:func:`eft_local.scoring.logit_rows`, as scoring
+    uses); :meth:`Session.score` gives log-probs of the text's own tokens only, and KL needs
+    the whole distribution. ``piece`` (default: what keeps a batch's rows near 64 MiB)
+    bounds the positions per batch.
     """
     engine = session.engine
     weights, allowed = session.weights(), session.report.allowed
     piece = piece or int(np.clip(2**24 // (allowed.size * len(engine.roles)), 1, 512))
     for chunk in chunks:
-        for start in range(0, len(chunk) - 1, piece):
-            part = chunk[start:min(start + piece, len(chunk) - 1)]
-            rows = np.stack(engine.evaluate_each(start, part, all_logits=True, prefill=True))
-            targets = np.asarray(chunk[start + 1:start + 1 + len(part)], dtype=np.int64)
-            yield mix_rows(rows, weights, allowed), targets
+        ids = np.asarray(chunk, dtype=np.int64)
+        for rows, predicted in logit_rows(engine, chunk, piece=piece, through_last=False):
+            yield sampler.mix_logits(rows, weights, allowed), ids[predicted.start:predicted.stop]
 
 
 # -- one row per combination -------------------------------------------------------------------
@@ -229,7 +229,7 @@ class Explorer:
         tokens = ref_model.tokenize(self.text, add_bos=False, special=True)
         bos = vocab.bos if vocab.add_bos and vocab.bos >= 0 else -1
         window = min(s.window, session.engine.n_ctx)
-        chunks = windows(tokens, window, None if bos < 0 else bos)
+        chunks = token_chunks(tokens, window, None if bos < 0 else bos)
         parts, nlls = [], []
         for lp, targets in text_logprobs(session, chunks):
             parts.append(top_k(lp, s.top_k))

@@ -16,25 +16,6 @@ import numpy as np
 
 from eft_local.errors import EftError
 
-NEG_INF = np.float32(-np.inf)
-
-
-def mix_rows(rows: np.ndarray, weights: np.ndarray, allowed: np.ndarray | None = None
-             ) -> np.ndarray:
-    """Log-probs of the weighted mix of logit rows ``(models, positions, width)``: one row
-    per position, renormalised, ids outside ``allowed`` at ``-inf``."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        mixed = np.einsum("m,mrv->rv", np.asarray(weights, dtype=np.float32),
-                          np.asarray(rows, dtype=np.float32))
-    if allowed is not None:
-        mixed[:, ~np.asarray(allowed, dtype=bool)] = NEG_INF
-    top = mixed.max(axis=1, keepdims=True)
-    if not np.all(np.isfinite(top)):
-        raise EftError("the mix overflowed float32 or masked every token: lower beta/lam")
-    shifted = mixed - top
-    norm = np.log(np.exp(shifted).sum(axis=1, keepdims=True, dtype=np.float64))
-    return (shifted - norm.astype(np.float32)).astype(np.float32)
-
 
 @dataclass(frozen=True)
 class TopK:
@@ -123,15 +104,12 @@ def summarise(kl: np.ndarray, agree: np.ndarray, nll: np.ndarray) -> Quality:
                    perplexity=float(np.exp(np.mean(nll))), positions=int(kl.size))
 
 
-def front(points: Sequence[tuple[float, float]]) -> list[bool]:
-    """For (kl, gain) points: True where no other point has both a lower kl and a higher
-    gain (speed, or minus the size)."""
-    return [not any(o[0] < p[0] and o[1] > p[1] for o in points) for p in points]
-
-
 def pareto(points: Sequence[tuple[float, float, float]]) -> list[bool]:
-    """For (kl, speed, size) points: True where no other point is both closer (lower kl)
-    and faster, or both closer and smaller."""
-    fast = front([(k, s) for k, s, _ in points])
-    small = front([(k, -m) for k, _, m in points])
-    return [a and b for a, b in zip(fast, small, strict=True)]
+    """For (kl, speed, memory) points: True where no other point dominates, that is, is at
+    least as good on every axis (kl and memory lower or equal, speed higher or equal) and
+    strictly better on one. Equal points do not dominate each other."""
+    costs = np.asarray(points, dtype=np.float64).reshape(-1, 3) * [1.0, -1.0, 1.0]
+    mine, theirs = costs[:, None, :], costs[None, :, :]  # [i, j]: point j against point i
+    as_good = (theirs <= mine).all(axis=2)  # lower is better on every axis now
+    better = (theirs < mine).any(axis=2)
+    return (~(as_good & better).any(axis=1)).tolist()

@@ -25,7 +25,7 @@ from eft_local.files import atomic_write, cache_dir
 CACHE_VERSION = 1
 
 
-def windows(tokens: Sequence[int], window: int, bos: int | None) -> list[list[int]]:
+def token_chunks(tokens: Sequence[int], window: int, bos: int | None) -> list[list[int]]:
     """The text cut into model inputs of at most ``window`` tokens, BOS first if given;
     every input holds at least two tokens (one prediction)."""
     step = window - (bos is not None)
@@ -50,7 +50,7 @@ class Reference:
 
     def chunks(self) -> list[list[int]]:
         """The model inputs the distributions were computed on."""
-        return windows(self.tokens.tolist(), self.window, None if self.bos < 0 else self.bos)
+        return token_chunks(self.tokens.tolist(), self.window, None if self.bos < 0 else self.bos)
 
 
 def default_cache_dir() -> Path:
