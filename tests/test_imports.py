@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     "sampler": 1, "vocab": 1, "config": 1, "chat": 1, "gguf_writer": 1, "plots": 1,
     "schedule.shapes": 1, "schedule.watch": 1, "schedule.blocks": 1, "schedule.lanes": 1,
     # models and their files
-    "backend": 2, "hub": 2, "settings": 2,
+    "backend": 2, "hub": 2, "settings": 2, "synthetic": 2,
     # the decode loop over N models
     "engine": 3,
     # what drives the engine
