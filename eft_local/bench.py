@@ -237,6 +237,12 @@ def print_decoding(say: Say, runners: Sequence[Runner], rival: Competitor | None
     spec = next((r for r in runners if r.label.startswith("speculative")), None)
     if spec is not None:
         say(f"speculative / plain (auto): {plain.median_ms() / spec.median_ms():.3f}x")
+        sp = spec.session.speculator
+        sizes = sp.block_sizes
+        say(f"{spec.label}, since load: {len(sizes)} blocks of median "
+            f"{statistics.median(sizes) if sizes else 0:g} drafts; "
+            f"{sp.plain_generations} generation(s) handed to plain decoding; block costs "
+            f"measured again {sp.remeasured} time(s); acceptance estimate {sp.sizer.alpha:.2f}")
     for r in (plain, spec):
         w = None if r is None else r.session.engine.watch
         if r is not None and w is not None:

@@ -29,6 +29,7 @@ def test_bench_end_to_end(family, monkeypatch) -> None:
     assert "large_base alone, 1 thread(s)" in out and "large_base alone, 2 thread(s)" in out
     assert "plain EFT, auto (" in out and "x best large alone" in out
     assert "speculative / plain (auto)" in out and "the live watch probed" in out
+    assert "blocks of median" in out and "block costs measured again" in out
     # the baseline: llama.cpp alone in processes of its own, each OpenMP setting, 1..N threads
     for how in bench.COMPETITOR_ENVS:
         for t in (1, 2):
