@@ -23,6 +23,7 @@ import numpy as np
 
 from eft_local import sampler
 from eft_local.errors import EftError
+from eft_local.kvshift import best_cut, worth_shifting
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as schedules
 from eft_local.schedule.lanes import Gate, LaneStopped
@@ -70,6 +71,9 @@ class Stats:
 
     generated: int = 0
     prefilled: int = 0
+    shifted: int = 0
+    """Prompt tokens kept by cutting older tokens out of a cache (moved, not evaluated;
+    per prompt, the most that any model moved)."""
     eval_seconds: dict[str, float] = field(default_factory=dict)
     sampler_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -311,23 +315,40 @@ class Engine:
                     gate.leave()
         return done
 
-    def prime(self, tokens: list[int]) -> None:
+    def prime(self, tokens: list[int], *, shift: bool = False) -> None:
         """Make every active model hold ``tokens``, re-using cached prefixes; sets
-        :attr:`rows` (rows of inactive models are stale: their weight is 0)."""
+        :attr:`rows` (rows of inactive models are stale: their weight is 0).
+
+        ``shift``: ``tokens`` continue what the caches hold with a span of older tokens
+        taken out (a chat that dropped its oldest turns). A model that can shift, and for
+        which it pays (:func:`worth_shifting`), cuts that span out of its cache and keeps
+        the tokens after it instead of evaluating them again; each model's ``tokens`` stays
+        what its cache holds, position by position. Its logits then differ slightly from a
+        fresh evaluation (the kept tokens attended to the dropped ones)."""
         if not tokens:
             raise EftError("empty prompt: nothing to condition on")
         if len(tokens) >= self.n_ctx:
             raise EftError(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx} "
                            "(raise n_ctx or shorten the prompt)")
-        keeps, suffixes = [], []
+        keeps, suffixes, moved = [], [], 0
         for role in self.active:
-            cached = self.models[role].tokens
-            k = common_prefix(cached, tokens)
+            model = self.models[role]
+            k = common_prefix(model.tokens, tokens)
+            if shift and k < len(tokens) - 1 and getattr(model, "can_shift", False):
+                end, kept = best_cut(model.tokens, tokens, k)
+                kept = min(kept, len(tokens) - 1 - k)
+                if kept and worth_shifting(kept, n_ctx=model.n_ctx,
+                                           file_bytes=file_size(model)):
+                    model.rewind(end + kept)  # what follows the kept span goes first
+                    if model.cut(k, end):
+                        k += kept
+                        moved = max(moved, kept)
             k = min(k, len(tokens) - 1)  # the last token is re-evaluated for its logits
             keeps.append(k)
             suffixes.append(tokens[k:])
         longest = max(len(s) for s in suffixes)
         self.stats.prefilled += longest
+        self.stats.shifted += moved
         self.evaluate_each(keeps, suffixes, roles=self.active, prefill=longest > 1,
                            out=self._row_buf)
         self.rows = self._row_buf
@@ -420,15 +441,15 @@ class Engine:
                  *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
                  conservative: str | None = None,
                  on_step: Callable[[np.ndarray, Step], None] | None = None,
-                 extra: Sequence[str] = ()) -> Iterator[Step]:
+                 extra: Sequence[str] = (), shift: bool = False) -> Iterator[Step]:
         """Yield sampled tokens until an end-of-generation token, ``max_tokens`` or a full
         context; the last step's :attr:`Step.finish` says which (the caller may stop
         earlier). ``on_step(rows, step)`` sees each step's rows; ``extra`` models are
-        evaluated too."""
+        evaluated too; ``shift`` as :meth:`prime`."""
         started = time.perf_counter()
         self.activate(weights, settings, diagnostics=diagnostics, extra=extra,
                       conservative=conservative)
-        self.prime(tokens)
+        self.prime(tokens, shift=shift)
         position = len(tokens)
         stepped = None
         try:

@@ -149,7 +149,8 @@ def test_chat_drops_oldest_turns_when_full(trio: dict[str, Path]) -> None:
             for chunk in s.chat(f"question number {i} " * 3, max_tokens=40):
                 if chunk.notice:
                     notices.append(chunk.notice)
-        assert notices and "oldest exchange" in notices[0]
+        assert len(notices) == 1 and "oldest turns are dropped" in notices[0]  # said once
+        assert s.conversation.dropped >= 4  # turns, over more than one chat call
         assert s.conversation.system == "be brief"
         assert s.conversation.turns[-2]["content"].startswith("question number 7")
         assert sum(t["role"] == "user" for t in s.conversation.turns) < 8

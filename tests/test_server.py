@@ -112,7 +112,7 @@ def test_requests_never_touch_the_sessions_own_settings(client: openai.OpenAI,
     assert session is not None
     defaults = session.defaults
     chat(client, model="tiny-up@beta=2", temperature=0.3, top_p=0.9, seed=4, stop=["x"],
-         extra_body={"eft": {"formula": "small_ft", "conservative_top_p": 0.8}})
+         extra_body={"eft": {"formula": "amplified", "conservative_top_p": 0.8}})
     client.completions.create(model="tiny-up", prompt="Has", max_tokens=2, temperature=1.5,
                               extra_body={"eft": {"beta": 0.5}})
     assert session.defaults is defaults  # the very same frozen value: nothing was written
@@ -206,11 +206,13 @@ def test_tokenize_detokenize_and_tokenizer_info(served: Served) -> None:
     assert msgs["count"] == len(msgs["tokens"]) > 1
 
 
-def test_models_lists_present_presets_with_knob_names(client: openai.OpenAI) -> None:
+def test_models_lists_present_presets_and_cards_take_knob_names(client: openai.OpenAI
+                                                                ) -> None:
     ids = [m.id for m in client.models.list().data]
-    assert "tiny-up" in ids and "tiny-up@beta=1" in ids and "tiny-mix@lam=0.5" in ids
+    assert "tiny-up" in ids and "tiny-mix" in ids and not any("@" in i for i in ids)
     assert not any(i.startswith("llama3-up") for i in ids)  # its files are not present
     assert client.models.retrieve("tiny-up").id == "tiny-up"
+    assert client.models.retrieve("tiny-mix@lam=0.5").id == "tiny-mix@lam=0.5"
 
 
 def test_another_preset_is_loaded_on_demand(client: openai.OpenAI, served: Served) -> None:
@@ -410,8 +412,7 @@ def test_health_is_503_while_loading_and_pinning_refuses_other_presets() -> None
         body = {"model": "tiny-down", "messages": [{"role": "user", "content": "x"}]}
         err = _error(web.post("/v1/chat/completions", json=body), 404, "pinned")
         assert err["code"] == "model_not_found"
-        assert [m["id"] for m in web.get("/v1/models").json()["data"]] == ["tiny-up",
-                                                                           "tiny-up@beta=1"]
+        assert [m["id"] for m in web.get("/v1/models").json()["data"]] == ["tiny-up"]
 
 
 def test_serve_without_the_extra_names_what_to_install(monkeypatch: pytest.MonkeyPatch

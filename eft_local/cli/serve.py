@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from eft_local.cli.options import model_options, sampling_options
+from eft_local.cli.options import context_option, model_options, sampling_options
 from eft_local.errors import EftError
 from eft_local.text import printable
 
@@ -54,6 +54,7 @@ def listen(host: str, port: int) -> socket.socket:
               help="Serve only this preset (requests naming another get 404).")
 @model_options
 @sampling_options
+@context_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (another than loopback wants --api-key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
@@ -107,7 +108,8 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     runner.adopt(session)
     options = ServerOptions(api_key=api_key, max_body=max_body, max_tokens=opts["max_tokens"],
                             system=opts.get("system"), stop=tuple(opts.get("stop") or ()),
-                            seed=opts.get("seed"))
+                            seed=opts.get("seed"),
+                            context_overflow=opts.get("context_overflow") or "truncate")
     app = create_app(runner, options, log=_log)
     runner.start()
     _log(f"serving {session.preset.name!r} on http://{host}:{port}/v1 "

@@ -12,8 +12,8 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from eft_local import __version__
+from eft_local.config import Preset
 from eft_local.server.handlers import (
     chat_work,
     completion_work,
@@ -34,7 +35,6 @@ from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
-    model_name,
     new_id,
     now,
     parse_chat,
@@ -66,6 +66,9 @@ class ServerOptions:
     system: str | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    context_overflow: str = "truncate"
+    """A chat longer than the context, unless the request's ``eft.context_overflow`` says:
+    drop its oldest turns (``truncate``) or answer 400 (``error``)."""
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -195,6 +198,9 @@ class Api:
         if timings:
             line += (f" (evaluated {timings.get('prompt_n', 0)}, cached "
                      f"{timings.get('cache_n', 0)})")
+        if info.get("dropped_messages"):
+            line += (f" dropped the {info['dropped_messages']} oldest message(s) to fit the "
+                     "context")
         line += (f" completion={info.get('completion_tokens', 0)} "
                  f"{time.perf_counter() - started:.2f} s")
         if info.get("cancelled"):
@@ -211,30 +217,39 @@ class Api:
         return JSONResponse({"status": runner.state, **ApiError(503, message).body()},
                             status_code=503)
 
-    def model_cards(self) -> list[dict[str, Any]]:
-        cards = []
-        for preset in self.runner.available():
-            meta = {"preset": preset.name, "formula": preset.formula.text,
-                    "description": preset.description, "roles": list(preset.models),
-                    "loaded": preset.name == self.runner.loaded}
-            cards.append({"id": preset.name, "object": "model", "created": 0,
-                          "owned_by": "eft-local", "eft": meta})
-            for knob in preset.formula.params:
-                name = model_name(preset.name, {knob: preset.params[knob]})
-                cards.append({"id": name, "object": "model", "created": 0,
-                              "owned_by": "eft-local", "eft": {**meta, knob: preset.params[knob]}})
-        return cards
+    def model_card(self, preset: Preset, name: str | None = None,
+                   params: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """One ``/v1/models`` entry: ``preset`` under ``name`` (default its own), its knobs
+        at their defaults changed by ``params``."""
+        knobs = {k: v for k, v in {**preset.params, **(params or {})}.items()
+                 if k in preset.formula.params}
+        meta = {"preset": preset.name, "formula": preset.formula.text,
+                "description": preset.description, "roles": list(preset.models),
+                "loaded": preset.name == self.runner.loaded, **knobs}
+        return {"id": name or preset.name, "object": "model", "created": 0,
+                "owned_by": "eft-local", "eft": meta}
 
     async def models(self, _request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": self.model_cards()})
+        cards = [self.model_card(p) for p in self.runner.available()]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def model(self, request: Request) -> Response:
+        """Every name a chat request may give: a preset, with knobs (``PRESET@beta=1.5``)
+        that its formula uses; else 404."""
         wanted = request.path_params["name"]
-        for card in self.model_cards():
-            if card["id"] == wanted:
-                return JSONResponse(card)
-        raise ApiError(404, f"the model {wanted!r} does not exist", param="model",
-                       code="model_not_found")
+        try:
+            name, params = parse_model_name(wanted)
+        except ApiError as exc:
+            raise ApiError(404, f"the model {wanted!r} does not exist: {exc.message}",
+                           param="model", code="model_not_found") from None
+        self.runner.check_model(name)
+        preset = self.runner.presets()[name]
+        unused = [k for k in params if k not in preset.formula.params]
+        if unused:
+            raise ApiError(404, f"the model {wanted!r} does not exist: the formula of "
+                           f"{name!r} does not use {unused[0]}", param="model",
+                           code="model_not_found")
+        return JSONResponse(self.model_card(preset, wanted, params))
 
     async def _simple(self, request: Request, job: Job) -> Response:
         await self.start(job)
@@ -269,9 +284,12 @@ class Api:
         started = time.perf_counter()
         opts = self.options
         req = parse_chat(await self.body(request), self.runner.sampling, opts.seed)
+        knobs = req.common.knobs
+        if knobs.context_overflow is None:
+            knobs = replace(knobs, context_overflow=opts.context_overflow)
         job = Job(work=chat_work(req, default_max=opts.max_tokens, system=opts.system,
                                  default_stop=opts.stop),
-                  preset=req.common.preset, knobs=req.common.knobs, sampling=req.common.sampling)
+                  preset=req.common.preset, knobs=knobs, sampling=req.common.sampling)
         await self.start(job)
         if req.common.stream:
             stream = self.events(job, None)

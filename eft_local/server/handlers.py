@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from eft_local.errors import ContextFull
 from eft_local.records import step_record
 from eft_local.server.protocol import (
     ApiError,
@@ -53,10 +54,12 @@ def check_tokens(session: Session, tokens: Sequence[int], param: str) -> None:
 
 def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
              stop: Sequence[str], top_n: int | None, index: int = 0,
-             prompt_param: str = "messages",
+             prompt_param: str = "messages", shift: bool = False,
              convert: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """Stream one generation after ``tokens`` as ``chunk`` events; a ``done`` event carries
-    usage and llama-server style ``timings`` (tokens evaluated vs. re-used from the cache)."""
+    usage and llama-server style ``timings`` (tokens evaluated vs. re-used from the cache).
+    ``shift``: ``tokens`` are a chat whose oldest turns were dropped (see
+    :meth:`Session.stream`)."""
     n_ctx = session.n_ctx
     if len(tokens) >= n_ctx:
         raise ApiError(400, f"this model's context holds {n_ctx} tokens; the prompt is "
@@ -69,7 +72,7 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
     settings = _settings(job).replace(stop=tuple(stop))
     stream = session.stream(tokens, settings=settings,
                             max_tokens=max(1, min(max_tokens, n_ctx - len(tokens))),
-                            diagnostics=diagnostics, top_n=top_n)
+                            diagnostics=diagnostics, top_n=top_n, shift=shift)
     pending: list[dict[str, Any]] = []
     eft_pending: list[dict[str, Any]] = []
     finish = None
@@ -106,8 +109,8 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
         stream.close()
     ended = time.perf_counter()
     first = first or ended
-    job.info = {"prompt_tokens": len(tokens), "completion_tokens": count,
-                "cancelled": job.cancelled.is_set()}
+    job.info.update(prompt_tokens=len(tokens), completion_tokens=count,
+                    cancelled=job.cancelled.is_set())
     timings = {"cache_n": len(tokens) - evaluated, "prompt_n": evaluated,
                "prompt_ms": 1e3 * (first - started),
                "prompt_per_second": evaluated / max(first - started, 1e-9),
@@ -127,12 +130,20 @@ def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
         messages = req.messages
         if system and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system}, *messages]
-        tokens = session.chat_tokens(messages)
-        job.emit("start", {"eft": describe(session, _settings(job)),
-                           "prompt_tokens": len(tokens)})
-        generate(session, job, tokens, max_tokens=req.common.max_tokens or default_max,
+        max_tokens = req.common.max_tokens or default_max
+        try:
+            tokens, _kept, dropped = session.fit_chat(messages, settings=_settings(job),
+                                                      max_tokens=max_tokens)
+        except ContextFull as exc:
+            raise ApiError(400, str(exc), param="messages",
+                           code="context_length_exceeded") from None
+        eft = describe(session, _settings(job))
+        if dropped:  # said once: in the response's eft object and the log line
+            eft["dropped_messages"] = job.info["dropped_messages"] = dropped
+        job.emit("start", {"eft": eft, "prompt_tokens": len(tokens)})
+        generate(session, job, tokens, max_tokens=max_tokens,
                  stop=default_stop if req.common.stop is None else req.common.stop,
-                 top_n=req.top_logprobs if req.logprobs else None)
+                 top_n=req.top_logprobs if req.logprobs else None, shift=bool(dropped))
 
     return work
 

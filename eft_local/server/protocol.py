@@ -14,7 +14,7 @@ from typing import Any
 
 from eft_local.errors import EftError
 from eft_local.records import finite
-from eft_local.settings import SamplerSettings
+from eft_local.settings import OVERFLOW, SamplerSettings
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token (OpenAI's limit for chat ``top_logprobs``)."""
@@ -81,11 +81,16 @@ def _stops(body: Mapping[str, Any]) -> tuple[str, ...] | None:
 
 @dataclass(frozen=True)
 class Knobs:
-    """EFT settings of one request: parameter values, formula, diagnostics."""
+    """EFT settings of one request: parameter values, formula, diagnostics, context
+    policy."""
 
     params: Mapping[str, float] = field(default_factory=dict)
     formula: str | None = None
     diagnostics: bool = False
+    context_overflow: str | None = None
+    """``truncate`` or ``error`` (None: the server's default)."""
+    sources: Mapping[str, str] = field(default_factory=dict)
+    """Which request field set each parameter (``model``, ``eft.lambda``...)."""
 
 
 def parse_model_name(name: str) -> tuple[str, dict[str, float]]:
@@ -119,7 +124,8 @@ def model_name(preset: str, params: Mapping[str, float]) -> str:
     return preset + "@" + ",".join(f"{k}={v:g}" for k, v in params.items())
 
 
-_EFT_KEYS = ("beta", "lambda", "lam", "formula", "conservative_top_p", "diagnostics")
+_EFT_KEYS = ("beta", "lambda", "lam", "formula", "conservative_top_p", "diagnostics",
+             "context_overflow")
 
 
 def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
@@ -127,20 +133,27 @@ def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
     """The request's EFT knobs (model-name knobs, then the ``eft`` object, which wins) and
     its conservative top-p."""
     eft = body.get("eft")
+    sources = dict.fromkeys(name_params, "model")
     if eft is None:
-        return Knobs(params=dict(name_params)), None
+        return Knobs(params=dict(name_params), sources=sources), None
     if not isinstance(eft, dict):
         raise bad("'eft' must be an object: {beta, lambda, formula, conservative_top_p, "
-                  "diagnostics}", "eft")
+                  "diagnostics, context_overflow}", "eft")
     unknown = [k for k in eft if k not in _EFT_KEYS]
     if unknown:
         raise bad(f"'eft.{unknown[0]}' is not an EFT setting (known: beta, lambda, formula, "
-                  "conservative_top_p, diagnostics)", f"eft.{unknown[0]}")
+                  "conservative_top_p, diagnostics, context_overflow)", f"eft.{unknown[0]}")
     params = dict(name_params)
     for key in ("beta", "lambda", "lam"):
         value = _number(eft, key, -1e30, 1e30, where="eft.")
         if value is not None:
-            params["lam" if key == "lambda" else key] = float(value)
+            name = "lam" if key == "lambda" else key
+            params[name], sources[name] = float(value), f"eft.{key}"
+    overflow = eft.get("context_overflow")
+    if overflow is not None and overflow not in OVERFLOW:
+        raise bad(f"'eft.context_overflow' is {overflow!r}; it must be \"truncate\" (drop the "
+                  "oldest turns of a chat longer than the context) or \"error\"",
+                  "eft.context_overflow")
     formula = eft.get("formula")
     if formula is not None and (not isinstance(formula, str) or not formula.strip()):
         raise bad("'eft.formula' must be a formula text, e.g. 'up' or "
@@ -149,7 +162,8 @@ def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
     if ctp is not None and ctp <= 0:
         raise bad("'eft.conservative_top_p' must be in (0, 1]", "eft.conservative_top_p")
     return Knobs(params=params, formula=formula,
-                 diagnostics=_bool(eft, "diagnostics", where="eft.")), (
+                 diagnostics=_bool(eft, "diagnostics", where="eft."),
+                 context_overflow=overflow, sources=sources), (
         None if ctp is None else float(ctp))
 
 
@@ -338,6 +352,9 @@ def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None
     if body.get("suffix"):
         raise bad("'suffix' is not supported", "suffix")
     common = _common(body, base, default_seed, "max_tokens")
+    if common.knobs.context_overflow is not None:
+        raise bad("'eft.context_overflow' applies to chat completions (a completion's prompt "
+                  "is not made of turns)", "eft.context_overflow")
     echo = _bool(body, "echo")
     logprobs = _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
     if common.max_tokens == 0 and not echo:
