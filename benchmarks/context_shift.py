@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from eft_local import backend
-from eft_local.bench import realistic_paths
+from eft_local.synthetic import realistic_paths
 
 FAMILY = Path(__file__).resolve().parent.parent / "eft_local" / "family"
 PREFIX = 16
