@@ -30,6 +30,7 @@ from eft_local.server.handlers import (
     tokenize_work,
     tokenizer_info_work,
 )
+from eft_local.server.page import playground
 from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
@@ -195,10 +196,10 @@ class Api:
         if timings:
             line += (f" (evaluated {timings.get('prompt_n', 0)}, cached "
                      f"{timings.get('cache_n', 0)})")
-        line += (f" completion={info.get('completion_tokens', 0)} "
+        line += (f" completion={info.get('completion_tokens', job.generated)} "
                  f"{time.perf_counter() - started:.2f} s")
-        if info.get("cancelled"):
-            line += f" client gone: stopped after {job.generated} tokens"
+        if job.generated_at_cancel is not None:  # set the moment the client went away
+            line += f" client gone: stopped after {job.generated_at_cancel} tokens"
         self.log(line)
 
     # -- simple routes --------------------------------------------------------------------
@@ -213,10 +214,16 @@ class Api:
 
     def model_cards(self) -> list[dict[str, Any]]:
         cards = []
-        for preset in self.runner.available():
+        runner = self.runner
+        sampling = {name: getattr(runner.sampling, name) for name in (
+            "temperature", "top_p", "top_k", "min_p", "conservative_top_p")}
+        for preset in runner.available():
+            defaults = {**preset.params, **(runner.params if preset is runner.initial else {})}
             meta = {"preset": preset.name, "formula": preset.formula.text,
                     "description": preset.description, "roles": list(preset.models),
-                    "loaded": preset.name == self.runner.loaded}
+                    "loaded": preset.name == runner.loaded,
+                    "params": {k: defaults[k] for k in preset.formula.params},
+                    "base_role": preset.formula.base_role(), "sampling": sampling}
             cards.append({"id": preset.name, "object": "model", "created": 0,
                           "owned_by": "eft-local", "eft": meta})
             for knob in preset.formula.params:
@@ -457,6 +464,7 @@ def create_app(runner: Worker, options: ServerOptions | None = None,
     api = Api(runner, options or ServerOptions(), log)
     r = api.route
     routes: Sequence[Route] = [
+        Route("/", r(playground, auth=False), methods=["GET"]),
         Route("/health", r(api.health, auth=False), methods=["GET"]),
         Route("/v1/health", r(api.health, auth=False), methods=["GET"]),
         Route("/v1/models", r(api.models), methods=["GET"]),
