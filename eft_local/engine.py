@@ -57,9 +57,14 @@ class Step:
     ref_token: int | None = None
     from_draft: bool = False
     logprob: float | None = None
-    """With ``top_n``: the token's log-prob under the mix at temperature 1, no filters."""
+    """With ``top_n`` or diagnostics: the token's log-prob under the mix at temperature 1,
+    no filters."""
     top: tuple[tuple[int, float], ...] | None = None
     """With ``top_n``: the most likely (id, log-prob) pairs of that distribution."""
+    logprob_models: Mapping[str, float] | None = None
+    """With diagnostics: the token's log-prob under each model alone."""
+    top_models: Mapping[str, tuple[tuple[int, float], ...]] | None = None
+    """With diagnostics and ``top_n``: each model's most likely (id, log-prob) pairs."""
     finish: str | None = None
     """On the last step of a generation: ``eog`` (an end-of-generation token), ``length``
     (``max_tokens``) or ``context`` (the context is full)."""
@@ -404,26 +409,32 @@ class Engine:
                conservative: str | None = None) -> Step:
         """Sample the token at ``position`` from the mix of ``rows``; ``top_n`` (0 or more)
         adds the token's log-prob under the unfiltered mix and its ``top_n`` best tokens;
-        diagnostics show what ``conservative`` (default :attr:`conservative_role`) alone
-        would have drawn."""
+        diagnostics add each model's log-prob of the token (and, with ``top_n``, each
+        model's best tokens) and what ``conservative`` (default :attr:`conservative_role`)
+        alone would have drawn."""
         start = time.perf_counter()
         role = conservative or self.conservative_role
         sample = self.sampler(settings)
         picked = sample(self.scores(rows, weights, settings, role), position)
-        p_models = ref_token = None
+        p_models = ref_token = logprob_models = top_models = None
         if diagnostics:
-            lps = [self.model_logprobs(rows, i) for i in range(len(self.roles))]
-            p_models = {r: float(np.exp(lp[picked.token]))
-                        for r, lp in zip(self.roles, lps, strict=True)}
-            ref_token = sample(lps[self.index(role)], position).token
+            lps = dict(zip(self.roles, (self.model_logprobs(rows, i)
+                                        for i in range(len(self.roles))), strict=True))
+            logprob_models = {r: float(lp[picked.token]) for r, lp in lps.items()}
+            p_models = {r: float(np.exp(lp[picked.token])) for r, lp in lps.items()}
+            if top_n is not None:
+                top_models = {r: sampler.top_logprobs(lp, top_n) for r, lp in lps.items()}
+            ref_token = sample(lps[role], position).token  # may change lps[role] in place
         logprob = top = None
-        if top_n is not None:
+        if top_n is not None or diagnostics:
             mixed = self.distribution(rows, weights, settings, role)
-            logprob, top = float(mixed[picked.token]), sampler.top_logprobs(mixed, top_n)
+            logprob = float(mixed[picked.token])
+            top = sampler.top_logprobs(mixed, top_n) if top_n is not None else None
         self.last = (rows, weights, role)
         self.stats.sampler_seconds += time.perf_counter() - start
         return Step(position=position, token=picked.token, p_mix=picked.p,
-                    p_models=p_models, ref_token=ref_token, logprob=logprob, top=top)
+                    p_models=p_models, ref_token=ref_token, logprob=logprob, top=top,
+                    logprob_models=logprob_models, top_models=top_models)
 
     def why(self, settings: SamplerSettings, k: int = 5) -> dict[str, list[tuple[int, float]]]:
         """Top tokens of each evaluated model and of the mix at the last step."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -32,11 +32,17 @@ class Served:
 
 @contextmanager
 def serving(preset: str = "tiny-up", *, pinned: bool = False,
-            options: ServerOptions | None = None, max_queue: int = 16) -> Iterator[Served]:
-    """The bundled family's ``preset`` served on 127.0.0.1 (an ephemeral port)."""
+            options: ServerOptions | None = None, max_queue: int = 16,
+            models: Sequence[str] = ()) -> Iterator[Served]:
+    """The bundled family's ``preset`` (or the ``ROLE=PATH`` ``models``, pinned) served on
+    127.0.0.1 (an ephemeral port)."""
     logs: list[str] = []
-    session = load_session(preset, options=LoadOptions(n_threads=1))
-    runner = Worker(load_config(), session.preset, pinned=pinned, params=session.params,
+    if models:
+        session = load_session(models=list(models), options=LoadOptions(n_threads=1))
+    else:
+        session = load_session(preset, options=LoadOptions(n_threads=1))
+    runner = Worker(None if models else load_config(), session.preset,
+                    pinned=pinned or bool(models), params=session.params,
                     sampling=session.sampling, options=session.options, max_queue=max_queue,
                     log=logs.append)
     runner.adopt(session)

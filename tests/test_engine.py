@@ -127,6 +127,24 @@ def test_same_seed_same_text_and_diagnostics(trio: dict[str, Path]) -> None:
     assert isinstance(step.ref_token, int)
 
 
+def test_diagnostics_give_each_models_log_prob_and_best_tokens(trio: dict[str, Path]) -> None:
+    with session(trio, sampling=SamplerSettings(temperature=0.0)) as s:
+        steps = [c.step for c in s.stream(s.raw_tokens("abc"), max_tokens=6, diagnostics=True,
+                                          top_n=3) if c.step is not None]
+        conservative = s.conservative_role()
+    assert steps
+    for step in steps:
+        assert set(step.logprob_models) == set(step.top_models) == set(ROLES)
+        for role in ROLES:
+            assert np.exp(step.logprob_models[role]) == pytest.approx(step.p_models[role],
+                                                                       rel=1e-5)
+            best = step.top_models[role]
+            assert len(best) == 3 and best[0][1] >= best[1][1] >= best[2][1]
+            assert best[0][1] >= step.logprob_models[role]
+        assert step.top_models[conservative][0][0] == step.ref_token  # greedy: its best
+        assert step.logprob == pytest.approx(step.top[0][1])  # greedy: the mix's best
+
+
 def test_context_limit_stops_cleanly(trio: dict[str, Path]) -> None:
     with session(trio, options=LoadOptions(n_ctx=32, speculative=False),
                  sampling=SamplerSettings(temperature=0.0)) as s:

@@ -69,7 +69,8 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     """Serve the emulated model over an OpenAI-compatible HTTP API.
 
     Endpoints: /v1/chat/completions, /v1/completions (echo + logprobs scores a text),
-    /v1/models, /tokenize, /detokenize, /tokenizer_info, /health. Requests may name any
+    /v1/models, /tokenize, /detokenize, /tokenizer_info, /health, and / (the playground:
+    a web page showing each token's mix, in colour). Requests may name any
     preset whose files are present (it is loaded on demand, one set at a time) unless
     --preset or --model pins one; model names like PRESET@beta=1.5 and an "eft" object in
     the body set the knobs per request. The sampling options are the defaults of every
@@ -113,7 +114,7 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     app = create_app(runner, options, log=_log)
     runner.start()
     _log(f"serving {session.preset.name!r} on http://{host}:{port}/v1 "
-         f"(OpenAI API; Ctrl-C stops)")
+         f"(OpenAI API; the playground page at http://{host}:{port}/; Ctrl-C stops)")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=2))
     try:

@@ -31,6 +31,7 @@ from eft_local.server.handlers import (
     tokenize_work,
     tokenizer_info_work,
 )
+from eft_local.server.page import playground
 from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
@@ -201,10 +202,10 @@ class Api:
         if info.get("dropped_messages"):
             line += (f" dropped the {info['dropped_messages']} oldest message(s) to fit the "
                      "context")
-        line += (f" completion={info.get('completion_tokens', 0)} "
+        line += (f" completion={info.get('completion_tokens', job.generated)} "
                  f"{time.perf_counter() - started:.2f} s")
-        if info.get("cancelled"):
-            line += f" client gone: stopped after {job.generated} tokens"
+        if job.generated_at_cancel is not None:  # set the moment the client went away
+            line += f" client gone: stopped after {job.generated_at_cancel} tokens"
         self.log(line)
 
     # -- simple routes --------------------------------------------------------------------
@@ -220,12 +221,18 @@ class Api:
     def model_card(self, preset: Preset, name: str | None = None,
                    params: Mapping[str, float] | None = None) -> dict[str, Any]:
         """One ``/v1/models`` entry: ``preset`` under ``name`` (default its own), its knobs
-        at their defaults changed by ``params``."""
-        knobs = {k: v for k, v in {**preset.params, **(params or {})}.items()
-                 if k in preset.formula.params}
+        at their defaults (the command line's for the initial preset) changed by ``params``;
+        ``eft`` also carries the formula's base role and the server's sampling defaults."""
+        runner = self.runner
+        defaults = {**preset.params, **(runner.params if preset is runner.initial else {}),
+                    **(params or {})}
+        knobs = {k: v for k, v in defaults.items() if k in preset.formula.params}
+        sampling = {key: getattr(runner.sampling, key) for key in (
+            "temperature", "top_p", "top_k", "min_p", "conservative_top_p")}
         meta = {"preset": preset.name, "formula": preset.formula.text,
                 "description": preset.description, "roles": list(preset.models),
-                "loaded": preset.name == self.runner.loaded, **knobs}
+                "loaded": preset.name == runner.loaded, **knobs, "params": knobs,
+                "base_role": preset.formula.base_role(), "sampling": sampling}
         return {"id": name or preset.name, "object": "model", "created": 0,
                 "owned_by": "eft-local", "eft": meta}
 
@@ -475,6 +482,7 @@ def create_app(runner: Worker, options: ServerOptions | None = None,
     api = Api(runner, options or ServerOptions(), log)
     r = api.route
     routes: Sequence[Route] = [
+        Route("/", r(playground, auth=False), methods=["GET"]),
         Route("/health", r(api.health, auth=False), methods=["GET"]),
         Route("/v1/health", r(api.health, auth=False), methods=["GET"]),
         Route("/v1/models", r(api.models), methods=["GET"]),

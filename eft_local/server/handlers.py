@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from eft_local.errors import ContextFull
-from eft_local.records import step_record
+from eft_local.records import finite, step_record
 from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
@@ -24,14 +24,42 @@ from eft_local.server.protocol import (
     parse_chat,
 )
 from eft_local.server.worker import Job
-from eft_local.session import SamplerSettings, Session, Settings
+from eft_local.session import SamplerSettings, Session, Settings, Step
 
 
 def describe(session: Session, settings: Settings) -> dict[str, Any]:
     """The ``eft`` object of a response: what the request was served with."""
     knobs = settings.knobs()
     return {"preset": session.preset.name, "formula": settings.describe(), "params": knobs,
-            "model": model_name(session.preset.name, knobs)}
+            "model": model_name(session.preset.name, knobs),
+            "base_role": settings.formula.base_role(),
+            "conservative_role": session.conservative_role(settings)}
+
+
+def token_record(session: Session, step: Step, *, content: str, base: str | None,
+                 alternatives: int = 0) -> dict[str, Any]:
+    """One entry of ``eft.tokens``: :func:`~eft_local.records.step_record` plus the reply
+    text the token released (``content``), its log-prob under the mix (temperature 1, no
+    filters) and under each model, ``shift`` = log p_mix - log p_base (``base``: the
+    formula's base term) and, with ``alternatives``, the best tokens of each model and of
+    the mix."""
+    record = step_record(session, step)
+    record["content"] = content
+    if step.ref_token is not None:
+        record["ref_text"] = session.token_text(step.ref_token)
+    models = {r: finite(v) for r, v in (step.logprob_models or {}).items()}
+    mix = None if step.logprob is None else finite(step.logprob)
+    record["logprob_mix"] = mix
+    record["logprob_models"] = models
+    record["shift"] = mix - models[base] if mix is not None and base in models else None
+    if alternatives and step.top_models is not None:
+        def listed(top: Sequence[tuple[int, float]]) -> list[dict[str, Any]]:
+            return [{"token": t, "text": session.token_text(t), "logprob": finite(lp)}
+                    for t, lp in top[:alternatives]]
+
+        record["alternatives"] = {**{r: listed(top) for r, top in step.top_models.items()},
+                                  "mix": listed(step.top or ())}
+    return record
 
 
 def _settings(job: Job) -> Settings:
@@ -69,10 +97,14 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
     first = None
     count = 0
     diagnostics = job.knobs.diagnostics
+    alternatives = job.knobs.alternatives if diagnostics else 0
     settings = _settings(job).replace(stop=tuple(stop))
+    base = settings.formula.base_role()
     stream = session.stream(tokens, settings=settings,
                             max_tokens=max(1, min(max_tokens, n_ctx - len(tokens))),
-                            diagnostics=diagnostics, top_n=top_n, shift=shift)
+                            diagnostics=diagnostics, shift=shift,
+                            top_n=None if top_n is None and not alternatives
+                            else max(top_n or 0, alternatives))
     pending: list[dict[str, Any]] = []
     eft_pending: list[dict[str, Any]] = []
     finish = None
@@ -90,9 +122,12 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                         session.token_text(step.token), session.token_bytes(step.token),
                         step.logprob if step.logprob is not None else float("nan"),
                         [(session.token_text(t), session.token_bytes(t), lp)
-                         for t, lp in (step.top or ())]))
+                         for t, lp in (step.top or ())[:top_n]]))
                 if diagnostics:
-                    eft_pending.append(step_record(session, step))
+                    eft_pending.append(token_record(session, step, content=chunk.text,
+                                                    base=base, alternatives=alternatives))
+            elif chunk.text and eft_pending:  # text held back to the end: the last token's
+                eft_pending[-1]["content"] += chunk.text
             if chunk.finish:
                 finish = chunk.finish
             if chunk.evaluated is not None:

@@ -91,6 +91,9 @@ class Knobs:
     """``truncate`` or ``error`` (None: the server's default)."""
     sources: Mapping[str, str] = field(default_factory=dict)
     """Which request field set each parameter (``model``, ``eft.lambda``...)."""
+    alternatives: int = 0
+    """With diagnostics: each token's most likely alternatives under every model and the
+    mix (how many)."""
 
 
 def parse_model_name(name: str) -> tuple[str, dict[str, float]]:
@@ -125,7 +128,7 @@ def model_name(preset: str, params: Mapping[str, float]) -> str:
 
 
 _EFT_KEYS = ("beta", "lambda", "lam", "formula", "conservative_top_p", "diagnostics",
-             "context_overflow")
+             "context_overflow", "alternatives")
 
 
 def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
@@ -138,11 +141,12 @@ def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
         return Knobs(params=dict(name_params), sources=sources), None
     if not isinstance(eft, dict):
         raise bad("'eft' must be an object: {beta, lambda, formula, conservative_top_p, "
-                  "diagnostics, context_overflow}", "eft")
+                  "diagnostics, alternatives, context_overflow}", "eft")
     unknown = [k for k in eft if k not in _EFT_KEYS]
     if unknown:
         raise bad(f"'eft.{unknown[0]}' is not an EFT setting (known: beta, lambda, formula, "
-                  "conservative_top_p, diagnostics, context_overflow)", f"eft.{unknown[0]}")
+                  "conservative_top_p, diagnostics, alternatives, context_overflow)",
+                  f"eft.{unknown[0]}")
     params = dict(name_params)
     for key in ("beta", "lambda", "lam"):
         value = _number(eft, key, -1e30, 1e30, where="eft.")
@@ -161,10 +165,13 @@ def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
     ctp = _number(eft, "conservative_top_p", 0, 1, where="eft.")
     if ctp is not None and ctp <= 0:
         raise bad("'eft.conservative_top_p' must be in (0, 1]", "eft.conservative_top_p")
-    return Knobs(params=params, formula=formula,
-                 diagnostics=_bool(eft, "diagnostics", where="eft."),
-                 context_overflow=overflow, sources=sources), (
-        None if ctp is None else float(ctp))
+    diagnostics = _bool(eft, "diagnostics", where="eft.")
+    alternatives = _number(eft, "alternatives", 0, MAX_TOP_LOGPROBS, integer=True, where="eft.")
+    if alternatives and not diagnostics:
+        raise bad("'eft.alternatives' needs 'eft.diagnostics': true", "eft.alternatives")
+    return Knobs(params=params, formula=formula, diagnostics=diagnostics,
+                 alternatives=int(alternatives or 0), context_overflow=overflow,
+                 sources=sources), (None if ctp is None else float(ctp))
 
 
 def _sampling(body: Mapping[str, Any], base: SamplerSettings, conservative: float | None,
