@@ -82,7 +82,7 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                     first = time.perf_counter()
                 count += 1
                 job.generated += 1
-                if top_n is not None and not session.is_eog(step.token):
+                if top_n is not None:  # every token, end of turn too: usage counts it
                     pending.append(chat_logprob(
                         session.token_text(step.token), session.token_bytes(step.token),
                         step.logprob if step.logprob is not None else float("nan"),
