@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -301,6 +301,115 @@ def make_sampler(s: SamplerSettings) -> Sampler:
         return Pick(token, float(probs[token]) / total, 1.0 / total)
 
     return sample
+
+
+# -- drawing under a constraint (a grammar) --------------------------------------------------
+Allows = Callable[[np.ndarray], np.ndarray]
+"""``allows(ids)``: bool array, which of the token ids a constraint lets through next."""
+
+
+def _nothing_allowed() -> EftError:
+    return EftError("the grammar allows no token here that the models can produce")
+
+
+def mask_disallowed(scores: np.ndarray, allows: Allows) -> np.ndarray:
+    """Set the finite scores of the tokens ``allows`` refuses to ``-inf`` (in place); returns
+    the refused ids. Asks about every token: exact, and the slow way at large vocabularies."""
+    ids = np.flatnonzero(np.isfinite(scores))
+    ok = allows(ids)
+    if not ok.any():
+        raise _nothing_allowed()
+    refused = ids[~ok]
+    scores[refused] = NEG_INF
+    return refused
+
+
+def best_first(keys: np.ndarray) -> Iterator[np.ndarray]:
+    """Token ids in decreasing order of ``keys`` in growing chunks (16, 256, ...), finite keys
+    only, none twice: a search that stops early sorts only what it looked at."""
+    seen = np.zeros(keys.size, dtype=bool)
+    size = 16
+    while True:
+        size = min(size, keys.size)
+        top = np.argpartition(-keys, size - 1)[:size] if size < keys.size else np.arange(size)
+        top = top[np.argsort(-keys[top], kind="stable")]
+        fresh = top[~seen[top]]
+        seen[fresh] = True
+        fresh = fresh[np.isfinite(keys[fresh])]
+        if fresh.size:
+            yield fresh
+        if size == keys.size or not np.isfinite(keys[top[-1]]):  # the rest is -inf
+            return
+        size *= 16
+
+
+def grammar_pick(sample: Sampler, scores: np.ndarray, s: SamplerSettings, position: int,
+                 allows: Allows) -> Pick:
+    """Draw as ``sample`` (the sampler of ``s``) would from ``scores`` restricted to the
+    tokens ``allows`` lets through: the constraint applies to the mix, before the filters
+    and the draw. ``scores`` may be changed in place.
+
+    Asking the constraint about every token costs milliseconds per step at large
+    vocabularies, so the search asks only as far as it must: the race's winner among the
+    allowed tokens is the first allowed one in the order of the race's keys (and the argmax
+    the first in the order of scores); with top-k or min-p, tokens are asked about best
+    first until the filtered set is known. Top-p needs the mass of every allowed token: then
+    (and for exact probabilities, :func:`mask_disallowed`) every token is asked about.
+    Without a filter, ``p`` and ``p_top`` are those before the constraint (the constrained
+    probability is at least ``p``)."""
+    if s.top_p < 1.0:
+        mask_disallowed(scores, allows)
+        return sample(scores, position)
+    if s.temperature not in (0.0, 1.0):
+        np.multiply(scores, np.float32(1.0 / s.temperature), out=scores)
+    greedy = s.temperature == 0.0
+    if s.top_k or s.min_p > 0.0:
+        kept = _filtered(scores, s, allows)
+        top = scores[kept[0]]
+        probs = np.exp(scores[kept] - top)
+        total = float(probs.sum(dtype=np.float64))
+        if greedy:
+            return Pick(int(kept[0]), 1.0 / total, 1.0 / total)
+        keys = scores[kept] - np.log(-race_noise(s.seed, position, scores.size)[kept])
+        i = int(np.argmax(keys))
+        return Pick(int(kept[i]), float(probs[i]) / total, 1.0 / total)
+    if greedy:
+        keys = scores
+    else:
+        with np.errstate(divide="ignore"):
+            keys = scores - np.log(-race_noise(s.seed, position, scores.size))
+    for chunk in best_first(keys):
+        ok = allows(chunk)
+        if ok.any():
+            token = int(chunk[np.argmax(ok)])
+            break
+    else:
+        raise _nothing_allowed()
+    top = float(scores.max())
+    total = float(np.exp(scores - top).sum(dtype=np.float64))
+    return Pick(token, math.exp(float(scores[token]) - top) / total, 1.0 / total)
+
+
+def _filtered(scores: np.ndarray, s: SamplerSettings, allows: Allows) -> np.ndarray:
+    """The allowed ids that top-k (ties at the k-th kept) and min-p keep, best first."""
+    kept: list[np.ndarray] = []
+    count, floor = 0, -np.inf
+    for chunk in best_first(scores):
+        if chunk.size and scores[chunk[0]] < floor:
+            break
+        chunk = chunk[scores[chunk] >= floor]
+        found = chunk[allows(chunk)]
+        if found.size and not count and s.min_p > 0.0:
+            floor = max(floor, float(scores[found[0]]) + math.log(s.min_p))
+            found = found[scores[found] >= floor]
+        if s.top_k and count < s.top_k <= count + found.size:
+            floor = max(floor, float(scores[found[s.top_k - count - 1]]))
+            found = found[scores[found] >= floor]
+        kept.append(found)
+        count += found.size
+    if not count:
+        raise _nothing_allowed()
+    return np.concatenate(kept)
 
 
 def race(probs: np.ndarray, seed: int, position: int) -> int:

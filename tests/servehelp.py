@@ -32,10 +32,13 @@ class Served:
 
 @contextmanager
 def serving(preset: str = "tiny-up", *, pinned: bool = False,
-            options: ServerOptions | None = None, max_queue: int = 16) -> Iterator[Served]:
-    """The bundled family's ``preset`` served on 127.0.0.1 (an ephemeral port)."""
+            options: ServerOptions | None = None, max_queue: int = 16,
+            models: tuple[str, ...] = (), n_ctx: int | None = None) -> Iterator[Served]:
+    """The bundled family's ``preset`` (or ``ROLE=PATH`` ``models``) served on 127.0.0.1
+    (an ephemeral port)."""
     logs: list[str] = []
-    session = load_session(preset, options=LoadOptions(n_threads=1))
+    session = load_session(None if models else preset, models=models,
+                           options=LoadOptions(n_threads=1, n_ctx=n_ctx))
     runner = Worker(load_config(), session.preset, pinned=pinned, params=session.params,
                     sampling=session.sampling, options=session.options, max_queue=max_queue,
                     log=logs.append)

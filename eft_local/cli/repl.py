@@ -17,7 +17,13 @@ from typing import Any
 import click
 
 from eft_local.chat import Conversation
-from eft_local.cli.options import model_options, open_session, sampling_options, write
+from eft_local.cli.options import (
+    grammar_changes,
+    model_options,
+    open_session,
+    sampling_options,
+    write,
+)
 from eft_local.errors import EftError
 from eft_local.session import Session
 from eft_local.text import printable
@@ -38,6 +44,7 @@ HELP = [
     ("/seed N", "random seed"),
     ("/max N", "longest reply in tokens"),
     ("/system TEXT", "set the system prompt (no TEXT: remove it)"),
+    ("/grammar FILE|off", "replies follow a GBNF grammar (a .json file: a JSON schema)"),
     ("/reset", "forget the conversation (the system prompt stays)"),
     ("/save FILE", "write the transcript as JSON"),
     ("/load FILE", "continue a saved transcript"),
@@ -319,6 +326,20 @@ class Repl:
     def cmd_system(self, arg: str) -> None:
         self.session.conversation.system = arg or None
         say("system prompt set" if arg else "system prompt removed")
+
+    def cmd_grammar(self, arg: str) -> None:
+        if not arg:
+            say("grammar: " + ("on" if self.session.defaults.grammar else "off"))
+            return
+        if arg.lower() == "off":
+            self.session.update(grammar="")
+            say("grammar off: replies are free text")
+            return
+        path = Path(arg).expanduser()
+        json_schema = path.suffix.lower() == ".json"
+        self.session.update(**grammar_changes(path if json_schema else None,
+                                              None if json_schema else path))
+        say(f"replies follow the {'JSON schema' if json_schema else 'grammar'} in {arg}")
 
     def cmd_reset(self, _arg: str) -> None:
         self.session.reset()
