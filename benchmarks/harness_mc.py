@@ -106,12 +106,13 @@ def wait_ready(url: str, server: subprocess.Popen, seconds: float = 120) -> None
 
 def run_preset(preset: str, lm_eval: Path, task_dir: Path, out: Path, *, limit: int | None,
                threads: int) -> dict:
-    """Serve ``preset`` on a loopback port, run the harness against it, return its scores."""
+    """Serve ``preset`` (this tree's code) on a loopback port, run the harness against it,
+    return its scores."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "eft_local", "serve", preset, "--host",
                                "127.0.0.1", "--port", str(port), "--threads", str(threads)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_ready(url, server)
         args = ",".join([f"model={preset}", f"base_url={url}/v1/completions",

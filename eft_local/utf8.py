@@ -51,13 +51,15 @@ def scan(data: bytes, state: State = START) -> State | None:
 
 
 class Pieces:
-    """A vocabulary's token bytes, and which tokens are whole UTF-8 text by themselves."""
+    """A vocabulary's token bytes: which tokens may follow complete text, and which start
+    with a continuation byte (the only ones that may follow part of a character)."""
 
     def __init__(self, pieces: Sequence[bytes], eog: Sequence[int]) -> None:
         self.pieces = list(pieces)
-        self.whole = np.array([bool(p) and scan(p) == START for p in self.pieces])
         self.eog = np.zeros(len(self.pieces), dtype=bool)
         self.eog[list(eog)] = True
+        self.fresh = np.array([scan(p) is not None for p in self.pieces]) | self.eog
+        self.cont = np.array([bool(p) and 0x80 <= p[0] <= 0xBF for p in self.pieces])
 
 
 class Utf8Guard:
@@ -69,9 +71,10 @@ class Utf8Guard:
     def allowed(self, tokens: np.ndarray) -> np.ndarray:
         ids = np.asarray(tokens)
         t = self.table
-        done = self.state == START
-        ok = (t.whole[ids] | t.eog[ids]) if done else np.zeros(len(ids), dtype=bool)
-        for i in np.flatnonzero(~(t.whole[ids] | t.eog[ids])):  # byte pieces: few
+        if self.state == START:
+            return t.fresh[ids]
+        ok = np.zeros(len(ids), dtype=bool)
+        for i in np.flatnonzero(t.cont[ids]):  # inside a character: continuation bytes only
             ok[i] = scan(t.pieces[ids[i]], self.state) is not None
         return ok
 

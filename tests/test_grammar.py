@@ -71,11 +71,13 @@ def test_the_search_draws_what_the_exact_mask_draws(n: int, density: float, data
 def test_best_first_gives_every_finite_id_once_in_order() -> None:
     keys = np.random.default_rng(1).standard_normal(5000).astype(np.float32)
     keys[::7] = -np.inf
-    chunks = list(sampler.best_first(keys))
+    chunks = list(sampler.best_first(keys, (16, 256, keys.size)))
     order = np.concatenate(chunks)
     assert sorted(order.tolist()) == np.flatnonzero(np.isfinite(keys)).tolist()
     assert (np.diff(keys[order]) <= 0).all()
     assert [len(c) for c in chunks][:2] == [16, 240]
+    head = np.concatenate(list(sampler.best_first(keys)))
+    assert head.tolist() == order[:head.size].tolist() and head.size <= 256
 
 
 def test_a_constraint_that_allows_nothing_is_one_clear_error() -> None:
@@ -326,3 +328,22 @@ def test_repl_grammar_on_and_off(family, tmp_path: Path) -> None:
     Point.model_validate_json(point)
     assert "none.gbnf: file not found" in out.stderr
     assert "grammar off" in text and text.rstrip().endswith("grammar: off\n>>>")
+
+
+def test_the_utf8_guard_keeps_text_well_formed() -> None:
+    from eft_local import utf8
+
+    for bad in (b"\xc1\x81", b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xf5",
+                b"\x80", b"\xc3A"):
+        assert utf8.scan(bad) is None, bad
+    for good in ("é", "€", "😀", "a"):
+        assert utf8.scan(good.encode()) == utf8.START
+    pieces = utf8.Pieces([b"", b"a", b"\xc3", b"\xa9", b"\xa9b", b"\xe2\x82", b"\xac"], eog=[0])
+    guard = utf8.Utf8Guard(pieces)
+    ids = np.arange(7)
+    assert guard.allowed(ids).tolist() == [True, True, True, False, False, True, False]
+    copy = guard.clone()
+    copy.accept(2)  # half of an "é": only its continuation may follow, not the end
+    assert copy.allowed(ids).tolist() == [False, False, False, True, True, False, True]
+    copy.accept(4)
+    assert copy.state == utf8.START and guard.state == utf8.START
