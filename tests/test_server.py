@@ -273,7 +273,7 @@ def _error(response: httpx.Response, status: int, *words: str) -> dict:
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, ["temperature"]),
     ({"messages": [{"role": "user", "content": "x"}], "top_p": "high"}, ["top_p"]),
     ({"messages": []}, ["messages"]),
-    ({"messages": [{"role": "tool", "content": "x"}]}, ["role"]),
+    ({"messages": [{"role": "robot", "content": "x"}]}, ["role"]),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, ["text parts"]),
     ({"messages": [{"role": "user", "content": "x"}], "eft": {"beta": "big"}}, ["eft.beta"]),
     ({"messages": [{"role": "user", "content": "x"}], "eft": {"betta": 1}}, ["eft.betta"]),
