@@ -424,6 +424,7 @@ JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]
 
 def _grammar_sampler(vocab, text: str) -> tuple[int | None, str]:
     """llama.cpp's grammar sampler for ``text``, or None and why (printed on fd 2)."""
+    _ensure_backend()  # its log callback keeps the errors
     with _init_lock, tempfile.TemporaryFile() as err:  # one fd-2 swap at a time
         saved = os.dup(2)
         os.dup2(err.fileno(), 2)
@@ -436,7 +437,7 @@ def _grammar_sampler(vocab, text: str) -> tuple[int | None, str]:
         err.seek(0)
         found = re.search(rb"error parsing grammar: ([^\n]*)", err.read())
     why = found.group(1).decode("utf-8", "replace") if found else _last_error()
-    return handle or None, why or "not valid GBNF"
+    return handle or None, (why or "not valid GBNF").strip().removesuffix(" at")
 
 
 @functools.lru_cache(maxsize=64)
@@ -492,7 +493,6 @@ class Grammar:
     def __del__(self) -> None:
         if getattr(self, "_handle", None):
             L.llama_sampler_free(self._handle)
-            self._handle = None
 
 
 def raw_decode_seconds(path: str | Path, *, n_threads: int, n_tokens: int = 32,

@@ -274,6 +274,10 @@ def test_bad_grammar_files_are_one_line_errors(family, tmp_path: Path) -> None:
     bad.write_text("root ::= (\n")
     assert_one_line_error(run(["generate", *family.trio(), "x", "--grammar", str(bad),
                                *THREADS]), "bad.gbnf", "invalid grammar")
+    recursive = tmp_path / "lr.gbnf"
+    recursive.write_text('root ::= root "a" | "b"\n')
+    assert_one_line_error(run(["generate", *family.trio(), "x", "--grammar", str(recursive),
+                               *THREADS]), "lr.gbnf", "left recursion")
     nonsense = tmp_path / "bad.json"
     nonsense.write_text('{"type": 3}')
     assert_one_line_error(run(["generate", *family.trio(), "x", "--json-schema",
