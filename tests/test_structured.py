@@ -307,3 +307,19 @@ def test_strictness_names_the_first_keyword_a_grammar_cannot_enforce() -> None:
     assert structured.unenforced({"type": "string", "format": "email"}) == \
         "'format' 'email' at schema"
     assert structured.unenforced({"type": "string", "format": "date"}) is None
+
+
+def test_tools_with_a_response_format_allow_a_call_or_the_structured_reply(
+        http: httpx.Client) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "fact", "schema":
+                                                  Fact.model_json_schema()}}
+    for choice in ("auto", "none"):
+        reply = chat(http, tools=[LOOKUP], tool_choice=choice, response_format=fmt).json()
+        message = reply["choices"][0]["message"]
+        if message.get("tool_calls"):
+            assert choice == "auto"
+            check_call(message["tool_calls"][0], "lookup")
+        else:
+            Fact.model_validate_json(message["content"])
+    reply = chat(http, tools=[LOOKUP], tool_choice="required", response_format=fmt).json()
+    check_call(reply["choices"][0]["message"]["tool_calls"][0], "lookup")
