@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import json
 import os
 import re
+import tempfile
 import threading
 from collections import deque
 from pathlib import Path
@@ -29,10 +32,12 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 
 import llama_cpp as L  # noqa: E402
 import numpy as np  # noqa: E402
+from llama_cpp import llama_grammar  # noqa: E402
 
 from eft_local import ggufscan, limits  # noqa: E402
 from eft_local.errors import EftError  # noqa: E402
 from eft_local.files import atomic_path  # noqa: E402
+from eft_local.text import undecodable  # noqa: E402
 from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, ATTR_UNUSED, VocabInfo  # noqa: E402
 
 VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
@@ -92,13 +97,6 @@ def _last_error() -> str:
 
 def _forget_errors() -> None:
     _recent_errors.clear()
-
-
-def _undecodable(char: str) -> str:
-    """Name what a surrogate stands for: an undecodable byte (surrogateescape) or itself."""
-    code = ord(char)
-    return f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else (
-        f"lone surrogate \\u{code:04x}")
 
 
 def supports_gpu_offload() -> bool:
@@ -316,7 +314,7 @@ class LlamaModel:
             data = text.encode("utf-8")
         except UnicodeEncodeError as exc:
             before = text[max(0, exc.start - 12):exc.start]
-            raise EftError(f"the text is not valid UTF-8: {_undecodable(text[exc.start])} "
+            raise EftError(f"the text is not valid UTF-8: {undecodable(text[exc.start])} "
                            f"after {before!r}") from None
         cap = len(data) + 8
         buf = (L.llama_token * cap)()
@@ -459,6 +457,84 @@ class LlamaModel:
     def __del__(self, _suppress: type[contextlib.suppress] = contextlib.suppress) -> None:
         with _suppress(Exception):  # bound early: at interpreter shutdown globals are None
             self.close()
+
+
+# -- grammars: llama.cpp's own engine (GBNF) and llama-cpp-python's JSON-schema converter ----
+JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+"""llama.cpp's own JSON string character (its C++ converter): no raw control characters."""
+
+
+def _grammar_sampler(vocab, text: str) -> tuple[int | None, str]:
+    """llama.cpp's grammar sampler for ``text``, or None and why (printed on fd 2)."""
+    _ensure_backend()  # its log callback keeps the errors
+    with _init_lock, tempfile.TemporaryFile() as err:  # one fd-2 swap at a time
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            _forget_errors()
+            handle = L.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        found = re.search(rb"error parsing grammar: ([^\n]*)", err.read())
+    why = found.group(1).decode("utf-8", "replace") if found else _last_error()
+    return handle or None, (why or "not valid GBNF").strip().removesuffix(" at")
+
+
+@functools.lru_cache(maxsize=64)
+def check_grammar(text: str) -> str:
+    """``text`` if llama.cpp parses it (once per text; token references need a model)."""
+    handle, why = _grammar_sampler(None, text)
+    if handle is None and "no vocab" not in why:
+        raise EftError(f"invalid grammar: {why}")
+    if handle is not None:
+        L.llama_sampler_free(handle)
+    return text
+
+
+def json_schema_grammar(schema: object, name: str = "") -> str:
+    """GBNF for a JSON schema (llama-cpp-python's converter); top rule ``name`` or root."""
+    try:
+        conv = llama_grammar.SchemaConverter(prop_order={}, allow_fetch=False, dotall=False,
+                                             raw_pattern=False)
+        conv.visit(conv.resolve_refs(json.loads(json.dumps(schema)), "schema"), name)
+        return re.sub(r"(?m)^char ::= .*$", lambda _: JSON_CHAR, conv.format_grammar())
+    except (RecursionError, Exception) as exc:  # the converter asserts, raises, recurses
+        raise EftError(f"cannot turn the JSON schema into a grammar: {exc!s:.200}") from None
+
+
+class Grammar:
+    """llama.cpp's grammar sampler over a model's vocabulary: what may come next."""
+
+    def __init__(self, model: LlamaModel, text: str, *, _handle: int | None = None) -> None:
+        self.model, self.text = model, text  # the model owns the vocabulary: keep it alive
+        self._handle, why = (_handle, "") if _handle else _grammar_sampler(model._vocab, text)
+        if not self._handle:
+            raise EftError(f"invalid grammar: {why}")
+
+    def allowed(self, tokens: np.ndarray) -> np.ndarray:
+        """Bool array: which of ``tokens`` (ids) the grammar allows next."""
+        data = np.zeros(len(tokens), dtype=[("id", "i4"), ("logit", "f4"), ("p", "f4")])
+        data["id"] = tokens
+        array = L.llama_token_data_array(data=data.ctypes.data_as(L.llama_token_data_p),
+                                         size=data.size, selected=-1, sorted=False)
+        L.llama_sampler_apply(self._handle, ctypes.byref(array))
+        return data["logit"] != -np.inf
+
+    def accept(self, token: int) -> None:
+        """Advance past ``token``, which must be allowed (llama.cpp aborts otherwise)."""
+        if not self.allowed(np.array([token]))[0]:
+            raise EftError(f"token {token} does not fit the grammar here")
+        L.llama_sampler_accept(self._handle, token)
+
+    def clone(self) -> Grammar:
+        """An independent copy of this state."""
+        return Grammar(self.model, self.text, _handle=L.llama_sampler_clone(self._handle))
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None):
+            L.llama_sampler_free(self._handle)
 
 
 def raw_decode_seconds(path: str | Path, *, n_threads: int, n_tokens: int = 32,

@@ -8,6 +8,7 @@ drops the oldest turns when the context is full.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import re
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from jinja2 import Environment, TemplateError
 from jinja2.nodes import EvalContext
@@ -147,21 +148,24 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         return result
 
 
-def render(template: str, messages: list[dict[str, str]], *, bos_token: str = "",
+def render(template: str, messages: list[dict[str, Any]], *, bos_token: str = "",
            eos_token: str = "", add_generation_prompt: bool = True,
-           seconds: float | None = None) -> str:
-    """Render ``messages`` with a chat template in a sandbox, within a time limit and a size
-    limit; every failure is an :class:`EftError` "chat template failed: ..."."""
+           seconds: float | None = None, tools: list[dict[str, Any]] | None = None) -> str:
+    """Render ``messages`` (and ``tools``, OpenAI's function cards, for templates that
+    render them) with a chat template in a sandbox, within a time limit and a size limit;
+    every failure is an :class:`EftError` "chat template failed: ..."."""
     seconds = RENDER_SECONDS if seconds is None else seconds
-    given = sum(len(str(m.get("content", ""))) for m in messages)
+    given = sum(len(str(m.get("content", ""))) + len(str(m.get("tool_calls") or ""))
+                for m in messages) + len(str(tools or ""))
     limit = RENDER_CHARS + 4 * (given + len(bos_token) + len(eos_token))
 
     def work() -> str:
         env = _BoundedEnvironment(limit)
         chunks, size = [], 0
+        extra = {"tools": tools} if tools else {}
         for chunk in env.from_string(template).generate(
                 messages=messages, bos_token=bos_token, eos_token=eos_token,
-                add_generation_prompt=add_generation_prompt):
+                add_generation_prompt=add_generation_prompt, **extra):
             size += len(chunk)
             if size > limit:
                 raise _TemplateLimit(f"more than {limit} characters of output")
@@ -258,6 +262,41 @@ def fit_messages(messages: list[dict[str, str]],
     return without(cuts[low]), cuts[low]
 
 
+@dataclass(frozen=True)
+class ToolSupport:
+    """What a chat template renders: tool cards, assistant tool calls, tool results."""
+
+    tools: bool
+    calls: bool
+    results: bool
+
+
+_PROBE = "eft_probe_fn"
+
+
+@functools.lru_cache(maxsize=16)
+def tool_support(template: str) -> ToolSupport:
+    """Render probes to find out what ``template`` does with tools (as llama.cpp does)."""
+    card = {"type": "function", "function": {"name": _PROBE, "description": "",
+                                             "parameters": {"type": "object",
+                                                            "properties": {}}}}
+    user = {"role": "user", "content": "hi"}
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": _PROBE, "arguments": {}}}]}
+    result = {"role": "tool", "tool_call_id": "call_1", "name": _PROBE,
+              "content": "eft_probe_result"}
+
+    def shows(text: str, messages: list[dict[str, Any]], **kw: Any) -> bool:
+        try:
+            return text in render(template, messages, **kw)
+        except EftError:
+            return False
+
+    return ToolSupport(tools=shows(_PROBE, [user], tools=[card]),
+                       calls=shows(_PROBE, [user, call]),
+                       results=shows("eft_probe_result", [user, call, result]))
+
+
 @dataclass
 class Conversation:
     """A system prompt and alternating user/assistant turns."""
@@ -350,9 +389,9 @@ def special_pattern(vocab: VocabInfo | None) -> re.Pattern[str] | None:
     return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
-def tokenize_messages(template: str, messages: list[dict[str, str]], model: Tokenizer,
-                      vocab: VocabInfo | None, *, specials: re.Pattern[str] | None
-                      ) -> list[int]:
+def tokenize_messages(template: str, messages: list[dict[str, Any]], model: Tokenizer,
+                      vocab: VocabInfo | None, *, specials: re.Pattern[str] | None,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Render ``messages`` with ``template`` and tokenize the text: the template's own
     markup with special-token parsing, the messages' content without it wherever it holds
     text that ``specials`` matches (a control token's text typed in a message stays plain
@@ -363,8 +402,8 @@ def tokenize_messages(template: str, messages: list[dict[str, str]], model: Toke
             return ""
         return model.piece(token, special=True).decode("utf-8", "replace")
 
-    tokens = {"bos_token": text_of(vocab and vocab.bos),
-              "eos_token": text_of(vocab and vocab.eos)}
+    tokens: dict[str, Any] = {"bos_token": text_of(vocab and vocab.bos),
+                              "eos_token": text_of(vocab and vocab.eos), "tools": tools}
     text = render(template, messages, **tokens)
     contents = [m.get("content") for m in messages]
     if specials is None or not any(isinstance(c, str) and specials.search(c)

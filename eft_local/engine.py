@@ -46,6 +46,14 @@ class Model(Protocol):
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]: ...
 
 
+class Constraint(Protocol):
+    """What may come next (a grammar's state, :class:`eft_local.backend.Grammar`)."""
+
+    def allowed(self, tokens: np.ndarray) -> np.ndarray: ...
+    def accept(self, token: int) -> None: ...
+    def clone(self) -> Constraint: ...
+
+
 @dataclass(frozen=True)
 class Step:
     """One generated token, with diagnostics when they were asked for."""
@@ -53,6 +61,8 @@ class Step:
     position: int
     token: int
     p_mix: float
+    """The token's probability under the filtered mix it was drawn from (under a grammar
+    without diagnostics: before the grammar's mask, see :func:`sampler.grammar_pick`)."""
     p_models: Mapping[str, float] | None = None
     ref_token: int | None = None
     from_draft: bool = False
@@ -404,18 +414,33 @@ class Engine:
         """One model's own log-probs over the allowed ids."""
         return sampler.log_softmax(self.model_scores(rows[index]))
 
+    def draw(self, scores: np.ndarray, settings: SamplerSettings, position: int,
+             grammar: Constraint | None = None) -> sampler.Pick:
+        """Filter ``scores`` (changed in place) and draw the token at ``position``, among the
+        tokens ``grammar`` allows when there is one."""
+        sample = self.sampler(settings)
+        if grammar is None:
+            return sample(scores, position)
+        return sampler.grammar_pick(sample, scores, settings, position, grammar.allowed)
+
     def choose(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings,
                position: int, *, diagnostics: bool = False, top_n: int | None = None,
-               conservative: str | None = None) -> Step:
-        """Sample the token at ``position`` from the mix of ``rows``; ``top_n`` (0 or more)
-        adds the token's log-prob under the unfiltered mix and its ``top_n`` best tokens;
-        diagnostics add each model's log-prob of the token (and, with ``top_n``, each
-        model's best tokens) and what ``conservative`` (default :attr:`conservative_role`)
-        alone would have drawn."""
+               conservative: str | None = None, grammar: Constraint | None = None) -> Step:
+        """Sample the token at ``position`` from the mix of ``rows`` (among the tokens that
+        ``grammar`` allows); ``top_n`` (0 or more) adds the token's log-prob under the
+        unfiltered mix (no grammar) and its ``top_n`` best tokens; diagnostics add each
+        model's log-prob of the token (and, with ``top_n``, each model's best tokens) and
+        what ``conservative`` (default :attr:`conservative_role`) alone would have drawn."""
         start = time.perf_counter()
         role = conservative or self.conservative_role
         sample = self.sampler(settings)
-        picked = sample(self.scores(rows, weights, settings, role), position)
+        scores = self.scores(rows, weights, settings, role)
+        refused = None
+        if grammar is not None and diagnostics:  # exact probabilities: ask about every token
+            refused = sampler.mask_disallowed(scores, grammar.allowed)
+            picked = sample(scores, position)
+        else:
+            picked = self.draw(scores, settings, position, grammar)
         p_models = ref_token = logprob_models = top_models = None
         if diagnostics:
             lps = dict(zip(self.roles, (self.model_logprobs(rows, i)
@@ -424,7 +449,10 @@ class Engine:
             p_models = {r: float(np.exp(lp[picked.token])) for r, lp in lps.items()}
             if top_n is not None:
                 top_models = {r: sampler.top_logprobs(lp, top_n) for r, lp in lps.items()}
-            ref_token = sample(lps[role], position).token  # may change lps[role] in place
+            own = lps[role]
+            if refused is not None:
+                own[refused] = sampler.NEG_INF
+            ref_token = sample(own, position).token  # may change lps[role] in place
         logprob = top = None
         if top_n is not None or diagnostics:
             mixed = self.distribution(rows, weights, settings, role)
@@ -452,11 +480,13 @@ class Engine:
                  *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
                  conservative: str | None = None,
                  on_step: Callable[[np.ndarray, Step], None] | None = None,
-                 extra: Sequence[str] = (), shift: bool = False) -> Iterator[Step]:
+                 extra: Sequence[str] = (), shift: bool = False,
+                 grammar: Constraint | None = None) -> Iterator[Step]:
         """Yield sampled tokens until an end-of-generation token, ``max_tokens`` or a full
         context; the last step's :attr:`Step.finish` says which (the caller may stop
-        earlier). ``on_step(rows, step)`` sees each step's rows; ``extra`` models are
-        evaluated too; ``shift`` as :meth:`prime`."""
+        earlier). ``on_step(rows, step)`` sees each step's rows (before ``grammar``, whose
+        state advances with every token, accepts it); ``extra`` models are evaluated too;
+        ``shift`` as :meth:`prime`."""
         started = time.perf_counter()
         self.activate(weights, settings, diagnostics=diagnostics, extra=extra,
                       conservative=conservative)
@@ -467,7 +497,7 @@ class Engine:
             for n in range(1, max_tokens + 1):
                 step = self.choose(self.rows, weights, settings, position,
                                    diagnostics=diagnostics, top_n=top_n,
-                                   conservative=conservative)
+                                   conservative=conservative, grammar=grammar)
                 if stepped is not None:
                     self.observe_step(time.perf_counter() - stepped)
                 if on_step is not None:
@@ -477,6 +507,8 @@ class Engine:
                 yield step if finish is None else replace(step, finish=finish)
                 if finish is not None:
                     return
+                if grammar is not None:
+                    grammar.accept(step.token)
                 position += 1
                 stepped = time.perf_counter()
                 self.advance(step.token)

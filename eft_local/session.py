@@ -17,10 +17,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
-from eft_local import backend, hub, speculative
+from eft_local import backend, hub, speculative, structured, utf8
 from eft_local.chat import (
     FALLBACK_TEMPLATE,
     Conversation,
@@ -127,6 +128,7 @@ class Session:
                          or FALLBACK_TEMPLATE)
         self.conversation = Conversation()
         self._specials: re.Pattern[str] | bool | None = None
+        self._pieces: utf8.Pieces | None = None
         self._speculator: speculative.Speculator | None = None
         whole = [r for r, m in self.models.items() if not getattr(m, "partial_rewind", True)]
         self.can_speculate = not whole
@@ -257,9 +259,14 @@ class Session:
                 "conservative": self.conservative_role(settings)}
 
     # -- prompts --------------------------------------------------------------------------
-    def chat_tokens(self, messages: list[dict[str, str]], *,
-                    parse_special: bool | None = None) -> list[int]:
-        """Render ``messages`` with the chat template and tokenize them.
+    def chat_tokens(self, messages: Sequence[Mapping[str, Any]], *,
+                    parse_special: bool | None = None,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Render ``messages`` (and ``tools``, OpenAI's function cards) with the chat
+        template and tokenize them.
+
+        Tool cards, assistant ``tool_calls`` and ``tool`` messages go to the template where
+        it renders them, else into plain messages (:func:`eft_local.structured.tool_messages`).
 
         The template's own text is tokenized with special-token parsing; the messages'
         content is not, so a control token's text typed in a message (``<|im_end|>``...)
@@ -272,9 +279,11 @@ class Session:
         special = self.defaults.parse_special if parse_special is None else parse_special
         if not special and self._specials is None:
             self._specials = special_pattern(vocab) or False
+        messages, cards = structured.tool_messages(self.template, messages, tools)
         tokens = tokenize_messages(self.template, messages,
                                    self.models[self.preset.template_role], vocab,
-                                   specials=None if special else self._specials or None)
+                                   specials=None if special else self._specials or None,
+                                   tools=cards)
         if vocab and vocab.add_bos and vocab.bos >= 0 and tokens[:1] != [vocab.bos]:
             return [vocab.bos, *tokens]
         return tokens
@@ -311,15 +320,18 @@ class Session:
         chunks, the last one carries ``finish``.
 
         ``top_n`` (0 or more) gives each step its log-prob under the mix (temperature 1, no
-        filters: as :meth:`score` defines it) and the ``top_n`` most likely tokens there.
-        ``shift``: ``tokens`` are the cached conversation with its oldest turns dropped
-        (:meth:`fit_chat`); models that can shift their caches move the kept tokens down
-        where that is faster than evaluating them again (:func:`eft_local.kvshift.
-        worth_shifting`), which gives slightly different log-probs from a fresh prompt."""
+        filters, no grammar: as :meth:`score` defines it) and the ``top_n`` most likely
+        tokens there. A ``grammar`` (or ``json_schema``) restricts every step to the tokens
+        it allows (the end of generation only where it is complete). ``shift``: ``tokens``
+        are the cached conversation with its oldest turns dropped (:meth:`fit_chat`);
+        models that can shift their caches move the kept tokens down where that is faster
+        than evaluating them again (:func:`eft_local.kvshift.worth_shifting`), which gives
+        slightly different log-probs from a fresh prompt."""
         s = self.settings_for(settings, **changes)
         if max_tokens < 1:
             raise EftError(f"invalid max_tokens {max_tokens}: must be >= 1")
         ref = self.models[self.preset.template_role]
+        grammar = self.grammar(s.grammar) if s.grammar else None
         text = TextStream(s.stop)
         finish = "length"
         weights = self.weights(s)
@@ -331,7 +343,7 @@ class Session:
         before, shifted = self.engine.stats.prefilled, self.engine.stats.shifted
         steps = generate(tokens, weights, s.sampling, max_tokens=max_tokens,
                          diagnostics=diagnostics, top_n=top_n, conservative=conservative,
-                         shift=shift)
+                         shift=shift, grammar=grammar)
         try:
             for step in steps:
                 piece = b"" if ref.is_eog(step.token) else ref.piece(step.token)
@@ -346,6 +358,19 @@ class Session:
         yield Chunk(text=tail, finish="stop" if text.stopped else finish,
                     evaluated=self.engine.stats.prefilled - before,
                     shifted=self.engine.stats.shifted - shifted)
+
+    def grammar(self, text: str) -> utf8.Guarded:
+        """A fresh state of the GBNF grammar ``text`` over the template model's vocabulary,
+        which also keeps the text well-formed UTF-8 (:mod:`eft_local.utf8`)."""
+        ref = self.models[self.preset.template_role]
+        if not isinstance(ref, backend.LlamaModel):
+            raise EftError("grammars need models loaded by llama.cpp")
+        if self._pieces is None:
+            vocab = self.report.vocabs.get(self.preset.template_role)
+            self._pieces = utf8.Pieces([ref.piece(t) for t in range(self.vocab_size)],
+                                       [t for t in (vocab.eog if vocab else ())
+                                        if t < self.vocab_size])
+        return utf8.Guarded(backend.Grammar(ref, text), utf8.Utf8Guard(self._pieces))
 
     def prompt_tokens(self, prompt: str, *, raw: bool = True, system: str | None = None,
                       parse_special: bool | None = None) -> list[int]:
@@ -378,10 +403,12 @@ class Session:
         return Result(text="".join(out), finish=finish, prompt_tokens=steps[0].position,
                       steps=steps)
 
-    def fit_chat(self, messages: list[dict[str, str]], *, settings: Settings | None = None,
-                 max_tokens: int = 512) -> tuple[list[int], list[dict[str, str]], int]:
-        """The prompt of ``messages`` under the context policy of ``settings`` (default
-        :attr:`defaults`): ``(tokens, messages kept, messages dropped)``.
+    def fit_chat(self, messages: list[dict[str, Any]], *, settings: Settings | None = None,
+                 max_tokens: int = 512, tools: Sequence[Mapping[str, Any]] | None = None
+                 ) -> tuple[list[int], list[dict[str, Any]], int]:
+        """The prompt of ``messages`` (and ``tools``, as :meth:`chat_tokens`) under the
+        context policy of ``settings`` (default :attr:`defaults`): ``(tokens, messages
+        kept, messages dropped)``.
 
         ``truncate`` drops the oldest whole turns (system messages and the newest message
         stay) until a reply of ``min(max_tokens, n_ctx / 4)`` tokens fits after the prompt;
@@ -394,7 +421,8 @@ class Session:
         rendered: dict[int, list[int]] = {}
 
         def count(msgs: list[dict[str, str]]) -> int:
-            rendered[len(msgs)] = found = self.chat_tokens(msgs, parse_special=s.parse_special)
+            rendered[len(msgs)] = found = self.chat_tokens(msgs, parse_special=s.parse_special,
+                                                           tools=tools)
             return len(found)
 
         if s.context_overflow == "error":
@@ -406,7 +434,8 @@ class Session:
             return rendered[len(messages)], list(messages), 0
         reserve = min(max_tokens, n_ctx // 4)
         kept, dropped = fit_messages(messages, count, n_ctx - reserve, limit=n_ctx - 1)
-        tokens = rendered.get(len(kept)) or self.chat_tokens(kept, parse_special=s.parse_special)
+        tokens = rendered.get(len(kept)) or self.chat_tokens(kept, parse_special=s.parse_special,
+                                                             tools=tools)
         return tokens, kept, dropped
 
     def chat(self, message: str, *, settings: Settings | None = None, max_tokens: int = 512,

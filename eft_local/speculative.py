@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from eft_local.engine import Engine, Step, common_prefix
+from eft_local.engine import Constraint, Engine, Step, common_prefix
 from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule.blocks import BlockSizer
@@ -74,6 +74,7 @@ class Speculator:
         self.block_sizes: list[int] = []
         self._plain_steps = 0
         self._rows: np.ndarray | None = None
+        self._grammar: Constraint | None = None
         self.plain_generations = 0
         """Generations handed to plain decoding because no block could pay."""
         self.remeasured = 0
@@ -128,10 +129,14 @@ class Speculator:
     # -- the loop -------------------------------------------------------------------------
     def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
                  *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
-                 conservative: str | None = None, shift: bool = False) -> Iterator[Step]:
+                 conservative: str | None = None, shift: bool = False,
+                 grammar: Constraint | None = None) -> Iterator[Step]:
         """Yield the tokens plain decoding would yield, drafting and verifying in blocks
-        (``shift``: the prompt as :meth:`Engine.prime` takes it)."""
+        (``shift``: the prompt as :meth:`Engine.prime` takes it); under ``grammar`` the
+        drafter drafts with a copy of its state (each position's draw is plain decoding's
+        own, with the state after the tokens before it)."""
         eng = self.engine
+        self._grammar = grammar
         conservative = conservative or eng.conservative_role
         self.drafter = self.draft_role or eng.cheapest_role(weights, prefer=conservative)
         self._refresh_costs(weights, settings, diagnostics, conservative)
@@ -140,7 +145,8 @@ class Speculator:
             self.plain_generations += 1
             yield from eng.generate(tokens, weights, settings, max_tokens=max_tokens,
                                     diagnostics=diagnostics, top_n=top_n,
-                                    conservative=conservative, shift=shift)
+                                    conservative=conservative, shift=shift,
+                                    grammar=grammar)
             return
         if self.sizer.plain_wins():
             # plain steps win at the acceptance seen so far: plain decoding's own loop (the
@@ -151,7 +157,8 @@ class Speculator:
                                     conservative=conservative,
                                     on_step=lambda rows, step: self._shadow_step(
                                         rows, step, settings),
-                                    extra=(self.drafter,), shift=shift)
+                                    extra=(self.drafter,), shift=shift,
+                                    grammar=grammar)
             return
         started = time.perf_counter()
         eng.settle_schedule()  # a probe left unfinished would outlive its plain steps
@@ -171,7 +178,7 @@ class Speculator:
                 if k <= 0 and head is None:  # a plain step, by plain decoding's own path
                     k, head = 0, self._plain_step(seq)
                 t0 = time.perf_counter()
-                draft, ref_rows = self._draft(seq, head, settings, max(0, k))
+                draft, ref_rows = self._draft(seq, head, settings, max(0, k), grammar)
                 t1 = time.perf_counter()
                 rows = self._verify(seq, head, draft, ref_rows)
                 t2 = time.perf_counter()
@@ -181,7 +188,7 @@ class Speculator:
                 for i in range(len(draft) + 1):
                     step = eng.choose(rows[:, i], weights, settings, position + i,
                                       diagnostics=diagnostics, top_n=top_n,
-                                      conservative=conservative)
+                                      conservative=conservative, grammar=grammar)
                     if guess is not None:
                         self.sizer.count(int(guess == step.token), guess != step.token)
                     agree = i < len(draft) and step.token == draft[i]
@@ -195,12 +202,15 @@ class Speculator:
                     if finish is not None:
                         self._record(draft, accepted + agree, t1 - t0, t2 - t1, head)
                         return
+                    if grammar is not None:
+                        grammar.accept(step.token)
                     if not agree:
                         break
                     accepted += 1
                 self._record(draft, accepted, t1 - t0, t2 - t1, head)
                 head = None
         finally:
+            self._grammar = None
             self._rewind_to(seq)
             eng.stats.wall_seconds += time.perf_counter() - started
 
@@ -220,14 +230,15 @@ class Speculator:
         return self._rows
 
     def _draft(self, seq: list[int], head: np.ndarray | None, settings: SamplerSettings,
-               k: int) -> tuple[list[int], list[np.ndarray]]:
+               k: int, grammar: Constraint | None = None) -> tuple[list[int], list[np.ndarray]]:
         """Up to ``k`` tokens from the drafter alone, drawn with the positions' noise (the
-        argmax at temperature 0), and the drafter's row before each of them."""
+        argmax at temperature 0) under a copy of ``grammar``, and the drafter's row before
+        each of them."""
         if k == 0:
             return [], []
         eng = self.engine
         role = self.drafter
-        sample = eng.sampler(settings)
+        state = None if grammar is None else grammar.clone()
         if head is not None:
             row = head[eng.index(role)]
         else:
@@ -235,13 +246,15 @@ class Speculator:
         draft: list[int] = []
         rows: list[np.ndarray] = []
         while True:
-            picked = sample(eng.model_scores(row), len(seq) + len(draft))
+            picked = eng.draw(eng.model_scores(row), settings, len(seq) + len(draft), state)
             if draft and self.stop_below and picked.p_top < self.stop_below:
                 return draft, rows
             draft.append(picked.token)
             rows.append(row)
             if len(draft) == k or eng.is_eog(picked.token):
                 return draft, rows
+            if state is not None:
+                state.accept(picked.token)
             row = eng.evaluate_role(role, len(seq) + len(draft) - 1, [picked.token])[-1]
 
     def _verify(self, seq: list[int], head: np.ndarray | None, draft: list[int],
@@ -313,7 +326,7 @@ class Speculator:
             return None
         eng = self.engine
         row = rows[eng.index(self.drafter)]
-        return eng.sampler(settings)(eng.model_scores(row), position).token
+        return eng.draw(eng.model_scores(row), settings, position, self._grammar).token
 
     def _shadow_step(self, rows: np.ndarray, step: Step, settings: SamplerSettings) -> None:
         """A plain-decoding step: every few steps, count whether the drafter's guess (with

@@ -33,14 +33,12 @@ class Served:
 @contextmanager
 def serving(preset: str = "tiny-up", *, pinned: bool = False,
             options: ServerOptions | None = None, max_queue: int = 16,
-            models: Sequence[str] = ()) -> Iterator[Served]:
+            models: Sequence[str] = (), n_ctx: int | None = None) -> Iterator[Served]:
     """The bundled family's ``preset`` (or the ``ROLE=PATH`` ``models``, pinned) served on
     127.0.0.1 (an ephemeral port)."""
     logs: list[str] = []
-    if models:
-        session = load_session(models=list(models), options=LoadOptions(n_threads=1))
-    else:
-        session = load_session(preset, options=LoadOptions(n_threads=1))
+    session = load_session(None if models else preset, models=list(models),
+                           options=LoadOptions(n_threads=1, n_ctx=n_ctx))
     runner = Worker(None if models else load_config(), session.preset,
                     pinned=pinned or bool(models), params=session.params,
                     sampling=session.sampling, options=session.options, max_queue=max_queue,

@@ -17,11 +17,11 @@ LAYERS: dict[str, int] = {
     # the base: no model, no NumPy state
     "errors": 0, "limits": 0, "text": 0, "files": 0, "formula": 0, "ggufscan": 0,
     # pure pieces the engine is made of
-    "sampler": 1, "vocab": 1, "config": 1, "chat": 1, "gguf_writer": 1, "plots": 1,
+    "sampler": 1, "vocab": 1, "config": 1, "chat": 1, "gguf_writer": 1, "plots": 1, "utf8": 1,
     "kvshift": 1,
     "schedule.shapes": 1, "schedule.watch": 1, "schedule.blocks": 1, "schedule.lanes": 1,
     # models and their files
-    "backend": 2, "hub": 2, "settings": 2, "loading": 2, "synthetic": 2,
+    "backend": 2, "hub": 2, "settings": 2, "loading": 2, "synthetic": 2, "structured": 2,
     # the decode loop over N models
     "engine": 3,
     # what drives the engine

@@ -124,8 +124,9 @@ def test_diagnostics_and_logprobs_of_the_mix(client: openai.OpenAI) -> None:
                  extra_body={"eft": {"diagnostics": True}})
     entries = reply.choices[0].logprobs.content
     tokens = reply.model_extra["eft"]["tokens"]
-    assert entries and len(tokens) >= len(entries)
-    assert "".join(e.token for e in entries) == reply.choices[0].message.content
+    assert entries and len(tokens) == len(entries) == reply.usage.completion_tokens
+    assert reply.choices[0].finish_reason == "stop"  # the last entry is the end of turn
+    assert "".join(e.token for e in entries[:-1]) == reply.choices[0].message.content
     for entry, diag in zip(entries, tokens, strict=False):
         assert len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
@@ -330,7 +331,7 @@ def _error(response: httpx.Response, status: int, *words: str) -> dict:
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, ["temperature"]),
     ({"messages": [{"role": "user", "content": "x"}], "top_p": "high"}, ["top_p"]),
     ({"messages": []}, ["messages"]),
-    ({"messages": [{"role": "tool", "content": "x"}]}, ["role"]),
+    ({"messages": [{"role": "robot", "content": "x"}]}, ["role"]),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, ["text parts"]),
     ({"messages": [{"role": "user", "content": "x"}], "eft": {"beta": "big"}}, ["eft.beta"]),
     ({"messages": [{"role": "user", "content": "x"}], "eft": {"betta": 1}}, ["eft.betta"]),

@@ -19,6 +19,7 @@ import click
 from eft_local.chat import Conversation
 from eft_local.cli.options import (
     context_option,
+    grammar_changes,
     model_options,
     open_session,
     sampling_options,
@@ -46,6 +47,7 @@ HELP = [
     ("/system TEXT", "set the system prompt (no TEXT: remove it)"),
     ("/overflow MODE", "a chat longer than the context: truncate (drop the oldest turns) "
      "or error"),
+    ("/grammar FILE|off", "replies follow a GBNF grammar (a .json file: a JSON schema)"),
     ("/reset", "forget the conversation (the system prompt stays)"),
     ("/save FILE", "write the transcript as JSON"),
     ("/load FILE", "continue a saved transcript"),
@@ -333,6 +335,20 @@ class Repl:
             raise EftError("/overflow needs truncate or error, e.g. /overflow error")
         self.session.update(context_overflow=arg)
         say(f"context overflow = {self.session.defaults.context_overflow}")
+
+    def cmd_grammar(self, arg: str) -> None:
+        if not arg:
+            say("grammar: " + ("on" if self.session.defaults.grammar else "off"))
+            return
+        if arg.lower() == "off":
+            self.session.update(grammar="")
+            say("grammar off: replies are free text")
+            return
+        path = Path(arg).expanduser()
+        json_schema = path.suffix.lower() == ".json"
+        self.session.update(**grammar_changes(path if json_schema else None,
+                                              None if json_schema else path))
+        say(f"replies follow the {'JSON schema' if json_schema else 'grammar'} in {arg}")
 
     def cmd_reset(self, _arg: str) -> None:
         self.session.reset()

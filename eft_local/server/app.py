@@ -305,6 +305,7 @@ class Api:
         stream = self.events(job, request)
         head = await self.first(job, stream)
         text, entries, diag = [], [], []
+        calls = None
         done: dict[str, Any] = {}
         async for kind, data in stream:
             if kind == "error":
@@ -313,14 +314,18 @@ class Api:
                 text.append(data["text"])
                 entries += data["logprobs"]
                 diag += data["eft"]
+                calls = data.get("tool_calls") or calls
             elif kind == "done":
                 done = data
         job.info["timings"] = done.get("timings", {})
         self.log_done(request, job, started)
         eft = {**head["eft"], **({"tokens": diag} if req.common.knobs.diagnostics else {})}
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
         return JSONResponse({
             **envelope("chatcmpl", "chat.completion", req.common.model, head),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": {"content": entries} if req.logprobs else None,
                          "finish_reason": done.get("finish", "length")}],
             "usage": usage(done.get("prompt_tokens", head["prompt_tokens"]),
@@ -357,6 +362,9 @@ class Api:
                     if data["text"] or data["logprobs"] or more:
                         yield chunk({"content": data["text"]},
                                     logprobs=data["logprobs"] if req.logprobs else None, **more)
+                    if data.get("tool_calls"):
+                        yield chunk({"tool_calls": [{"index": i, **call} for i, call in
+                                                    enumerate(data["tool_calls"])]})
                 elif kind == "done":
                     finish = data["finish"]
                     job.info["timings"] = data["timings"]

@@ -25,6 +25,7 @@ from eft_local.server.protocol import (
 )
 from eft_local.server.worker import Job
 from eft_local.session import SamplerSettings, Session, Settings, Step
+from eft_local.structured import ToolPlan, tagged
 
 
 def describe(session: Session, settings: Settings) -> dict[str, Any]:
@@ -82,12 +83,13 @@ def check_tokens(session: Session, tokens: Sequence[int], param: str) -> None:
 
 def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
              stop: Sequence[str], top_n: int | None, index: int = 0,
-             prompt_param: str = "messages", shift: bool = False,
+             prompt_param: str = "messages", shift: bool = False, grammar: str | None = None,
              convert: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
-    """Stream one generation after ``tokens`` as ``chunk`` events; a ``done`` event carries
-    usage and llama-server style ``timings`` (tokens evaluated vs. re-used from the cache).
-    ``shift``: ``tokens`` are a chat whose oldest turns were dropped (see
-    :meth:`Session.stream`)."""
+    """Stream one generation after ``tokens`` (following ``grammar``, GBNF, when given) as
+    ``chunk`` events; a ``done`` event carries usage and llama-server style ``timings``
+    (tokens evaluated vs. re-used from the cache). ``shift``: ``tokens`` are a chat whose
+    oldest turns were dropped (see :meth:`Session.stream`). ``convert`` may rewrite each
+    chunk, its ``finish`` too."""
     n_ctx = session.n_ctx
     if len(tokens) >= n_ctx:
         raise ApiError(400, f"this model's context holds {n_ctx} tokens; the prompt is "
@@ -98,7 +100,7 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
     count = 0
     diagnostics = job.knobs.diagnostics
     alternatives = job.knobs.alternatives if diagnostics else 0
-    settings = _settings(job).replace(stop=tuple(stop))
+    settings = _settings(job).replace(stop=tuple(stop), grammar=grammar or "")
     base = settings.formula.base_role()
     stream = session.stream(tokens, settings=settings,
                             max_tokens=max(1, min(max_tokens, n_ctx - len(tokens))),
@@ -107,7 +109,7 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                             else max(top_n or 0, alternatives))
     pending: list[dict[str, Any]] = []
     eft_pending: list[dict[str, Any]] = []
-    finish = None
+    finish = told = None
     evaluated = len(tokens)
     try:
         for chunk in stream:
@@ -117,7 +119,7 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                     first = time.perf_counter()
                 count += 1
                 job.generated += 1
-                if top_n is not None and not session.is_eog(step.token):
+                if top_n is not None:  # every token, end of turn too: usage counts it
                     pending.append(chat_logprob(
                         session.token_text(step.token), session.token_bytes(step.token),
                         step.logprob if step.logprob is not None else float("nan"),
@@ -136,7 +138,9 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                 data = {"index": index, "text": chunk.text, "logprobs": pending,
                         "eft": eft_pending,
                         "finish": finish_reason(chunk.finish) if chunk.finish else None}
-                job.emit("chunk", convert(data) if convert else data)
+                data = convert(data) if convert else data
+                told = data["finish"] or told
+                job.emit("chunk", data)
                 pending, eft_pending = [], []
             if job.cancelled.is_set():
                 break
@@ -153,8 +157,32 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                "predicted_per_second": (count - 1) / (ended - first) if count > 1 and
                ended > first else 0.0}
     job.emit("done", {"index": index, "prompt_tokens": len(tokens), "completion_tokens": count,
-                      "finish": finish_reason(finish) if finish else "length",
+                      "finish": told or (finish_reason(finish) if finish else "length"),
                       "timings": timings})
+
+
+class ToolReply:
+    """One chat generation's chunks as text or a tool call: text streams as it comes once
+    it can no longer become a call; a call is held back, parsed at the end and sent whole
+    as ``tool_calls`` with the finish ``tool_calls`` (a call cut short goes out as text)."""
+
+    def __init__(self, plan: ToolPlan, tagged: bool) -> None:
+        self.plan, self.tagged = plan, tagged
+        self.held: list[str] = []
+        self.text = False
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        if self.text:
+            return data
+        self.held.append(data["text"])
+        text = "".join(self.held)
+        if not data["finish"]:
+            self.text = not self.plan.may_be_call(text, self.tagged)
+            return {**data, "text": text if self.text else ""}
+        calls = self.plan.parse(text, self.tagged)
+        if calls is None:
+            return {**data, "text": text}
+        return {**data, "text": "", "tool_calls": calls, "finish": "tool_calls"}
 
 
 def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
@@ -166,9 +194,11 @@ def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
         if system and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system}, *messages]
         max_tokens = req.common.max_tokens or default_max
+        plan = req.tools
         try:
-            tokens, _kept, dropped = session.fit_chat(messages, settings=_settings(job),
-                                                      max_tokens=max_tokens)
+            tokens, _kept, dropped = session.fit_chat(
+                messages, settings=_settings(job), max_tokens=max_tokens,
+                tools=plan and [t.card() for t in plan.tools])
         except ContextFull as exc:
             raise ApiError(400, str(exc), param="messages",
                            code="context_length_exceeded") from None
@@ -176,9 +206,14 @@ def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
         if dropped:  # said once: in the response's eft object and the log line
             eft["dropped_messages"] = job.info["dropped_messages"] = dropped
         job.emit("start", {"eft": eft, "prompt_tokens": len(tokens)})
+        grammar, convert = req.common.grammar, None
+        if plan is not None and plan.choice != "none":
+            tag = tagged(session.template)
+            grammar, convert = plan.grammar(tag, grammar), ToolReply(plan, tag)
         generate(session, job, tokens, max_tokens=max_tokens,
                  stop=default_stop if req.common.stop is None else req.common.stop,
-                 top_n=req.top_logprobs if req.logprobs else None, shift=bool(dropped))
+                 top_n=req.top_logprobs if req.logprobs else None, shift=bool(dropped),
+                 grammar=grammar, convert=convert)
 
     return work
 
@@ -255,7 +290,8 @@ def _one_completion(session: Session, job: Job, req: CompletionRequest, index: i
         return
     generate(session, job, tokens, max_tokens=max_tokens,
              stop=default_stop if req.common.stop is None else req.common.stop,
-             top_n=top_n, index=index, prompt_param=param, convert=_legacy(len(text), top_n))
+             top_n=top_n, index=index, prompt_param=param, grammar=req.common.grammar,
+             convert=_legacy(len(text), top_n))
 
 
 def _legacy(offset: int, top_n: int | None) -> Callable[[dict[str, Any]], dict[str, Any]]:

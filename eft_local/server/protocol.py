@@ -15,6 +15,7 @@ from typing import Any
 from eft_local.errors import EftError
 from eft_local.records import finite
 from eft_local.settings import OVERFLOW, SamplerSettings
+from eft_local.structured import SchemaError, ToolPlan, response_grammar, tool_plan
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token (OpenAI's limit for chat ``top_logprobs``)."""
@@ -226,6 +227,16 @@ class Common:
     stop: tuple[str, ...] | None
     stream: bool
     include_usage: bool
+    grammar: str | None = None
+    """GBNF from ``response_format``, ``json_schema`` or ``grammar``; None: free text."""
+
+
+def _structured(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call(...)`` with a :class:`SchemaError` answered as a 400 about its field."""
+    try:
+        return call(*args, **kwargs)
+    except SchemaError as exc:
+        raise bad(str(exc), exc.param) from None
 
 
 def _common(body: Mapping[str, Any], base: SamplerSettings, default_seed: int | None,
@@ -255,17 +266,40 @@ def _common(body: Mapping[str, Any], base: SamplerSettings, default_seed: int | 
                   include_usage=include_usage)
 
 
+def _with_grammar(common: Common, body: Mapping[str, Any], name: str = "") -> Common:
+    return replace(common, grammar=_structured(response_grammar, body, name=name))
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     """A validated ``/v1/chat/completions`` body."""
 
     common: Common
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     logprobs: bool
     top_logprobs: int
+    tools: ToolPlan | None = None
+    """The offered functions and ``tool_choice`` (with them, ``common.grammar`` holds the
+    rules of the ``response`` of a reply that is not a call)."""
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+         "tool": "tool"}
+
+
+def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
+    where = f"messages[{i}].tool_calls"
+    ok = isinstance(value, list) and all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict)
+        and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments", ""), (str, dict)) for c in value)
+    if not ok:
+        raise bad(f"'{where}' must be a list of {{\"id\", \"type\": \"function\", "
+                  "\"function\": {\"name\", \"arguments\"}}", where)
+    return [{"id": str(c.get("id") or f"call_{j}"), "type": "function",
+             "function": {"name": c["function"]["name"],
+                          "arguments": c["function"].get("arguments", "")}}
+            for j, c in enumerate(value)]
 
 
 def _content(message: Mapping[str, Any], i: int) -> str:
@@ -302,17 +336,23 @@ def parse_chat(body: Any, base: SamplerSettings, default_seed: int | None) -> Ch
         role = message.get("role")
         if role not in ROLES:
             raise bad(f"'messages[{i}].role' is {role!r}; supported roles: system, developer, "
-                      "user, assistant", f"messages[{i}].role")
-        if message.get("tool_calls"):
-            raise bad("tool calls are not supported", f"messages[{i}].tool_calls")
-        out.append({"role": ROLES[role], "content": _content(message, i)})
-    if body.get("tools"):
-        raise bad("'tools' are not supported", "tools")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise bad("'response_format' other than {\"type\": \"text\"} is not supported",
-                  "response_format")
+                      "user, assistant, tool", f"messages[{i}].role")
+        entry: dict[str, Any] = {"role": ROLES[role], "content": _content(message, i)}
+        if message.get("tool_calls") and role == "assistant":
+            entry["tool_calls"] = _tool_calls(message["tool_calls"], i)
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(message.get(key), str):
+                    entry[key] = message[key]
+        out.append(entry)
+    plan = _structured(tool_plan, body.get("tools"), body.get("tool_choice"))
+    _bool(body, "parallel_tool_calls", True)  # accepted; a reply holds one call
     common = _common(body, base, default_seed, "max_completion_tokens")
+    calls = plan is not None and plan.choice != "none"
+    if calls and body.get("grammar"):
+        raise bad("'grammar' and 'tools' exclude each other (the tools make the grammar)",
+                  "grammar")
+    common = _with_grammar(common, body, "response" if calls else "")
     if common.max_tokens == 0:
         raise bad("'max_tokens' must be at least 1", "max_tokens")
     logprobs = _bool(body, "logprobs")
@@ -320,7 +360,7 @@ def parse_chat(body: Any, base: SamplerSettings, default_seed: int | None) -> Ch
     if top is not None and not logprobs:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return ChatRequest(common=common, messages=out, logprobs=logprobs,
-                       top_logprobs=int(top or 0))
+                       top_logprobs=int(top or 0), tools=plan)
 
 
 @dataclass(frozen=True)
@@ -369,6 +409,7 @@ def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None
                   "max_tokens")
     if common.max_tokens == 0 and common.stream:
         raise bad("'max_tokens' 0 (scoring only) cannot be streamed", "stream")
+    common = _with_grammar(common, body)
     return CompletionRequest(common=common, prompts=prompts, echo=echo,
                              logprobs=None if logprobs is None else int(logprobs))
 
