@@ -7,6 +7,8 @@ import json
 import os
 import re
 import resource
+import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from eft_local.limits import N_CTX_MAX, max_threads
 from eft_local.text import TextStream
 from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
 from tests.ggufs import SPECIALS, tokenizer
+from tests.hostilehelp import Child, slow_decode, slow_log
 from tests.test_hub import COMMIT, FILE, REPO, FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -625,3 +628,125 @@ def test_a_block_count_llama_cpp_would_abort_on_is_refused(family, tmp_path, blo
     bad.write_bytes(data[:at] + struct.pack("<I", blocks) + data[at + 4:])
     proc = cli(["generate", "-m", f"small_ft={bad}", *GREEDY, "hi"])
     assert_fails_in_one_line(proc, f"llama.block_count is {blocks}, outside 1..512")
+
+
+# == issue 17: the second round ===============================================================
+FAMILY = ROOT / "eft_local" / "family"
+
+
+# -- 1. quantize never renames over what is not a regular file -------------------------------
+def _device_like(tmp_path: Path) -> Path:
+    """A character device in ``tmp_path`` (/dev/null's numbers) where this user may make one,
+    else /dev/null itself (an unprivileged user cannot replace it, so nothing is at risk)."""
+    node = tmp_path / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except OSError:
+        if os.geteuid() == 0:
+            pytest.skip("root, but no mknod here: /dev/null itself is not risked")
+        return Path("/dev/null")
+    return node
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "device"])
+def test_17_1_quantize_refuses_an_output_that_is_not_a_regular_file(tmp_path, kind) -> None:
+    src = FAMILY / "small_ft.gguf"
+    if kind == "fifo":
+        out = tmp_path / "pipe.gguf"
+        os.mkfifo(out)
+        words = ("pipe.gguf: not a regular file",)
+    elif kind == "symlink":
+        target = tmp_path / "theirs.gguf"
+        target.write_bytes(b"someone else's file")
+        out = tmp_path / "link.gguf"
+        out.symlink_to(target)
+        words = ("link.gguf: is a symbolic link",)
+    else:
+        out = _device_like(tmp_path)
+        words = (f"{out}: not a regular file",)
+    before = os.lstat(out)
+    assert_one_line_error(run(["quantize", str(src), str(out), "q8_0"]), *words)
+    after = os.lstat(out)
+    assert (stat.S_IFMT(after.st_mode), after.st_ino) == (stat.S_IFMT(before.st_mode),
+                                                        before.st_ino)
+    if kind == "symlink":
+        assert target.read_bytes() == b"someone else's file"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_17_1_plot_outputs_are_checked_before_the_work(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    fifo = tmp_path / "plot.png"
+    os.mkfifo(fifo)
+    result = run(["eval", "tiny-up", "--limit", "1", "--plot", str(fifo)])
+    assert_one_line_error(result, "plot.png: not a regular file")
+    assert "evaluating" not in result.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+# -- 2, 3. SIGTERM and Ctrl-C inside a llama.cpp call -------------------------------------------
+SIGNALS = [(signal.SIGINT, 130, "error: interrupted"), (signal.SIGTERM, 143, "error: terminated")]
+
+
+def assert_stopped(child: Child, code: int, line: str) -> None:
+    """Exit ``code``, ``line`` the only error line, no traceback or ignored exception."""
+    assert child.finish() == code, child.stderr[-3000:]
+    errors = [x for x in child.stderr.splitlines() if x.startswith("error")]
+    assert errors == [line], child.stderr[-3000:]
+    for bad in ("Traceback", "Exception ignored", "Error in", "ctypes callback"):
+        assert bad not in child.stderr, child.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("signum", "code", "line"), SIGNALS)
+def test_17_2_3_a_signal_while_quantizing_leaves_no_file(tmp_path, signum, code, line) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "q8.gguf"
+    child = Child(["quantize", str(FAMILY / "small_ft.gguf"), str(out), "q8_0", "--threads",
+                   "1"], prelude=slow_log(b"[", 0.3))  # 21 tensors: about 6 s of writing
+
+    def writing() -> bool:
+        return any(p.name.endswith(".part") for p in folder.iterdir())
+
+    try:
+        child.wait_for(writing, "the quantizer opened its output")
+        child.signal(signum)
+        assert_stopped(child, code, line)
+    finally:
+        child.kill()
+    assert list(folder.iterdir()) == []  # no output, no hidden temporary
+
+
+@pytest.mark.parametrize(("signum", "code", "line"), SIGNALS)
+def test_17_3_a_signal_while_a_model_loads_ends_the_command(tmp_path, signum, code, line
+                                                           ) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "text": "Tova Brint was born in"}\n')
+    out = tmp_path / "scores.jsonl"
+    child = Child(["score", "tiny-up", "-v", *THREADS, "--input", str(src), "--output",
+                   str(out)], prelude=slow_log(b"llama_model_loader: - kv", 0.1))
+    try:
+        child.wait_for(lambda: "loading large_base" in child.stderr,
+                       "the first model started loading")
+        child.signal(signum)  # while llama.cpp reads its metadata (25 lines of 0.1 s)
+        assert_stopped(child, code, line)
+    finally:
+        child.kill()
+    assert not out.exists()
+
+
+def test_17_3_ctrl_c_in_the_repl_stops_only_the_answer() -> None:
+    script = "Hi\n/max 2\nAgain\n/quit\n"
+    child = Child(["chat", "tiny-up", *THREADS, "-t", "0", "--max-tokens", "200"],
+                  prelude=slow_decode(0.05), stdin=script)
+    try:
+        child.wait_for(lambda: len(child.stdout.partition(">>> Hi\n")[2]) > 0,
+                       "the first answer started")
+        child.signal(signal.SIGINT)
+        assert child.finish() == 0, child.stderr
+    finally:
+        child.kill()
+    assert "Traceback" not in child.stderr and "error" not in child.stderr
+    assert "\n[interrupted]\n>>> /max 2\n" in child.stdout
+    after = child.stdout.partition(">>> Again\n")[2]
+    assert after.endswith(">>> /quit\n") and len(after) > len(">>> /quit\n")

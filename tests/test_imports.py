@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "eft_local"
 
 LAYERS: dict[str, int] = {
     # the base: no model, no NumPy state
-    "errors": 0, "limits": 0, "text": 0, "files": 0, "formula": 0, "ggufscan": 0,
+    "errors": 0, "limits": 0, "text": 0, "files": 0, "interrupts": 0, "formula": 0, "ggufscan": 0,
     # pure pieces the engine is made of
     "sampler": 1, "vocab": 1, "config": 1, "chat": 1, "gguf_writer": 1, "plots": 1,
     "schedule.shapes": 1, "schedule.watch": 1, "schedule.blocks": 1, "schedule.lanes": 1,

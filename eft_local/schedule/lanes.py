@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 
+from eft_local.interrupts import STOPS
+
 
 class LaneStopped(Exception):
     """A lane skipped its remaining models because another lane failed or was interrupted."""
@@ -40,7 +42,7 @@ class Gate:
 
     def close(self) -> None:
         """Let no more decodes start and wait for those inside, even through further Ctrl-C
-        presses (each lane is inside at most one decode, so this is short)."""
+        presses or SIGTERM (each lane is inside at most one decode, so this is short)."""
         while True:
             try:
                 with self._cond:
@@ -48,5 +50,5 @@ class Gate:
                     while self._inside:
                         self._cond.wait()
                 return
-            except KeyboardInterrupt:
+            except STOPS:
                 continue
