@@ -3,6 +3,7 @@ name the mistake. Crash cases run in a child process: exit 1, one error line, no
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eft_local import config, sampler
+from eft_local import config, interrupts, sampler
 from eft_local.chat import Conversation, render
 from eft_local.cli import repl
 from eft_local.errors import EftError
@@ -733,6 +734,23 @@ def test_17_3_a_signal_while_a_model_loads_ends_the_command(tmp_path, signum, co
     finally:
         child.kill()
     assert not out.exists()
+
+
+def test_17_3_a_ctrl_c_inside_a_callback_from_c_is_delivered_after_it() -> None:
+    finished = []
+
+    @interrupts.foreign_callback
+    def callback() -> None:  # what llama.cpp's log callback is: Python called from C
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10**6):  # the handler runs in here
+            pass
+        finished.append(1)
+
+    from_c = ctypes.CFUNCTYPE(None)(callback)
+    with interrupts.handled(), pytest.raises(KeyboardInterrupt):
+        from_c()  # ctypes would print "Exception ignored" and drop a KeyboardInterrupt
+        time.sleep(30)  # the Ctrl-C lands here, delivered again after the callback
+    assert finished
 
 
 def test_17_3_ctrl_c_in_the_repl_stops_only_the_answer() -> None:
