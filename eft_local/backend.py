@@ -127,6 +127,23 @@ def supports_gpu_offload() -> bool:
     return bool(L.llama_supports_gpu_offload())
 
 
+def build_info() -> str:
+    """llama-cpp-python's version and llama.cpp's build features (CPU instruction sets,
+    GPU backends...): what a measured speed depends on besides the machine."""
+    _ensure_backend()
+    info = L.llama_print_system_info()
+    info = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    return f"llama-cpp-python {L.__version__}; gpu offload {supports_gpu_offload()}; " + (
+        " ".join(info.split()))
+
+
+def fully_offloaded(n_gpu_layers: int, n_layer: int) -> bool:
+    """True when ``n_gpu_layers`` puts every layer of an ``n_layer``-layer model on the GPU:
+    -1 (all), or more than ``n_layer``, since llama.cpp counts the output layer as one more
+    and keeps it on the CPU at exactly ``n_layer`` (``llama-model.cpp``, ``load_tensors``)."""
+    return n_gpu_layers < 0 or n_gpu_layers > n_layer
+
+
 def _check_file(path: Path) -> None:
     try:
         if path.is_dir():
@@ -238,7 +255,9 @@ class LlamaModel:
         self.n_ctx = int(L.llama_n_ctx(self._ctx))
         self.n_ctx_train = train_ctx
         self.n_batch = int(cparams.n_batch)
-        self.n_gpu_layers = n_gpu_layers
+        self.n_gpu_layers = n_gpu_layers if supports_gpu_offload() else 0
+        """Layers offloaded to the GPU as asked (-1: all); 0 where llama.cpp cannot offload."""
+        self.n_layer = int(L.llama_model_n_layer(self._model))
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._mem = L.llama_get_memory(self._ctx)
         self.tokens: list[int] = []
@@ -249,6 +268,11 @@ class LlamaModel:
         self.full_rewinds = 0
         """Rollbacks that had to clear the cache and evaluate the kept tokens again."""
         self._piece_buf = ctypes.create_string_buffer(64)
+
+    @property
+    def offloaded(self) -> bool:
+        """Every layer runs on the GPU: CPU threads hardly change its speed."""
+        return self.n_gpu_layers != 0 and fully_offloaded(self.n_gpu_layers, self.n_layer)
 
     def kv_cache_bytes(self, n_ctx: int) -> int:
         """Estimated bytes of the KV cache for ``n_ctx`` positions (f16, every layer); 0 for
@@ -449,25 +473,27 @@ class LlamaModel:
 
 
 def raw_decode_seconds(path: str | Path, *, n_threads: int, n_tokens: int = 32,
-                       context: int = 16, n_ctx: int = 256) -> float:
+                       context: int = 16, n_ctx: int = 256, n_gpu_layers: int = 0) -> float:
     """Median seconds per one-token decode of ``path`` driven by llama-cpp-python's
     low-level API with nothing else around it (greedy argmax of the logits row): the
     baseline that measures what eft-local's own per-step work costs."""
     return raw_speed(path, n_threads=n_threads, n_tokens=n_tokens, context=context,
-                     n_ctx=n_ctx)[0]
+                     n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)[0]
 
 
 def raw_speed(path: str | Path, *, n_threads: int, n_tokens: int = 32, context: int = 16,
-              n_ctx: int = 256, prompt_tokens: int = 0) -> tuple[float, float | None]:
+              n_ctx: int = 256, prompt_tokens: int = 0, n_gpu_layers: int = 0
+              ) -> tuple[float, float | None]:
     """llama.cpp alone, through the low-level API: median seconds per one-token decode
     (greedy argmax of each row) after a ``context``-token prompt, and with
     ``prompt_tokens`` the seconds to evaluate a prompt that long from an empty cache (one
-    batch, logits of its last token) before that; else None."""
+    batch, logits of its last token) before that; else None. ``n_gpu_layers`` as for
+    :class:`LlamaModel` (a baseline offloads what the runs it is compared with offload)."""
     import statistics
     import time
 
     _ensure_backend()
-    model = _load_model(Path(path), vocab_only=False, n_gpu_layers=0)
+    model = _load_model(Path(path), vocab_only=False, n_gpu_layers=n_gpu_layers)
     cparams = L.llama_context_default_params()
     n_ctx = max(n_ctx, prompt_tokens + 1, context + n_tokens + 1)
     cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx

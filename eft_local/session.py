@@ -110,6 +110,8 @@ class Session:
                              parallel=self.options.parallel, n_threads=self.options.n_threads)
         self.tuning: tuning.Tuning | None = None
         """How the decode schedule was chosen (None: named, not measured)."""
+        self.schedule_reason = ""
+        """Why this decode schedule, in words (/stats)."""
         self._set_schedule(say)
         ref = self.models[preset.template_role]
         self.template = (preset.chat_template or getattr(ref, "chat_template", lambda: None)()
@@ -131,13 +133,23 @@ class Session:
         eng = self.engine
         name = self.options.schedule or ("auto" if self.options.parallel else "sequential")
         sizes = {r: float(file_size(m)) for r, m in self.models.items()}
-        if name == "auto" and tuning.can_tune(self.models, eng.n_threads):
+        if name == "auto" and tuning.offloaded(self.models):
+            eng.set_schedule(schedules.named("sequential", sizes, eng.n_threads))
+            self.schedule_reason = ("every model is offloaded to the GPU: one after another, "
+                                    "CPU threads not measured or watched")
+            say(f"schedule sequential: {self.schedule_reason}")
+        elif name == "auto" and tuning.can_tune(self.models, eng.n_threads):
             self.tuning = tuning.tuned(eng, say=say)
             eng.set_schedule(self.tuning.schedule)
             eng.watch = tuning.watch(eng, self.tuning)
+            self.schedule_reason = "measured at load" + (" (cached)" if self.tuning.cached
+                                                         else "") + ", watched while decoding"
             say(self.tuning.summary())
         elif name != "auto":
             eng.set_schedule(schedules.named(name, sizes, eng.n_threads))
+            self.schedule_reason = f"named ({name})"
+        else:
+            self.schedule_reason = "nothing to measure (one model, one thread, or fixed threads)"
 
     def close(self) -> None:
         """Free every model."""
@@ -226,8 +238,8 @@ class Session:
             t = self.tuning
             if t is not None:  # start from the costs measured at load, not from a guess
                 drafter = self.draft_role()
-                spec.sizer.prior(step=t.measured, verify=t.verify_costs(drafter),
-                                 draft_step=t.costs[drafter][max(t.costs[drafter])])
+                spec.seed(drafter=drafter, step=t.measured, verify=t.verify_costs(drafter),
+                          draft_step=t.costs[drafter][max(t.costs[drafter])])
         return spec
 
     def roles(self, settings: Settings | None = None) -> dict[str, str]:
@@ -461,6 +473,7 @@ class Session:
         relative to the largest model alone at its best thread count."""
         out: dict[str, object] = {"schedule": self.engine.schedule.name,
                                   "schedule_stages": self.engine.schedule.describe(),
+                                  "schedule_reason": self.schedule_reason,
                                   "threads": self.engine.n_threads}
         w = self.engine.watch
         if w is not None:

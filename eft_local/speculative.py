@@ -17,7 +17,7 @@ by about 1e-5, which can flip a draw that lands that close to a tie).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -32,6 +32,15 @@ STOP_BELOW = 0.2
 SHADOW_EVERY = 4
 """While plain steps win, every this many steps the draft is guessed (not decoded) to keep
 the acceptance estimate fresh."""
+RETRY_AFTER = 8
+"""After this many generations in a row without a drafted block (decoded plainly because the
+costs said no block could pay, or plain steps won at the acceptance seen), the next one
+forgets the block costs and measures them again with a real block. Costs measured at load,
+on a busy moment, or on the CPU before the models moved to a GPU must not switch speculation
+off for good. Where blocks truly cannot pay, the retry costs about one plain step (1B shape
+on 2 cores: a block of two drafts takes about 100 ms for 1 to 3 tokens, a plain step 50 ms;
+docs/benchmarks.md): under 1 % of eight 16-token generations, less for longer ones; and a
+machine or model placement that changed is noticed within eight replies."""
 
 
 def worth_speculating(engine: Engine, weights: np.ndarray, draft_role: str) -> bool:
@@ -67,11 +76,54 @@ class Speculator:
         self._rows: np.ndarray | None = None
         self.plain_generations = 0
         """Generations handed to plain decoding because no block could pay."""
+        self.remeasured = 0
+        """Times the block costs were forgotten to be measured again (:data:`RETRY_AFTER`,
+        or the settings they were measured under changed)."""
+        self._since_block = 0
+        self._costs_for: tuple | None = None
 
     @property
     def draft_k(self) -> int | None:
         """The fixed block size, or None when it adapts."""
         return self.sizer.fixed
+
+    def seed(self, *, drafter: str, step: float, draft_step: float,
+             verify: dict[int, float] | None = None, slope: float | None = None) -> None:
+        """Start the block sizer from costs measured with every model evaluated and
+        ``drafter`` drafting (the session's load-time measurement); a generation under other
+        settings measures its own (:meth:`BlockSizer.prior` for the arguments)."""
+        self.sizer.prior(step=step, draft_step=draft_step, verify=verify, slope=slope)
+        self._costs_for = self._costs_key(drafter, self.engine.roles)
+
+    def _costs_key(self, drafter: str, live: Collection[str]) -> tuple:
+        """What block costs depend on besides the machine: the drafter, the models a block
+        evaluates, the thread budget and each of those models' GPU layers."""
+        eng = self.engine
+        roles = tuple(r for r in eng.roles if r in live)
+        return (drafter, roles, eng.n_threads,
+                tuple(getattr(eng.models[r], "n_gpu_layers", 0) for r in roles))
+
+    def _refresh_costs(self, weights: np.ndarray, settings: SamplerSettings,
+                       diagnostics: bool, conservative: str) -> None:
+        """Forget the block costs (and, for another drafter, the acceptance) when they were
+        measured under other settings, or :data:`RETRY_AFTER` generations ago."""
+        eng = self.engine
+        live = {r for r, w in zip(eng.roles, np.asarray(weights).ravel(), strict=True)
+                if w != 0} | {self.drafter}
+        if diagnostics:
+            live = set(eng.roles)
+        if settings.conservative_top_p is not None:
+            live.add(conservative)
+        key = self._costs_key(self.drafter, live)
+        old, self._costs_for = self._costs_for, key
+        changed = old is not None and old != key
+        if self.sizer.fixed is not None or (not changed and self._since_block < RETRY_AFTER):
+            return
+        if changed and old[0] != key[0]:  # type: ignore[index]
+            self.sizer.forget_acceptance()
+        self.sizer.forget_costs()
+        self._since_block = 0
+        self.remeasured += 1
 
     # -- the loop -------------------------------------------------------------------------
     def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
@@ -81,6 +133,8 @@ class Speculator:
         eng = self.engine
         conservative = conservative or eng.conservative_role
         self.drafter = self.draft_role or eng.cheapest_role(weights, prefer=conservative)
+        self._refresh_costs(weights, settings, diagnostics, conservative)
+        self._since_block += 1
         if self.sizer.hopeless():  # blocks cannot pay here: plain decoding, as is
             self.plain_generations += 1
             yield from eng.generate(tokens, weights, settings, max_tokens=max_tokens,
@@ -237,6 +291,7 @@ class Speculator:
         stats.draft_seconds += draft_s
         stats.verify_seconds += verify_s
         if draft:
+            self._since_block = 0
             stats.blocks += 1
             stats.drafted += len(draft)
             stats.accepted += accepted

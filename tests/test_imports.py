@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     "sampler": 1, "vocab": 1, "config": 1, "chat": 1, "gguf_writer": 1, "plots": 1,
     "schedule.shapes": 1, "schedule.watch": 1, "schedule.blocks": 1, "schedule.lanes": 1,
     # models and their files
-    "backend": 2, "hub": 2, "settings": 2, "loading": 2,
+    "backend": 2, "hub": 2, "settings": 2, "loading": 2, "synthetic": 2,
     # the decode loop over N models
     "engine": 3,
     # what drives the engine
@@ -33,7 +33,7 @@ LAYERS: dict[str, int] = {
     "explore.explorer": 6,
     "server.protocol": 6, "server.worker": 6, "server.handlers": 6, "server.app": 6,
     # the command line
-    "cli.main": 7, "cli.options": 7, "cli.commands": 7, "cli.batch": 7, "cli.repl": 7,
+    "cli.main": 7, "cli.options": 7, "cli.batch": 7, "cli.repl": 7,
     "cli.score": 7, "cli.serve": 7, "cli.explore": 7, "cli.eval": 7, "cli.bench": 7,
     "__init__": 8, "__main__": 8,
 }

@@ -325,7 +325,7 @@ def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
 # -- commands from other modules: one line each (imported on first use) ----------------------
 main.register("chat", "eft_local.cli.repl:chat")
 main.register("eval", "eft_local.cli.eval:evaluate")
-main.register("bench", "eft_local.bench:bench")
+main.register("bench", "eft_local.cli.bench:bench")
 main.register("score", "eft_local.cli.score:score")
 main.register("explore", "eft_local.cli.explore:explore")
 main.register("serve", "eft_local.cli.serve:serve")

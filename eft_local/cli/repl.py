@@ -392,6 +392,8 @@ def schedule_line(stats: dict[str, Any]) -> str:
                  f"x{stats['schedule_measured_ratio']:.2f} measured at load against the "
                  f"largest model alone ({stats['large_alone_ms']:.1f} ms/token at "
                  f"{stats['large_alone_threads']} thread(s))")
+    elif stats.get("schedule_reason"):
+        line += f"; {stats['schedule_reason']}"
     if "schedule_probes" in stats:
         line += (f"; watched while decoding: {stats['schedule_probes']} probe(s), "
                  f"{stats['schedule_switches']} switch(es)")
