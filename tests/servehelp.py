@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import uvicorn
-
 from eft_local.config import load_config
 from eft_local.server.app import ServerOptions, create_app
+from eft_local.server.net import HttpLimits, make_server
 from eft_local.server.worker import Worker
 from eft_local.session import LoadOptions, load_session
 
@@ -32,10 +31,12 @@ class Served:
 
 @contextmanager
 def serving(preset: str = "tiny-up", *, pinned: bool = False,
-            options: ServerOptions | None = None, max_queue: int = 16) -> Iterator[Served]:
-    """The bundled family's ``preset`` served on 127.0.0.1 (an ephemeral port)."""
+            options: ServerOptions | None = None, max_queue: int = 16,
+            limits: HttpLimits | None = None, download: bool = False) -> Iterator[Served]:
+    """The bundled family's ``preset`` served on 127.0.0.1 (an ephemeral port), as
+    ``eft-local serve`` serves it."""
     logs: list[str] = []
-    session = load_session(preset, options=LoadOptions(n_threads=1))
+    session = load_session(preset, options=LoadOptions(n_threads=1, download=download))
     runner = Worker(load_config(), session.preset, pinned=pinned, params=session.params,
                     sampling=session.sampling, options=session.options, max_queue=max_queue,
                     log=logs.append)
@@ -45,8 +46,8 @@ def serving(preset: str = "tiny-up", *, pinned: bool = False,
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=1))
+    server = make_server(app, runner, log=logs.append,
+                         limits=limits or HttpLimits(graceful_seconds=1))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -6,6 +6,7 @@ dicts. No web framework here (see :mod:`eft_local.server.app`); every bad value 
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -20,6 +21,8 @@ MAX_TOP_LOGPROBS = 20
 """Most alternatives per token (OpenAI's limit for chat ``top_logprobs``)."""
 MAX_STOPS = 16
 """Most stop strings per request."""
+MAX_MESSAGES = 2048
+"""Most messages in a chat request (OpenAI's limit): more are refused before any work."""
 
 
 class ApiError(Exception):
@@ -86,14 +89,24 @@ class Knobs:
     params: Mapping[str, float] = field(default_factory=dict)
     formula: str | None = None
     diagnostics: bool = False
+    sources: Mapping[str, str] = field(default_factory=dict)
+    """Where each value of ``params`` came from, for errors: ``model`` or ``eft.beta``..."""
+
+
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+"""A plain decimal number (no underscores, no inf or nan)."""
 
 
 def parse_model_name(name: str) -> tuple[str, dict[str, float]]:
-    """``PRESET@beta=1.5,lam=0.3`` -> (``PRESET``, {"beta": 1.5, "lam": 0.3})."""
+    """``PRESET@beta=1.5,lam=0.3`` -> (``PRESET``, {"beta": 1.5, "lam": 0.3}); a knob given
+    twice, a number that is not plain decimal or no preset before ``@`` is refused."""
     preset, sep, rest = name.partition("@")
     params: dict[str, float] = {}
     if not sep:
         return preset, params
+    if not preset.strip():
+        raise bad(f"model {name!r}: name a preset before '@' (e.g. tiny-up@beta=1.5)",
+                  "model")
     for part in rest.split(","):
         key, eq, text = part.partition("=")
         key = key.strip()
@@ -101,11 +114,12 @@ def parse_model_name(name: str) -> tuple[str, dict[str, float]]:
         if not eq or key not in ("beta", "lam"):
             raise bad(f"model {name!r}: after '@' give knobs as beta=X or lam=X "
                       "(comma-separated)", "model")
-        try:
-            value = float(text)
-        except ValueError:
-            raise bad(f"model {name!r}: {key} {text.strip()!r} is not a number",
-                      "model") from None
+        if key in params:
+            raise bad(f"model {name!r}: {key} is given twice", "model")
+        if not _DECIMAL.fullmatch(text.strip()):
+            raise bad(f"model {name!r}: {key} {text.strip()!r} is not a decimal number",
+                      "model")
+        value = float(text)
         if not math.isfinite(value):
             raise bad(f"model {name!r}: {key} must be a finite number", "model")
         params[key] = value
@@ -127,8 +141,9 @@ def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
     """The request's EFT knobs (model-name knobs, then the ``eft`` object, which wins) and
     its conservative top-p."""
     eft = body.get("eft")
+    sources = dict.fromkeys(name_params, "model")
     if eft is None:
-        return Knobs(params=dict(name_params)), None
+        return Knobs(params=dict(name_params), sources=sources), None
     if not isinstance(eft, dict):
         raise bad("'eft' must be an object: {beta, lambda, formula, conservative_top_p, "
                   "diagnostics}", "eft")
@@ -141,6 +156,7 @@ def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
         value = _number(eft, key, -1e30, 1e30, where="eft.")
         if value is not None:
             params["lam" if key == "lambda" else key] = float(value)
+            sources["lam" if key == "lambda" else key] = f"eft.{key}"
     formula = eft.get("formula")
     if formula is not None and (not isinstance(formula, str) or not formula.strip()):
         raise bad("'eft.formula' must be a formula text, e.g. 'up' or "
@@ -149,7 +165,7 @@ def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
     if ctp is not None and ctp <= 0:
         raise bad("'eft.conservative_top_p' must be in (0, 1]", "eft.conservative_top_p")
     return Knobs(params=params, formula=formula,
-                 diagnostics=_bool(eft, "diagnostics", where="eft.")), (
+                 diagnostics=_bool(eft, "diagnostics", where="eft."), sources=sources), (
         None if ctp is None else float(ctp))
 
 
@@ -274,6 +290,9 @@ def parse_chat(body: Any, base: SamplerSettings, default_seed: int | None) -> Ch
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise bad(f"'messages' holds {len(messages)} messages; at most {MAX_MESSAGES} are "
+                  "allowed", "messages")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
