@@ -32,12 +32,16 @@ class Served:
 @contextmanager
 def serving(preset: str = "tiny-up", *, pinned: bool = False,
             options: ServerOptions | None = None, max_queue: int = 16,
-            limits: HttpLimits | None = None, download: bool = False) -> Iterator[Served]:
-    """The bundled family's ``preset`` served on 127.0.0.1 (an ephemeral port), as
-    ``eft-local serve`` serves it."""
+            limits: HttpLimits | None = None, download: bool = False,
+            models: list[str] | None = None) -> Iterator[Served]:
+    """The bundled family's ``preset`` (or ``ROLE=PATH`` ``models``, pinned) served on
+    127.0.0.1 (an ephemeral port), as ``eft-local serve`` serves it."""
     logs: list[str] = []
-    session = load_session(preset, options=LoadOptions(n_threads=1, download=download))
-    runner = Worker(load_config(), session.preset, pinned=pinned, params=session.params,
+    load = LoadOptions(n_threads=1, download=download)
+    session = (load_session(models=models, options=load) if models
+               else load_session(preset, options=load))
+    runner = Worker(None if models else load_config(), session.preset,
+                    pinned=pinned or bool(models), params=session.params,
                     sampling=session.sampling, options=session.options, max_queue=max_queue,
                     log=logs.append)
     runner.adopt(session)
