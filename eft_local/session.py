@@ -396,10 +396,14 @@ class Session:
         before = list(conv.turns)
         conv.add("user", message)
         reserve = min(max_tokens, self.engine.n_ctx // 4)
+        measured: list[tuple[list[dict[str, str]], list[int]]] = []
+
+        def count(msgs: list[dict[str, str]]) -> int:
+            measured[:] = [(msgs, self.chat_tokens(msgs, parse_special=s.parse_special))]
+            return len(measured[0][1])
+
         try:
-            dropped = conv.fit(lambda msgs: len(self.chat_tokens(msgs,
-                                                                 parse_special=s.parse_special)),
-                               self.engine.n_ctx - reserve)
+            dropped = conv.fit(count, self.engine.n_ctx - reserve)
         except BaseException:
             conv.turns[:] = before
             raise
@@ -408,7 +412,9 @@ class Session:
             if dropped:
                 yield Chunk(notice=f"dropped the {dropped} oldest exchange(s) to fit the "
                             f"context of {self.engine.n_ctx} tokens")
-            tokens = self.chat_tokens(conv.messages(), parse_special=s.parse_special)
+            messages = conv.messages()
+            tokens = (measured[0][1] if measured and measured[0][0] == messages  # once
+                      else self.chat_tokens(messages, parse_special=s.parse_special))
             for chunk in self.stream(tokens, settings=s, max_tokens=max_tokens,
                                      diagnostics=diagnostics):
                 reply.append(chunk.text)

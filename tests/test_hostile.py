@@ -1194,3 +1194,12 @@ def test_17_15_lax_model_names_are_refused(model, words) -> None:
             "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
         error = _error(reply, 400, words)
         assert error["param"] == "model"
+
+
+def test_17_8_a_chat_turn_is_tokenized_once(family) -> None:
+    with api_session(family.pairs(), temperature=0) as s:
+        model = s.models[s.preset.template_role]
+        calls, original = [], model.tokenize
+        model.tokenize = lambda *a, **k: calls.append(1) or original(*a, **k)
+        list(s.chat("Hi", max_tokens=2))
+        assert calls == [1]  # fitting the history measured the very tokens it then used
