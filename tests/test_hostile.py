@@ -804,7 +804,7 @@ def _sse_until(sock, predicate) -> bytes:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_17_4_stopping_serve_ends_the_work_and_exits_cleanly(signum) -> None:
     child = Child(["serve", "tiny-up", "--port", "0", *THREADS, "--sequential",
-                   "--no-speculative", "-t", "0"], prelude=slow_decode(0.05, endless=True))
+                   "--no-speculative", "-t", "0"], prelude=slow_decode(0.1, endless=True))
     try:
         child.wait_for(lambda: " on http://" in child.stderr, "the server listens")
         url = re.search(r" on (http://\S+)/v1 ", child.stderr).group(1)
@@ -826,7 +826,8 @@ def test_17_4_stopping_serve_ends_the_work_and_exits_cleanly(signum) -> None:
     events = [line[6:] for line in (first + rest).decode().split("\n")
               if line.startswith("data: ")]
     assert json.loads(events[-1])["error"]["code"] == "shutting_down"
-    assert len(events) < 100  # stopped at its next token, not after 200
+    finished = [e for e in events[:-1] if json.loads(e)["choices"][0]["finish_reason"]]
+    assert not finished  # stopped at its next token (200 take 20 s), not at its end
     for bad in ("Traceback", "Exception", "Event loop is closed", "ERROR", "RuntimeError",
                 "CancelledError"):
         assert bad not in child.stderr, child.stderr[-3000:]
@@ -847,7 +848,7 @@ def test_17_14_an_ipv6_address_is_printed_in_brackets() -> None:
 
 # -- 6, 7. a client that leaves stops its work ---------------------------------------------------
 def _slow_stream(served: Served, gate: threading.Event | None = None,
-                 seconds: float = 0.02) -> None:
+                 seconds: float = 0.05) -> None:
     """Each generated chunk takes ``seconds`` more (after ``gate`` is set, when given), and
     no token ends a generation (it runs to its token limit)."""
     session = served.runner.session
@@ -1019,14 +1020,15 @@ def test_17_10_malformed_http_is_answered_in_json() -> None:
 
 
 def test_17_10_connections_beyond_the_limit_get_503() -> None:
-    with serving(limits=HttpLimits(max_connections=3, graceful_seconds=1)) as s:
+    with serving(limits=HttpLimits(max_connections=3, head_seconds=300,
+                                   graceful_seconds=1)) as s:
         held = [connect(s.url) for _ in range(3)]
         extra = connect(s.url)
         extra.settimeout(30)
         status, _headers, body = read_response(extra)
         assert status == 503 and json.loads(body)["error"]["code"] == "too_many_connections"
         held[0].close()
-        _poll(lambda: len(s.runner.history) >= 0 and _tokenize_ok(s), "a free slot serves")
+        _poll(lambda: _tokenize_ok(s), "a free slot serves")
         for sock in held[1:]:
             sock.close()
 
