@@ -33,12 +33,7 @@ import numpy as np  # noqa: E402
 from eft_local import ggufscan, limits  # noqa: E402
 from eft_local.errors import EftError  # noqa: E402
 from eft_local.files import atomic_path  # noqa: E402
-from eft_local.interrupts import (  # noqa: E402
-    Stop,
-    current_stop,
-    foreign_callback,
-    interruptible,
-)
+from eft_local.interrupts import Stop, current_stop, foreign_callback, interruptible  # noqa: E402
 from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, ATTR_UNUSED, VocabInfo  # noqa: E402
 
 VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
@@ -267,6 +262,9 @@ class LlamaModel:
         the kept tokens again (see :meth:`rewind`)."""
         self.full_rewinds = 0
         """Rollbacks that had to clear the cache and evaluate the kept tokens again."""
+        self.can_shift = self.partial_rewind and bool(L.llama_memory_can_shift(self._mem))
+        """True when a span can be cut out of the cache and the later positions moved down
+        (:meth:`cut`): llama.cpp re-rotates their keys (RoPE) instead of evaluating them."""
         self._piece_buf = ctypes.create_string_buffer(64)
 
     @property
@@ -436,6 +434,21 @@ class LlamaModel:
         keep = self.tokens[:n_past]
         if not self._drop_from(n_past) and keep:
             self.eval(keep)
+
+    def cut(self, start: int, end: int) -> bool:
+        """Remove cached positions ``start`` to ``end`` (exclusive) and move every later
+        position down by ``end - start``: ``tokens`` becomes ``tokens[:start] +
+        tokens[end:]``, each token at its new position. llama.cpp rotates the moved keys at
+        the next decode (one pass over the whole cache); their values still carry what they
+        attended to, so later logits differ slightly from a fresh evaluation. False, with
+        nothing changed, when this model cannot shift (:attr:`can_shift`)."""
+        if not 0 <= start < end <= len(self.tokens):
+            raise ValueError(f"cut({start}, {end}) outside the {len(self.tokens)} cached tokens")
+        if not self.can_shift or not L.llama_memory_seq_rm(self._mem, 0, start, end):
+            return False
+        L.llama_memory_seq_add(self._mem, 0, end, -1, start - end)
+        del self.tokens[start:end]
+        return True
 
     def _drop_from(self, n_past: int) -> bool:
         """Remove positions from ``n_past`` on; False when llama.cpp cannot remove part of

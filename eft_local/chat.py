@@ -23,7 +23,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
-from eft_local.errors import EftError
+from eft_local.errors import ContextFull, EftError
 from eft_local.files import atomic_write
 from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, VocabInfo
 
@@ -215,12 +215,57 @@ class _Stopped(Exception):
     """Raised inside a template thread that ran out of time."""
 
 
+def fit_messages(messages: list[dict[str, str]],
+                 count_tokens: Callable[[list[dict[str, str]]], int], budget: int, *,
+                 limit: int | None = None) -> tuple[list[dict[str, str]], int]:
+    """Drop the oldest whole turns of ``messages`` until they take at most ``budget``
+    tokens; returns the messages kept and how many were dropped.
+
+    A turn is a user message and what follows it up to the next user message (a reply
+    before the first user message is a turn of its own). System messages and the newest
+    message always stay, and the messages kept alternate as before. When even the shortest
+    history is over ``budget`` it is returned if it fits ``limit`` (default ``budget``:
+    the room left for a reply shrinks); else :class:`ContextFull` says how many tokens the
+    newest message needs and how many are allowed, and nothing is dropped.
+    """
+    need = count_tokens(messages)
+    if need <= budget:
+        return list(messages), 0
+    others = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+    cuts = [q for q in range(1, len(others)) if messages[others[q]].get("role") == "user"]
+
+    def without(q: int) -> list[dict[str, str]]:
+        gone = set(others[:q])
+        return [m for i, m in enumerate(messages) if i not in gone]
+
+    shortest = cuts[-1] if cuts else 0
+    if shortest:
+        need = count_tokens(without(shortest))
+    allowed = budget if limit is None else limit
+    if need > allowed:
+        raise ContextFull(f"the message needs {need} tokens (with the system prompt and chat "
+                          f"template) but {allowed} are allowed; shorten it or raise the "
+                          "context size (n_ctx)")
+    if need > budget:
+        return without(shortest), shortest
+    low, high = 0, len(cuts) - 1  # the fewest turns to drop (fewer turns, fewer tokens)
+    while low < high:
+        mid = (low + high) // 2
+        if count_tokens(without(cuts[mid])) <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    return without(cuts[low]), cuts[low]
+
+
 @dataclass
 class Conversation:
     """A system prompt and alternating user/assistant turns."""
 
     system: str | None = None
     turns: list[dict[str, str]] = field(default_factory=list)
+    dropped: int = 0
+    """Turns dropped so far to fit the context (:meth:`fit`)."""
 
     def messages(self) -> list[dict[str, str]]:
         """The message list a chat template expects."""
@@ -231,35 +276,24 @@ class Conversation:
         """Append one turn."""
         self.turns.append({"role": role, "content": content})
 
-    def drop_oldest_exchange(self) -> bool:
-        """Drop the oldest user turn and the replies after it; False when nothing is left."""
-        if len(self.turns) <= 1:
-            return False
-        cut = 1
-        while cut < len(self.turns) and self.turns[cut]["role"] != "user":
-            cut += 1
-        if cut >= len(self.turns):
-            return False
-        del self.turns[:cut]
-        return True
+    def fit(self, count_tokens: Callable[[list[dict[str, str]]], int], budget: int, *,
+            limit: int | None = None) -> int:
+        """Drop oldest exchanges until the prompt fits ``budget`` tokens (see
+        :func:`fit_messages`); returns how many exchanges went.
 
-    def fit(self, count_tokens: Callable[[list[dict[str, str]]], int], budget: int) -> int:
-        """Drop oldest exchanges until the prompt fits ``budget`` tokens; returns how many.
-
-        Works on a copy: when even the newest turn alone (with the system prompt) does not
-        fit, the history is left exactly as it was and the error says how many tokens it
-        needs and how many are allowed.
+        When even the newest turn alone (with the system prompt) does not fit, the history
+        is left exactly as it was and the error says how many tokens it needs and how many
+        are allowed.
         """
-        trial = Conversation(system=self.system, turns=list(self.turns))
-        dropped = 0
-        while (need := count_tokens(trial.messages())) > budget:
-            if not trial.drop_oldest_exchange():
-                raise EftError(f"the message needs {need} tokens (with the system prompt and "
-                               f"chat template) but {budget} are allowed; shorten it or raise "
-                               "n_ctx")
-            dropped += 1
-        self.turns[:] = trial.turns
-        return dropped
+        _kept, n = fit_messages(self.messages(), count_tokens, budget, limit=limit)
+        return self.drop(n)
+
+    def drop(self, n: int) -> int:
+        """Drop the ``n`` oldest turns; returns how many user turns (exchanges) went."""
+        exchanges = sum(t["role"] == "user" for t in self.turns[:n])
+        del self.turns[:n]
+        self.dropped += n
+        return exchanges
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """Write the transcript as JSON (atomically)."""

@@ -23,6 +23,7 @@ import numpy as np
 
 from eft_local import sampler
 from eft_local.errors import EftError
+from eft_local.kvshift import best_cut, worth_shifting
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as schedules
 from eft_local.schedule.lanes import Gate, LaneStopped
@@ -56,9 +57,14 @@ class Step:
     ref_token: int | None = None
     from_draft: bool = False
     logprob: float | None = None
-    """With ``top_n``: the token's log-prob under the mix at temperature 1, no filters."""
+    """With ``top_n`` or diagnostics: the token's log-prob under the mix at temperature 1,
+    no filters."""
     top: tuple[tuple[int, float], ...] | None = None
     """With ``top_n``: the most likely (id, log-prob) pairs of that distribution."""
+    logprob_models: Mapping[str, float] | None = None
+    """With diagnostics: the token's log-prob under each model alone."""
+    top_models: Mapping[str, tuple[tuple[int, float], ...]] | None = None
+    """With diagnostics and ``top_n``: each model's most likely (id, log-prob) pairs."""
     finish: str | None = None
     """On the last step of a generation: ``eog`` (an end-of-generation token), ``length``
     (``max_tokens``) or ``context`` (the context is full)."""
@@ -70,6 +76,9 @@ class Stats:
 
     generated: int = 0
     prefilled: int = 0
+    shifted: int = 0
+    """Prompt tokens kept by cutting older tokens out of a cache (moved, not evaluated;
+    per prompt, the most that any model moved)."""
     eval_seconds: dict[str, float] = field(default_factory=dict)
     sampler_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -311,23 +320,40 @@ class Engine:
                     gate.leave()
         return done
 
-    def prime(self, tokens: list[int]) -> None:
+    def prime(self, tokens: list[int], *, shift: bool = False) -> None:
         """Make every active model hold ``tokens``, re-using cached prefixes; sets
-        :attr:`rows` (rows of inactive models are stale: their weight is 0)."""
+        :attr:`rows` (rows of inactive models are stale: their weight is 0).
+
+        ``shift``: ``tokens`` continue what the caches hold with a span of older tokens
+        taken out (a chat that dropped its oldest turns). A model that can shift, and for
+        which it pays (:func:`worth_shifting`), cuts that span out of its cache and keeps
+        the tokens after it instead of evaluating them again; each model's ``tokens`` stays
+        what its cache holds, position by position. Its logits then differ slightly from a
+        fresh evaluation (the kept tokens attended to the dropped ones)."""
         if not tokens:
             raise EftError("empty prompt: nothing to condition on")
         if len(tokens) >= self.n_ctx:
             raise EftError(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx} "
                            "(raise n_ctx or shorten the prompt)")
-        keeps, suffixes = [], []
+        keeps, suffixes, moved = [], [], 0
         for role in self.active:
-            cached = self.models[role].tokens
-            k = common_prefix(cached, tokens)
+            model = self.models[role]
+            k = common_prefix(model.tokens, tokens)
+            if shift and k < len(tokens) - 1 and getattr(model, "can_shift", False):
+                end, kept = best_cut(model.tokens, tokens, k)
+                kept = min(kept, len(tokens) - 1 - k)
+                if kept and worth_shifting(kept, n_ctx=model.n_ctx,
+                                           file_bytes=file_size(model)):
+                    model.rewind(end + kept)  # what follows the kept span goes first
+                    if model.cut(k, end):
+                        k += kept
+                        moved = max(moved, kept)
             k = min(k, len(tokens) - 1)  # the last token is re-evaluated for its logits
             keeps.append(k)
             suffixes.append(tokens[k:])
         longest = max(len(s) for s in suffixes)
         self.stats.prefilled += longest
+        self.stats.shifted += moved
         self.evaluate_each(keeps, suffixes, roles=self.active, prefill=longest > 1,
                            out=self._row_buf)
         self.rows = self._row_buf
@@ -383,26 +409,32 @@ class Engine:
                conservative: str | None = None) -> Step:
         """Sample the token at ``position`` from the mix of ``rows``; ``top_n`` (0 or more)
         adds the token's log-prob under the unfiltered mix and its ``top_n`` best tokens;
-        diagnostics show what ``conservative`` (default :attr:`conservative_role`) alone
-        would have drawn."""
+        diagnostics add each model's log-prob of the token (and, with ``top_n``, each
+        model's best tokens) and what ``conservative`` (default :attr:`conservative_role`)
+        alone would have drawn."""
         start = time.perf_counter()
         role = conservative or self.conservative_role
         sample = self.sampler(settings)
         picked = sample(self.scores(rows, weights, settings, role), position)
-        p_models = ref_token = None
+        p_models = ref_token = logprob_models = top_models = None
         if diagnostics:
-            lps = [self.model_logprobs(rows, i) for i in range(len(self.roles))]
-            p_models = {r: float(np.exp(lp[picked.token]))
-                        for r, lp in zip(self.roles, lps, strict=True)}
-            ref_token = sample(lps[self.index(role)], position).token
+            lps = dict(zip(self.roles, (self.model_logprobs(rows, i)
+                                        for i in range(len(self.roles))), strict=True))
+            logprob_models = {r: float(lp[picked.token]) for r, lp in lps.items()}
+            p_models = {r: float(np.exp(lp[picked.token])) for r, lp in lps.items()}
+            if top_n is not None:
+                top_models = {r: sampler.top_logprobs(lp, top_n) for r, lp in lps.items()}
+            ref_token = sample(lps[role], position).token  # may change lps[role] in place
         logprob = top = None
-        if top_n is not None:
+        if top_n is not None or diagnostics:
             mixed = self.distribution(rows, weights, settings, role)
-            logprob, top = float(mixed[picked.token]), sampler.top_logprobs(mixed, top_n)
+            logprob = float(mixed[picked.token])
+            top = sampler.top_logprobs(mixed, top_n) if top_n is not None else None
         self.last = (rows, weights, role)
         self.stats.sampler_seconds += time.perf_counter() - start
         return Step(position=position, token=picked.token, p_mix=picked.p,
-                    p_models=p_models, ref_token=ref_token, logprob=logprob, top=top)
+                    p_models=p_models, ref_token=ref_token, logprob=logprob, top=top,
+                    logprob_models=logprob_models, top_models=top_models)
 
     def why(self, settings: SamplerSettings, k: int = 5) -> dict[str, list[tuple[int, float]]]:
         """Top tokens of each evaluated model and of the mix at the last step."""
@@ -420,15 +452,15 @@ class Engine:
                  *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
                  conservative: str | None = None,
                  on_step: Callable[[np.ndarray, Step], None] | None = None,
-                 extra: Sequence[str] = ()) -> Iterator[Step]:
+                 extra: Sequence[str] = (), shift: bool = False) -> Iterator[Step]:
         """Yield sampled tokens until an end-of-generation token, ``max_tokens`` or a full
         context; the last step's :attr:`Step.finish` says which (the caller may stop
         earlier). ``on_step(rows, step)`` sees each step's rows; ``extra`` models are
-        evaluated too."""
+        evaluated too; ``shift`` as :meth:`prime`."""
         started = time.perf_counter()
         self.activate(weights, settings, diagnostics=diagnostics, extra=extra,
                       conservative=conservative)
-        self.prime(tokens)
+        self.prime(tokens, shift=shift)
         position = len(tokens)
         stepped = None
         try:

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from eft_local import backend, hub, speculative
-from eft_local.chat import FALLBACK_TEMPLATE, Conversation, special_pattern, tokenize_messages
+from eft_local.chat import (
+    FALLBACK_TEMPLATE,
+    Conversation,
+    fit_messages,
+    special_pattern,
+    tokenize_messages,
+)
 from eft_local.config import (
     Config,
     Preset,
@@ -30,7 +36,7 @@ from eft_local.config import (
     preset_from_paths,
 )
 from eft_local.engine import Engine, Model, Step, file_size
-from eft_local.errors import EftError
+from eft_local.errors import ContextFull, EftError
 from eft_local.formula import Formula
 from eft_local.loading import LoadOptions, check_models, load_models, quantize
 from eft_local.sampler import SamplerSettings
@@ -66,6 +72,9 @@ class Chunk:
     finish: str | None = None
     notice: str | None = None
     evaluated: int | None = None
+    shifted: int | None = None
+    """On the last chunk: prompt tokens kept by cutting dropped turns out of the caches
+    (moved, not evaluated again; see :meth:`Session.stream`)."""
 
 
 @dataclass(frozen=True)
@@ -316,13 +325,17 @@ class Session:
     # -- generation -----------------------------------------------------------------------
     def stream(self, tokens: list[int], *, settings: Settings | None = None,
                max_tokens: int = 512, diagnostics: bool = False, top_n: int | None = None,
-               **changes: object) -> Iterator[Chunk]:
+               shift: bool = False, **changes: object) -> Iterator[Chunk]:
         """Generate after ``tokens`` with ``settings`` (default :attr:`defaults`, changed by
         ``changes``: ``beta=1.5``, ``temperature=0``, ``stop=[...]``...); yields text
         chunks, the last one carries ``finish``.
 
         ``top_n`` (0 or more) gives each step its log-prob under the mix (temperature 1, no
-        filters: as :meth:`score` defines it) and the ``top_n`` most likely tokens there."""
+        filters: as :meth:`score` defines it) and the ``top_n`` most likely tokens there.
+        ``shift``: ``tokens`` are the cached conversation with its oldest turns dropped
+        (:meth:`fit_chat`); models that can shift their caches move the kept tokens down
+        where that is faster than evaluating them again (:func:`eft_local.kvshift.
+        worth_shifting`), which gives slightly different log-probs from a fresh prompt."""
         s = self.settings_for(settings, **changes)
         if max_tokens < 1:
             raise EftError(f"invalid max_tokens {max_tokens}: must be >= 1")
@@ -335,9 +348,10 @@ class Session:
         if (self.options.speculative and self.can_speculate
                 and speculative.worth_speculating(self.engine, weights, self.draft_role(s))):
             generate = self.speculator.generate
-        before = self.engine.stats.prefilled
+        before, shifted = self.engine.stats.prefilled, self.engine.stats.shifted
         steps = generate(tokens, weights, s.sampling, max_tokens=max_tokens,
-                         diagnostics=diagnostics, top_n=top_n, conservative=conservative)
+                         diagnostics=diagnostics, top_n=top_n, conservative=conservative,
+                         shift=shift)
         try:
             for step in steps:
                 piece = b"" if ref.is_eog(step.token) else ref.piece(step.token)
@@ -350,7 +364,8 @@ class Session:
             steps.close()
         tail = text.flush()  # may apply a stop string that waited for an earlier, longer one
         yield Chunk(text=tail, finish="stop" if text.stopped else finish,
-                    evaluated=self.engine.stats.prefilled - before)
+                    evaluated=self.engine.stats.prefilled - before,
+                    shifted=self.engine.stats.shifted - shifted)
 
     def prompt_tokens(self, prompt: str, *, raw: bool = True, system: str | None = None,
                       parse_special: bool | None = None) -> list[int]:
@@ -383,44 +398,71 @@ class Session:
         return Result(text="".join(out), finish=finish, prompt_tokens=steps[0].position,
                       steps=steps)
 
+    def fit_chat(self, messages: list[dict[str, str]], *, settings: Settings | None = None,
+                 max_tokens: int = 512) -> tuple[list[int], list[dict[str, str]], int]:
+        """The prompt of ``messages`` under the context policy of ``settings`` (default
+        :attr:`defaults`): ``(tokens, messages kept, messages dropped)``.
+
+        ``truncate`` drops the oldest whole turns (system messages and the newest message
+        stay) until a reply of ``min(max_tokens, n_ctx / 4)`` tokens fits after the prompt;
+        when the newest message needs more, the reply gets the room left. ``error`` keeps
+        every message. Either way a prompt that leaves no room for one token is a
+        :class:`~eft_local.errors.ContextFull` error.
+        """
+        s = settings or self.defaults
+        n_ctx = self.engine.n_ctx
+        rendered: dict[int, list[int]] = {}
+
+        def count(msgs: list[dict[str, str]]) -> int:
+            rendered[len(msgs)] = found = self.chat_tokens(msgs, parse_special=s.parse_special)
+            return len(found)
+
+        if s.context_overflow == "error":
+            need = count(messages)
+            if need >= n_ctx:
+                raise ContextFull(f"the conversation needs {need} tokens but the context holds "
+                                  f"{n_ctx}; drop older turns (context overflow 'truncate') "
+                                  "or raise n_ctx")
+            return rendered[len(messages)], list(messages), 0
+        reserve = min(max_tokens, n_ctx // 4)
+        kept, dropped = fit_messages(messages, count, n_ctx - reserve, limit=n_ctx - 1)
+        tokens = rendered.get(len(kept)) or self.chat_tokens(kept, parse_special=s.parse_special)
+        return tokens, kept, dropped
+
     def chat(self, message: str, *, settings: Settings | None = None, max_tokens: int = 512,
              diagnostics: bool = False, **changes: object) -> Iterator[Chunk]:
         """Add a user turn, stream the reply, and keep it in the history.
 
-        When the history no longer fits, the oldest exchanges are dropped (the system prompt
-        stays) and a chunk with a ``notice`` says so. An interrupted reply is kept as far as
-        it got; a turn that fails leaves the history exactly as it was.
+        When the history no longer fits, the context policy of the settings decides
+        (:meth:`fit_chat`): ``truncate`` (the default) drops the oldest exchanges (the system
+        prompt stays; a chunk with a ``notice`` says so the first time in a conversation,
+        :attr:`Conversation.dropped` counts them), ``error`` raises
+        :class:`~eft_local.errors.ContextFull`. An interrupted reply is kept as far as it
+        got; a turn that fails leaves the history exactly as it was.
         """
         s = self.settings_for(settings, **changes)
         conv = self.conversation
-        before = list(conv.turns)
+        before, dropped_before = list(conv.turns), conv.dropped
         conv.add("user", message)
-        reserve = min(max_tokens, self.engine.n_ctx // 4)
-        measured: list[tuple[list[dict[str, str]], list[int]]] = []
-
-        def count(msgs: list[dict[str, str]]) -> int:
-            measured[:] = [(msgs, self.chat_tokens(msgs, parse_special=s.parse_special))]
-            return len(measured[0][1])
-
         try:
-            dropped = conv.fit(count, self.engine.n_ctx - reserve)
+            tokens, _kept, dropped = self.fit_chat(conv.messages(), settings=s,
+                                                   max_tokens=max_tokens)
+            exchanges = conv.drop(dropped)
         except BaseException:
-            conv.turns[:] = before
+            conv.turns[:], conv.dropped = before, dropped_before
             raise
         reply: list[str] = []
         try:
-            if dropped:
-                yield Chunk(notice=f"dropped the {dropped} oldest exchange(s) to fit the "
-                            f"context of {self.engine.n_ctx} tokens")
-            messages = conv.messages()
-            tokens = (measured[0][1] if measured and measured[0][0] == messages  # once
-                      else self.chat_tokens(messages, parse_special=s.parse_special))
+            if dropped and not dropped_before:
+                yield Chunk(notice=f"the conversation is longer than the context "
+                            f"({self.engine.n_ctx} tokens): its oldest turns are dropped from "
+                            f"now on ({exchanges} exchange(s) this time)")
             for chunk in self.stream(tokens, settings=s, max_tokens=max_tokens,
-                                     diagnostics=diagnostics):
+                                     diagnostics=diagnostics, shift=bool(dropped)):
                 reply.append(chunk.text)
                 yield chunk
         except Exception:  # a failed turn leaves the history as it was
-            conv.turns[:] = before
+            conv.turns[:], conv.dropped = before, dropped_before
             raise
         except BaseException:  # Ctrl-C or the caller closing early: keep the partial reply
             conv.add("assistant", "".join(reply))
@@ -430,6 +472,7 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         self.conversation.turns.clear()
+        self.conversation.dropped = 0
 
     # -- scoring --------------------------------------------------------------------------
     def score(self, text_or_tokens: str | Sequence[int], *, settings: Settings | None = None,
@@ -491,6 +534,7 @@ class Session:
                 "first_token_seconds": s.first_token_seconds,
                 "seconds_per_model": dict(s.eval_seconds),
                 "sampler_ms_per_token": 1e3 * s.sampler_seconds / max(1, s.generated),
+                "shifted_tokens": s.shifted,
                 "drafted_tokens": s.drafted, "accepted_tokens": s.accepted,
                 "acceptance_rate": s.acceptance_rate(), **self.schedule_stats()}
 

@@ -26,6 +26,9 @@ __all__ = ["SamplerSettings", "Settings"]
 SAMPLING = tuple(f.name for f in fields(SamplerSettings))
 """Keywords of :meth:`Settings.replace` that change the sampler settings."""
 
+OVERFLOW = ("truncate", "error")
+"""Context policies: what a chat whose history no longer fits the context does."""
+
 
 def param_name(name: str) -> str:
     """The canonical name of a formula parameter (``lambda`` is ``lam``)."""
@@ -43,6 +46,9 @@ class Settings:
     """The text ends before the first of these."""
     parse_special: bool = False
     """Parse control-token text inside messages (unsafe with untrusted input)."""
+    context_overflow: str = "truncate"
+    """A chat longer than the context: ``truncate`` drops its oldest whole turns (the
+    system prompt and the newest message stay), ``error`` refuses it."""
 
     def __post_init__(self) -> None:
         params = {**PARAMETERS}
@@ -53,12 +59,16 @@ class Settings:
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise EftError(f"invalid stop {self.stop!r}: must be a list of strings")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        if self.context_overflow not in OVERFLOW:
+            raise EftError(f"invalid context_overflow {self.context_overflow!r}: choose "
+                           f"{' or '.join(OVERFLOW)}")
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes``: ``formula`` (text or :class:`Formula`), ``params`` (a
         mapping), any parameter (``beta``, ``lam``/``lambda``), any
         :class:`~eft_local.sampler.SamplerSettings` field, ``sampling``, ``stop``,
-        ``parse_special``. ``None`` values leave a setting as it is."""
+        ``parse_special``, ``context_overflow``. ``None`` values leave a setting as it
+        is."""
         changes = {k: v for k, v in changes.items() if v is not None}
         params = dict(self.params)
         changed = dict(changes.pop("params", {}))
@@ -76,11 +86,11 @@ class Settings:
         formula = changes.pop("formula", self.formula)
         if isinstance(formula, str):
             formula = parse_formula(formula, roles=self.formula.roles or None)
-        unknown = sorted(set(changes) - {"stop", "parse_special"})
+        unknown = sorted(set(changes) - {"stop", "parse_special", "context_overflow"})
         if unknown:
             raise EftError(f"unknown setting {unknown[0]!r} (known: formula, "
                            f"{', '.join(PARAMETERS)}, {', '.join(SAMPLING)}, stop, "
-                           "parse_special)")
+                           "parse_special, context_overflow)")
         for name, value in changed.items():  # name the knob that broke the formula
             try:
                 formula.weights(params)
@@ -89,7 +99,9 @@ class Settings:
         stop = changes.get("stop", self.stop)
         return Settings(formula=formula, params=params, sampling=sampling,
                         stop=(stop,) if isinstance(stop, str) else tuple(stop),
-                        parse_special=bool(changes.get("parse_special", self.parse_special)))
+                        parse_special=bool(changes.get("parse_special", self.parse_special)),
+                        context_overflow=changes.get("context_overflow",
+                                                     self.context_overflow))
 
     def weights(self) -> dict[str, float]:
         """One weight per role of the formula."""

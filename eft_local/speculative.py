@@ -128,8 +128,9 @@ class Speculator:
     # -- the loop -------------------------------------------------------------------------
     def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
                  *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
-                 conservative: str | None = None) -> Iterator[Step]:
-        """Yield the tokens plain decoding would yield, drafting and verifying in blocks."""
+                 conservative: str | None = None, shift: bool = False) -> Iterator[Step]:
+        """Yield the tokens plain decoding would yield, drafting and verifying in blocks
+        (``shift``: the prompt as :meth:`Engine.prime` takes it)."""
         eng = self.engine
         conservative = conservative or eng.conservative_role
         self.drafter = self.draft_role or eng.cheapest_role(weights, prefer=conservative)
@@ -139,7 +140,7 @@ class Speculator:
             self.plain_generations += 1
             yield from eng.generate(tokens, weights, settings, max_tokens=max_tokens,
                                     diagnostics=diagnostics, top_n=top_n,
-                                    conservative=conservative)
+                                    conservative=conservative, shift=shift)
             return
         if self.sizer.plain_wins():
             # plain steps win at the acceptance seen so far: plain decoding's own loop (the
@@ -150,13 +151,13 @@ class Speculator:
                                     conservative=conservative,
                                     on_step=lambda rows, step: self._shadow_step(
                                         rows, step, settings),
-                                    extra=(self.drafter,))
+                                    extra=(self.drafter,), shift=shift)
             return
         started = time.perf_counter()
         eng.settle_schedule()  # a probe left unfinished would outlive its plain steps
         eng.activate(weights, settings, diagnostics=diagnostics, extra=(self.drafter,),
                      conservative=conservative)
-        eng.prime(tokens)
+        eng.prime(tokens, shift=shift)
         seq = list(tokens)
         head: np.ndarray | None = eng.rows  # rows at len(seq); None: seq[-1] not evaluated
         emitted = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -33,12 +33,12 @@ class Served:
 def serving(preset: str = "tiny-up", *, pinned: bool = False,
             options: ServerOptions | None = None, max_queue: int = 16,
             limits: HttpLimits | None = None, download: bool = False,
-            models: list[str] | None = None) -> Iterator[Served]:
-    """The bundled family's ``preset`` (or ``ROLE=PATH`` ``models``, pinned) served on
+            models: Sequence[str] = ()) -> Iterator[Served]:
+    """The bundled family's ``preset`` (or the ``ROLE=PATH`` ``models``, pinned) served on
     127.0.0.1 (an ephemeral port), as ``eft-local serve`` serves it."""
     logs: list[str] = []
     load = LoadOptions(n_threads=1, download=download)
-    session = (load_session(models=models, options=load) if models
+    session = (load_session(models=list(models), options=load) if models
                else load_session(preset, options=load))
     runner = Worker(None if models else load_config(), session.preset,
                     pinned=pinned or bool(models), params=session.params,

@@ -889,7 +889,7 @@ def test_17_6_a_client_leaving_a_whole_response_stops_it_within_a_token() -> Non
         assert job.generated_at_cancel is not None, "never noticed the client left"
         assert job.generated - job.generated_at_cancel <= 1
         assert job.generated < 200
-        _poll(lambda: any("client gone after" in line for line in s.logs), "the log line")
+        _poll(lambda: any("client gone: stopped after" in line for line in s.logs), "the log line")
 
 
 def test_17_7_a_request_whose_client_left_while_it_waited_is_skipped() -> None:
@@ -960,6 +960,26 @@ def test_17_8_special_token_text_is_counted_before_tokenizing(endpoint) -> None:
         reply = httpx.post(s.url + path, json=body, timeout=PATIENCE)
         _error(reply, 400, "context_length_exceeded")
         assert calls == []
+
+
+@pytest.mark.parametrize("policy", ["truncate", "error"])
+def test_17_8_turns_too_long_for_the_context_are_never_tokenized(policy) -> None:
+    huge = "x" * 100_000  # far more characters than 256 tokens of the longest token hold
+    messages = [{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "Hi"}]
+    with serving() as s:
+        model = s.runner.session.models[s.runner.session.preset.template_role]
+        seen, original = [], model.tokenize
+        model.tokenize = lambda text, **k: seen.append(len(text)) or original(text, **k)
+        reply = httpx.post(s.v1 + "/chat/completions", timeout=PATIENCE, json={
+            "messages": messages, "max_tokens": 2, "eft": {"context_overflow": policy}})
+        if policy == "error":
+            _error(reply, 400, "context_length_exceeded")
+            assert seen == []
+        else:
+            assert reply.status_code == 200, reply.text[:500]
+            assert reply.json()["eft"]["dropped_messages"] == 2
+            assert seen and max(seen) < 1000
 
 
 def test_17_8_a_completion_prompt_is_tokenized_once() -> None:
@@ -1164,8 +1184,8 @@ def test_17_14_a_client_gone_mid_stream_is_logged_as_such() -> None:
                                                           "stream": True})
         _sse_until(sock, lambda d: d.count(b"data: ") >= 3)
         sock.close()
-        _poll(lambda: any("client gone after" in line for line in s.logs), "the log line")
-        line = next(line for line in s.logs if "client gone after" in line)
+        _poll(lambda: any("client gone: stopped after" in line for line in s.logs), "the log line")
+        line = next(line for line in s.logs if "client gone: stopped after" in line)
         assert " 200 prompt=" in line and " prompt=0 " not in line, line
         assert " completion=0 " not in line, line
 

@@ -125,6 +125,15 @@ def sampling_options(func: F) -> F:
     ], func)
 
 
+def context_option(func: F) -> F:
+    """What a chat longer than the context does (chat and serve)."""
+    return click.option(
+        "--context-overflow", type=click.Choice(["truncate", "error"]),
+        help="A chat longer than the context: drop its oldest whole turns, keeping the "
+        "system prompt and the newest message (truncate, the default), or refuse it "
+        "(error).")(func)
+
+
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "conservative_top_p")
 
 
@@ -148,7 +157,8 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
                            options=options,
                            progress=progress_printer(bool(opts.get("verbose"))))
     session.update(stop=tuple(opts.get("stop") or ()),
-                   parse_special=bool(opts.get("parse_special")))
+                   parse_special=bool(opts.get("parse_special")),
+                   context_overflow=opts.get("context_overflow"))
     return session
 
 

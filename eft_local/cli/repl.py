@@ -17,7 +17,13 @@ from typing import Any
 import click
 
 from eft_local.chat import Conversation
-from eft_local.cli.options import model_options, open_session, sampling_options, write
+from eft_local.cli.options import (
+    context_option,
+    model_options,
+    open_session,
+    sampling_options,
+    write,
+)
 from eft_local.errors import EftError
 from eft_local.session import Session
 from eft_local.text import printable
@@ -38,6 +44,8 @@ HELP = [
     ("/seed N", "random seed"),
     ("/max N", "longest reply in tokens"),
     ("/system TEXT", "set the system prompt (no TEXT: remove it)"),
+    ("/overflow MODE", "a chat longer than the context: truncate (drop the oldest turns) "
+     "or error"),
     ("/reset", "forget the conversation (the system prompt stays)"),
     ("/save FILE", "write the transcript as JSON"),
     ("/load FILE", "continue a saved transcript"),
@@ -320,6 +328,12 @@ class Repl:
         self.session.conversation.system = arg or None
         say("system prompt set" if arg else "system prompt removed")
 
+    def cmd_overflow(self, arg: str) -> None:
+        if not arg:
+            raise EftError("/overflow needs truncate or error, e.g. /overflow error")
+        self.session.update(context_overflow=arg)
+        say(f"context overflow = {self.session.defaults.context_overflow}")
+
     def cmd_reset(self, _arg: str) -> None:
         self.session.reset()
         say("conversation cleared")
@@ -405,6 +419,7 @@ def schedule_line(stats: dict[str, Any]) -> str:
 @click.argument("preset", required=False)
 @model_options
 @sampling_options
+@context_option
 def chat(preset: str | None, **opts: Any) -> None:
     """Chat with the mixed model; slash commands change the mix live (/help)."""
     with open_session(preset, opts) as session:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from eft_local.cli.options import model_options, sampling_options
+from eft_local.cli.options import context_option, model_options, sampling_options
 from eft_local.errors import EftError
 from eft_local.text import printable
 
@@ -56,6 +56,7 @@ def listen(host: str, port: int) -> socket.socket:
               help="Serve only this preset (requests naming another get 404).")
 @model_options
 @sampling_options
+@context_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (another than loopback wants --api-key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
@@ -74,7 +75,8 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     """Serve the emulated model over an OpenAI-compatible HTTP API.
 
     Endpoints: /v1/chat/completions, /v1/completions (echo + logprobs scores a text),
-    /v1/models, /tokenize, /detokenize, /tokenizer_info, /health. Requests may name any
+    /v1/models, /tokenize, /detokenize, /tokenizer_info, /health, and / (the playground:
+    a web page showing each token's mix, in colour). Requests may name any
     preset whose files are present (it is loaded on demand, one set at a time) unless
     --preset or --model pins one; model names like PRESET@beta=1.5 and an "eft" object in
     the body set the knobs per request. The sampling options are the defaults of every
@@ -113,12 +115,15 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     runner.adopt(session)
     options = ServerOptions(api_key=api_key, max_body=max_body, max_tokens=opts["max_tokens"],
                             system=opts.get("system"), stop=tuple(opts.get("stop") or ()),
-                            seed=opts.get("seed"))
+                            seed=opts.get("seed"),
+                            context_overflow=opts.get("context_overflow") or "truncate")
     app = create_app(runner, options, log=_log)
     runner.start()
     server = make_server(app, runner, log=_log,
                          limits=HttpLimits(max_connections=max(64, max_queue + 16)))
-    _log(f"serving {session.preset.name!r} on {base_url(sock)}/v1 (OpenAI API; Ctrl-C stops)")
+    url = base_url(sock)
+    _log(f"serving {session.preset.name!r} on {url}/v1 (OpenAI API; the playground page at "
+         f"{url}/; Ctrl-C stops)")
     try:
         server.run(sockets=[sock])
     finally:

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from eft_local.chat import fit_messages
+from eft_local.errors import ContextFull
 from eft_local.records import finite, step_record
 from eft_local.server.protocol import (
     ApiError,
@@ -23,14 +25,42 @@ from eft_local.server.protocol import (
     parse_chat,
 )
 from eft_local.server.worker import Job
-from eft_local.session import SamplerSettings, Session, Settings
+from eft_local.session import SamplerSettings, Session, Settings, Step
 
 
 def describe(session: Session, settings: Settings) -> dict[str, Any]:
     """The ``eft`` object of a response: what the request was served with."""
     knobs = settings.knobs()
     return {"preset": session.preset.name, "formula": settings.describe(), "params": knobs,
-            "model": model_name(session.preset.name, knobs)}
+            "model": model_name(session.preset.name, knobs),
+            "base_role": settings.formula.base_role(),
+            "conservative_role": session.conservative_role(settings)}
+
+
+def token_record(session: Session, step: Step, *, content: str, base: str | None,
+                 alternatives: int = 0) -> dict[str, Any]:
+    """One entry of ``eft.tokens``: :func:`~eft_local.records.step_record` plus the reply
+    text the token released (``content``), its log-prob under the mix (temperature 1, no
+    filters) and under each model, ``shift`` = log p_mix - log p_base (``base``: the
+    formula's base term) and, with ``alternatives``, the best tokens of each model and of
+    the mix."""
+    record = step_record(session, step)
+    record["content"] = content
+    if step.ref_token is not None:
+        record["ref_text"] = session.token_text(step.ref_token)
+    models = {r: finite(v) for r, v in (step.logprob_models or {}).items()}
+    mix = None if step.logprob is None else finite(step.logprob)
+    record["logprob_mix"] = mix
+    record["logprob_models"] = models
+    record["shift"] = mix - models[base] if mix is not None and base in models else None
+    if alternatives and step.top_models is not None:
+        def listed(top: Sequence[tuple[int, float]]) -> list[dict[str, Any]]:
+            return [{"token": t, "text": session.token_text(t), "logprob": finite(lp)}
+                    for t, lp in top[:alternatives]]
+
+        record["alternatives"] = {**{r: listed(top) for r, top in step.top_models.items()},
+                                  "mix": listed(step.top or ())}
+    return record
 
 
 def _settings(job: Job) -> Settings:
@@ -67,6 +97,34 @@ def check_text(session: Session, text: str, param: str, *, parse_special: bool,
                            code="context_length_exceeded")
 
 
+def fit_characters(session: Session, messages: list[dict[str, str]], settings: Settings
+                   ) -> tuple[list[dict[str, str]], int]:
+    """Before any tokenizing, what the characters alone decide (a message of N characters is
+    at least N / :attr:`Session.longest_token` tokens): under the ``truncate`` policy the
+    oldest turns that cannot fit are dropped here (returned: the messages left and how many
+    were dropped); under ``error``, or when the newest message and the system messages alone
+    are too long, a 400."""
+    budget = session.n_ctx * session.longest_token
+
+    def chars(msgs: list[dict[str, str]]) -> int:
+        return sum(len(m["content"]) for m in msgs)
+
+    def refuse(count: int) -> ApiError:
+        return ApiError(400, f"this model's context holds {session.n_ctx} tokens, at most "
+                        f"{budget} characters (no token is longer than "
+                        f"{session.longest_token}); the messages are {count} characters",
+                        param="messages", code="context_length_exceeded")
+
+    if settings.context_overflow == "error":
+        if chars(messages) > budget:
+            raise refuse(chars(messages))
+        return messages, 0
+    try:
+        return fit_messages(messages, chars, budget)
+    except ContextFull:
+        raise refuse(chars(messages)) from None
+
+
 def check_tokens(session: Session, tokens: Sequence[int], param: str) -> None:
     """400 unless every id is in the vocabulary."""
     n = session.vocab_size
@@ -78,10 +136,12 @@ def check_tokens(session: Session, tokens: Sequence[int], param: str) -> None:
 
 def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
              stop: Sequence[str], top_n: int | None, index: int = 0,
-             prompt_param: str = "messages",
+             prompt_param: str = "messages", shift: bool = False,
              convert: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """Stream one generation after ``tokens`` as ``chunk`` events; a ``done`` event carries
-    usage and llama-server style ``timings`` (tokens evaluated vs. re-used from the cache)."""
+    usage and llama-server style ``timings`` (tokens evaluated vs. re-used from the cache).
+    ``shift``: ``tokens`` are a chat whose oldest turns were dropped (see
+    :meth:`Session.stream`)."""
     n_ctx = session.n_ctx
     if len(tokens) >= n_ctx:
         raise too_long(session, len(tokens), prompt_param)
@@ -89,10 +149,14 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
     first = None
     count = 0
     diagnostics = job.knobs.diagnostics
+    alternatives = job.knobs.alternatives if diagnostics else 0
     settings = _settings(job).replace(stop=tuple(stop))
+    base = settings.formula.base_role()
     stream = session.stream(tokens, settings=settings,
                             max_tokens=max(1, min(max_tokens, n_ctx - len(tokens))),
-                            diagnostics=diagnostics, top_n=top_n)
+                            diagnostics=diagnostics, shift=shift,
+                            top_n=None if top_n is None and not alternatives
+                            else max(top_n or 0, alternatives))
     pending: list[dict[str, Any]] = []
     eft_pending: list[dict[str, Any]] = []
     finish = None
@@ -110,9 +174,12 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                         session.token_text(step.token), session.token_bytes(step.token),
                         step.logprob if step.logprob is not None else float("nan"),
                         [(session.token_text(t), session.token_bytes(t), lp)
-                         for t, lp in (step.top or ())]))
+                         for t, lp in (step.top or ())[:top_n]]))
                 if diagnostics:
-                    eft_pending.append(step_record(session, step))
+                    eft_pending.append(token_record(session, step, content=chunk.text,
+                                                    base=base, alternatives=alternatives))
+            elif chunk.text and eft_pending:  # text held back to the end: the last token's
+                eft_pending[-1]["content"] += chunk.text
             if chunk.finish:
                 finish = chunk.finish
             if chunk.evaluated is not None:
@@ -129,8 +196,8 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
         stream.close()
     ended = time.perf_counter()
     first = first or ended
-    job.info = {"prompt_tokens": len(tokens), "completion_tokens": count,
-                "cancelled": job.cancelled.is_set()}
+    job.info.update(prompt_tokens=len(tokens), completion_tokens=count,
+                    cancelled=job.cancelled.is_set())
     timings = {"cache_n": len(tokens) - evaluated, "prompt_n": evaluated,
                "prompt_ms": 1e3 * (first - started),
                "prompt_per_second": evaluated / max(first - started, 1e-9),
@@ -151,18 +218,24 @@ def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
         messages = req.messages
         if system and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system}, *messages]
-        check_text(session, "".join(m["content"] for m in messages), "messages",
-                   parse_special=False)
+        max_tokens = req.common.max_tokens or default_max
+        messages, early = fit_characters(session, messages, _settings(job))
         if job.cancelled.is_set():  # the client left: no tokenizing for nobody
             return
-        tokens = session.chat_tokens(messages)
-        if len(tokens) >= session.n_ctx:  # before the first byte: a stream gets the 400 too
-            raise too_long(session, len(tokens), "messages")
-        job.emit("start", {"eft": describe(session, _settings(job)),
-                           "prompt_tokens": len(tokens)})
-        generate(session, job, tokens, max_tokens=req.common.max_tokens or default_max,
+        try:
+            tokens, _kept, dropped = session.fit_chat(messages, settings=_settings(job),
+                                                      max_tokens=max_tokens)
+        except ContextFull as exc:  # before the first byte: a stream gets the 400 too
+            raise ApiError(400, str(exc), param="messages",
+                           code="context_length_exceeded") from None
+        dropped += early
+        eft = describe(session, _settings(job))
+        if dropped:  # said once: in the response's eft object and the log line
+            eft["dropped_messages"] = job.info["dropped_messages"] = dropped
+        job.emit("start", {"eft": eft, "prompt_tokens": len(tokens)})
+        generate(session, job, tokens, max_tokens=max_tokens,
                  stop=default_stop if req.common.stop is None else req.common.stop,
-                 top_n=req.top_logprobs if req.logprobs else None)
+                 top_n=req.top_logprobs if req.logprobs else None, shift=bool(dropped))
 
     return work
 

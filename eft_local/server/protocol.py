@@ -15,7 +15,7 @@ from typing import Any
 
 from eft_local.errors import EftError
 from eft_local.records import finite
-from eft_local.settings import SamplerSettings
+from eft_local.settings import OVERFLOW, SamplerSettings
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token (OpenAI's limit for chat ``top_logprobs``)."""
@@ -84,13 +84,19 @@ def _stops(body: Mapping[str, Any]) -> tuple[str, ...] | None:
 
 @dataclass(frozen=True)
 class Knobs:
-    """EFT settings of one request: parameter values, formula, diagnostics."""
+    """EFT settings of one request: parameter values, formula, diagnostics, context
+    policy."""
 
     params: Mapping[str, float] = field(default_factory=dict)
     formula: str | None = None
     diagnostics: bool = False
+    context_overflow: str | None = None
+    """``truncate`` or ``error`` (None: the server's default)."""
     sources: Mapping[str, str] = field(default_factory=dict)
-    """Where each value of ``params`` came from, for errors: ``model`` or ``eft.beta``..."""
+    """Which request field set each parameter (``model``, ``eft.lambda``...)."""
+    alternatives: int = 0
+    """With diagnostics: each token's most likely alternatives under every model and the
+    mix (how many)."""
 
 
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
@@ -133,7 +139,8 @@ def model_name(preset: str, params: Mapping[str, float]) -> str:
     return preset + "@" + ",".join(f"{k}={v:g}" for k, v in params.items())
 
 
-_EFT_KEYS = ("beta", "lambda", "lam", "formula", "conservative_top_p", "diagnostics")
+_EFT_KEYS = ("beta", "lambda", "lam", "formula", "conservative_top_p", "diagnostics",
+             "context_overflow", "alternatives")
 
 
 def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
@@ -146,17 +153,23 @@ def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
         return Knobs(params=dict(name_params), sources=sources), None
     if not isinstance(eft, dict):
         raise bad("'eft' must be an object: {beta, lambda, formula, conservative_top_p, "
-                  "diagnostics}", "eft")
+                  "diagnostics, alternatives, context_overflow}", "eft")
     unknown = [k for k in eft if k not in _EFT_KEYS]
     if unknown:
         raise bad(f"'eft.{unknown[0]}' is not an EFT setting (known: beta, lambda, formula, "
-                  "conservative_top_p, diagnostics)", f"eft.{unknown[0]}")
+                  "conservative_top_p, diagnostics, alternatives, context_overflow)",
+                  f"eft.{unknown[0]}")
     params = dict(name_params)
     for key in ("beta", "lambda", "lam"):
         value = _number(eft, key, -1e30, 1e30, where="eft.")
         if value is not None:
-            params["lam" if key == "lambda" else key] = float(value)
-            sources["lam" if key == "lambda" else key] = f"eft.{key}"
+            name = "lam" if key == "lambda" else key
+            params[name], sources[name] = float(value), f"eft.{key}"
+    overflow = eft.get("context_overflow")
+    if overflow is not None and overflow not in OVERFLOW:
+        raise bad(f"'eft.context_overflow' is {overflow!r}; it must be \"truncate\" (drop the "
+                  "oldest turns of a chat longer than the context) or \"error\"",
+                  "eft.context_overflow")
     formula = eft.get("formula")
     if formula is not None and (not isinstance(formula, str) or not formula.strip()):
         raise bad("'eft.formula' must be a formula text, e.g. 'up' or "
@@ -164,9 +177,13 @@ def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
     ctp = _number(eft, "conservative_top_p", 0, 1, where="eft.")
     if ctp is not None and ctp <= 0:
         raise bad("'eft.conservative_top_p' must be in (0, 1]", "eft.conservative_top_p")
-    return Knobs(params=params, formula=formula,
-                 diagnostics=_bool(eft, "diagnostics", where="eft."), sources=sources), (
-        None if ctp is None else float(ctp))
+    diagnostics = _bool(eft, "diagnostics", where="eft.")
+    alternatives = _number(eft, "alternatives", 0, MAX_TOP_LOGPROBS, integer=True, where="eft.")
+    if alternatives and not diagnostics:
+        raise bad("'eft.alternatives' needs 'eft.diagnostics': true", "eft.alternatives")
+    return Knobs(params=params, formula=formula, diagnostics=diagnostics,
+                 alternatives=int(alternatives or 0), context_overflow=overflow,
+                 sources=sources), (None if ctp is None else float(ctp))
 
 
 def _sampling(body: Mapping[str, Any], base: SamplerSettings, conservative: float | None,
@@ -357,6 +374,9 @@ def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None
     if body.get("suffix"):
         raise bad("'suffix' is not supported", "suffix")
     common = _common(body, base, default_seed, "max_tokens")
+    if common.knobs.context_overflow is not None:
+        raise bad("'eft.context_overflow' applies to chat completions (a completion's prompt "
+                  "is not made of turns)", "eft.context_overflow")
     echo = _bool(body, "echo")
     logprobs = _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
     if common.max_tokens == 0 and not echo:

@@ -244,9 +244,10 @@ class Worker:
             self.history = [*self.history[-31:], job]
 
     def _session_for(self, name: str | None) -> Session:
-        """The session of preset ``name``. Another preset than the loaded one loads beside
-        it and replaces it only once loaded: a failed load leaves the old one serving."""
-        name = name or (self.loaded or self.initial.name)
+        """The session of preset ``name`` (no name: the server's default preset). Another
+        preset than the loaded one loads beside it and replaces it only once loaded: a failed
+        load leaves the old one serving."""
+        name = name or self.initial.name
         if self.session is not None and self.session.preset.name == name:
             return self.session
         preset = self.check_model(name)
@@ -286,9 +287,14 @@ def request_settings(session: Session, job: Job) -> Settings:
         except EftError as exc:
             raise ApiError(400, str(exc), param="eft.formula") from None
     for name, value in job.knobs.params.items():
+        where = job.knobs.sources.get(name, f"eft.{name}")
+        if name not in s.formula.params:
+            used = ", ".join(s.formula.params) or "no knob"
+            raise ApiError(400, f"'{where}' sets {name}, which the formula {s.formula.text!r} "
+                           f"does not use (it uses {used})", param=where)
         try:
             s = s.replace(params={name: value})
         except EftError as exc:
-            raise ApiError(400, str(exc),
-                           param=job.knobs.sources.get(name, f"eft.{name}")) from None
+            raise ApiError(400, str(exc), param=where) from None
+    s = s.replace(context_overflow=job.knobs.context_overflow)
     return s.replace(sampling=job.sampling) if job.sampling is not None else s
