@@ -768,6 +768,22 @@ def test_17_3_a_ctrl_c_inside_a_callback_from_c_is_delivered_after_it() -> None:
     assert finished
 
 
+def test_17_3_a_ctrl_c_right_after_a_piece_of_the_answer_ends_its_line(family, monkeypatch
+                                                                        ) -> None:
+    shown: list[str] = []
+
+    def write(text: str) -> None:  # the Ctrl-C lands just after the first text is written
+        shown.append(text)
+        if text and len([t for t in shown if t]) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(repl, "write", write)
+    with api_session(family.pairs(), temperature=0) as s:
+        repl.Repl(s, max_tokens=20).answer("Hi")
+    assert "".join(shown).endswith("\n[interrupted]\n"), shown
+    assert "".join(shown).count("\n") == 2
+
+
 def test_17_3_ctrl_c_in_the_repl_stops_only_the_answer() -> None:
     script = "Hi\n/max 2\nAgain\n/quit\n"
     child = Child(["chat", "tiny-up", *THREADS, "-t", "0", "--max-tokens", "200"],
