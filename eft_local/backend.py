@@ -37,6 +37,7 @@ from llama_cpp import llama_grammar  # noqa: E402
 from eft_local import ggufscan, limits  # noqa: E402
 from eft_local.errors import EftError  # noqa: E402
 from eft_local.files import atomic_path  # noqa: E402
+from eft_local.interrupts import Stop, current_stop, foreign_callback, interruptible  # noqa: E402
 from eft_local.text import undecodable  # noqa: E402
 from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, ATTR_UNUSED, VocabInfo  # noqa: E402
 
@@ -60,12 +61,26 @@ _GENERIC = re.compile(r"failed to (load model|read header)|unable to load model"
 
 
 @L.llama_log_callback
+@foreign_callback
 def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-    """Keep llama.cpp's log quiet unless EFT_LOCAL_VERBOSE is set; remember error lines."""
+    """Keep llama.cpp's log quiet unless EFT_LOCAL_VERBOSE is set; remember error lines. An
+    interrupted call that cannot return early (quantizing) stays here for good."""
+    stop = current_stop()
+    if stop is not None and stop.parkable and stop.requested.is_set():
+        stop.park()
     if level == _LOG_ERROR:
         _recent_errors.append(text.decode("utf-8", "replace"))
     if os.environ.get("EFT_LOCAL_VERBOSE"):
         os.write(2, text)
+
+
+@L.llama_progress_callback
+@foreign_callback
+def _progress(_fraction: float, _user: ctypes.c_void_p) -> bool:
+    """Model loading goes on unless Ctrl-C or SIGTERM asked the load to stop (llama.cpp
+    then gives the load up); no progress dots."""
+    stop = current_stop()
+    return not (stop is not None and stop.requested.is_set())
 
 
 def _ensure_backend() -> None:
@@ -145,13 +160,20 @@ def _load_model(path: Path, *, vocab_only: bool, n_gpu_layers: int):
     params = L.llama_model_default_params()
     params.vocab_only = vocab_only
     params.n_gpu_layers = n_gpu_layers
+    params.progress_callback = _progress
     _forget_errors()
-    model = L.llama_model_load_from_file(str(path).encode(), params)
+    model = interruptible(lambda _stop: L.llama_model_load_from_file(str(path).encode(), params),
+                          discard=_free_model, name="llama.cpp load")
     if not model:
         why = _last_error()
         raise EftError(f"{path}: llama.cpp could not load this GGUF file"
                        + (f" ({why})" if why else " (corrupt or unsupported)"))
     return model
+
+
+def _free_model(model) -> None:
+    if model:
+        L.llama_model_free(model)
 
 
 def _vocab_info(model, path: Path) -> VocabInfo:
@@ -217,7 +239,9 @@ class LlamaModel:
         """Threads used for decoding and prompts (:meth:`set_threads`)."""
         cparams.no_perf = True
         _forget_errors()
-        self._ctx = L.llama_init_from_model(self._model, cparams)
+        self._ctx = interruptible(lambda _stop: L.llama_init_from_model(self._model, cparams),
+                                  discard=lambda ctx: ctx and L.llama_free(ctx),
+                                  name="llama.cpp context")
         if not self._ctx:
             raise EftError(f"{self.path}: could not create a context with n_ctx={n_ctx}"
                            f" ({_last_error() or 'out of memory?'})")
@@ -632,7 +656,13 @@ def quantize_gguf(src: str | Path, dst: str | Path, kind: str = "q8_0",
     params.allow_requantize = allow_requantize
     _forget_errors()
     with atomic_path(dst) as tmp:
-        rc = L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+
+        def work(stop: Stop) -> int:
+            stop.parkable = True  # it cannot return early: Ctrl-C parks it at a log line
+            return L.llama_model_quantize(str(src).encode(), str(tmp).encode(),
+                                          ctypes.byref(params))
+
+        rc = interruptible(work, name="llama.cpp quantize")
         if rc != 0:
             why = _last_error()
             found = re.search(r"requantizing from type (\S+)", why)

@@ -34,6 +34,10 @@ class LoadOptions:
     ``sequential`` unmeasured when every model is wholly on the GPU), ``lanes``,
     ``large-first`` or ``sequential`` (the default without ``parallel``)."""
 
+    download: bool = True
+    """Download a preset's missing hub files when it loads (``serve`` turns this off unless
+    ``--allow-download``)."""
+
     def __post_init__(self) -> None:
         if self.schedule is not None and self.schedule not in ("auto", *schedules.NAMES):
             raise EftError(f"invalid schedule {self.schedule!r}: choose auto, "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eft_local.errors import EftError
-from eft_local.files import atomic_path
+from eft_local.files import atomic_path, check_target
 
 FORMATS = ("png", "svg")
 HINT = "--plot needs matplotlib: pip install 'eft-local[plot]'"
@@ -23,12 +23,13 @@ POINTS_GID = "combinations"
 
 def require(path: Path) -> None:
     """Fail now (one line) when ``path`` cannot be drawn: unknown format, no matplotlib,
-    or a folder that does not exist."""
+    a folder that does not exist, or a path that is not a regular file."""
     suffix = Path(path).suffix.lower().lstrip(".")
     if suffix not in FORMATS:
         raise EftError(f"--plot {path}: give a .png or .svg file name")
     if not Path(path).parent.is_dir():
         raise EftError(f"--plot {path}: folder {Path(path).parent} does not exist")
+    check_target(Path(path))
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -104,7 +104,8 @@ class Session:
         self.options = options or LoadOptions()
         say = progress or (lambda _msg: None)
         if models is None:
-            paths = {role: hub.resolve(spec) for role, spec in preset.models.items()}
+            paths = {role: hub.resolve(spec, download=self.options.download)
+                     for role, spec in preset.models.items()}
             report = align({r: backend.read_vocab(p) for r, p in paths.items()},
                            reference=preset.template_role)
             if not report.ok:
@@ -129,6 +130,7 @@ class Session:
         self.conversation = Conversation()
         self._specials: re.Pattern[str] | bool | None = None
         self._pieces: utf8.Pieces | None = None
+        self._longest: int | None = None
         self._speculator: speculative.Speculator | None = None
         whole = [r for r, m in self.models.items() if not getattr(m, "partial_rewind", True)]
         self.can_speculate = not whole
@@ -287,6 +289,24 @@ class Session:
         if vocab and vocab.add_bos and vocab.bos >= 0 and tokens[:1] != [vocab.bos]:
             return [vocab.bos, *tokens]
         return tokens
+
+    def special_count(self, text: str) -> int:
+        """How many control-token texts (``<|im_end|>``...) ``text`` holds: with special-token
+        parsing, that many tokens at least (and llama.cpp's parsing costs their number times
+        the text's length: count before tokenizing untrusted text)."""
+        if self._specials is None:
+            vocab = self.report.vocabs.get(self.preset.template_role)
+            self._specials = special_pattern(vocab) or False
+        return sum(1 for _ in self._specials.finditer(text)) if self._specials else 0
+
+    @property
+    def longest_token(self) -> int:
+        """The most bytes a token's text has: a text of N characters is at least N / this
+        many tokens (a check that needs no tokenizing)."""
+        if self._longest is None:
+            vocab = self.report.vocabs.get(self.preset.template_role)
+            self._longest = max((len(t) for t in vocab.texts), default=1) if vocab else 1
+        return max(1, self._longest)
 
     def tokenize(self, text: str, *, add_bos: bool = True, parse_special: bool = False
                  ) -> list[int]:

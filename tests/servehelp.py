@@ -9,10 +9,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import uvicorn
-
 from eft_local.config import load_config
 from eft_local.server.app import ServerOptions, create_app
+from eft_local.server.net import HttpLimits, make_server
 from eft_local.server.worker import Worker
 from eft_local.session import LoadOptions, load_session
 
@@ -33,12 +32,13 @@ class Served:
 @contextmanager
 def serving(preset: str = "tiny-up", *, pinned: bool = False,
             options: ServerOptions | None = None, max_queue: int = 16,
+            limits: HttpLimits | None = None, download: bool = False,
             models: Sequence[str] = (), n_ctx: int | None = None) -> Iterator[Served]:
     """The bundled family's ``preset`` (or the ``ROLE=PATH`` ``models``, pinned) served on
-    127.0.0.1 (an ephemeral port)."""
+    127.0.0.1 (an ephemeral port), as ``eft-local serve`` serves it."""
     logs: list[str] = []
-    session = load_session(None if models else preset, models=list(models),
-                           options=LoadOptions(n_threads=1, n_ctx=n_ctx))
+    load = LoadOptions(n_threads=1, n_ctx=n_ctx, download=download)
+    session = load_session(None if models else preset, models=list(models), options=load)
     runner = Worker(None if models else load_config(), session.preset,
                     pinned=pinned or bool(models), params=session.params,
                     sampling=session.sampling, options=session.options, max_queue=max_queue,
@@ -49,8 +49,8 @@ def serving(preset: str = "tiny-up", *, pinned: bool = False,
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=1))
+    server = make_server(app, runner, log=logs.append,
+                         limits=limits or HttpLimits(graceful_seconds=1))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -1,6 +1,8 @@
 """Fuzzing in a child process (tests/fuzz_driver.py): random and mutated GGUF headers,
-models.toml texts, formulas, JSONL batches and REPL commands through the public commands.
-No signal, no traceback, no "internal error", exit status 0/1/2, nothing lost from output."""
+models.toml texts, formulas, JSONL batches and REPL commands through the public commands,
+and HTTP bodies to /v1/chat/completions and /v1/completions of a server on a loopback port.
+No signal, no traceback, no "internal error", exit status 0/1/2, nothing lost from output;
+every HTTP answer 200/400/404/413 in strict JSON, never a 500."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = 100  # per input kind: about 10 s on two busy cores (500 cases)
+EXAMPLES = 100  # per input kind, 50 per HTTP endpoint: about 30 s on two busy cores
 
 
 def test_fuzz_public_entry_points(tmp_path: Path) -> None:

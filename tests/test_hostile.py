@@ -3,10 +3,14 @@ name the mistake. Crash cases run in a child process: exit 1, one error line, no
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
 import resource
+import signal
+import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -16,18 +20,33 @@ from dataclasses import replace
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
-from eft_local import config, sampler
+from eft_local import config, hub, interrupts, sampler
 from eft_local.chat import Conversation, render
 from eft_local.cli import repl
 from eft_local.errors import EftError
 from eft_local.gguf_writer import LlamaShape, write_llama_gguf
 from eft_local.limits import N_CTX_MAX, max_threads
+from eft_local.records import LOGPROB_FLOOR
+from eft_local.server.net import HttpLimits
 from eft_local.text import TextStream
 from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
 from tests.ggufs import SPECIALS, tokenizer
+from tests.hostilehelp import (
+    PATIENCE,
+    Child,
+    closed_by_peer,
+    connect,
+    post_bytes,
+    read_response,
+    send_json,
+    slow_decode,
+    slow_log,
+)
+from tests.servehelp import Served, serving
 from tests.test_hub import COMMIT, FILE, REPO, FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -625,3 +644,600 @@ def test_a_block_count_llama_cpp_would_abort_on_is_refused(family, tmp_path, blo
     bad.write_bytes(data[:at] + struct.pack("<I", blocks) + data[at + 4:])
     proc = cli(["generate", "-m", f"small_ft={bad}", *GREEDY, "hi"])
     assert_fails_in_one_line(proc, f"llama.block_count is {blocks}, outside 1..512")
+
+
+# == issue 17: the second round ===============================================================
+FAMILY = ROOT / "eft_local" / "family"
+
+
+# -- 1. quantize never renames over what is not a regular file -------------------------------
+def _device_like(tmp_path: Path) -> Path:
+    """A character device in ``tmp_path`` (/dev/null's numbers) where this user may make one,
+    else /dev/null itself (an unprivileged user cannot replace it, so nothing is at risk)."""
+    node = tmp_path / "null"
+    try:
+        os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except OSError:
+        if os.geteuid() == 0:
+            pytest.skip("root, but no mknod here: /dev/null itself is not risked")
+        return Path("/dev/null")
+    return node
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "device"])
+def test_17_1_quantize_refuses_an_output_that_is_not_a_regular_file(tmp_path, kind) -> None:
+    src = FAMILY / "small_ft.gguf"
+    if kind == "fifo":
+        out = tmp_path / "pipe.gguf"
+        os.mkfifo(out)
+        words = ("pipe.gguf: not a regular file",)
+    elif kind == "symlink":
+        target = tmp_path / "theirs.gguf"
+        target.write_bytes(b"someone else's file")
+        out = tmp_path / "link.gguf"
+        out.symlink_to(target)
+        words = ("link.gguf: is a symbolic link",)
+    else:
+        out = _device_like(tmp_path)
+        words = (f"{out}: not a regular file",)
+    before = os.lstat(out)
+    assert_one_line_error(run(["quantize", str(src), str(out), "q8_0"]), *words)
+    after = os.lstat(out)
+    assert (stat.S_IFMT(after.st_mode), after.st_ino) == (stat.S_IFMT(before.st_mode),
+                                                        before.st_ino)
+    if kind == "symlink":
+        assert target.read_bytes() == b"someone else's file"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".part")]
+
+
+def test_17_1_plot_outputs_are_checked_before_the_work(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    fifo = tmp_path / "plot.png"
+    os.mkfifo(fifo)
+    result = run(["eval", "tiny-up", "--limit", "1", "--plot", str(fifo)])
+    assert_one_line_error(result, "plot.png: not a regular file")
+    assert "evaluating" not in result.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+# -- 2, 3. SIGTERM and Ctrl-C inside a llama.cpp call -------------------------------------------
+SIGNALS = [(signal.SIGINT, 130, "error: interrupted"), (signal.SIGTERM, 143, "error: terminated")]
+
+
+def assert_stopped(child: Child, code: int, line: str) -> None:
+    """Exit ``code``, ``line`` the only error line, no traceback or ignored exception."""
+    assert child.finish() == code, child.stderr[-3000:]
+    errors = [x for x in child.stderr.splitlines() if x.startswith("error")]
+    assert errors == [line], child.stderr[-3000:]
+    for bad in ("Traceback", "Exception ignored", "Error in", "ctypes callback"):
+        assert bad not in child.stderr, child.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("signum", "code", "line"), SIGNALS)
+def test_17_2_3_a_signal_while_quantizing_leaves_no_file(tmp_path, signum, code, line) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "q8.gguf"
+    child = Child(["quantize", str(FAMILY / "small_ft.gguf"), str(out), "q8_0", "--threads",
+                   "1"], prelude=slow_log(b"[", 0.3))  # 21 tensors: about 6 s of writing
+
+    def writing() -> bool:
+        return any(p.name.endswith(".part") for p in folder.iterdir())
+
+    try:
+        child.wait_for(writing, "the quantizer opened its output")
+        child.signal(signum)
+        assert_stopped(child, code, line)
+    finally:
+        child.kill()
+    assert list(folder.iterdir()) == []  # no output, no hidden temporary
+
+
+@pytest.mark.parametrize(("signum", "code", "line"), SIGNALS)
+def test_17_3_a_signal_while_a_model_loads_ends_the_command(tmp_path, signum, code, line
+                                                           ) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "text": "Tova Brint was born in"}\n')
+    out = tmp_path / "scores.jsonl"
+    child = Child(["score", "tiny-up", "-v", *THREADS, "--input", str(src), "--output",
+                   str(out)], prelude=slow_log(b"llama_model_loader: - kv", 0.1))
+    try:
+        child.wait_for(lambda: "loading large_base" in child.stderr,
+                       "the first model started loading")
+        child.signal(signum)  # while llama.cpp reads its metadata (25 lines of 0.1 s)
+        assert_stopped(child, code, line)
+    finally:
+        child.kill()
+    assert not out.exists()
+
+
+def test_17_3_a_ctrl_c_inside_a_callback_from_c_is_delivered_after_it() -> None:
+    finished = []
+
+    @interrupts.foreign_callback
+    def callback() -> None:  # what llama.cpp's log callback is: Python called from C
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10**6):  # the handler runs in here
+            pass
+        finished.append(1)
+
+    from_c = ctypes.CFUNCTYPE(None)(callback)
+    with interrupts.handled(), pytest.raises(KeyboardInterrupt):
+        from_c()  # ctypes would print "Exception ignored" and drop a KeyboardInterrupt
+        time.sleep(30)  # the Ctrl-C lands here, delivered again after the callback
+    assert finished
+
+
+def test_17_3_a_ctrl_c_right_after_a_piece_of_the_answer_ends_its_line(family, monkeypatch
+                                                                        ) -> None:
+    shown: list[str] = []
+
+    def write(text: str) -> None:  # the Ctrl-C lands just after the first text is written
+        shown.append(text)
+        if text and len([t for t in shown if t]) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(repl, "write", write)
+    with api_session(family.pairs(), temperature=0) as s:
+        repl.Repl(s, max_tokens=20).answer("Hi")
+    assert "".join(shown).endswith("\n[interrupted]\n"), shown
+    assert "".join(shown).count("\n") == 2
+
+
+def test_17_3_ctrl_c_in_the_repl_stops_only_the_answer() -> None:
+    script = "Hi\n/max 2\nAgain\n/quit\n"
+    child = Child(["chat", "tiny-up", *THREADS, "-t", "0", "--max-tokens", "200"],
+                  prelude=slow_decode(0.05, endless=True), stdin=script)
+    try:
+        child.wait_for(lambda: len(child.stdout.partition(">>> Hi\n")[2]) > 0,
+                       "the first answer started")
+        child.signal(signal.SIGINT)
+        assert child.finish() == 0, child.stderr
+    finally:
+        child.kill()
+    assert "Traceback" not in child.stderr and "error" not in child.stderr
+    assert "\n[interrupted]\n>>> /max 2\n" in child.stdout
+    after = child.stdout.partition(">>> Again\n")[2]
+    assert after.endswith(">>> /quit\n") and len(after) > len(">>> /quit\n")
+
+
+# -- 4. stopping serve with requests in flight ------------------------------------------------
+def _health(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=PATIENCE).json()
+
+
+def _sse_until(sock, predicate) -> bytes:
+    """Read a streamed response from ``sock`` until ``predicate(data)`` (or it ends)."""
+    data = b""
+    while not predicate(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_17_4_stopping_serve_ends_the_work_and_exits_cleanly(signum) -> None:
+    child = Child(["serve", "tiny-up", "--port", "0", *THREADS, "--sequential",
+                   "--no-speculative", "-t", "0"], prelude=slow_decode(0.1, endless=True))
+    try:
+        child.wait_for(lambda: " on http://" in child.stderr, "the server listens")
+        url = re.search(r" on (http://\S+)/v1 ", child.stderr).group(1)
+        assert not url.endswith(":0")  # item 14: the port it got, not the one asked for
+        running = send_json(url, "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200,
+            "stream": True})
+        first = _sse_until(running, lambda d: d.count(b"data: ") >= 3)
+        waiting = send_json(url, "/v1/completions", {"prompt": "Tova", "max_tokens": 3})
+        child.wait_for(lambda: _health(url)["requests"]["waiting"] == 1,
+                       "the second request waits")
+        child.signal(signum)
+        rest = _sse_until(running, lambda d: False)  # until the server closes it
+        status, _headers, body = read_response(waiting)
+        assert child.finish() == 0, child.stderr[-3000:]
+    finally:
+        child.kill()
+    assert status == 503 and json.loads(body)["error"]["code"] == "shutting_down"
+    events = [line[6:] for line in (first + rest).decode().split("\n")
+              if line.startswith("data: ")]
+    assert json.loads(events[-1])["error"]["code"] == "shutting_down"
+    finished = [e for e in events[:-1] if json.loads(e)["choices"][0]["finish_reason"]]
+    assert not finished  # stopped at its next token (200 take 20 s), not at its end
+    for bad in ("Traceback", "Exception", "Event loop is closed", "ERROR", "RuntimeError",
+                "CancelledError"):
+        assert bad not in child.stderr, child.stderr[-3000:]
+    assert child.stderr.splitlines()[-1].endswith(" stopped")
+
+
+def test_17_14_an_ipv6_address_is_printed_in_brackets() -> None:
+    from eft_local.cli.serve import base_url
+
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with sock:
+        assert base_url(sock) == f"http://[::1]:{sock.getsockname()[1]}"
+
+
+# -- 6, 7. a client that leaves stops its work ---------------------------------------------------
+def _slow_stream(served: Served, gate: threading.Event | None = None,
+                 seconds: float = 0.05) -> None:
+    """Each generated chunk takes ``seconds`` more (after ``gate`` is set, when given), and
+    no token ends a generation (it runs to its token limit)."""
+    session = served.runner.session
+    original = session.stream
+    for model in session.models.values():
+        model.is_eog = lambda _token: False
+
+    def slow(*args, **kwargs):
+        for chunk in original(*args, **kwargs):
+            if gate is not None:
+                gate.wait(PATIENCE)
+            time.sleep(seconds)
+            yield chunk
+
+    session.stream = slow
+
+
+def _poll(ready, what: str, within: float = PATIENCE) -> None:
+    deadline = time.monotonic() + within
+    while not ready():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+CHAT = {"messages": [{"role": "user", "content": "Where was Tova Brint born?"}],
+        "temperature": 0}
+
+
+def test_17_6_a_client_leaving_a_whole_response_stops_it_within_a_token() -> None:
+    with serving() as s:
+        _slow_stream(s)
+        sock = send_json(s.url, "/v1/chat/completions", {**CHAT, "max_tokens": 200})
+        _poll(lambda: s.runner.current is not None and s.runner.current.generated >= 3,
+              "the generation is under way")
+        job = s.runner.current
+        sock.close()
+        _poll(lambda: job in s.runner.history, "the job ended")
+        assert job.generated_at_cancel is not None, "never noticed the client left"
+        assert job.generated - job.generated_at_cancel <= 1
+        assert job.generated < 200
+        _poll(lambda: any("client gone: stopped after" in line for line in s.logs), "the log line")
+
+
+def test_17_7_a_request_whose_client_left_while_it_waited_is_skipped() -> None:
+    with serving() as s:
+        gate = threading.Event()
+        _slow_stream(s, gate)
+        busy = send_json(s.url, "/v1/chat/completions", {**CHAT, "max_tokens": 3})
+        _poll(lambda: s.runner.current is not None, "the first request runs")
+        gone = send_json(s.url, "/v1/chat/completions", {**CHAT, "max_tokens": 3,
+                                                         "stream": True})
+        _poll(lambda: s.runner.waiting() == 1, "the second request waits")
+        queued = list(s.runner._queue.queue)[0]
+        gone.close()
+        try:
+            _poll(queued.cancelled.is_set, "the waiting job learns its client left", 30)
+        finally:
+            gate.set()
+        assert read_response(busy)[0] == 200
+        _poll(lambda: queued in s.runner.history, "the skipped job ended")
+        assert not queued.started and queued.settings is None and queued.generated == 0
+        _poll(lambda: any("499 client gone before its request began" in line
+                          for line in s.logs), "the log line")
+
+
+# -- 8. cheap requests cannot buy long work ------------------------------------------------------
+def _count_tokenize(served: Served) -> list[int]:
+    """Patch the template model's tokenize to count its calls."""
+    model = served.runner.session.models[served.runner.session.preset.template_role]
+    calls: list[int] = []
+    original = model.tokenize
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.tokenize = counted
+    return calls
+
+
+def _error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text[:500]
+    error = response.json()["error"]
+    for word in words:
+        assert word in error["message"] or word == error["code"] or word == error["param"], \
+            error
+    return error
+
+
+def test_17_8_too_many_messages_are_refused_before_any_work() -> None:
+    with serving() as s:
+        messages = [{"role": "user", "content": "hi"}] * 100_000  # 1.5 MB
+        before = len(s.runner.history)
+        reply = httpx.post(s.v1 + "/chat/completions", json={"messages": messages},
+                           timeout=PATIENCE)
+        _error(reply, 400, "messages", "holds 100000 messages; at most 2048")
+        assert len(s.runner.history) == before  # it never reached the worker
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions", "tokenize"])
+def test_17_8_special_token_text_is_counted_before_tokenizing(endpoint) -> None:
+    text = "<|user|>" * 40_000  # 320 KB; llama.cpp parses these in quadratic time
+    body = {"chat": {"messages": [{"role": "user", "content": text}]},
+            "completions": {"prompt": text}, "tokenize": {"prompt": text}}[endpoint]
+    path = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
+            "tokenize": "/tokenize"}[endpoint]
+    with serving() as s:
+        calls = _count_tokenize(s)
+        reply = httpx.post(s.url + path, json=body, timeout=PATIENCE)
+        _error(reply, 400, "context_length_exceeded")
+        assert calls == []
+
+
+@pytest.mark.parametrize("policy", ["truncate", "error"])
+def test_17_8_turns_too_long_for_the_context_are_never_tokenized(policy) -> None:
+    huge = "x" * 100_000  # far more characters than 256 tokens of the longest token hold
+    messages = [{"role": "user", "content": huge}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": "Hi"}]
+    with serving() as s:
+        model = s.runner.session.models[s.runner.session.preset.template_role]
+        seen, original = [], model.tokenize
+        model.tokenize = lambda text, **k: seen.append(len(text)) or original(text, **k)
+        reply = httpx.post(s.v1 + "/chat/completions", timeout=PATIENCE, json={
+            "messages": messages, "max_tokens": 2, "eft": {"context_overflow": policy}})
+        if policy == "error":
+            _error(reply, 400, "context_length_exceeded")
+            assert seen == []
+        else:
+            assert reply.status_code == 200, reply.text[:500]
+            assert reply.json()["eft"]["dropped_messages"] == 2
+            assert seen and max(seen) < 1000
+
+
+def test_17_8_a_completion_prompt_is_tokenized_once() -> None:
+    with serving() as s:
+        calls = _count_tokenize(s)
+        reply = httpx.post(s.v1 + "/completions", json={"prompt": "hello " * 300},
+                           timeout=PATIENCE)  # 1,800 characters, over 256 tokens
+        _error(reply, 400, "context_length_exceeded", "the prompt is")
+        assert calls == [1]
+        calls.clear()
+        reply = httpx.post(s.v1 + "/completions", json={"prompt": "Tova", "max_tokens": 1},
+                           timeout=PATIENCE)
+        assert reply.status_code == 200 and calls == [1]
+
+
+# -- 9. deeply nested JSON -----------------------------------------------------------------------
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"messages": ' + b"[" * 100_000])
+def test_17_9_deeply_nested_json_is_a_400(body) -> None:
+    with serving() as s:
+        reply = httpx.post(s.v1 + "/chat/completions", content=body,
+                           headers={"Content-Type": "application/json"}, timeout=PATIENCE)
+        _error(reply, 400, "nested too deeply")
+
+
+# -- 10. connections ---------------------------------------------------------------------------
+def test_17_10_slow_and_idle_sockets_are_closed() -> None:
+    with serving(limits=HttpLimits(head_seconds=0.5, graceful_seconds=1)) as s:
+        idle = connect(s.url)
+        slow = connect(s.url)
+        slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and no more
+        for sock in (idle, slow):
+            sock.settimeout(30)
+            status, _headers, body = read_response(sock)
+            assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+            assert closed_by_peer(sock, 30)
+        # an answered request is not cut by the limit; its connection idles out later
+        ok = send_json(s.url, "/tokenize", {"prompt": "hi"})
+        assert read_response(ok)[0] == 200
+
+
+def test_17_10_content_length_with_transfer_encoding_is_refused() -> None:
+    with serving() as s:
+        sock = connect(s.url)
+        sock.sendall(b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b'10\r\n{"prompt": "hi"}\r\n0\r\n\r\n')
+        status, headers, body = read_response(sock)
+        assert status == 400 and headers["content-type"] == "application/json"
+        assert "both Content-Length and Transfer-Encoding" in json.loads(body)["error"]["message"]
+
+
+def test_17_10_malformed_http_is_answered_in_json() -> None:
+    with serving() as s:
+        sock = connect(s.url)
+        sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        status, headers, body = read_response(sock)
+        assert status == 400 and json.loads(body)["error"]["code"] == "bad_http_request"
+
+
+def test_17_10_connections_beyond_the_limit_get_503() -> None:
+    with serving(limits=HttpLimits(max_connections=3, head_seconds=300,
+                                   graceful_seconds=1)) as s:
+        held = [connect(s.url) for _ in range(3)]
+        extra = connect(s.url)
+        extra.settimeout(30)
+        status, _headers, body = read_response(extra)
+        assert status == 503 and json.loads(body)["error"]["code"] == "too_many_connections"
+        held[0].close()
+        _poll(lambda: _tokenize_ok(s), "a free slot serves")
+        for sock in held[1:]:
+            sock.close()
+
+
+def _tokenize_ok(served: Served) -> bool:
+    try:
+        return httpx.post(served.url + "/tokenize", json={"prompt": "hi"},
+                          timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# -- 11. presets: only listed ones load, beside the old one, never downloaded --------------------
+def _presets(family) -> str:
+    return f"""
+[presets.absent]
+formula = "small_ft"
+models.small_ft = {{ hf = "acme/absent-GGUF", file = "absent.gguf" }}
+
+[presets.broken]
+formula = "small_ft"
+models.small_ft = {{ path = "{family.not_gguf}" }}
+
+[presets.other]
+formula = "small_ft"
+models.small_ft = {{ path = "{family.small_ft}" }}
+"""
+
+
+def test_17_11_a_preset_loads_beside_the_old_one_and_never_downloads(
+        family, isolated_home, monkeypatch) -> None:
+    write_presets(isolated_home / "models.toml", _presets(family))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    downloads: list[str] = []
+
+    def download(spec):
+        downloads.append(spec.describe())
+        raise EftError("no network in tests")
+
+    monkeypatch.setattr(hub, "download_file", download)
+    with serving() as s:
+        listed = {m["id"] for m in httpx.get(s.v1 + "/models").json()["data"]}
+        assert {"tiny-up", "other", "broken"} <= listed and "absent" not in listed
+        chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        error = _error(httpx.post(s.v1 + "/chat/completions", timeout=PATIENCE,
+                                  json={**chat, "model": "absent"}),
+                       404, "model_not_found", "not downloaded")
+        assert "absent," not in error["message"] and "available: broken, other" in \
+            error["message"]
+        assert downloads == [] and s.runner.loaded == "tiny-up"
+        _error(httpx.post(s.v1 + "/chat/completions", json={**chat, "model": "broken"},
+                          timeout=PATIENCE), 503, "model_load_failed")
+        assert s.runner.loaded == "tiny-up" and _health(s.url)["status"] == "ok"
+        assert httpx.post(s.v1 + "/chat/completions", json=chat,
+                          timeout=PATIENCE).json()["eft"]["preset"] == "tiny-up"
+        reply = httpx.post(s.v1 + "/chat/completions", json={**chat, "model": "other"},
+                           timeout=PATIENCE)
+        assert reply.status_code == 200 and s.runner.loaded == "other"
+        assert "loading preset 'other' beside 'tiny-up'" in s.logs
+        assert "unloaded preset 'tiny-up'" in s.logs
+    assert downloads == []
+
+
+def test_17_11_allow_download_lists_and_fetches_missing_presets(
+        family, isolated_home, monkeypatch) -> None:
+    write_presets(isolated_home / "models.toml", _presets(family))
+    downloads: list[str] = []
+
+    def download(spec):
+        downloads.append(spec.describe())
+        raise EftError("no network in tests")
+
+    monkeypatch.setattr(hub, "download_file", download)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with serving(download=True) as s:
+        assert "absent" in {m["id"] for m in httpx.get(s.v1 + "/models").json()["data"]}
+        _error(httpx.post(s.v1 + "/chat/completions", timeout=PATIENCE, json={
+            "model": "absent", "messages": [{"role": "user", "content": "Hi"}]}),
+            503, "model_load_failed")
+        assert downloads == ["hf:acme/absent-GGUF/absent.gguf"]
+        assert s.runner.loaded == "tiny-up"
+
+
+# -- 12. a prompt too long for the context: the same 400, streamed or not -------------------------
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_17_12_too_long_is_a_400_before_the_first_byte(endpoint, stream) -> None:
+    long = "hello " * 300  # 1,800 characters, over 256 tokens
+    body = ({"messages": [{"role": "user", "content": long}]} if endpoint == "chat"
+            else {"prompt": long})
+    with serving() as s:
+        reply = httpx.post(f"{s.v1}/{'chat/' if endpoint == 'chat' else ''}completions",
+                           json={**body, "stream": stream, "max_tokens": 4},
+                           timeout=PATIENCE)
+        _error(reply, 400, "context_length_exceeded")
+
+
+# -- 13. a masked token's log-prob leaves as a finite floor ---------------------------------------
+def _strict(text: str):
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_17_13_echo_logprobs_of_a_masked_token_are_finite(family, isolated_home,
+                                                          stream) -> None:
+    write_presets(isolated_home / "models.toml", f"""
+[presets.padded]
+formula = "small_ft"
+models.small_ft = {{ path = "{family.padded}" }}
+""")
+    with serving("padded") as s:
+        masked = next(i for i, ok in enumerate(s.runner.session.report.allowed) if not ok)
+        body = {"prompt": [5, 6, masked, 7], "echo": True, "logprobs": 2,
+                "max_tokens": 1 if stream else 0, "stream": stream, "temperature": 0}
+        reply = httpx.post(s.v1 + "/completions", json=body, timeout=PATIENCE)
+        assert reply.status_code == 200, reply.text[:500]
+        if stream:
+            events = [_strict(line[6:]) for line in reply.text.split("\n")
+                      if line.startswith("data: {")]
+            logprobs = events[0]["choices"][0]["logprobs"]
+        else:
+            logprobs = _strict(reply.text)["choices"][0]["logprobs"]
+        assert logprobs["token_logprobs"][2] == LOGPROB_FLOOR
+        assert all(v >= LOGPROB_FLOOR for top in logprobs["top_logprobs"][1:]
+                   for v in top.values())
+
+
+# -- 14. the log says what happened ---------------------------------------------------------------
+def test_17_14_a_client_gone_mid_stream_is_logged_as_such() -> None:
+    with serving() as s:
+        _slow_stream(s)
+        sock = send_json(s.url, "/v1/chat/completions", {**CHAT, "max_tokens": 200,
+                                                          "stream": True})
+        _sse_until(sock, lambda d: d.count(b"data: ") >= 3)
+        sock.close()
+        _poll(lambda: any("client gone: stopped after" in line for line in s.logs), "the log line")
+        line = next(line for line in s.logs if "client gone: stopped after" in line)
+        assert " 200 prompt=" in line and " prompt=0 " not in line, line
+        assert " completion=0 " not in line, line
+
+
+def test_17_14_an_aborted_upload_is_not_an_internal_error() -> None:
+    with serving() as s:
+        sock = connect(s.url)
+        head = post_bytes("/v1/chat/completions", b"")
+        head = head.replace(b"Content-Length: 0", b"Content-Length: 100000")
+        sock.sendall(head + b'{"messages": [')
+        time.sleep(0.2)
+        sock.close()
+        _poll(lambda: any("client gone during the upload" in line for line in s.logs),
+              "the log line")
+        assert not any("internal error" in line for line in s.logs), s.logs
+
+
+# -- 15. model names mean one thing ----------------------------------------------------------------
+@pytest.mark.parametrize(("model", "words"), [
+    ("tiny-up@beta=1,beta=2", "beta is given twice"),
+    ("tiny-up@beta=1_0", "is not a decimal number"),
+    ("@beta=1", "name a preset before '@'"),
+    ("tiny-up@beta=1e300", "beta"),
+])
+def test_17_15_lax_model_names_are_refused(model, words) -> None:
+    with serving() as s:
+        reply = httpx.post(s.v1 + "/chat/completions", timeout=PATIENCE, json={
+            "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+        error = _error(reply, 400, words)
+        assert error["param"] == "model"
+
+
+def test_17_8_a_chat_turn_is_tokenized_once(family) -> None:
+    with api_session(family.pairs(), temperature=0) as s:
+        model = s.models[s.preset.template_role]
+        calls, original = [], model.tokenize
+        model.tokenize = lambda *a, **k: calls.append(1) or original(*a, **k)
+        list(s.chat("Hi", max_tokens=2))
+        assert calls == [1]  # fitting the history measured the very tokens it then used

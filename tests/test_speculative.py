@@ -419,28 +419,33 @@ def test_eval_into_writes_the_last_row_in_place(trio: dict[str, Path]) -> None:
 
 # -- Ctrl-C while a parallel lane decodes ---------------------------------------------------
 class BlockingModel(FakeModel):
-    """A fake whose ``block_at``-th eval waits on an event: a lane stuck in a decode."""
+    """A fake whose first eval in a worker thread from the ``block_at``-th on waits on an
+    event: a lane stuck in a decode. It counts rollbacks of itself while one of its decodes
+    runs (in another thread): what would corrupt its cache. Each model's counters are
+    touched by one thread at a time (shared counters updated from several threads could
+    lose updates)."""
 
     def __init__(self, *, shared: dict, block_at: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.shared, self.block_at, self.calls = shared, block_at, 0
+        self.inside = 0
         self.entered, self.release = threading.Event(), threading.Event()
 
     def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
         self.calls += 1
-        blocking = self.calls == self.block_at
-        self.shared["inside"] += 1
+        blocking = (0 < self.block_at <= self.calls and not self.entered.is_set()
+                    and threading.current_thread() is not threading.main_thread())
+        self.inside += 1
         try:
             if blocking:
                 self.entered.set()
                 self.release.wait(10)
             return super().eval(tokens, all_logits=all_logits)
         finally:
-            self.shared["inside"] -= 1
+            self.inside -= 1
 
     def rewind(self, n_past: int) -> None:
-        """Counts rollbacks from the caller's thread while some lane is inside a decode."""
-        if threading.current_thread() is threading.main_thread() and self.shared["inside"]:
+        if self.inside:  # this model is inside a decode in another thread
             self.shared["rewound_mid_decode"] += 1
         super().rewind(n_past)
 
@@ -457,16 +462,17 @@ def main_waits_for_a_result() -> bool:
 
 @pytest.mark.parametrize("path", ["plain", "speculative"])
 def test_ctrl_c_during_a_lane_decode_waits_for_every_lane(path: str) -> None:
-    shared = {"inside": 0, "rewound_mid_decode": 0}
+    shared = {"rewound_mid_decode": 0}
     roles = FORMULA_ROLES["up"]
-    models = {r: BlockingModel(shared=shared, seed=i + 1, block_at=3 if r == "large_base"
-                               else 0) for i, r in enumerate(roles)}
+    models = {r: BlockingModel(shared=shared, seed=i + 1) for i, r in enumerate(roles)}
     engine = Engine(models, template_role="small_ft", allowed=np.ones(48, dtype=bool),
                     parallel=True, n_threads=3)
     assert len(engine.lanes) == 3
-    blocked = models["large_base"]
+    # the first lane runs in the caller's thread: block a model of another lane, in a worker
+    blocked = models[engine.lanes[-1][0]]
+    blocked.block_at = 2
 
-    def interrupt() -> None:  # Ctrl-C while large_base's lane is inside its decode
+    def interrupt() -> None:  # Ctrl-C while the worker lane is inside its decode
         blocked.entered.wait(10)
         for _ in range(100):  # again if it landed just before the wait began (a known race)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
@@ -493,8 +499,9 @@ def test_ctrl_c_during_a_lane_decode_waits_for_every_lane(path: str) -> None:
             for _ in gen:
                 pass
         # when the interrupt reaches the caller no lane is still decoding, and no model
-        # was rolled back while one was
-        assert shared["inside"] == 0
+        # was rolled back while it decoded
+        assert [m.inside for m in models.values()] == [0, 0, 0]
+        assert blocked.release.is_set()
         assert shared["rewound_mid_decode"] == 0
     finally:
         blocked.release.set()

@@ -31,6 +31,7 @@ from eft_local.cli.options import (
     write,
 )
 from eft_local.errors import EftError
+from eft_local.interrupts import Terminated, handled
 from eft_local.limits import size_text
 from eft_local.text import printable
 
@@ -83,7 +84,8 @@ class EftGroup(click.Group):
             return super().main(args, prog_name, complete_var, False, **extra)
         warnings.showwarning = _warning_line
         try:
-            code = super().main(args, prog_name, complete_var, False, **extra)
+            with handled():  # Ctrl-C and SIGTERM reach us even inside llama.cpp calls
+                code = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as exc:
             where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
             fail(exc.format_message() + where, exc.exit_code)
@@ -93,6 +95,8 @@ class EftGroup(click.Group):
             fail(str(exc))
         except (click.Abort, KeyboardInterrupt):
             fail("interrupted", 130)
+        except Terminated:
+            fail("terminated", 143)
         except BrokenPipeError:
             sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - nothing left to tell anyone
             sys.exit(1)

@@ -151,7 +151,8 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
                           n_gpu_layers=opts.get("gpu_layers"),
                           parallel=opts.get("parallel") is not False,
                           speculative=not opts.get("no_speculative"),
-                          draft_k=opts.get("draft_k"), schedule=opts.get("schedule"))
+                          draft_k=opts.get("draft_k"), schedule=opts.get("schedule"),
+                          download=opts.get("allow_download", True))
     session = load_session(preset, models=tuple(opts.get("models") or ()),
                            formula=opts.get("formula"), params=params, sampling=sampling,
                            options=options,

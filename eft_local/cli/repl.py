@@ -270,8 +270,8 @@ class Repl:
                 for chunk in chunks:
                     if chunk.notice:
                         say(f"[{chunk.notice}]")
-                    write(chunk.text)
-                    started = started or bool(chunk.text)
+                    started = started or bool(chunk.text)  # before: a Ctrl-C may land
+                    write(chunk.text)  # right after the write, and the line must end
                     finish = chunk.finish or finish
         except KeyboardInterrupt:
             write("\n" if started else "")

@@ -32,7 +32,8 @@ def is_loopback(host: str) -> bool:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (before any model loads); a one-line error if not."""
+    """A socket listening on ``host:port`` (before any model loads; connections wait until
+    the server starts); a one-line error if not."""
     try:
         family, kind, proto, _name, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM)[0]
@@ -42,6 +43,7 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # connections queue from now on, before uvicorn starts
     except OSError as exc:
         sock.close()
         raise EftError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -64,8 +66,12 @@ def listen(host: str, port: int) -> socket.socket:
               help="Requests that may wait behind the running one; more get 503.")
 @click.option("--max-body", type=click.IntRange(1024, 1 << 30), default=8 << 20,
               show_default=True, help="Largest request body in bytes; larger get 413.")
+@click.option("--allow-download", is_flag=True,
+              help="Download a preset's missing hub files when it is named (without it, only "
+              "presets whose files are present are listed and loaded).")
 def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
-          api_key: str | None, max_queue: int, max_body: int, **opts: Any) -> None:
+          api_key: str | None, max_queue: int, max_body: int, allow_download: bool,
+          **opts: Any) -> None:
     """Serve the emulated model over an OpenAI-compatible HTTP API.
 
     Endpoints: /v1/chat/completions, /v1/completions (echo + logprobs scores a text),
@@ -74,12 +80,12 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     preset whose files are present (it is loaded on demand, one set at a time) unless
     --preset or --model pins one; model names like PRESET@beta=1.5 and an "eft" object in
     the body set the knobs per request. The sampling options are the defaults of every
-    request. Requests run one at a time in arrival order.
+    request. Requests run one at a time in arrival order. Ctrl-C stops it: the running
+    request ends at its next token, waiting ones get 503.
     """
     try:
-        import uvicorn
-
         from eft_local.server.app import ServerOptions, create_app
+        from eft_local.server.net import HttpLimits, make_server
     except ImportError as exc:
         if (exc.name or "").split(".")[0] in ("starlette", "uvicorn", "anyio", "h11"):
             raise EftError(HINT) from None
@@ -98,7 +104,7 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
                    f"port {port} can use the models", err=True)
     sock = listen(host, port)
     try:
-        session = open_session(pinned or preset_arg, opts)  # fails here, before serving
+        session = open_session(pinned or preset_arg, {**opts, "allow_download": allow_download})
     except BaseException:
         sock.close()
         raise
@@ -113,12 +119,21 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
                             context_overflow=opts.get("context_overflow") or "truncate")
     app = create_app(runner, options, log=_log)
     runner.start()
-    _log(f"serving {session.preset.name!r} on http://{host}:{port}/v1 "
-         f"(OpenAI API; the playground page at http://{host}:{port}/; Ctrl-C stops)")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=2))
+    server = make_server(app, runner, log=_log,
+                         limits=HttpLimits(max_connections=max(64, max_queue + 16)))
+    url = base_url(sock)
+    _log(f"serving {session.preset.name!r} on {url}/v1 (OpenAI API; the playground page at "
+         f"{url}/; Ctrl-C stops)")
     try:
         server.run(sockets=[sock])
     finally:
         runner.stop()
         sock.close()
+    _log("stopped")
+
+
+def base_url(sock: socket.socket) -> str:
+    """``http://HOST:PORT`` of a bound socket: the port it got (``--port 0``), an IPv6
+    address in brackets."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

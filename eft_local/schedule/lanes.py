@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 
+from eft_local.interrupts import STOPS, Terminated
+
 
 class LaneStopped(Exception):
     """A lane skipped its remaining models because another lane failed or was interrupted."""
@@ -40,13 +42,16 @@ class Gate:
 
     def close(self) -> None:
         """Let no more decodes start and wait for those inside, even through further Ctrl-C
-        presses (each lane is inside at most one decode, so this is short)."""
+        presses or SIGTERM (each lane is inside at most one decode, so this is short)."""
+        term: Terminated | None = None
         while True:
             try:
                 with self._cond:
                     self._closed = True
                     while self._inside:
                         self._cond.wait()
-                return
-            except KeyboardInterrupt:
-                continue
+                break
+            except STOPS as exc:  # a SIGTERM meanwhile wins over the Ctrl-C being handled
+                term = exc if isinstance(exc, Terminated) else term
+        if term is not None:
+            raise term

@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -46,8 +46,6 @@ from eft_local.server.protocol import (
 from eft_local.server.worker import Job, Worker
 
 FINGERPRINT = f"eft-local-{__version__}"
-POLL_SECONDS = 0.05
-"""How often a non-streaming request checks whether its client is still there."""
 
 
 def envelope(prefix: str, kind: str, model: str | None, head: dict[str, Any]) -> dict[str, Any]:
@@ -70,6 +68,8 @@ class ServerOptions:
     context_overflow: str = "truncate"
     """A chat longer than the context, unless the request's ``eft.context_overflow`` says:
     drop its oldest turns (``truncate``) or answer 400 (``error``)."""
+    body_seconds: float = 60.0
+    """Longest a request body may take to arrive (a slow upload holds a connection)."""
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -79,8 +79,8 @@ def error_response(exc: ApiError) -> JSONResponse:
 
 
 def sse(data: Any) -> str:
-    """One server-sent event."""
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    """One server-sent event (strict JSON: no NaN or Infinity, as JSONResponse)."""
+    return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False)}\n\n"
 
 
 def event_stream(body: Any) -> StreamingResponse:
@@ -115,6 +115,10 @@ class Api:
             except ApiError as exc:
                 self.log(f"{request.method} {request.url.path} {exc.status} {exc.message}")
                 return error_response(exc)
+            except RecursionError:  # a JSON value nested too deeply for a checker
+                exc = ApiError(400, "the request body is nested too deeply")
+                self.log(f"{request.method} {request.url.path} 400 {exc.message}")
+                return error_response(exc)
             except Exception as exc:  # a bug: one line, no traceback to the client
                 self.log(f"{request.method} {request.url.path} 500 internal error: "
                          f"{type(exc).__name__}: {exc} ({time.perf_counter() - started:.2f} s)")
@@ -142,45 +146,46 @@ class Api:
             raise ApiError(413, f"the request body is {int(length)} bytes; the limit is "
                            f"{limit}", code="request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the request body is over the limit of {limit} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
+        seconds = self.options.body_seconds
+        try:
+            async with asyncio.timeout(seconds):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise ApiError(413, f"the request body is over the limit of {limit} "
+                                       "bytes", code="request_too_large")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {seconds:g} s",
+                           code="request_timeout") from None
+        except ClientDisconnect:
+            raise ApiError(499, f"client gone during the upload (after {size} bytes)",
+                           code="client_gone") from None
         try:
             return json.loads(b"".join(chunks), parse_constant=_refuse_constant)
+        except RecursionError:
+            raise ApiError(400, "We could not parse the JSON body of your request: it is "
+                           "nested too deeply.") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"We could not parse the JSON body of your request ({exc}). "
                            "Send valid JSON with 'Content-Type: application/json'.") from None
 
-    async def start(self, job: Job) -> None:
-        """Queue ``job`` with an event queue on this loop."""
+    async def start(self, job: Job, request: Request) -> asyncio.Task[None]:
+        """Queue ``job`` with an event queue on this loop; the task returned cancels the job
+        the moment its client disconnects (cancel the task when the response takes over)."""
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
         self.runner.submit(job)
+        return asyncio.ensure_future(_cancel_when_gone(request, job))
 
-    async def events(self, job: Job, request: Request | None) -> AsyncIterator[tuple[str, Any]]:
-        """The job's events up to ``end``; with ``request``, the job is cancelled when that
-        client goes away."""
+    async def events(self, job: Job) -> AsyncIterator[tuple[str, Any]]:
+        """The job's events up to ``end``."""
         assert job.events is not None
-        getter: asyncio.Task | None = None
-        try:
-            while True:
-                getter = getter or asyncio.ensure_future(job.events.get())
-                done, _ = await asyncio.wait({getter}, timeout=POLL_SECONDS if request else None)
-                if not done:
-                    if request is not None and await request.is_disconnected():
-                        job.cancel()
-                    continue
-                kind, data = getter.result()
-                getter = None
-                if kind == "end":
-                    return
-                yield kind, data
-        finally:
-            if getter is not None:
-                getter.cancel()
+        while True:
+            kind, data = await job.events.get()
+            if kind == "end":
+                return
+            yield kind, data
 
     async def first(self, job: Job, stream: AsyncIterator[tuple[str, Any]]) -> Any:
         """The ``start`` event's data; an error before it is raised."""
@@ -189,13 +194,20 @@ class Api:
                 raise data
             if kind in ("start", "result"):
                 return data
-        raise ApiError(499 if job.cancelled.is_set() else 500, "the request ended early")
+        if job.cancelled.is_set():
+            raise ApiError(499, "client gone before its request " + (
+                "began (skipped in the queue)" if not job.started else "produced anything"),
+                code="client_gone")
+        raise ApiError(500, "the request ended early")
 
-    def log_done(self, request: Request, job: Job, started: float, status: int = 200) -> None:
+    def log_done(self, request: Request, job: Job, started: float, status: int = 200,
+                 head: dict[str, Any] | None = None) -> None:
+        """One line per finished generation; one whose client left says after how many tokens
+        (a stream's usage is not final yet then: what was generated so far)."""
         info = job.info
         timings = info.get("timings", {})
-        line = (f"{request.method} {request.url.path} {status} "
-                f"prompt={info.get('prompt_tokens', 0)}")
+        prompt = info.get("prompt_tokens", (head or {}).get("prompt_tokens", 0))
+        line = f"{request.method} {request.url.path} {status} prompt={prompt}"
         if timings:
             line += (f" (evaluated {timings.get('prompt_n', 0)}, cached "
                      f"{timings.get('cache_n', 0)})")
@@ -204,15 +216,19 @@ class Api:
                      "context")
         line += (f" completion={info.get('completion_tokens', job.generated)} "
                  f"{time.perf_counter() - started:.2f} s")
-        if job.generated_at_cancel is not None:  # set the moment the client went away
+        if job.cancel_reason == "client":
             line += f" client gone: stopped after {job.generated_at_cancel} tokens"
+        elif job.cancel_reason == "shutdown":
+            line += " stopped: the server is shutting down"
         self.log(line)
 
     # -- simple routes --------------------------------------------------------------------
     async def health(self, _request: Request) -> Response:
         runner = self.runner
         if runner.state == "ready":
-            return JSONResponse({"status": "ok", "model": runner.loaded})
+            return JSONResponse({"status": "ok", "model": runner.loaded,
+                                 "requests": {"running": int(runner.current is not None),
+                                              "waiting": runner.waiting()}})
         message = "Loading model" if runner.state == "loading" else (
             f"model failed to load: {runner.error}")
         return JSONResponse({"status": runner.state, **ApiError(503, message).body()},
@@ -259,9 +275,11 @@ class Api:
         return JSONResponse(self.model_card(preset, wanted, params))
 
     async def _simple(self, request: Request, job: Job) -> Response:
-        await self.start(job)
-        data = await self.first(job, self.events(job, request))
-        return JSONResponse(data)
+        watcher = await self.start(job, request)
+        try:
+            return JSONResponse(await self.first(job, self.events(job)))
+        finally:
+            watcher.cancel()
 
     async def tokenize(self, request: Request) -> Response:
         return await self._tokenizer_job(request, tokenize_work)
@@ -297,13 +315,24 @@ class Api:
         job = Job(work=chat_work(req, default_max=opts.max_tokens, system=opts.system,
                                  default_stop=opts.stop),
                   preset=req.common.preset, knobs=knobs, sampling=req.common.sampling)
-        await self.start(job)
-        if req.common.stream:
-            stream = self.events(job, None)
-            head = await self.first(job, stream)
-            return event_stream(self._chat_stream(request, req, job, head, stream, started))
-        stream = self.events(job, request)
-        head = await self.first(job, stream)
+        watcher = await self.start(job, request)
+        try:
+            stream = self.events(job)
+            head = await self.first(job, stream)  # errors found before work: 4xx either way
+            if req.common.stream:
+                watcher.cancel()  # the streaming response listens for the client from here
+                return event_stream(self._chat_stream(request, req, job, head, stream,
+                                                      started))
+            return await self._chat_whole(request, req, job, head, stream, started)
+        except BaseException:
+            job.cancel()
+            raise
+        finally:
+            watcher.cancel()
+
+    async def _chat_whole(self, request: Request, req: ChatRequest, job: Job,
+                          head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
+                          started: float) -> Response:
         text, entries, diag = [], [], []
         calls = None
         done: dict[str, Any] = {}
@@ -318,7 +347,7 @@ class Api:
             elif kind == "done":
                 done = data
         job.info["timings"] = done.get("timings", {})
-        self.log_done(request, job, started)
+        self.log_done(request, job, started, head=head)
         eft = {**head["eft"], **({"tokens": diag} if req.common.knobs.diagnostics else {})}
         message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
         if calls:
@@ -378,7 +407,7 @@ class Api:
         finally:
             if not finished:
                 job.cancel()
-            self.log_done(request, job, started, 200)
+            self.log_done(request, job, started, 200, head)
 
     # -- completions ----------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -388,14 +417,24 @@ class Api:
         job = Job(work=completion_work(req, default_max=opts.completion_max_tokens,
                                        default_stop=opts.stop),
                   preset=req.common.preset, knobs=req.common.knobs, sampling=req.common.sampling)
-        await self.start(job)
-        if req.common.stream:
-            stream = self.events(job, None)
-            head = await self.first(job, stream)
-            return event_stream(self._completion_stream(request, req, job, head, stream,
-                                                        started))
-        stream = self.events(job, request)
-        head = await self.first(job, stream)
+        watcher = await self.start(job, request)
+        try:
+            stream = self.events(job)
+            head = await self.first(job, stream)  # errors found before work: 4xx either way
+            if req.common.stream:
+                watcher.cancel()  # the streaming response listens for the client from here
+                return event_stream(self._completion_stream(request, req, job, head, stream,
+                                                            started))
+            return await self._completion_whole(request, req, job, head, stream, started)
+        except BaseException:
+            job.cancel()
+            raise
+        finally:
+            watcher.cancel()
+
+    async def _completion_whole(self, request: Request, req: CompletionRequest, job: Job,
+                                head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
+                                started: float) -> Response:
         choices: dict[int, dict[str, Any]] = {}
         prompt_total = completion_total = 0
         timings: list[dict[str, Any]] = []
@@ -419,7 +458,7 @@ class Api:
                 timings.append(data["timings"])
         job.info.update(prompt_tokens=prompt_total, completion_tokens=completion_total,
                         timings=timings[0] if len(timings) == 1 else {})
-        self.log_done(request, job, started)
+        self.log_done(request, job, started, head=head)
         out = []
         for i in sorted(choices):
             c = choices[i]
@@ -469,7 +508,15 @@ class Api:
         finally:
             if not finished:
                 job.cancel()
-            self.log_done(request, job, started, 200)
+            self.log_done(request, job, started, 200, head)
+
+
+async def _cancel_when_gone(request: Request, job: Job) -> None:
+    """Cancel ``job`` the moment its client disconnects (after the body was read, the
+    server's next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
 
 
 def _empty_legacy() -> dict[str, list[Any]]:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from eft_local.chat import fit_messages
 from eft_local.errors import ContextFull
 from eft_local.records import finite, step_record
 from eft_local.server.protocol import (
@@ -72,6 +73,59 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
 
+def too_long(session: Session, count: int, param: str) -> ApiError:
+    """The 400 of a prompt of ``count`` tokens that does not fit the context."""
+    return ApiError(400, f"this model's context holds {session.n_ctx} tokens; the prompt is "
+                    f"{count} tokens", param=param, code="context_length_exceeded")
+
+
+def check_text(session: Session, text: str, param: str, *, parse_special: bool,
+               context: bool = True) -> None:
+    """400 before any tokenizing when ``text`` cannot fit the context (with ``context``):
+    more characters than the context's tokens can hold, or more control-token texts than
+    it holds tokens (special-token parsing costs their number times the text's length)."""
+    n_ctx, longest = session.n_ctx, session.longest_token
+    if context and len(text) > n_ctx * longest:
+        raise ApiError(400, f"this model's context holds {n_ctx} tokens, at most "
+                       f"{n_ctx * longest} characters (no token is longer than {longest}); "
+                       f"the prompt is {len(text)} characters", param=param,
+                       code="context_length_exceeded")
+    if parse_special:
+        specials = session.special_count(text)
+        if specials >= n_ctx:
+            raise ApiError(400, f"the prompt holds {specials} control-token texts, each a "
+                           f"token; this model's context holds {n_ctx} tokens", param=param,
+                           code="context_length_exceeded")
+
+
+def fit_characters(session: Session, messages: list[dict[str, str]], settings: Settings
+                   ) -> tuple[list[dict[str, str]], int]:
+    """Before any tokenizing, what the characters alone decide (a message of N characters is
+    at least N / :attr:`Session.longest_token` tokens): under the ``truncate`` policy the
+    oldest turns that cannot fit are dropped here (returned: the messages left and how many
+    were dropped); under ``error``, or when the newest message and the system messages alone
+    are too long, a 400."""
+    budget = session.n_ctx * session.longest_token
+
+    def chars(msgs: list[dict[str, str]]) -> int:
+        return sum(len(m["content"]) for m in msgs)
+
+    def refuse(count: int) -> ApiError:
+        return ApiError(400, f"this model's context holds {session.n_ctx} tokens, at most "
+                        f"{budget} characters (no token is longer than "
+                        f"{session.longest_token}); the messages are {count} characters",
+                        param="messages", code="context_length_exceeded")
+
+    if settings.context_overflow == "error":
+        if chars(messages) > budget:
+            raise refuse(chars(messages))
+        return messages, 0
+    try:
+        return fit_messages(messages, chars, budget)
+    except ContextFull:
+        raise refuse(chars(messages)) from None
+
+
 def check_tokens(session: Session, tokens: Sequence[int], param: str) -> None:
     """400 unless every id is in the vocabulary."""
     n = session.vocab_size
@@ -92,9 +146,7 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
     chunk, its ``finish`` too."""
     n_ctx = session.n_ctx
     if len(tokens) >= n_ctx:
-        raise ApiError(400, f"this model's context holds {n_ctx} tokens; the prompt is "
-                       f"{len(tokens)} tokens", param=prompt_param,
-                       code="context_length_exceeded")
+        raise too_long(session, len(tokens), prompt_param)
     started = time.perf_counter()
     first = None
     count = 0
@@ -120,7 +172,7 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                 count += 1
                 job.generated += 1
                 if top_n is not None:  # every token, end of turn too: usage counts it
-                    pending.append(chat_logprob(
+                    pending.append(chat_logprob(  # log-probs pass records.finite there
                         session.token_text(step.token), session.token_bytes(step.token),
                         step.logprob if step.logprob is not None else float("nan"),
                         [(session.token_text(t), session.token_bytes(t), lp)
@@ -156,6 +208,7 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                "predicted_n": count, "predicted_ms": 1e3 * (ended - first),
                "predicted_per_second": (count - 1) / (ended - first) if count > 1 and
                ended > first else 0.0}
+    job.check()  # stopped by a shutdown: the client gets 503, not a cut answer
     job.emit("done", {"index": index, "prompt_tokens": len(tokens), "completion_tokens": count,
                       "finish": told or (finish_reason(finish) if finish else "length"),
                       "timings": timings})
@@ -195,13 +248,17 @@ def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
             messages = [{"role": "system", "content": system}, *messages]
         max_tokens = req.common.max_tokens or default_max
         plan = req.tools
+        messages, early = fit_characters(session, messages, _settings(job))
+        if job.cancelled.is_set():  # the client left: no tokenizing for nobody
+            return
         try:
             tokens, _kept, dropped = session.fit_chat(
                 messages, settings=_settings(job), max_tokens=max_tokens,
                 tools=plan and [t.card() for t in plan.tools])
-        except ContextFull as exc:
+        except ContextFull as exc:  # before the first byte: a stream gets the 400 too
             raise ApiError(400, str(exc), param="messages",
                            code="context_length_exceeded") from None
+        dropped += early
         eft = describe(session, _settings(job))
         if dropped:  # said once: in the response's eft object and the log line
             eft["dropped_messages"] = job.info["dropped_messages"] = dropped
@@ -233,26 +290,36 @@ def completion_work(req: CompletionRequest, *, default_max: int,
                     default_stop: Sequence[str]) -> Callable[[Session, Job], None]:
     """The job of one (legacy) completion request: each prompt in turn, one choice each."""
 
+    max_tokens = default_max if req.common.max_tokens is None else req.common.max_tokens
+    evaluated = max_tokens > 0 or req.logprobs is not None  # the prompt must fit the context
+
     def work(session: Session, job: Job) -> None:
+        vocab = session.report.vocabs.get(session.preset.template_role)
+        bos = vocab.bos if vocab is not None and vocab.add_bos and vocab.bos >= 0 else None
         prompts = []
         for i, prompt in enumerate(req.prompts):
             param = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
+            if job.cancelled.is_set():  # the client left: no tokenizing for nobody
+                return
             if isinstance(prompt, str):
                 if not prompt:
                     raise ApiError(400, "the prompt is empty", param=param)
-                tokens = session.tokenize(prompt, add_bos=True, parse_special=True)
-                added_bos = len(tokens) > len(session.tokenize(prompt, add_bos=False,
-                                                                parse_special=True))
+                check_text(session, prompt, param, parse_special=True, context=evaluated)
+                tokens = session.tokenize(prompt, add_bos=False, parse_special=True)
+                added_bos = bos is not None  # as llama.cpp adds it: in front, once
+                tokens = [bos, *tokens] if bos is not None else tokens
                 text = prompt
             else:
                 check_tokens(session, prompt, param)
                 tokens, added_bos, text = list(prompt), False, session.detokenize(prompt)
+            if evaluated and len(tokens) >= session.n_ctx:
+                raise too_long(session, len(tokens), param)
             prompts.append((tokens, added_bos, text, param))
         job.emit("start", {"eft": describe(session, _settings(job)),
                            "prompt_tokens": sum(len(p[0]) for p in prompts)})
-        max_tokens = default_max if req.common.max_tokens is None else req.common.max_tokens
         for index, (tokens, added_bos, text, param) in enumerate(prompts):
             if job.cancelled.is_set():
+                job.check()
                 return
             _one_completion(session, job, req, index, tokens, added_bos, text, param,
                             max_tokens, default_stop)
@@ -269,16 +336,15 @@ def _one_completion(session: Session, job: Job, req: CompletionRequest, index: i
         record: dict[str, Any] = {"index": index, "text": text, "echo": True}
         if top_n is not None:
             if len(tokens) >= session.n_ctx:
-                raise ApiError(400, f"this model's context holds {session.n_ctx} "
-                               f"tokens; the prompt is {len(tokens)} tokens", param=param,
-                               code="context_length_exceeded")
+                raise too_long(session, len(tokens), param)
             scored = session.score(tokens, settings=_settings(job), top_n=top_n)
             pieces = [session.token_bytes(t) for t in tokens]
-            echo_lp = {
+            echo_lp = {  # a masked token's -inf leaves as records.finite's floor
                 "tokens": [_text(p) for p in pieces],
-                "token_logprobs": [t.logprob for t in scored.tokens],
+                "token_logprobs": [None if t.logprob is None else finite(t.logprob)
+                                   for t in scored.tokens],
                 "top_logprobs": [None if t.logprob is None else
-                                 {session.token_text(i): lp for i, lp in t.top}
+                                 {session.token_text(i): finite(lp) for i, lp in t.top}
                                  for t in scored.tokens],
                 "text_offset": _offsets(pieces, added_bos)}
             record["legacy_logprobs"] = echo_lp
@@ -338,6 +404,7 @@ def tokenize_work(body: Mapping[str, Any]) -> Callable[[Session, Job], None]:
             chat = parse_chat({"messages": messages}, SamplerSettings(), 0)
             tokens = session.chat_tokens(chat.messages)
         else:
+            check_text(session, prompt, "prompt", parse_special=True, context=False)
             tokens = session.tokenize(prompt, add_bos=add_special, parse_special=True)
         job.emit("result", {"tokens": tokens, "count": len(tokens),
                             "max_model_len": session.n_ctx})

@@ -6,6 +6,7 @@ dicts. No web framework here (see :mod:`eft_local.server.app`); every bad value 
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,8 @@ MAX_TOP_LOGPROBS = 20
 """Most alternatives per token (OpenAI's limit for chat ``top_logprobs``)."""
 MAX_STOPS = 16
 """Most stop strings per request."""
+MAX_MESSAGES = 2048
+"""Most messages in a chat request (OpenAI's limit): more are refused before any work."""
 
 
 class ApiError(Exception):
@@ -97,12 +100,20 @@ class Knobs:
     mix (how many)."""
 
 
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+"""A plain decimal number (no underscores, no inf or nan)."""
+
+
 def parse_model_name(name: str) -> tuple[str, dict[str, float]]:
-    """``PRESET@beta=1.5,lam=0.3`` -> (``PRESET``, {"beta": 1.5, "lam": 0.3})."""
+    """``PRESET@beta=1.5,lam=0.3`` -> (``PRESET``, {"beta": 1.5, "lam": 0.3}); a knob given
+    twice, a number that is not plain decimal or no preset before ``@`` is refused."""
     preset, sep, rest = name.partition("@")
     params: dict[str, float] = {}
     if not sep:
         return preset, params
+    if not preset.strip():
+        raise bad(f"model {name!r}: name a preset before '@' (e.g. tiny-up@beta=1.5)",
+                  "model")
     for part in rest.split(","):
         key, eq, text = part.partition("=")
         key = key.strip()
@@ -110,11 +121,12 @@ def parse_model_name(name: str) -> tuple[str, dict[str, float]]:
         if not eq or key not in ("beta", "lam"):
             raise bad(f"model {name!r}: after '@' give knobs as beta=X or lam=X "
                       "(comma-separated)", "model")
-        try:
-            value = float(text)
-        except ValueError:
-            raise bad(f"model {name!r}: {key} {text.strip()!r} is not a number",
-                      "model") from None
+        if key in params:
+            raise bad(f"model {name!r}: {key} is given twice", "model")
+        if not _DECIMAL.fullmatch(text.strip()):
+            raise bad(f"model {name!r}: {key} {text.strip()!r} is not a decimal number",
+                      "model")
+        value = float(text)
         if not math.isfinite(value):
             raise bad(f"model {name!r}: {key} must be a finite number", "model")
         params[key] = value
@@ -329,6 +341,9 @@ def parse_chat(body: Any, base: SamplerSettings, default_seed: int | None) -> Ch
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise bad(f"'messages' holds {len(messages)} messages; at most {MAX_MESSAGES} are "
+                  "allowed", "messages")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):

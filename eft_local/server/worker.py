@@ -14,6 +14,7 @@ never touched, so nothing can leak into the next request. No web framework is im
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -47,20 +48,33 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue[Event] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str | None = None
+    """Why the job was cancelled: ``client`` (it went away) or ``shutdown``."""
+    started: bool = False
+    """Set by the worker when the job's work begins (a job cancelled before is skipped)."""
     generated: int = 0
     generated_at_cancel: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def emit(self, kind: str, data: Any = None) -> None:
-        """Hand one event to the web side (thread-safe)."""
-        if self.loop is not None and self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, data))
+        """Hand one event to the web side (thread-safe; dropped once its loop closed)."""
+        loop, events = self.loop, self.events
+        if loop is None or events is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed in between (it stopped)
+            loop.call_soon_threadsafe(events.put_nowait, (kind, data))
 
-    def cancel(self) -> None:
-        """Stop before the next token (the client went away)."""
+    def cancel(self, reason: str = "client") -> None:
+        """Stop before the next token (the client went away, or the server stops)."""
         if not self.cancelled.is_set():
             self.generated_at_cancel = self.generated
+            self.cancel_reason = reason
             self.cancelled.set()
+
+    def check(self) -> None:
+        """Raise 503 when the server is stopping this job (a gone client needs no answer)."""
+        if self.cancel_reason == "shutdown":
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
 
 
 class Worker:
@@ -70,6 +84,9 @@ class Worker:
                  params: Mapping[str, float] | None = None,
                  sampling: SamplerSettings | None = None, options: LoadOptions | None = None,
                  max_queue: int = 16, log: Log = print) -> None:
+        """``options.download`` says whether a preset whose hub files are missing may be
+        downloaded (``serve --allow-download``); without it only presets whose files are
+        present are listed and loaded."""
         self.config = config
         self.initial = preset
         self.pinned = pinned
@@ -91,6 +108,8 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="eft-engine", daemon=True)
         self.current: Job | None = None
         """The job the worker runs now."""
+        self.closing = False
+        """Set by :meth:`close`: new jobs get 503."""
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -103,21 +122,32 @@ class Worker:
         """Serve an already loaded session (before :meth:`start`)."""
         self.session, self.state = session, "ready"
 
+    def close(self) -> None:
+        """Begin to stop (thread-safe): refuse new jobs, answer the waiting ones 503 and stop
+        the running one before its next token (503 to its client)."""
+        self.closing = True
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._refuse(job)
+        current = self.current
+        if current is not None:
+            current.cancel("shutdown")
+
+    def _refuse(self, job: Job) -> None:
+        with self._lock:
+            self._waiting = max(0, self._waiting - 1)
+        job.cancel("shutdown")
+        job.emit("error", ApiError(503, "the server is shutting down", code="shutting_down"))
+        job.emit("end")
+
     def stop(self) -> None:
-        """Cancel the running and waiting jobs, stop the worker and free the models."""
+        """Close, let the worker finish, and free the models."""
+        self.close()
         if self._thread.is_alive():
-            while True:
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if job is not None:
-                    job.cancel()
-                    job.emit("error", ApiError(503, "the server is shutting down",
-                                               code="shutting_down"))
-                    job.emit("end")
-            if self.current is not None:
-                self.current.cancel()
             self._queue.put(None)
             self._thread.join(timeout=60)
         if self.session is not None:
@@ -136,31 +166,38 @@ class Worker:
         return {**self.config.presets, self.initial.name: self.initial}
 
     def available(self) -> list[Preset]:
-        """Presets whose model files are all present (and the loaded one)."""
+        """The presets this server lists and loads: the loaded one, those whose model files
+        are all present, and with ``options.download`` every configured one."""
         out = []
         for name, preset in self.presets().items():
-            present = all(hub.cached_path(spec) is not None for spec in preset.models.values())
-            if present or name == self.loaded:
+            if name == self.loaded or self.options.download or all(
+                    hub.cached_path(spec) is not None for spec in preset.models.values()):
                 out.append(preset)
         return out
 
-    def check_model(self, name: str | None) -> None:
-        """404 unless ``name`` (a preset name, knobs removed) may be served."""
+    def check_model(self, name: str | None) -> Preset | None:
+        """The preset ``name`` (knobs removed) names; 404 unless it is :meth:`available`."""
         if name is None:
-            return
-        known = self.presets()
-        if name not in known:
+            return None
+        available = {p.name: p for p in self.available()}
+        if name not in available:
+            absent = "" if name not in self.presets() else (
+                "; its model files are not downloaded (run `eft-local pull " + name + "`)")
             hint = (f"this server is pinned to {self.initial.name!r}" if self.pinned else
-                    "known: " + ", ".join(sorted(known)))
-            raise ApiError(404, f"the model {name!r} does not exist ({hint})", param="model",
-                           code="model_not_found")
+                    "available: " + ", ".join(sorted(available)))
+            raise ApiError(404, f"the model {name!r} does not exist ({hint}){absent}",
+                           param="model", code="model_not_found")
+        return available[name]
 
     def waiting(self) -> int:
         """Jobs queued and not started."""
         return self._waiting
 
     def submit(self, job: Job) -> None:
-        """Queue ``job`` (FIFO); 503 when :attr:`max_queue` jobs already wait."""
+        """Queue ``job`` (FIFO); 503 when :attr:`max_queue` jobs already wait or the server
+        is stopping."""
+        if self.closing:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
         self.check_model(job.preset)
         with self._lock:
             if self._waiting >= self.max_queue:
@@ -175,6 +212,9 @@ class Worker:
             job = self._queue.get()
             if job is None:
                 return
+            if self.closing:
+                self._refuse(job)
+                continue
             with self._lock:
                 self._waiting = max(0, self._waiting - 1)
             self.current = job
@@ -185,8 +225,10 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         try:
-            if job.cancelled.is_set():
+            if job.cancelled.is_set():  # its client left while it waited: skip it
+                job.check()
                 return
+            job.started = True
             session = self._session_for(job.preset)
             job.settings = request_settings(session, job)
             job.work(session, job)
@@ -202,32 +244,36 @@ class Worker:
             self.history = [*self.history[-31:], job]
 
     def _session_for(self, name: str | None) -> Session:
-        name = name or self.initial.name  # no model named: the server's default preset
+        """The session of preset ``name`` (no name: the server's default preset). Another
+        preset than the loaded one loads beside it and replaces it only once loaded: a failed
+        load leaves the old one serving."""
+        name = name or self.initial.name
         if self.session is not None and self.session.preset.name == name:
             return self.session
-        preset = self.presets().get(name)
-        if preset is None:
-            self.check_model(name)
+        preset = self.check_model(name)
         assert preset is not None
-        if self.session is not None:
-            self.log(f"unloading preset {self.session.preset.name!r}")
-            self.session.close()
-            self.session = None
-        self.state, self.error = "loading", None
-        self.log(f"loading preset {name!r}")
+        old = self.session
+        if old is None:
+            self.state, self.error = "loading", None
+        self.log(f"loading preset {name!r}" + (f" beside {old.preset.name!r}" if old else ""))
         started = time.perf_counter()
         try:
             params = self.params if preset is self.initial else {}
-            self.session = Session(preset, params=params, sampling=self.sampling,
-                                   options=self.options, progress=self.log)
+            new = Session(preset, params=params, sampling=self.sampling, options=self.options,
+                          progress=self.log)
         except EftError as exc:
-            self.state, self.error = "error", str(exc)
-            self.log(f"loading {name!r} failed: {exc}")
+            self.log(f"loading {name!r} failed: {exc}"
+                     + (f"; still serving {old.preset.name!r}" if old else ""))
+            if old is None:
+                self.state, self.error = "error", str(exc)
             raise ApiError(503, f"could not load {name!r}: {exc}", param="model",
                            code="model_load_failed") from None
-        self.state = "ready"
+        self.session, self.state, self.error = new, "ready", None
+        if old is not None:
+            old.close()
+            self.log(f"unloaded preset {old.preset.name!r}")
         self.log(f"preset {name!r} ready in {time.perf_counter() - started:.1f} s")
-        return self.session
+        return new
 
 
 def request_settings(session: Session, job: Job) -> Settings:
