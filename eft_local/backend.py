@@ -33,9 +33,14 @@ import numpy as np  # noqa: E402
 from eft_local import ggufscan, limits  # noqa: E402
 from eft_local.errors import EftError  # noqa: E402
 from eft_local.files import atomic_path  # noqa: E402
-from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, ATTR_UNUSED, VocabInfo  # noqa: E402
+from eft_local.vocab import (  # noqa: E402
+    ATTR_CONTROL,
+    ATTR_UNKNOWN,
+    ATTR_UNUSED,
+    VOCAB_TYPES,
+    VocabInfo,
+)
 
-VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
 if (ATTR_UNKNOWN, ATTR_UNUSED, ATTR_CONTROL) != (
         L.LLAMA_TOKEN_ATTR_UNKNOWN, L.LLAMA_TOKEN_ATTR_UNUSED, L.LLAMA_TOKEN_ATTR_CONTROL):
     raise ImportError("llama_cpp's token attribute bits differ from eft_local.vocab's")
@@ -139,7 +144,7 @@ def _load_model(path: Path, *, vocab_only: bool, n_gpu_layers: int):
     return model
 
 
-def _vocab_info(model, path: Path) -> VocabInfo:
+def _vocab_info(model, path: Path, pieces: bool = False) -> VocabInfo:
     vocab = L.llama_model_get_vocab(model)
     n = L.llama_vocab_n_tokens(vocab)
     texts = tuple(L.llama_vocab_get_text(vocab, i) or b"" for i in range(n))
@@ -150,15 +155,26 @@ def _vocab_info(model, path: Path) -> VocabInfo:
         n_tokens=n, bos=L.llama_vocab_bos(vocab), eos=L.llama_vocab_eos(vocab),
         eot=L.llama_vocab_eot(vocab), eog=eog, add_bos=bool(L.llama_vocab_get_add_bos(vocab)),
         add_eos=bool(L.llama_vocab_get_add_eos(vocab)), texts=texts, attrs=attrs,
+        pieces=tuple(_piece(vocab, i, True) for i in range(n)) if pieces else None,
     )
 
 
-def read_vocab(path: str | Path) -> VocabInfo:
-    """Load only the vocabulary of a GGUF file (no weights) and describe it."""
+def _piece(vocab, token: int, special: bool, size: int = 64) -> bytes:
+    """The bytes of one token, any length."""
+    buf = ctypes.create_string_buffer(size)
+    n = L.llama_token_to_piece(vocab, token, buf, size, 0, special)
+    if n < 0:
+        return _piece(vocab, token, special, -n)
+    return buf.raw[:n]
+
+
+def read_vocab(path: str | Path, *, pieces: bool = False) -> VocabInfo:
+    """Load only the vocabulary of a GGUF file (no weights) and describe it; ``pieces``
+    adds what each id decodes to (control tokens as their text)."""
     path = Path(path)
     model = _load_model(path, vocab_only=True, n_gpu_layers=0)
     try:
-        return _vocab_info(model, path)
+        return _vocab_info(model, path, pieces)
     finally:
         L.llama_model_free(model)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +23,7 @@ import numpy as np
 
 from eft_local import sampler
 from eft_local.errors import EftError
+from eft_local.remote.http import Traffic
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as schedules
 from eft_local.schedule.lanes import Gate, LaneStopped
@@ -79,6 +80,9 @@ class Stats:
     accepted: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    traffic: dict[str, Traffic] = field(default_factory=dict)
+    """Remote roles: requests, bytes and waiting time (:class:`~eft_local.remote.http.
+    Traffic`), per role."""
 
     def reset(self) -> None:
         """Zero everything."""
@@ -129,12 +133,19 @@ class Engine:
         self.last: tuple[np.ndarray, np.ndarray, str] | None = None
         """Rows, weights and conservative role of the last sampled step (for :meth:`why`)."""
         self.n_threads = max(1, n_threads or os.cpu_count() or 1)
-        sizes = {r: float(file_size(m)) for r, m in self.models.items()}
+        self.remote_roles = tuple(r for r, m in self.models.items() if is_remote(m))
+        """Roles that a remote engine evaluates: outside the schedule and the thread budget
+        (their cost is waiting), each in an I/O thread of its own."""
+        self.local_roles = tuple(r for r in self.roles if r not in self.remote_roles)
+        self.overlap_remote = True
+        """Remote requests run while the local models evaluate (False: before them)."""
+        sizes = {r: float(file_size(self.models[r])) for r in self.local_roles}
         self.schedule = schedule or (schedules.lanes(sizes, self.n_threads) if parallel
-                                     else schedules.sequential(self.roles))
+                                     else schedules.sequential(self.local_roles))
         self.active: tuple[str, ...] = self.roles
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
+        self._io_pool: ThreadPoolExecutor | None = None
         self._row_buf = np.zeros((len(self.roles), self.width), dtype=np.float32)
         self._scores = np.empty(self.width, dtype=np.float32)
         self._samplers: dict[SamplerSettings, sampler.Sampler] = {}
@@ -189,7 +200,8 @@ class Engine:
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Decode with ``schedule`` from the next step on."""
-        if sorted(schedule.roles()) != sorted(self.roles):
+        named = [r for r in schedule.roles() if r not in self.remote_roles]
+        if sorted(named) != sorted(self.local_roles):
             raise EftError(f"schedule {schedule.describe()!r} does not name every model once")
         self.schedule = schedule
 
@@ -230,6 +242,19 @@ class Engine:
     def _timed_eval(self, role: str, n_keep: int, tokens: list[int], all_logits: bool,
                     out: np.ndarray | None = None) -> np.ndarray:
         model = self.models[role]
+        net = getattr(model, "traffic", None)
+        if net is not None:
+            before = net.copy()
+            try:
+                return self._timed_eval_of(model, role, n_keep, tokens, all_logits, out)
+            finally:
+                used = self.stats.traffic.setdefault(role, Traffic())
+                used.add(net)
+                used.add(before, -1)
+        return self._timed_eval_of(model, role, n_keep, tokens, all_logits, out)
+
+    def _timed_eval_of(self, model: Model, role: str, n_keep: int, tokens: list[int],
+                       all_logits: bool, out: np.ndarray | None) -> np.ndarray:
         start = time.perf_counter()
         model.rewind(n_keep)
         into = getattr(model, "eval_into", None) if out is not None and not all_logits else None
@@ -265,12 +290,49 @@ class Engine:
                    else [list(tokens)] * len(roles))  # type: ignore[list-item]
         jobs = {r: (k, t) for r, k, t in zip(roles, keeps, batches, strict=True)}
         outs = {r: (None if out is None else out[self._index[r]]) for r in roles}
+        remote = [r for r in roles if r in self.remote_roles]
+        pending = self._start_remote(remote, jobs, all_logits, outs)
+        try:
+            done = self._evaluate_local([r for r in roles if r not in remote], jobs,
+                                        all_logits, outs, prefill)
+        except BaseException:  # the remote requests' late results must not count
+            for r, future in pending.items():
+                if not future.done():
+                    self.models[r].abandon()  # type: ignore[attr-defined]
+            raise
+        for r, future in pending.items():
+            done[r] = future.result()
+        return [done[r] for r in roles]
+
+    def _start_remote(self, remote: Sequence[str],
+                      jobs: Mapping[str, tuple[int, list[int]]], all_logits: bool,
+                      outs: Mapping[str, np.ndarray | None]) -> dict[str, Future]:
+        """Send the remote roles' requests, each from an I/O thread of its own (with
+        :attr:`overlap_remote`; else they are answered before this returns)."""
+        if not remote:
+            return {}
+        if self._io_pool is None:
+            self._io_pool = ThreadPoolExecutor(max(1, len(self.remote_roles)),
+                                               thread_name_prefix="eft-remote")
+        pending = {r: self._io_pool.submit(self._timed_eval, r, *jobs[r], all_logits,
+                                           outs[r]) for r in remote}
+        if not self.overlap_remote:
+            for future in pending.values():
+                future.exception()  # wait; a failure is raised by the caller's result()
+        return pending
+
+    def _evaluate_local(self, roles: Sequence[str],
+                        jobs: Mapping[str, tuple[int, list[int]]], all_logits: bool,
+                        outs: Mapping[str, np.ndarray | None], prefill: bool
+                        ) -> dict[str, np.ndarray]:
         done: dict[str, np.ndarray] = {}
+        if not roles:
+            return done
         if prefill:
             for r in roles:
                 self._use_threads(r, self.n_threads)
                 done[r] = self._timed_eval(r, *jobs[r], all_logits, outs[r])
-            return [done[r] for r in roles]
+            return done
         for stage_lanes, threads in self.schedule.threads(self.n_threads, roles):
             for lane in stage_lanes:
                 for r in lane:
@@ -295,7 +357,7 @@ class Engine:
             except BaseException:  # Ctrl-C or a failed lane: no rollback while one decodes
                 gate.close()
                 raise
-        return [done[r] for r in roles]
+        return done
 
     def _run_lane(self, lane: Sequence[str], jobs: Mapping[str, tuple[int, list[int]]],
                   all_logits: bool, outs: Mapping[str, np.ndarray | None],
@@ -487,6 +549,14 @@ class Engine:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool, self._pool_size = None, 0
+        if self._io_pool is not None:
+            self._io_pool.shutdown(wait=False)
+            self._io_pool = None
+
+
+def is_remote(model: object) -> bool:
+    """True for a model that a remote engine evaluates (:mod:`eft_local.remote`)."""
+    return bool(getattr(model, "remote", False))
 
 
 def file_size(model: Model) -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from eft_local import backend, hub, speculative
+from eft_local import hub, speculative
 from eft_local.chat import FALLBACK_TEMPLATE, Conversation, special_pattern, tokenize_messages
 from eft_local.config import (
     Config,
@@ -29,7 +29,7 @@ from eft_local.config import (
     load_config,
     preset_from_paths,
 )
-from eft_local.engine import Engine, Model, Step, file_size
+from eft_local.engine import Engine, Model, Step, common_prefix, file_size
 from eft_local.errors import EftError
 from eft_local.formula import Formula
 from eft_local.loading import LoadOptions, check_models, load_models, quantize
@@ -39,7 +39,7 @@ from eft_local.schedule import tuning
 from eft_local.scoring import Score, score_tokens
 from eft_local.settings import Settings
 from eft_local.text import TextStream
-from eft_local.vocab import AlignmentReport, align
+from eft_local.vocab import AlignmentReport, VocabInfo
 
 Progress = Callable[[str], None]
 """Where a session reports while it loads. Lines that start with ``warning:`` or ``note:``
@@ -94,9 +94,9 @@ class Session:
         self.options = options or LoadOptions()
         say = progress or (lambda _msg: None)
         if models is None:
-            paths = {role: hub.resolve(spec) for role, spec in preset.models.items()}
-            report = align({r: backend.read_vocab(p) for r, p in paths.items()},
-                           reference=preset.template_role)
+            paths = {role: hub.resolve(spec) for role, spec in preset.models.items()
+                     if not spec.remote}
+            report = check_models(preset, download=True, say=say)
             if not report.ok:
                 raise EftError(f"preset {preset.name!r}: models do not share a token space: "
                                f"{report.summary()}")
@@ -130,7 +130,13 @@ class Session:
         """The decode schedule: measured (cached per machine and model set) or named."""
         eng = self.engine
         name = self.options.schedule or ("auto" if self.options.parallel else "sequential")
-        sizes = {r: float(file_size(m)) for r, m in self.models.items()}
+        sizes = {r: float(file_size(self.models[r])) for r in eng.local_roles}
+        eng.overlap_remote = name != "sequential"
+        if eng.remote_roles:
+            say(f"remote: {', '.join(eng.remote_roles)} (requests "
+                f"{'while the local models evaluate' if eng.overlap_remote else 'first'})")
+            if name == "auto":  # the watch and the measured splits time local models only
+                name = "lanes" if self.options.parallel else "sequential"
         if name == "auto" and tuning.can_tune(self.models, eng.n_threads):
             self.tuning = tuning.tuned(eng, say=say)
             eng.set_schedule(self.tuning.schedule)
@@ -412,6 +418,66 @@ class Session:
                               per_model=per_model, conservative=self.conservative_role(s))
         return replace(result, formula=s.describe())
 
+    # -- rows for remote clients (``eft-local serve``'s exact protocol) --------------------
+    def role_of(self, role: str | None) -> str:
+        """``role``, checked; None names the only model of a single-model preset."""
+        if role is None:
+            if len(self.models) == 1:
+                return next(iter(self.models))
+            raise EftError(f"preset {self.preset.name!r} has several models "
+                           f"({', '.join(self.models)}): name one with 'role'")
+        if role not in self.models:
+            raise EftError(f"preset {self.preset.name!r} has no model {role!r} (its roles: "
+                           f"{', '.join(self.models)})")
+        return role
+
+    def role_vocab(self, role: str) -> tuple[VocabInfo, list[bytes], dict[int, bytes]]:
+        """One model's vocabulary as its file gives it, each id's piece (control tokens as
+        their text), and the pieces that differ without special tokens."""
+        model = self.models[role]
+        read = getattr(model, "vocab", None)
+        vocab = read() if callable(read) else self.report.vocabs[role]
+        pieces = [model.piece(i, special=True) for i in range(vocab.n_tokens)]
+        plain = {i: p for i in range(vocab.n_tokens)
+                 if (p := model.piece(i)) != pieces[i]}
+        return vocab, pieces, plain
+
+    def role_n_ctx(self, role: str) -> int:
+        """One model's context size."""
+        return self.models[role].n_ctx
+
+    def cached_tokens(self, role: str) -> list[int]:
+        """The tokens one model's KV cache holds now."""
+        return list(self.models[role].tokens)
+
+    def rows(self, role: str, tokens: Sequence[int], first: int) -> tuple[np.ndarray, int]:
+        """One model's logit rows at positions ``first .. len(tokens) - 1`` of ``tokens``
+        (row i predicts token i + 1), re-using the longest prefix its cache holds, with
+        every thread; and how many positions were re-used. Positions before ``first`` that
+        must be evaluated get no rows (no memory for them)."""
+        model = self.models[role]
+        tokens = [int(t) for t in tokens]
+        n_vocab = model.n_vocab
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise EftError(f"token id {bad} is outside the vocabulary of {role} "
+                           f"(0..{n_vocab - 1})")
+        if not 0 <= first < len(tokens):
+            raise EftError(f"first row {first} is outside the {len(tokens)} positions")
+        if len(tokens) > model.n_ctx:
+            raise EftError(f"{len(tokens)} tokens do not fit the context of {role} "
+                           f"({model.n_ctx})")
+        setter = getattr(model, "set_threads", None)
+        if setter is not None:
+            setter(self.engine.n_threads)
+        keep = min(common_prefix(model.tokens, tokens), first)
+        model.rewind(keep)
+        if first > keep:
+            model.eval(tokens[keep:first])
+        wanted = len(tokens) - first
+        rows = model.eval(tokens[first:], all_logits=wanted > 1)
+        return rows[-wanted:], keep
+
     # -- introspection --------------------------------------------------------------------
     @property
     def n_ctx(self) -> int:
@@ -454,7 +520,29 @@ class Session:
                 "seconds_per_model": dict(s.eval_seconds),
                 "sampler_ms_per_token": 1e3 * s.sampler_seconds / max(1, s.generated),
                 "drafted_tokens": s.drafted, "accepted_tokens": s.accepted,
-                "acceptance_rate": s.acceptance_rate(), **self.schedule_stats()}
+                "acceptance_rate": s.acceptance_rate(), **self.remote_stats(),
+                **self.schedule_stats()}
+
+    def remote_stats(self) -> dict[str, object]:
+        """Per remote role (empty without one): requests, bytes each way, seconds waited
+        and the part of them that the engine spent computing (where it says), per
+        generated token and per request; ``tokens_per_request``: generated tokens per round
+        trip (speculative decoding verifies a block in one)."""
+        s = self.engine.stats
+        out: dict[str, object] = {}
+        for role in self.engine.remote_roles:
+            t = s.traffic.get(role)
+            if t is None:
+                continue
+            per_token = max(1, s.generated)
+            out[role] = {**t.to_dict(),
+                         "network_ms_per_request": 1e3 * max(0.0, t.seconds - t.server_seconds)
+                         / max(1, t.requests),
+                         "ms_per_request": 1e3 * t.seconds / max(1, t.requests),
+                         "ms_per_token": 1e3 * t.seconds / per_token,
+                         "bytes_per_token": (t.sent + t.received) / per_token,
+                         "tokens_per_request": s.generated / max(1, t.requests)}
+        return {"remote": out} if out else {}
 
     def schedule_stats(self) -> dict[str, object]:
         """The decode schedule and, when it was measured, its predicted and measured speed

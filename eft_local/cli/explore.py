@@ -12,8 +12,15 @@ import click
 
 from eft_local import limits
 from eft_local.cli.options import model_options
+from eft_local.config import is_url
 from eft_local.errors import EftError
-from eft_local.explore.candidates import candidates_for, combinations, largest
+from eft_local.explore.candidates import (
+    Source,
+    candidates_for,
+    combinations,
+    largest,
+    source_name,
+)
 from eft_local.explore.explorer import (
     DEFAULT_TOP_K,
     DEFAULT_WINDOW,
@@ -131,7 +138,7 @@ def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str
     explorer = Explorer(template, reference, settings, params=params, options=options,
                         cache_dir=cache_dir, say=say)
     say(f"text: {explorer.text_source}; {len(combos)} combination(s); reference: "
-        + ", ".join(f"{r}={p.name}" for r, p in reference.files.items()))
+        + ", ".join(f"{r}={source_name(p)}" for r, p in reference.files.items()))
     explorer.prepare(combos)
     results: list[Row | Skipped] = []
     with click.progressbar(length=len(combos), label="exploring", file=sys.stderr,
@@ -165,11 +172,12 @@ def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str
         raise EftError("no combination could be evaluated (see the skipped lines above)")
 
 
-def _pairs(pairs: Sequence[str]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
+def _pairs(pairs: Sequence[str]) -> dict[str, Source]:
+    out: dict[str, Source] = {}
     for pair in pairs:
         role, sep, path = pair.partition("=")
         if not sep or not role.strip() or not path.strip():
             raise EftError(f"--reference {pair!r}: expected ROLE=PATH")
-        out[role.strip()] = Path(path.strip()).expanduser()
+        out[role.strip()] = (path.strip() if is_url(path) else
+                             Path(path.strip()).expanduser())
     return out

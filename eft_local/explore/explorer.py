@@ -327,7 +327,8 @@ class Explorer:
         return Row(label=combo.label, files={r: str(p) for r, p in combo.files.items()},
                    quality=quality, tokens_per_second=plain, speculative_tokens_per_second=spec,
                    first_token_seconds=ttft,
-                   model_bytes=sum(Path(m.path).stat().st_size for m in models),
+                   model_bytes=sum(Path(m.path).stat().st_size for m in models
+                                   if not getattr(m, "remote", False)),
                    kv_bytes=sum(getattr(m, "kv_cache_bytes", lambda _n: 0)(m.n_ctx)
                                 for m in models),
                    rss_bytes=max(rss, current_rss()), accuracy=accuracy,

@@ -139,7 +139,8 @@ class Worker:
         """Presets whose model files are all present (and the loaded one)."""
         out = []
         for name, preset in self.presets().items():
-            present = all(hub.cached_path(spec) is not None for spec in preset.models.values())
+            present = all(spec.remote or hub.cached_path(spec) is not None
+                          for spec in preset.models.values())
             if present or name == self.loaded:
                 out.append(preset)
         return out
@@ -192,8 +193,10 @@ class Worker:
             job.work(session, job)
         except ApiError as exc:
             job.emit("error", exc)
-        except EftError as exc:
-            job.emit("error", ApiError(400, str(exc)))
+        except EftError as exc:  # a remote role's engine failing is 502 (504: timeout)
+            status = getattr(exc, "status", 400)
+            job.emit("error", ApiError(status, str(exc),
+                                       code="remote_failed" if status >= 500 else None))
         except Exception as exc:  # a bug: one log line, a 500 without a traceback
             self.log(f"internal error: {type(exc).__name__}: {exc}")
             job.emit("error", ApiError(500, f"internal error: {type(exc).__name__}"))
