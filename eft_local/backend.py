@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import json
 import os
 import re
+import tempfile
 import threading
 from collections import deque
 from pathlib import Path
@@ -29,18 +32,15 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
 
 import llama_cpp as L  # noqa: E402
 import numpy as np  # noqa: E402
+from llama_cpp import llama_grammar  # noqa: E402
 
 from eft_local import ggufscan, limits  # noqa: E402
 from eft_local.errors import EftError  # noqa: E402
 from eft_local.files import atomic_path  # noqa: E402
-from eft_local.vocab import (  # noqa: E402
-    ATTR_CONTROL,
-    ATTR_UNKNOWN,
-    ATTR_UNUSED,
-    VOCAB_TYPES,
-    VocabInfo,
-)
+from eft_local.text import undecodable  # noqa: E402
+from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, ATTR_UNUSED, VocabInfo  # noqa: E402
 
+VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
 if (ATTR_UNKNOWN, ATTR_UNUSED, ATTR_CONTROL) != (
         L.LLAMA_TOKEN_ATTR_UNKNOWN, L.LLAMA_TOKEN_ATTR_UNUSED, L.LLAMA_TOKEN_ATTR_CONTROL):
     raise ImportError("llama_cpp's token attribute bits differ from eft_local.vocab's")
@@ -99,17 +99,27 @@ def _forget_errors() -> None:
     _recent_errors.clear()
 
 
-def _undecodable(char: str) -> str:
-    """Name what a surrogate stands for: an undecodable byte (surrogateescape) or itself."""
-    code = ord(char)
-    return f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else (
-        f"lone surrogate \\u{code:04x}")
-
-
 def supports_gpu_offload() -> bool:
     """True when this llama.cpp build can offload layers (Metal, CUDA, Vulkan...)."""
     _ensure_backend()
     return bool(L.llama_supports_gpu_offload())
+
+
+def build_info() -> str:
+    """llama-cpp-python's version and llama.cpp's build features (CPU instruction sets,
+    GPU backends...): what a measured speed depends on besides the machine."""
+    _ensure_backend()
+    info = L.llama_print_system_info()
+    info = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    return f"llama-cpp-python {L.__version__}; gpu offload {supports_gpu_offload()}; " + (
+        " ".join(info.split()))
+
+
+def fully_offloaded(n_gpu_layers: int, n_layer: int) -> bool:
+    """True when ``n_gpu_layers`` puts every layer of an ``n_layer``-layer model on the GPU:
+    -1 (all), or more than ``n_layer``, since llama.cpp counts the output layer as one more
+    and keeps it on the CPU at exactly ``n_layer`` (``llama-model.cpp``, ``load_tensors``)."""
+    return n_gpu_layers < 0 or n_gpu_layers > n_layer
 
 
 def _check_file(path: Path) -> None:
@@ -160,12 +170,9 @@ def _vocab_info(model, path: Path, pieces: bool = False) -> VocabInfo:
 
 
 def _piece(vocab, token: int, special: bool, size: int = 64) -> bytes:
-    """The bytes of one token, any length."""
     buf = ctypes.create_string_buffer(size)
     n = L.llama_token_to_piece(vocab, token, buf, size, 0, special)
-    if n < 0:
-        return _piece(vocab, token, special, -n)
-    return buf.raw[:n]
+    return buf.raw[:n] if n >= 0 else _piece(vocab, token, special, -n)
 
 
 def read_vocab(path: str | Path, *, pieces: bool = False) -> VocabInfo:
@@ -225,7 +232,9 @@ class LlamaModel:
         self.n_ctx = int(L.llama_n_ctx(self._ctx))
         self.n_ctx_train = train_ctx
         self.n_batch = int(cparams.n_batch)
-        self.n_gpu_layers = n_gpu_layers
+        self.n_gpu_layers = n_gpu_layers if supports_gpu_offload() else 0
+        """Layers offloaded to the GPU as asked (-1: all); 0 where llama.cpp cannot offload."""
+        self.n_layer = int(L.llama_model_n_layer(self._model))
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._mem = L.llama_get_memory(self._ctx)
         self.tokens: list[int] = []
@@ -235,7 +244,15 @@ class LlamaModel:
         the kept tokens again (see :meth:`rewind`)."""
         self.full_rewinds = 0
         """Rollbacks that had to clear the cache and evaluate the kept tokens again."""
+        self.can_shift = self.partial_rewind and bool(L.llama_memory_can_shift(self._mem))
+        """True when a span can be cut out of the cache and the later positions moved down
+        (:meth:`cut`): llama.cpp re-rotates their keys (RoPE) instead of evaluating them."""
         self._piece_buf = ctypes.create_string_buffer(64)
+
+    @property
+    def offloaded(self) -> bool:
+        """Every layer runs on the GPU: CPU threads hardly change its speed."""
+        return self.n_gpu_layers != 0 and fully_offloaded(self.n_gpu_layers, self.n_layer)
 
     def kv_cache_bytes(self, n_ctx: int) -> int:
         """Estimated bytes of the KV cache for ``n_ctx`` positions (f16, every layer); 0 for
@@ -305,7 +322,7 @@ class LlamaModel:
             data = text.encode("utf-8")
         except UnicodeEncodeError as exc:
             before = text[max(0, exc.start - 12):exc.start]
-            raise EftError(f"the text is not valid UTF-8: {_undecodable(text[exc.start])} "
+            raise EftError(f"the text is not valid UTF-8: {undecodable(text[exc.start])} "
                            f"after {before!r}") from None
         cap = len(data) + 8
         buf = (L.llama_token * cap)()
@@ -400,6 +417,21 @@ class LlamaModel:
         if not self._drop_from(n_past) and keep:
             self.eval(keep)
 
+    def cut(self, start: int, end: int) -> bool:
+        """Remove cached positions ``start`` to ``end`` (exclusive) and move every later
+        position down by ``end - start``: ``tokens`` becomes ``tokens[:start] +
+        tokens[end:]``, each token at its new position. llama.cpp rotates the moved keys at
+        the next decode (one pass over the whole cache); their values still carry what they
+        attended to, so later logits differ slightly from a fresh evaluation. False, with
+        nothing changed, when this model cannot shift (:attr:`can_shift`)."""
+        if not 0 <= start < end <= len(self.tokens):
+            raise ValueError(f"cut({start}, {end}) outside the {len(self.tokens)} cached tokens")
+        if not self.can_shift or not L.llama_memory_seq_rm(self._mem, 0, start, end):
+            return False
+        L.llama_memory_seq_add(self._mem, 0, end, -1, start - end)
+        del self.tokens[start:end]
+        return True
+
     def _drop_from(self, n_past: int) -> bool:
         """Remove positions from ``n_past`` on; False when llama.cpp cannot remove part of
         the sequence: then the whole cache is cleared (``tokens`` becomes empty)."""
@@ -435,26 +467,106 @@ class LlamaModel:
             self.close()
 
 
+# -- grammars: llama.cpp's own engine (GBNF) and llama-cpp-python's JSON-schema converter ----
+JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+"""llama.cpp's own JSON string character (its C++ converter): no raw control characters."""
+
+
+def _grammar_sampler(vocab, text: str) -> tuple[int | None, str]:
+    """llama.cpp's grammar sampler for ``text``, or None and why (printed on fd 2)."""
+    _ensure_backend()  # its log callback keeps the errors
+    with _init_lock, tempfile.TemporaryFile() as err:  # one fd-2 swap at a time
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            _forget_errors()
+            handle = L.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        found = re.search(rb"error parsing grammar: ([^\n]*)", err.read())
+    why = found.group(1).decode("utf-8", "replace") if found else _last_error()
+    return handle or None, (why or "not valid GBNF").strip().removesuffix(" at")
+
+
+@functools.lru_cache(maxsize=64)
+def check_grammar(text: str) -> str:
+    """``text`` if llama.cpp parses it (once per text; token references need a model)."""
+    handle, why = _grammar_sampler(None, text)
+    if handle is None and "no vocab" not in why:
+        raise EftError(f"invalid grammar: {why}")
+    if handle is not None:
+        L.llama_sampler_free(handle)
+    return text
+
+
+def json_schema_grammar(schema: object, name: str = "") -> str:
+    """GBNF for a JSON schema (llama-cpp-python's converter); top rule ``name`` or root."""
+    try:
+        conv = llama_grammar.SchemaConverter(prop_order={}, allow_fetch=False, dotall=False,
+                                             raw_pattern=False)
+        conv.visit(conv.resolve_refs(json.loads(json.dumps(schema)), "schema"), name)
+        return re.sub(r"(?m)^char ::= .*$", lambda _: JSON_CHAR, conv.format_grammar())
+    except (RecursionError, Exception) as exc:  # the converter asserts, raises, recurses
+        raise EftError(f"cannot turn the JSON schema into a grammar: {exc!s:.200}") from None
+
+
+class Grammar:
+    """llama.cpp's grammar sampler over a model's vocabulary: what may come next."""
+
+    def __init__(self, model: LlamaModel, text: str, *, _handle: int | None = None) -> None:
+        self.model, self.text = model, text  # the model owns the vocabulary: keep it alive
+        self._handle, why = (_handle, "") if _handle else _grammar_sampler(model._vocab, text)
+        if not self._handle:
+            raise EftError(f"invalid grammar: {why}")
+
+    def allowed(self, tokens: np.ndarray) -> np.ndarray:
+        """Bool array: which of ``tokens`` (ids) the grammar allows next."""
+        data = np.zeros(len(tokens), dtype=[("id", "i4"), ("logit", "f4"), ("p", "f4")])
+        data["id"] = tokens
+        array = L.llama_token_data_array(data=data.ctypes.data_as(L.llama_token_data_p),
+                                         size=data.size, selected=-1, sorted=False)
+        L.llama_sampler_apply(self._handle, ctypes.byref(array))
+        return data["logit"] != -np.inf
+
+    def accept(self, token: int) -> None:
+        """Advance past ``token``, which must be allowed (llama.cpp aborts otherwise)."""
+        if not self.allowed(np.array([token]))[0]:
+            raise EftError(f"token {token} does not fit the grammar here")
+        L.llama_sampler_accept(self._handle, token)
+
+    def clone(self) -> Grammar:
+        """An independent copy of this state."""
+        return Grammar(self.model, self.text, _handle=L.llama_sampler_clone(self._handle))
+
+    def __del__(self) -> None:
+        if getattr(self, "_handle", None):
+            L.llama_sampler_free(self._handle)
+
+
 def raw_decode_seconds(path: str | Path, *, n_threads: int, n_tokens: int = 32,
-                       context: int = 16, n_ctx: int = 256) -> float:
+                       context: int = 16, n_ctx: int = 256, n_gpu_layers: int = 0) -> float:
     """Median seconds per one-token decode of ``path`` driven by llama-cpp-python's
     low-level API with nothing else around it (greedy argmax of the logits row): the
     baseline that measures what eft-local's own per-step work costs."""
     return raw_speed(path, n_threads=n_threads, n_tokens=n_tokens, context=context,
-                     n_ctx=n_ctx)[0]
+                     n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)[0]
 
 
 def raw_speed(path: str | Path, *, n_threads: int, n_tokens: int = 32, context: int = 16,
-              n_ctx: int = 256, prompt_tokens: int = 0) -> tuple[float, float | None]:
+              n_ctx: int = 256, prompt_tokens: int = 0, n_gpu_layers: int = 0
+              ) -> tuple[float, float | None]:
     """llama.cpp alone, through the low-level API: median seconds per one-token decode
     (greedy argmax of each row) after a ``context``-token prompt, and with
     ``prompt_tokens`` the seconds to evaluate a prompt that long from an empty cache (one
-    batch, logits of its last token) before that; else None."""
+    batch, logits of its last token) before that; else None. ``n_gpu_layers`` as for
+    :class:`LlamaModel` (a baseline offloads what the runs it is compared with offload)."""
     import statistics
     import time
 
     _ensure_backend()
-    model = _load_model(Path(path), vocab_only=False, n_gpu_layers=0)
+    model = _load_model(Path(path), vocab_only=False, n_gpu_layers=n_gpu_layers)
     cparams = L.llama_context_default_params()
     n_ctx = max(n_ctx, prompt_tokens + 1, context + n_tokens + 1)
     cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx

@@ -1,7 +1,8 @@
 """``eft-local bench``: decoding speed against the strongest baseline, side by side.
 
 Every ratio is against the largest model alone at its best: llama.cpp driven through its
-low-level API with nothing around it, in a process of its own under each OpenMP wait
+low-level API with nothing around it, offloading to the GPU the layers the EFT runs offload,
+in a process of its own under each OpenMP wait
 setting llama.cpp runs with elsewhere (:data:`COMPETITOR_ENVS`) at 1..N threads, measured
 before and after the decoding runs, and the large model alone through eft-local (1..N
 threads); the fastest of all is the baseline. For each model set (a preset, by default
@@ -17,13 +18,13 @@ per step (:func:`sampler_costs`) and eft-local's per-step overhead against raw
 llama-cpp-python decoding. Configurations run interleaved, ``--repeats`` times; figures
 are medians. Measurements to read, not tests: nothing here asserts a speed. Only the
 public API is used (:class:`~eft_local.session.Session`, its engine's public methods and
-the model protocol).
+the model protocol). The command is :mod:`eft_local.cli.bench`; the realistic-size models
+are :mod:`eft_local.synthetic`'s.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import platform
 import resource
@@ -36,16 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import click
 import numpy as np
 
 from eft_local import sampler
 from eft_local.engine import Engine
 from eft_local.sampler import SamplerSettings
+from eft_local.schedule import tuning
 from eft_local.schedule.tuning import machine
 
 if TYPE_CHECKING:  # the CLI imports this module lazily; the session is imported on use
-    from eft_local.gguf_writer import LlamaShape, TokenizerSpec
     from eft_local.session import Session
 
 SAMPLER_VOCABS = (32000, 49152, 128256, 152064)
@@ -118,7 +118,7 @@ _COMPETITOR_CODE = (
     "import json, sys\n"
     "from eft_local.backend import raw_speed\n"
     "d, p = raw_speed(sys.argv[1], n_threads=int(sys.argv[2]), n_tokens=24, "
-    "prompt_tokens=int(sys.argv[3]))\n"
+    "prompt_tokens=int(sys.argv[3]), n_gpu_layers=int(sys.argv[4]))\n"
     "print(json.dumps([d, p]))\n")
 
 
@@ -152,19 +152,21 @@ class Competitor:
 
 
 def competitor(say: Say, path: Path, n_threads: int, prompt_tokens: int,
-               best: Competitor | None = None) -> Competitor:
+               best: Competitor | None = None, *, n_gpu_layers: int = 0) -> Competitor:
     """llama.cpp alone on ``path`` through its low-level API (:func:`backend.raw_speed`)
-    under every :data:`COMPETITOR_ENVS` setting at 1..N threads, each in a fresh process;
-    a prompt of ``prompt_tokens`` is timed with every thread. Prints one line per run."""
+    under every :data:`COMPETITOR_ENVS` setting at 1..N threads, each in a fresh process,
+    with ``n_gpu_layers`` offloaded (those of the EFT runs it is compared with); a prompt of
+    ``prompt_tokens`` is timed with every thread. Prints one line per run."""
     best = best or Competitor()
     base_env = {k: v for k, v in os.environ.items()
                 if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     for label, extra in COMPETITOR_ENVS.items():
         for t in range(1, n_threads + 1):
             prompt = prompt_tokens if t == n_threads else 0
-            out = subprocess.run([sys.executable, "-c", _COMPETITOR_CODE, str(path), str(t),
-                                  str(prompt)], env=base_env | extra, capture_output=True,
-                                 text=True, timeout=600)
+            argv = [str(path), str(t), str(prompt), str(n_gpu_layers)]
+            out = subprocess.run([sys.executable, "-c", _COMPETITOR_CODE, *argv],
+                                 env=base_env | extra, capture_output=True, text=True,
+                                 timeout=600)
             if out.returncode != 0:
                 say(f"  llama.cpp alone, {label}, {t} thread(s): failed "
                     f"({out.stderr.strip().splitlines()[-1:]})")
@@ -235,6 +237,12 @@ def print_decoding(say: Say, runners: Sequence[Runner], rival: Competitor | None
     spec = next((r for r in runners if r.label.startswith("speculative")), None)
     if spec is not None:
         say(f"speculative / plain (auto): {plain.median_ms() / spec.median_ms():.3f}x")
+        sp = spec.session.speculator
+        sizes = sp.block_sizes
+        say(f"{spec.label}, since load: {len(sizes)} blocks of median "
+            f"{statistics.median(sizes) if sizes else 0:g} drafts; "
+            f"{sp.plain_generations} generation(s) handed to plain decoding; block costs "
+            f"measured again {sp.remeasured} time(s); acceptance estimate {sp.sizer.alpha:.2f}")
     for r in (plain, spec):
         w = None if r is None else r.session.engine.watch
         if r is not None and w is not None:
@@ -388,15 +396,17 @@ class _Dummy:
     tokens: list[int] = []
 
 
-def overhead(say: Say, path: Path, n_threads: int, repeats: int, n_tokens: int = 48) -> None:
+def overhead(say: Say, path: Path, n_threads: int, repeats: int, n_tokens: int = 48, *,
+             gpu_layers: int | None = None) -> None:
     """Per-step cost of eft-local around three copies of one model (sequential, every
-    thread) against three raw llama-cpp-python decodes of the same file."""
+    thread) against three raw llama-cpp-python decodes of the same file (as offloaded)."""
     from eft_local.backend import raw_decode_seconds
     from eft_local.session import LoadOptions, load_session
 
     s = load_session(models=[f"{r}={path}" for r in ("large_base", "small_ft", "small_base")],
                      options=LoadOptions(n_ctx=256, n_threads=n_threads, schedule="sequential",
-                                         speculative=False))
+                                         speculative=False, n_gpu_layers=gpu_layers))
+    layers = getattr(s.models["large_base"], "n_gpu_layers", 0)
     try:
         allowed = s.engine.allowed.copy()
         allowed[list(s.report.vocabs[s.preset.template_role].eog)] = False
@@ -408,7 +418,8 @@ def overhead(say: Say, path: Path, n_threads: int, repeats: int, n_tokens: int =
             runner.ms.clear()
             decode_once(runner, prompt, n_tokens)
             eft.append(runner.median_ms())
-            raw.append(1e3 * raw_decode_seconds(path, n_threads=n_threads, n_tokens=n_tokens))
+            raw.append(1e3 * raw_decode_seconds(path, n_threads=n_threads, n_tokens=n_tokens,
+                                                n_gpu_layers=layers))
         e, r = statistics.median(eft), statistics.median(raw)
         say(f"{path.name}, {n_threads} thread(s): eft-local {e:.3f} ms/token with three "
             f"copies; raw llama-cpp-python {r:.3f} ms/token each; overhead per step "
@@ -424,86 +435,10 @@ def peak_rss() -> int:
 
 
 # -- realistic sizes -----------------------------------------------------------------------
-SHAPES = {  # name: (n_embd, n_layer, n_head, n_head_kv, n_ff); vocabulary shared
-    "large_1b": (2048, 16, 32, 8, 8192),    # Llama-3.2-1B-like body
-    "large_360m": (960, 32, 15, 5, 2560),   # SmolLM2-360M-like
-    "small_ft": (576, 30, 9, 3, 1536),      # SmolLM2-135M-like
-    "small_base": (576, 30, 9, 3, 1536),
-}
 REALISTIC = {"1B + 2 x 135M": ("large_1b", "small_ft", "small_base"),
              "360M + 2 x 135M": ("large_360m", "small_ft", "small_base")}
-REALISTIC_VOCAB = 49152
-
-
-PEAK = 18.0
-"""Logit boost of token ``t + 1`` after token ``t`` in the ``--agreeing`` models."""
-LAYER_SCALE = 0.05
-"""Scale of their layers' output projections: the residual stays close to the embedding."""
-
-
-def next_token_tensors(shape: LlamaShape, seed: int) -> dict[str, np.ndarray]:
-    """Random weights for a model that predicts token ``t + 1`` after ``t`` (mod the
-    vocabulary) with high probability: quiet layers, and an output matrix holding each
-    token's embedding in the row of the next token. Models of any width built this way agree
-    with each other often, as a drafter and its targets do, at the same compute cost as
-    random models of their shape."""
-    from eft_local.gguf_writer import random_tensors
-
-    t = random_tensors(shape, seed)
-    for name in t:
-        if name.endswith(("attn_output.weight", "ffn_down.weight")):
-            t[name] *= np.float32(LAYER_SCALE)
-    embd = t["token_embd.weight"]
-    t["output.weight"] += np.roll(embd, 1, axis=0) * np.float32(PEAK / shape.n_embd)
-    return t
-
-
-def realistic_tokenizer(n_vocab: int) -> TokenizerSpec:
-    """Token texts t0, t1, ... after <s> and </s>: a vocabulary that spells no text."""
-    from eft_local.gguf_writer import TokenizerSpec
-
-    return TokenizerSpec(tokens=["<s>", "</s>"] + [f"t{i}" for i in range(n_vocab - 2)],
-                         token_types=[3, 3] + [1] * (n_vocab - 2), merges=["t 0"], bos_id=0,
-                         eos_id=1)
-
-
-def _write_realistic(out_dir: str, names: Sequence[str], agreeing: bool = False) -> None:
-    """Write and quantize the random-weight models to Q8_0 (in a child process: the
-    float32 arrays would otherwise count in this process's peak RSS); ``agreeing``: the
-    models of :func:`next_token_tensors`."""
-    from eft_local.backend import quantize_gguf
-    from eft_local.gguf_writer import LlamaShape, write_llama_gguf
-
-    v = REALISTIC_VOCAB
-    tok = realistic_tokenizer(v)
-    for i, name in enumerate(SHAPES):
-        dst = Path(out_dir) / f"{name}.q8_0.gguf"
-        if name not in names or dst.exists():
-            continue
-        embd, layers, heads, kv, ff = SHAPES[name]
-        shape = LlamaShape(n_vocab=v, n_embd=embd, n_layer=layers, n_head=heads, n_head_kv=kv,
-                           n_ff=ff, n_ctx_train=2048)
-        f32 = write_llama_gguf(Path(out_dir) / f"{name}.f32.tmp", shape=shape, tokenizer=tok,
-                               seed=i, name=f"random-{name}",
-                               tensors=next_token_tensors(shape, i) if agreeing else None)
-        quantize_gguf(f32, dst, "q8_0")
-        f32.unlink()
-
-
-def realistic_paths(cache: Path, names: Sequence[str] = tuple(SHAPES),
-                    agreeing: bool = False) -> dict[str, Path]:
-    """Paths of the realistic-size models ``names``, written once into ``cache``."""
-    cache.mkdir(parents=True, exist_ok=True)
-    paths = {name: cache / f"{name}.q8_0.gguf" for name in names}
-    missing = [n for n, p in paths.items() if not p.exists()]
-    if missing:
-        proc = multiprocessing.get_context("spawn").Process(
-            target=_write_realistic, args=(str(cache), missing, agreeing))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0:
-            raise click.ClickException("writing the realistic-size models failed")
-    return paths
+"""The realistic model sets: a large base over two small models, shapes of
+:data:`eft_local.synthetic.SHAPES`."""
 
 
 def bench_prompts(s: Session) -> list[list[int]]:
@@ -529,11 +464,15 @@ def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence
         say(f"chosen at load: {t.summary()}")
         say("schedules timed at load (ms/step predicted, measured): " + "; ".join(
             f"{k} {1e3 * p:.1f} {1e3 * m:.1f}" for k, (p, m) in t.trials.items()))
+    else:
+        say(f"schedule at load: {s.engine.schedule.name} ({s.schedule_reason})")
     path = Path(s.models[large].path)
-    say(f"\n### the baseline: llama.cpp alone on {path.name}, before and after the table")
-    rival = competitor(say, path, n_threads, prompt_tokens)
+    layers = getattr(s.models[large], "n_gpu_layers", 0)
+    say(f"\n### the baseline: llama.cpp alone on {path.name} ({layers} GPU layers, as in the "
+        "EFT runs), before and after the table")
+    rival = competitor(say, path, n_threads, prompt_tokens, n_gpu_layers=layers)
     runners = measure_decoding(base, large, prompts, n_threads, max_tokens, repeats)
-    competitor(say, path, n_threads, prompt_tokens, rival)
+    competitor(say, path, n_threads, prompt_tokens, rival, n_gpu_layers=layers)
     (decode, how), (prefill, prefill_how) = rival.best_decode(), rival.best_prefill()
     say(f"baseline, the best configuration by the median of its runs: "
         f"{1e3 * decode:.2f} ms/token ({how})"
@@ -549,12 +488,13 @@ def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence
 
 
 def realistic_sets(say: Say, paths: dict[str, Path], kind: str, *, n_threads: int,
-                   max_tokens: int, repeats: int, prompt_tokens: int) -> None:
+                   max_tokens: int, repeats: int, prompt_tokens: int,
+                   gpu_layers: int | None = None) -> None:
     """:func:`model_set` for each of :data:`REALISTIC` over the models at ``paths``."""
     for title, (large_shape, ft, base) in REALISTIC.items():
         pairs = [f"large_base={paths[large_shape]}", f"small_ft={paths[ft]}",
                  f"small_base={paths[base]}"]
-        s = open_base(say, None, pairs, n_threads, 1024)
+        s = open_base(say, None, pairs, n_threads, 1024, gpu_layers=gpu_layers)
         try:
             prompts = [[(37 * i + j) % 4000 + 2 for i in range(8)] for j in range(2)]
             model_set(say, f"realistic {title} ({kind})", s, "large_base", prompts,
@@ -565,13 +505,13 @@ def realistic_sets(say: Say, paths: dict[str, Path], kind: str, *, n_threads: in
 
 
 def open_base(say: Say, preset: str | None, models: Sequence[str], n_threads: int,
-              n_ctx: int) -> Session:
+              n_ctx: int, *, gpu_layers: int | None = None) -> Session:
     """The measured session; end-of-generation tokens masked so runs have equal length."""
     from eft_local.session import LoadOptions, load_session
 
     s = load_session(preset, models=models, options=LoadOptions(
-        n_ctx=n_ctx, n_threads=n_threads, schedule="auto"), progress=say,
-        sampling=SamplerSettings(temperature=1.0, seed=1))
+        n_ctx=n_ctx, n_threads=n_threads, schedule="auto", n_gpu_layers=gpu_layers),
+        progress=say, sampling=SamplerSettings(temperature=1.0, seed=1))
     allowed = s.engine.allowed.copy()
     eog = s.report.vocabs[s.preset.template_role].eog
     allowed[[t for t in eog if t < allowed.size]] = False
@@ -579,66 +519,16 @@ def open_base(say: Say, preset: str | None, models: Sequence[str], n_threads: in
     return s
 
 
-@click.command("bench")
-@click.argument("preset", required=False)
-@click.option("--model", "-m", "models", multiple=True, metavar="ROLE=PATH",
-              help="Benchmark these models instead of a preset.")
-@click.option("--max-tokens", default=32, show_default=True, help="Tokens per prompt.")
-@click.option("--repeats", default=3, show_default=True, help="Interleaved repeats.")
-@click.option("--threads", type=int, default=None, help="Thread budget (default: all CPUs).")
-@click.option("--prompt-tokens", default=500, show_default=True,
-              help="Prompt length for time to first token (0: skip).")
-@click.option("--realistic", is_flag=True,
-              help="Also measure 1B/360M/135M-shaped random-weight models (written once).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("benchmarks/out"),
-              show_default=True, help="Where the realistic-size models are written once.")
-@click.option("--retune", is_flag=True, help="Measure the schedules again (ignore the cache).")
-@click.option("--skip-family", is_flag=True, help="Only the realistic sizes.")
-@click.option("--agreeing", is_flag=True,
-              help="Also measure the realistic shapes built to predict the next token id, "
-                   "so that drafts are often accepted (written once).")
-def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats: int,
-          threads: int | None, prompt_tokens: int, realistic: bool, cache_dir: Path,
-          retune: bool, skip_family: bool, agreeing: bool) -> None:
-    """Speed of plain and speculative EFT against the large model alone at its best."""
-    from eft_local.schedule import tuning
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-    say = click.echo
-    if retune:  # forget every cached schedule choice
-        tuning.cache_path().unlink(missing_ok=True)
-    n = threads or os.cpu_count() or 1
-    say(f"machine: {machine()}; thread budget {n}; load average "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    if not skip_family:
-        s = open_base(say, preset, models, n, 512)
-        try:
-            large = next((r for r in s.engine.roles if r.startswith("large")),
-                         max(s.models, key=lambda r: Path(s.models[r].path).stat().st_size))
-            prompts = bench_prompts(s)
-            model_set(say, f"preset {s.preset.name}", s, large, prompts, n_threads=n,
-                      max_tokens=max_tokens, repeats=repeats, prompt_tokens=prompt_tokens)
-            say("\n## draft/mix coupling at temperature 1: positions, mean sum(min(p, q)), "
-                "agreement of the race (now) and of the inverse-CDF draw (before), each with "
-                "its fraction of the optimum")
-            print_coupling(say, f"preset {s.preset.name}, drafter {s.draft_role()}",
-                           session_pairs(s, prompts, max_tokens))
-            print_coupling(say, "synthetic Zipf rows, vocab 49152", synthetic_pairs())
-            say(f"\n## per-step overhead against raw llama-cpp-python (median of {repeats})")
-            small = next((m for r, m in s.models.items() if r.startswith("small")),
-                         None)
-            if small is not None:
-                overhead(say, Path(small.path), n, repeats)
-        finally:
-            s.close()
-    if realistic:
-        realistic_sets(say, realistic_paths(cache_dir), "random weights, Q8_0", n_threads=n,
-                       max_tokens=max_tokens // 2, repeats=repeats, prompt_tokens=prompt_tokens)
-    if agreeing:
-        realistic_sets(say, realistic_paths(cache_dir / "agreeing", agreeing=True),
-                       "random weights built to predict the next token id, Q8_0",
-                       n_threads=n, max_tokens=max_tokens, repeats=repeats, prompt_tokens=0)
-    say("\n## sampler: one Engine.choose step over 3 models, synthetic rows (ms, median)")
-    for vocab, shape, label, ms in sampler_costs():
-        say(f"vocab {vocab:7d} {shape:5} {label:17} {ms:7.3f}")
-    say(f"\npeak RSS {peak_rss() / 2**20:.0f} MiB; load average now "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+def machine_line(n_threads: int) -> str:
+    """The first line of a run: the machine, the thread budget and the load average."""
+    return f"machine: {machine()}; thread budget {n_threads}; load average {load_average()}"
+
+
+def forget_schedules() -> None:
+    """Delete every cached schedule choice (``bench --retune``): each set is measured again."""
+    tuning.cache_path().unlink(missing_ok=True)

@@ -8,6 +8,7 @@ drops the oldest turns when the context is full.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import re
 import threading
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from jinja2 import Environment, TemplateError
 from jinja2.nodes import EvalContext
@@ -23,7 +24,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
-from eft_local.errors import EftError
+from eft_local.errors import ContextFull, EftError
 from eft_local.files import atomic_write
 from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, VocabInfo
 
@@ -147,21 +148,24 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         return result
 
 
-def render(template: str, messages: list[dict[str, str]], *, bos_token: str = "",
+def render(template: str, messages: list[dict[str, Any]], *, bos_token: str = "",
            eos_token: str = "", add_generation_prompt: bool = True,
-           seconds: float | None = None) -> str:
-    """Render ``messages`` with a chat template in a sandbox, within a time limit and a size
-    limit; every failure is an :class:`EftError` "chat template failed: ..."."""
+           seconds: float | None = None, tools: list[dict[str, Any]] | None = None) -> str:
+    """Render ``messages`` (and ``tools``, OpenAI's function cards, for templates that
+    render them) with a chat template in a sandbox, within a time limit and a size limit;
+    every failure is an :class:`EftError` "chat template failed: ..."."""
     seconds = RENDER_SECONDS if seconds is None else seconds
-    given = sum(len(str(m.get("content", ""))) for m in messages)
+    given = sum(len(str(m.get("content", ""))) + len(str(m.get("tool_calls") or ""))
+                for m in messages) + len(str(tools or ""))
     limit = RENDER_CHARS + 4 * (given + len(bos_token) + len(eos_token))
 
     def work() -> str:
         env = _BoundedEnvironment(limit)
         chunks, size = [], 0
+        extra = {"tools": tools} if tools else {}
         for chunk in env.from_string(template).generate(
                 messages=messages, bos_token=bos_token, eos_token=eos_token,
-                add_generation_prompt=add_generation_prompt):
+                add_generation_prompt=add_generation_prompt, **extra):
             size += len(chunk)
             if size > limit:
                 raise _TemplateLimit(f"more than {limit} characters of output")
@@ -215,12 +219,92 @@ class _Stopped(Exception):
     """Raised inside a template thread that ran out of time."""
 
 
+def fit_messages(messages: list[dict[str, str]],
+                 count_tokens: Callable[[list[dict[str, str]]], int], budget: int, *,
+                 limit: int | None = None) -> tuple[list[dict[str, str]], int]:
+    """Drop the oldest whole turns of ``messages`` until they take at most ``budget``
+    tokens; returns the messages kept and how many were dropped.
+
+    A turn is a user message and what follows it up to the next user message (a reply
+    before the first user message is a turn of its own). System messages and the newest
+    message always stay, and the messages kept alternate as before. When even the shortest
+    history is over ``budget`` it is returned if it fits ``limit`` (default ``budget``:
+    the room left for a reply shrinks); else :class:`ContextFull` says how many tokens the
+    newest message needs and how many are allowed, and nothing is dropped.
+    """
+    need = count_tokens(messages)
+    if need <= budget:
+        return list(messages), 0
+    others = [i for i, m in enumerate(messages) if m.get("role") != "system"]
+    cuts = [q for q in range(1, len(others)) if messages[others[q]].get("role") == "user"]
+
+    def without(q: int) -> list[dict[str, str]]:
+        gone = set(others[:q])
+        return [m for i, m in enumerate(messages) if i not in gone]
+
+    shortest = cuts[-1] if cuts else 0
+    if shortest:
+        need = count_tokens(without(shortest))
+    allowed = budget if limit is None else limit
+    if need > allowed:
+        raise ContextFull(f"the message needs {need} tokens (with the system prompt and chat "
+                          f"template) but {allowed} are allowed; shorten it or raise the "
+                          "context size (n_ctx)")
+    if need > budget:
+        return without(shortest), shortest
+    low, high = 0, len(cuts) - 1  # the fewest turns to drop (fewer turns, fewer tokens)
+    while low < high:
+        mid = (low + high) // 2
+        if count_tokens(without(cuts[mid])) <= budget:
+            high = mid
+        else:
+            low = mid + 1
+    return without(cuts[low]), cuts[low]
+
+
+@dataclass(frozen=True)
+class ToolSupport:
+    """What a chat template renders: tool cards, assistant tool calls, tool results."""
+
+    tools: bool
+    calls: bool
+    results: bool
+
+
+_PROBE = "eft_probe_fn"
+
+
+@functools.lru_cache(maxsize=16)
+def tool_support(template: str) -> ToolSupport:
+    """Render probes to find out what ``template`` does with tools (as llama.cpp does)."""
+    card = {"type": "function", "function": {"name": _PROBE, "description": "",
+                                             "parameters": {"type": "object",
+                                                            "properties": {}}}}
+    user = {"role": "user", "content": "hi"}
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": _PROBE, "arguments": {}}}]}
+    result = {"role": "tool", "tool_call_id": "call_1", "name": _PROBE,
+              "content": "eft_probe_result"}
+
+    def shows(text: str, messages: list[dict[str, Any]], **kw: Any) -> bool:
+        try:
+            return text in render(template, messages, **kw)
+        except EftError:
+            return False
+
+    return ToolSupport(tools=shows(_PROBE, [user], tools=[card]),
+                       calls=shows(_PROBE, [user, call]),
+                       results=shows("eft_probe_result", [user, call, result]))
+
+
 @dataclass
 class Conversation:
     """A system prompt and alternating user/assistant turns."""
 
     system: str | None = None
     turns: list[dict[str, str]] = field(default_factory=list)
+    dropped: int = 0
+    """Turns dropped so far to fit the context (:meth:`fit`)."""
 
     def messages(self) -> list[dict[str, str]]:
         """The message list a chat template expects."""
@@ -231,35 +315,24 @@ class Conversation:
         """Append one turn."""
         self.turns.append({"role": role, "content": content})
 
-    def drop_oldest_exchange(self) -> bool:
-        """Drop the oldest user turn and the replies after it; False when nothing is left."""
-        if len(self.turns) <= 1:
-            return False
-        cut = 1
-        while cut < len(self.turns) and self.turns[cut]["role"] != "user":
-            cut += 1
-        if cut >= len(self.turns):
-            return False
-        del self.turns[:cut]
-        return True
+    def fit(self, count_tokens: Callable[[list[dict[str, str]]], int], budget: int, *,
+            limit: int | None = None) -> int:
+        """Drop oldest exchanges until the prompt fits ``budget`` tokens (see
+        :func:`fit_messages`); returns how many exchanges went.
 
-    def fit(self, count_tokens: Callable[[list[dict[str, str]]], int], budget: int) -> int:
-        """Drop oldest exchanges until the prompt fits ``budget`` tokens; returns how many.
-
-        Works on a copy: when even the newest turn alone (with the system prompt) does not
-        fit, the history is left exactly as it was and the error says how many tokens it
-        needs and how many are allowed.
+        When even the newest turn alone (with the system prompt) does not fit, the history
+        is left exactly as it was and the error says how many tokens it needs and how many
+        are allowed.
         """
-        trial = Conversation(system=self.system, turns=list(self.turns))
-        dropped = 0
-        while (need := count_tokens(trial.messages())) > budget:
-            if not trial.drop_oldest_exchange():
-                raise EftError(f"the message needs {need} tokens (with the system prompt and "
-                               f"chat template) but {budget} are allowed; shorten it or raise "
-                               "n_ctx")
-            dropped += 1
-        self.turns[:] = trial.turns
-        return dropped
+        _kept, n = fit_messages(self.messages(), count_tokens, budget, limit=limit)
+        return self.drop(n)
+
+    def drop(self, n: int) -> int:
+        """Drop the ``n`` oldest turns; returns how many user turns (exchanges) went."""
+        exchanges = sum(t["role"] == "user" for t in self.turns[:n])
+        del self.turns[:n]
+        self.dropped += n
+        return exchanges
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """Write the transcript as JSON (atomically)."""
@@ -316,9 +389,9 @@ def special_pattern(vocab: VocabInfo | None) -> re.Pattern[str] | None:
     return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
-def tokenize_messages(template: str, messages: list[dict[str, str]], model: Tokenizer,
-                      vocab: VocabInfo | None, *, specials: re.Pattern[str] | None
-                      ) -> list[int]:
+def tokenize_messages(template: str, messages: list[dict[str, Any]], model: Tokenizer,
+                      vocab: VocabInfo | None, *, specials: re.Pattern[str] | None,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Render ``messages`` with ``template`` and tokenize the text: the template's own
     markup with special-token parsing, the messages' content without it wherever it holds
     text that ``specials`` matches (a control token's text typed in a message stays plain
@@ -329,8 +402,8 @@ def tokenize_messages(template: str, messages: list[dict[str, str]], model: Toke
             return ""
         return model.piece(token, special=True).decode("utf-8", "replace")
 
-    tokens = {"bos_token": text_of(vocab and vocab.bos),
-              "eos_token": text_of(vocab and vocab.eos)}
+    tokens: dict[str, Any] = {"bos_token": text_of(vocab and vocab.bos),
+                              "eos_token": text_of(vocab and vocab.eos), "tools": tools}
     text = render(template, messages, **tokens)
     contents = [m.get("content") for m in messages]
     if specials is None or not any(isinstance(c, str) and specials.search(c)

@@ -5,8 +5,9 @@ to a prompt, re-using the longest cached prefix (so a chat turn evaluates only i
 suffix), each model with the whole thread budget in turn; each step mixes the models' rows
 with the formula weights, draws with the position's noise, and evaluates the chosen token
 on every model with a non-zero weight, as the decode :class:`~eft_local.schedule.Schedule`
-says (lanes run concurrently: ctypes releases the GIL around llama.cpp). Speculative
-decoding (:mod:`eft_local.speculative`) drives the same evaluation methods.
+says (lanes run concurrently: ctypes releases the GIL around llama.cpp); remote roles'
+requests go out from I/O threads beside the lanes (:mod:`eft_local.remote.lanes`).
+Speculative decoding (:mod:`eft_local.speculative`) drives the same evaluation methods.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -23,7 +25,9 @@ import numpy as np
 
 from eft_local import sampler
 from eft_local.errors import EftError
+from eft_local.kvshift import best_cut, worth_shifting
 from eft_local.remote.http import Traffic
+from eft_local.remote.lanes import RemoteLanes, is_remote
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as schedules
 from eft_local.schedule.lanes import Gate, LaneStopped
@@ -46,6 +50,14 @@ class Model(Protocol):
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]: ...
 
 
+class Constraint(Protocol):
+    """What may come next (a grammar's state, :class:`eft_local.backend.Grammar`)."""
+
+    def allowed(self, tokens: np.ndarray) -> np.ndarray: ...
+    def accept(self, token: int) -> None: ...
+    def clone(self) -> Constraint: ...
+
+
 @dataclass(frozen=True)
 class Step:
     """One generated token, with diagnostics when they were asked for."""
@@ -53,13 +65,20 @@ class Step:
     position: int
     token: int
     p_mix: float
+    """The token's probability under the filtered mix it was drawn from (under a grammar
+    without diagnostics: before the grammar's mask, see :func:`sampler.grammar_pick`)."""
     p_models: Mapping[str, float] | None = None
     ref_token: int | None = None
     from_draft: bool = False
     logprob: float | None = None
-    """With ``top_n``: the token's log-prob under the mix at temperature 1, no filters."""
+    """With ``top_n`` or diagnostics: the token's log-prob under the mix at temperature 1,
+    no filters."""
     top: tuple[tuple[int, float], ...] | None = None
     """With ``top_n``: the most likely (id, log-prob) pairs of that distribution."""
+    logprob_models: Mapping[str, float] | None = None
+    """With diagnostics: the token's log-prob under each model alone."""
+    top_models: Mapping[str, tuple[tuple[int, float], ...]] | None = None
+    """With diagnostics and ``top_n``: each model's most likely (id, log-prob) pairs."""
     finish: str | None = None
     """On the last step of a generation: ``eog`` (an end-of-generation token), ``length``
     (``max_tokens``) or ``context`` (the context is full)."""
@@ -71,6 +90,9 @@ class Stats:
 
     generated: int = 0
     prefilled: int = 0
+    shifted: int = 0
+    """Prompt tokens kept by cutting older tokens out of a cache (moved, not evaluated;
+    per prompt, the most that any model moved)."""
     eval_seconds: dict[str, float] = field(default_factory=dict)
     sampler_seconds: float = 0.0
     wall_seconds: float = 0.0
@@ -80,9 +102,7 @@ class Stats:
     accepted: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
-    traffic: dict[str, Traffic] = field(default_factory=dict)
-    """Remote roles: requests, bytes and waiting time (:class:`~eft_local.remote.http.
-    Traffic`), per role."""
+    traffic: dict[str, Traffic] = field(default_factory=dict)  # remote roles' network costs
 
     def reset(self) -> None:
         """Zero everything."""
@@ -134,18 +154,15 @@ class Engine:
         """Rows, weights and conservative role of the last sampled step (for :meth:`why`)."""
         self.n_threads = max(1, n_threads or os.cpu_count() or 1)
         self.remote_roles = tuple(r for r, m in self.models.items() if is_remote(m))
-        """Roles that a remote engine evaluates: outside the schedule and the thread budget
-        (their cost is waiting), each in an I/O thread of its own."""
+        """Roles that remote engines evaluate, each in an I/O thread (:attr:`remote`)."""
         self.local_roles = tuple(r for r in self.roles if r not in self.remote_roles)
-        self.overlap_remote = True
-        """Remote requests run while the local models evaluate (False: before them)."""
+        self.remote = RemoteLanes(len(self.remote_roles))
         sizes = {r: float(file_size(self.models[r])) for r in self.local_roles}
         self.schedule = schedule or (schedules.lanes(sizes, self.n_threads) if parallel
                                      else schedules.sequential(self.local_roles))
         self.active: tuple[str, ...] = self.roles
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
-        self._io_pool: ThreadPoolExecutor | None = None
         self._row_buf = np.zeros((len(self.roles), self.width), dtype=np.float32)
         self._scores = np.empty(self.width, dtype=np.float32)
         self._samplers: dict[SamplerSettings, sampler.Sampler] = {}
@@ -242,19 +259,6 @@ class Engine:
     def _timed_eval(self, role: str, n_keep: int, tokens: list[int], all_logits: bool,
                     out: np.ndarray | None = None) -> np.ndarray:
         model = self.models[role]
-        net = getattr(model, "traffic", None)
-        if net is not None:
-            before = net.copy()
-            try:
-                return self._timed_eval_of(model, role, n_keep, tokens, all_logits, out)
-            finally:
-                used = self.stats.traffic.setdefault(role, Traffic())
-                used.add(net)
-                used.add(before, -1)
-        return self._timed_eval_of(model, role, n_keep, tokens, all_logits, out)
-
-    def _timed_eval_of(self, model: Model, role: str, n_keep: int, tokens: list[int],
-                       all_logits: bool, out: np.ndarray | None) -> np.ndarray:
         start = time.perf_counter()
         model.rewind(n_keep)
         into = getattr(model, "eval_into", None) if out is not None and not all_logits else None
@@ -290,44 +294,23 @@ class Engine:
                    else [list(tokens)] * len(roles))  # type: ignore[list-item]
         jobs = {r: (k, t) for r, k, t in zip(roles, keeps, batches, strict=True)}
         outs = {r: (None if out is None else out[self._index[r]]) for r in roles}
-        remote = [r for r in roles if r in self.remote_roles]
-        pending = self._start_remote(remote, jobs, all_logits, outs)
+        pending = self.remote.start({r: partial(self._timed_eval, r, *jobs[r], all_logits,
+                                                outs[r]) for r in roles if r in self.remote_roles},
+                                    self.models, self.stats.traffic)
         try:
-            done = self._evaluate_local([r for r in roles if r not in remote], jobs,
+            done = self._evaluate_local([r for r in roles if r not in pending], jobs,
                                         all_logits, outs, prefill)
         except BaseException:  # the remote requests' late results must not count
-            for r, future in pending.items():
-                if not future.done():
-                    self.models[r].abandon()  # type: ignore[attr-defined]
+            self.remote.abandon(pending, self.models)
             raise
-        for r, future in pending.items():
-            done[r] = future.result()
+        done.update(self.remote.finish(pending))
         return [done[r] for r in roles]
-
-    def _start_remote(self, remote: Sequence[str],
-                      jobs: Mapping[str, tuple[int, list[int]]], all_logits: bool,
-                      outs: Mapping[str, np.ndarray | None]) -> dict[str, Future]:
-        """Send the remote roles' requests, each from an I/O thread of its own (with
-        :attr:`overlap_remote`; else they are answered before this returns)."""
-        if not remote:
-            return {}
-        if self._io_pool is None:
-            self._io_pool = ThreadPoolExecutor(max(1, len(self.remote_roles)),
-                                               thread_name_prefix="eft-remote")
-        pending = {r: self._io_pool.submit(self._timed_eval, r, *jobs[r], all_logits,
-                                           outs[r]) for r in remote}
-        if not self.overlap_remote:
-            for future in pending.values():
-                future.exception()  # wait; a failure is raised by the caller's result()
-        return pending
 
     def _evaluate_local(self, roles: Sequence[str],
                         jobs: Mapping[str, tuple[int, list[int]]], all_logits: bool,
                         outs: Mapping[str, np.ndarray | None], prefill: bool
                         ) -> dict[str, np.ndarray]:
         done: dict[str, np.ndarray] = {}
-        if not roles:
-            return done
         if prefill:
             for r in roles:
                 self._use_threads(r, self.n_threads)
@@ -373,23 +356,40 @@ class Engine:
                     gate.leave()
         return done
 
-    def prime(self, tokens: list[int]) -> None:
+    def prime(self, tokens: list[int], *, shift: bool = False) -> None:
         """Make every active model hold ``tokens``, re-using cached prefixes; sets
-        :attr:`rows` (rows of inactive models are stale: their weight is 0)."""
+        :attr:`rows` (rows of inactive models are stale: their weight is 0).
+
+        ``shift``: ``tokens`` continue what the caches hold with a span of older tokens
+        taken out (a chat that dropped its oldest turns). A model that can shift, and for
+        which it pays (:func:`worth_shifting`), cuts that span out of its cache and keeps
+        the tokens after it instead of evaluating them again; each model's ``tokens`` stays
+        what its cache holds, position by position. Its logits then differ slightly from a
+        fresh evaluation (the kept tokens attended to the dropped ones)."""
         if not tokens:
             raise EftError("empty prompt: nothing to condition on")
         if len(tokens) >= self.n_ctx:
             raise EftError(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx} "
                            "(raise n_ctx or shorten the prompt)")
-        keeps, suffixes = [], []
+        keeps, suffixes, moved = [], [], 0
         for role in self.active:
-            cached = self.models[role].tokens
-            k = common_prefix(cached, tokens)
+            model = self.models[role]
+            k = common_prefix(model.tokens, tokens)
+            if shift and k < len(tokens) - 1 and getattr(model, "can_shift", False):
+                end, kept = best_cut(model.tokens, tokens, k)
+                kept = min(kept, len(tokens) - 1 - k)
+                if kept and worth_shifting(kept, n_ctx=model.n_ctx,
+                                           file_bytes=file_size(model)):
+                    model.rewind(end + kept)  # what follows the kept span goes first
+                    if model.cut(k, end):
+                        k += kept
+                        moved = max(moved, kept)
             k = min(k, len(tokens) - 1)  # the last token is re-evaluated for its logits
             keeps.append(k)
             suffixes.append(tokens[k:])
         longest = max(len(s) for s in suffixes)
         self.stats.prefilled += longest
+        self.stats.shifted += moved
         self.evaluate_each(keeps, suffixes, roles=self.active, prefill=longest > 1,
                            out=self._row_buf)
         self.rows = self._row_buf
@@ -440,31 +440,55 @@ class Engine:
         """One model's own log-probs over the allowed ids."""
         return sampler.log_softmax(self.model_scores(rows[index]))
 
+    def draw(self, scores: np.ndarray, settings: SamplerSettings, position: int,
+             grammar: Constraint | None = None) -> sampler.Pick:
+        """Filter ``scores`` (changed in place) and draw the token at ``position``, among the
+        tokens ``grammar`` allows when there is one."""
+        sample = self.sampler(settings)
+        if grammar is None:
+            return sample(scores, position)
+        return sampler.grammar_pick(sample, scores, settings, position, grammar.allowed)
+
     def choose(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings,
                position: int, *, diagnostics: bool = False, top_n: int | None = None,
-               conservative: str | None = None) -> Step:
-        """Sample the token at ``position`` from the mix of ``rows``; ``top_n`` (0 or more)
-        adds the token's log-prob under the unfiltered mix and its ``top_n`` best tokens;
-        diagnostics show what ``conservative`` (default :attr:`conservative_role`) alone
-        would have drawn."""
+               conservative: str | None = None, grammar: Constraint | None = None) -> Step:
+        """Sample the token at ``position`` from the mix of ``rows`` (among the tokens that
+        ``grammar`` allows); ``top_n`` (0 or more) adds the token's log-prob under the
+        unfiltered mix (no grammar) and its ``top_n`` best tokens; diagnostics add each
+        model's log-prob of the token (and, with ``top_n``, each model's best tokens) and
+        what ``conservative`` (default :attr:`conservative_role`) alone would have drawn."""
         start = time.perf_counter()
         role = conservative or self.conservative_role
         sample = self.sampler(settings)
-        picked = sample(self.scores(rows, weights, settings, role), position)
-        p_models = ref_token = None
+        scores = self.scores(rows, weights, settings, role)
+        refused = None
+        if grammar is not None and diagnostics:  # exact probabilities: ask about every token
+            refused = sampler.mask_disallowed(scores, grammar.allowed)
+            picked = sample(scores, position)
+        else:
+            picked = self.draw(scores, settings, position, grammar)
+        p_models = ref_token = logprob_models = top_models = None
         if diagnostics:
-            lps = [self.model_logprobs(rows, i) for i in range(len(self.roles))]
-            p_models = {r: float(np.exp(lp[picked.token]))
-                        for r, lp in zip(self.roles, lps, strict=True)}
-            ref_token = sample(lps[self.index(role)], position).token
+            lps = dict(zip(self.roles, (self.model_logprobs(rows, i)
+                                        for i in range(len(self.roles))), strict=True))
+            logprob_models = {r: float(lp[picked.token]) for r, lp in lps.items()}
+            p_models = {r: float(np.exp(lp[picked.token])) for r, lp in lps.items()}
+            if top_n is not None:
+                top_models = {r: sampler.top_logprobs(lp, top_n) for r, lp in lps.items()}
+            own = lps[role]
+            if refused is not None:
+                own[refused] = sampler.NEG_INF
+            ref_token = sample(own, position).token  # may change lps[role] in place
         logprob = top = None
-        if top_n is not None:
+        if top_n is not None or diagnostics:
             mixed = self.distribution(rows, weights, settings, role)
-            logprob, top = float(mixed[picked.token]), sampler.top_logprobs(mixed, top_n)
+            logprob = float(mixed[picked.token])
+            top = sampler.top_logprobs(mixed, top_n) if top_n is not None else None
         self.last = (rows, weights, role)
         self.stats.sampler_seconds += time.perf_counter() - start
         return Step(position=position, token=picked.token, p_mix=picked.p,
-                    p_models=p_models, ref_token=ref_token, logprob=logprob, top=top)
+                    p_models=p_models, ref_token=ref_token, logprob=logprob, top=top,
+                    logprob_models=logprob_models, top_models=top_models)
 
     def why(self, settings: SamplerSettings, k: int = 5) -> dict[str, list[tuple[int, float]]]:
         """Top tokens of each evaluated model and of the mix at the last step."""
@@ -482,22 +506,24 @@ class Engine:
                  *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
                  conservative: str | None = None,
                  on_step: Callable[[np.ndarray, Step], None] | None = None,
-                 extra: Sequence[str] = ()) -> Iterator[Step]:
+                 extra: Sequence[str] = (), shift: bool = False,
+                 grammar: Constraint | None = None) -> Iterator[Step]:
         """Yield sampled tokens until an end-of-generation token, ``max_tokens`` or a full
         context; the last step's :attr:`Step.finish` says which (the caller may stop
-        earlier). ``on_step(rows, step)`` sees each step's rows; ``extra`` models are
-        evaluated too."""
+        earlier). ``on_step(rows, step)`` sees each step's rows (before ``grammar``, whose
+        state advances with every token, accepts it); ``extra`` models are evaluated too;
+        ``shift`` as :meth:`prime`."""
         started = time.perf_counter()
         self.activate(weights, settings, diagnostics=diagnostics, extra=extra,
                       conservative=conservative)
-        self.prime(tokens)
+        self.prime(tokens, shift=shift)
         position = len(tokens)
         stepped = None
         try:
             for n in range(1, max_tokens + 1):
                 step = self.choose(self.rows, weights, settings, position,
                                    diagnostics=diagnostics, top_n=top_n,
-                                   conservative=conservative)
+                                   conservative=conservative, grammar=grammar)
                 if stepped is not None:
                     self.observe_step(time.perf_counter() - stepped)
                 if on_step is not None:
@@ -507,6 +533,8 @@ class Engine:
                 yield step if finish is None else replace(step, finish=finish)
                 if finish is not None:
                     return
+                if grammar is not None:
+                    grammar.accept(step.token)
                 position += 1
                 stepped = time.perf_counter()
                 self.advance(step.token)
@@ -549,14 +577,7 @@ class Engine:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool, self._pool_size = None, 0
-        if self._io_pool is not None:
-            self._io_pool.shutdown(wait=False)
-            self._io_pool = None
-
-
-def is_remote(model: object) -> bool:
-    """True for a model that a remote engine evaluates (:mod:`eft_local.remote`)."""
-    return bool(getattr(model, "remote", False))
+        self.remote.close()
 
 
 def file_size(model: Model) -> int:

@@ -65,6 +65,20 @@ class Formula:
         text = " ".join(parts)
         return text[2:] if text.startswith("+ ") else text
 
+    def base_role(self) -> str | None:
+        """The formula's base term: the one model the mix is when every knob is 0
+        (``large_base`` for up-scaling, ``small_base`` for down-scaling, ``small_ft`` for
+        amplified up-scaling, the model itself for a one-model formula), or None when the
+        formula at knobs 0 is not one model with weight 1."""
+        try:
+            weights = self.weights(dict.fromkeys(PARAMETERS, 0.0))
+        except EftError:  # e.g. a division by a knob
+            return None
+        used = [(role, w) for role, w in weights.items() if w != 0]
+        if len(used) == 1 and math.isclose(used[0][1], 1.0):
+            return used[0][0]
+        return None
+
 
 def parse_formula(text: str, *, roles: tuple[str, ...] | None = None) -> Formula:
     """Parse ``text`` (or a named shorthand) and check it is a linear mix of roles.

@@ -34,8 +34,9 @@ class LoadOptions:
     speculative: bool = True
     draft_k: int | None = None  # None: adaptive block size
     schedule: str | None = None
-    """Decode schedule: ``auto`` (measured at load, cached; the default with ``parallel``),
-    ``lanes``, ``large-first`` or ``sequential`` (the default without ``parallel``)."""
+    """Decode schedule: ``auto`` (measured at load, cached; the default with ``parallel``;
+    ``sequential`` unmeasured when every model is wholly on the GPU), ``lanes``,
+    ``large-first`` or ``sequential`` (the default without ``parallel``)."""
 
     def __post_init__(self) -> None:
         if self.schedule is not None and self.schedule not in ("auto", *schedules.NAMES):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -216,7 +216,10 @@ def top_k_filter(k: int) -> Filter:
     def apply(scores: np.ndarray) -> np.ndarray:
         if k >= scores.size:
             return scores
-        kth = np.partition(scores, scores.size - k)[scores.size - k]
+        live = scores[scores > NEG_INF]  # numpy's partition crawls over many equal -infs
+        if k >= live.size:
+            return scores
+        kth = np.partition(live, live.size - k)[live.size - k]
         scores[scores < kth] = NEG_INF
         return scores
 
@@ -301,6 +304,147 @@ def make_sampler(s: SamplerSettings) -> Sampler:
         return Pick(token, float(probs[token]) / total, 1.0 / total)
 
     return sample
+
+
+# -- drawing under a constraint (a grammar) --------------------------------------------------
+Allows = Callable[[np.ndarray], np.ndarray]
+"""``allows(ids)``: bool array, which of the token ids a constraint lets through next."""
+Asked = tuple[list[np.ndarray], list[np.ndarray]]
+"""Ids a constraint was asked about, and its answers."""
+
+HEAD = (16, 256)
+"""How many of the best candidates a constrained draw asks about, in two rounds, before it
+asks about every token (the exact mask)."""
+
+
+def _nothing_allowed() -> EftError:
+    return EftError("the grammar allows no token here that the models can produce")
+
+
+def mask_disallowed(scores: np.ndarray, allows: Allows, asked: Asked | None = None
+                    ) -> np.ndarray:
+    """Set the finite scores of the tokens ``allows`` refuses to ``-inf`` (in place); returns
+    the refused ids. Asks about every token (those in ``asked`` excepted): exact, and the
+    slow way at large vocabularies."""
+    ids = np.flatnonzero(np.isfinite(scores))
+    known = np.zeros(scores.size, dtype=np.int8)  # 0 unknown, 1 allowed, 2 refused
+    if asked and asked[0]:
+        known[np.concatenate(asked[0])] = np.where(np.concatenate(asked[1]), 1, 2)
+    todo = known[ids] == 0
+    ok = known[ids] == 1
+    ok[todo] = allows(ids[todo])
+    if not ok.any():
+        raise _nothing_allowed()
+    refused = ids[~ok]
+    scores[refused] = NEG_INF
+    return refused
+
+
+def best_first(keys: np.ndarray, sizes: Sequence[int] = HEAD) -> Iterator[np.ndarray]:
+    """Token ids in decreasing order of ``keys``, in chunks that end at the ``sizes`` best,
+    finite keys only, none twice: a search that stops early sorts only what it saw."""
+    seen = 0
+    for size in sizes:
+        size = min(size, keys.size)
+        if size <= seen:
+            return
+        top = np.argpartition(-keys, size - 1)[:size] if size < keys.size else np.arange(size)
+        top = top[np.argsort(-keys[top], kind="stable")][seen:]
+        seen = size
+        fresh = top[np.isfinite(keys[top])]
+        if fresh.size:
+            yield fresh
+        if fresh.size < top.size:  # the rest is -inf
+            return
+
+
+def grammar_pick(sample: Sampler, scores: np.ndarray, s: SamplerSettings, position: int,
+                 allows: Allows) -> Pick:
+    """Draw as ``sample`` (the sampler of ``s``) would from ``scores`` restricted to the
+    tokens ``allows`` lets through: the constraint applies to the mix, before the filters
+    and the draw. ``scores`` may be changed in place.
+
+    Asking about every token costs milliseconds per step at large vocabularies (llama.cpp's
+    grammar engine decodes each one), so the draw first asks only about the best candidates
+    (:data:`HEAD`): the race's winner among the allowed tokens is the first allowed one in
+    the order of the race's keys (the argmax: in the order of scores); with top-k or min-p
+    the filtered set is known once enough of the best allowed tokens are. Where the head does
+    not settle the draw, and with top-p (which needs the mass of every allowed token), every
+    token is asked about (:func:`mask_disallowed`) and ``sample`` draws. Settled in the head
+    without a filter, ``p`` and ``p_top`` are those before the constraint (the constrained
+    probability is at least ``p``)."""
+    asked: Asked = ([], [])
+    if s.top_p == 1.0:
+        scaled = scores if s.temperature in (0.0, 1.0) else scores * np.float32(
+            1.0 / s.temperature)
+        search = _filtered_pick if s.top_k or s.min_p > 0.0 else _first_pick
+        picked = search(scaled, s, position, allows, asked)
+        if picked is not None:
+            return picked
+    mask_disallowed(scores, allows, asked)
+    return sample(scores, position)
+
+
+def _ask(allows: Allows, ids: np.ndarray, asked: Asked) -> np.ndarray:
+    ok = np.asarray(allows(ids), dtype=bool)
+    asked[0].append(ids)
+    asked[1].append(ok)
+    return ok
+
+
+def _log_keys(scaled: np.ndarray, s: SamplerSettings, position: int) -> np.ndarray:
+    """The race's keys in logs: log p_i - log E_i (the scores themselves at temperature 0)."""
+    if s.temperature == 0.0:
+        return scaled
+    with np.errstate(divide="ignore"):
+        return scaled - np.log(-race_noise(s.seed, position, scaled.size))
+
+
+def _first_pick(scaled: np.ndarray, s: SamplerSettings, position: int, allows: Allows,
+                asked: Asked) -> Pick | None:
+    """No filter: the first allowed token in the order of the race's keys."""
+    for chunk in best_first(_log_keys(scaled, s, position)):
+        ok = _ask(allows, chunk, asked)
+        if ok.any():
+            token = int(chunk[np.argmax(ok)])
+            top = float(scaled.max())
+            total = float(np.exp(scaled - top).sum(dtype=np.float64))
+            return Pick(token, math.exp(float(scaled[token]) - top) / total, 1.0 / total)
+    return None
+
+
+def _filtered_pick(scaled: np.ndarray, s: SamplerSettings, position: int, allows: Allows,
+                   asked: Asked) -> Pick | None:
+    """Top-k (ties at the k-th kept) and min-p over the allowed tokens, best first."""
+    found: list[np.ndarray] = []
+    count, floor = 0, -np.inf
+    n_finite = int(np.isfinite(scaled).sum())
+    seen = 0
+    settled = False
+    for chunk in best_first(scaled):
+        seen += chunk.size
+        ok = _ask(allows, chunk, asked)
+        good = chunk[ok]
+        if good.size and not count and s.min_p > 0.0:
+            floor = max(floor, float(scaled[good[0]]) + math.log(s.min_p))
+        if s.top_k and count < s.top_k <= count + good.size:
+            floor = max(floor, float(scaled[good[s.top_k - count - 1]]))
+        found.append(good)
+        count += good.size
+        if seen == n_finite or (np.isfinite(floor) and scaled[chunk[-1]] < floor):
+            settled = True
+            break
+    if not settled:
+        return None
+    kept = np.concatenate(found)
+    kept = kept[scaled[kept] >= floor]
+    if not kept.size:
+        raise _nothing_allowed()
+    top = scaled[kept[0]]
+    probs = np.exp(scaled[kept] - top)
+    total = float(probs.sum(dtype=np.float64))
+    i = 0 if s.temperature == 0.0 else int(np.argmax(_log_keys(scaled, s, position)[kept]))
+    return Pick(int(kept[i]), float(probs[i]) / total, 1.0 / total)
 
 
 def race(probs: np.ndarray, seed: int, position: int) -> int:

@@ -17,11 +17,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
-from eft_local import hub, speculative
-from eft_local.chat import FALLBACK_TEMPLATE, Conversation, special_pattern, tokenize_messages
+from eft_local import backend, hub, speculative, structured, utf8
+from eft_local.chat import (
+    FALLBACK_TEMPLATE,
+    Conversation,
+    fit_messages,
+    special_pattern,
+    tokenize_messages,
+)
 from eft_local.config import (
     Config,
     Preset,
@@ -29,17 +36,18 @@ from eft_local.config import (
     load_config,
     preset_from_paths,
 )
-from eft_local.engine import Engine, Model, Step, common_prefix, file_size
-from eft_local.errors import EftError
+from eft_local.engine import Engine, Model, Step, file_size
+from eft_local.errors import ContextFull, EftError
 from eft_local.formula import Formula
 from eft_local.loading import LoadOptions, check_models, load_models, quantize
+from eft_local.remote.http import traffic_summary
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as schedules
 from eft_local.schedule import tuning
 from eft_local.scoring import Score, score_tokens
 from eft_local.settings import Settings
 from eft_local.text import TextStream
-from eft_local.vocab import AlignmentReport, VocabInfo
+from eft_local.vocab import AlignmentReport
 
 Progress = Callable[[str], None]
 """Where a session reports while it loads. Lines that start with ``warning:`` or ``note:``
@@ -66,6 +74,9 @@ class Chunk:
     finish: str | None = None
     notice: str | None = None
     evaluated: int | None = None
+    shifted: int | None = None
+    """On the last chunk: prompt tokens kept by cutting dropped turns out of the caches
+    (moved, not evaluated again; see :meth:`Session.stream`)."""
 
 
 @dataclass(frozen=True)
@@ -110,12 +121,15 @@ class Session:
                              parallel=self.options.parallel, n_threads=self.options.n_threads)
         self.tuning: tuning.Tuning | None = None
         """How the decode schedule was chosen (None: named, not measured)."""
+        self.schedule_reason = ""
+        """Why this decode schedule, in words (/stats)."""
         self._set_schedule(say)
         ref = self.models[preset.template_role]
         self.template = (preset.chat_template or getattr(ref, "chat_template", lambda: None)()
                          or FALLBACK_TEMPLATE)
         self.conversation = Conversation()
         self._specials: re.Pattern[str] | bool | None = None
+        self._pieces: utf8.Pieces | None = None
         self._speculator: speculative.Speculator | None = None
         whole = [r for r, m in self.models.items() if not getattr(m, "partial_rewind", True)]
         self.can_speculate = not whole
@@ -131,19 +145,26 @@ class Session:
         eng = self.engine
         name = self.options.schedule or ("auto" if self.options.parallel else "sequential")
         sizes = {r: float(file_size(self.models[r])) for r in eng.local_roles}
-        eng.overlap_remote = name != "sequential"
-        if eng.remote_roles:
-            say(f"remote: {', '.join(eng.remote_roles)} (requests "
-                f"{'while the local models evaluate' if eng.overlap_remote else 'first'})")
-            if name == "auto":  # the watch and the measured splits time local models only
-                name = "lanes" if self.options.parallel else "sequential"
-        if name == "auto" and tuning.can_tune(self.models, eng.n_threads):
+        eng.remote.overlap = name != "sequential"
+        if eng.remote_roles and name == "auto":  # tuning and the watch time local models
+            name = "lanes" if self.options.parallel else "sequential"
+        if name == "auto" and tuning.offloaded(self.models):
+            eng.set_schedule(schedules.named("sequential", sizes, eng.n_threads))
+            self.schedule_reason = ("every model is offloaded to the GPU: one after another, "
+                                    "CPU threads not measured or watched")
+            say(f"schedule sequential: {self.schedule_reason}")
+        elif name == "auto" and tuning.can_tune(self.models, eng.n_threads):
             self.tuning = tuning.tuned(eng, say=say)
             eng.set_schedule(self.tuning.schedule)
             eng.watch = tuning.watch(eng, self.tuning)
+            self.schedule_reason = "measured at load" + (" (cached)" if self.tuning.cached
+                                                         else "") + ", watched while decoding"
             say(self.tuning.summary())
         elif name != "auto":
             eng.set_schedule(schedules.named(name, sizes, eng.n_threads))
+            self.schedule_reason = f"named ({name})"
+        else:
+            self.schedule_reason = "nothing to measure (one model, one thread, or fixed threads)"
 
     def close(self) -> None:
         """Free every model."""
@@ -232,8 +253,8 @@ class Session:
             t = self.tuning
             if t is not None:  # start from the costs measured at load, not from a guess
                 drafter = self.draft_role()
-                spec.sizer.prior(step=t.measured, verify=t.verify_costs(drafter),
-                                 draft_step=t.costs[drafter][max(t.costs[drafter])])
+                spec.seed(drafter=drafter, step=t.measured, verify=t.verify_costs(drafter),
+                          draft_step=t.costs[drafter][max(t.costs[drafter])])
         return spec
 
     def roles(self, settings: Settings | None = None) -> dict[str, str]:
@@ -242,9 +263,14 @@ class Session:
                 "conservative": self.conservative_role(settings)}
 
     # -- prompts --------------------------------------------------------------------------
-    def chat_tokens(self, messages: list[dict[str, str]], *,
-                    parse_special: bool | None = None) -> list[int]:
-        """Render ``messages`` with the chat template and tokenize them.
+    def chat_tokens(self, messages: Sequence[Mapping[str, Any]], *,
+                    parse_special: bool | None = None,
+                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Render ``messages`` (and ``tools``, OpenAI's function cards) with the chat
+        template and tokenize them.
+
+        Tool cards, assistant ``tool_calls`` and ``tool`` messages go to the template where
+        it renders them, else into plain messages (:func:`eft_local.structured.tool_messages`).
 
         The template's own text is tokenized with special-token parsing; the messages'
         content is not, so a control token's text typed in a message (``<|im_end|>``...)
@@ -257,9 +283,11 @@ class Session:
         special = self.defaults.parse_special if parse_special is None else parse_special
         if not special and self._specials is None:
             self._specials = special_pattern(vocab) or False
+        messages, cards = structured.tool_messages(self.template, messages, tools)
         tokens = tokenize_messages(self.template, messages,
                                    self.models[self.preset.template_role], vocab,
-                                   specials=None if special else self._specials or None)
+                                   specials=None if special else self._specials or None,
+                                   tools=cards)
         if vocab and vocab.add_bos and vocab.bos >= 0 and tokens[:1] != [vocab.bos]:
             return [vocab.bos, *tokens]
         return tokens
@@ -290,17 +318,24 @@ class Session:
     # -- generation -----------------------------------------------------------------------
     def stream(self, tokens: list[int], *, settings: Settings | None = None,
                max_tokens: int = 512, diagnostics: bool = False, top_n: int | None = None,
-               **changes: object) -> Iterator[Chunk]:
+               shift: bool = False, **changes: object) -> Iterator[Chunk]:
         """Generate after ``tokens`` with ``settings`` (default :attr:`defaults`, changed by
         ``changes``: ``beta=1.5``, ``temperature=0``, ``stop=[...]``...); yields text
         chunks, the last one carries ``finish``.
 
         ``top_n`` (0 or more) gives each step its log-prob under the mix (temperature 1, no
-        filters: as :meth:`score` defines it) and the ``top_n`` most likely tokens there."""
+        filters, no grammar: as :meth:`score` defines it) and the ``top_n`` most likely
+        tokens there. A ``grammar`` (or ``json_schema``) restricts every step to the tokens
+        it allows (the end of generation only where it is complete). ``shift``: ``tokens``
+        are the cached conversation with its oldest turns dropped (:meth:`fit_chat`);
+        models that can shift their caches move the kept tokens down where that is faster
+        than evaluating them again (:func:`eft_local.kvshift.worth_shifting`), which gives
+        slightly different log-probs from a fresh prompt."""
         s = self.settings_for(settings, **changes)
         if max_tokens < 1:
             raise EftError(f"invalid max_tokens {max_tokens}: must be >= 1")
         ref = self.models[self.preset.template_role]
+        grammar = self.grammar(s.grammar) if s.grammar else None
         text = TextStream(s.stop)
         finish = "length"
         weights = self.weights(s)
@@ -309,9 +344,10 @@ class Session:
         if (self.options.speculative and self.can_speculate
                 and speculative.worth_speculating(self.engine, weights, self.draft_role(s))):
             generate = self.speculator.generate
-        before = self.engine.stats.prefilled
+        before, shifted = self.engine.stats.prefilled, self.engine.stats.shifted
         steps = generate(tokens, weights, s.sampling, max_tokens=max_tokens,
-                         diagnostics=diagnostics, top_n=top_n, conservative=conservative)
+                         diagnostics=diagnostics, top_n=top_n, conservative=conservative,
+                         shift=shift, grammar=grammar)
         try:
             for step in steps:
                 piece = b"" if ref.is_eog(step.token) else ref.piece(step.token)
@@ -324,7 +360,21 @@ class Session:
             steps.close()
         tail = text.flush()  # may apply a stop string that waited for an earlier, longer one
         yield Chunk(text=tail, finish="stop" if text.stopped else finish,
-                    evaluated=self.engine.stats.prefilled - before)
+                    evaluated=self.engine.stats.prefilled - before,
+                    shifted=self.engine.stats.shifted - shifted)
+
+    def grammar(self, text: str) -> utf8.Guarded:
+        """A fresh state of the GBNF grammar ``text`` over the template model's vocabulary,
+        which also keeps the text well-formed UTF-8 (:mod:`eft_local.utf8`)."""
+        ref = self.models[self.preset.template_role]
+        if not isinstance(ref, backend.LlamaModel):
+            raise EftError("grammars need models loaded by llama.cpp")
+        if self._pieces is None:
+            vocab = self.report.vocabs.get(self.preset.template_role)
+            self._pieces = utf8.Pieces([ref.piece(t) for t in range(self.vocab_size)],
+                                       [t for t in (vocab.eog if vocab else ())
+                                        if t < self.vocab_size])
+        return utf8.Guarded(backend.Grammar(ref, text), utf8.Utf8Guard(self._pieces))
 
     def prompt_tokens(self, prompt: str, *, raw: bool = True, system: str | None = None,
                       parse_special: bool | None = None) -> list[int]:
@@ -357,38 +407,75 @@ class Session:
         return Result(text="".join(out), finish=finish, prompt_tokens=steps[0].position,
                       steps=steps)
 
+    def fit_chat(self, messages: list[dict[str, Any]], *, settings: Settings | None = None,
+                 max_tokens: int = 512, tools: Sequence[Mapping[str, Any]] | None = None
+                 ) -> tuple[list[int], list[dict[str, Any]], int]:
+        """The prompt of ``messages`` (and ``tools``, as :meth:`chat_tokens`) under the
+        context policy of ``settings`` (default :attr:`defaults`): ``(tokens, messages
+        kept, messages dropped)``.
+
+        ``truncate`` drops the oldest whole turns (system messages and the newest message
+        stay) until a reply of ``min(max_tokens, n_ctx / 4)`` tokens fits after the prompt;
+        when the newest message needs more, the reply gets the room left. ``error`` keeps
+        every message. Either way a prompt that leaves no room for one token is a
+        :class:`~eft_local.errors.ContextFull` error.
+        """
+        s = settings or self.defaults
+        n_ctx = self.engine.n_ctx
+        rendered: dict[int, list[int]] = {}
+
+        def count(msgs: list[dict[str, str]]) -> int:
+            rendered[len(msgs)] = found = self.chat_tokens(msgs, parse_special=s.parse_special,
+                                                           tools=tools)
+            return len(found)
+
+        if s.context_overflow == "error":
+            need = count(messages)
+            if need >= n_ctx:
+                raise ContextFull(f"the conversation needs {need} tokens but the context holds "
+                                  f"{n_ctx}; drop older turns (context overflow 'truncate') "
+                                  "or raise n_ctx")
+            return rendered[len(messages)], list(messages), 0
+        reserve = min(max_tokens, n_ctx // 4)
+        kept, dropped = fit_messages(messages, count, n_ctx - reserve, limit=n_ctx - 1)
+        tokens = rendered.get(len(kept)) or self.chat_tokens(kept, parse_special=s.parse_special,
+                                                             tools=tools)
+        return tokens, kept, dropped
+
     def chat(self, message: str, *, settings: Settings | None = None, max_tokens: int = 512,
              diagnostics: bool = False, **changes: object) -> Iterator[Chunk]:
         """Add a user turn, stream the reply, and keep it in the history.
 
-        When the history no longer fits, the oldest exchanges are dropped (the system prompt
-        stays) and a chunk with a ``notice`` says so. An interrupted reply is kept as far as
-        it got; a turn that fails leaves the history exactly as it was.
+        When the history no longer fits, the context policy of the settings decides
+        (:meth:`fit_chat`): ``truncate`` (the default) drops the oldest exchanges (the system
+        prompt stays; a chunk with a ``notice`` says so the first time in a conversation,
+        :attr:`Conversation.dropped` counts them), ``error`` raises
+        :class:`~eft_local.errors.ContextFull`. An interrupted reply is kept as far as it
+        got; a turn that fails leaves the history exactly as it was.
         """
         s = self.settings_for(settings, **changes)
         conv = self.conversation
-        before = list(conv.turns)
+        before, dropped_before = list(conv.turns), conv.dropped
         conv.add("user", message)
-        reserve = min(max_tokens, self.engine.n_ctx // 4)
         try:
-            dropped = conv.fit(lambda msgs: len(self.chat_tokens(msgs,
-                                                                 parse_special=s.parse_special)),
-                               self.engine.n_ctx - reserve)
+            tokens, _kept, dropped = self.fit_chat(conv.messages(), settings=s,
+                                                   max_tokens=max_tokens)
+            exchanges = conv.drop(dropped)
         except BaseException:
-            conv.turns[:] = before
+            conv.turns[:], conv.dropped = before, dropped_before
             raise
         reply: list[str] = []
         try:
-            if dropped:
-                yield Chunk(notice=f"dropped the {dropped} oldest exchange(s) to fit the "
-                            f"context of {self.engine.n_ctx} tokens")
-            tokens = self.chat_tokens(conv.messages(), parse_special=s.parse_special)
+            if dropped and not dropped_before:
+                yield Chunk(notice=f"the conversation is longer than the context "
+                            f"({self.engine.n_ctx} tokens): its oldest turns are dropped from "
+                            f"now on ({exchanges} exchange(s) this time)")
             for chunk in self.stream(tokens, settings=s, max_tokens=max_tokens,
-                                     diagnostics=diagnostics):
+                                     diagnostics=diagnostics, shift=bool(dropped)):
                 reply.append(chunk.text)
                 yield chunk
         except Exception:  # a failed turn leaves the history as it was
-            conv.turns[:] = before
+            conv.turns[:], conv.dropped = before, dropped_before
             raise
         except BaseException:  # Ctrl-C or the caller closing early: keep the partial reply
             conv.add("assistant", "".join(reply))
@@ -398,6 +485,7 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays)."""
         self.conversation.turns.clear()
+        self.conversation.dropped = 0
 
     # -- scoring --------------------------------------------------------------------------
     def score(self, text_or_tokens: str | Sequence[int], *, settings: Settings | None = None,
@@ -417,66 +505,6 @@ class Session:
         result = score_tokens(self.engine, tokens, self.weights(s), s.sampling, top_n=top_n,
                               per_model=per_model, conservative=self.conservative_role(s))
         return replace(result, formula=s.describe())
-
-    # -- rows for remote clients (``eft-local serve``'s exact protocol) --------------------
-    def role_of(self, role: str | None) -> str:
-        """``role``, checked; None names the only model of a single-model preset."""
-        if role is None:
-            if len(self.models) == 1:
-                return next(iter(self.models))
-            raise EftError(f"preset {self.preset.name!r} has several models "
-                           f"({', '.join(self.models)}): name one with 'role'")
-        if role not in self.models:
-            raise EftError(f"preset {self.preset.name!r} has no model {role!r} (its roles: "
-                           f"{', '.join(self.models)})")
-        return role
-
-    def role_vocab(self, role: str) -> tuple[VocabInfo, list[bytes], dict[int, bytes]]:
-        """One model's vocabulary as its file gives it, each id's piece (control tokens as
-        their text), and the pieces that differ without special tokens."""
-        model = self.models[role]
-        read = getattr(model, "vocab", None)
-        vocab = read() if callable(read) else self.report.vocabs[role]
-        pieces = [model.piece(i, special=True) for i in range(vocab.n_tokens)]
-        plain = {i: p for i in range(vocab.n_tokens)
-                 if (p := model.piece(i)) != pieces[i]}
-        return vocab, pieces, plain
-
-    def role_n_ctx(self, role: str) -> int:
-        """One model's context size."""
-        return self.models[role].n_ctx
-
-    def cached_tokens(self, role: str) -> list[int]:
-        """The tokens one model's KV cache holds now."""
-        return list(self.models[role].tokens)
-
-    def rows(self, role: str, tokens: Sequence[int], first: int) -> tuple[np.ndarray, int]:
-        """One model's logit rows at positions ``first .. len(tokens) - 1`` of ``tokens``
-        (row i predicts token i + 1), re-using the longest prefix its cache holds, with
-        every thread; and how many positions were re-used. Positions before ``first`` that
-        must be evaluated get no rows (no memory for them)."""
-        model = self.models[role]
-        tokens = [int(t) for t in tokens]
-        n_vocab = model.n_vocab
-        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
-        if bad is not None:
-            raise EftError(f"token id {bad} is outside the vocabulary of {role} "
-                           f"(0..{n_vocab - 1})")
-        if not 0 <= first < len(tokens):
-            raise EftError(f"first row {first} is outside the {len(tokens)} positions")
-        if len(tokens) > model.n_ctx:
-            raise EftError(f"{len(tokens)} tokens do not fit the context of {role} "
-                           f"({model.n_ctx})")
-        setter = getattr(model, "set_threads", None)
-        if setter is not None:
-            setter(self.engine.n_threads)
-        keep = min(common_prefix(model.tokens, tokens), first)
-        model.rewind(keep)
-        if first > keep:
-            model.eval(tokens[keep:first])
-        wanted = len(tokens) - first
-        rows = model.eval(tokens[first:], all_logits=wanted > 1)
-        return rows[-wanted:], keep
 
     # -- introspection --------------------------------------------------------------------
     @property
@@ -519,29 +547,14 @@ class Session:
                 "first_token_seconds": s.first_token_seconds,
                 "seconds_per_model": dict(s.eval_seconds),
                 "sampler_ms_per_token": 1e3 * s.sampler_seconds / max(1, s.generated),
+                "shifted_tokens": s.shifted,
                 "drafted_tokens": s.drafted, "accepted_tokens": s.accepted,
                 "acceptance_rate": s.acceptance_rate(), **self.remote_stats(),
                 **self.schedule_stats()}
 
     def remote_stats(self) -> dict[str, object]:
-        """Per remote role (empty without one): requests, bytes each way, seconds waited
-        and the part of them that the engine spent computing (where it says), per
-        generated token and per request; ``tokens_per_request``: generated tokens per round
-        trip (speculative decoding verifies a block in one)."""
-        s = self.engine.stats
-        out: dict[str, object] = {}
-        for role in self.engine.remote_roles:
-            t = s.traffic.get(role)
-            if t is None:
-                continue
-            per_token = max(1, s.generated)
-            out[role] = {**t.to_dict(),
-                         "network_ms_per_request": 1e3 * max(0.0, t.seconds - t.server_seconds)
-                         / max(1, t.requests),
-                         "ms_per_request": 1e3 * t.seconds / max(1, t.requests),
-                         "ms_per_token": 1e3 * t.seconds / per_token,
-                         "bytes_per_token": (t.sent + t.received) / per_token,
-                         "tokens_per_request": s.generated / max(1, t.requests)}
+        """Network costs of the remote roles (:func:`traffic_summary`); empty without one."""
+        out = traffic_summary(self.engine.stats.traffic, self.engine.stats.generated)
         return {"remote": out} if out else {}
 
     def schedule_stats(self) -> dict[str, object]:
@@ -549,6 +562,7 @@ class Session:
         relative to the largest model alone at its best thread count."""
         out: dict[str, object] = {"schedule": self.engine.schedule.name,
                                   "schedule_stages": self.engine.schedule.describe(),
+                                  "schedule_reason": self.schedule_reason,
                                   "threads": self.engine.n_threads}
         w = self.engine.watch
         if w is not None:

@@ -10,12 +10,14 @@ next.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
 
+from eft_local import backend
 from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS, Formula, parse_formula
 from eft_local.limits import PARAM_LIMIT
@@ -25,6 +27,9 @@ __all__ = ["SamplerSettings", "Settings"]
 
 SAMPLING = tuple(f.name for f in fields(SamplerSettings))
 """Keywords of :meth:`Settings.replace` that change the sampler settings."""
+
+OVERFLOW = ("truncate", "error")
+"""Context policies: what a chat whose history no longer fits the context does."""
 
 
 def param_name(name: str) -> str:
@@ -43,6 +48,13 @@ class Settings:
     """The text ends before the first of these."""
     parse_special: bool = False
     """Parse control-token text inside messages (unsafe with untrusted input)."""
+    context_overflow: str = "truncate"
+    """A chat longer than the context: ``truncate`` drops its oldest whole turns (the
+    system prompt and the newest message stay), ``error`` refuses it."""
+    grammar: str | None = None
+    """GBNF text (llama.cpp's grammar format, start rule ``root``) that the generated text
+    must follow: the mix is restricted to the tokens it allows before the filters and the
+    draw. None (or empty): free text."""
 
     def __post_init__(self) -> None:
         params = {**PARAMETERS}
@@ -53,13 +65,26 @@ class Settings:
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
             raise EftError(f"invalid stop {self.stop!r}: must be a list of strings")
         object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        if self.context_overflow not in OVERFLOW:
+            raise EftError(f"invalid context_overflow {self.context_overflow!r}: choose "
+                           f"{' or '.join(OVERFLOW)}")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise EftError(f"invalid grammar {self.grammar!r}: must be GBNF text")
+        object.__setattr__(self, "grammar", backend.check_grammar(self.grammar)
+                           if self.grammar and self.grammar.strip() else None)
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with ``changes``: ``formula`` (text or :class:`Formula`), ``params`` (a
         mapping), any parameter (``beta``, ``lam``/``lambda``), any
         :class:`~eft_local.sampler.SamplerSettings` field, ``sampling``, ``stop``,
-        ``parse_special``. ``None`` values leave a setting as it is."""
+        ``parse_special``, ``context_overflow``, ``grammar`` (GBNF text; ``""`` removes it)
+        or ``json_schema`` (a JSON schema, as a mapping or JSON text, turned into a
+        grammar). ``None`` values leave a setting as it is."""
         changes = {k: v for k, v in changes.items() if v is not None}
+        if "json_schema" in changes:
+            if "grammar" in changes:
+                raise EftError("give a grammar or a JSON schema, not both")
+            changes["grammar"] = schema_grammar(changes.pop("json_schema"))
         params = dict(self.params)
         changed = dict(changes.pop("params", {}))
         changed.update({n: changes.pop(n) for n in [n for n in changes if param_name(n) in
@@ -76,11 +101,12 @@ class Settings:
         formula = changes.pop("formula", self.formula)
         if isinstance(formula, str):
             formula = parse_formula(formula, roles=self.formula.roles or None)
-        unknown = sorted(set(changes) - {"stop", "parse_special"})
+        unknown = sorted(set(changes) - {"stop", "parse_special", "context_overflow",
+                                         "grammar"})
         if unknown:
             raise EftError(f"unknown setting {unknown[0]!r} (known: formula, "
                            f"{', '.join(PARAMETERS)}, {', '.join(SAMPLING)}, stop, "
-                           "parse_special)")
+                           "parse_special, context_overflow, grammar, json_schema)")
         for name, value in changed.items():  # name the knob that broke the formula
             try:
                 formula.weights(params)
@@ -89,7 +115,18 @@ class Settings:
         stop = changes.get("stop", self.stop)
         return Settings(formula=formula, params=params, sampling=sampling,
                         stop=(stop,) if isinstance(stop, str) else tuple(stop),
-                        parse_special=bool(changes.get("parse_special", self.parse_special)))
+                        parse_special=bool(changes.get("parse_special", self.parse_special)),
+                        context_overflow=changes.get("context_overflow",
+                                                     self.context_overflow),
+                        grammar=changes.get("grammar", self.grammar))
+
+    @staticmethod
+    def grammar_of(*, grammar: str | None = None, json_schema: object = None) -> str | None:
+        """The checked GBNF text of ``grammar`` or ``json_schema`` (a mapping or JSON
+        text), as :meth:`replace` would store it."""
+        if json_schema is not None:
+            return schema_grammar(json_schema)
+        return backend.check_grammar(grammar) if grammar and grammar.strip() else None
 
     def weights(self) -> dict[str, float]:
         """One weight per role of the formula."""
@@ -102,6 +139,19 @@ class Settings:
     def describe(self) -> str:
         """The formula with numbers filled in."""
         return self.formula.describe(self.params)
+
+
+def schema_grammar(schema: object) -> str:
+    """The GBNF grammar of a JSON schema given as a mapping or as JSON text (llama-cpp-
+    python's converter)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as exc:
+            raise EftError(f"the JSON schema is not valid JSON ({exc})") from None
+    if not isinstance(schema, Mapping):
+        raise EftError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    return backend.json_schema_grammar(dict(schema))
 
 
 def _check_param(name: str, value: object) -> float:

@@ -17,12 +17,12 @@ by about 1e-5, which can flip a draw that lands that close to a tie).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import replace
 
 import numpy as np
 
-from eft_local.engine import Engine, Step, common_prefix
+from eft_local.engine import Constraint, Engine, Step, common_prefix
 from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule.blocks import BlockSizer
@@ -32,6 +32,15 @@ STOP_BELOW = 0.2
 SHADOW_EVERY = 4
 """While plain steps win, every this many steps the draft is guessed (not decoded) to keep
 the acceptance estimate fresh."""
+RETRY_AFTER = 8
+"""After this many generations in a row without a drafted block (decoded plainly because the
+costs said no block could pay, or plain steps won at the acceptance seen), the next one
+forgets the block costs and measures them again with a real block. Costs measured at load,
+on a busy moment, or on the CPU before the models moved to a GPU must not switch speculation
+off for good. Where blocks truly cannot pay, the retry costs about one plain step (1B shape
+on 2 cores: a block of two drafts takes about 100 ms for 1 to 3 tokens, a plain step 50 ms;
+docs/benchmarks.md): under 1 % of eight 16-token generations, less for longer ones; and a
+machine or model placement that changed is noticed within eight replies."""
 
 
 def worth_speculating(engine: Engine, weights: np.ndarray, draft_role: str) -> bool:
@@ -65,27 +74,79 @@ class Speculator:
         self.block_sizes: list[int] = []
         self._plain_steps = 0
         self._rows: np.ndarray | None = None
+        self._grammar: Constraint | None = None
         self.plain_generations = 0
         """Generations handed to plain decoding because no block could pay."""
+        self.remeasured = 0
+        """Times the block costs were forgotten to be measured again (:data:`RETRY_AFTER`,
+        or the settings they were measured under changed)."""
+        self._since_block = 0
+        self._costs_for: tuple | None = None
 
     @property
     def draft_k(self) -> int | None:
         """The fixed block size, or None when it adapts."""
         return self.sizer.fixed
 
+    def seed(self, *, drafter: str, step: float, draft_step: float,
+             verify: dict[int, float] | None = None, slope: float | None = None) -> None:
+        """Start the block sizer from costs measured with every model evaluated and
+        ``drafter`` drafting (the session's load-time measurement); a generation under other
+        settings measures its own (:meth:`BlockSizer.prior` for the arguments)."""
+        self.sizer.prior(step=step, draft_step=draft_step, verify=verify, slope=slope)
+        self._costs_for = self._costs_key(drafter, self.engine.roles)
+
+    def _costs_key(self, drafter: str, live: Collection[str]) -> tuple:
+        """What block costs depend on besides the machine: the drafter, the models a block
+        evaluates, the thread budget and each of those models' GPU layers."""
+        eng = self.engine
+        roles = tuple(r for r in eng.roles if r in live)
+        return (drafter, roles, eng.n_threads,
+                tuple(getattr(eng.models[r], "n_gpu_layers", 0) for r in roles))
+
+    def _refresh_costs(self, weights: np.ndarray, settings: SamplerSettings,
+                       diagnostics: bool, conservative: str) -> None:
+        """Forget the block costs (and, for another drafter, the acceptance) when they were
+        measured under other settings, or :data:`RETRY_AFTER` generations ago."""
+        eng = self.engine
+        live = {r for r, w in zip(eng.roles, np.asarray(weights).ravel(), strict=True)
+                if w != 0} | {self.drafter}
+        if diagnostics:
+            live = set(eng.roles)
+        if settings.conservative_top_p is not None:
+            live.add(conservative)
+        key = self._costs_key(self.drafter, live)
+        old, self._costs_for = self._costs_for, key
+        changed = old is not None and old != key
+        if self.sizer.fixed is not None or (not changed and self._since_block < RETRY_AFTER):
+            return
+        if changed and old[0] != key[0]:  # type: ignore[index]
+            self.sizer.forget_acceptance()
+        self.sizer.forget_costs()
+        self._since_block = 0
+        self.remeasured += 1
+
     # -- the loop -------------------------------------------------------------------------
     def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
                  *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
-                 conservative: str | None = None) -> Iterator[Step]:
-        """Yield the tokens plain decoding would yield, drafting and verifying in blocks."""
+                 conservative: str | None = None, shift: bool = False,
+                 grammar: Constraint | None = None) -> Iterator[Step]:
+        """Yield the tokens plain decoding would yield, drafting and verifying in blocks
+        (``shift``: the prompt as :meth:`Engine.prime` takes it); under ``grammar`` the
+        drafter drafts with a copy of its state (each position's draw is plain decoding's
+        own, with the state after the tokens before it)."""
         eng = self.engine
+        self._grammar = grammar
         conservative = conservative or eng.conservative_role
         self.drafter = self.draft_role or eng.cheapest_role(weights, prefer=conservative)
+        self._refresh_costs(weights, settings, diagnostics, conservative)
+        self._since_block += 1
         if self.sizer.hopeless():  # blocks cannot pay here: plain decoding, as is
             self.plain_generations += 1
             yield from eng.generate(tokens, weights, settings, max_tokens=max_tokens,
                                     diagnostics=diagnostics, top_n=top_n,
-                                    conservative=conservative)
+                                    conservative=conservative, shift=shift,
+                                    grammar=grammar)
             return
         if self.sizer.plain_wins():
             # plain steps win at the acceptance seen so far: plain decoding's own loop (the
@@ -96,13 +157,14 @@ class Speculator:
                                     conservative=conservative,
                                     on_step=lambda rows, step: self._shadow_step(
                                         rows, step, settings),
-                                    extra=(self.drafter,))
+                                    extra=(self.drafter,), shift=shift,
+                                    grammar=grammar)
             return
         started = time.perf_counter()
         eng.settle_schedule()  # a probe left unfinished would outlive its plain steps
         eng.activate(weights, settings, diagnostics=diagnostics, extra=(self.drafter,),
                      conservative=conservative)
-        eng.prime(tokens)
+        eng.prime(tokens, shift=shift)
         seq = list(tokens)
         head: np.ndarray | None = eng.rows  # rows at len(seq); None: seq[-1] not evaluated
         emitted = 0
@@ -116,7 +178,7 @@ class Speculator:
                 if k <= 0 and head is None:  # a plain step, by plain decoding's own path
                     k, head = 0, self._plain_step(seq)
                 t0 = time.perf_counter()
-                draft, ref_rows = self._draft(seq, head, settings, max(0, k))
+                draft, ref_rows = self._draft(seq, head, settings, max(0, k), grammar)
                 t1 = time.perf_counter()
                 rows = self._verify(seq, head, draft, ref_rows)
                 t2 = time.perf_counter()
@@ -126,7 +188,7 @@ class Speculator:
                 for i in range(len(draft) + 1):
                     step = eng.choose(rows[:, i], weights, settings, position + i,
                                       diagnostics=diagnostics, top_n=top_n,
-                                      conservative=conservative)
+                                      conservative=conservative, grammar=grammar)
                     if guess is not None:
                         self.sizer.count(int(guess == step.token), guess != step.token)
                     agree = i < len(draft) and step.token == draft[i]
@@ -140,12 +202,15 @@ class Speculator:
                     if finish is not None:
                         self._record(draft, accepted + agree, t1 - t0, t2 - t1, head)
                         return
+                    if grammar is not None:
+                        grammar.accept(step.token)
                     if not agree:
                         break
                     accepted += 1
                 self._record(draft, accepted, t1 - t0, t2 - t1, head)
                 head = None
         finally:
+            self._grammar = None
             self._rewind_to(seq)
             eng.stats.wall_seconds += time.perf_counter() - started
 
@@ -165,14 +230,15 @@ class Speculator:
         return self._rows
 
     def _draft(self, seq: list[int], head: np.ndarray | None, settings: SamplerSettings,
-               k: int) -> tuple[list[int], list[np.ndarray]]:
+               k: int, grammar: Constraint | None = None) -> tuple[list[int], list[np.ndarray]]:
         """Up to ``k`` tokens from the drafter alone, drawn with the positions' noise (the
-        argmax at temperature 0), and the drafter's row before each of them."""
+        argmax at temperature 0) under a copy of ``grammar``, and the drafter's row before
+        each of them."""
         if k == 0:
             return [], []
         eng = self.engine
         role = self.drafter
-        sample = eng.sampler(settings)
+        state = None if grammar is None else grammar.clone()
         if head is not None:
             row = head[eng.index(role)]
         else:
@@ -180,13 +246,15 @@ class Speculator:
         draft: list[int] = []
         rows: list[np.ndarray] = []
         while True:
-            picked = sample(eng.model_scores(row), len(seq) + len(draft))
+            picked = eng.draw(eng.model_scores(row), settings, len(seq) + len(draft), state)
             if draft and self.stop_below and picked.p_top < self.stop_below:
                 return draft, rows
             draft.append(picked.token)
             rows.append(row)
             if len(draft) == k or eng.is_eog(picked.token):
                 return draft, rows
+            if state is not None:
+                state.accept(picked.token)
             row = eng.evaluate_role(role, len(seq) + len(draft) - 1, [picked.token])[-1]
 
     def _verify(self, seq: list[int], head: np.ndarray | None, draft: list[int],
@@ -237,6 +305,7 @@ class Speculator:
         stats.draft_seconds += draft_s
         stats.verify_seconds += verify_s
         if draft:
+            self._since_block = 0
             stats.blocks += 1
             stats.drafted += len(draft)
             stats.accepted += accepted
@@ -257,7 +326,7 @@ class Speculator:
             return None
         eng = self.engine
         row = rows[eng.index(self.drafter)]
-        return eng.sampler(settings)(eng.model_scores(row), position).token
+        return eng.draw(eng.model_scores(row), settings, position, self._grammar).token
 
     def _shadow_step(self, rows: np.ndarray, step: Step, settings: SamplerSettings) -> None:
         """A plain-decoding step: every few steps, count whether the drafter's guess (with

@@ -71,3 +71,10 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)
+
+
+def undecodable(char: str) -> str:
+    """Name what a surrogate stands for: an undecodable byte (surrogateescape) or itself."""
+    code = ord(char)
+    return f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else (
+        f"lone surrogate \\u{code:04x}")

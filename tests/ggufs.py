@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from eft_local.gguf_writer import LlamaShape, TokenizerSpec, write_llama_gguf
+import numpy as np
+
+from eft_local.gguf_writer import LlamaShape, TokenizerSpec, random_tensors, write_llama_gguf
 
 CONTROL, NORMAL, UNUSED = 3, 1, 5
 SPECIALS = ["<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -59,3 +62,38 @@ def write_model(path: Path, *, n_embd: int = 32, n_layer: int = 1, seed: int = 0
     shape = LlamaShape(n_vocab=len(tok.tokens), n_embd=n_embd, n_layer=n_layer, n_head=4,
                        n_head_kv=2, n_ff=2 * n_embd, n_ctx_train=n_ctx_train)
     return write_llama_gguf(path, shape=shape, tokenizer=tok, seed=seed)
+
+
+HOSTILE = ('<script>document.body.dataset.pwned="script"</script>'
+           '<img src=x onerror="document.body.dataset.pwned=\'img\'">')
+"""The reply of :func:`write_echo_model` by default: HTML that runs code if a page treats it
+as HTML."""
+
+
+def write_echo_model(path: Path, texts: tuple[str, ...] = (
+        HOSTILE, '<b onmouseover="document.body.dataset.pwned=\'b\'">bold</b>'),
+        seed: int = 0) -> Path:
+    """A tiny model that answers every prompt with ``texts[0]`` again and again: each text
+    is one token, the first the most likely at every position, the others next in order,
+    every other token (end of turn included) far behind."""
+    base = tokenizer()
+    extra = [t.replace(" ", "Ġ") for t in texts]  # byte-level BPE: a space is Ġ
+    tok = replace(base, tokens=base.tokens + extra,
+                  token_types=base.token_types + [NORMAL] * len(extra))
+    shape = LlamaShape(n_vocab=len(tok.tokens), n_embd=32, n_layer=1, n_head=4, n_head_kv=2,
+                       n_ff=64, n_ctx_train=256)
+    tensors = random_tensors(shape, seed)
+    # feature 0 of the residual stream is 1 at every position: the embeddings carry it and
+    # no layer writes to it; the output head reads only that feature
+    tensors["token_embd.weight"][:, 0] = 1.0
+    for i in range(shape.n_layer):
+        tensors[f"blk.{i}.attn_output.weight"][0, :] = 0.0
+        tensors[f"blk.{i}.ffn_down.weight"][0, :] = 0.0
+    norm = np.zeros(shape.n_embd, dtype=np.float32)
+    norm[0] = 1.0
+    tensors["output_norm.weight"] = norm
+    head = np.zeros((shape.n_vocab, shape.n_embd), dtype=np.float32)
+    for k in range(len(extra)):
+        head[len(base.tokens) + k, 0] = 40.0 - 8.0 * k
+    tensors["output.weight"] = head
+    return write_llama_gguf(path, shape=shape, tokenizer=tok, tensors=tensors)

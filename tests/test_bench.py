@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
-from eft_local import bench
+from eft_local import bench, synthetic
 from eft_local.cli.main import main
 
 
@@ -28,6 +29,7 @@ def test_bench_end_to_end(family, monkeypatch) -> None:
     assert "large_base alone, 1 thread(s)" in out and "large_base alone, 2 thread(s)" in out
     assert "plain EFT, auto (" in out and "x best large alone" in out
     assert "speculative / plain (auto)" in out and "the live watch probed" in out
+    assert "blocks of median" in out and "block costs measured again" in out
     # the baseline: llama.cpp alone in processes of its own, each OpenMP setting, 1..N threads
     for how in bench.COMPETITOR_ENVS:
         for t in (1, 2):
@@ -45,7 +47,7 @@ def test_bench_runs_models_whose_vocabulary_cannot_spell_its_prompts(tmp_path, m
     from eft_local.gguf_writer import LlamaShape, write_llama_gguf
 
     v = 300
-    tok = bench.realistic_tokenizer(v)
+    tok = synthetic.realistic_tokenizer(v)
     shape = LlamaShape(n_vocab=v, n_embd=32, n_layer=2, n_head=4, n_head_kv=2, n_ff=64,
                        n_ctx_train=256)
     paths = {role: write_llama_gguf(tmp_path / f"{role}.gguf", shape=shape, tokenizer=tok,
@@ -66,12 +68,12 @@ def test_agreeing_models_predict_the_next_token_id(tmp_path) -> None:
     from eft_local.gguf_writer import LlamaShape, write_llama_gguf
 
     v = 512
-    tok = bench.realistic_tokenizer(v)
+    tok = synthetic.realistic_tokenizer(v)
     for seed, width in ((1, 64), (2, 128)):
         shape = LlamaShape(n_vocab=v, n_embd=width, n_layer=2, n_head=4, n_head_kv=2,
                            n_ff=2 * width, n_ctx_train=256)
         path = write_llama_gguf(tmp_path / f"m{seed}.gguf", shape=shape, tokenizer=tok,
-                                tensors=bench.next_token_tensors(shape, seed), name="m")
+                                tensors=synthetic.next_token_tensors(shape, seed), name="m")
         model = LlamaModel(str(path), n_ctx=64, n_threads=1)
         try:
             tokens = list(range(100, 120))
@@ -89,3 +91,58 @@ def test_agreeing_models_predict_the_next_token_id(tmp_path) -> None:
                 != np.array(tokens) + 1).mean() > 0.9
     finally:
         model.close()
+
+
+def test_the_baseline_offloads_the_layers_the_eft_runs_offload(family, monkeypatch) -> None:
+    """Issue 18: llama.cpp alone was loaded with n_gpu_layers=0 while the EFT sessions
+    offloaded every layer: on Metal or CUDA the ratio compared GPU EFT with CPU llama.cpp.
+    ``--gpu-layers`` (and the default, all where supported) reaches the baseline: the
+    processes of its own and the in-process overhead line."""
+    import subprocess
+
+    from eft_local import backend
+
+    monkeypatch.setattr(backend, "supports_gpu_offload", lambda: True)  # a GPU build
+    monkeypatch.setattr(bench, "SAMPLER_VOCABS", (1000,))
+    argvs: list[list[str]] = []
+    real_run = subprocess.run
+
+    def spy_run(cmd, *args, **kwargs):
+        argvs.append(list(cmd[3:]))  # after python -c CODE: path, threads, prompt, layers
+        return real_run(cmd, *args, **kwargs)
+
+    layers: list[int] = []
+    real_speed = backend.raw_speed
+
+    def spy_speed(*args, **kwargs):
+        layers.append(kwargs.get("n_gpu_layers", 0))
+        return real_speed(*args, **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "run", spy_run)
+    monkeypatch.setattr(backend, "raw_speed", spy_speed)
+    result = CliRunner().invoke(main, ["bench", *family.trio(), "--repeats", "1",
+                                       "--max-tokens", "3", "--prompt-tokens", "0",
+                                       "--threads", "1", "--gpu-layers", "1"])
+    assert result.exit_code == 0, result.output
+    assert "(1 GPU layers, as in the EFT runs)" in result.output
+    assert argvs and all(argv[-1] == "1" for argv in argvs)  # every llama.cpp-alone run
+    assert layers and set(layers) == {1}  # the overhead line's raw decodes
+
+
+def test_raw_speed_loads_the_layers_it_is_given(tmp_path, monkeypatch) -> None:
+    from eft_local import backend
+
+    seen: list[int] = []
+
+    class Loaded(Exception):
+        pass
+
+    def fake_load(path, *, vocab_only: bool, n_gpu_layers: int):
+        seen.append(n_gpu_layers)
+        raise Loaded
+
+    monkeypatch.setattr(backend, "_load_model", fake_load)
+    for n in (0, -1, 7):
+        with pytest.raises(Loaded):
+            backend.raw_speed(tmp_path / "m.gguf", n_threads=1, n_gpu_layers=n)
+    assert seen == [0, -1, 7]

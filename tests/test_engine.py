@@ -127,6 +127,24 @@ def test_same_seed_same_text_and_diagnostics(trio: dict[str, Path]) -> None:
     assert isinstance(step.ref_token, int)
 
 
+def test_diagnostics_give_each_models_log_prob_and_best_tokens(trio: dict[str, Path]) -> None:
+    with session(trio, sampling=SamplerSettings(temperature=0.0)) as s:
+        steps = [c.step for c in s.stream(s.raw_tokens("abc"), max_tokens=6, diagnostics=True,
+                                          top_n=3) if c.step is not None]
+        conservative = s.conservative_role()
+    assert steps
+    for step in steps:
+        assert set(step.logprob_models) == set(step.top_models) == set(ROLES)
+        for role in ROLES:
+            assert np.exp(step.logprob_models[role]) == pytest.approx(step.p_models[role],
+                                                                       rel=1e-5)
+            best = step.top_models[role]
+            assert len(best) == 3 and best[0][1] >= best[1][1] >= best[2][1]
+            assert best[0][1] >= step.logprob_models[role]
+        assert step.top_models[conservative][0][0] == step.ref_token  # greedy: its best
+        assert step.logprob == pytest.approx(step.top[0][1])  # greedy: the mix's best
+
+
 def test_context_limit_stops_cleanly(trio: dict[str, Path]) -> None:
     with session(trio, options=LoadOptions(n_ctx=32, speculative=False),
                  sampling=SamplerSettings(temperature=0.0)) as s:
@@ -149,7 +167,8 @@ def test_chat_drops_oldest_turns_when_full(trio: dict[str, Path]) -> None:
             for chunk in s.chat(f"question number {i} " * 3, max_tokens=40):
                 if chunk.notice:
                     notices.append(chunk.notice)
-        assert notices and "oldest exchange" in notices[0]
+        assert len(notices) == 1 and "oldest turns are dropped" in notices[0]  # said once
+        assert s.conversation.dropped >= 4  # turns, over more than one chat call
         assert s.conversation.system == "be brief"
         assert s.conversation.turns[-2]["content"].startswith("question number 7")
         assert sum(t["role"] == "user" for t in s.conversation.turns) < 8

@@ -49,3 +49,13 @@ def test_bad_formulas_are_one_line_errors(text: str, message: str) -> None:
 def test_shorthands_parse() -> None:
     for name in PRESET_FORMULAS:
         assert parse_formula(name).text == PRESET_FORMULAS[name]
+
+
+@pytest.mark.parametrize("text,base", [
+    ("up", "large_base"), ("down", "small_base"), ("amplified", "small_ft"),
+    ("interpolate", "large_base"), ("small_ft", "small_ft"),
+    ("large_base + 1.5 * (small_ft - small_base)", None), ("0.5*a + 0.5*b", None),
+    ("a / lam", None), ("2 * a", None),
+])
+def test_base_role_is_the_mix_at_knobs_zero(text: str, base: str | None) -> None:
+    assert parse_formula(text).base_role() == base

@@ -17,12 +17,13 @@ LAYERS: dict[str, int] = {
     # the base: no model, no NumPy state
     "errors": 0, "limits": 0, "text": 0, "files": 0, "formula": 0, "ggufscan": 0,
     # pure pieces the engine is made of
-    "sampler": 1, "vocab": 1, "config": 1, "chat": 1, "gguf_writer": 1, "plots": 1,
+    "sampler": 1, "vocab": 1, "config": 1, "chat": 1, "gguf_writer": 1, "plots": 1, "utf8": 1,
+    "kvshift": 1,
     "schedule.shapes": 1, "schedule.watch": 1, "schedule.blocks": 1, "schedule.lanes": 1,
     # models and their files (local: backend; remote engines: remote/)
-    "backend": 2, "hub": 2, "settings": 2, "loading": 2,
+    "backend": 2, "hub": 2, "settings": 2, "loading": 2, "synthetic": 2, "structured": 2,
     "remote.http": 2, "remote.exact": 2, "remote.topk": 2, "remote.vocab": 2,
-    "remote.llamaserver": 2, "remote.openai": 2, "remote.model": 2,
+    "remote.llamaserver": 2, "remote.openai": 2, "remote.model": 2, "remote.lanes": 2,
     # the decode loop over N models
     "engine": 3,
     # what drives the engine
@@ -33,9 +34,10 @@ LAYERS: dict[str, int] = {
     "records": 6, "evaluate": 6, "bench": 6,
     "explore.candidates": 6, "explore.metrics": 6, "explore.refcache": 6,
     "explore.explorer": 6,
-    "server.protocol": 6, "server.worker": 6, "server.handlers": 6, "server.app": 6,
+    "server.protocol": 6, "server.worker": 6, "server.handlers": 6, "server.page": 6,
+    "server.app": 6,
     # the command line
-    "cli.main": 7, "cli.options": 7, "cli.commands": 7, "cli.batch": 7, "cli.repl": 7,
+    "cli.main": 7, "cli.options": 7, "cli.batch": 7, "cli.repl": 7,
     "cli.score": 7, "cli.serve": 7, "cli.explore": 7, "cli.eval": 7, "cli.bench": 7,
     "__init__": 8, "__main__": 8,
 }

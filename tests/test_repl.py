@@ -13,6 +13,7 @@ import pytest
 
 from eft_local.chat import Conversation
 from eft_local.cli import repl
+from eft_local.errors import EftError
 from eft_local.session import Session
 from tests.clihelp import THREADS, api_session, run, stdout
 
@@ -153,14 +154,45 @@ def test_message_too_long_for_the_context_keeps_the_session(family) -> None:
 
 
 def test_oldest_exchange_is_dropped_when_the_context_is_full(family) -> None:
-    messages = ["a" * 100, "b" * 100, "c" * 100]
+    messages = ["a" * 100, "b" * 100, "c" * 100, "d" * 100]
     result = run(["chat", *family.trio(), *GREEDY], input="\n".join(messages) + "\n")
     assert result.exit_code == 0, result.output
     with api_session(family.pairs(), temperature=0) as s:
         replies = [reply(s, m) for m in messages]
-    assert replies[2].startswith("[dropped the 1 oldest exchange(s) to fit the context of ")
+        assert s.conversation.dropped == 4  # two exchanges, one at each of the last turns
+    assert replies[2].startswith("[the conversation is longer than the context (256 tokens): "
+                                 "its oldest turns are dropped from now on (1 exchange(s) this "
+                                 "time)]\n")
+    assert "[" not in replies[3].split("\n")[0]  # said once, not at every later turn
     assert stdout(result) == banner(family) + "".join(
         f">>> {m}\n{r}" for m, r in zip(messages, replies, strict=True)) + ">>> \n"
+
+
+def test_context_overflow_error_refuses_and_keeps_the_whole_history(family) -> None:
+    messages = ["a" * 100, "b" * 100, "c" * 100]
+    lines = "\n".join([*messages, "/overflow truncate", "c" * 100, "/overflow sideways"])
+    result = run(["chat", *family.trio(), *GREEDY, "--context-overflow", "error"],
+                 input=lines + "\n")
+    assert result.exit_code == 0, result.output
+    errors = [x for x in result.stderr.splitlines() if x.startswith("error")]
+    assert len(errors) == 2, result.stderr
+    assert re.fullmatch(r"error: the conversation needs \d+ tokens but the context holds 256; "
+                        r"drop older turns \(context overflow 'truncate'\) or raise n_ctx",
+                        errors[0])
+    assert errors[1] == "error: invalid context_overflow 'sideways': choose truncate or error"
+    with api_session(family.pairs(), temperature=0) as s:
+        replies = [reply(s, m) for m in messages[:2]]
+        s.update(context_overflow="error")
+        with pytest.raises(EftError, match="the conversation needs"):
+            reply(s, messages[2])
+        assert [t["content"][:1] for t in s.conversation.turns] == ["a", replies[0][0],
+                                                                      "b", replies[1][0]]
+        s.update(context_overflow="truncate")
+        third = reply(s, messages[2])
+    assert stdout(result).endswith(
+        f">>> {messages[1]}\n{replies[1]}>>> {messages[2]}\n>>> /overflow truncate\n"
+        f"context overflow = truncate\n>>> {messages[2]}\n{third}>>> /overflow sideways\n"
+        ">>> \n")
 
 
 def test_lambda_and_beta_options_and_live_changes(family) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -112,7 +113,7 @@ def test_requests_never_touch_the_sessions_own_settings(client: openai.OpenAI,
     assert session is not None
     defaults = session.defaults
     chat(client, model="tiny-up@beta=2", temperature=0.3, top_p=0.9, seed=4, stop=["x"],
-         extra_body={"eft": {"formula": "small_ft", "conservative_top_p": 0.8}})
+         extra_body={"eft": {"formula": "amplified", "conservative_top_p": 0.8}})
     client.completions.create(model="tiny-up", prompt="Has", max_tokens=2, temperature=1.5,
                               extra_body={"eft": {"beta": 0.5}})
     assert session.defaults is defaults  # the very same frozen value: nothing was written
@@ -123,14 +124,70 @@ def test_diagnostics_and_logprobs_of_the_mix(client: openai.OpenAI) -> None:
                  extra_body={"eft": {"diagnostics": True}})
     entries = reply.choices[0].logprobs.content
     tokens = reply.model_extra["eft"]["tokens"]
-    assert entries and len(tokens) >= len(entries)
-    assert "".join(e.token for e in entries) == reply.choices[0].message.content
+    assert entries and len(tokens) == len(entries) == reply.usage.completion_tokens
+    assert reply.choices[0].finish_reason == "stop"  # the last entry is the end of turn
+    assert "".join(e.token for e in entries[:-1]) == reply.choices[0].message.content
     for entry, diag in zip(entries, tokens, strict=False):
         assert len(entry.top_logprobs) == 3
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy
         assert math.exp(entry.logprob) == pytest.approx(diag["p_mix"], abs=1e-4)
         assert set(diag["p_models"]) == {"large_base", "small_ft", "small_base"}
+
+
+def test_diagnostics_attribute_the_text_and_measure_the_shift_from_the_base(
+        served: Served) -> None:
+    body = {"model": "tiny-up", "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 16, "temperature": 0, "seed": 3,
+            "eft": {"beta": 2, "diagnostics": True, "alternatives": 3}}
+    whole = httpx.post(served.v1 + "/chat/completions", json=body, timeout=60).json()
+    eft, content = whole["eft"], whole["choices"][0]["message"]["content"]
+    assert eft["base_role"] == "large_base" and eft["conservative_role"] == "small_ft"
+    tokens = eft["tokens"]
+    assert "".join(t["content"] for t in tokens) == content
+    for t in tokens:
+        assert t["shift"] == pytest.approx(t["logprob_mix"] - t["logprob_models"]["large_base"])
+        assert math.exp(t["logprob_models"]["small_ft"]) == pytest.approx(
+            t["p_models"]["small_ft"], rel=1e-4)
+        alt = t["alternatives"]
+        assert set(alt) == {"large_base", "small_ft", "small_base", "mix"}
+        assert all(len(top) == 3 and top[0]["logprob"] >= top[2]["logprob"]
+                   for top in alt.values())
+        assert alt["mix"][0]["token"] == t["token"]  # greedy: the mix's best token
+        assert alt["mix"][0]["logprob"] == pytest.approx(t["logprob_mix"])
+        assert alt["small_ft"][0]["token"] == t["ref_token"]  # small_ft alone, greedy
+        assert t["ref_text"] == alt["small_ft"][0]["text"]
+        assert t["differs"] == (t["ref_token"] != t["token"])
+    assert any(t["differs"] for t in tokens) and any(abs(t["shift"]) > 0.1 for t in tokens)
+    text, streamed_tokens = [], []
+    with httpx.stream("POST", served.v1 + "/chat/completions", json={**body, "stream": True},
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                text.append(chunk["choices"][0]["delta"].get("content") or "")
+                streamed_tokens += chunk.get("eft", {}).get("tokens", [])
+    assert "".join(text) == content
+    assert [t["content"] for t in streamed_tokens] == [t["content"] for t in tokens]
+    assert [t["shift"] for t in streamed_tokens] == pytest.approx([t["shift"] for t in tokens],
+                                                                  abs=1e-4)
+    plain = {**body, "eft": {"diagnostics": True}}
+    first = httpx.post(served.v1 + "/chat/completions", json=plain, timeout=60).json()
+    assert "alternatives" not in first["eft"]["tokens"][0]
+    card = httpx.get(served.v1 + "/models/tiny-mix").json()["eft"]
+    assert card["params"] == {"beta": 1.0, "lam": 0.5} and card["base_role"] == "large_base"
+    assert card["sampling"]["temperature"] == served.runner.sampling.temperature
+
+
+def test_the_page_is_one_self_contained_file_with_a_strict_policy(served: Served) -> None:
+    r = httpx.get(served.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    policy = r.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    assert not re.search(r"""(?:src|href)\s*=\s*["'](?!data:)""", r.text)  # nothing fetched
+    assert "innerHTML" not in r.text and "insertAdjacentHTML" not in r.text
+    assert httpx.get(served.v1 + "/models").status_code == 200  # the API stays where it is
 
 
 def test_completions_echo_logprobs_equal_session_score(client: openai.OpenAI) -> None:
@@ -206,11 +263,13 @@ def test_tokenize_detokenize_and_tokenizer_info(served: Served) -> None:
     assert msgs["count"] == len(msgs["tokens"]) > 1
 
 
-def test_models_lists_present_presets_with_knob_names(client: openai.OpenAI) -> None:
+def test_models_lists_present_presets_and_cards_take_knob_names(client: openai.OpenAI
+                                                                ) -> None:
     ids = [m.id for m in client.models.list().data]
-    assert "tiny-up" in ids and "tiny-up@beta=1" in ids and "tiny-mix@lam=0.5" in ids
+    assert "tiny-up" in ids and "tiny-mix" in ids and not any("@" in i for i in ids)
     assert not any(i.startswith("llama3-up") for i in ids)  # its files are not present
     assert client.models.retrieve("tiny-up").id == "tiny-up"
+    assert client.models.retrieve("tiny-mix@lam=0.5").id == "tiny-mix@lam=0.5"
 
 
 def test_another_preset_is_loaded_on_demand(client: openai.OpenAI, served: Served) -> None:
@@ -272,13 +331,17 @@ def _error(response: httpx.Response, status: int, *words: str) -> dict:
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, ["temperature"]),
     ({"messages": [{"role": "user", "content": "x"}], "top_p": "high"}, ["top_p"]),
     ({"messages": []}, ["messages"]),
-    ({"messages": [{"role": "tool", "content": "x"}]}, ["role"]),
+    ({"messages": [{"role": "robot", "content": "x"}]}, ["role"]),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, ["text parts"]),
     ({"messages": [{"role": "user", "content": "x"}], "eft": {"beta": "big"}}, ["eft.beta"]),
     ({"messages": [{"role": "user", "content": "x"}], "eft": {"betta": 1}}, ["eft.betta"]),
     ({"messages": [{"role": "user", "content": "x"}], "eft": {"formula": "nobody"}},
      ["eft.formula"]),
     ({"messages": [{"role": "user", "content": "x"}], "eft": {"beta": 1e300}}, ["eft.beta"]),
+    ({"messages": [{"role": "user", "content": "x"}], "eft": {"alternatives": 3}},
+     ["eft.alternatives", "eft.diagnostics"]),
+    ({"messages": [{"role": "user", "content": "x"}],
+      "eft": {"alternatives": 21, "diagnostics": True}}, ["eft.alternatives"]),
     ({"messages": [{"role": "user", "content": "x"}], "model": "tiny-up@beta=x"}, ["model"]),
     ({"messages": [{"role": "user", "content": "x " * 400}]}, ["context"]),
 ])
@@ -355,6 +418,8 @@ def test_a_client_that_disconnects_stops_its_generation_and_disturbs_no_one(
     assert other["text"] == solo
     gone = next(j for j in reversed(served.runner.history) if j.generated_at_cancel is not None)
     assert gone.info["cancelled"]
+    stopped = [line for line in served.logs if "client gone: stopped after" in line]
+    assert stopped and f"stopped after {gone.generated_at_cancel} tokens" in stopped[-1]
     assert gone.generated - gone.generated_at_cancel <= 1
     assert gone.generated < alone.usage.completion_tokens
     assert streamed(client, SECOND, temperature=0, max_tokens=10) == solo
@@ -410,8 +475,7 @@ def test_health_is_503_while_loading_and_pinning_refuses_other_presets() -> None
         body = {"model": "tiny-down", "messages": [{"role": "user", "content": "x"}]}
         err = _error(web.post("/v1/chat/completions", json=body), 404, "pinned")
         assert err["code"] == "model_not_found"
-        assert [m["id"] for m in web.get("/v1/models").json()["data"]] == ["tiny-up",
-                                                                           "tiny-up@beta=1"]
+        assert [m["id"] for m in web.get("/v1/models").json()["data"]] == ["tiny-up"]
 
 
 def test_serve_without_the_extra_names_what_to_install(monkeypatch: pytest.MonkeyPatch

@@ -22,7 +22,7 @@ from eft_local.formula import PRESET_FORMULAS, parse_formula
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule.blocks import BlockSizer
 from eft_local.session import LoadOptions, Session, load_session
-from eft_local.speculative import Speculator, worth_speculating
+from eft_local.speculative import RETRY_AFTER, Speculator, worth_speculating
 from eft_local.vocab import align
 from tests import ggufs
 from tests.fakes import FakeModel
@@ -596,3 +596,74 @@ def test_where_plain_wins_so_far_generation_is_plain_decoding_that_keeps_learnin
     spec.sizer.accepted, spec.sizer.rejected = 9.5, 0.5  # learned: alpha 0.95
     c = list(spec.generate(PROMPT, w, s, max_tokens=60))
     assert same_steps(a, c) and spec.plain_generations == 1 and spec_engine.stats.drafted > 0
+
+
+HOPELESS = {"step": 0.0004, "slope": 0.07, "draft_step": 0.001}
+"""The family's load-time costs: a drafted token dearer than a plain step, no block pays."""
+
+
+def test_cannot_pay_expires_after_some_generations() -> None:
+    """Issue 18: once the costs said no block could pay, every later generation ran plain and
+    nothing measured them again, so a stale prior (costs measured on the CPU, then the models
+    on a GPU) switched speculation off for good. After RETRY_AFTER generations without a
+    block the costs are forgotten and a real block measures them again."""
+    s = SamplerSettings(temperature=1.0, seed=4)
+    plain_engine, spec_engine = fake_engine("up"), fake_engine("up")
+    w = weights_for(plain_engine, "up", 1.0)
+    a, _ = run(plain_engine, w, s, draft_k="plain", max_tokens=12)
+    spec = Speculator(spec_engine, draft_k=None)
+    spec.sizer.prior(**HOPELESS)
+    for _ in range(RETRY_AFTER):
+        assert same_steps(a, list(spec.generate(PROMPT, w, s, max_tokens=12)))
+    assert spec.plain_generations == RETRY_AFTER and spec_engine.stats.drafted == 0
+    assert same_steps(a, list(spec.generate(PROMPT, w, s, max_tokens=12)))
+    assert spec_engine.stats.drafted > 0 and spec.block_sizes  # a real block, measured
+    assert spec.plain_generations == RETRY_AFTER and spec.remeasured == 1
+    assert spec.sizer.draft_step is not None and spec.sizer.draft_step != HOPELESS["draft_step"]
+
+
+def test_a_fixed_block_size_is_never_forgotten() -> None:
+    spec = Speculator(fake_engine("up"), draft_k=3)
+    w = weights_for(spec.engine, "up", 1.0)
+    for _ in range(RETRY_AFTER + 2):
+        list(spec.generate(PROMPT, w, SamplerSettings(seed=1), max_tokens=8))
+    assert spec.remeasured == 0 and max(spec.block_sizes) == 3
+
+
+@pytest.mark.parametrize("change", ["drafter", "weights", "gpu_layers"])
+def test_block_costs_are_measured_again_when_what_they_depend_on_changes(change: str) -> None:
+    """Costs measured for one drafter, one set of evaluated models and one placement do not
+    hold for another: the next generation forgets them and tries a real block."""
+    s = SamplerSettings(temperature=1.0, seed=4)
+    engine = fake_engine("up")
+    w = weights_for(engine, "up", 1.0)
+    spec = Speculator(engine, draft_k=None)
+    spec.sizer.prior(**HOPELESS)
+    list(spec.generate(PROMPT, w, s, max_tokens=10))
+    list(spec.generate(PROMPT, w, s, max_tokens=10))
+    assert engine.stats.drafted == 0 and spec.plain_generations == 2
+    if change == "drafter":
+        engine.conservative_role = "small_base"  # the default drafter prefers it on ties
+    elif change == "weights":
+        w = np.array([1.0, 1.0, 0.0], dtype=np.float32)  # small_base no longer evaluated
+    else:
+        engine.models["large_base"].n_gpu_layers = -1  # type: ignore[attr-defined]
+    list(spec.generate(PROMPT, w, s, max_tokens=10))
+    assert engine.stats.drafted > 0, change  # a real block, measuring the costs again
+    assert spec.remeasured == 1
+    if change == "drafter":
+        assert spec.drafter == "small_base"
+
+
+def test_costs_seeded_for_the_settings_of_a_generation_are_kept() -> None:
+    """The session seeds the sizer with costs measured at load for every model and its
+    drafter: a generation under those settings trusts them (no block where none pays)."""
+    engine = fake_engine("up")
+    w = weights_for(engine, "up", 1.0)
+    spec = Speculator(engine, draft_k=None)
+    spec.seed(drafter="small_ft", **HOPELESS)
+    list(spec.generate(PROMPT, w, SamplerSettings(seed=2), max_tokens=10))
+    assert engine.stats.drafted == 0 and spec.remeasured == 0
+    spec.seed(drafter="small_base", **HOPELESS)  # measured with another drafter
+    list(spec.generate(PROMPT, w, SamplerSettings(seed=2), max_tokens=10))
+    assert engine.stats.drafted > 0 and spec.remeasured == 1

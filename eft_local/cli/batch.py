@@ -1,7 +1,8 @@
 """The JSONL batches of ``generate --input`` and ``score --input``.
 
-Generate reads ``{"id": ..., "prompt": ..., "system": ..., "raw": ..., "max_tokens": ...}``
-per line (only ``prompt`` is required; ``id`` defaults to the line number); score reads
+Generate reads ``{"id": ..., "prompt": ..., "system": ..., "raw": ..., "max_tokens": ...,
+"json_schema": {...} or "grammar": "GBNF"}`` per line (only ``prompt`` is required; ``id``
+defaults to the line number; a record's schema or grammar replaces the command line's); score reads
 ``{"id": ..., "text": ...}``. Results are appended as each record finishes and a rerun
 resumes (:func:`eft_local.records.write_results`).
 """
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from eft_local.session import Session
 
 _KEYS = {"id": (str, int), "prompt": (str,), "system": (str, type(None)), "raw": (bool,),
-         "max_tokens": (int,)}
+         "max_tokens": (int,), "json_schema": (dict,), "grammar": (str,)}
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class Prompt:
     system: str | None
     raw: bool
     max_tokens: int
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ def parse_prompt(line_no: int, line: str, defaults: BatchDefaults) -> Prompt:
                             or (bool not in types and isinstance(data[key], bool))):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise BadRecord(line_no, bad_id, f"{key!r} must be {names}, got {data[key]!r}")
-    check_unicode(line_no, data, ("id", "prompt", "system"), bad_id)
+    check_unicode(line_no, data, ("id", "prompt", "system", "grammar"), bad_id)
     if "prompt" not in data:
         raise BadRecord(line_no, record_id, "missing 'prompt'")
     if not data["prompt"].strip():
@@ -81,9 +84,12 @@ def parse_prompt(line_no: int, line: str, defaults: BatchDefaults) -> Prompt:
     max_tokens = data.get("max_tokens", defaults.max_tokens)
     if max_tokens < 1:
         raise BadRecord(line_no, record_id, f"'max_tokens' must be >= 1, got {max_tokens}")
+    if "json_schema" in data and "grammar" in data:
+        raise BadRecord(line_no, record_id, "give 'json_schema' or 'grammar', not both")
     return Prompt(id=record_id, line=line_no, prompt=data["prompt"],
                   system=data.get("system", defaults.system), raw=data.get("raw", defaults.raw),
-                  max_tokens=max_tokens)
+                  max_tokens=max_tokens, json_schema=data.get("json_schema"),
+                  grammar=data.get("grammar"))
 
 
 def parse_text(line_no: int, line: str) -> Text:
@@ -115,7 +121,8 @@ def generate_batch(session: Session, input_path: Path, output_path: Path | None,
     def run(prompt: Any) -> dict[str, Any]:
         result = session.generate(prompt.prompt, raw=prompt.raw, system=prompt.system,
                                   max_tokens=prompt.max_tokens,
-                                  diagnostics=defaults.diagnostics)
+                                  diagnostics=defaults.diagnostics,
+                                  json_schema=prompt.json_schema, grammar=prompt.grammar)
         return result_record(session, result, diagnostics=defaults.diagnostics)
 
     counts = write_results(lines, output_path,

@@ -22,6 +22,7 @@ import click
 
 from eft_local import __version__, limits
 from eft_local.cli.options import (
+    grammar_changes,
     model_options,
     open_session,
     sampling_options,
@@ -269,16 +270,24 @@ def quantize(source: Path, output: Path, kind: str, allow_requantize: bool,
               "and retries those that ended in an error.")
 @click.option("--skip-errors", is_flag=True,
               help="With --output: a rerun also skips prompts whose result was an error.")
+@click.option("--json-schema", "schema_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON schema file: the reply is JSON that follows it (constrained "
+              "sampling with llama.cpp's grammar engine).")
+@click.option("--grammar", "grammar_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="GBNF grammar file (llama.cpp's format, start rule root) the reply follows.")
 def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path | None,
-             output_path: Path | None, skip_errors: bool, **opts: Any) -> None:
+             output_path: Path | None, skip_errors: bool, schema_path: Path | None,
+             grammar_path: Path | None, **opts: Any) -> None:
     """Generate one reply for PROMPT (or stdin), or a JSONL batch with --input.
 
-    The reply is streamed to stdout; --json prints one JSON record instead.
+    The reply is streamed to stdout; --json prints one JSON record instead. With
+    --json-schema or --grammar every token is drawn among those the grammar allows.
 
     With one argument and no --model, it is the preset if such a preset exists, else the
     prompt (for the default preset).
     """
     preset, prompt = split_args(args, opts, batch=input_path is not None)
+    constraint = grammar_changes(schema_path, grammar_path)
     if input_path is None:
         if output_path is not None or skip_errors:
             raise click.UsageError(f"{'--output' if output_path else '--skip-errors'} needs "
@@ -287,6 +296,7 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
         if not prompt.strip():
             raise EftError("empty prompt")
         with open_session(preset, opts) as session:
+            session.update(**constraint)
             _generate_one(session, prompt, raw=raw, as_json=as_json, system=opts["system"],
                           max_tokens=opts["max_tokens"])
         return
@@ -297,6 +307,7 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
     defaults = BatchDefaults(raw=raw, system=opts["system"], max_tokens=opts["max_tokens"],
                              diagnostics=as_json)
     with open_session(preset, opts) as session:
+        session.update(**constraint)
         generate_batch(session, input_path, output_path, defaults,
                        retry_errors=not skip_errors)
 
@@ -325,7 +336,7 @@ def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
 # -- commands from other modules: one line each (imported on first use) ----------------------
 main.register("chat", "eft_local.cli.repl:chat")
 main.register("eval", "eft_local.cli.eval:evaluate")
-main.register("bench", "eft_local.bench:bench")
+main.register("bench", "eft_local.cli.bench:bench")
 main.register("score", "eft_local.cli.score:score")
 main.register("explore", "eft_local.cli.explore:explore")
 main.register("serve", "eft_local.cli.serve:serve")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -125,6 +126,15 @@ def sampling_options(func: F) -> F:
     ], func)
 
 
+def context_option(func: F) -> F:
+    """What a chat longer than the context does (chat and serve)."""
+    return click.option(
+        "--context-overflow", type=click.Choice(["truncate", "error"]),
+        help="A chat longer than the context: drop its oldest whole turns, keeping the "
+        "system prompt and the newest message (truncate, the default), or refuse it "
+        "(error).")(func)
+
+
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "conservative_top_p")
 
 
@@ -147,8 +157,35 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
                            options=options,
                            progress=progress_printer(bool(opts.get("verbose"))))
     session.update(stop=tuple(opts.get("stop") or ()),
-                   parse_special=bool(opts.get("parse_special")))
+                   parse_special=bool(opts.get("parse_special")),
+                   context_overflow=opts.get("context_overflow"))
     return session
+
+
+def grammar_changes(schema_path: Path | None, grammar_path: Path | None) -> dict[str, str]:
+    """The settings change of ``--json-schema FILE`` or ``--grammar FILE``: read and checked
+    (errors name the file)."""
+    if schema_path and grammar_path:
+        raise click.UsageError("give --json-schema or --grammar, not both")
+    path = schema_path or grammar_path
+    if path is None:
+        return {}
+    from eft_local.session import Settings
+
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        raise EftError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EftError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})"
+                       ) from None
+    if not text.strip():
+        raise EftError(f"{path}: the file is empty")
+    key = "json_schema" if schema_path else "grammar"
+    try:
+        return {"grammar": Settings.grammar_of(**{key: text})}
+    except EftError as exc:
+        raise EftError(f"{path}: {exc}") from None
 
 
 def progress_printer(verbose: bool) -> Callable[[str], None]:

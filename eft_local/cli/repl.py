@@ -17,7 +17,14 @@ from typing import Any
 import click
 
 from eft_local.chat import Conversation
-from eft_local.cli.options import model_options, open_session, sampling_options, write
+from eft_local.cli.options import (
+    context_option,
+    grammar_changes,
+    model_options,
+    open_session,
+    sampling_options,
+    write,
+)
 from eft_local.errors import EftError
 from eft_local.session import Session
 from eft_local.text import printable
@@ -38,6 +45,9 @@ HELP = [
     ("/seed N", "random seed"),
     ("/max N", "longest reply in tokens"),
     ("/system TEXT", "set the system prompt (no TEXT: remove it)"),
+    ("/overflow MODE", "a chat longer than the context: truncate (drop the oldest turns) "
+     "or error"),
+    ("/grammar FILE|off", "replies follow a GBNF grammar (a .json file: a JSON schema)"),
     ("/reset", "forget the conversation (the system prompt stays)"),
     ("/save FILE", "write the transcript as JSON"),
     ("/load FILE", "continue a saved transcript"),
@@ -320,6 +330,26 @@ class Repl:
         self.session.conversation.system = arg or None
         say("system prompt set" if arg else "system prompt removed")
 
+    def cmd_overflow(self, arg: str) -> None:
+        if not arg:
+            raise EftError("/overflow needs truncate or error, e.g. /overflow error")
+        self.session.update(context_overflow=arg)
+        say(f"context overflow = {self.session.defaults.context_overflow}")
+
+    def cmd_grammar(self, arg: str) -> None:
+        if not arg:
+            say("grammar: " + ("on" if self.session.defaults.grammar else "off"))
+            return
+        if arg.lower() == "off":
+            self.session.update(grammar="")
+            say("grammar off: replies are free text")
+            return
+        path = Path(arg).expanduser()
+        json_schema = path.suffix.lower() == ".json"
+        self.session.update(**grammar_changes(path if json_schema else None,
+                                              None if json_schema else path))
+        say(f"replies follow the {'JSON schema' if json_schema else 'grammar'} in {arg}")
+
     def cmd_reset(self, _arg: str) -> None:
         self.session.reset()
         say("conversation cleared")
@@ -402,6 +432,8 @@ def schedule_line(stats: dict[str, Any]) -> str:
                  f"x{stats['schedule_measured_ratio']:.2f} measured at load against the "
                  f"largest model alone ({stats['large_alone_ms']:.1f} ms/token at "
                  f"{stats['large_alone_threads']} thread(s))")
+    elif stats.get("schedule_reason"):
+        line += f"; {stats['schedule_reason']}"
     if "schedule_probes" in stats:
         line += (f"; watched while decoding: {stats['schedule_probes']} probe(s), "
                  f"{stats['schedule_switches']} switch(es)")
@@ -413,6 +445,7 @@ def schedule_line(stats: dict[str, Any]) -> str:
 @click.argument("preset", required=False)
 @model_options
 @sampling_options
+@context_option
 def chat(preset: str | None, **opts: Any) -> None:
     """Chat with the mixed model; slash commands change the mix live (/help)."""
     with open_session(preset, opts) as session:

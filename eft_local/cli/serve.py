@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from eft_local.cli.options import model_options, sampling_options
+from eft_local.cli.options import context_option, model_options, sampling_options
 from eft_local.errors import EftError
 from eft_local.text import printable
 
@@ -54,6 +54,7 @@ def listen(host: str, port: int) -> socket.socket:
               help="Serve only this preset (requests naming another get 404).")
 @model_options
 @sampling_options
+@context_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (another than loopback wants --api-key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
@@ -73,9 +74,10 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     """Serve the emulated model over an OpenAI-compatible HTTP API.
 
     Endpoints: /v1/chat/completions, /v1/completions (echo + logprobs scores a text),
-    /v1/models, /tokenize, /detokenize, /tokenizer_info, /health, and /eft/rows and
-    /eft/vocab, which make a model of this server an exact remote role of another
-    eft-local (-m large_base=http://HOST:PORT). Requests may name any
+    /v1/models, /tokenize, /detokenize, /tokenizer_info, /health, / (the playground:
+    a web page showing each token's mix, in colour), and /eft/rows and /eft/vocab, which
+    make a model of this server an exact remote role of another eft-local
+    (-m large_base=http://HOST:PORT). Requests may name any
     preset whose files are present (it is loaded on demand, one set at a time) unless
     --preset or --model pins one; model names like PRESET@beta=1.5 and an "eft" object in
     the body set the knobs per request. The sampling options are the defaults of every
@@ -114,12 +116,13 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     runner.adopt(session)
     options = ServerOptions(api_key=api_key, max_body=max_body, max_tokens=opts["max_tokens"],
                             system=opts.get("system"), stop=tuple(opts.get("stop") or ()),
-                            seed=opts.get("seed"), max_logprobs=max_logprobs)
+                            seed=opts.get("seed"), max_logprobs=max_logprobs,
+                            context_overflow=opts.get("context_overflow") or "truncate")
     app = create_app(runner, options, log=_log)
     runner.start()
     port = sock.getsockname()[1]  # the port given, or the one chosen for --port 0
     _log(f"serving {session.preset.name!r} on http://{host}:{port}/v1 "
-         f"(OpenAI API; Ctrl-C stops)")
+         f"(OpenAI API; the playground page at http://{host}:{port}/; Ctrl-C stops)")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=2))
     try:

@@ -19,11 +19,12 @@ exactly as a local GGUF file gives it (:mod:`eft_local.remote.vocab`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from eft_local.errors import EftError
 from eft_local.remote.http import Endpoint
 
 ROWS_PATH = "/eft/rows"
@@ -130,3 +131,40 @@ class ExactClient:
 
 class _Mismatch(Exception):
     """The engine no longer holds the prefix this client thought it held."""
+
+
+# -- the serving side (eft-local serve, through its session) -----------------------------------
+def pick_role(models: Mapping[str, Any], role: str | None, preset: str) -> str:
+    """``role``, checked; None names the only model of a single-model preset."""
+    if role is None and len(models) == 1:
+        return next(iter(models))
+    if role is None or role not in models:
+        why = "name one with 'role'" if role is None else f"it has no model {role!r}"
+        raise EftError(f"preset {preset!r} has models {', '.join(models)}: {why}")
+    return role
+
+
+def model_rows(model: Any, tokens: Sequence[int], first: int, *, n_threads: int
+               ) -> tuple[np.ndarray, int]:
+    """One model's logit rows at positions ``first .. len(tokens) - 1`` of ``tokens`` (row
+    i predicts token i + 1), re-using the longest prefix its cache holds, with
+    ``n_threads``; and how many positions were re-used. Positions before ``first`` that
+    must be evaluated get no rows (no memory for them)."""
+    tokens = [int(t) for t in tokens]
+    bad = next((t for t in tokens if not 0 <= t < model.n_vocab), None)
+    if bad is not None:
+        raise EftError(f"token id {bad} is outside the vocabulary (0..{model.n_vocab - 1})")
+    if not 0 <= first < len(tokens):
+        raise EftError(f"first row {first} is outside the {len(tokens)} positions")
+    if len(tokens) > model.n_ctx:
+        raise EftError(f"{len(tokens)} tokens do not fit the context ({model.n_ctx})")
+    setter = getattr(model, "set_threads", None)
+    if setter is not None:
+        setter(n_threads)
+    keep = min(common_prefix(model.tokens, tokens), first)
+    model.rewind(keep)
+    if first > keep:
+        model.eval(tokens[keep:first])
+    wanted = len(tokens) - first
+    rows = model.eval(tokens[first:], all_logits=wanted > 1)
+    return rows[-wanted:], keep

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -84,6 +86,39 @@ class Traffic:
     def to_dict(self) -> dict[str, float]:
         """JSON-ready form."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@contextmanager
+def metered(traffic: Traffic | None, sink: dict[str, Traffic], role: str) -> Iterator[None]:
+    """Add what ``traffic`` (a remote model's counters; None: a local model) grows by in
+    the block to ``sink[role]``."""
+    if traffic is None:
+        yield
+        return
+    before = traffic.copy()
+    try:
+        yield
+    finally:
+        used = sink.setdefault(role, Traffic())
+        used.add(traffic)
+        used.add(before, -1)
+
+
+def traffic_summary(traffic: Mapping[str, Traffic], generated: int) -> dict[str, Any]:
+    """Per remote role: its counters, and per request the milliseconds waited
+    (``ms_per_request``) and the part that was not the engine computing
+    (``network_ms_per_request``, where the engine reports its time); per generated token
+    the milliseconds waited and the bytes both ways; generated tokens per request
+    (speculative decoding verifies a block in one)."""
+    per_token = max(1, generated)
+    return {role: {**t.to_dict(),
+                   "ms_per_request": 1e3 * t.seconds / max(1, t.requests),
+                   "network_ms_per_request": 1e3 * max(0.0, t.seconds - t.server_seconds)
+                   / max(1, t.requests),
+                   "ms_per_token": 1e3 * t.seconds / per_token,
+                   "bytes_per_token": (t.sent + t.received) / per_token,
+                   "tokens_per_request": generated / max(1, t.requests)}
+            for role, t in traffic.items()}
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,18 @@ def vocab_from_payload(body: Mapping[str, Any], where: str
     return vocab, plain
 
 
+def model_vocab(model: Any, fallback: VocabInfo) -> tuple[VocabInfo, list[bytes],
+                                                        dict[int, bytes]]:
+    """What ``/eft/vocab`` serves of a loaded model: its vocabulary as its file gives it
+    (``fallback`` for a model that cannot say), each id's piece (control tokens as their
+    text) and the pieces that differ without special tokens."""
+    read = getattr(model, "vocab", None)
+    vocab = read() if callable(read) else fallback
+    pieces = [model.piece(i, special=True) for i in range(vocab.n_tokens)]
+    plain = {i: p for i in range(vocab.n_tokens) if (p := model.piece(i)) != pieces[i]}
+    return vocab, pieces, plain
+
+
 # -- reading ------------------------------------------------------------------------------------
 def detect_api(ep: Endpoint) -> str:
     """eft-local (``/eft/vocab`` answers), llama-server (``/props`` names its build) or

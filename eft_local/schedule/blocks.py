@@ -27,6 +27,9 @@ PROBE_MARGIN = 0.8
 """A probe block is spent only when the best block is predicted at least this fraction of
 the plain rate: blocks the measured costs say cannot pay are not probed."""
 
+ACCEPTED_PRIOR, REJECTED_PRIOR = 1.2, 0.8
+"""Prior counts of accepted drafts and rejections: alpha = 0.6, worth two observed blocks."""
+
 
 @dataclass
 class BlockSizer:
@@ -43,8 +46,8 @@ class BlockSizer:
     fixed: int | None = None
     k_max: int = K_MAX
     decay: float = 0.9
-    accepted: float = 1.2  # prior: alpha = 0.6, worth two observed blocks
-    rejected: float = 0.8
+    accepted: float = ACCEPTED_PRIOR
+    rejected: float = REJECTED_PRIOR
     slope: float = VERIFY_SLOPE
     draft_step: float | None = None  # seconds per drafted token (EMA)
     verify: dict[int, float] = field(default_factory=dict)  # block length -> seconds (EMA)
@@ -111,6 +114,17 @@ class BlockSizer:
             self.slope = slope
         if self.draft_step is None:
             self.draft_step = draft_step
+
+    def forget_costs(self) -> None:
+        """Drop every measured or prior cost: the next block is a real one that measures
+        them again (a decision that blocks cannot pay is only as good as its costs)."""
+        self.draft_step, self.verify, self.slope = None, {}, VERIFY_SLOPE
+        self._plan, self._plan_age, self.plain_run, self.plain_only = None, 0, 0, False
+
+    def forget_acceptance(self) -> None:
+        """Back to the prior acceptance (another drafter or another mix)."""
+        self.accepted, self.rejected = ACCEPTED_PRIOR, REJECTED_PRIOR
+        self._plan = None
 
     def next_k(self) -> int:
         """The block size for the next block."""

@@ -2,15 +2,16 @@
 
 A schedule is a sequence of stages run one after another; a stage is a set of lanes run at
 once, each lane a list of models evaluated in turn; the thread budget is split evenly
-between the lanes of a stage that have work. Three named shapes and every other one are
-enumerated by :func:`candidates`; :func:`predict` gives a schedule's cost per token from the
-models' measured one-token decode times at each thread count, and the session picks the
-cheapest after measuring (:mod:`eft_local.schedule.tuning`).
+between the lanes of a stage that have work. Three named shapes (:data:`NAMES`) are the
+only :func:`candidates`: every run on record chose one of them, and every other split timed
+lost to the best of them (``python benchmarks/custom_splits.py``; docs/benchmarks.md).
+:func:`predict` gives a schedule's cost per step from the models' measured one-token decode
+times at the thread counts the schedules use (:func:`thread_counts`); the session times
+each candidate as real steps and keeps the fastest (:mod:`eft_local.schedule.tuning`).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -99,45 +100,12 @@ def _at(c: Mapping[int, float], threads: int) -> float:
 
 
 def candidates(sizes: Mapping[str, float], n_threads: int) -> list[Schedule]:
-    """The named schedules, then every other split of the models into stages of at most
-    ``n_threads`` concurrent lanes (up to 5 models: small enough to enumerate)."""
-    out = [named(n, sizes, n_threads) for n in NAMES]
-    seen = {_key(s) for s in out}
-    roles = sorted(sizes, key=lambda r: -sizes[r])
-    if len(roles) > 5:
-        return out
-    for stages in _stage_splits(roles, n_threads):
-        s = Schedule("custom", stages)
-        if _key(s) not in seen:
-            seen.add(_key(s))
-            out.append(s)
-    return out
+    """The named schedules, in :data:`NAMES` order."""
+    return [named(n, sizes, n_threads) for n in NAMES]
 
 
-def _key(s: Schedule) -> tuple:
-    return tuple(sorted(tuple(sorted(tuple(sorted(lane)) for lane in stage))
-                        for stage in s.stages))
-
-
-def _stage_splits(roles: Sequence[str], n_threads: int
-                  ) -> Iterator[tuple[tuple[tuple[str, ...], ...], ...]]:
-    """Unordered splits into stages (stage order does not change the cost), each stage
-    split into at most ``n_threads`` lanes."""
-    for stages in _partitions(list(roles)):
-        # one lane of several models is the same as those models in stages of their own
-        per_stage = [[lanes_ for lanes_ in _partitions(st)
-                      if len(lanes_) <= n_threads and (len(lanes_) > 1 or len(st) == 1)]
-                     for st in stages]
-        for combo in itertools.product(*per_stage):
-            yield tuple(tuple(tuple(lane) for lane in lanes_) for lanes_ in combo)
-
-
-def _partitions(items: list[str]) -> Iterator[list[list[str]]]:
-    if not items:
-        yield []
-        return
-    first, rest = items[0], items[1:]
-    for part in _partitions(rest):
-        for i in range(len(part)):
-            yield part[:i] + [[first, *part[i]]] + part[i + 1:]
-        yield [[first], *part]
+def thread_counts(n_models: int, n_threads: int) -> list[int]:
+    """The thread counts at which a named schedule runs a model: the whole budget, or its
+    share when 2..``n_models`` lanes run at once; highest first."""
+    return sorted({max(1, n_threads // k) for k in range(1, max(1, min(n_threads, n_models))
+                                                          + 1)}, reverse=True)

@@ -1,11 +1,13 @@
 """The decode schedule chosen by measurement, once per machine and model set (cached).
 
-:func:`tune` times each model's one-token decode and a small block at 1..N threads,
-predicts every candidate schedule's cost per step (:func:`eft_local.schedule.predict`),
-then times the most promising few as real decoding steps and keeps the fastest. The result,
-with the cost of the largest model alone at its best thread count (the baseline of every
-speed ratio), is cached in ``$XDG_CACHE_HOME/eft-local/schedules.json`` under a key made of
-the CPU, the thread budget and the model files (path, size, modification time).
+:func:`tune` times each model's one-token decode at the thread counts the named schedules
+use (:func:`eft_local.schedule.shapes.thread_counts`) and its blocks with every thread,
+predicts each named schedule's cost per step, then times them as real decoding steps and
+keeps the fastest. The result, with the cost of the largest model alone at its best of those
+thread counts (the baseline of the speed ratios in /stats), is cached in
+``$XDG_CACHE_HOME/eft-local/schedules.json`` under a key made of everything the costs depend
+on (:func:`cache_key`). Where every model is offloaded to the GPU (:func:`offloaded`) none of
+this runs: the session decodes the models one after another.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eft_local import backend
 from eft_local.engine import Engine, Model
 from eft_local.errors import EftError
 from eft_local.files import atomic_write, cache_dir
@@ -32,14 +35,9 @@ from eft_local.schedule.watch import Watch
 
 BLOCKS = (2, 4, 8)
 """Block lengths timed per model with every thread (speculative verification's costs)."""
-TRIALS = 3
-"""Other splits timed as real steps besides the named ones: at most this many, and only
-those predicted to beat every named schedule."""
 ROUNDS = 3
 """Interleaved rounds of trial steps: the median step of a round, the fastest round
 (preemption by other processes only ever adds time)."""
-CUSTOM_MARGIN = 0.05
-"""A schedule other than the named ones is kept only when it is this much faster."""
 
 
 @dataclass(frozen=True)
@@ -99,14 +97,21 @@ def can_tune(models: Mapping[str, Model], n_threads: int) -> bool:
             and all(hasattr(m, "set_threads") for m in models.values()))
 
 
+def offloaded(models: Mapping[str, Model]) -> bool:
+    """True when every model runs wholly on the GPU (its ``offloaded``): CPU threads hardly
+    change a step's cost, so there is no thread split to measure or watch."""
+    return bool(models) and all(getattr(m, "offloaded", False) for m in models.values())
+
+
 def decode_costs(models: Mapping[str, Model], n_threads: int, *, repeats: int = 3,
                  context: int = 8) -> tuple[dict[str, dict[int, float]],
                                             dict[str, dict[int, float]]]:
-    """Fastest seconds of each model's one-token decode at 1..n_threads threads, and of
-    its blocks of :data:`BLOCKS` tokens with every thread (how speculative decoding
-    verifies: each model in turn with every thread). On 2 CPU cores blocks are far cheaper
-    per token than single tokens, except 2-token blocks (docs/benchmarks.md). Leaves every
-    cache empty."""
+    """Fastest seconds of each model's one-token decode at the thread counts the named
+    schedules run it at (:func:`~eft_local.schedule.shapes.thread_counts`), and of its
+    blocks of :data:`BLOCKS` tokens with every thread (how speculative decoding verifies:
+    each model in turn with every thread). On 2 CPU cores blocks are far cheaper per token
+    than single tokens, except 2-token blocks (docs/benchmarks.md). Leaves every cache
+    empty."""
     prefix = [(7 * i + 3) % 200 + 5 for i in range(context)]
     costs: dict[str, dict[int, float]] = {}
     blocks: dict[str, dict[int, float]] = {}
@@ -114,7 +119,7 @@ def decode_costs(models: Mapping[str, Model], n_threads: int, *, repeats: int = 
         model.rewind(0)
         model.eval(prefix)
         costs[role], blocks[role] = {}, {}
-        for threads in range(1, n_threads + 1):
+        for threads in schedules.thread_counts(len(models), n_threads):
             model.set_threads(threads)  # type: ignore[attr-defined]
             lengths = (1, *BLOCKS) if threads == n_threads else (1,)
             times: dict[int, list[float]] = {n: [] for n in lengths}
@@ -160,31 +165,23 @@ def step_seconds(engine: Engine, schedule: Schedule, *, steps: int = 6, context:
 
 
 def tune(engine: Engine, *, say: Callable[[str], None] = lambda _m: None) -> Tuning:
-    """Measure and choose the decode schedule for ``engine``'s models (not cached)."""
+    """Measure and choose the decode schedule for ``engine``'s models (not cached): each
+    named schedule timed as real steps in :data:`ROUNDS` interleaved rounds, the fastest
+    round of each; the fastest schedule wins."""
     n = engine.n_threads
     say(f"note: measuring decode schedules on {n} threads (once for these models on this "
         "machine; a few seconds)")
     costs, blocks = decode_costs(engine.models, n)
     sizes = {r: c[n] for r, c in costs.items()}
-    predicted = sorted(((schedules.predict(s, costs, n), s)
-                        for s in schedules.candidates(sizes, n)), key=lambda x: x[0])
-    named = [(p, s) for p, s in predicted if s.name in schedules.NAMES]
-    # the named schedules, and the splits predicted to beat all of them (at most TRIALS)
-    trial = [s for _, s in named]
-    trial += [s for p, s in predicted[:TRIALS] if s.name not in schedules.NAMES
-              and p < named[0][0]]
-    pred_of = {s.describe(): p for p, s in predicted}
+    trial = schedules.candidates(sizes, n)
     trials: dict[str, tuple[float, float]] = {}
     for _ in range(ROUNDS):  # interleaved rounds: each schedule's fastest counts
         for s in trial:
             t = step_seconds(engine, s)
             old = trials.get(s.describe())
-            trials[s.describe()] = (pred_of[s.describe()], t if old is None else min(old[1], t))
+            trials[s.describe()] = (schedules.predict(s, costs, n),
+                                    t if old is None else min(old[1], t))
     best = min(trial, key=lambda s: trials[s.describe()][1])
-    best_named = min((s for s in trial if s.name in schedules.NAMES),
-                     key=lambda s: trials[s.describe()][1])
-    if trials[best.describe()][1] > (1.0 - CUSTOM_MARGIN) * trials[best_named.describe()][1]:
-        best = best_named  # an unusual split must win clearly, not by noise
     large = max(sizes, key=lambda r: sizes[r])
     threads, alone = min(costs[large].items(), key=lambda kv: kv[1])
     return Tuning(schedule=best, predicted=trials[best.describe()][0],
@@ -193,14 +190,12 @@ def tune(engine: Engine, *, say: Callable[[str], None] = lambda _m: None) -> Tun
 
 
 def watch(engine: Engine, tuning: Tuning) -> Watch:
-    """A :class:`~eft_local.livetune.Watch` over the schedules timed at load, starting
-    from the chosen one with the step times measured then."""
+    """A :class:`~eft_local.schedule.watch.Watch` over the named schedules timed at load,
+    starting from the chosen one with the step times measured then."""
     n = engine.n_threads
     sizes = {r: c.get(n, min(c.values())) for r, c in tuning.costs.items()}
-    by_text = {s.describe(): s for s in schedules.candidates(sizes, n)}
-    by_text[tuning.schedule.describe()] = tuning.schedule
-    others = [by_text[k] for k in tuning.trials
-              if k in by_text and k != tuning.schedule.describe()]
+    chosen = tuning.schedule.describe()
+    others = [s for s in schedules.candidates(sizes, n) if s.describe() != chosen]
     return Watch([tuning.schedule, *others],
                  {k: measured for k, (_p, measured) in tuning.trials.items()})
 
@@ -212,15 +207,20 @@ def cache_path() -> Path:
 
 
 def cache_key(models: Mapping[str, Model], n_threads: int) -> str:
-    """The CPU, the thread budget and each model file (path, size, modification time)."""
-    parts = [machine(), str(n_threads)]
+    """What measured costs depend on: the CPU, the thread budget, llama.cpp's version and
+    build features (:func:`eft_local.backend.build_info`), and each model's file (path,
+    size, modification time), GPU layers, context and batch size."""
+    parts = [machine(), str(n_threads), backend.build_info()]
     for role in sorted(models):
-        path = Path(models[role].path)
+        m = models[role]
+        path = Path(m.path)
+        load = (f"n_gpu_layers={getattr(m, 'n_gpu_layers', 0)} n_ctx={m.n_ctx} "
+                f"n_batch={getattr(m, 'n_batch', None)}")
         try:
             st = path.stat()
-            parts.append(f"{role}={path.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{role}={path.resolve()}:{st.st_size}:{st.st_mtime_ns} {load}")
         except OSError:
-            parts.append(f"{role}={path}")
+            parts.append(f"{role}={path} {load}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 

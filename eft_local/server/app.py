@@ -12,8 +12,8 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.applications import Starlette
@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from eft_local import __version__
+from eft_local.config import Preset
 from eft_local.remote.exact import MEDIA_TYPE, ROWS_PATH, VOCAB_PATH
 from eft_local.server.handlers import (
     chat_work,
@@ -33,12 +34,12 @@ from eft_local.server.handlers import (
     tokenizer_info_work,
     vocab_work,
 )
+from eft_local.server.page import playground
 from eft_local.server.protocol import (
     MAX_TOP_LOGPROBS,
     ApiError,
     ChatRequest,
     CompletionRequest,
-    model_name,
     new_id,
     now,
     parse_chat,
@@ -71,6 +72,9 @@ class ServerOptions:
     system: str | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    context_overflow: str = "truncate"
+    """A chat longer than the context, unless the request's ``eft.context_overflow`` says:
+    drop its oldest turns (``truncate``) or answer 400 (``error``)."""
     max_logprobs: int = MAX_TOP_LOGPROBS
     """Most alternatives per position a completions request may ask for."""
 
@@ -202,10 +206,13 @@ class Api:
         if timings:
             line += (f" (evaluated {timings.get('prompt_n', 0)}, cached "
                      f"{timings.get('cache_n', 0)})")
-        line += (f" completion={info.get('completion_tokens', 0)} "
+        if info.get("dropped_messages"):
+            line += (f" dropped the {info['dropped_messages']} oldest message(s) to fit the "
+                     "context")
+        line += (f" completion={info.get('completion_tokens', job.generated)} "
                  f"{time.perf_counter() - started:.2f} s")
-        if info.get("cancelled"):
-            line += f" client gone: stopped after {job.generated} tokens"
+        if job.generated_at_cancel is not None:  # set the moment the client went away
+            line += f" client gone: stopped after {job.generated_at_cancel} tokens"
         self.log(line)
 
     # -- simple routes --------------------------------------------------------------------
@@ -218,30 +225,45 @@ class Api:
         return JSONResponse({"status": runner.state, **ApiError(503, message).body()},
                             status_code=503)
 
-    def model_cards(self) -> list[dict[str, Any]]:
-        cards = []
-        for preset in self.runner.available():
-            meta = {"preset": preset.name, "formula": preset.formula.text,
-                    "description": preset.description, "roles": list(preset.models),
-                    "loaded": preset.name == self.runner.loaded}
-            cards.append({"id": preset.name, "object": "model", "created": 0,
-                          "owned_by": "eft-local", "eft": meta})
-            for knob in preset.formula.params:
-                name = model_name(preset.name, {knob: preset.params[knob]})
-                cards.append({"id": name, "object": "model", "created": 0,
-                              "owned_by": "eft-local", "eft": {**meta, knob: preset.params[knob]}})
-        return cards
+    def model_card(self, preset: Preset, name: str | None = None,
+                   params: Mapping[str, float] | None = None) -> dict[str, Any]:
+        """One ``/v1/models`` entry: ``preset`` under ``name`` (default its own), its knobs
+        at their defaults (the command line's for the initial preset) changed by ``params``;
+        ``eft`` also carries the formula's base role and the server's sampling defaults."""
+        runner = self.runner
+        defaults = {**preset.params, **(runner.params if preset is runner.initial else {}),
+                    **(params or {})}
+        knobs = {k: v for k, v in defaults.items() if k in preset.formula.params}
+        sampling = {key: getattr(runner.sampling, key) for key in (
+            "temperature", "top_p", "top_k", "min_p", "conservative_top_p")}
+        meta = {"preset": preset.name, "formula": preset.formula.text,
+                "description": preset.description, "roles": list(preset.models),
+                "loaded": preset.name == runner.loaded, **knobs, "params": knobs,
+                "base_role": preset.formula.base_role(), "sampling": sampling}
+        return {"id": name or preset.name, "object": "model", "created": 0,
+                "owned_by": "eft-local", "eft": meta}
 
     async def models(self, _request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": self.model_cards()})
+        cards = [self.model_card(p) for p in self.runner.available()]
+        return JSONResponse({"object": "list", "data": cards})
 
     async def model(self, request: Request) -> Response:
+        """Every name a chat request may give: a preset, with knobs (``PRESET@beta=1.5``)
+        that its formula uses; else 404."""
         wanted = request.path_params["name"]
-        for card in self.model_cards():
-            if card["id"] == wanted:
-                return JSONResponse(card)
-        raise ApiError(404, f"the model {wanted!r} does not exist", param="model",
-                       code="model_not_found")
+        try:
+            name, params = parse_model_name(wanted)
+        except ApiError as exc:
+            raise ApiError(404, f"the model {wanted!r} does not exist: {exc.message}",
+                           param="model", code="model_not_found") from None
+        self.runner.check_model(name)
+        preset = self.runner.presets()[name]
+        unused = [k for k in params if k not in preset.formula.params]
+        if unused:
+            raise ApiError(404, f"the model {wanted!r} does not exist: the formula of "
+                           f"{name!r} does not use {unused[0]}", param="model",
+                           code="model_not_found")
+        return JSONResponse(self.model_card(preset, wanted, params))
 
     async def _simple(self, request: Request, job: Job) -> Response:
         await self.start(job)
@@ -289,9 +311,12 @@ class Api:
         started = time.perf_counter()
         opts = self.options
         req = parse_chat(await self.body(request), self.runner.sampling, opts.seed)
+        knobs = req.common.knobs
+        if knobs.context_overflow is None:
+            knobs = replace(knobs, context_overflow=opts.context_overflow)
         job = Job(work=chat_work(req, default_max=opts.max_tokens, system=opts.system,
                                  default_stop=opts.stop),
-                  preset=req.common.preset, knobs=req.common.knobs, sampling=req.common.sampling)
+                  preset=req.common.preset, knobs=knobs, sampling=req.common.sampling)
         await self.start(job)
         if req.common.stream:
             stream = self.events(job, None)
@@ -300,6 +325,7 @@ class Api:
         stream = self.events(job, request)
         head = await self.first(job, stream)
         text, entries, diag = [], [], []
+        calls = None
         done: dict[str, Any] = {}
         async for kind, data in stream:
             if kind == "error":
@@ -308,14 +334,18 @@ class Api:
                 text.append(data["text"])
                 entries += data["logprobs"]
                 diag += data["eft"]
+                calls = data.get("tool_calls") or calls
             elif kind == "done":
                 done = data
         job.info["timings"] = done.get("timings", {})
         self.log_done(request, job, started)
         eft = {**head["eft"], **({"tokens": diag} if req.common.knobs.diagnostics else {})}
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
+        if calls:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
         return JSONResponse({
             **envelope("chatcmpl", "chat.completion", req.common.model, head),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": {"content": entries} if req.logprobs else None,
                          "finish_reason": done.get("finish", "length")}],
             "usage": usage(done.get("prompt_tokens", head["prompt_tokens"]),
@@ -352,6 +382,9 @@ class Api:
                     if data["text"] or data["logprobs"] or more:
                         yield chunk({"content": data["text"]},
                                     logprobs=data["logprobs"] if req.logprobs else None, **more)
+                    if data.get("tool_calls"):
+                        yield chunk({"tool_calls": [{"index": i, **call} for i, call in
+                                                    enumerate(data["tool_calls"])]})
                 elif kind == "done":
                     finish = data["finish"]
                     job.info["timings"] = data["timings"]
@@ -478,6 +511,7 @@ def create_app(runner: Worker, options: ServerOptions | None = None,
     api = Api(runner, options or ServerOptions(), log)
     r = api.route
     routes: Sequence[Route] = [
+        Route("/", r(playground, auth=False), methods=["GET"]),
         Route("/health", r(api.health, auth=False), methods=["GET"]),
         Route("/v1/health", r(api.health, auth=False), methods=["GET"]),
         Route("/v1/models", r(api.models), methods=["GET"]),

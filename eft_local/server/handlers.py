@@ -13,7 +13,8 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from eft_local.records import step_record
+from eft_local.errors import ContextFull
+from eft_local.records import finite, step_record
 from eft_local.remote.exact import (
     H_EVAL_MS,
     H_REUSED,
@@ -21,9 +22,11 @@ from eft_local.remote.exact import (
     H_WIDTH,
     PREFIX_MISMATCH,
     encode_rows,
+    model_rows,
+    pick_role,
     prefix_hash,
 )
-from eft_local.remote.vocab import vocab_payload
+from eft_local.remote.vocab import model_vocab, vocab_payload
 from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
@@ -35,14 +38,43 @@ from eft_local.server.protocol import (
     parse_chat,
 )
 from eft_local.server.worker import Job
-from eft_local.session import SamplerSettings, Session, Settings
+from eft_local.session import SamplerSettings, Session, Settings, Step
+from eft_local.structured import ToolPlan, tagged
 
 
 def describe(session: Session, settings: Settings) -> dict[str, Any]:
     """The ``eft`` object of a response: what the request was served with."""
     knobs = settings.knobs()
     return {"preset": session.preset.name, "formula": settings.describe(), "params": knobs,
-            "model": model_name(session.preset.name, knobs)}
+            "model": model_name(session.preset.name, knobs),
+            "base_role": settings.formula.base_role(),
+            "conservative_role": session.conservative_role(settings)}
+
+
+def token_record(session: Session, step: Step, *, content: str, base: str | None,
+                 alternatives: int = 0) -> dict[str, Any]:
+    """One entry of ``eft.tokens``: :func:`~eft_local.records.step_record` plus the reply
+    text the token released (``content``), its log-prob under the mix (temperature 1, no
+    filters) and under each model, ``shift`` = log p_mix - log p_base (``base``: the
+    formula's base term) and, with ``alternatives``, the best tokens of each model and of
+    the mix."""
+    record = step_record(session, step)
+    record["content"] = content
+    if step.ref_token is not None:
+        record["ref_text"] = session.token_text(step.ref_token)
+    models = {r: finite(v) for r, v in (step.logprob_models or {}).items()}
+    mix = None if step.logprob is None else finite(step.logprob)
+    record["logprob_mix"] = mix
+    record["logprob_models"] = models
+    record["shift"] = mix - models[base] if mix is not None and base in models else None
+    if alternatives and step.top_models is not None:
+        def listed(top: Sequence[tuple[int, float]]) -> list[dict[str, Any]]:
+            return [{"token": t, "text": session.token_text(t), "logprob": finite(lp)}
+                    for t, lp in top[:alternatives]]
+
+        record["alternatives"] = {**{r: listed(top) for r, top in step.top_models.items()},
+                                  "mix": listed(step.top or ())}
+    return record
 
 
 def _settings(job: Job) -> Settings:
@@ -65,12 +97,15 @@ def check_tokens(session: Session, tokens: Sequence[int], param: str) -> None:
 
 def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
              stop: Sequence[str], top_n: int | None, index: int = 0,
-             prompt_param: str = "messages",
+             prompt_param: str = "messages", shift: bool = False, grammar: str | None = None,
              convert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
              label: Callable[[int], str] | None = None) -> None:
-    """Stream one generation after ``tokens`` as ``chunk`` events; a ``done`` event carries
-    usage and llama-server style ``timings`` (tokens evaluated vs. re-used from the cache).
-    ``label`` names tokens in log-prob entries (default: their text)."""
+    """Stream one generation after ``tokens`` (following ``grammar``, GBNF, when given) as
+    ``chunk`` events; a ``done`` event carries usage and llama-server style ``timings``
+    (tokens evaluated vs. re-used from the cache). ``shift``: ``tokens`` are a chat whose
+    oldest turns were dropped (see :meth:`Session.stream`). ``convert`` may rewrite each
+    chunk, its ``finish`` too. ``label`` names tokens in log-prob entries (default: their
+    text)."""
     label = label or session.token_text
     n_ctx = session.n_ctx
     if len(tokens) >= n_ctx:
@@ -81,13 +116,17 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
     first = None
     count = 0
     diagnostics = job.knobs.diagnostics
-    settings = _settings(job).replace(stop=tuple(stop))
+    alternatives = job.knobs.alternatives if diagnostics else 0
+    settings = _settings(job).replace(stop=tuple(stop), grammar=grammar or "")
+    base = settings.formula.base_role()
     stream = session.stream(tokens, settings=settings,
                             max_tokens=max(1, min(max_tokens, n_ctx - len(tokens))),
-                            diagnostics=diagnostics, top_n=top_n)
+                            diagnostics=diagnostics, shift=shift,
+                            top_n=None if top_n is None and not alternatives
+                            else max(top_n or 0, alternatives))
     pending: list[dict[str, Any]] = []
     eft_pending: list[dict[str, Any]] = []
-    finish = None
+    finish = told = None
     evaluated = len(tokens)
     try:
         for chunk in stream:
@@ -97,14 +136,17 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                     first = time.perf_counter()
                 count += 1
                 job.generated += 1
-                if top_n is not None and not session.is_eog(step.token):
+                if top_n is not None:  # every token, end of turn too: usage counts it
                     pending.append(chat_logprob(
                         label(step.token), session.token_bytes(step.token),
                         step.logprob if step.logprob is not None else float("nan"),
                         [(label(t), session.token_bytes(t), lp)
-                         for t, lp in (step.top or ())]))
+                         for t, lp in (step.top or ())[:top_n]]))
                 if diagnostics:
-                    eft_pending.append(step_record(session, step))
+                    eft_pending.append(token_record(session, step, content=chunk.text,
+                                                    base=base, alternatives=alternatives))
+            elif chunk.text and eft_pending:  # text held back to the end: the last token's
+                eft_pending[-1]["content"] += chunk.text
             if chunk.finish:
                 finish = chunk.finish
             if chunk.evaluated is not None:
@@ -113,7 +155,9 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                 data = {"index": index, "text": chunk.text, "logprobs": pending,
                         "eft": eft_pending,
                         "finish": finish_reason(chunk.finish) if chunk.finish else None}
-                job.emit("chunk", convert(data) if convert else data)
+                data = convert(data) if convert else data
+                told = data["finish"] or told
+                job.emit("chunk", data)
                 pending, eft_pending = [], []
             if job.cancelled.is_set():
                 break
@@ -121,8 +165,8 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
         stream.close()
     ended = time.perf_counter()
     first = first or ended
-    job.info = {"prompt_tokens": len(tokens), "completion_tokens": count,
-                "cancelled": job.cancelled.is_set()}
+    job.info.update(prompt_tokens=len(tokens), completion_tokens=count,
+                    cancelled=job.cancelled.is_set())
     timings = {"cache_n": len(tokens) - evaluated, "prompt_n": evaluated,
                "prompt_ms": 1e3 * (first - started),
                "prompt_per_second": evaluated / max(first - started, 1e-9),
@@ -130,8 +174,32 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                "predicted_per_second": (count - 1) / (ended - first) if count > 1 and
                ended > first else 0.0}
     job.emit("done", {"index": index, "prompt_tokens": len(tokens), "completion_tokens": count,
-                      "finish": finish_reason(finish) if finish else "length",
+                      "finish": told or (finish_reason(finish) if finish else "length"),
                       "timings": timings})
+
+
+class ToolReply:
+    """One chat generation's chunks as text or a tool call: text streams as it comes once
+    it can no longer become a call; a call is held back, parsed at the end and sent whole
+    as ``tool_calls`` with the finish ``tool_calls`` (a call cut short goes out as text)."""
+
+    def __init__(self, plan: ToolPlan, tagged: bool) -> None:
+        self.plan, self.tagged = plan, tagged
+        self.held: list[str] = []
+        self.text = False
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        if self.text:
+            return data
+        self.held.append(data["text"])
+        text = "".join(self.held)
+        if not data["finish"]:
+            self.text = not self.plan.may_be_call(text, self.tagged)
+            return {**data, "text": text if self.text else ""}
+        calls = self.plan.parse(text, self.tagged)
+        if calls is None:
+            return {**data, "text": text}
+        return {**data, "text": "", "tool_calls": calls, "finish": "tool_calls"}
 
 
 def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
@@ -142,12 +210,27 @@ def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
         messages = req.messages
         if system and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system}, *messages]
-        tokens = session.chat_tokens(messages)
-        job.emit("start", {"eft": describe(session, _settings(job)),
-                           "prompt_tokens": len(tokens)})
-        generate(session, job, tokens, max_tokens=req.common.max_tokens or default_max,
+        max_tokens = req.common.max_tokens or default_max
+        plan = req.tools
+        try:
+            tokens, _kept, dropped = session.fit_chat(
+                messages, settings=_settings(job), max_tokens=max_tokens,
+                tools=plan and [t.card() for t in plan.tools])
+        except ContextFull as exc:
+            raise ApiError(400, str(exc), param="messages",
+                           code="context_length_exceeded") from None
+        eft = describe(session, _settings(job))
+        if dropped:  # said once: in the response's eft object and the log line
+            eft["dropped_messages"] = job.info["dropped_messages"] = dropped
+        job.emit("start", {"eft": eft, "prompt_tokens": len(tokens)})
+        grammar, convert = req.common.grammar, None
+        if plan is not None and plan.choice != "none":
+            tag = tagged(session.template)
+            grammar, convert = plan.grammar(tag, grammar), ToolReply(plan, tag)
+        generate(session, job, tokens, max_tokens=max_tokens,
                  stop=default_stop if req.common.stop is None else req.common.stop,
-                 top_n=req.top_logprobs if req.logprobs else None)
+                 top_n=req.top_logprobs if req.logprobs else None, shift=bool(dropped),
+                 grammar=grammar, convert=convert)
 
     return work
 
@@ -226,8 +309,8 @@ def _one_completion(session: Session, job: Job, req: CompletionRequest, index: i
         return
     generate(session, job, tokens, max_tokens=max_tokens,
              stop=default_stop if req.common.stop is None else req.common.stop,
-             top_n=top_n, index=index, prompt_param=param, convert=_legacy(len(text), top_n),
-             label=label)
+             top_n=top_n, index=index, prompt_param=param, grammar=req.common.grammar,
+             convert=_legacy(len(text), top_n), label=label)
 
 
 def token_id_label(token: int) -> str:
@@ -333,16 +416,17 @@ def rows_work(req: RowsRequest) -> Callable[[Session, Job], None]:
     ``{"body": bytes, "headers": {...}}``); 409 when the prefix named is not held."""
 
     def work(session: Session, job: Job) -> None:
-        role = session.role_of(req.role)
+        role = pick_role(session.models, req.role, session.preset.name)
         tokens = req.tokens
         if req.n_past:
-            held = session.cached_tokens(role)
+            held = list(session.models[role].tokens)
             if len(held) < req.n_past or prefix_hash(held[:req.n_past]) != req.prefix:
                 raise ApiError(409, f"{role} no longer holds those {req.n_past} tokens; "
                                "send the whole sequence (n_past 0)", code=PREFIX_MISMATCH)
             tokens = held[:req.n_past] + tokens
         started = time.perf_counter()
-        rows, reused = session.rows(role, tokens, req.first)
+        rows, reused = model_rows(session.models[role], tokens, req.first,
+                                  n_threads=session.engine.n_threads)
         ms = 1e3 * (time.perf_counter() - started)
         job.info = {"prompt_tokens": len(tokens), "completion_tokens": 0,
                     "timings": {"cache_n": reused, "prompt_n": len(tokens) - reused}}
@@ -363,14 +447,15 @@ def vocab_work(query: Mapping[str, str]) -> Callable[[Session, Job], None]:
     hash_only = query.get("hash_only", "") not in ("", "0", "false")
 
     def work(session: Session, job: Job) -> None:
-        role = session.role_of(query.get("role") or None)
+        role = pick_role(session.models, query.get("role") or None, session.preset.name)
         found = _VOCABS.setdefault(session, {})
         if role not in found:
-            vocab, pieces, plain = session.role_vocab(role)
+            vocab, pieces, plain = model_vocab(session.models[role],
+                                               session.report.vocabs[role])
             found[role] = vocab_payload(vocab, pieces, plain)
         payload = found[role]
         head = {"role": role, "preset": session.preset.name, "hash": payload["hash"],
-                "n_tokens": payload["n_tokens"], "n_ctx": session.role_n_ctx(role),
+                "n_tokens": payload["n_tokens"], "n_ctx": session.models[role].n_ctx,
                 "chat_template": session.template
                 if role == session.preset.template_role else None}
         job.emit("result", head if hash_only else {**head, **payload})

@@ -14,7 +14,8 @@ from typing import Any
 
 from eft_local.errors import EftError
 from eft_local.records import finite
-from eft_local.settings import SamplerSettings
+from eft_local.settings import OVERFLOW, SamplerSettings
+from eft_local.structured import SchemaError, ToolPlan, response_grammar, tool_plan
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token (OpenAI's limit for chat ``top_logprobs``)."""
@@ -81,11 +82,19 @@ def _stops(body: Mapping[str, Any]) -> tuple[str, ...] | None:
 
 @dataclass(frozen=True)
 class Knobs:
-    """EFT settings of one request: parameter values, formula, diagnostics."""
+    """EFT settings of one request: parameter values, formula, diagnostics, context
+    policy."""
 
     params: Mapping[str, float] = field(default_factory=dict)
     formula: str | None = None
     diagnostics: bool = False
+    context_overflow: str | None = None
+    """``truncate`` or ``error`` (None: the server's default)."""
+    sources: Mapping[str, str] = field(default_factory=dict)
+    """Which request field set each parameter (``model``, ``eft.lambda``...)."""
+    alternatives: int = 0
+    """With diagnostics: each token's most likely alternatives under every model and the
+    mix (how many)."""
 
 
 def parse_model_name(name: str) -> tuple[str, dict[str, float]]:
@@ -119,7 +128,8 @@ def model_name(preset: str, params: Mapping[str, float]) -> str:
     return preset + "@" + ",".join(f"{k}={v:g}" for k, v in params.items())
 
 
-_EFT_KEYS = ("beta", "lambda", "lam", "formula", "conservative_top_p", "diagnostics")
+_EFT_KEYS = ("beta", "lambda", "lam", "formula", "conservative_top_p", "diagnostics",
+             "context_overflow", "alternatives")
 
 
 def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
@@ -127,20 +137,28 @@ def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
     """The request's EFT knobs (model-name knobs, then the ``eft`` object, which wins) and
     its conservative top-p."""
     eft = body.get("eft")
+    sources = dict.fromkeys(name_params, "model")
     if eft is None:
-        return Knobs(params=dict(name_params)), None
+        return Knobs(params=dict(name_params), sources=sources), None
     if not isinstance(eft, dict):
         raise bad("'eft' must be an object: {beta, lambda, formula, conservative_top_p, "
-                  "diagnostics}", "eft")
+                  "diagnostics, alternatives, context_overflow}", "eft")
     unknown = [k for k in eft if k not in _EFT_KEYS]
     if unknown:
         raise bad(f"'eft.{unknown[0]}' is not an EFT setting (known: beta, lambda, formula, "
-                  "conservative_top_p, diagnostics)", f"eft.{unknown[0]}")
+                  "conservative_top_p, diagnostics, alternatives, context_overflow)",
+                  f"eft.{unknown[0]}")
     params = dict(name_params)
     for key in ("beta", "lambda", "lam"):
         value = _number(eft, key, -1e30, 1e30, where="eft.")
         if value is not None:
-            params["lam" if key == "lambda" else key] = float(value)
+            name = "lam" if key == "lambda" else key
+            params[name], sources[name] = float(value), f"eft.{key}"
+    overflow = eft.get("context_overflow")
+    if overflow is not None and overflow not in OVERFLOW:
+        raise bad(f"'eft.context_overflow' is {overflow!r}; it must be \"truncate\" (drop the "
+                  "oldest turns of a chat longer than the context) or \"error\"",
+                  "eft.context_overflow")
     formula = eft.get("formula")
     if formula is not None and (not isinstance(formula, str) or not formula.strip()):
         raise bad("'eft.formula' must be a formula text, e.g. 'up' or "
@@ -148,9 +166,13 @@ def _knobs(body: Mapping[str, Any], name_params: Mapping[str, float]
     ctp = _number(eft, "conservative_top_p", 0, 1, where="eft.")
     if ctp is not None and ctp <= 0:
         raise bad("'eft.conservative_top_p' must be in (0, 1]", "eft.conservative_top_p")
-    return Knobs(params=params, formula=formula,
-                 diagnostics=_bool(eft, "diagnostics", where="eft.")), (
-        None if ctp is None else float(ctp))
+    diagnostics = _bool(eft, "diagnostics", where="eft.")
+    alternatives = _number(eft, "alternatives", 0, MAX_TOP_LOGPROBS, integer=True, where="eft.")
+    if alternatives and not diagnostics:
+        raise bad("'eft.alternatives' needs 'eft.diagnostics': true", "eft.alternatives")
+    return Knobs(params=params, formula=formula, diagnostics=diagnostics,
+                 alternatives=int(alternatives or 0), context_overflow=overflow,
+                 sources=sources), (None if ctp is None else float(ctp))
 
 
 def _sampling(body: Mapping[str, Any], base: SamplerSettings, conservative: float | None,
@@ -205,6 +227,16 @@ class Common:
     stop: tuple[str, ...] | None
     stream: bool
     include_usage: bool
+    grammar: str | None = None
+    """GBNF from ``response_format``, ``json_schema`` or ``grammar``; None: free text."""
+
+
+def _structured(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """``call(...)`` with a :class:`SchemaError` answered as a 400 about its field."""
+    try:
+        return call(*args, **kwargs)
+    except SchemaError as exc:
+        raise bad(str(exc), exc.param) from None
 
 
 def _common(body: Mapping[str, Any], base: SamplerSettings, default_seed: int | None,
@@ -234,17 +266,40 @@ def _common(body: Mapping[str, Any], base: SamplerSettings, default_seed: int | 
                   include_usage=include_usage)
 
 
+def _with_grammar(common: Common, body: Mapping[str, Any], name: str = "") -> Common:
+    return replace(common, grammar=_structured(response_grammar, body, name=name))
+
+
 @dataclass(frozen=True)
 class ChatRequest:
     """A validated ``/v1/chat/completions`` body."""
 
     common: Common
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     logprobs: bool
     top_logprobs: int
+    tools: ToolPlan | None = None
+    """The offered functions and ``tool_choice`` (with them, ``common.grammar`` holds the
+    rules of the ``response`` of a reply that is not a call)."""
 
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+         "tool": "tool"}
+
+
+def _tool_calls(value: Any, i: int) -> list[dict[str, Any]]:
+    where = f"messages[{i}].tool_calls"
+    ok = isinstance(value, list) and all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict)
+        and isinstance(c["function"].get("name"), str)
+        and isinstance(c["function"].get("arguments", ""), (str, dict)) for c in value)
+    if not ok:
+        raise bad(f"'{where}' must be a list of {{\"id\", \"type\": \"function\", "
+                  "\"function\": {\"name\", \"arguments\"}}", where)
+    return [{"id": str(c.get("id") or f"call_{j}"), "type": "function",
+             "function": {"name": c["function"]["name"],
+                          "arguments": c["function"].get("arguments", "")}}
+            for j, c in enumerate(value)]
 
 
 def _content(message: Mapping[str, Any], i: int) -> str:
@@ -281,17 +336,23 @@ def parse_chat(body: Any, base: SamplerSettings, default_seed: int | None) -> Ch
         role = message.get("role")
         if role not in ROLES:
             raise bad(f"'messages[{i}].role' is {role!r}; supported roles: system, developer, "
-                      "user, assistant", f"messages[{i}].role")
-        if message.get("tool_calls"):
-            raise bad("tool calls are not supported", f"messages[{i}].tool_calls")
-        out.append({"role": ROLES[role], "content": _content(message, i)})
-    if body.get("tools"):
-        raise bad("'tools' are not supported", "tools")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise bad("'response_format' other than {\"type\": \"text\"} is not supported",
-                  "response_format")
+                      "user, assistant, tool", f"messages[{i}].role")
+        entry: dict[str, Any] = {"role": ROLES[role], "content": _content(message, i)}
+        if message.get("tool_calls") and role == "assistant":
+            entry["tool_calls"] = _tool_calls(message["tool_calls"], i)
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(message.get(key), str):
+                    entry[key] = message[key]
+        out.append(entry)
+    plan = _structured(tool_plan, body.get("tools"), body.get("tool_choice"))
+    _bool(body, "parallel_tool_calls", True)  # accepted; a reply holds one call
     common = _common(body, base, default_seed, "max_completion_tokens")
+    calls = plan is not None and plan.choice != "none"
+    if calls and body.get("grammar"):
+        raise bad("'grammar' and 'tools' exclude each other (the tools make the grammar)",
+                  "grammar")
+    common = _with_grammar(common, body, "response" if calls else "")
     if common.max_tokens == 0:
         raise bad("'max_tokens' must be at least 1", "max_tokens")
     logprobs = _bool(body, "logprobs")
@@ -299,7 +360,7 @@ def parse_chat(body: Any, base: SamplerSettings, default_seed: int | None) -> Ch
     if top is not None and not logprobs:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return ChatRequest(common=common, messages=out, logprobs=logprobs,
-                       top_logprobs=int(top or 0))
+                       top_logprobs=int(top or 0), tools=plan)
 
 
 @dataclass(frozen=True)
@@ -341,6 +402,9 @@ def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None,
     if body.get("suffix"):
         raise bad("'suffix' is not supported", "suffix")
     common = _common(body, base, default_seed, "max_tokens")
+    if common.knobs.context_overflow is not None:
+        raise bad("'eft.context_overflow' applies to chat completions (a completion's prompt "
+                  "is not made of turns)", "eft.context_overflow")
     echo = _bool(body, "echo")
     logprobs = _number(body, "logprobs", 0, max_logprobs, integer=True)
     token_ids = _bool(body, "return_tokens_as_token_ids")
@@ -349,6 +413,7 @@ def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None,
                   "max_tokens")
     if common.max_tokens == 0 and common.stream:
         raise bad("'max_tokens' 0 (scoring only) cannot be streamed", "stream")
+    common = _with_grammar(common, body)
     return CompletionRequest(common=common, prompts=prompts, echo=echo,
                              logprobs=None if logprobs is None else int(logprobs),
                              token_ids=token_ids)

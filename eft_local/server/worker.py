@@ -205,7 +205,7 @@ class Worker:
             self.history = [*self.history[-31:], job]
 
     def _session_for(self, name: str | None) -> Session:
-        name = name or (self.loaded or self.initial.name)
+        name = name or self.initial.name  # no model named: the server's default preset
         if self.session is not None and self.session.preset.name == name:
             return self.session
         preset = self.presets().get(name)
@@ -244,8 +244,14 @@ def request_settings(session: Session, job: Job) -> Settings:
         except EftError as exc:
             raise ApiError(400, str(exc), param="eft.formula") from None
     for name, value in job.knobs.params.items():
+        where = job.knobs.sources.get(name, f"eft.{name}")
+        if name not in s.formula.params:
+            used = ", ".join(s.formula.params) or "no knob"
+            raise ApiError(400, f"'{where}' sets {name}, which the formula {s.formula.text!r} "
+                           f"does not use (it uses {used})", param=where)
         try:
             s = s.replace(params={name: value})
         except EftError as exc:
-            raise ApiError(400, str(exc), param=f"eft.{name}") from None
+            raise ApiError(400, str(exc), param=where) from None
+    s = s.replace(context_overflow=job.knobs.context_overflow)
     return s.replace(sampling=job.sampling) if job.sampling is not None else s

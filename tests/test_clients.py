@@ -1,0 +1,135 @@
+"""Structured output and tools as the clients people run ask for them: the official openai
+client's ``beta.chat.completions.parse``, LangChain's ``with_structured_output`` and
+``bind_tools``, simonw/llm's ``-o json_object 1``; against the tiny family and against
+random-weight models (under a grammar a random model still writes valid, parsed objects:
+that is the grammar's job; the schemas bound their strings and arrays, so that a random
+model also reaches the end)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from eft_local.server.app import ServerOptions
+from tests import ggufs
+from tests.servehelp import Served, serving
+
+QUESTION = "What is the home town of Has Zhithdou? Answer in JSON."
+
+
+class Colour(str, Enum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class Point(BaseModel):
+    x: int
+    y: int
+
+
+class Shape(BaseModel):
+    """A shape: nested points, an enum, an array and required fields."""
+
+    name: str = Field(max_length=12)
+    colour: Colour
+    corners: list[Point] = Field(max_length=3)
+    closed: bool
+    note: str | None = Field(default=None, max_length=8)
+
+
+class Lookup(BaseModel):
+    """Look up a fact about a person."""
+
+    person: str = Field(max_length=24)
+    fact: Literal["town", "year", "profession"]
+
+
+@pytest.fixture(scope="module", params=["family", "random"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[tuple[Served, str]]:
+    """``tiny-up``, or random-weight models (served with seed 0 for requests without one)."""
+    mp = pytest.MonkeyPatch()
+    user = tmp_path_factory.mktemp("conf") / "models.toml"
+    user.write_text("")
+    mp.setenv("EFT_LOCAL_CONFIG", str(user))
+    try:
+        if request.param == "family":
+            with serving("tiny-up", n_ctx=1024) as s:
+                yield s, "tiny-up"
+        else:
+            d = tmp_path_factory.mktemp("random")
+            models = (f"large_base={ggufs.write_model(d / 'l.gguf', seed=1, n_embd=64)}",
+                      f"small_ft={ggufs.write_model(d / 'f.gguf', seed=2)}",
+                      f"small_base={ggufs.write_model(d / 'b.gguf', seed=3)}")
+            with serving(models=models, n_ctx=2048, options=ServerOptions(seed=0)) as s:
+                yield s, "command-line"
+    finally:
+        mp.undo()
+
+
+def test_openai_parse(served: tuple[Served, str]) -> None:
+    server, model = served
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
+    for temperature in (0.0, 1.0):
+        reply = client.beta.chat.completions.parse(
+            model=model, messages=[{"role": "user", "content": QUESTION}], response_format=Shape,
+            temperature=temperature, seed=5, max_tokens=900)
+        message = reply.choices[0].message
+        assert isinstance(message.parsed, Shape), message.content
+        assert Shape.model_validate_json(message.content) == message.parsed
+
+
+def test_langchain_structured_output_and_tools(served: tuple[Served, str]) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    server, model = served
+    os.environ.pop("LANGCHAIN_TRACING_V2", None)  # nothing leaves the machine
+    chat = langchain_openai.ChatOpenAI(base_url=server.v1, api_key="unused", model=model,
+                                       temperature=1.0, seed=7, max_tokens=900, max_retries=0)
+    for method in ("json_schema", "function_calling"):
+        shape = chat.with_structured_output(Shape, method=method).invoke(QUESTION)
+        assert isinstance(shape, Shape), method
+    reply = chat.bind_tools([Lookup], tool_choice="required").invoke(QUESTION)
+    assert len(reply.tool_calls) == 1 and reply.tool_calls[0]["name"] == "Lookup"
+    Lookup(**reply.tool_calls[0]["args"])
+    named = chat.bind_tools([Lookup, Shape], tool_choice="Shape").invoke(QUESTION)
+    assert named.tool_calls[0]["name"] == "Shape"
+    Shape(**named.tool_calls[0]["args"])
+
+
+def test_llm_json_object(served: tuple[Served, str], tmp_path: Path,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("llm")
+    from click.testing import CliRunner
+    from llm.cli import cli
+
+    server, model = served
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path))
+    (tmp_path / "extra-openai-models.yaml").write_text(
+        f"- model_id: eft\n  model_name: {model}\n  api_base: \"{server.v1}\"\n"
+        "  supports_schema: true\n")
+    # an object of any shape has no bound: the family ends it at temperature 0 (sampling, it
+    # writes a key of invented facts), a random model ends it by chance (seed 0: yes)
+    sampling = ["-o", "temperature", "0"] if model == "tiny-up" else ["-o", "seed", "0"]
+    out = CliRunner().invoke(cli, ["-m", "eft", "-o", "json_object", "1", *sampling,
+                                   "-o", "max_tokens", "1900", "-n", "--key", "unused",
+                                   QUESTION])
+    assert out.exit_code == 0, out.output
+    assert isinstance(json.loads(out.output), dict)
+    schema = {"type": "object", "properties": {"town": {"type": "string", "maxLength": 16},
+                                               "year": {"type": "integer"}},
+              "required": ["town", "year"]}
+    out = CliRunner().invoke(cli, ["-m", "eft", "--schema", json.dumps(schema), *sampling,
+                                   "-o", "max_tokens", "1900", "-n", "--key", "unused",
+                                   QUESTION])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert set(data) == {"town", "year"} and isinstance(data["year"], int)
