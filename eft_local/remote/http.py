@@ -228,10 +228,10 @@ class Endpoint:
 def _connection_problem(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None) or exc
     text = str(reason)
+    if "refused" in text.lower():  # before timeouts: NewConnectionError is one of them
+        return "connection refused (is the engine running?)"
     if isinstance(reason, ConnectTimeoutError) or "timed out" in text:
         return f"could not connect within {CONNECT_SECONDS:g} s"
-    if "refused" in text.lower():
-        return "connection refused (is the engine running?)"
     if isinstance(reason, ProtocolError) or "reset" in text.lower() or "aborted" in text:
         return "the connection broke before an answer came"
     if "Name or service not known" in text or "nodename" in text or "resolution" in text:

@@ -235,6 +235,7 @@ def _read_openai(ep: Endpoint, spec: ModelSpec, expected: int | None, say: Any
     model = spec.model or (names[0] if names else None)
     if model is None:
         raise ep.fail("/v1/models lists no model")
+    _probe_token_prompts(ep, model)
     size_answer = ep.request("GET", "/tokenizer_info", ok=(200, 404, 405, 501))
     info = size_answer.json() if size_answer.status == 200 else None
     n = int(info["vocab_size"]) if isinstance(info, dict) and info.get("vocab_size") else expected
@@ -261,6 +262,24 @@ def _read_openai(ep: Endpoint, spec: ModelSpec, expected: int | None, say: Any
     n_ctx = int(card.get("max_model_len") or (info or {}).get("model_max_length") or N_CTX_MAX)
     return RemoteInfo(api="openai", model=model, role=None, vocab=vocab, n_ctx=n_ctx,
                       chat_template=(info or {}).get("chat_template"))
+
+
+def _probe_token_prompts(ep: Endpoint, model: str) -> None:
+    """Refuse an engine that does not take token-id prompts with log-probs (llama-cpp-
+    python's server takes text only): conditioning on a re-tokenized text is not
+    conditioning on the same tokens."""
+    answer = ep.request("POST", "/v1/completions", ok=(200, 400, 404, 405, 415, 422, 500),
+                        payload={"model": model, "prompt": [0, 0], "max_tokens": 1,
+                                 "logprobs": 1, "temperature": 0})
+    data = answer.json()
+    try:
+        ok = answer.status == 200 and data["choices"][0]["logprobs"]["top_logprobs"]
+    except (KeyError, IndexError, TypeError):
+        ok = False
+    if not ok:
+        raise ep.fail(f"/v1/completions does not take a token-id prompt with logprobs "
+                      f"(HTTP {answer.status}); llama-cpp-python's server takes text only. "
+                      "Serve the model with llama-server or eft-local serve")
 
 
 def _detokenize_all(ep: Endpoint, model: str, n: int) -> list[bytes]:
