@@ -400,3 +400,29 @@ def test_rows_are_float32_little_endian_with_their_shape(served: Remote) -> None
     held = httpx.post(served.url + "/eft/rows", json={
         "tokens": [8], "n_past": 2, "prefix": "0" * 32})
     assert held.status_code == 409 and held.json()["error"]["code"] == "prefix_mismatch"
+
+
+def test_every_command_takes_a_url(served: Remote, monkeypatch: pytest.MonkeyPatch) -> None:
+    """score, eval, chat (with /stats) and bench on a remote large base."""
+    from eft_local import bench
+
+    models = ["-m", f"large_base={served.url}", "-m", LOCAL[0], "-m", LOCAL[1]]
+    text = "Has Zhithdou was born in Stainby."
+    far = run(["score", *models, text, *THREADS])
+    near = run(["score", "-m", f"large_base={LARGE}", *models[2:], text, *THREADS])
+    assert far.exit_code == 0 and far.stdout == near.stdout, far.output
+    evaluated = run(["eval", *models, "--limit", "3", "--single-turn", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    score = json.loads(evaluated.stdout)["scores"][0]
+    assert score["label"] == "--model" and score["n"] == 3 and score["compliant"] == 3
+    chat = run(["chat", *models, "-t", "0", "--max-tokens", "8", *THREADS],
+               input="Where was Has Zhithdou born?\n/stats\n/quit\n")
+    assert chat.exit_code == 0, chat.output
+    assert "remote large_base: " in chat.output and "bytes and" in chat.output
+    monkeypatch.setattr(bench, "SAMPLER_VOCABS", (1000,))
+    benched = run(["bench", *models, "--repeats", "1", "--max-tokens", "4",
+                   "--prompt-tokens", "8", "--threads", "2"])
+    assert benched.exit_code == 0, benched.output
+    assert "large_base alone through its engine" in benched.output
+    assert "llama.cpp alone, own process" not in benched.output
+    assert "large_base over the network:" in benched.output
