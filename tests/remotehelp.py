@@ -14,10 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +38,13 @@ def llama_server_binary() -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
+def rpc_server_binary() -> Path | None:
+    """llama.cpp's ggml-rpc-server, beside llama-server, where it is present."""
+    server = llama_server_binary()
+    path = server.with_name("ggml-rpc-server") if server else None
+    return path if path and path.is_file() and os.access(path, os.X_OK) else None
+
+
 @dataclass
 class Remote:
     """A server in a child process."""
@@ -46,10 +52,9 @@ class Remote:
     argv: list[str]
     port: int
     env: dict[str, str]
+    log: Path
     health: str = "/health"
     proc: subprocess.Popen | None = None
-    log: Path = field(default_factory=lambda: Path(tempfile.mkstemp(prefix="remote-",
-                                                                    suffix=".log")[1]))
 
     @property
     def url(self) -> str:
@@ -122,7 +127,7 @@ def eft_serve(args: list[str], cache: Path, port: int | None = None) -> Remote:
     port = port or free_port()
     argv = [sys.executable, "-m", "eft_local", "serve", *args, "--host", "127.0.0.1",
             "--port", str(port), "--threads", "1"]
-    return Remote(argv=argv, port=port, env=child_env(cache))
+    return Remote(argv=argv, port=port, env=child_env(cache), log=cache / f"serve-{port}.log")
 
 
 def llama_cpp_python_server(model: Path, cache: Path) -> Remote:
@@ -131,12 +136,34 @@ def llama_cpp_python_server(model: Path, cache: Path) -> Remote:
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port",
             str(port), "--host", "127.0.0.1", "--n_ctx", "256", "--n_threads", "1",
             "--logits_all", "true", "--verbose", "false"]
-    return Remote(argv=argv, port=port, env=child_env(cache), health="/v1/models")
+    return Remote(argv=argv, port=port, env=child_env(cache), health="/v1/models",
+                  log=cache / f"lcp-{port}.log")
 
 
-def llama_server(binary: Path, model: Path, cache: Path) -> Remote:
-    """llama.cpp's llama-server with one slot and one thread."""
+def llama_server(binary: Path, model: Path, cache: Path, *, rpc: str | None = None
+                 ) -> Remote:
+    """llama.cpp's llama-server with one slot and one thread (``rpc``: every layer on that
+    ggml-rpc-server, as when it spans machines)."""
     port = free_port()
     argv = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
             "-c", "256", "-t", "1", "-np", "1"]
-    return Remote(argv=argv, port=port, env=child_env(cache))
+    if rpc:
+        argv += ["--rpc", rpc, "-ngl", "99", "-lv", "4"]  # -lv 4 logs where layers go
+    return Remote(argv=argv, port=port, env=child_env(cache), log=cache / f"ls-{port}.log")
+
+
+def rpc_server(binary: Path, cache: Path) -> tuple[subprocess.Popen, str]:
+    """ggml-rpc-server on a loopback port: the process and its host:port."""
+    port = free_port()
+    env = child_env(cache)
+    with (cache / "rpc.log").open("ab") as log:
+        proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                                stderr=log, stdin=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"127.0.0.1:{port}"
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("ggml-rpc-server did not start")

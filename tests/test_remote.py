@@ -212,12 +212,24 @@ def test_llama_cpp_python_server_takes_no_token_prompts(tmp_path: Path) -> None:
 @pytest.mark.skipif(remotehelp.llama_server_binary() is None,
                     reason="llama.cpp's llama-server is not built (see docs/remote.md; or set "
                     "EFT_LOCAL_LLAMA_SERVER)")
-def test_llama_server_with_k_covering_the_vocabulary_is_exact(local: Session,
-                                                              tmp_path: Path) -> None:
+@pytest.mark.parametrize("rpc", [False, True], ids=["alone", "layers-on-rpc-server"])
+def test_llama_server_with_k_covering_the_vocabulary_is_exact(local: Session, tmp_path: Path,
+                                                              rpc: bool) -> None:
+    """llama-server's /completion with n_probs = the vocabulary; with --rpc every layer
+    runs in a ggml-rpc-server (llama.cpp's way to span machines), the rows are the same."""
     binary = remotehelp.llama_server_binary()
     assert binary is not None
-    remote = remotehelp.llama_server(binary, LARGE, tmp_path).start()
+    helper = None
+    if rpc:
+        rpc_binary = remotehelp.rpc_server_binary()
+        if rpc_binary is None:
+            pytest.skip("ggml-rpc-server is not built beside llama-server")
+        helper, address = remotehelp.rpc_server(rpc_binary, tmp_path)
+    remote = remotehelp.llama_server(binary, LARGE, tmp_path,
+                                     rpc=address if rpc else None).start()
     try:
+        if rpc:
+            assert "offloaded 7/7 layers" in remote.log.read_text()
         checked = run(["check", remote.url])
         assert checked.exit_code == 0 and "verdict: aligned" in checked.stdout, checked.output
         with trio(f"{remote.url}#top_k=1024", speculative=False) as session:
@@ -233,6 +245,9 @@ def test_llama_server_with_k_covering_the_vocabulary_is_exact(local: Session,
                        zip(got.tokens[1:], want.tokens[1:], strict=True)) <= TOLERANCE
     finally:
         remote.stop()
+        if helper is not None:
+            helper.kill()
+            helper.wait(timeout=10)
 
 
 # -- (d) faults ----------------------------------------------------------------------------------
@@ -247,7 +262,7 @@ def victim(tmp_path: Path) -> Iterator[Remote]:
 
 def restart(remote: Remote) -> Remote:
     """The same server again, on the same port, with an empty cache."""
-    again = Remote(argv=remote.argv, port=remote.port, env=remote.env)
+    again = Remote(argv=remote.argv, port=remote.port, env=remote.env, log=remote.log)
     return again.start()
 
 
