@@ -410,3 +410,22 @@ def _capture(sink: list[BaseException], call: Callable[..., object], *args: obje
         call(*args)
     except BaseException as exc:  # noqa: BLE001
         sink.append(exc)
+
+
+# -- explore on token ids (vocabularies that spell no text) -------------------------------------
+def test_explore_compares_on_token_ids(family, tmp_path: Path) -> None:  # noqa: ANN001
+    from tests.clihelp import assert_one_line_error, run
+
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([(7 * i) % 200 + 5 for i in range(40)]))
+    args = ["explore", "-m", f"large_base={family.large_base}",
+            "-m", f"small_ft={family.small_ft}", "-m", f"small_base={family.small_base}",
+            "--window", "16", "--decode-tokens", "2", "--threads", "1",
+            "--cache-dir", str(tmp_path / "c"), "--json"]
+    result = run([*args, "--token-ids", str(ids)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert 30 <= out["rows"][0]["positions"] <= 39  # the ids' positions, window by window
+    bad = tmp_path / "bad.json"
+    bad.write_text('["a", 1]')
+    assert_one_line_error(run([*args, "--token-ids", str(bad)]), "JSON list of at least 2")

@@ -12,6 +12,7 @@ bytes, KV cache and measured RSS.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -63,6 +64,20 @@ def read_text(path: Path) -> str:
     if not text.strip():
         raise EftError(f"{path}: the text is empty")
     return text
+
+
+def read_ids(path: Path) -> tuple[int, ...]:
+    """A JSON list of token ids; one-line errors."""
+    try:
+        ids = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EftError(f"{path}: token id file not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EftError(f"{path}: cannot read as a JSON list of token ids ({exc})") from None
+    if not isinstance(ids, list) or len(ids) < 2 or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise EftError(f"{path}: must be a JSON list of at least 2 token ids (integers >= 0)")
+    return tuple(ids)
 
 
 def text_logprobs(session: Session, chunks: Sequence[list[int]], *, piece: int = 0
@@ -169,6 +184,7 @@ class Settings:
     prompt_tokens: int = 64
     questions: Sequence[object] = ()
     decline_text: str | None = None
+    token_ids: tuple[int, ...] | None = None  # compare on these instead of a text
 
 
 class Explorer:
@@ -191,7 +207,11 @@ class Explorer:
         if not self.ref_report.ok:
             raise EftError(f"the reference combination is incompatible: "
                            f"{self.ref_report.summary()}")
-        if settings.text is None:
+        if settings.token_ids is not None:
+            self.settings = replace(settings, text="token ids: " + json.dumps(
+                list(settings.token_ids)))
+            self.text_source = settings.text_name
+        elif settings.text is None:
             path = default_text(self.ref_report.vocabs[template.template_role].texts)
             self.settings = replace(settings, text=read_text(path))
             self.text_source = str(path)
@@ -226,7 +246,8 @@ class Explorer:
         s = self.settings
         ref_model = session.models[session.preset.template_role]
         vocab = session.report.vocabs[session.preset.template_role]
-        tokens = ref_model.tokenize(self.text, add_bos=False, special=True)
+        tokens = (list(s.token_ids) if s.token_ids is not None
+                  else ref_model.tokenize(self.text, add_bos=False, special=True))
         bos = vocab.bos if vocab.add_bos and vocab.bos >= 0 else -1
         window = min(s.window, session.engine.n_ctx)
         chunks = token_chunks(tokens, window, None if bos < 0 else bos)
