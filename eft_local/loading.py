@@ -49,10 +49,12 @@ class LoadOptions:
 
 
 def check_models(preset: Preset, *, download: bool = False,
-                 say: Callable[[str], None] | None = None) -> AlignmentReport:
+                 say: Callable[[str], None] | None = None, pieces: bool = False
+                 ) -> AlignmentReport:
     """The tokenizer-alignment report for a preset's models (vocabularies only: local
     files' read from the GGUF, remote models' through their engines' endpoints; when an
-    engine shows only what each id decodes to, every model is compared that way)."""
+    engine shows only what each id decodes to, or with ``pieces``, every model is compared
+    that way)."""
     paths = {role: hub.resolve(spec, download=download)
              for role, spec in preset.models.items() if not spec.remote}
     vocabs = {role: backend.read_vocab(path) for role, path in paths.items()}
@@ -64,11 +66,12 @@ def check_models(preset: Preset, *, download: bool = False,
                 vocabs[role] = read_info(ep, spec, expected=expected, say=say).vocab
             finally:
                 ep.close()
-    if any(v.text_kind == "piece" for v in vocabs.values()):
+    if pieces or any(v.text_kind == "piece" for v in vocabs.values()):
         vocabs.update({role: backend.read_vocab(path, pieces=True)
                        for role, path in paths.items()})
     ordered = {role: vocabs[role] for role in preset.models}
-    return align(comparable(ordered), reference=preset.template_role)
+    return align(comparable(ordered) if not pieces else
+                 {r: v.as_pieces() for r, v in ordered.items()}, reference=preset.template_role)
 
 
 def quantize(source: str | Path, output: str | Path, kind: str, *,

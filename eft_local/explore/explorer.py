@@ -31,7 +31,7 @@ from eft_local.explore.refcache import Reference, ReferenceCache, token_chunks
 from eft_local.sampler import SamplerSettings
 from eft_local.scoring import logit_rows
 from eft_local.session import LoadOptions, Session, check_models
-from eft_local.vocab import align
+from eft_local.vocab import AlignmentReport, align
 
 FAMILY_TEXT = FAMILY_DIR / "heldout.txt"
 """Fresh documents of the bundled family's world (``python -m training.heldout_text``)."""
@@ -204,6 +204,7 @@ class Explorer:
         self.ref: Reference | None = None
         self.ref_source = ""
         self.ref_report = check_models(preset_for(template, reference))
+        self._ref_pieces: AlignmentReport | None = None
         if not self.ref_report.ok:
             raise EftError(f"the reference combination is incompatible: "
                            f"{self.ref_report.summary()}")
@@ -283,8 +284,15 @@ class Explorer:
             return str(exc)
         if not report.ok:
             return report.summary()
-        both = align({**report.vocabs, "(reference)": self.ref_report.vocabs[
-            self.template.template_role]}, reference=self.template.template_role)
+        ref = self.ref_report.vocabs[self.template.template_role]
+        if ref.text_kind != "piece" and any(v.text_kind == "piece"
+                                            for v in report.vocabs.values()):
+            if self._ref_pieces is None:  # an engine that shows only pieces: compare those
+                self._ref_pieces = check_models(preset_for(self.template, self.reference),
+                                                pieces=True)
+            ref = self._ref_pieces.vocabs[self.template.template_role]
+        both = align({**report.vocabs, "(reference)": ref},
+                     reference=self.template.template_role)
         if not both.ok:
             return f"cannot be compared with the reference: {both.summary()}"
         return None
