@@ -113,6 +113,9 @@ def main() -> None:
         servers["llama-server"].argv[servers["llama-server"].argv.index("-t") + 1] = threads
         servers["llama-server"].argv[servers["llama-server"].argv.index("-c") + 1] = "512"
     for remote in servers.values():
+        # the tests' children wait passively (OMP_WAIT_POLICY); these run as eft-local and
+        # llama-server run by default, as this process does
+        remote.env.pop("OMP_WAIT_POLICY", None)
         remote.start(timeout=600)
     n = args.threads
     url, spec_url = servers["plain"].url, servers["agreeing"].url

@@ -300,10 +300,10 @@ class Engine:
         try:
             done = self._evaluate_local([r for r in roles if r not in pending], jobs,
                                         all_logits, outs, prefill)
+            done.update(self.remote.finish(pending))
         except BaseException:  # the remote requests' late results must not count
             self.remote.abandon(pending, self.models)
             raise
-        done.update(self.remote.finish(pending))
         return [done[r] for r in roles]
 
     def _evaluate_local(self, roles: Sequence[str],

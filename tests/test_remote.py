@@ -286,6 +286,8 @@ def test_remote_killed_mid_generation_keeps_the_conversation(victim: Remote, loc
         try:
             reply = "".join(c.text for c in session.chat("And when was he born?",
                                                          max_tokens=30, temperature=0))
+            # the restarted engine's cache was empty: the prefix went again, once
+            assert session.stats()["remote"]["large_base"]["resent"] == 1
         finally:
             again.stop()
     local.reset()
@@ -441,3 +443,19 @@ def test_every_command_takes_a_url(served: Remote, monkeypatch: pytest.MonkeyPat
     assert "large_base alone through its engine" in benched.output
     assert "llama.cpp alone, own process" not in benched.output
     assert "large_base over the network:" in benched.output
+
+
+def test_the_vocabulary_is_cached_and_a_damaged_cache_is_read_again(served: Remote,
+                                                                   isolated_home: Path) -> None:
+    from eft_local.config import preset_from_paths
+    from eft_local.session import check_models
+
+    preset = preset_from_paths([f"large_base={served.url}", *LOCAL])
+    first = check_models(preset)
+    cached = list((isolated_home / ".cache" / "eft-local" / "remote").glob("*.json"))
+    assert len(cached) == 1 and first.ok
+    damaged = {"hash": json.loads(cached[0].read_text())["hash"], "texts": 7}
+    cached[0].write_text(json.dumps(damaged))
+    again = check_models(preset)
+    assert again.ok and again.vocabs["large_base"].texts == first.vocabs["large_base"].texts
+    assert json.loads(cached[0].read_text())["texts"] != 7  # written whole again

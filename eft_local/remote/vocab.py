@@ -168,12 +168,17 @@ def _read_eft(ep: Endpoint, spec: ModelSpec, api: str) -> RemoteInfo:
         raise ep.fail(f"{VOCAB_PATH} answered something that is not a vocabulary description")
     key = _cache_key(ep, api, spec.model, role or "", str(info["hash"]))
     body = _cache_load(key)
-    if body is None or body.get("hash") != info["hash"]:
+    try:
+        if body is None or body.get("hash") != info["hash"]:
+            raise EftError("not cached")
+        vocab, plain = vocab_from_payload(body, spec.describe())
+    except EftError:  # not cached, or a damaged cache file
         body = ep.json("GET", _query(spec, role))
         if body.get("hash") != info["hash"]:
-            raise ep.fail(f"{VOCAB_PATH} sent a vocabulary whose hash is not the one it named")
+            raise ep.fail(f"{VOCAB_PATH} sent a vocabulary whose hash is not the one it "
+                          "named") from None
+        vocab, plain = vocab_from_payload(body, spec.describe())
         _cache_save(key, body)
-    vocab, plain = vocab_from_payload(body, spec.describe())
     return RemoteInfo(api=api, model=spec.model or info.get("preset"),
                       role=role or info.get("role"), vocab=vocab,
                       n_ctx=int(info.get("n_ctx") or N_CTX_MAX),
@@ -193,7 +198,8 @@ def _read_llama_server(ep: Endpoint, spec: ModelSpec) -> RemoteInfo:
     fingerprint = json.dumps([meta, props.get("model_path")], sort_keys=True, default=str)
     key = _cache_key(ep, "llama-server", spec.model, "", fingerprint)
     body = _cache_load(key)
-    if body is None:
+    pieces_t = _cached_pieces(body, n)
+    if pieces_t is None:
         pieces: list[bytes] = []
         for lo in range(0, n, TOKENIZE_CHUNK):
             ids = list(range(lo, min(n, lo + TOKENIZE_CHUNK)))
@@ -211,14 +217,15 @@ def _read_llama_server(ep: Endpoint, spec: ModelSpec) -> RemoteInfo:
         body = {"pieces": _pack(pieces), "n_tokens": n,
                 "add_bos": len(with_bos.get("tokens", [])) > len(without.get("tokens", []))}
         _cache_save(key, body)
-    pieces_t = _unpack(body["pieces"], n, "pieces")
+        pieces_t = tuple(pieces)
+    assert body is not None
     index = {p: i for i, p in reversed(list(enumerate(pieces_t)))}  # the lowest id wins
     bos = index.get(str(props.get("bos_token", "")).encode(), -1)
     eos = index.get(str(props.get("eos_token", "")).encode(), -1)
     vocab = VocabInfo(path=spec.describe(),
                       vocab_type=VOCAB_TYPES.get(int(meta.get("vocab_type", -1)), "unknown"),
                       n_tokens=n, bos=bos, eos=eos, eot=-1,
-                      eog=frozenset({eos} if eos >= 0 else ()), add_bos=bool(body["add_bos"]),
+                      eog=frozenset({eos} if eos >= 0 else ()), add_bos=bool(body.get("add_bos")),
                       add_eos=False, texts=pieces_t, attrs=(0,) * n, pieces=pieces_t,
                       text_kind="piece")
     return RemoteInfo(api="llama-server", model=spec.model or card.get("id"), role=None,
@@ -245,15 +252,13 @@ def _read_openai(ep: Endpoint, spec: ModelSpec, expected: int | None, say: Any
     card = next((m for m in models["data"] if str(m.get("id")) == model), {})
     fingerprint = json.dumps([card, info, n], sort_keys=True, default=str)
     key = _cache_key(ep, "openai", model, "", fingerprint)
-    body = _cache_load(key)
-    if body is None:
+    pieces_t = _cached_pieces(_cache_load(key), n)
+    if pieces_t is None:
         if say is not None:
             say(f"note: {spec.role}: reading the {n} tokens of {ep.shown} one request each "
                 "(once; then cached)")
-        pieces = _detokenize_all(ep, model, n)
-        body = {"pieces": _pack(pieces), "n_tokens": n}
-        _cache_save(key, body)
-    pieces_t = _unpack(body["pieces"], n, "pieces")
+        pieces_t = tuple(_detokenize_all(ep, model, n))
+        _cache_save(key, {"pieces": _pack(pieces_t), "n_tokens": n})
     # ids that decode to nothing are control tokens (llama-cpp-python's server hides them)
     attrs = tuple(ATTR_CONTROL if not p else 0 for p in pieces_t)
     vocab = VocabInfo(path=spec.describe(), vocab_type="unknown", n_tokens=n, bos=-1, eos=-1,
@@ -311,6 +316,14 @@ def _piece_bytes(piece: Any) -> bytes:
 
 
 # -- the cache ----------------------------------------------------------------------------------
+def _cached_pieces(body: Mapping[str, Any] | None, n: int) -> tuple[bytes, ...] | None:
+    """The pieces of a cache entry, or None (absent or damaged)."""
+    try:
+        return None if body is None else _unpack(body["pieces"], n, "pieces")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _cache_key(ep: Endpoint, api: str, model: str | None, role: str, fingerprint: str) -> str:
     parts = [str(CACHE_VERSION), ep.shown, api, model or "", role, fingerprint]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
