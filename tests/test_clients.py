@@ -116,14 +116,16 @@ def test_llm_json_object(served: tuple[Served, str], tmp_path: Path,
     (tmp_path / "extra-openai-models.yaml").write_text(
         f"- model_id: eft\n  model_name: {model}\n  api_base: \"{server.v1}\"\n"
         "  supports_schema: true\n")
-    # an object of any shape has no bound: the family ends it at temperature 0 (sampling, it
-    # writes a key of invented facts), a random model ends it by chance (seed 0: yes)
     sampling = ["-o", "temperature", "0"] if model == "tiny-up" else ["-o", "seed", "0"]
-    out = CliRunner().invoke(cli, ["-m", "eft", "-o", "json_object", "1", *sampling,
-                                   "-o", "max_tokens", "1900", "-n", "--key", "unused",
-                                   QUESTION])
-    assert out.exit_code == 0, out.output
-    assert isinstance(json.loads(out.output), dict)
+    if model == "tiny-up":
+        # an object of any shape has no bound: the family ends it at temperature 0; a random
+        # model ends it only by chance (which draws do depends on the CPU's arithmetic), so
+        # it is held to the bounded schema below
+        out = CliRunner().invoke(cli, ["-m", "eft", "-o", "json_object", "1", *sampling,
+                                       "-o", "max_tokens", "1900", "-n", "--key", "unused",
+                                       QUESTION])
+        assert out.exit_code == 0, out.output
+        assert isinstance(json.loads(out.output), dict)
     schema = {"type": "object", "properties": {"town": {"type": "string", "maxLength": 16},
                                                "year": {"type": "integer"}},
               "required": ["town", "year"]}
