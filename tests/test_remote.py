@@ -459,3 +459,19 @@ def test_the_vocabulary_is_cached_and_a_damaged_cache_is_read_again(served: Remo
     again = check_models(preset)
     assert again.ok and again.vocabs["large_base"].texts == first.vocabs["large_base"].texts
     assert json.loads(cached[0].read_text())["texts"] != 7  # written whole again
+
+
+def test_two_remote_roles_equal_local(served: Remote) -> None:
+    """Several remote roles at once, here both on one engine (each its own client)."""
+    def pair(source: str | Path) -> list[str]:
+        return [f"large_base={source}", LOCAL[0], f"small_base={source}"]
+
+    with load_session(models=pair(LARGE), options=LoadOptions(n_threads=1)) as near, \
+            load_session(models=pair(served.url), options=LoadOptions(n_threads=1)) as far:
+        assert far.engine.remote_roles == ("large_base", "small_base")
+        for temperature in (0.0, 1.0):
+            same_steps(far.generate(PROMPT, max_tokens=20, temperature=temperature, seed=2,
+                                    top_n=0),
+                       near.generate(PROMPT, max_tokens=20, temperature=temperature, seed=2,
+                                     top_n=0))
+        assert set(far.stats()["remote"]) == {"large_base", "small_base"}
