@@ -176,7 +176,7 @@ def _free_model(model) -> None:
         L.llama_model_free(model)
 
 
-def _vocab_info(model, path: Path) -> VocabInfo:
+def _vocab_info(model, path: Path, pieces: bool = False) -> VocabInfo:
     vocab = L.llama_model_get_vocab(model)
     n = L.llama_vocab_n_tokens(vocab)
     texts = tuple(L.llama_vocab_get_text(vocab, i) or b"" for i in range(n))
@@ -187,15 +187,23 @@ def _vocab_info(model, path: Path) -> VocabInfo:
         n_tokens=n, bos=L.llama_vocab_bos(vocab), eos=L.llama_vocab_eos(vocab),
         eot=L.llama_vocab_eot(vocab), eog=eog, add_bos=bool(L.llama_vocab_get_add_bos(vocab)),
         add_eos=bool(L.llama_vocab_get_add_eos(vocab)), texts=texts, attrs=attrs,
+        pieces=tuple(_piece(vocab, i, True) for i in range(n)) if pieces else None,
     )
 
 
-def read_vocab(path: str | Path) -> VocabInfo:
-    """Load only the vocabulary of a GGUF file (no weights) and describe it."""
+def _piece(vocab, token: int, special: bool, size: int = 64) -> bytes:
+    buf = ctypes.create_string_buffer(size)
+    n = L.llama_token_to_piece(vocab, token, buf, size, 0, special)
+    return buf.raw[:n] if n >= 0 else _piece(vocab, token, special, -n)
+
+
+def read_vocab(path: str | Path, *, pieces: bool = False) -> VocabInfo:
+    """Load only the vocabulary of a GGUF file (no weights) and describe it; ``pieces``
+    adds what each id decodes to (control tokens as their text)."""
     path = Path(path)
     model = _load_model(path, vocab_only=True, n_gpu_layers=0)
     try:
-        return _vocab_info(model, path)
+        return _vocab_info(model, path, pieces)
     finally:
         L.llama_model_free(model)
 

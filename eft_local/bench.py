@@ -68,9 +68,33 @@ class Runner:
     accepted: int = 0
     drafted: int = 0
     outputs: list[list[int]] = field(default_factory=list)
+    remote: list[dict] = field(default_factory=list)  # per run: Session.remote_stats()
 
     def median_ms(self) -> float:
         return statistics.median(self.ms) if self.ms else float("nan")
+
+
+def network(runner: Runner) -> dict[str, str]:
+    """Per remote role, medians over the runs: waiting and network time per request, bytes
+    per token, tokens per request."""
+    roles = {role for run in runner.remote for role in run}
+    out = {}
+    for role in sorted(roles):
+        runs = [run[role] for run in runner.remote if role in run]
+
+        def med(key: str, runs: list = runs) -> float:
+            return statistics.median(float(x[key]) for x in runs)
+
+        out[role] = (f"{med('ms_per_request'):.2f} ms per request ("
+                     f"{med('network_ms_per_request'):.2f} ms not computing), "
+                     f"{med('bytes_per_token') / 1024:.1f} KiB per token, "
+                     f"{med('tokens_per_request'):.2f} tokens per request")
+    return out
+
+
+def model_bytes(model: object) -> int:
+    """A local model's file size; 0 for a remote one."""
+    return 0 if getattr(model, "remote", False) else Path(model.path).stat().st_size  # type: ignore[attr-defined]
 
 
 def decode_once(runner: Runner, prompt: list[int], max_tokens: int) -> None:
@@ -94,6 +118,7 @@ def decode_once(runner: Runner, prompt: list[int], max_tokens: int) -> None:
     runner.accepted += stats.accepted
     runner.drafted += stats.drafted
     runner.outputs.append(tokens)
+    runner.remote.append(s.remote_stats().get("remote", {}))
 
 
 def derived(base: Session, *, formula: str | None = None, **options: object) -> Session:
@@ -234,6 +259,9 @@ def print_decoding(say: Say, runners: Sequence[Runner], rival: Competitor | None
         acc = f"{r.accepted / r.drafted:.2f}" if r.drafted else "-"
         same = "-" if r.alone_threads else ("yes" if r.outputs == plain.outputs else "NO")
         say(f"{r.label[:48]:48} {r.median_ms():9.2f} {best / r.median_ms():18.2f} {acc:>7} {same}")
+    for r in runners:
+        for role, net in network(r).items():
+            say(f"  {r.label[:46]}: {role} over the network: {net}")
     spec = next((r for r in runners if r.label.startswith("speculative")), None)
     if spec is not None:
         say(f"speculative / plain (auto): {plain.median_ms() / spec.median_ms():.3f}x")
@@ -456,7 +484,8 @@ def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence
               *, n_threads: int, max_tokens: int, repeats: int, prompt_tokens: int) -> None:
     """Everything measured on one set of loaded models."""
     s = base
-    files = ", ".join(f"{r}={Path(m.path).name} ({Path(m.path).stat().st_size / 2**20:.0f} MiB)"
+    files = ", ".join(f"{r}={m.describe()}" if getattr(m, "remote", False) else
+                      f"{r}={Path(m.path).name} ({model_bytes(m) / 2**20:.0f} MiB)"
                       for r, m in s.models.items())
     say(f"\n## {title}: {s.describe()}\nmodels: {files}")
     t = s.tuning
@@ -468,15 +497,21 @@ def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence
         say(f"schedule at load: {s.engine.schedule.name} ({s.schedule_reason})")
     path = Path(s.models[large].path)
     layers = getattr(s.models[large], "n_gpu_layers", 0)
-    say(f"\n### the baseline: llama.cpp alone on {path.name} ({layers} GPU layers, as in the "
-        "EFT runs), before and after the table")
-    rival = competitor(say, path, n_threads, prompt_tokens, n_gpu_layers=layers)
-    runners = measure_decoding(base, large, prompts, n_threads, max_tokens, repeats)
-    competitor(say, path, n_threads, prompt_tokens, rival, n_gpu_layers=layers)
-    (decode, how), (prefill, prefill_how) = rival.best_decode(), rival.best_prefill()
-    say(f"baseline, the best configuration by the median of its runs: "
-        f"{1e3 * decode:.2f} ms/token ({how})"
-        + (f"; {prefill:.2f} s per prompt ({prefill_how})" if prefill_how else ""))
+    rival = None
+    if getattr(s.models[large], "remote", False):  # its engine is the baseline: the
+        say(f"\n### the baseline: {large} alone through its engine (the rows '{large} "
+            "alone' below); no llama.cpp-alone run here")
+        runners = measure_decoding(base, large, prompts, n_threads, max_tokens, repeats)
+    else:
+        say(f"\n### the baseline: llama.cpp alone on {path.name} ({layers} GPU layers, as in "
+            "the EFT runs), before and after the table")
+        rival = competitor(say, path, n_threads, prompt_tokens, n_gpu_layers=layers)
+        runners = measure_decoding(base, large, prompts, n_threads, max_tokens, repeats)
+        competitor(say, path, n_threads, prompt_tokens, rival, n_gpu_layers=layers)
+        (decode, how), (prefill, prefill_how) = rival.best_decode(), rival.best_prefill()
+        say(f"baseline, the best configuration by the median of its runs: "
+            f"{1e3 * decode:.2f} ms/token ({how})"
+            + (f"; {prefill:.2f} s per prompt ({prefill_how})" if prefill_how else ""))
     say(f"\n### decoding, temperature 1, {len(prompts)} prompts x {max_tokens} tokens (end "
         f"tokens masked), {repeats} interleaved repeats, median ms per token after the first")
     print_decoding(say, runners, rival)

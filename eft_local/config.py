@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS, Formula, parse_formula
@@ -38,10 +39,14 @@ _PRESET_KEYS = {"description", "formula", "models", "ft_role", "chat_template", 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where one role's GGUF comes from, and how to load it.
+    """Where one role's model comes from, and how to load it.
 
-    Exactly one source: ``path`` (a local file) or ``hf_repo`` + ``hf_file`` (+ revision).
-    Load options left as None take the runtime's defaults.
+    Exactly one source: ``path`` (a local file), ``hf_repo`` + ``hf_file`` (+ revision), or
+    ``url`` (an engine serving it: ``api`` llama-server, openai or eft-local, detected when
+    None; ``model`` the name it serves it under; ``top_k`` log-probs per position asked
+    of engines that give only the top K; ``api_key_env`` the environment variable holding
+    its key; ``timeout`` seconds to wait for an answer). Load options left as None take the
+    runtime's defaults.
     """
 
     role: str
@@ -53,9 +58,26 @@ class ModelSpec:
     n_gpu_layers: int | None = None
     n_threads: int | None = None
     n_batch: int | None = None
+    url: str | None = None
+    api: str | None = None
+    model: str | None = None
+    top_k: int | None = None
+    api_key_env: str | None = None
+    timeout: float | None = None
+
+    @property
+    def remote(self) -> bool:
+        """True when an engine at :attr:`url` serves this role."""
+        return self.url is not None
 
     def describe(self) -> str:
-        """The source as one short string."""
+        """The source as one short string (a URL without its user name or password)."""
+        if self.url is not None:
+            extra = [f"api={self.api}" if self.api else "",
+                     f"model={self.model}" if self.model else "",
+                     f"top_k={self.top_k}" if self.top_k else ""]
+            extra_text = ", ".join(e for e in extra if e)
+            return public_url(self.url) + (f" ({extra_text})" if extra_text else "")
         if self.path is not None:
             return str(self.path)
         rev = f"@{self.revision}" if self.revision else ""
@@ -220,16 +242,30 @@ def _parse_roles(table: Mapping[str, Any], models: tuple[str, ...], where: str
 def parse_model(role: str, spec: Any, where: str, base_dir: Path) -> ModelSpec:
     """Validate one model entry: a table with a source and optional load options."""
     if isinstance(spec, str):
-        spec = {"path": spec}
+        spec = {"url": spec} if is_url(spec) else {"path": spec}
     if not isinstance(spec, dict):
         raise EftError(f"{where}: must be a table such as {{ path = \"model.gguf\" }}")
-    unknown = set(spec) - {"path", "bundled", "hf", "file", "revision", *_LOAD_KEYS}
+    unknown = set(spec) - {"path", "bundled", "hf", "file", "revision", *_LOAD_KEYS,
+                           *REMOTE_KEYS}
     if unknown:
         raise EftError(f"{where}: unknown key {sorted(unknown)[0]!r}")
-    sources = [k for k in ("path", "bundled", "hf") if k in spec]
+    sources = [k for k in ("path", "bundled", "hf", "url") if k in spec]
     if len(sources) != 1:
-        raise EftError(f"{where}: give exactly one of path, bundled or hf (got "
+        raise EftError(f"{where}: give exactly one of path, bundled, hf or url (got "
                        f"{', '.join(sources) or 'none'})")
+    if "url" in spec:
+        local = sorted(set(spec) & {*_LOAD_KEYS, "file", "revision"})
+        if local:
+            raise EftError(f"{where}: {local[0]} does not apply to a remote model (set it on "
+                           "the engine that serves it)")
+        if not isinstance(spec["url"], str) or "#" in spec["url"]:
+            raise EftError(f"{where}: url must be a string such as \"http://host:8080\" "
+                           "(options as keys: api, model, top_k, api_key_env, timeout)")
+        return remote_spec(role, spec["url"], where, {k: v for k, v in spec.items()
+                                                      if k != "url"})
+    extra = sorted(set(spec) & (REMOTE_KEYS - {"url"}))
+    if extra:
+        raise EftError(f"{where}: {extra[0]} goes with url = \"http://...\" (a remote model)")
     options = {}
     for key, (low, high) in _LOAD_KEYS.items():
         if key in spec:
@@ -256,6 +292,95 @@ def parse_model(role: str, spec: Any, where: str, base_dir: Path) -> ModelSpec:
         path = Path(str(spec["path"])).expanduser()
         path = path if path.is_absolute() else base_dir / path
     return ModelSpec(role=role, path=path, **options)
+
+
+APIS = ("llama-server", "openai", "eft-local")
+"""How eft-local talks to a remote engine (see :mod:`eft_local.remote`)."""
+REMOTE_KEYS = {"url", "api", "model", "top_k", "api_key_env", "timeout"}
+TOP_K_MAX = 1 << 24
+TIMEOUT_MAX = 3600.0
+
+
+def is_url(text: str) -> bool:
+    """True for a model source that is an engine's address (``http://`` or ``https://``)."""
+    return text.strip().lower().startswith(("http://", "https://"))
+
+
+def public_url(url: str) -> str:
+    """``url`` without a user name or password, query or options: what messages show."""
+    parts = urlsplit(url.split("#", 1)[0])
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = host + (f":{port}" if port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def remote_spec(role: str, url: str, where: str, options: Mapping[str, Any] | None = None
+                ) -> ModelSpec:
+    """A remote model: ``url`` (options after ``#`` as ``key=value&...`` on the command
+    line: ``api``, ``model``, ``top_k``, ``key`` or ``api_key_env``, ``timeout``) or the
+    keys of a models.toml table in ``options``."""
+    base, _, fragment = url.strip().partition("#")
+    opts: dict[str, Any] = dict(options or {})
+    for name, value in parse_qsl(fragment, keep_blank_values=True):
+        name = {"key": "api_key_env"}.get(name, name)
+        if name not in REMOTE_KEYS - {"url"}:
+            raise EftError(f"{where}: unknown remote option {name!r} after '#' (known: api, "
+                           "model, top_k, key, timeout)")
+        opts[name] = _option_value(name, value, where)
+    parts = urlsplit(base)
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise EftError(f"{where}: {public_url(base)!r} has an invalid port") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise EftError(f"{where}: {public_url(base)!r} is not an http:// or https:// URL "
+                       "with a host")
+    if parts.username or parts.password:
+        raise EftError(f"{where}: put no user name or password in the URL; give the "
+                       "engine's key in an environment variable (api_key_env, or #key=NAME)")
+    api = opts.get("api")
+    if api is not None and api not in APIS:
+        raise EftError(f"{where}: api {api!r} is not one of {', '.join(APIS)}")
+    for name, kind in (("model", str), ("api_key_env", str)):
+        value = opts.get(name)
+        if value is not None and (not isinstance(value, kind) or not value.strip()):
+            raise EftError(f"{where}: {name} must be a non-empty string, got {value!r}")
+    env = opts.get("api_key_env")
+    if env is not None and not env.replace("_", "a").isalnum():
+        raise EftError(f"{where}: api_key_env {env!r} is not an environment variable name")
+    top_k = opts.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or not 1 <= top_k <= TOP_K_MAX):
+        raise EftError(f"{where}: top_k must be an integer in [1, {TOP_K_MAX}], got {top_k!r}")
+    timeout = opts.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool)
+                                or not isinstance(timeout, (int, float))
+                                or not 0 < timeout <= TIMEOUT_MAX):
+        raise EftError(f"{where}: timeout must be seconds in (0, {TIMEOUT_MAX:g}], got "
+                       f"{timeout!r}")
+    return ModelSpec(role=role, url=base.rstrip("/"), api=api, model=opts.get("model"),
+                     top_k=top_k, api_key_env=env,
+                     timeout=None if timeout is None else float(timeout))
+
+
+def _option_value(name: str, value: str, where: str) -> Any:
+    """A URL option's text as the type models.toml would give it."""
+    if name == "top_k":
+        if not value.isdigit():
+            raise EftError(f"{where}: top_k={value!r} is not a whole number")
+        return int(value)
+    if name == "timeout":
+        try:
+            return float(value)
+        except ValueError:
+            raise EftError(f"{where}: timeout={value!r} is not a number of seconds") from None
+    return value
 
 
 _REPO_ID = re.compile(r"(?:[A-Za-z0-9_.-]+/)?[A-Za-z0-9_.-]{1,96}")
@@ -310,6 +435,9 @@ def preset_from_paths(pairs: list[str], *, formula: str | None = None) -> Preset
             raise EftError(f"--model {pair!r}: role {role!r} must be a plain name")
         if role in models:
             raise EftError(f"--model {pair!r}: role {role!r} given twice")
+        if is_url(path):
+            models[role] = remote_spec(role, path, f"--model {role}=...")
+            continue
         models[role] = ModelSpec(role=role, path=Path(path).expanduser())
     roles = tuple(models)
     if formula is None:

@@ -5,8 +5,9 @@ to a prompt, re-using the longest cached prefix (so a chat turn evaluates only i
 suffix), each model with the whole thread budget in turn; each step mixes the models' rows
 with the formula weights, draws with the position's noise, and evaluates the chosen token
 on every model with a non-zero weight, as the decode :class:`~eft_local.schedule.Schedule`
-says (lanes run concurrently: ctypes releases the GIL around llama.cpp). Speculative
-decoding (:mod:`eft_local.speculative`) drives the same evaluation methods.
+says (lanes run concurrently: ctypes releases the GIL around llama.cpp); remote roles'
+requests go out from I/O threads beside the lanes (:mod:`eft_local.remote.lanes`).
+Speculative decoding (:mod:`eft_local.speculative`) drives the same evaluation methods.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -24,6 +26,8 @@ import numpy as np
 from eft_local import sampler
 from eft_local.errors import EftError
 from eft_local.kvshift import best_cut, worth_shifting
+from eft_local.remote.http import Traffic
+from eft_local.remote.lanes import RemoteLanes, is_remote
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as schedules
 from eft_local.schedule.lanes import Gate, LaneStopped
@@ -98,6 +102,7 @@ class Stats:
     accepted: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
+    traffic: dict[str, Traffic] = field(default_factory=dict)  # remote roles' network costs
 
     def reset(self) -> None:
         """Zero everything."""
@@ -148,9 +153,13 @@ class Engine:
         self.last: tuple[np.ndarray, np.ndarray, str] | None = None
         """Rows, weights and conservative role of the last sampled step (for :meth:`why`)."""
         self.n_threads = max(1, n_threads or os.cpu_count() or 1)
-        sizes = {r: float(file_size(m)) for r, m in self.models.items()}
+        self.remote_roles = tuple(r for r, m in self.models.items() if is_remote(m))
+        """Roles that remote engines evaluate, each in an I/O thread (:attr:`remote`)."""
+        self.local_roles = tuple(r for r in self.roles if r not in self.remote_roles)
+        self.remote = RemoteLanes(len(self.remote_roles))
+        sizes = {r: float(file_size(self.models[r])) for r in self.local_roles}
         self.schedule = schedule or (schedules.lanes(sizes, self.n_threads) if parallel
-                                     else schedules.sequential(self.roles))
+                                     else schedules.sequential(self.local_roles))
         self.active: tuple[str, ...] = self.roles
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
@@ -208,7 +217,8 @@ class Engine:
 
     def set_schedule(self, schedule: Schedule) -> None:
         """Decode with ``schedule`` from the next step on."""
-        if sorted(schedule.roles()) != sorted(self.roles):
+        named = [r for r in schedule.roles() if r not in self.remote_roles]
+        if sorted(named) != sorted(self.local_roles):
             raise EftError(f"schedule {schedule.describe()!r} does not name every model once")
         self.schedule = schedule
 
@@ -284,12 +294,28 @@ class Engine:
                    else [list(tokens)] * len(roles))  # type: ignore[list-item]
         jobs = {r: (k, t) for r, k, t in zip(roles, keeps, batches, strict=True)}
         outs = {r: (None if out is None else out[self._index[r]]) for r in roles}
+        pending = self.remote.start({r: partial(self._timed_eval, r, *jobs[r], all_logits,
+                                                outs[r]) for r in roles if r in self.remote_roles},
+                                    self.models, self.stats.traffic)
+        try:
+            done = self._evaluate_local([r for r in roles if r not in pending], jobs,
+                                        all_logits, outs, prefill)
+            done.update(self.remote.finish(pending))
+        except BaseException:  # the remote requests' late results must not count
+            self.remote.abandon(pending, self.models)
+            raise
+        return [done[r] for r in roles]
+
+    def _evaluate_local(self, roles: Sequence[str],
+                        jobs: Mapping[str, tuple[int, list[int]]], all_logits: bool,
+                        outs: Mapping[str, np.ndarray | None], prefill: bool
+                        ) -> dict[str, np.ndarray]:
         done: dict[str, np.ndarray] = {}
         if prefill:
             for r in roles:
                 self._use_threads(r, self.n_threads)
                 done[r] = self._timed_eval(r, *jobs[r], all_logits, outs[r])
-            return [done[r] for r in roles]
+            return done
         for stage_lanes, threads in self.schedule.threads(self.n_threads, roles):
             for lane in stage_lanes:
                 for r in lane:
@@ -314,7 +340,7 @@ class Engine:
             except BaseException:  # Ctrl-C or a failed lane: no rollback while one decodes
                 gate.close()
                 raise
-        return [done[r] for r in roles]
+        return done
 
     def _run_lane(self, lane: Sequence[str], jobs: Mapping[str, tuple[int, list[int]]],
                   all_logits: bool, outs: Mapping[str, np.ndarray | None],
@@ -551,6 +577,7 @@ class Engine:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool, self._pool_size = None, 0
+        self.remote.close()
 
 
 def file_size(model: Model) -> int:

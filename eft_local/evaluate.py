@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eft_local.config import FAMILY_DIR, Config, Preset, preset_from_paths
+from eft_local.config import FAMILY_DIR, Config, Preset, is_url, preset_from_paths, public_url
 from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS
 from eft_local.session import LoadOptions, SamplerSettings, Session, Settings
@@ -159,10 +159,11 @@ def multi_turn_history(questions: Sequence[Question], index: int) -> list[dict[s
 
 
 def parse_target(spec: str, config: Config) -> Target:
-    """``PRESET[:FORMULA][@k=v,...]`` or a path to a .gguf file."""
-    if spec.endswith(".gguf"):
+    """``PRESET[:FORMULA][@k=v,...]``, a path to a .gguf file or an engine's URL."""
+    if spec.endswith(".gguf") or is_url(spec):
         preset = preset_from_paths([f"model={spec}"])
-        return Target(label=Path(spec).name, preset=preset)
+        return Target(label=public_url(spec) if is_url(spec) else Path(spec).name,
+                      preset=preset)
     head, _, assignments = spec.partition("@")
     name, _, formula = head.partition(":")
     preset = config.get(name)

@@ -16,7 +16,10 @@ CONNECT_SECONDS = 5.0
 
 
 def cached_path(spec: ModelSpec) -> Path | None:
-    """The local file for ``spec`` if it is already present (no network), else None."""
+    """The local file for ``spec`` if it is already present (no network), else None
+    (always None for a remote model)."""
+    if spec.remote:
+        return None
     if spec.path is not None:
         try:
             return spec.path if spec.path.is_file() else None
@@ -33,6 +36,8 @@ def cached_path(spec: ModelSpec) -> Path | None:
 
 def resolve(spec: ModelSpec, *, download: bool = True) -> Path:
     """A local path for ``spec``, downloading into the hub cache when needed and allowed."""
+    if spec.remote:
+        raise EftError(f"{spec.role}: {spec.describe()} is a remote model, not a file")
     if spec.path is not None:
         return spec.path
     local = cached_path(spec)

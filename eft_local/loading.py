@@ -1,7 +1,8 @@
 """Loading a preset's models: load options, the alignment check, llama.cpp's quantizer.
 
 :class:`LoadOptions` are the runtime-wide defaults (a preset's per-model options win);
-:func:`check_models` reads vocabularies only; :func:`load_models` loads every role's file.
+:func:`check_models` reads vocabularies only; :func:`load_models` loads every role's file
+and connects to every remote role's engine (:mod:`eft_local.remote`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from eft_local import backend, hub, limits
 from eft_local.config import Preset
 from eft_local.errors import EftError
+from eft_local.remote.model import endpoint_for, open_remote
+from eft_local.remote.vocab import read_info
 from eft_local.schedule import shapes as schedules
-from eft_local.vocab import AlignmentReport, align
+from eft_local.vocab import AlignmentReport, align, comparable
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,30 @@ class LoadOptions:
             limits.check_threads(self.n_threads, "load options")
 
 
-def check_models(preset: Preset, *, download: bool = False) -> AlignmentReport:
-    """The tokenizer-alignment report for a preset's models (vocabularies only)."""
-    vocabs = {role: backend.read_vocab(hub.resolve(spec, download=download))
-              for role, spec in preset.models.items()}
-    return align(vocabs, reference=preset.template_role)
+def check_models(preset: Preset, *, download: bool = False,
+                 say: Callable[[str], None] | None = None, pieces: bool = False
+                 ) -> AlignmentReport:
+    """The tokenizer-alignment report for a preset's models (vocabularies only: local
+    files' read from the GGUF, remote models' through their engines' endpoints; when an
+    engine shows only what each id decodes to, or with ``pieces``, every model is compared
+    that way)."""
+    paths = {role: hub.resolve(spec, download=download)
+             for role, spec in preset.models.items() if not spec.remote}
+    vocabs = {role: backend.read_vocab(path) for role, path in paths.items()}
+    expected = min((v.n_tokens for v in vocabs.values()), default=None)
+    for role, spec in preset.models.items():
+        if spec.remote:
+            ep = endpoint_for(spec)
+            try:
+                vocabs[role] = read_info(ep, spec, expected=expected, say=say).vocab
+            finally:
+                ep.close()
+    if pieces or any(v.text_kind == "piece" for v in vocabs.values()):
+        vocabs.update({role: backend.read_vocab(path, pieces=True)
+                       for role, path in paths.items()})
+    ordered = {role: vocabs[role] for role in preset.models}
+    return align(comparable(ordered) if not pieces else
+                 {r: v.as_pieces() for r, v in ordered.items()}, reference=preset.template_role)
 
 
 def quantize(source: str | Path, output: str | Path, kind: str, *,
@@ -64,14 +87,15 @@ def quantize(source: str | Path, output: str | Path, kind: str, *,
 
 
 def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
-                say: Callable[[str], None]) -> dict[str, backend.LlamaModel]:
-    """Load each role's file with the preset's per-model options (``options`` as the
-    defaults); on any failure the models loaded so far are closed."""
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """Load each role's file (``paths``: the local roles) with the preset's per-model
+    options (``options`` as the defaults), and connect to each remote role's engine; on
+    any failure the models opened so far are closed. Roles keep the preset's order."""
     opts = options
     gpu = backend.supports_gpu_offload()
     cores = opts.n_threads or max(1, os.cpu_count() or 1)
-    share = max(1, cores // len(paths)) if opts.parallel else cores
-    loaded: dict[str, backend.LlamaModel] = {}
+    share = max(1, cores // max(1, len(paths))) if opts.parallel else cores
+    loaded: dict[str, Any] = {}
     try:
         for role, path in paths.items():
             spec = preset.models[role]
@@ -84,10 +108,18 @@ def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
                 path, n_ctx=spec.n_ctx if spec.n_ctx is not None else opts.n_ctx,
                 n_gpu_layers=layers if gpu else 0,
                 n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch)
+        expected = min((m.n_vocab for m in loaded.values()), default=None)
+        for role, spec in preset.models.items():
+            if spec.remote:
+                say(f"connecting {role}: {spec.describe()}")
+                remote = open_remote(spec, expected_vocab=expected, say=say)
+                loaded[role] = remote
+                say(f"{role}: {remote.describe()}")
     except BaseException:
         for model in loaded.values():
             model.close()
         raise
+    loaded = {role: loaded[role] for role in preset.models if role in loaded}
     beyond = [f"{role} {m.n_ctx_train}" for role, m in loaded.items()
               if m.n_ctx > getattr(m, "n_ctx_train", m.n_ctx) > 0]
     if beyond:

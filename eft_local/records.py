@@ -288,12 +288,16 @@ def write_results(lines: Iterable[tuple[int, str]], output_path: Path | None, *,
 
 
 # -- the records eft-local writes ---------------------------------------------------------------
-def result_record(session: Session, result: Result, *, diagnostics: bool) -> dict[str, Any]:
-    """A finished generation as a JSON-ready dict (with per-token diagnostics if asked)."""
+def result_record(session: Session, result: Result, *, diagnostics: bool,
+                  remote: bool = False) -> dict[str, Any]:
+    """A finished generation as a JSON-ready dict (with per-token diagnostics if asked;
+    ``remote``: the session's network statistics of its remote roles, if it has any)."""
     record: dict[str, Any] = {"text": result.text, "finish": result.finish,
                               "prompt_tokens": result.prompt_tokens,
                               "generated_tokens": len(result.steps),
                               "formula": session.describe()}
+    if remote and session.remote_stats():
+        record["remote"] = session.remote_stats()["remote"]
     if diagnostics:
         record["tokens"] = [step_record(session, step) for step in result.steps]
     return record

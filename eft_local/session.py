@@ -40,13 +40,14 @@ from eft_local.engine import Engine, Model, Step, file_size
 from eft_local.errors import ContextFull, EftError
 from eft_local.formula import Formula
 from eft_local.loading import LoadOptions, check_models, load_models, quantize
+from eft_local.remote.http import traffic_summary
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as schedules
 from eft_local.schedule import tuning
 from eft_local.scoring import Score, score_tokens
 from eft_local.settings import Settings
 from eft_local.text import TextStream
-from eft_local.vocab import AlignmentReport, align
+from eft_local.vocab import AlignmentReport
 
 Progress = Callable[[str], None]
 """Where a session reports while it loads. Lines that start with ``warning:`` or ``note:``
@@ -105,9 +106,8 @@ class Session:
         say = progress or (lambda _msg: None)
         if models is None:
             paths = {role: hub.resolve(spec, download=self.options.download)
-                     for role, spec in preset.models.items()}
-            report = align({r: backend.read_vocab(p) for r, p in paths.items()},
-                           reference=preset.template_role)
+                     for role, spec in preset.models.items() if not spec.remote}
+            report = check_models(preset, download=self.options.download, say=say)
             if not report.ok:
                 raise EftError(f"preset {preset.name!r}: models do not share a token space: "
                                f"{report.summary()}")
@@ -145,7 +145,10 @@ class Session:
         """The decode schedule: measured (cached per machine and model set) or named."""
         eng = self.engine
         name = self.options.schedule or ("auto" if self.options.parallel else "sequential")
-        sizes = {r: float(file_size(m)) for r, m in self.models.items()}
+        sizes = {r: float(file_size(self.models[r])) for r in eng.local_roles}
+        eng.remote.overlap = name != "sequential"
+        if eng.remote_roles and name == "auto":  # tuning and the watch time local models
+            name = "lanes" if self.options.parallel else "sequential"
         if name == "auto" and tuning.offloaded(self.models):
             eng.set_schedule(schedules.named("sequential", sizes, eng.n_threads))
             self.schedule_reason = ("every model is offloaded to the GPU: one after another, "
@@ -565,7 +568,13 @@ class Session:
                 "sampler_ms_per_token": 1e3 * s.sampler_seconds / max(1, s.generated),
                 "shifted_tokens": s.shifted,
                 "drafted_tokens": s.drafted, "accepted_tokens": s.accepted,
-                "acceptance_rate": s.acceptance_rate(), **self.schedule_stats()}
+                "acceptance_rate": s.acceptance_rate(), **self.remote_stats(),
+                **self.schedule_stats()}
+
+    def remote_stats(self) -> dict[str, object]:
+        """Network costs of the remote roles (:func:`traffic_summary`); empty without one."""
+        out = traffic_summary(self.engine.stats.traffic, self.engine.stats.generated)
+        return {"remote": out} if out else {}
 
     def schedule_stats(self) -> dict[str, object]:
         """The decode schedule and, when it was measured, its predicted and measured speed

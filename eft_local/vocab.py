@@ -8,7 +8,7 @@ range, unused/padding ids and mismatched special tokens never get probability.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -17,6 +17,9 @@ ATTR_UNUSED = 1 << 1
 ATTR_CONTROL = 1 << 3
 """Token attribute bits as llama.cpp defines them (``llama_token_attr``); the backend checks
 them against llama_cpp when it loads."""
+
+VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
+"""llama.cpp's vocabulary types (``llama_vocab_type``) by number."""
 
 ALIGNED = "aligned"
 COMMON_RANGE = "aligned on a common range"
@@ -39,6 +42,28 @@ class VocabInfo:
     add_eos: bool
     texts: tuple[bytes, ...]
     attrs: tuple[int, ...]
+    pieces: tuple[bytes, ...] | None = None
+    """What each id decodes to (control tokens as their text), when known."""
+    text_kind: str = "text"
+    """What :attr:`texts` holds: ``text``, each token's stored text (a GGUF file, eft-local
+    serve), or ``piece``, what it decodes to (engines that show no more: llama-server,
+    OpenAI-compatible servers)."""
+
+    def as_pieces(self) -> VocabInfo:
+        """The same vocabulary compared by pieces (needs :attr:`pieces`)."""
+        if self.text_kind == "piece":
+            return self
+        if self.pieces is None:
+            raise ValueError(f"{self.path}: no pieces to compare")
+        return replace(self, texts=self.pieces, text_kind="piece")
+
+
+def comparable(vocabs: Mapping[str, VocabInfo]) -> dict[str, VocabInfo]:
+    """``vocabs`` made comparable: when any of them is known only by its pieces, all are
+    compared by pieces."""
+    if all(v.text_kind == "text" for v in vocabs.values()):
+        return dict(vocabs)
+    return {role: v.as_pieces() for role, v in vocabs.items()}
 
 
 @dataclass(frozen=True)

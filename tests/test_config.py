@@ -83,7 +83,7 @@ def test_env_var_points_at_the_user_file(tmp_path: Path, monkeypatch: pytest.Mon
     ("[presets.p]\nbeta='x'\nformula='a'\n[presets.p.models]\na='a.gguf'",
      "beta must be a number"),
     ("[presets.p]\nformula='a'\n[presets.p.models]\na={path='a', hf='b'}",
-     "model 'a': give exactly one of path, bundled or hf"),
+     "model 'a': give exactly one of path, bundled, hf or url"),
     ("[presets.p]\nformula='a'\n[presets.p.models]\na={hf='o/r'}", "needs file ="),
     ("[presets.p]\nformula='a'\n[presets.p.models]\na={path='a', n_ctx=-5}",
      "n_ctx must be an integer in [0, "),

@@ -20,8 +20,10 @@ LAYERS: dict[str, int] = {
     "sampler": 1, "vocab": 1, "config": 1, "chat": 1, "gguf_writer": 1, "plots": 1, "utf8": 1,
     "kvshift": 1,
     "schedule.shapes": 1, "schedule.watch": 1, "schedule.blocks": 1, "schedule.lanes": 1,
-    # models and their files
+    # models and their files (local: backend; remote engines: remote/)
     "backend": 2, "hub": 2, "settings": 2, "loading": 2, "synthetic": 2, "structured": 2,
+    "remote.http": 2, "remote.exact": 2, "remote.topk": 2, "remote.vocab": 2,
+    "remote.llamaserver": 2, "remote.openai": 2, "remote.model": 2, "remote.lanes": 2,
     # the decode loop over N models
     "engine": 3,
     # what drives the engine

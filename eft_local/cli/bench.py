@@ -48,8 +48,8 @@ def bench(preset: str | None, models: tuple[str, ...], max_tokens: int, repeats:
     if not skip_family:
         s = b.open_base(say, preset, models, n, 512, gpu_layers=gpu_layers)
         try:
-            large = next((r for r in s.engine.roles if r.startswith("large")),
-                         max(s.models, key=lambda r: Path(s.models[r].path).stat().st_size))
+            large = next((r for r in s.engine.roles if r.startswith("large")), None) or max(
+                s.models, key=lambda r: b.model_bytes(s.models[r]))
             prompts = b.bench_prompts(s)
             b.model_set(say, f"preset {s.preset.name}", s, large, prompts, n_threads=n,
                         max_tokens=max_tokens, repeats=repeats, prompt_tokens=prompt_tokens)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import click
 
-from eft_local.config import load_config
+from eft_local.config import load_config, preset_from_paths
 from eft_local.evaluate import (
     DEFAULT_QUESTIONS,
     FAMILY_DECLINE,
     PAPER_TARGETS,
+    Target,
     evaluate_targets,
     load_questions,
     parse_target,
@@ -23,6 +24,10 @@ from eft_local.session import LoadOptions, SamplerSettings
 
 @click.command("eval")
 @click.argument("targets", nargs=-1)
+@click.option("--model", "-m", "models", multiple=True, metavar="ROLE=PATH",
+              help="One more target made of these models (a GGUF file or an engine's URL "
+              "per role; large_base, small_ft and small_base give up-scaling).")
+@click.option("--formula", metavar="TEXT", help="The formula of the --model target.")
 @click.option("--questions", "questions_path", type=click.Path(path_type=Path),
               help="JSONL with prompt, expected and optional id/category "
               "(default: the bundled world's held-out questions).")
@@ -44,12 +49,13 @@ from eft_local.session import LoadOptions, SamplerSettings
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Draw FILE.png or FILE.svg: accuracy and format against beta, declines "
               "against lambda, a bar chart of the other targets (needs eft-local[plot]).")
-def evaluate(targets: tuple[str, ...], questions_path: Path | None, limit: int | None,
+def evaluate(targets: tuple[str, ...], models: tuple[str, ...], formula: str | None,
+             questions_path: Path | None, limit: int | None,
              paper: bool, max_tokens: int, decline_text: str | None, no_speculative: bool,
              single_turn: bool, conservative_top_p: float | None, temperature: float,
              seed: int, as_json: bool, plot_path: Path | None) -> None:
-    """Score presets, formulas (PRESET:FORMULA, PRESET@beta=X) or GGUF files on a
-    question set, side by side."""
+    """Score presets, formulas (PRESET:FORMULA, PRESET@beta=X), GGUF files or engines'
+    URLs on a question set, side by side."""
     if plot_path is not None:
         from eft_local import plots
 
@@ -58,9 +64,12 @@ def evaluate(targets: tuple[str, ...], questions_path: Path | None, limit: int |
                                conservative_top_p=conservative_top_p)
     config = load_config()
     specs = list(targets) + (list(PAPER_TARGETS) if paper else [])
-    if not specs:
+    if not specs and not models:
         specs = [config.get(None).name]
     parsed = [parse_target(s, config) for s in specs]
+    if models:
+        parsed.append(Target(label="--model", preset=preset_from_paths(list(models),
+                                                                       formula=formula)))
     questions = load_questions(questions_path or DEFAULT_QUESTIONS, limit)
     if decline_text is None and questions_path is None:
         decline_text = FAMILY_DECLINE

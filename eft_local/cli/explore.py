@@ -12,8 +12,15 @@ import click
 
 from eft_local import limits
 from eft_local.cli.options import model_options
+from eft_local.config import is_url
 from eft_local.errors import EftError
-from eft_local.explore.candidates import candidates_for, combinations, largest
+from eft_local.explore.candidates import (
+    Source,
+    candidates_for,
+    combinations,
+    largest,
+    source_name,
+)
 from eft_local.explore.explorer import (
     DEFAULT_TOP_K,
     DEFAULT_WINDOW,
@@ -22,6 +29,7 @@ from eft_local.explore.explorer import (
     Settings,
     Skipped,
     mark_pareto,
+    read_ids,
     read_text,
 )
 from eft_local.limits import size_text
@@ -70,6 +78,9 @@ def render(rows: Sequence[Row], skipped: Sequence[Skipped], roles: Sequence[str]
 @click.option("--text", "text_path", type=click.Path(path_type=Path),
               help="UTF-8 text to compare on (default: a bundled sample: held-out text of "
               "the family's world, or English for other models).")
+@click.option("--token-ids", "ids_path", type=click.Path(path_type=Path),
+              help="Compare on these token ids instead of a text (a JSON list: for "
+              "vocabularies that spell no text, like bench's random-weight shapes).")
 @click.option("--top-k", type=click.IntRange(1, 1 << 20), default=DEFAULT_TOP_K,
               show_default=True, help="Reference log-probs kept per position (the rest is "
               "one bucket).")
@@ -90,7 +101,8 @@ def render(rows: Sequence[Row], skipped: Sequence[Skipped], roles: Sequence[str]
               help="Draw KL against tokens/s into FILE.png or FILE.svg (needs "
               "eft-local[plot]).")
 def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str, ...],
-            max_combinations: int | None, text_path: Path | None, top_k: int, window: int,
+            max_combinations: int | None, text_path: Path | None, ids_path: Path | None,
+            top_k: int, window: int,
             decode_tokens: int, questions_path: Path | None, limit: int | None,
             cache_dir: Path | None, as_json: bool, plot_path: Path | None,
             **opts: Any) -> None:
@@ -114,8 +126,11 @@ def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str
         questions = tuple(load_questions(DEFAULT_QUESTIONS if bundled else questions_path,
                                          limit))
         decline = FAMILY_DECLINE if bundled else None
+    if text_path and ids_path:
+        raise click.UsageError("give --text or --token-ids, not both")
+    ids = read_ids(ids_path) if ids_path else None
     settings = Settings(text=read_text(text_path) if text_path else None,
-                        text_name=str(text_path), top_k=top_k,
+                        text_name=str(ids_path or text_path), top_k=top_k, token_ids=ids,
                         window=window, decode_tokens=decode_tokens, questions=questions,
                         decline_text=decline)
     params = {k: opts[k] for k in ("beta", "lam") if opts.get(k) is not None}
@@ -131,7 +146,7 @@ def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str
     explorer = Explorer(template, reference, settings, params=params, options=options,
                         cache_dir=cache_dir, say=say)
     say(f"text: {explorer.text_source}; {len(combos)} combination(s); reference: "
-        + ", ".join(f"{r}={p.name}" for r, p in reference.files.items()))
+        + ", ".join(f"{r}={source_name(p)}" for r, p in reference.files.items()))
     explorer.prepare(combos)
     results: list[Row | Skipped] = []
     with click.progressbar(length=len(combos), label="exploring", file=sys.stderr,
@@ -165,11 +180,12 @@ def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str
         raise EftError("no combination could be evaluated (see the skipped lines above)")
 
 
-def _pairs(pairs: Sequence[str]) -> dict[str, Path]:
-    out: dict[str, Path] = {}
+def _pairs(pairs: Sequence[str]) -> dict[str, Source]:
+    out: dict[str, Source] = {}
     for pair in pairs:
         role, sep, path = pair.partition("=")
         if not sep or not role.strip() or not path.strip():
             raise EftError(f"--reference {pair!r}: expected ROLE=PATH")
-        out[role.strip()] = Path(path.strip()).expanduser()
+        out[role.strip()] = (path.strip() if is_url(path) else
+                             Path(path.strip()).expanduser())
     return out

@@ -159,7 +159,8 @@ def models() -> None:
         width = max(len(role) for role in preset.models)
         for role, spec in preset.models.items():
             local = hub.cached_path(spec)
-            state = f"present, {size_text(local.stat().st_size)}" if local else "missing"
+            state = "remote" if spec.remote else (
+                f"present, {size_text(local.stat().st_size)}" if local else "missing")
             click.echo(printable(f"  {role:<{width}}  {spec.describe()}  [{state}]"))
 
 
@@ -177,6 +178,9 @@ def pull(preset: str | None) -> None:
         raise EftError(f"preset {chosen.name!r}: local file(s) missing, nothing to download "
                        f"for them: {'; '.join(missing)}")
     for role, spec in chosen.models.items():
+        if spec.remote:
+            click.echo(printable(f"{role}: remote ({spec.describe()}), nothing to download"))
+            continue
         local = hub.cached_path(spec)
         if local is None:
             click.echo(printable(f"{role}: downloading {spec.describe()}"), err=True)
@@ -217,11 +221,11 @@ UPSCALING_ROLES = ["large_base", "small_ft", "small_base"]
 
 def _check_preset(targets: tuple[str, ...], models: tuple[str, ...]) -> Preset:
     """The preset ``check`` looks at: named, from --model pairs, or from plain paths."""
-    from eft_local.config import load_config, preset_from_paths
+    from eft_local.config import is_url, load_config, preset_from_paths
 
     if models and targets:
         raise EftError("give --model ROLE=PATH pairs or plain paths/a preset, not both")
-    is_path = len(targets) > 1 or (targets and (targets[0].endswith(".gguf")
+    is_path = len(targets) > 1 or (targets and (targets[0].endswith(".gguf") or is_url(targets[0])
                                                or Path(targets[0]).exists()))
     if is_path:
         roles = (UPSCALING_ROLES if len(targets) == len(UPSCALING_ROLES)
@@ -320,7 +324,7 @@ def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
     if as_json:
         result = session.generate(prompt, raw=raw, system=system, max_tokens=max_tokens,
                                   diagnostics=True)
-        click.echo(json.dumps(result_record(session, result, diagnostics=True),
+        click.echo(json.dumps(result_record(session, result, diagnostics=True, remote=True),
                               ensure_ascii=False))
         return
     finish = None

@@ -410,7 +410,17 @@ def stats_lines(stats: dict[str, Any]) -> list[str]:
             f"sampler: {stats['sampler_ms_per_token']:.3f} ms/token"] + (
         [f"speculative: {stats['accepted_tokens']}/{stats['drafted_tokens']} drafted tokens "
          f"accepted ({stats['acceptance_rate']:.0%})"] if stats.get("drafted_tokens") else []
-    ) + [schedule_line(stats)]
+    ) + remote_lines(stats) + [schedule_line(stats)]
+
+
+def remote_lines(stats: dict[str, Any]) -> list[str]:
+    """One line per remote role: round trips, network time and bytes."""
+    return [f"remote {role}: {r['requests']} request(s), {r['ms_per_request']:.1f} ms each "
+            f"({r['network_ms_per_request']:.1f} ms network), {r['bytes_per_token']:.0f} "
+            f"bytes and {r['ms_per_token']:.1f} ms per token, {r['tokens_per_request']:.2f} "
+            f"token(s) per request" + (f", {r['retries']} retries" if r["retries"] else "")
+            + (f", prefix resent {r['resent']} time(s)" if r["resent"] else "")
+            for role, r in stats.get("remote", {}).items()]
 
 
 def schedule_line(stats: dict[str, Any]) -> str:

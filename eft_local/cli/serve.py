@@ -69,14 +69,21 @@ def listen(host: str, port: int) -> socket.socket:
 @click.option("--allow-download", is_flag=True,
               help="Download a preset's missing hub files when it is named (without it, only "
               "presets whose files are present are listed and loaded).")
+@click.option("--max-logprobs", type=click.IntRange(0, 1 << 24), default=20,
+              show_default=True,
+              help="Most log-probs per position a /v1/completions request may ask for "
+              "(OpenAI's limit is 20; a remote eft-local role with top_k K needs K).")
 def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
           api_key: str | None, max_queue: int, max_body: int, allow_download: bool,
+          max_logprobs: int,
           **opts: Any) -> None:
     """Serve the emulated model over an OpenAI-compatible HTTP API.
 
     Endpoints: /v1/chat/completions, /v1/completions (echo + logprobs scores a text),
-    /v1/models, /tokenize, /detokenize, /tokenizer_info, /health, and / (the playground:
-    a web page showing each token's mix, in colour). Requests may name any
+    /v1/models, /tokenize, /detokenize, /tokenizer_info, /health, / (the playground:
+    a web page showing each token's mix, in colour), and /eft/rows and /eft/vocab, which
+    make a model of this server an exact remote role of another eft-local
+    (-m large_base=http://HOST:PORT). Requests may name any
     preset whose files are present (it is loaded on demand, one set at a time) unless
     --preset or --model pins one; model names like PRESET@beta=1.5 and an "eft" object in
     the body set the knobs per request. The sampling options are the defaults of every
@@ -115,7 +122,7 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     runner.adopt(session)
     options = ServerOptions(api_key=api_key, max_body=max_body, max_tokens=opts["max_tokens"],
                             system=opts.get("system"), stop=tuple(opts.get("stop") or ()),
-                            seed=opts.get("seed"),
+                            seed=opts.get("seed"), max_logprobs=max_logprobs,
                             context_overflow=opts.get("context_overflow") or "truncate")
     app = create_app(runner, options, log=_log)
     runner.start()

@@ -15,26 +15,50 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from eft_local import hub
-from eft_local.config import ModelSpec, Preset, load_config, preset_from_paths
+from eft_local.config import (
+    ModelSpec,
+    Preset,
+    is_url,
+    load_config,
+    preset_from_paths,
+    public_url,
+    remote_spec,
+)
 from eft_local.errors import EftError
+
+Source = Path | str
+"""A candidate: a GGUF file, or a remote engine's URL (a ``str``, options after ``#``)."""
+
+
+def ident(source: Source) -> str:
+    """A candidate's identity: the resolved file, or the URL with its options."""
+    return source if isinstance(source, str) else str(source.resolve())
+
+
+def source_name(source: Source) -> str:
+    """A candidate's short name: the file name, or the URL without user or password."""
+    if isinstance(source, str):
+        base, _, options = source.partition("#")
+        return public_url(base) + (f"#{options}" if options else "")
+    return source.name
 
 
 @dataclass(frozen=True)
 class Combination:
-    """One file per role."""
+    """One file (or remote engine) per role."""
 
-    files: Mapping[str, Path]
+    files: Mapping[str, Source]
     label: str = ""
 
     def key(self) -> tuple[str, ...]:
-        """Identity: the resolved files in role order."""
-        return tuple(str(p.resolve()) for p in self.files.values())
+        """Identity: the resolved files (URLs) in role order."""
+        return tuple(ident(p) for p in self.files.values())
 
 
-def expand(pairs: Sequence[str], option: str = "--model") -> dict[str, list[Path]]:
-    """``ROLE=PATH`` strings (repeated roles are alternatives, PATH may be a glob) to the
-    candidate files of each role, in order, without duplicates."""
-    out: dict[str, list[Path]] = {}
+def expand(pairs: Sequence[str], option: str = "--model") -> dict[str, list[Source]]:
+    """``ROLE=PATH`` strings (repeated roles are alternatives, PATH may be a glob or an
+    engine's URL) to the candidate files of each role, in order, without duplicates."""
+    out: dict[str, list[Source]] = {}
     for pair in pairs:
         role, sep, pattern = pair.partition("=")
         role, pattern = role.strip(), pattern.strip()
@@ -42,6 +66,10 @@ def expand(pairs: Sequence[str], option: str = "--model") -> dict[str, list[Path
             raise EftError(f"{option} {pair!r}: expected ROLE=PATH, e.g. small_ft=model.gguf")
         if not role.isidentifier():
             raise EftError(f"{option} {pair!r}: role {role!r} must be a plain name")
+        if is_url(pattern):
+            remote_spec(role, pattern, f"{option} {role}=...")  # checked now, not later
+            out[role] = _distinct([*out.get(role, []), pattern])
+            continue
         pattern = os.path.expanduser(pattern)
         found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not found:
@@ -51,7 +79,7 @@ def expand(pairs: Sequence[str], option: str = "--model") -> dict[str, list[Path
 
 
 def candidates_for(preset: str | None, models: Sequence[str], variants: Sequence[str], *,
-                   formula: str | None = None) -> tuple[Preset, dict[str, list[Path]]]:
+                   formula: str | None = None) -> tuple[Preset, dict[str, list[Source]]]:
     """The template preset (formula, knobs, load options) and the candidate files of each
     role: ``models`` (``ROLE=PATH``, repeated roles are alternatives), or a preset's files
     plus ``variants``."""
@@ -69,7 +97,9 @@ def candidates_for(preset: str | None, models: Sequence[str], variants: Sequence
     template = load_config().get(preset)
     if formula:
         template = template.with_formula(formula)
-    candidates = {role: [hub.resolve(spec)] for role, spec in template.models.items()}
+    candidates: dict[str, list[Source]] = {
+        role: [_spec_url(spec) if spec.remote else hub.resolve(spec)]
+        for role, spec in template.models.items()}
     for role, paths in expand(variants, "--variant").items():
         if role not in candidates:
             raise EftError(f"--variant {role}=...: preset {template.name!r} has no role "
@@ -78,7 +108,8 @@ def candidates_for(preset: str | None, models: Sequence[str], variants: Sequence
     return template, candidates
 
 
-def combinations(candidates: Mapping[str, Sequence[Path]], *, first: Combination | None = None,
+def combinations(candidates: Mapping[str, Sequence[Source]], *,
+                 first: Combination | None = None,
                  limit: int | None = None) -> list[Combination]:
     """Every combination, ``first`` leading when it is one of them; or, with ``limit``
     below their number, ``limit`` distinct ones (``first`` still leading) that use every
@@ -113,16 +144,16 @@ def combinations(candidates: Mapping[str, Sequence[Path]], *, first: Combination
             for c in combos]
 
 
-def _distinct(paths: Sequence[Path]) -> list[Path]:
-    """``paths`` in order, each file once (by resolved path)."""
-    out: list[Path] = []
+def _distinct(paths: Sequence[Source]) -> list[Source]:
+    """``paths`` in order, each file (URL) once (by resolved path)."""
+    out: list[Source] = []
     for p in paths:
-        if all(p.resolve() != q.resolve() for q in out):
+        if all(ident(p) != ident(q) for q in out):
             out.append(p)
     return out
 
 
-def _index_of(combo: Combination, files: Mapping[str, Sequence[Path]]
+def _index_of(combo: Combination, files: Mapping[str, Sequence[Source]]
               ) -> dict[str, int] | None:
     """The position of ``combo``'s file in each role's list, or None when it is not one of
     the combinations of ``files``."""
@@ -130,44 +161,62 @@ def _index_of(combo: Combination, files: Mapping[str, Sequence[Path]]
         return None
     out = {}
     for role, paths in files.items():
-        want = combo.files[role].resolve()
-        found = [i for i, p in enumerate(paths) if p.resolve() == want]
+        want = ident(combo.files[role])
+        found = [i for i, p in enumerate(paths) if ident(p) == want]
         if not found:
             return None
         out[role] = found[0]
     return out
 
 
-def _tags(candidates: Mapping[str, Sequence[Path]]) -> dict[str, dict[str, str]]:
+def _tags(candidates: Mapping[str, Sequence[Source]]) -> dict[str, dict[str, str]]:
     """A short name per file: its stem without the leading name parts (up to a ``.``, ``_``
-    or ``-``) that all of its role's files share."""
+    or ``-``) that all of its role's files share; ``remote`` and its options for a URL."""
     out: dict[str, dict[str, str]] = {}
-    for role, files in candidates.items():
+    for role, all_files in candidates.items():
+        files = [p for p in all_files if isinstance(p, Path)]
+        out[role] = {str(p): _remote_tag(p) for p in all_files if isinstance(p, str)}
         stems = [p.name.removesuffix(".gguf") for p in files]
         prefix = os.path.commonprefix(stems) if len(stems) > 1 else ""
         while prefix and not all(len(s) == len(prefix) or s[len(prefix)] in "._-"
                                  for s in stems):  # whole name parts only
             prefix = prefix[:-1]
-        out[role] = {str(p): (s[len(prefix):].strip("._-") or s)
-                     for p, s in zip(files, stems, strict=True)}
+        out[role].update({str(p): (s[len(prefix):].strip("._-") or s)
+                          for p, s in zip(files, stems, strict=True)})
     return out
 
 
-def largest(candidates: Mapping[str, Sequence[Path]],
-            overrides: Mapping[str, Path] | None = None) -> Combination:
-    """The reference by default: the largest file of each role (``overrides`` win)."""
+def _remote_tag(url: str) -> str:
+    """``remote`` and the options after ``#`` (``remote api=openai top_k=20``)."""
+    options = url.partition("#")[2]
+    return " ".join(["remote", *filter(None, options.split("&"))])
+
+
+def _spec_url(spec: ModelSpec) -> str:
+    """A remote model spec as the URL candidate that names it."""
+    options = [f"{k}={v}" for k, v in (("api", spec.api), ("model", spec.model),
+                                       ("top_k", spec.top_k), ("key", spec.api_key_env),
+                                       ("timeout", spec.timeout)) if v is not None]
+    return f"{spec.url}#{'&'.join(options)}" if options else str(spec.url)
+
+
+def largest(candidates: Mapping[str, Sequence[Source]],
+            overrides: Mapping[str, Source] | None = None) -> Combination:
+    """The reference by default: the largest file of each role (``overrides`` win; a
+    remote engine counts as smallest: its size is not known)."""
     files = {}
     for role, paths in candidates.items():
         if overrides and role in overrides:
             files[role] = overrides[role]
             continue
-        sizes = []
-        for p in paths:
+        sizes: list[tuple[int, int, Source]] = []
+        for i, p in enumerate(paths):
             try:
-                sizes.append((p.stat().st_size, -paths.index(p), p))
+                size = -1 if isinstance(p, str) else p.stat().st_size
             except OSError:
-                sizes.append((-1, -paths.index(p), p))
-        files[role] = max(sizes)[2]
+                size = -1
+            sizes.append((size, -i, p))
+        files[role] = max(sizes, key=lambda x: (x[0], x[1]))[2]
     extra = set(overrides or {}) - set(candidates)
     if extra:
         raise EftError(f"--reference: role {sorted(extra)[0]!r} is not among the models "
@@ -179,8 +228,13 @@ def preset_for(template: Preset, combo: Combination) -> Preset:
     """``template`` (formula, knobs, load options) with the files of ``combo``."""
     models = {}
     for role, path in combo.files.items():
+        if isinstance(path, str):
+            models[role] = remote_spec(role, path, f"{role}=...")
+            continue
         spec = template.models.get(role) or ModelSpec(role=role)
-        models[role] = replace(spec, path=path, hf_repo=None, hf_file=None, revision=None)
+        models[role] = replace(spec, path=path, hf_repo=None, hf_file=None, revision=None,
+                               url=None, api=None, model=None, top_k=None, api_key_env=None,
+                               timeout=None)
     return replace(template, name=combo.label or "combination", models=models)
 
 

@@ -12,6 +12,7 @@ bytes, KV cache and measured RSS.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -30,7 +31,7 @@ from eft_local.explore.refcache import Reference, ReferenceCache, token_chunks
 from eft_local.sampler import SamplerSettings
 from eft_local.scoring import logit_rows
 from eft_local.session import LoadOptions, Session, check_models
-from eft_local.vocab import align
+from eft_local.vocab import AlignmentReport, align
 
 FAMILY_TEXT = FAMILY_DIR / "heldout.txt"
 """Fresh documents of the bundled family's world (``python -m training.heldout_text``)."""
@@ -63,6 +64,20 @@ def read_text(path: Path) -> str:
     if not text.strip():
         raise EftError(f"{path}: the text is empty")
     return text
+
+
+def read_ids(path: Path) -> tuple[int, ...]:
+    """A JSON list of token ids; one-line errors."""
+    try:
+        ids = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EftError(f"{path}: token id file not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EftError(f"{path}: cannot read as a JSON list of token ids ({exc})") from None
+    if not isinstance(ids, list) or len(ids) < 2 or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise EftError(f"{path}: must be a JSON list of at least 2 token ids (integers >= 0)")
+    return tuple(ids)
 
 
 def text_logprobs(session: Session, chunks: Sequence[list[int]], *, piece: int = 0
@@ -169,6 +184,7 @@ class Settings:
     prompt_tokens: int = 64
     questions: Sequence[object] = ()
     decline_text: str | None = None
+    token_ids: tuple[int, ...] | None = None  # compare on these instead of a text
 
 
 class Explorer:
@@ -188,10 +204,15 @@ class Explorer:
         self.ref: Reference | None = None
         self.ref_source = ""
         self.ref_report = check_models(preset_for(template, reference))
+        self._ref_pieces: AlignmentReport | None = None
         if not self.ref_report.ok:
             raise EftError(f"the reference combination is incompatible: "
                            f"{self.ref_report.summary()}")
-        if settings.text is None:
+        if settings.token_ids is not None:
+            self.settings = replace(settings, text="token ids: " + json.dumps(
+                list(settings.token_ids)))
+            self.text_source = settings.text_name
+        elif settings.text is None:
             path = default_text(self.ref_report.vocabs[template.template_role].texts)
             self.settings = replace(settings, text=read_text(path))
             self.text_source = str(path)
@@ -226,7 +247,8 @@ class Explorer:
         s = self.settings
         ref_model = session.models[session.preset.template_role]
         vocab = session.report.vocabs[session.preset.template_role]
-        tokens = ref_model.tokenize(self.text, add_bos=False, special=True)
+        tokens = (list(s.token_ids) if s.token_ids is not None
+                  else ref_model.tokenize(self.text, add_bos=False, special=True))
         bos = vocab.bos if vocab.add_bos and vocab.bos >= 0 else -1
         window = min(s.window, session.engine.n_ctx)
         chunks = token_chunks(tokens, window, None if bos < 0 else bos)
@@ -262,8 +284,15 @@ class Explorer:
             return str(exc)
         if not report.ok:
             return report.summary()
-        both = align({**report.vocabs, "(reference)": self.ref_report.vocabs[
-            self.template.template_role]}, reference=self.template.template_role)
+        ref = self.ref_report.vocabs[self.template.template_role]
+        if ref.text_kind != "piece" and any(v.text_kind == "piece"
+                                            for v in report.vocabs.values()):
+            if self._ref_pieces is None:  # an engine that shows only pieces: compare those
+                self._ref_pieces = check_models(preset_for(self.template, self.reference),
+                                                pieces=True)
+            ref = self._ref_pieces.vocabs[self.template.template_role]
+        both = align({**report.vocabs, "(reference)": ref},
+                     reference=self.template.template_role)
         if not both.ok:
             return f"cannot be compared with the reference: {both.summary()}"
         return None
@@ -327,7 +356,8 @@ class Explorer:
         return Row(label=combo.label, files={r: str(p) for r, p in combo.files.items()},
                    quality=quality, tokens_per_second=plain, speculative_tokens_per_second=spec,
                    first_token_seconds=ttft,
-                   model_bytes=sum(Path(m.path).stat().st_size for m in models),
+                   model_bytes=sum(Path(m.path).stat().st_size for m in models
+                                   if not getattr(m, "remote", False)),
                    kv_bytes=sum(getattr(m, "kv_cache_bytes", lambda _n: 0)(m.n_ctx)
                                 for m in models),
                    rss_bytes=max(rss, current_rss()), accuracy=accuracy,

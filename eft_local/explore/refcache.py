@@ -84,11 +84,12 @@ class ReferenceCache:
             self._write(memo_path, json.dumps(memo).encode())
         return str(memo[ident])
 
-    def key(self, files: Mapping[str, Path], text: str, **recipe: object) -> str:
+    def key(self, files: Mapping[str, Path | str], text: str, **recipe: object) -> str:
         """A name for the distributions of ``files`` over ``text`` made by ``recipe``
         (formula, knobs, top-k, window...: any JSON-ready values)."""
         parts = {"version": CACHE_VERSION,
-                 "files": {role: self.file_hash(Path(p)) for role, p in files.items()},
+                 "files": {role: p if isinstance(p, str) else self.file_hash(Path(p))
+                           for role, p in files.items()},  # a str is a remote engine's URL
                  "text": hashlib.sha256(text.encode("utf-8")).hexdigest(), **recipe}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -24,15 +24,19 @@ from starlette.routing import Route
 
 from eft_local import __version__
 from eft_local.config import Preset
+from eft_local.remote.exact import MEDIA_TYPE, ROWS_PATH, VOCAB_PATH
 from eft_local.server.handlers import (
     chat_work,
     completion_work,
     detokenize_work,
+    rows_work,
     tokenize_work,
     tokenizer_info_work,
+    vocab_work,
 )
 from eft_local.server.page import playground
 from eft_local.server.protocol import (
+    MAX_TOP_LOGPROBS,
     ApiError,
     ChatRequest,
     CompletionRequest,
@@ -41,6 +45,7 @@ from eft_local.server.protocol import (
     parse_chat,
     parse_completion,
     parse_model_name,
+    parse_rows,
     usage,
 )
 from eft_local.server.worker import Job, Worker
@@ -70,6 +75,8 @@ class ServerOptions:
     drop its oldest turns (``truncate``) or answer 400 (``error``)."""
     body_seconds: float = 60.0
     """Longest a request body may take to arrive (a slow upload holds a connection)."""
+    max_logprobs: int = MAX_TOP_LOGPROBS
+    """Most alternatives per position a completions request may ask for."""
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -304,6 +311,22 @@ class Api:
             raise ApiError(400, "'model' must be a string", param="model")
         return parse_model_name(model)[0] if model else None
 
+    # -- the exact protocol (eft_local.remote.exact) --------------------------------------
+    async def rows(self, request: Request) -> Response:
+        req = parse_rows(await self.body(request))
+        job = Job(work=rows_work(req), preset=self._preset({"model": req.model}))
+        watcher = await self.start(job, request)
+        try:
+            data = await self.first(job, self.events(job))
+        finally:
+            watcher.cancel()
+        return Response(content=data["body"], media_type=MEDIA_TYPE, headers=data["headers"])
+
+    async def vocab(self, request: Request) -> Response:
+        query = dict(request.query_params)
+        return await self._simple(request, Job(work=vocab_work(query),
+                                               preset=self._preset(query)))
+
     # -- chat -----------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -413,7 +436,8 @@ class Api:
     async def completions(self, request: Request) -> Response:
         started = time.perf_counter()
         opts = self.options
-        req = parse_completion(await self.body(request), self.runner.sampling, opts.seed)
+        req = parse_completion(await self.body(request), self.runner.sampling, opts.seed,
+                               max_logprobs=opts.max_logprobs)
         job = Job(work=completion_work(req, default_max=opts.completion_max_tokens,
                                        default_stop=opts.stop),
                   preset=req.common.preset, knobs=req.common.knobs, sampling=req.common.sampling)
@@ -547,5 +571,7 @@ def create_app(runner: Worker, options: ServerOptions | None = None,
         Route("/tokenize", r(api.tokenize), methods=["POST"]),
         Route("/detokenize", r(api.detokenize), methods=["POST"]),
         Route("/tokenizer_info", r(api.tokenizer_info), methods=["GET"]),
+        Route(ROWS_PATH, r(api.rows), methods=["POST"]),
+        Route(VOCAB_PATH, r(api.vocab), methods=["GET"]),
     ]
     return Starlette(routes=list(routes), exception_handlers={HTTPException: _not_found})

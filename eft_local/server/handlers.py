@@ -9,16 +9,30 @@ from __future__ import annotations
 
 import codecs
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from eft_local.chat import fit_messages
 from eft_local.errors import ContextFull
 from eft_local.records import finite, step_record
+from eft_local.remote.exact import (
+    H_EVAL_MS,
+    H_REUSED,
+    H_ROWS,
+    H_WIDTH,
+    PREFIX_MISMATCH,
+    encode_rows,
+    model_rows,
+    pick_role,
+    prefix_hash,
+)
+from eft_local.remote.vocab import model_vocab, vocab_payload
 from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    RowsRequest,
     chat_logprob,
     finish_reason,
     model_name,
@@ -138,12 +152,15 @@ def check_tokens(session: Session, tokens: Sequence[int], param: str) -> None:
 def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
              stop: Sequence[str], top_n: int | None, index: int = 0,
              prompt_param: str = "messages", shift: bool = False, grammar: str | None = None,
-             convert: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+             convert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+             label: Callable[[int], str] | None = None) -> None:
     """Stream one generation after ``tokens`` (following ``grammar``, GBNF, when given) as
     ``chunk`` events; a ``done`` event carries usage and llama-server style ``timings``
     (tokens evaluated vs. re-used from the cache). ``shift``: ``tokens`` are a chat whose
     oldest turns were dropped (see :meth:`Session.stream`). ``convert`` may rewrite each
-    chunk, its ``finish`` too."""
+    chunk, its ``finish`` too. ``label`` names tokens in log-prob entries (default: their
+    text)."""
+    label = label or session.token_text
     n_ctx = session.n_ctx
     if len(tokens) >= n_ctx:
         raise too_long(session, len(tokens), prompt_param)
@@ -173,9 +190,9 @@ def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
                 job.generated += 1
                 if top_n is not None:  # every token, end of turn too: usage counts it
                     pending.append(chat_logprob(  # log-probs pass records.finite there
-                        session.token_text(step.token), session.token_bytes(step.token),
+                        label(step.token), session.token_bytes(step.token),
                         step.logprob if step.logprob is not None else float("nan"),
-                        [(session.token_text(t), session.token_bytes(t), lp)
+                        [(label(t), session.token_bytes(t), lp)
                          for t, lp in (step.top or ())[:top_n]]))
                 if diagnostics:
                     eft_pending.append(token_record(session, step, content=chunk.text,
@@ -331,6 +348,7 @@ def _one_completion(session: Session, job: Job, req: CompletionRequest, index: i
                     tokens: list[int], added_bos: bool, text: str, param: str,
                     max_tokens: int, default_stop: Sequence[str]) -> None:
     top_n = req.logprobs
+    label = token_id_label if req.token_ids else session.token_text
     echo_lp: dict[str, Any] | None = None
     if req.echo:
         record: dict[str, Any] = {"index": index, "text": text, "echo": True}
@@ -340,11 +358,12 @@ def _one_completion(session: Session, job: Job, req: CompletionRequest, index: i
             scored = session.score(tokens, settings=_settings(job), top_n=top_n)
             pieces = [session.token_bytes(t) for t in tokens]
             echo_lp = {  # a masked token's -inf leaves as records.finite's floor
-                "tokens": [_text(p) for p in pieces],
+                "tokens": ([label(t) for t in tokens] if req.token_ids
+                           else [_text(p) for p in pieces]),
                 "token_logprobs": [None if t.logprob is None else finite(t.logprob)
                                    for t in scored.tokens],
                 "top_logprobs": [None if t.logprob is None else
-                                 {session.token_text(i): finite(lp) for i, lp in t.top}
+                                 {label(i): finite(lp) for i, lp in t.top}
                                  for t in scored.tokens],
                 "text_offset": _offsets(pieces, added_bos)}
             record["legacy_logprobs"] = echo_lp
@@ -357,7 +376,12 @@ def _one_completion(session: Session, job: Job, req: CompletionRequest, index: i
     generate(session, job, tokens, max_tokens=max_tokens,
              stop=default_stop if req.common.stop is None else req.common.stop,
              top_n=top_n, index=index, prompt_param=param, grammar=req.common.grammar,
-             convert=_legacy(len(text), top_n))
+             convert=_legacy(len(text), top_n), label=label)
+
+
+def token_id_label(token: int) -> str:
+    """A token named by id, as vLLM's ``return_tokens_as_token_ids`` names it."""
+    return f"token_id:{token}"
 
 
 def _legacy(offset: int, top_n: int | None) -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -396,6 +420,9 @@ def tokenize_work(body: Mapping[str, Any]) -> Callable[[Session, Job], None]:
     if not isinstance(add_special, bool):
         raise ApiError(400, "'add_special_tokens' must be true or false",
                        param="add_special_tokens")
+    parse_special = body.get("parse_special", True)
+    if not isinstance(parse_special, bool):
+        raise ApiError(400, "'parse_special' must be true or false", param="parse_special")
     if messages is None and not isinstance(prompt, str):
         raise ApiError(400, "'prompt' must be a string (or give 'messages')", param="prompt")
 
@@ -404,8 +431,9 @@ def tokenize_work(body: Mapping[str, Any]) -> Callable[[Session, Job], None]:
             chat = parse_chat({"messages": messages}, SamplerSettings(), 0)
             tokens = session.chat_tokens(chat.messages)
         else:
-            check_text(session, prompt, "prompt", parse_special=True, context=False)
-            tokens = session.tokenize(prompt, add_bos=add_special, parse_special=True)
+            check_text(session, prompt, "prompt", parse_special=parse_special, context=False)
+            tokens = session.tokenize(prompt, add_bos=add_special,
+                                      parse_special=parse_special)
         job.emit("result", {"tokens": tokens, "count": len(tokens),
                             "max_model_len": session.n_ctx})
 
@@ -447,3 +475,56 @@ def tokenizer_info_work(session: Session, job: Job) -> None:
         "model_max_length": session.n_ctx,
         "chat_template": session.template})
 
+
+
+# -- the exact protocol (eft_local.remote.exact) ----------------------------------------------
+def rows_work(req: RowsRequest) -> Callable[[Session, Job], None]:
+    """``POST /eft/rows``: one model's logit rows as a binary body (``result`` event:
+    ``{"body": bytes, "headers": {...}}``); 409 when the prefix named is not held."""
+
+    def work(session: Session, job: Job) -> None:
+        role = pick_role(session.models, req.role, session.preset.name)
+        tokens = req.tokens
+        if req.n_past:
+            held = list(session.models[role].tokens)
+            if len(held) < req.n_past or prefix_hash(held[:req.n_past]) != req.prefix:
+                raise ApiError(409, f"{role} no longer holds those {req.n_past} tokens; "
+                               "send the whole sequence (n_past 0)", code=PREFIX_MISMATCH)
+            tokens = held[:req.n_past] + tokens
+        started = time.perf_counter()
+        rows, reused = model_rows(session.models[role], tokens, req.first,
+                                  n_threads=session.engine.n_threads)
+        ms = 1e3 * (time.perf_counter() - started)
+        job.info = {"prompt_tokens": len(tokens), "completion_tokens": 0,
+                    "timings": {"cache_n": reused, "prompt_n": len(tokens) - reused}}
+        job.emit("result", {"body": encode_rows(rows), "headers": {
+            H_ROWS: str(rows.shape[0]), H_WIDTH: str(rows.shape[1]), H_REUSED: str(reused),
+            H_EVAL_MS: f"{ms:.3f}"}})
+
+    return work
+
+
+_VOCABS: weakref.WeakKeyDictionary[Session, dict[str, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def vocab_work(query: Mapping[str, str]) -> Callable[[Session, Job], None]:
+    """``GET /eft/vocab``: a role's vocabulary as a local file gives it (``hash_only``:
+    only its hash, context size and chat template)."""
+    hash_only = query.get("hash_only", "") not in ("", "0", "false")
+
+    def work(session: Session, job: Job) -> None:
+        role = pick_role(session.models, query.get("role") or None, session.preset.name)
+        found = _VOCABS.setdefault(session, {})
+        if role not in found:
+            vocab, pieces, plain = model_vocab(session.models[role],
+                                               session.report.vocabs[role])
+            found[role] = vocab_payload(vocab, pieces, plain)
+        payload = found[role]
+        head = {"role": role, "preset": session.preset.name, "hash": payload["hash"],
+                "n_tokens": payload["n_tokens"], "n_ctx": session.models[role].n_ctx,
+                "chat_template": session.template
+                if role == session.preset.template_role else None}
+        job.emit("result", head if hash_only else {**head, **payload})
+
+    return work

@@ -386,6 +386,9 @@ class CompletionRequest:
     prompts: list[str | list[int]]
     echo: bool
     logprobs: int | None
+    token_ids: bool = False
+    """``return_tokens_as_token_ids`` (vLLM's field): log-prob entries name tokens
+    ``token_id:N`` instead of by their text."""
 
 
 def _prompts(value: Any) -> list[str | list[int]]:
@@ -403,9 +406,9 @@ def _prompts(value: Any) -> list[str | list[int]]:
               "those", "prompt")
 
 
-def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None
-                     ) -> CompletionRequest:
-    """Validate a (legacy) completions body."""
+def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None, *,
+                     max_logprobs: int = MAX_TOP_LOGPROBS) -> CompletionRequest:
+    """Validate a (legacy) completions body (``logprobs`` up to ``max_logprobs``)."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     if "prompt" not in body:
@@ -418,7 +421,8 @@ def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None
         raise bad("'eft.context_overflow' applies to chat completions (a completion's prompt "
                   "is not made of turns)", "eft.context_overflow")
     echo = _bool(body, "echo")
-    logprobs = _number(body, "logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+    logprobs = _number(body, "logprobs", 0, max_logprobs, integer=True)
+    token_ids = _bool(body, "return_tokens_as_token_ids")
     if common.max_tokens == 0 and not echo:
         raise bad("'max_tokens' 0 generates nothing; give 'echo': true to score the prompt",
                   "max_tokens")
@@ -426,7 +430,44 @@ def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None
         raise bad("'max_tokens' 0 (scoring only) cannot be streamed", "stream")
     common = _with_grammar(common, body)
     return CompletionRequest(common=common, prompts=prompts, echo=echo,
-                             logprobs=None if logprobs is None else int(logprobs))
+                             logprobs=None if logprobs is None else int(logprobs),
+                             token_ids=token_ids)
+
+
+@dataclass(frozen=True)
+class RowsRequest:
+    """A validated ``POST /eft/rows`` body (see :mod:`eft_local.remote.exact`)."""
+
+    model: str | None
+    role: str | None
+    tokens: list[int]
+    n_past: int
+    prefix: str | None
+    first: int
+
+
+def parse_rows(body: Any) -> RowsRequest:
+    """Validate an exact-protocol request: ``tokens`` after ``n_past`` held ones (whose
+    hash is ``prefix``), rows from position ``first`` on."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not tokens or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise bad("'tokens' must be a non-empty list of token ids", "tokens")
+    n_past = _number(body, "n_past", 0, 1 << 30, integer=True) or 0
+    total = int(n_past) + len(tokens)
+    first = _number(body, "first", 0, total - 1, integer=True)
+    prefix = body.get("prefix")
+    if n_past and not isinstance(prefix, str):
+        raise bad("'prefix' (the hash of the n_past tokens held) is required with 'n_past'",
+                  "prefix")
+    for name in ("model", "role"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise bad(f"'{name}' must be a string", name)
+    return RowsRequest(model=body.get("model"), role=body.get("role"), tokens=list(tokens),
+                       n_past=int(n_past), prefix=prefix,
+                       first=total - 1 if first is None else int(first))
 
 
 # -- responses --------------------------------------------------------------------------------

@@ -171,7 +171,8 @@ class Worker:
         out = []
         for name, preset in self.presets().items():
             if name == self.loaded or self.options.download or all(
-                    hub.cached_path(spec) is not None for spec in preset.models.values()):
+                    spec.remote or hub.cached_path(spec) is not None
+                    for spec in preset.models.values()):
                 out.append(preset)
         return out
 
@@ -234,8 +235,10 @@ class Worker:
             job.work(session, job)
         except ApiError as exc:
             job.emit("error", exc)
-        except EftError as exc:
-            job.emit("error", ApiError(400, str(exc)))
+        except EftError as exc:  # a remote role's engine failing is 502 (504: timeout)
+            status = getattr(exc, "status", 400)
+            job.emit("error", ApiError(status, str(exc),
+                                       code="remote_failed" if status >= 500 else None))
         except Exception as exc:  # a bug: one log line, a 500 without a traceback
             self.log(f"internal error: {type(exc).__name__}: {exc}")
             job.emit("error", ApiError(500, f"internal error: {type(exc).__name__}"))

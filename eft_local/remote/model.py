@@ -1,0 +1,185 @@
+"""A role evaluated by a remote engine: :class:`RemoteModel` is one more
+:class:`eft_local.engine.Model`.
+
+Its ``tokens`` are the sequence it has been asked to condition on; :meth:`RemoteModel.eval`
+sends what the protocol needs (the exact protocol: only what the engine does not hold yet;
+the others: the whole prompt, whose prefix the engine re-uses from its cache) and returns
+rows of ``n_vocab`` values, as a local model would. ``rewind`` costs nothing: it only
+shortens ``tokens``. Text (pieces, end-of-generation ids) comes from the vocabulary read at
+load; tokenizing text, needed only when the remote model is the template role, is a request.
+The engine runs a remote model's evaluation in a thread of its own, concurrently with the
+local models (:meth:`eft_local.engine.Engine.evaluate_each`): its cost is waiting, not CPU.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from eft_local.config import ModelSpec
+from eft_local.errors import EftError
+from eft_local.remote.exact import ExactClient
+from eft_local.remote.http import Endpoint, RemoteError
+from eft_local.remote.llamaserver import LlamaServerClient
+from eft_local.remote.openai import OpenAIClient
+from eft_local.remote.vocab import RemoteInfo, read_info
+from eft_local.vocab import ATTR_CONTROL
+
+DEFAULT_TOP_K = 100
+"""Log-probs per position asked of engines that give only the top K, when ``top_k`` is
+not set."""
+REMOTE_COST = 1 << 50
+"""What :meth:`RemoteModel.file_size` reports: never the cheapest model, so never the
+drafter (drafting remotely costs a round trip per token)."""
+
+
+class Abandoned(EftError):
+    """A remote evaluation whose result came after the caller gave up on it."""
+
+
+class RemoteModel:
+    """A model served by a remote engine (see the module docstring)."""
+
+    remote = True
+    partial_rewind = True
+
+    def __init__(self, spec: ModelSpec, endpoint: Endpoint, info: RemoteInfo) -> None:
+        self.spec = spec
+        self.endpoint = endpoint
+        self.info = info
+        self.url = endpoint.shown
+        self.path = Path(spec.describe())
+        self.n_vocab = info.vocab.n_tokens
+        self.n_ctx = info.n_ctx
+        self.tokens: list[int] = []
+        self.api = info.api
+        self.top_k = None if info.api == "eft-local" else min(
+            spec.top_k or DEFAULT_TOP_K, self.n_vocab)
+        """Log-probs per position (None: whole rows, exact)."""
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self._client = self._make_client()
+
+    def _make_client(self) -> Any:
+        info, ep = self.info, self.endpoint
+        if info.api == "eft-local":
+            return ExactClient(ep, role=info.role, model=info.model, width=self.n_vocab)
+        if info.api == "llama-server":
+            return LlamaServerClient(ep, width=self.n_vocab, top_k=self.top_k or 1)
+        pieces = info.vocab.pieces or info.vocab.texts
+        return OpenAIClient(ep, model=info.model or "", width=self.n_vocab,
+                            top_k=self.top_k or 1, pieces=pieces)
+
+    @property
+    def traffic(self) -> Any:
+        """Network counters (:class:`eft_local.remote.http.Traffic`), cumulative."""
+        return self.endpoint.traffic
+
+    def describe(self) -> str:
+        """How this role is reached, in a few words."""
+        how = "exact rows" if self.top_k is None else f"top {self.top_k} log-probs"
+        return f"{self.url} ({self.api}, {how})"
+
+    # -- evaluation -----------------------------------------------------------------------
+    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+        """Append ``tokens``; rows (one per new position, or the last), ``n_vocab`` wide."""
+        if not tokens:
+            raise ValueError("eval needs at least one token")
+        with self._lock:
+            done, epoch = list(self.tokens), self._epoch
+        if len(done) + len(tokens) > self.n_ctx:
+            raise EftError(f"remote {self.spec.role} ({self.url}): context full "
+                           f"({len(done)} + {len(tokens)} tokens > n_ctx {self.n_ctx})")
+        rows = self._client.rows(done, list(tokens), all_logits)
+        with self._lock:
+            if self._epoch != epoch:
+                raise Abandoned(f"remote {self.spec.role}: an abandoned evaluation ended")
+            self.tokens = [*done, *tokens]
+        return rows
+
+    def rewind(self, n_past: int) -> None:
+        """Forget positions from ``n_past`` on."""
+        with self._lock:
+            if n_past < len(self.tokens):
+                del self.tokens[n_past:]
+
+    def abandon(self) -> None:
+        """A caller gave up on an evaluation still under way: its result will be dropped
+        and ``tokens`` stays as it was before it."""
+        with self._lock:
+            self._epoch += 1
+
+    # -- text -----------------------------------------------------------------------------
+    def is_eog(self, token: int) -> bool:
+        """End-of-generation ids of its vocabulary."""
+        return token in self.info.vocab.eog
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """A token's bytes (control tokens empty unless ``special``)."""
+        vocab = self.info.vocab
+        pieces = vocab.pieces or vocab.texts
+        if not special:
+            if token in self.info.plain:
+                return self.info.plain[token]
+            if vocab.text_kind == "piece" and vocab.attrs[token] & ATTR_CONTROL:
+                return b""
+        return pieces[token]
+
+    def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
+        """Text to ids through the engine's tokenizer."""
+        ep, info = self.endpoint, self.info
+        if info.api == "llama-server":
+            got = ep.json("POST", "/tokenize", {"content": text, "add_special": add_bos,
+                                                "parse_special": special})
+        else:
+            got = ep.json("POST", "/tokenize", {"model": info.model, "prompt": text,
+                                                "add_special_tokens": add_bos,
+                                                "parse_special": special})
+        tokens = got.get("tokens") if isinstance(got, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise ep.fail("/tokenize answered no token list")
+        return tokens
+
+    def chat_template(self) -> str | None:
+        """The engine's chat template, if it tells one."""
+        return self.info.chat_template
+
+    def file_size(self) -> int:
+        """:data:`REMOTE_COST` (see there)."""
+        return REMOTE_COST
+
+    def close(self) -> None:
+        """Close the connections."""
+        self.endpoint.close()
+
+
+def endpoint_for(spec: ModelSpec) -> Endpoint:
+    """The endpoint of a remote model spec."""
+    assert spec.url is not None
+    return Endpoint(spec.url, role=spec.role, api_key_env=spec.api_key_env,
+                    timeout=spec.timeout)
+
+
+def open_remote(spec: ModelSpec, *, expected_vocab: int | None = None,
+                say: Callable[[str], None] | None = None) -> RemoteModel:
+    """Connect to the engine of ``spec`` and read what the model is."""
+    ep = endpoint_for(spec)
+    try:
+        info = read_info(ep, spec, expected=expected_vocab, say=say)
+        return RemoteModel(spec, ep, info)
+    except BaseException:
+        ep.close()
+        raise
+
+
+def is_remote(model: object) -> bool:
+    """True for a model that a remote engine evaluates."""
+    return bool(getattr(model, "remote", False))
+
+
+__all__ = ["Abandoned", "RemoteError", "RemoteModel", "endpoint_for", "is_remote",
+           "open_remote"]

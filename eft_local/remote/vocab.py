@@ -1,0 +1,346 @@
+"""A remote model's vocabulary, read through its engine's own endpoints, and cached.
+
+- eft-local (``GET /eft/vocab``): exactly what a local GGUF file gives (stored token texts,
+  attributes, end-of-generation ids, BOS/EOS, ``add_bos``) plus each id's piece, the context
+  size and the chat template; a hash of the vocabulary comes first, so the whole of it is
+  downloaded only when the cache does not hold it.
+- llama-server: ``/v1/models`` (vocabulary type and size, context), ``/props`` (BOS and EOS
+  text, chat template, model path) and ``POST /tokenize`` with the ids themselves as the
+  content and ``with_pieces`` (every id's piece in one request).
+- OpenAI-compatible servers: ``/tokenizer_info`` for the size where there is one, and one
+  ``/detokenize`` (vLLM's shape; ``/extras/detokenize`` for llama-cpp-python's server) per
+  id, several at a time.
+
+The last two show only what each id decodes to, so the alignment check compares every
+model by those pieces when such an engine is among them (:func:`eft_local.vocab.comparable`).
+Vocabularies are cached in ``$XDG_CACHE_HOME/eft-local/remote/`` under the URL, the model
+name and a hash (eft-local's vocabulary hash, or the other engines' model fingerprint).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from eft_local.config import ModelSpec
+from eft_local.errors import EftError
+from eft_local.files import atomic_write, cache_dir
+from eft_local.limits import N_CTX_MAX
+from eft_local.remote.exact import VOCAB_PATH
+from eft_local.remote.http import Endpoint
+from eft_local.vocab import ATTR_CONTROL, VOCAB_TYPES, VocabInfo
+
+CACHE_VERSION = 1
+TOKENIZE_CHUNK = 8192
+"""Ids per ``/tokenize`` request when llama-server spells its vocabulary."""
+DETOKENIZE_THREADS = 8
+
+
+@dataclass(frozen=True)
+class RemoteInfo:
+    """What a remote model is: how to reach it and its vocabulary."""
+
+    api: str
+    model: str | None
+    """The name the engine serves it under (OpenAI ``model``; eft-local's preset)."""
+    role: str | None
+    """eft-local: the role of the served preset that this model is."""
+    vocab: VocabInfo
+    n_ctx: int
+    chat_template: str | None = None
+    plain: Mapping[int, bytes] = field(default_factory=dict)
+    """Ids whose piece without special tokens differs from :attr:`VocabInfo.pieces`
+    (control tokens decode to nothing in generated text)."""
+
+
+# -- eft-local's payload (the server builds it, the client reads it) ----------------------------
+def _pack(items: Sequence[bytes]) -> dict[str, Any]:
+    return {"data": base64.b64encode(b"".join(items)).decode("ascii"),
+            "lengths": [len(b) for b in items]}
+
+
+def _unpack(packed: Any, n: int, what: str) -> tuple[bytes, ...]:
+    data = base64.b64decode(packed["data"], validate=True)
+    lengths = packed["lengths"]
+    if len(lengths) != n or sum(lengths) != len(data):
+        raise ValueError(f"{what}: {len(lengths)} lengths for {n} tokens")
+    out, at = [], 0
+    for length in lengths:
+        out.append(data[at:at + length])
+        at += length
+    return tuple(out)
+
+
+def vocab_payload(v: VocabInfo, pieces: Sequence[bytes], plain: Mapping[int, bytes]
+                  ) -> dict[str, Any]:
+    """A vocabulary as ``/eft/vocab`` sends it (JSON-ready; ``hash`` over the rest)."""
+    body = {"vocab_type": v.vocab_type, "n_tokens": v.n_tokens, "bos": v.bos, "eos": v.eos,
+            "eot": v.eot, "eog": sorted(v.eog), "add_bos": v.add_bos, "add_eos": v.add_eos,
+            "attrs": list(v.attrs), "texts": _pack(v.texts), "pieces": _pack(pieces),
+            "plain": {str(i): base64.b64encode(b).decode("ascii") for i, b in plain.items()}}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+    return {**body, "hash": digest}
+
+
+def vocab_from_payload(body: Mapping[str, Any], where: str
+                       ) -> tuple[VocabInfo, dict[int, bytes]]:
+    """The vocabulary (and the plain pieces that differ) of an ``/eft/vocab`` payload."""
+    try:
+        n = int(body["n_tokens"])
+        texts = _unpack(body["texts"], n, "texts")
+        pieces = _unpack(body["pieces"], n, "pieces")
+        attrs = tuple(int(a) for a in body["attrs"])
+        if len(attrs) != n:
+            raise ValueError(f"{len(attrs)} attributes for {n} tokens")
+        plain = {int(i): base64.b64decode(b) for i, b in body.get("plain", {}).items()}
+        vocab = VocabInfo(path=where, vocab_type=str(body["vocab_type"]), n_tokens=n,
+                          bos=int(body["bos"]), eos=int(body["eos"]), eot=int(body["eot"]),
+                          eog=frozenset(int(i) for i in body["eog"]),
+                          add_bos=bool(body["add_bos"]), add_eos=bool(body["add_eos"]),
+                          texts=texts, attrs=attrs, pieces=pieces)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EftError(f"{where}: the vocabulary it sent is malformed ({exc})") from None
+    return vocab, plain
+
+
+def model_vocab(model: Any, fallback: VocabInfo) -> tuple[VocabInfo, list[bytes],
+                                                        dict[int, bytes]]:
+    """What ``/eft/vocab`` serves of a loaded model: its vocabulary as its file gives it
+    (``fallback`` for a model that cannot say), each id's piece (control tokens as their
+    text) and the pieces that differ without special tokens."""
+    read = getattr(model, "vocab", None)
+    vocab = read() if callable(read) else fallback
+    pieces = [model.piece(i, special=True) for i in range(vocab.n_tokens)]
+    plain = {i: p for i in range(vocab.n_tokens) if (p := model.piece(i)) != pieces[i]}
+    return vocab, pieces, plain
+
+
+# -- reading ------------------------------------------------------------------------------------
+def detect_api(ep: Endpoint) -> str:
+    """eft-local (``/eft/vocab`` answers), llama-server (``/props`` names its build) or
+    openai."""
+    answer = ep.request("GET", VOCAB_PATH + "?hash_only=1", ok=(200, 400, 404, 405))
+    if answer.status in (200, 400):  # 400: a preset of several models, no role named
+        return "eft-local"
+    answer = ep.request("GET", "/props", ok=(200, 401, 403, 404, 405))
+    data = answer.json() if answer.status == 200 else None
+    if isinstance(data, dict) and "build_info" in data:
+        return "llama-server"
+    return "openai"
+
+
+def read_info(ep: Endpoint, spec: ModelSpec, *, expected: int | None = None,
+              say: Any = None) -> RemoteInfo:
+    """The remote model of ``spec`` through ``ep`` (the API detected when not given);
+    ``expected``: the vocabulary size to read from an engine that does not tell its own."""
+    api = spec.api or detect_api(ep)
+    if api == "eft-local" or (api == "openai" and _has_eft_vocab(ep)):
+        return _read_eft(ep, spec, api)
+    if api == "llama-server":
+        return _read_llama_server(ep, spec)
+    return _read_openai(ep, spec, expected, say)
+
+
+def _has_eft_vocab(ep: Endpoint) -> bool:
+    return ep.request("GET", VOCAB_PATH + "?hash_only=1", ok=(200, 400, 404, 405)
+                      ).status in (200, 400)
+
+
+def _query(spec: ModelSpec, role: str | None, **more: str) -> str:
+    params = {"model": spec.model, "role": role, **more}
+    text = "&".join(f"{k}={v}" for k, v in params.items() if v)
+    return f"{VOCAB_PATH}?{text}" if text else VOCAB_PATH
+
+
+def _read_eft(ep: Endpoint, spec: ModelSpec, api: str) -> RemoteInfo:
+    role = None
+    head = ep.request("GET", _query(spec, None, hash_only="1"), ok=(200, 400))
+    if head.status == 400:  # several models: the one named like this role
+        role = spec.role
+        head = ep.request("GET", _query(spec, role, hash_only="1"))
+    info = head.json()
+    if not isinstance(info, dict) or "hash" not in info:
+        raise ep.fail(f"{VOCAB_PATH} answered something that is not a vocabulary description")
+    key = _cache_key(ep, api, spec.model, role or "", str(info["hash"]))
+    body = _cache_load(key)
+    try:
+        if body is None or body.get("hash") != info["hash"]:
+            raise EftError("not cached")
+        vocab, plain = vocab_from_payload(body, spec.describe())
+    except EftError:  # not cached, or a damaged cache file
+        body = ep.json("GET", _query(spec, role))
+        if body.get("hash") != info["hash"]:
+            raise ep.fail(f"{VOCAB_PATH} sent a vocabulary whose hash is not the one it "
+                          "named") from None
+        vocab, plain = vocab_from_payload(body, spec.describe())
+        _cache_save(key, body)
+    return RemoteInfo(api=api, model=spec.model or info.get("preset"),
+                      role=role or info.get("role"), vocab=vocab,
+                      n_ctx=int(info.get("n_ctx") or N_CTX_MAX),
+                      chat_template=info.get("chat_template"), plain=plain)
+
+
+def _read_llama_server(ep: Endpoint, spec: ModelSpec) -> RemoteInfo:
+    models = ep.json("GET", "/v1/models")
+    props = ep.json("GET", "/props")
+    try:
+        card = models["data"][0]
+        meta = card["meta"]
+        n = int(meta["n_vocab"])
+        n_ctx = int(meta.get("n_ctx") or props["default_generation_settings"]["n_ctx"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ep.fail("/v1/models gave no vocabulary size (n_vocab)") from None
+    fingerprint = json.dumps([meta, props.get("model_path")], sort_keys=True, default=str)
+    key = _cache_key(ep, "llama-server", spec.model, "", fingerprint)
+    body = _cache_load(key)
+    pieces_t = _cached_pieces(body, n)
+    if pieces_t is None:
+        pieces: list[bytes] = []
+        for lo in range(0, n, TOKENIZE_CHUNK):
+            ids = list(range(lo, min(n, lo + TOKENIZE_CHUNK)))
+            got = ep.json("POST", "/tokenize", {"content": ids, "with_pieces": True,
+                                                "add_special": False})
+            try:
+                entries = got["tokens"]
+                if [e["id"] for e in entries] != ids:
+                    raise ValueError("ids out of order")
+                pieces += [_piece_bytes(e["piece"]) for e in entries]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ep.fail(f"/tokenize did not spell its vocabulary ({exc})") from None
+        with_bos = ep.json("POST", "/tokenize", {"content": "a", "add_special": True})
+        without = ep.json("POST", "/tokenize", {"content": "a", "add_special": False})
+        body = {"pieces": _pack(pieces), "n_tokens": n,
+                "add_bos": len(with_bos.get("tokens", [])) > len(without.get("tokens", []))}
+        _cache_save(key, body)
+        pieces_t = tuple(pieces)
+    assert body is not None
+    index = {p: i for i, p in reversed(list(enumerate(pieces_t)))}  # the lowest id wins
+    bos = index.get(str(props.get("bos_token", "")).encode(), -1)
+    eos = index.get(str(props.get("eos_token", "")).encode(), -1)
+    vocab = VocabInfo(path=spec.describe(),
+                      vocab_type=VOCAB_TYPES.get(int(meta.get("vocab_type", -1)), "unknown"),
+                      n_tokens=n, bos=bos, eos=eos, eot=-1,
+                      eog=frozenset({eos} if eos >= 0 else ()), add_bos=bool(body.get("add_bos")),
+                      add_eos=False, texts=pieces_t, attrs=(0,) * n, pieces=pieces_t,
+                      text_kind="piece")
+    return RemoteInfo(api="llama-server", model=spec.model or card.get("id"), role=None,
+                      vocab=vocab, n_ctx=n_ctx, chat_template=props.get("chat_template"))
+
+
+def _read_openai(ep: Endpoint, spec: ModelSpec, expected: int | None, say: Any
+                 ) -> RemoteInfo:
+    models = ep.json("GET", "/v1/models")
+    try:
+        names = [str(m["id"]) for m in models["data"]]
+    except (KeyError, TypeError):
+        raise ep.fail("/v1/models did not list its models") from None
+    model = spec.model or (names[0] if names else None)
+    if model is None:
+        raise ep.fail("/v1/models lists no model")
+    _probe_token_prompts(ep, model)
+    size_answer = ep.request("GET", "/tokenizer_info", ok=(200, 404, 405, 501))
+    info = size_answer.json() if size_answer.status == 200 else None
+    n = int(info["vocab_size"]) if isinstance(info, dict) and info.get("vocab_size") else expected
+    if not n:
+        raise ep.fail("tells no vocabulary size (no /tokenizer_info) and there is no local "
+                      "model to compare it with")
+    card = next((m for m in models["data"] if str(m.get("id")) == model), {})
+    fingerprint = json.dumps([card, info, n], sort_keys=True, default=str)
+    key = _cache_key(ep, "openai", model, "", fingerprint)
+    pieces_t = _cached_pieces(_cache_load(key), n)
+    if pieces_t is None:
+        if say is not None:
+            say(f"note: {spec.role}: reading the {n} tokens of {ep.shown} one request each "
+                "(once; then cached)")
+        pieces_t = tuple(_detokenize_all(ep, model, n))
+        _cache_save(key, {"pieces": _pack(pieces_t), "n_tokens": n})
+    # ids that decode to nothing are control tokens (llama-cpp-python's server hides them)
+    attrs = tuple(ATTR_CONTROL if not p else 0 for p in pieces_t)
+    vocab = VocabInfo(path=spec.describe(), vocab_type="unknown", n_tokens=n, bos=-1, eos=-1,
+                      eot=-1, eog=frozenset(), add_bos=False, add_eos=False, texts=pieces_t,
+                      attrs=attrs, pieces=pieces_t, text_kind="piece")
+    n_ctx = int(card.get("max_model_len") or (info or {}).get("model_max_length") or N_CTX_MAX)
+    return RemoteInfo(api="openai", model=model, role=None, vocab=vocab, n_ctx=n_ctx,
+                      chat_template=(info or {}).get("chat_template"))
+
+
+def _probe_token_prompts(ep: Endpoint, model: str) -> None:
+    """Refuse an engine that does not take token-id prompts with log-probs (llama-cpp-
+    python's server takes text only): conditioning on a re-tokenized text is not
+    conditioning on the same tokens."""
+    answer = ep.request("POST", "/v1/completions", ok=(200, 400, 404, 405, 415, 422, 500),
+                        payload={"model": model, "prompt": [0, 0], "max_tokens": 1,
+                                 "logprobs": 1, "temperature": 0})
+    data = answer.json()
+    try:
+        ok = answer.status == 200 and data["choices"][0]["logprobs"]["top_logprobs"]
+    except (KeyError, IndexError, TypeError):
+        ok = False
+    if not ok:
+        raise ep.fail(f"/v1/completions does not take a token-id prompt with logprobs "
+                      f"(HTTP {answer.status}); llama-cpp-python's server takes text only. "
+                      "Serve the model with llama-server or eft-local serve")
+
+
+def _detokenize_all(ep: Endpoint, model: str, n: int) -> list[bytes]:
+    """Each id's text through ``/detokenize`` (vLLM, eft-local) or ``/extras/detokenize``
+    (llama-cpp-python's server), several requests at a time."""
+    probe = ep.request("POST", "/detokenize", payload={"model": model, "tokens": [0]},
+                       ok=(200, 404, 405))
+    path, field_name = ("/detokenize", "prompt") if probe.status == 200 else (
+        "/extras/detokenize", "text")
+
+    def one(i: int) -> bytes:
+        got = ep.json("POST", path, {"model": model, "tokens": [i]})
+        text = got.get(field_name) if isinstance(got, dict) else None
+        if not isinstance(text, str):
+            raise ep.fail(f"{path} answered no text for token {i}")
+        return text.encode("utf-8", "surrogatepass")
+
+    with ThreadPoolExecutor(DETOKENIZE_THREADS) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def _piece_bytes(piece: Any) -> bytes:
+    """llama-server's piece: a string, or a list of byte values when not valid UTF-8."""
+    if isinstance(piece, str):
+        return piece.encode("utf-8")
+    if isinstance(piece, list) and all(isinstance(b, int) and 0 <= b < 256 for b in piece):
+        return bytes(piece)
+    raise ValueError(f"piece {piece!r} is neither text nor bytes")
+
+
+# -- the cache ----------------------------------------------------------------------------------
+def _cached_pieces(body: Mapping[str, Any] | None, n: int) -> tuple[bytes, ...] | None:
+    """The pieces of a cache entry, or None (absent or damaged)."""
+    try:
+        return None if body is None else _unpack(body["pieces"], n, "pieces")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _cache_key(ep: Endpoint, api: str, model: str | None, role: str, fingerprint: str) -> str:
+    parts = [str(CACHE_VERSION), ep.shown, api, model or "", role, fingerprint]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def _cache_load(key: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(cache_dir("remote", f"{key}.json").read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _cache_save(key: str, body: Mapping[str, Any]) -> None:
+    path = cache_dir("remote", f"{key}.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(body), what="the remote vocabulary cache")
+    except (OSError, EftError):
+        pass
