@@ -92,7 +92,7 @@ def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
     options (``options`` as the defaults), and connect to each remote role's engine; on
     any failure the models opened so far are closed. Roles keep the preset's order."""
     opts = options
-    gpu = backend.supports_gpu_offload()
+    gpu = backend.library.supports_gpu_offload()
     cores = opts.n_threads or max(1, os.cpu_count() or 1)
     share = max(1, cores // max(1, len(paths))) if opts.parallel else cores
     loaded: dict[str, Any] = {}

@@ -36,13 +36,12 @@ from eft_local.config import (
     load_config,
     preset_from_paths,
 )
-from eft_local.engine import Engine, Model, Step, file_size
+from eft_local.engine import Engine, Model, Step
 from eft_local.errors import ContextFull, EftError
 from eft_local.formula import Formula
 from eft_local.loading import LoadOptions, check_models, load_models, quantize
 from eft_local.remote.http import traffic_summary
 from eft_local.sampler import SamplerSettings
-from eft_local.schedule import shapes as schedules
 from eft_local.schedule import tuning
 from eft_local.scoring import Score, score_tokens
 from eft_local.settings import Settings
@@ -143,29 +142,9 @@ class Session:
     # -- loading --------------------------------------------------------------------------
     def _set_schedule(self, say: Progress) -> None:
         """The decode schedule: measured (cached per machine and model set) or named."""
-        eng = self.engine
         name = self.options.schedule or ("auto" if self.options.parallel else "sequential")
-        sizes = {r: float(file_size(self.models[r])) for r in eng.local_roles}
-        eng.remote.overlap = name != "sequential"
-        if eng.remote_roles and name == "auto":  # tuning and the watch time local models
-            name = "lanes" if self.options.parallel else "sequential"
-        if name == "auto" and tuning.offloaded(self.models):
-            eng.set_schedule(schedules.named("sequential", sizes, eng.n_threads))
-            self.schedule_reason = ("every model is offloaded to the GPU: one after another, "
-                                    "CPU threads not measured or watched")
-            say(f"schedule sequential: {self.schedule_reason}")
-        elif name == "auto" and tuning.can_tune(self.models, eng.n_threads):
-            self.tuning = tuning.tuned(eng, say=say)
-            eng.set_schedule(self.tuning.schedule)
-            eng.watch = tuning.watch(eng, self.tuning)
-            self.schedule_reason = "measured at load" + (" (cached)" if self.tuning.cached
-                                                         else "") + ", watched while decoding"
-            say(self.tuning.summary())
-        elif name != "auto":
-            eng.set_schedule(schedules.named(name, sizes, eng.n_threads))
-            self.schedule_reason = f"named ({name})"
-        else:
-            self.schedule_reason = "nothing to measure (one model, one thread, or fixed threads)"
+        self.tuning, self.schedule_reason = tuning.choose(
+            self.engine, name, parallel=self.options.parallel, say=say)
 
     def close(self) -> None:
         """Free every model."""
@@ -579,20 +558,7 @@ class Session:
     def schedule_stats(self) -> dict[str, object]:
         """The decode schedule and, when it was measured, its predicted and measured speed
         relative to the largest model alone at its best thread count."""
-        out: dict[str, object] = {"schedule": self.engine.schedule.name,
-                                  "schedule_stages": self.engine.schedule.describe(),
-                                  "schedule_reason": self.schedule_reason,
-                                  "threads": self.engine.n_threads}
-        w = self.engine.watch
-        if w is not None:
-            out.update(schedule_probes=w.probes, schedule_switches=w.switches)
-        t = self.tuning
-        if t is not None:
-            predicted, measured = t.ratios()
-            out.update(schedule_predicted_ratio=predicted, schedule_measured_ratio=measured,
-                       schedule_step_ms=1e3 * t.measured, large_alone_ms=1e3 * t.alone,
-                       large_alone_threads=t.alone_threads)
-        return out
+        return tuning.schedule_stats(self.engine, self.tuning, self.schedule_reason)
 
 
 def load_session(preset: str | None = None, *, models: Sequence[str] = (),

@@ -102,7 +102,7 @@ def test_the_baseline_offloads_the_layers_the_eft_runs_offload(family, monkeypat
 
     from eft_local import backend
 
-    monkeypatch.setattr(backend, "supports_gpu_offload", lambda: True)  # a GPU build
+    monkeypatch.setattr(backend.library, "supports_gpu_offload", lambda: True)  # a GPU build
     monkeypatch.setattr(bench, "SAMPLER_VOCABS", (1000,))
     argvs: list[list[str]] = []
     real_run = subprocess.run
@@ -119,7 +119,7 @@ def test_the_baseline_offloads_the_layers_the_eft_runs_offload(family, monkeypat
         return real_speed(*args, **kwargs)
 
     monkeypatch.setattr(bench.subprocess, "run", spy_run)
-    monkeypatch.setattr(backend, "raw_speed", spy_speed)
+    monkeypatch.setattr(backend.tools, "raw_speed", spy_speed)
     result = CliRunner().invoke(main, ["bench", *family.trio(), "--repeats", "1",
                                        "--max-tokens", "3", "--prompt-tokens", "0",
                                        "--threads", "1", "--gpu-layers", "1"])
@@ -141,7 +141,7 @@ def test_raw_speed_loads_the_layers_it_is_given(tmp_path, monkeypatch) -> None:
         seen.append(n_gpu_layers)
         raise Loaded
 
-    monkeypatch.setattr(backend, "_load_model", fake_load)
+    monkeypatch.setattr(backend.model, "_load_model", fake_load)
     for n in (0, -1, 7):
         with pytest.raises(Loaded):
             backend.raw_speed(tmp_path / "m.gguf", n_threads=1, n_gpu_layers=n)

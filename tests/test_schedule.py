@@ -215,7 +215,7 @@ def test_costs_measured_on_the_cpu_are_not_reused_with_gpu_layers(tmp_path: Path
         assert s.tuning is not None and not s.tuning.cached
     with session(paths, n_gpu_layers=0) as s:
         assert s.tuning is not None and s.tuning.cached
-    monkeypatch.setattr(backend, "supports_gpu_offload", lambda: True)  # Metal turned on
+    monkeypatch.setattr(backend.library, "supports_gpu_offload", lambda: True)  # Metal on
     with session(paths, n_gpu_layers=1) as s:  # 1 of 2 layers (output included): partial
         assert s.tuning is not None and not s.tuning.cached
         assert all(m.n_gpu_layers == 1 and not m.offloaded for m in s.models.values())
@@ -236,7 +236,7 @@ def test_fully_offloaded_models_are_neither_thread_tuned_nor_watched(tmp_path: P
     from eft_local import backend
 
     paths = trio_paths(tmp_path)
-    monkeypatch.setattr(backend, "supports_gpu_offload", lambda: True)
+    monkeypatch.setattr(backend.library, "supports_gpu_offload", lambda: True)
 
     def no_sweep(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("CPU threads measured with every model on the GPU")

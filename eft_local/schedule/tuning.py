@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from eft_local import backend
-from eft_local.engine import Engine, Model
+from eft_local.engine import Engine, Model, file_size
 from eft_local.errors import EftError
 from eft_local.files import atomic_write, cache_dir
 from eft_local.sampler import SamplerSettings
@@ -276,3 +276,49 @@ def tuned(engine: Engine, *, say: Callable[[str], None] = lambda _m: None,
         found = tune(engine, say=say)
         save(engine, found)
     return found
+
+
+def choose(engine: Engine, name: str, *, parallel: bool,
+           say: Callable[[str], None] = lambda _m: None) -> tuple[Tuning | None, str]:
+    """Set ``engine``'s decode schedule for the schedule ``name`` (``auto`` or a named one):
+    measured (cached per machine and model set) and watched, or named; returns the tuning
+    (None: not measured) and why, in words."""
+    eng = engine
+    sizes = {r: float(file_size(eng.models[r])) for r in eng.local_roles}
+    eng.remote.overlap = name != "sequential"
+    if eng.remote_roles and name == "auto":  # tuning and the watch time local models
+        name = "lanes" if parallel else "sequential"
+    if name == "auto" and offloaded(eng.models):
+        eng.set_schedule(schedules.named("sequential", sizes, eng.n_threads))
+        reason = ("every model is offloaded to the GPU: one after another, CPU threads not "
+                  "measured or watched")
+        say(f"schedule sequential: {reason}")
+        return None, reason
+    if name == "auto" and can_tune(eng.models, eng.n_threads):
+        found = tuned(eng, say=say)
+        eng.set_schedule(found.schedule)
+        eng.watch = watch(eng, found)
+        say(found.summary())
+        return found, ("measured at load" + (" (cached)" if found.cached else "")
+                       + ", watched while decoding")
+    if name != "auto":
+        eng.set_schedule(schedules.named(name, sizes, eng.n_threads))
+        return None, f"named ({name})"
+    return None, "nothing to measure (one model, one thread, or fixed threads)"
+
+
+def schedule_stats(engine: Engine, found: Tuning | None, reason: str) -> dict[str, object]:
+    """The decode schedule, why, the watch's probes and switches, and, when it was measured,
+    its predicted and measured speed against the largest model alone at its best."""
+    out: dict[str, object] = {"schedule": engine.schedule.name,
+                              "schedule_stages": engine.schedule.describe(),
+                              "schedule_reason": reason, "threads": engine.n_threads}
+    w = engine.watch
+    if w is not None:
+        out.update(schedule_probes=w.probes, schedule_switches=w.switches)
+    if found is not None:
+        predicted, measured = found.ratios()
+        out.update(schedule_predicted_ratio=predicted, schedule_measured_ratio=measured,
+                   schedule_step_ms=1e3 * found.measured, large_alone_ms=1e3 * found.alone,
+                   large_alone_threads=found.alone_threads)
+    return out

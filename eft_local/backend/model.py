@@ -1,140 +1,34 @@
-"""The llama.cpp adapter: the only module that imports ``llama_cpp``.
+"""Models: loading GGUF files, evaluating token batches, rolling the KV cache back.
 
-It loads GGUF files, evaluates token batches with logits on the positions asked for,
-rolls the KV cache back, turns tokens into bytes without the 32-byte truncation of
-``Llama.detokenize``, and reads vocabularies without loading weights.
+:class:`LlamaModel` evaluates batches with logits only on the positions asked for (never
+``n_ctx x vocab`` arrays), rolls the cache back with ``llama_memory_seq_rm``, shifts it after
+a chat dropped its oldest turns, and turns tokens into bytes without the 32-byte truncation
+of ``Llama.detokenize``; :func:`read_vocab` reads a vocabulary without the weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
-import json
-import os
-import re
-import tempfile
-import threading
-from collections import deque
 from pathlib import Path
 
-SPIN_COUNT = "1000"
-"""GOMP_SPINCOUNT set before llama.cpp's OpenMP runtime loads, unless the environment sets
-OMP_WAIT_POLICY or GOMP_SPINCOUNT. Workers of a multi-threaded decode wait for each other
-after every operation; libgomp lets a waiting worker spin 300,000 times (about 3 ms) before
-it sleeps: fastest on an idle machine, a crawl on a busy one (a spinner waits for a thread
-that is not running), and a spinner steals the core that a concurrent lane needs. Sleeping at
-once (``OMP_WAIT_POLICY=passive``) halves 2-thread speed even on an idle machine. 1,000
-spins keep the idle speed and bound the busy-machine damage (``python
-benchmarks/openmp_wait.py``; figures in README, Threads)."""
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+import numpy as np
 
-import llama_cpp as L  # noqa: E402
-import numpy as np  # noqa: E402
-from llama_cpp import llama_grammar  # noqa: E402
-
-from eft_local import ggufscan, limits  # noqa: E402
-from eft_local.errors import EftError  # noqa: E402
-from eft_local.files import atomic_path  # noqa: E402
-from eft_local.interrupts import Stop, current_stop, foreign_callback, interruptible  # noqa: E402
-from eft_local.text import undecodable  # noqa: E402
-from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, ATTR_UNUSED, VocabInfo  # noqa: E402
-
-VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
-if (ATTR_UNKNOWN, ATTR_UNUSED, ATTR_CONTROL) != (
-        L.LLAMA_TOKEN_ATTR_UNKNOWN, L.LLAMA_TOKEN_ATTR_UNUSED, L.LLAMA_TOKEN_ATTR_CONTROL):
-    raise ImportError("llama_cpp's token attribute bits differ from eft_local.vocab's")
-QUANT_TYPES = {name: getattr(L, f"LLAMA_FTYPE_MOSTLY_{name.upper()}") for name in (
-    "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
-    "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k")} | {"f32": L.LLAMA_FTYPE_ALL_F32}
-"""Output types of :func:`quantize_gguf` (llama-quantize's names, lower case)."""
-
-DEFAULT_N_CTX = 4096
-"""Context size when none is set: this, or the model's training context if smaller."""
-
-_init_lock = threading.Lock()
-_initialised = False
-_recent_errors: deque[str] = deque(maxlen=50)
-_LOG_ERROR = 4  # GGML_LOG_LEVEL_ERROR
-_GENERIC = re.compile(r"failed to (load model|read header)|unable to load model")
-
-
-@L.llama_log_callback
-@foreign_callback
-def _log(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-    """Keep llama.cpp's log quiet unless EFT_LOCAL_VERBOSE is set; remember error lines. An
-    interrupted call that cannot return early (quantizing) stays here for good."""
-    stop = current_stop()
-    if stop is not None and stop.parkable and stop.requested.is_set():
-        stop.park()
-    if level == _LOG_ERROR:
-        _recent_errors.append(text.decode("utf-8", "replace"))
-    if os.environ.get("EFT_LOCAL_VERBOSE"):
-        os.write(2, text)
-
-
-@L.llama_progress_callback
-@foreign_callback
-def _progress(_fraction: float, _user: ctypes.c_void_p) -> bool:
-    """Model loading goes on unless Ctrl-C or SIGTERM asked the load to stop (llama.cpp
-    then gives the load up); no progress dots."""
-    stop = current_stop()
-    return not (stop is not None and stop.requested.is_set())
-
-
-def _ensure_backend() -> None:
-    global _initialised
-    with _init_lock:
-        if not _initialised:
-            L.llama_log_set(_log, ctypes.c_void_p(0))
-            L.llama_backend_init()
-            _initialised = True
-
-
-def _reason(line: str) -> str:
-    """A log line without its ``function: `` and ``error loading model: `` prefixes."""
-    text = " ".join(line.split())
-    while True:
-        head, sep, rest = text.partition(": ")
-        if not sep or not (head.replace("_", "").isalnum() or head == "error loading model"):
-            return text
-        text = rest
-
-
-def _last_error() -> str:
-    """The most specific llama.cpp error logged since the last :func:`_forget_errors`: the
-    first one that is not a generic "failed to load model"."""
-    reasons = [_reason(line) for line in _recent_errors]
-    specific = [r for r in reasons if r and not _GENERIC.match(r)]
-    return specific[0] if specific else (reasons[-1] if reasons else "")
-
-
-def _forget_errors() -> None:
-    _recent_errors.clear()
-
-
-def supports_gpu_offload() -> bool:
-    """True when this llama.cpp build can offload layers (Metal, CUDA, Vulkan...)."""
-    _ensure_backend()
-    return bool(L.llama_supports_gpu_offload())
-
-
-def build_info() -> str:
-    """llama-cpp-python's version and llama.cpp's build features (CPU instruction sets,
-    GPU backends...): what a measured speed depends on besides the machine."""
-    _ensure_backend()
-    info = L.llama_print_system_info()
-    info = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
-    return f"llama-cpp-python {L.__version__}; gpu offload {supports_gpu_offload()}; " + (
-        " ".join(info.split()))
-
-
-def fully_offloaded(n_gpu_layers: int, n_layer: int) -> bool:
-    """True when ``n_gpu_layers`` puts every layer of an ``n_layer``-layer model on the GPU:
-    -1 (all), or more than ``n_layer``, since llama.cpp counts the output layer as one more
-    and keeps it on the CPU at exactly ``n_layer`` (``llama-model.cpp``, ``load_tensors``)."""
-    return n_gpu_layers < 0 or n_gpu_layers > n_layer
+from eft_local import ggufscan, limits
+from eft_local.backend import library
+from eft_local.backend.library import (
+    DEFAULT_N_CTX,
+    L,
+    _ensure_backend,
+    _forget_errors,
+    _last_error,
+    _progress,
+    fully_offloaded,
+)
+from eft_local.errors import EftError
+from eft_local.interrupts import interruptible
+from eft_local.text import undecodable
+from eft_local.vocab import VOCAB_TYPES, VocabInfo
 
 
 def _check_file(path: Path) -> None:
@@ -256,7 +150,7 @@ class LlamaModel:
         self.n_ctx = int(L.llama_n_ctx(self._ctx))
         self.n_ctx_train = train_ctx
         self.n_batch = int(cparams.n_batch)
-        self.n_gpu_layers = n_gpu_layers if supports_gpu_offload() else 0
+        self.n_gpu_layers = n_gpu_layers if library.supports_gpu_offload() else 0
         """Layers offloaded to the GPU as asked (-1: all); 0 where llama.cpp cannot offload."""
         self.n_layer = int(L.llama_model_n_layer(self._model))
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
@@ -492,191 +386,3 @@ class LlamaModel:
 
 
 # -- grammars: llama.cpp's own engine (GBNF) and llama-cpp-python's JSON-schema converter ----
-JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
-"""llama.cpp's own JSON string character (its C++ converter): no raw control characters."""
-
-
-def _grammar_sampler(vocab, text: str) -> tuple[int | None, str]:
-    """llama.cpp's grammar sampler for ``text``, or None and why (printed on fd 2)."""
-    _ensure_backend()  # its log callback keeps the errors
-    with _init_lock, tempfile.TemporaryFile() as err:  # one fd-2 swap at a time
-        saved = os.dup(2)
-        os.dup2(err.fileno(), 2)
-        try:
-            _forget_errors()
-            handle = L.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        err.seek(0)
-        found = re.search(rb"error parsing grammar: ([^\n]*)", err.read())
-    why = found.group(1).decode("utf-8", "replace") if found else _last_error()
-    return handle or None, (why or "not valid GBNF").strip().removesuffix(" at")
-
-
-@functools.lru_cache(maxsize=64)
-def check_grammar(text: str) -> str:
-    """``text`` if llama.cpp parses it (once per text; token references need a model)."""
-    handle, why = _grammar_sampler(None, text)
-    if handle is None and "no vocab" not in why:
-        raise EftError(f"invalid grammar: {why}")
-    if handle is not None:
-        L.llama_sampler_free(handle)
-    return text
-
-
-def json_schema_grammar(schema: object, name: str = "") -> str:
-    """GBNF for a JSON schema (llama-cpp-python's converter); top rule ``name`` or root."""
-    try:
-        conv = llama_grammar.SchemaConverter(prop_order={}, allow_fetch=False, dotall=False,
-                                             raw_pattern=False)
-        conv.visit(conv.resolve_refs(json.loads(json.dumps(schema)), "schema"), name)
-        return re.sub(r"(?m)^char ::= .*$", lambda _: JSON_CHAR, conv.format_grammar())
-    except (RecursionError, Exception) as exc:  # the converter asserts, raises, recurses
-        raise EftError(f"cannot turn the JSON schema into a grammar: {exc!s:.200}") from None
-
-
-class Grammar:
-    """llama.cpp's grammar sampler over a model's vocabulary: what may come next."""
-
-    def __init__(self, model: LlamaModel, text: str, *, _handle: int | None = None) -> None:
-        self.model, self.text = model, text  # the model owns the vocabulary: keep it alive
-        self._handle, why = (_handle, "") if _handle else _grammar_sampler(model._vocab, text)
-        if not self._handle:
-            raise EftError(f"invalid grammar: {why}")
-
-    def allowed(self, tokens: np.ndarray) -> np.ndarray:
-        """Bool array: which of ``tokens`` (ids) the grammar allows next."""
-        data = np.zeros(len(tokens), dtype=[("id", "i4"), ("logit", "f4"), ("p", "f4")])
-        data["id"] = tokens
-        array = L.llama_token_data_array(data=data.ctypes.data_as(L.llama_token_data_p),
-                                         size=data.size, selected=-1, sorted=False)
-        L.llama_sampler_apply(self._handle, ctypes.byref(array))
-        return data["logit"] != -np.inf
-
-    def accept(self, token: int) -> None:
-        """Advance past ``token``, which must be allowed (llama.cpp aborts otherwise)."""
-        if not self.allowed(np.array([token]))[0]:
-            raise EftError(f"token {token} does not fit the grammar here")
-        L.llama_sampler_accept(self._handle, token)
-
-    def clone(self) -> Grammar:
-        """An independent copy of this state."""
-        return Grammar(self.model, self.text, _handle=L.llama_sampler_clone(self._handle))
-
-    def __del__(self) -> None:
-        if getattr(self, "_handle", None):
-            L.llama_sampler_free(self._handle)
-
-
-def raw_decode_seconds(path: str | Path, *, n_threads: int, n_tokens: int = 32,
-                       context: int = 16, n_ctx: int = 256, n_gpu_layers: int = 0) -> float:
-    """Median seconds per one-token decode of ``path`` driven by llama-cpp-python's
-    low-level API with nothing else around it (greedy argmax of the logits row): the
-    baseline that measures what eft-local's own per-step work costs."""
-    return raw_speed(path, n_threads=n_threads, n_tokens=n_tokens, context=context,
-                     n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)[0]
-
-
-def raw_speed(path: str | Path, *, n_threads: int, n_tokens: int = 32, context: int = 16,
-              n_ctx: int = 256, prompt_tokens: int = 0, n_gpu_layers: int = 0
-              ) -> tuple[float, float | None]:
-    """llama.cpp alone, through the low-level API: median seconds per one-token decode
-    (greedy argmax of each row) after a ``context``-token prompt, and with
-    ``prompt_tokens`` the seconds to evaluate a prompt that long from an empty cache (one
-    batch, logits of its last token) before that; else None. ``n_gpu_layers`` as for
-    :class:`LlamaModel` (a baseline offloads what the runs it is compared with offload)."""
-    import statistics
-    import time
-
-    _ensure_backend()
-    model = _load_model(Path(path), vocab_only=False, n_gpu_layers=n_gpu_layers)
-    cparams = L.llama_context_default_params()
-    n_ctx = max(n_ctx, prompt_tokens + 1, context + n_tokens + 1)
-    cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
-    cparams.n_threads = cparams.n_threads_batch = n_threads
-    cparams.no_perf = True
-    ctx = L.llama_init_from_model(model, cparams)
-    batch = L.llama_batch_init(n_ctx, 0, 1)
-    n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
-
-    def fill(n: int) -> None:
-        for i in range(n):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = (7 * i + 3) % 200 + 5, i, 1
-            batch.seq_id[i][0], batch.logits[i] = 0, i == n - 1
-        batch.n_tokens = n
-
-    try:
-        prefill = None
-        if prompt_tokens:
-            fill(min(8, prompt_tokens))  # warm up: the first decode sets buffers up
-            L.llama_decode(ctx, batch)
-            L.llama_memory_clear(L.llama_get_memory(ctx), True)
-            fill(prompt_tokens)
-            start = time.perf_counter()
-            L.llama_decode(ctx, batch)
-            np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).argmax()
-            prefill = time.perf_counter() - start
-            L.llama_memory_clear(L.llama_get_memory(ctx), True)
-        fill(context)
-        L.llama_decode(ctx, batch)
-        token, times = 5, []
-        for pos in range(context, context + n_tokens):
-            start = time.perf_counter()
-            batch.token[0], batch.pos[0], batch.n_seq_id[0] = token, pos, 1
-            batch.seq_id[0][0], batch.logits[0] = 0, True
-            batch.n_tokens = 1
-            L.llama_decode(ctx, batch)
-            row = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, 0), shape=(n_vocab,))
-            token = int(np.argmax(row)) % 200 + 5  # stay on ordinary tokens
-            times.append(time.perf_counter() - start)
-        return statistics.median(times), prefill
-    finally:
-        L.llama_batch_free(batch)
-        L.llama_free(ctx)
-        L.llama_model_free(model)
-
-
-def quantize_gguf(src: str | Path, dst: str | Path, kind: str = "q8_0",
-                  n_threads: int = 0, *, allow_requantize: bool = False) -> Path:
-    """Quantize a GGUF file with llama.cpp's quantizer into ``dst``, written atomically
-    (a hidden temporary file beside it, renamed when complete; removed on any failure).
-
-    ``kind`` is one of :data:`QUANT_TYPES` (any case). A source that is already quantized
-    is refused unless ``allow_requantize``: its precision would be lost twice.
-    """
-    name = kind.strip().lower()
-    if name not in QUANT_TYPES:
-        raise EftError(f"unknown quantization type {kind!r} (choose from "
-                       f"{', '.join(t.upper() if t[0] == 'q' else t for t in QUANT_TYPES)})")
-    src, dst = Path(src), Path(dst)
-    _check_file(src)
-    if dst.is_dir():
-        raise EftError(f"{dst}: is a directory; give the output file name")
-    if not dst.parent.is_dir():
-        raise EftError(f"{dst}: folder {dst.parent} does not exist")
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise EftError(f"{dst}: is the input file; write the output to another file")
-    _ensure_backend()
-    params = L.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[name]
-    params.nthread = n_threads
-    params.allow_requantize = allow_requantize
-    _forget_errors()
-    with atomic_path(dst) as tmp:
-
-        def work(stop: Stop) -> int:
-            stop.parkable = True  # it cannot return early: Ctrl-C parks it at a log line
-            return L.llama_model_quantize(str(src).encode(), str(tmp).encode(),
-                                          ctypes.byref(params))
-
-        rc = interruptible(work, name="llama.cpp quantize")
-        if rc != 0:
-            why = _last_error()
-            found = re.search(r"requantizing from type (\S+)", why)
-            if found:
-                raise EftError(f"{src}: already quantized ({found.group(1)}); "
-                               "quantizing again loses precision twice: allow it with "
-                               "--allow-requantize")
-            raise EftError(f"{src}: quantization to {name} failed ({why or f'code {rc}'})")
-    return dst
