@@ -25,7 +25,7 @@ import numpy as np
 
 from eft_local import sampler
 from eft_local.errors import EftError
-from eft_local.kvshift import best_cut, worth_shifting
+from eft_local.kvshift import best_cut, common_prefix, worth_shifting
 from eft_local.remote.http import Traffic
 from eft_local.remote.lanes import RemoteLanes, is_remote
 from eft_local.sampler import SamplerSettings
@@ -589,11 +589,3 @@ def file_size(model: Model) -> int:
     except (OSError, TypeError, ValueError):
         return 1
 
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -29,6 +29,15 @@ cache, so its cost grows with the context (at n_ctx 8192: x0.91 at 32 kept token
 128)."""
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def worth_shifting(kept: int, *, n_ctx: int, file_bytes: int) -> bool:
     """True when moving ``kept`` cached tokens down in a cache of ``n_ctx`` cells of a
     model whose file has ``file_bytes`` is faster than evaluating them again (the measured

@@ -22,8 +22,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from eft_local.engine import Constraint, Engine, Step, common_prefix
+from eft_local.engine import Constraint, Engine, Step
 from eft_local.errors import EftError
+from eft_local.kvshift import common_prefix
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule.blocks import BlockSizer
 

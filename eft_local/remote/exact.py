@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from eft_local.errors import EftError
+from eft_local.kvshift import common_prefix
 from eft_local.remote.http import Endpoint
 
 ROWS_PATH = "/eft/rows"
@@ -56,14 +57,6 @@ def decode_rows(data: bytes, n_rows: int, width: int) -> np.ndarray | None:
         return None
     return np.frombuffer(data, dtype="<f4").reshape(n_rows, width).astype(np.float32)
 
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 class ExactClient:

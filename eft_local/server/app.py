@@ -14,6 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from starlette.applications import Starlette
@@ -327,6 +328,26 @@ class Api:
         return await self._simple(request, Job(work=vocab_work(query),
                                                preset=self._preset(query)))
 
+    async def _generate(self, request: Request, job: Job, streaming: bool,
+                        stream_answer: Callable[..., AsyncIterator[str]],
+                        whole_answer: Callable[..., Awaitable[Response]],
+                        started: float) -> Response:
+        """Queue a generation job and answer it whole or as server-sent events; errors found
+        before any work are a 4xx either way."""
+        watcher = await self.start(job, request)
+        try:
+            stream = self.events(job)
+            head = await self.first(job, stream)
+            if streaming:
+                watcher.cancel()  # the streaming response listens for the client from here
+                return event_stream(stream_answer(head, stream, started))
+            return await whole_answer(head, stream, started)
+        except BaseException:
+            job.cancel()
+            raise
+        finally:
+            watcher.cancel()
+
     # -- chat -----------------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
         started = time.perf_counter()
@@ -338,20 +359,9 @@ class Api:
         job = Job(work=chat_work(req, default_max=opts.max_tokens, system=opts.system,
                                  default_stop=opts.stop),
                   preset=req.common.preset, knobs=knobs, sampling=req.common.sampling)
-        watcher = await self.start(job, request)
-        try:
-            stream = self.events(job)
-            head = await self.first(job, stream)  # errors found before work: 4xx either way
-            if req.common.stream:
-                watcher.cancel()  # the streaming response listens for the client from here
-                return event_stream(self._chat_stream(request, req, job, head, stream,
-                                                      started))
-            return await self._chat_whole(request, req, job, head, stream, started)
-        except BaseException:
-            job.cancel()
-            raise
-        finally:
-            watcher.cancel()
+        return await self._generate(request, job, req.common.stream,
+                                    partial(self._chat_stream, request, req, job),
+                                    partial(self._chat_whole, request, req, job), started)
 
     async def _chat_whole(self, request: Request, req: ChatRequest, job: Job,
                           head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
@@ -441,20 +451,10 @@ class Api:
         job = Job(work=completion_work(req, default_max=opts.completion_max_tokens,
                                        default_stop=opts.stop),
                   preset=req.common.preset, knobs=req.common.knobs, sampling=req.common.sampling)
-        watcher = await self.start(job, request)
-        try:
-            stream = self.events(job)
-            head = await self.first(job, stream)  # errors found before work: 4xx either way
-            if req.common.stream:
-                watcher.cancel()  # the streaming response listens for the client from here
-                return event_stream(self._completion_stream(request, req, job, head, stream,
-                                                            started))
-            return await self._completion_whole(request, req, job, head, stream, started)
-        except BaseException:
-            job.cancel()
-            raise
-        finally:
-            watcher.cancel()
+        return await self._generate(request, job, req.common.stream,
+                                    partial(self._completion_stream, request, req, job),
+                                    partial(self._completion_whole, request, req, job),
+                                    started)
 
     async def _completion_whole(self, request: Request, req: CompletionRequest, job: Job,
                                 head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
