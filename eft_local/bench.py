@@ -4,7 +4,8 @@ Every ratio is against the largest model alone at its best: llama.cpp driven thr
 low-level API with nothing around it, offloading to the GPU the layers the EFT runs offload,
 in a process of its own under each OpenMP wait
 setting llama.cpp runs with elsewhere (:data:`COMPETITOR_ENVS`) at 1..N threads, measured
-before and after the decoding runs, and the large model alone through eft-local (1..N
+before the decoding runs, between their repeats and after them (so that load which comes
+and goes meets both sides), and the large model alone through eft-local (1..N
 threads); the fastest of all is the baseline. For each model set (a preset, by default
 the bundled family; with ``--realistic`` random-weight models shaped like Llama-3.2-1B and
 SmolLM2-360M over two SmolLM2-135M-shaped small models) one run prints: the machine, the
@@ -225,15 +226,19 @@ def runners_for(base: Session, large: str, n_threads: int, *, speculative: bool 
 
 
 def measure_decoding(base: Session, large: str, prompts: Sequence[list[int]],
-                     n_threads: int, max_tokens: int, repeats: int) -> list[Runner]:
-    """Interleaved decode runs of every configuration (:func:`runners_for`)."""
+                     n_threads: int, max_tokens: int, repeats: int,
+                     between: Callable[[], object] | None = None) -> list[Runner]:
+    """Interleaved decode runs of every configuration (:func:`runners_for`); ``between``
+    (the baseline's runs) is called before each repeat but the first."""
     runners = runners_for(base, large, n_threads)
     for r in runners:  # warm-up
         decode_once(r, prompts[0], max(4, max_tokens // 4))
         r.ms.clear()
         r.outputs.clear()
         r.accepted = r.drafted = 0
-    for _ in range(repeats):
+    for i in range(repeats):
+        if i and between is not None:
+            between()
         for r in runners:
             for p in prompts:
                 decode_once(r, p, max_tokens)
@@ -504,9 +509,11 @@ def model_set(say: Say, title: str, base: Session, large: str, prompts: Sequence
         runners = measure_decoding(base, large, prompts, n_threads, max_tokens, repeats)
     else:
         say(f"\n### the baseline: llama.cpp alone on {path.name} ({layers} GPU layers, as in "
-            "the EFT runs), before and after the table")
+            "the EFT runs), before the table, between its repeats and after it")
         rival = competitor(say, path, n_threads, prompt_tokens, n_gpu_layers=layers)
-        runners = measure_decoding(base, large, prompts, n_threads, max_tokens, repeats)
+        runners = measure_decoding(
+            base, large, prompts, n_threads, max_tokens, repeats,
+            between=lambda: competitor(say, path, n_threads, 0, rival, n_gpu_layers=layers))
         competitor(say, path, n_threads, prompt_tokens, rival, n_gpu_layers=layers)
         (decode, how), (prefill, prefill_how) = rival.best_decode(), rival.best_prefill()
         say(f"baseline, the best configuration by the median of its runs: "

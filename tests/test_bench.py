@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -146,3 +148,39 @@ def test_raw_speed_loads_the_layers_it_is_given(tmp_path, monkeypatch) -> None:
         with pytest.raises(Loaded):
             backend.raw_speed(tmp_path / "m.gguf", n_threads=1, n_gpu_layers=n)
     assert seen == [0, -1, 7]
+
+
+def test_the_baseline_runs_between_the_repeats_of_the_eft_rows(family, monkeypatch) -> None:
+    """Issue 18 (why reruns differ): llama.cpp alone was timed only before and after the
+    decoding table, so load that came or went in between flattered or hurt the ratio. Its
+    runs now stand between the table's repeats too."""
+    import subprocess
+
+    monkeypatch.setattr(bench, "SAMPLER_VOCABS", (1000,))
+    n_envs = len(bench.COMPETITOR_ENVS)  # each OpenMP setting at 1 thread
+    events: list[str] = []
+    real_run, real_decode = subprocess.run, bench.decode_once
+
+    def spy_run(cmd, *args, **kwargs):
+        if bench._COMPETITOR_CODE in cmd:
+            events.append("rival")
+        return real_run(cmd, *args, **kwargs)
+
+    def spy_decode(runner, *args, **kwargs):
+        events.append("eft")
+        return real_decode(runner, *args, **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "run", spy_run)
+    monkeypatch.setattr(bench, "decode_once", spy_decode)
+    result = CliRunner().invoke(main, ["bench", *family.trio(), "--repeats", "3",
+                                       "--max-tokens", "2", "--prompt-tokens", "0",
+                                       "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "between its repeats" in result.output
+    assert events[:n_envs] == ["rival"] * n_envs  # before the table
+    runs = "".join("r" if e == "rival" else "e" for e in events[n_envs:])
+    # warm-up and repeat 1, the baseline, repeat 2, the baseline, repeat 3, the baseline
+    # after the table (then the overhead line's decodes)
+    m = re.fullmatch(rf"(e+)(r{{{n_envs}}})(e+)(r{{{n_envs}}})(e+)(r{{{n_envs}}})(e*)", runs)
+    assert m is not None, runs
+    assert len(m[3]) == len(m[5]) < len(m[1])
