@@ -8,6 +8,9 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
 
 from eft_local.config import load_config
 from eft_local.server.app import ServerOptions, create_app
@@ -65,3 +68,19 @@ def serving(preset: str = "tiny-up", *, pinned: bool = False,
         thread.join(timeout=10)
         runner.stop()
         sock.close()
+
+
+@contextmanager
+def serving_bundled(tmp_path_factory: pytest.TempPathFactory, preset: str = "tiny-up",
+                    **kwargs: Any) -> Iterator[Served]:
+    """:func:`serving` with an empty user models.toml (only the bundled presets), for
+    module-scoped fixtures, which cannot use the autouse function-scoped config."""
+    mp = pytest.MonkeyPatch()
+    user = tmp_path_factory.mktemp("conf") / "models.toml"
+    user.write_text("")
+    mp.setenv("EFT_LOCAL_CONFIG", str(user))
+    try:
+        with serving(preset, **kwargs) as s:
+            yield s
+    finally:
+        mp.undo()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from enum import Enum
 from pathlib import Path
 from typing import Literal
 
@@ -20,30 +19,10 @@ from pydantic import BaseModel, Field
 
 from eft_local.server.app import ServerOptions
 from tests import ggufs
-from tests.servehelp import Served, serving
+from tests.servehelp import Served, serving_bundled
+from tests.shapes import Shape
 
 QUESTION = "What is the home town of Has Zhithdou? Answer in JSON."
-
-
-class Colour(str, Enum):
-    red = "red"
-    green = "green"
-    blue = "blue"
-
-
-class Point(BaseModel):
-    x: int
-    y: int
-
-
-class Shape(BaseModel):
-    """A shape: nested points, an enum, an array and required fields."""
-
-    name: str = Field(max_length=12)
-    colour: Colour
-    corners: list[Point] = Field(max_length=3)
-    closed: bool
-    note: str | None = Field(default=None, max_length=8)
 
 
 class Lookup(BaseModel):
@@ -57,23 +36,17 @@ class Lookup(BaseModel):
 def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[Served, str]]:
     """``tiny-up``, or random-weight models (served with seed 0 for requests without one)."""
-    mp = pytest.MonkeyPatch()
-    user = tmp_path_factory.mktemp("conf") / "models.toml"
-    user.write_text("")
-    mp.setenv("EFT_LOCAL_CONFIG", str(user))
-    try:
-        if request.param == "family":
-            with serving("tiny-up", n_ctx=1024) as s:
-                yield s, "tiny-up"
-        else:
-            d = tmp_path_factory.mktemp("random")
-            models = (f"large_base={ggufs.write_model(d / 'l.gguf', seed=1, n_embd=64)}",
-                      f"small_ft={ggufs.write_model(d / 'f.gguf', seed=2)}",
-                      f"small_base={ggufs.write_model(d / 'b.gguf', seed=3)}")
-            with serving(models=models, n_ctx=2048, options=ServerOptions(seed=0)) as s:
-                yield s, "command-line"
-    finally:
-        mp.undo()
+    if request.param == "family":
+        with serving_bundled(tmp_path_factory, n_ctx=1024) as s:
+            yield s, "tiny-up"
+    else:
+        d = tmp_path_factory.mktemp("random")
+        models = (f"large_base={ggufs.write_model(d / 'l.gguf', seed=1, n_embd=64)}",
+                  f"small_ft={ggufs.write_model(d / 'f.gguf', seed=2)}",
+                  f"small_base={ggufs.write_model(d / 'b.gguf', seed=3)}")
+        with serving_bundled(tmp_path_factory, models=models, n_ctx=2048,
+                             options=ServerOptions(seed=0)) as s:
+            yield s, "command-line"
 
 
 def test_openai_parse(served: tuple[Served, str]) -> None:

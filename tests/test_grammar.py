@@ -9,14 +9,12 @@ models under a JSON-schema grammar still write JSON that validates.
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel, Field
 
 from eft_local import backend, sampler
 from eft_local.errors import EftError
@@ -26,6 +24,7 @@ from eft_local.speculative import Speculator
 from tests import ggufs
 from tests.clihelp import THREADS, assert_one_line_error, run, stdout
 from tests.fakes import EOG
+from tests.shapes import Point, Shape
 from tests.test_speculative import fake_engine, weights_for
 
 
@@ -136,25 +135,6 @@ def test_speculative_equals_plain_under_a_grammar(seed: int, temperature: float,
 
 
 # -- llama.cpp's grammar engine over real (random-weight) models --------------------------------
-class Colour(str, Enum):
-    red = "red"
-    green = "green"
-    blue = "blue"
-
-
-class Point(BaseModel):
-    x: int
-    y: int
-
-
-class Shape(BaseModel):
-    name: str = Field(max_length=12)
-    colour: Colour
-    corners: list[Point] = Field(max_length=3)
-    closed: bool
-    note: str | None = Field(default=None, max_length=8)
-
-
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     d = tmp_path_factory.mktemp("grammar")

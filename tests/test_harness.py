@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from eft_local.session import LoadOptions, load_session
-from tests.servehelp import Served, serving
+from tests.servehelp import Served, serving_bundled
 
 CONTEXT = "What is the profession of Thos Draisquun?\n"
 ANSWER = "tailor"
@@ -23,15 +23,8 @@ ANSWER = "tailor"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    mp = pytest.MonkeyPatch()
-    user = tmp_path_factory.mktemp("conf") / "models.toml"
-    user.write_text("")
-    mp.setenv("EFT_LOCAL_CONFIG", str(user))
-    try:
-        with serving("tiny-up") as s:
-            yield s
-    finally:
-        mp.undo()
+    with serving_bundled(tmp_path_factory) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

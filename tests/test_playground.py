@@ -19,7 +19,7 @@ import pytest
 from eft_local.server.app import ServerOptions
 from tests.browserhelp import chromium_path, launch
 from tests.ggufs import HOSTILE, write_echo_model
-from tests.servehelp import Served, serving
+from tests.servehelp import Served, serving, serving_bundled
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -64,15 +64,8 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    mp = pytest.MonkeyPatch()
-    user = tmp_path_factory.mktemp("conf") / "models.toml"
-    user.write_text("")
-    mp.setenv("EFT_LOCAL_CONFIG", str(user))
-    try:
-        with serving("tiny-up") as s:
-            yield s
-    finally:
-        mp.undo()
+    with serving_bundled(tmp_path_factory) as s:
+        yield s
 
 
 @dataclass

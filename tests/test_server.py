@@ -23,7 +23,7 @@ from eft_local.server.app import ServerOptions, create_app
 from eft_local.server.worker import Job, Worker
 from eft_local.session import LoadOptions, load_session
 from tests.clihelp import THREADS, assert_one_line_error, run, stdout
-from tests.servehelp import Served, serving
+from tests.servehelp import Served, serving, serving_bundled
 
 QUESTION = "What is the home town of Has Zhithdou?"
 SECOND = "In which year was Has Zhithdou born?"
@@ -31,15 +31,8 @@ SECOND = "In which year was Has Zhithdou born?"
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    mp = pytest.MonkeyPatch()
-    user = tmp_path_factory.mktemp("conf") / "models.toml"
-    user.write_text("")
-    mp.setenv("EFT_LOCAL_CONFIG", str(user))
-    try:
-        with serving("tiny-up") as s:
-            yield s
-    finally:
-        mp.undo()
+    with serving_bundled(tmp_path_factory) as s:
+        yield s
 
 
 @pytest.fixture

@@ -11,22 +11,15 @@ import pytest
 
 from eft_local.server.app import ServerOptions
 from eft_local.session import LoadOptions, load_session
-from tests.servehelp import Served, serving
+from tests.servehelp import Served, serving, serving_bundled
 
 QUESTION = "What is the home town of Has Zhithdou?"
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    mp = pytest.MonkeyPatch()
-    user = tmp_path_factory.mktemp("conf") / "models.toml"
-    user.write_text("")
-    mp.setenv("EFT_LOCAL_CONFIG", str(user))
-    try:
-        with serving("tiny-up") as s:
-            yield s
-    finally:
-        mp.undo()
+    with serving_bundled(tmp_path_factory) as s:
+        yield s
 
 
 def long_chat() -> list[dict[str, str]]:

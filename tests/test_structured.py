@@ -15,7 +15,7 @@ from eft_local import structured
 from eft_local.chat import tool_support
 from eft_local.session import LoadOptions, load_session
 from tests import ggufs
-from tests.servehelp import Served, serving
+from tests.servehelp import Served, serving, serving_bundled
 
 QUESTION = "What is the home town of Has Zhithdou?"
 LOOKUP = {"type": "function", "function": {
@@ -38,15 +38,8 @@ class Fact(BaseModel):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    mp = pytest.MonkeyPatch()
-    user = tmp_path_factory.mktemp("conf") / "models.toml"
-    user.write_text("")
-    mp.setenv("EFT_LOCAL_CONFIG", str(user))
-    try:
-        with serving("tiny-up", n_ctx=1024) as s:
-            yield s
-    finally:
-        mp.undo()
+    with serving_bundled(tmp_path_factory, n_ctx=1024) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
