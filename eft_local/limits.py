@@ -28,6 +28,9 @@ THREADS_PER_CORE = 4
 PARAM_LIMIT = 1e6
 """|beta| and |lam| above this make the float32 mix overflow or collapse onto one token."""
 
+N_SEQ_MAX = 256
+"""Most sequences (slots) a model holds at once (llama.cpp's own ceiling, LLAMA_MAX_SEQ)."""
+
 TEMPERATURE_RANGE = (1e-6, 1e6)
 """Non-zero temperatures outside this range overflow float32 (0 means greedy)."""
 

@@ -41,8 +41,15 @@ class LoadOptions:
     download: bool = True
     """Download a preset's missing hub files when it loads (``serve`` turns this off unless
     ``--allow-download``)."""
+    n_seq: int = 1
+    """Sequences (slots) every model holds at once, each with its own ``n_ctx`` context:
+    how many generations run side by side (``serve -np``, ``generate --input -np``)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.n_seq, bool) or not isinstance(self.n_seq, int) or not (
+                1 <= self.n_seq <= limits.N_SEQ_MAX):
+            raise EftError(f"invalid number of parallel sequences {self.n_seq!r}: use 1 to "
+                           f"{limits.N_SEQ_MAX} (-np/--parallel)")
         if self.schedule is not None and self.schedule not in ("auto", *schedules.NAMES):
             raise EftError(f"invalid schedule {self.schedule!r}: choose auto, "
                            f"{', '.join(schedules.NAMES)}")

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -216,6 +216,11 @@ class Item(Protocol):
     line: int
 
 
+RunMany = Callable[[Iterator[tuple[int, Item]]],
+                   Iterator[tuple[tuple[int, Item], "dict[str, Any] | EftError"]]]
+"""Runs (line number, item) pairs several at a time, yielding each pair with its record's
+fields (or the error it ended in) as it finishes."""
+
 @dataclass
 class Counts:
     """What a run of :func:`write_results` did."""
@@ -229,12 +234,14 @@ class Counts:
 def write_results(lines: Iterable[tuple[int, str]], output_path: Path | None, *,
                   parse: Callable[[int, str], Item], run: Callable[[Item], dict[str, Any]],
                   retry_errors: bool = True, say: Say = lambda _m: None,
-                  total: int | None = None) -> Counts:
+                  total: int | None = None, run_many: RunMany | None = None) -> Counts:
     """Parse each input line, run it and append its record to ``output_path`` (stdout when
     None), one whole line each, flushed at once. Skips keys the output already holds a result
     for (and, without ``retry_errors``, those that only ended in errors); a bad line
     (:class:`BadRecord`), a duplicate id or an :class:`EftError` of ``run`` is an error
-    record. ``say`` gets one progress line per record."""
+    record. ``run_many`` (instead of ``run``, item by item) runs several items at once and
+    yields each with its outcome as it finishes: records are written in that order. ``say``
+    gets one progress line per record."""
     previous = previous_results(output_path, say)
     skip = {key for key, ok in previous.items() if ok or not retry_errors}
     failed_before = {key for key, ok in previous.items() if not ok}
@@ -244,43 +251,58 @@ def write_results(lines: Iterable[tuple[int, str]], output_path: Path | None, *,
         out = output_path.open("a", encoding="utf-8") if output_path else sys.stdout
     except OSError as exc:
         raise EftError(f"{output_path}: cannot write output ({exc.strerror})") from None
+    written = 0
+
+    def emit(record: dict[str, Any]) -> None:
+        nonlocal written
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+        written += 1
+        key: Key = (("id", record["id"]) if usable_id(record["id"])
+                    else ("line", record.get("line")))
+        retry = " (retried)" if key in failed_before else ""
+        counts.retried += bool(retry)
+        if "error" in record:
+            counts.errors += 1
+            state = f"error: {record['error']}"
+        else:
+            counts.done += 1
+            state = str(record.get("finish", "done"))
+        name = record["id"] if record["id"] is not None else f"line {record['line']}"
+        say(f"{written + counts.skipped}/{total or '?'} {name}: {state}{retry}")
+
     seen: set[str | int] = set()
-    try:
-        for n, (line_no, line) in enumerate(lines, 1):
+
+    def items() -> Iterator[tuple[int, Item]]:
+        for line_no, line in lines:
             try:
                 item = parse(line_no, line)
             except BadRecord as bad:
                 if bad.key() in skip:
                     counts.skipped += 1
-                    continue
-                record = bad.record()
-            else:
-                if ("id", item.id) in skip:
-                    counts.skipped += 1
-                    continue
-                if item.id in seen:
-                    record = {"id": item.id, "line": line_no,
-                              "error": f"duplicate id {item.id!r}"}
                 else:
-                    seen.add(item.id)
-                    try:
-                        record = {"id": item.id, **run(item)}
-                    except EftError as exc:
-                        record = {"id": item.id, "line": line_no, "error": str(exc)}
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            key: Key = (("id", record["id"]) if usable_id(record["id"])
-                        else ("line", record.get("line")))
-            retry = " (retried)" if key in failed_before else ""
-            counts.retried += bool(retry)
-            if "error" in record:
-                counts.errors += 1
-                state = f"error: {record['error']}"
+                    emit(bad.record())
+                continue
+            if ("id", item.id) in skip:
+                counts.skipped += 1
+            elif item.id in seen:
+                emit({"id": item.id, "line": line_no, "error": f"duplicate id {item.id!r}"})
             else:
-                counts.done += 1
-                state = str(record.get("finish", "done"))
-            name = record["id"] if record["id"] is not None else f"line {record['line']}"
-            say(f"{n}/{total or '?'} {name}: {state}{retry}")
+                seen.add(item.id)
+                yield line_no, item
+
+    def one_by_one(todo: Iterable[tuple[int, Item]]
+                   ) -> Iterator[tuple[tuple[int, Item], dict[str, Any] | EftError]]:
+        for entry in todo:
+            try:
+                yield entry, run(entry[1])
+            except EftError as exc:
+                yield entry, exc
+
+    try:
+        for (line_no, item), outcome in (run_many or one_by_one)(items()):
+            emit({"id": item.id, "line": line_no, "error": str(outcome)}
+                 if isinstance(outcome, EftError) else {"id": item.id, **outcome})
     finally:
         if out is not sys.stdout:
             out.close()

@@ -8,11 +8,17 @@ how tokens were batched, so speculative and plain decoding must agree exactly.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from eft_local.batch import Batch, Plan, generate
+from eft_local.engine import Engine, Step
 from eft_local.errors import EftError
+from eft_local.sampler import SamplerSettings
+from eft_local.speculative import Speculator
+from eft_local.utf8 import Constraint
 
 EOG = 1
 _MOD = (1 << 61) - 1
@@ -55,7 +61,12 @@ class FakeModel:
             rows.append(self._row(self._hashes[-1]))
         return np.stack(rows if all_logits else rows[-1:])
 
-    def rewind(self, n_past: int) -> None:
+    def seq_tokens(self, seq: int = 0) -> list[int]:
+        """What the cache holds."""
+        assert seq == 0
+        return self.tokens
+
+    def rewind(self, n_past: int, seq: int = 0) -> None:
         """Forget positions from ``n_past`` on."""
         del self.tokens[n_past:]
         del self._hashes[n_past + 1:]
@@ -75,3 +86,30 @@ class FakeModel:
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
         """One token per byte, never the end token."""
         return [2 + b % (self.n_vocab - 2) for b in text.encode()]
+
+
+def decode(engine: Engine, prompt: list[int], weights: np.ndarray, sampling: SamplerSettings,
+           **kwargs: object) -> list[Step]:
+    """:func:`decoding`, collected."""
+    return list(decoding(engine, prompt, weights, sampling, **kwargs))  # type: ignore[arg-type]
+
+
+def decoding(engine: Engine, prompt: list[int], weights: np.ndarray, sampling: SamplerSettings,
+             *, max_tokens: int, draft_k: int | None | str = "plain",
+             draft_role: str | None = None, speculator: Speculator | None = None,
+             diagnostics: bool = False, top_n: int | None = None,
+             conservative: str | None = None, grammar: Constraint | None = None
+             ) -> Iterator[Step]:
+    """One generation on ``engine`` alone in a batch: plain decoding (``draft_k="plain"``)
+    or speculative with that block size (or ``speculator``), the drafter ``draft_role`` or
+    the cheapest model with weight."""
+    conservative = conservative or engine.conservative_role
+    speculative = speculator is not None or draft_k != "plain"
+    drafter = (draft_role or engine.cheapest_role(weights, prefer=conservative)
+               if speculative else None)
+    if speculative and speculator is None:
+        speculator = Speculator(engine, draft_k=draft_k)  # type: ignore[arg-type]
+    plan = Plan(tuple(prompt), tuple(float(w) for w in np.asarray(weights)), sampling,
+                max_tokens, conservative, drafter=drafter, diagnostics=diagnostics,
+                top_n=top_n, grammar=grammar.clone if grammar is not None else None)
+    return generate(Batch(engine, speculator), plan)

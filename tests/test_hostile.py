@@ -46,7 +46,7 @@ from tests.hostilehelp import (
     slow_decode,
     slow_log,
 )
-from tests.servehelp import Served, serving
+from tests.servehelp import Served, serving, slow_steps
 from tests.test_hub import COMMIT, FILE, REPO, FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -819,7 +819,7 @@ def _sse_until(sock, predicate) -> bytes:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_17_4_stopping_serve_ends_the_work_and_exits_cleanly(signum) -> None:
-    child = Child(["serve", "tiny-up", "--port", "0", *THREADS, "--sequential",
+    child = Child(["serve", "tiny-up", "--port", "0", *THREADS, "--schedule", "sequential",
                    "--no-speculative", "-t", "0"], prelude=slow_decode(0.1, endless=True))
     try:
         child.wait_for(lambda: " on http://" in child.stderr, "the server listens")
@@ -867,19 +867,7 @@ def _slow_stream(served: Served, gate: threading.Event | None = None,
                  seconds: float = 0.05) -> None:
     """Each generated chunk takes ``seconds`` more (after ``gate`` is set, when given), and
     no token ends a generation (it runs to its token limit)."""
-    session = served.runner.session
-    original = session.stream
-    for model in session.models.values():
-        model.is_eog = lambda _token: False
-
-    def slow(*args, **kwargs):
-        for chunk in original(*args, **kwargs):
-            if gate is not None:
-                gate.wait(PATIENCE)
-            time.sleep(seconds)
-            yield chunk
-
-    session.stream = slow
+    slow_steps(served.runner.session, seconds, gate=gate, endless=True)
 
 
 def _poll(ready, what: str, within: float = PATIENCE) -> None:
@@ -917,7 +905,7 @@ def test_17_7_a_request_whose_client_left_while_it_waited_is_skipped() -> None:
         gone = send_json(s.url, "/v1/chat/completions", {**CHAT, "max_tokens": 3,
                                                          "stream": True})
         _poll(lambda: s.runner.waiting() == 1, "the second request waits")
-        queued = list(s.runner._queue.queue)[0]
+        queued = list(s.runner.queue)[0]
         gone.close()
         try:
             _poll(queued.cancelled.is_set, "the waiting job learns its client left", 30)

@@ -28,9 +28,9 @@ LAYERS: dict[str, int] = {
     # the decode loop over N models
     "engine": 3,
     # what drives the engine
-    "speculative": 4, "scoring": 4, "schedule.tuning": 4,
+    "speculative": 4, "scoring": 4, "schedule.tuning": 4, "batch": 4,
     # the public API
-    "session": 5,
+    "session": 5, "request": 5, "prompts": 5,
     # libraries over the session
     "records": 6, "evaluate": 6, "bench": 6,
     "explore.candidates": 6, "explore.metrics": 6, "explore.refcache": 6,
@@ -46,7 +46,7 @@ LAYERS: dict[str, int] = {
 }
 """Every module's layer: a module imports only modules of its layer or below."""
 
-ENGINE_ROOM = {"engine", "speculative", "scoring", "sampler", "backend", "backend.library",
+ENGINE_ROOM = {"engine", "batch", "speculative", "scoring", "sampler", "backend", "backend.library",
                "backend.model", "backend.tools", "vocab", "ggufscan",
                "gguf_writer", "schedule.shapes", "schedule.watch", "schedule.blocks",
                "schedule.lanes", "schedule.tuning"}

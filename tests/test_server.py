@@ -23,7 +23,7 @@ from eft_local.server.app import ServerOptions, create_app
 from eft_local.server.worker import Job, Worker
 from eft_local.session import LoadOptions, load_session
 from tests.clihelp import THREADS, assert_one_line_error, run, stdout
-from tests.servehelp import Served, serving, serving_bundled
+from tests.servehelp import Served, serving, serving_bundled, slow_steps
 
 QUESTION = "What is the home town of Has Zhithdou?"
 SECOND = "In which year was Has Zhithdou born?"
@@ -379,14 +379,8 @@ def test_a_client_that_disconnects_stops_its_generation_and_disturbs_no_one(
         client: openai.OpenAI, served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     session = served.runner.session
     solo = streamed(client, SECOND, temperature=0, max_tokens=10)
-    original = session.stream
-
-    def slow(*args, **kwargs):  # a slow model: 20 ms per token
-        for chunk in original(*args, **kwargs):
-            time.sleep(0.02)
-            yield chunk
-
-    monkeypatch.setattr(session, "stream", slow)
+    monkeypatch.setattr(session, "step", session.step)
+    slow_steps(session, 0.02)  # a slow model: 20 ms per token
     body = {"model": "tiny-up", "messages": [{"role": "user", "content": QUESTION}],
             "max_tokens": 200, "stream": True, "temperature": 0,
             "eft": {"formula": "large_base"}}
@@ -492,15 +486,7 @@ def test_binding_beyond_loopback_without_a_key_warns() -> None:
 
 def test_stopping_the_server_cancels_the_running_generation() -> None:
     with serving("tiny-up") as s:
-        session = s.runner.session
-        original = session.stream
-
-        def slow(*args, **kwargs):
-            for chunk in original(*args, **kwargs):
-                time.sleep(0.05)
-                yield chunk
-
-        session.stream = slow
+        slow_steps(s.runner.session, 0.05)
         job_done = threading.Event()
         body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 200,
                 "temperature": 0, "eft": {"formula": "large_base"}}

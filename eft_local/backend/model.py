@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -325,7 +326,12 @@ class LlamaModel:
         ptr = L.llama_get_logits_ith(self._ctx, 0)
         out[:] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))[: out.size]
 
-    def rewind(self, n_past: int) -> None:
+    def seq_tokens(self, seq: int = 0) -> list[int]:
+        """What the cache holds (one sequence: interim until several)."""
+        assert seq == 0
+        return self.tokens
+
+    def rewind(self, n_past: int, seq: int = 0) -> None:
         """Drop cached positions from ``n_past`` on. Where the cache cannot drop part of a
         sequence (recurrent and hybrid models), it is cleared and the kept tokens are
         evaluated again from position 0, as llama-server does."""
@@ -335,7 +341,7 @@ class LlamaModel:
         if not self._drop_from(n_past) and keep:
             self.eval(keep)
 
-    def cut(self, start: int, end: int) -> bool:
+    def cut(self, start: int, end: int, seq: int = 0) -> bool:
         """Remove cached positions ``start`` to ``end`` (exclusive) and move every later
         position down by ``end - start``: ``tokens`` becomes ``tokens[:start] +
         tokens[end:]``, each token at its new position. llama.cpp rotates the moved keys at
@@ -386,3 +392,15 @@ class LlamaModel:
 
 
 # -- grammars: llama.cpp's own engine (GBNF) and llama-cpp-python's JSON-schema converter ----
+
+
+@dataclass(frozen=True)
+class Part:
+    """One sequence's share of a batched decode (:meth:`LlamaModel.decode`)."""
+
+    seq: int
+    keep: int
+    """The sequence is first rewound to this many tokens."""
+    tokens: tuple[int, ...]
+    rows: str = "last"
+    """``last``: the row after the last token; ``all``: a row per token; ``none``."""

@@ -136,7 +136,6 @@ def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str
     params = {k: opts[k] for k in ("beta", "lam") if opts.get(k) is not None}
     options = LoadOptions(n_ctx=opts.get("n_ctx"), n_threads=opts.get("threads"),
                           n_gpu_layers=opts.get("gpu_layers"),
-                          parallel=opts.get("parallel") is not False,
                           speculative=not opts.get("no_speculative"),
                           draft_k=opts.get("draft_k"), schedule=opts.get("schedule"))
 

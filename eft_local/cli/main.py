@@ -25,6 +25,7 @@ from eft_local.cli.options import (
     grammar_changes,
     model_options,
     open_session,
+    parallel_option,
     sampling_options,
     split_args,
     stdin_prompt,
@@ -279,6 +280,7 @@ def quantize(source: Path, output: Path, kind: str, allow_requantize: bool,
               "sampling with llama.cpp's grammar engine).")
 @click.option("--grammar", "grammar_path", type=click.Path(dir_okay=False, path_type=Path),
               help="GBNF grammar file (llama.cpp's format, start rule root) the reply follows.")
+@parallel_option(what="records of --input")
 def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path | None,
              output_path: Path | None, skip_errors: bool, schema_path: Path | None,
              grammar_path: Path | None, **opts: Any) -> None:
@@ -293,9 +295,10 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
     preset, prompt = split_args(args, opts, batch=input_path is not None)
     constraint = grammar_changes(schema_path, grammar_path)
     if input_path is None:
-        if output_path is not None or skip_errors:
-            raise click.UsageError(f"{'--output' if output_path else '--skip-errors'} needs "
-                                   "--input")
+        if output_path is not None or skip_errors or opts["n_parallel"] > 1:
+            flag = ("--output" if output_path else "--skip-errors" if skip_errors
+                    else "-np/--parallel")
+            raise click.UsageError(f"{flag} needs --input")
         prompt = prompt if prompt is not None else stdin_prompt()
         if not prompt.strip():
             raise EftError("empty prompt")
@@ -313,7 +316,7 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
     with open_session(preset, opts) as session:
         session.update(**constraint)
         generate_batch(session, input_path, output_path, defaults,
-                       retry_errors=not skip_errors)
+                       retry_errors=not skip_errors, parallel=opts["n_parallel"])
 
 
 def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,

@@ -33,8 +33,6 @@ VOCAB_PATH = "/eft/vocab"
 MEDIA_TYPE = "application/octet-stream"
 H_ROWS = "X-Eft-Rows"
 H_WIDTH = "X-Eft-Width"
-H_REUSED = "X-Eft-Reused"
-"""Positions the engine re-used from its cache for this request."""
 H_EVAL_MS = "X-Eft-Eval-Ms"
 """Milliseconds the engine spent evaluating (the rest of a round trip is the network)."""
 PREFIX_MISMATCH = "prefix_mismatch"
@@ -135,29 +133,3 @@ def pick_role(models: Mapping[str, Any], role: str | None, preset: str) -> str:
         why = "name one with 'role'" if role is None else f"it has no model {role!r}"
         raise EftError(f"preset {preset!r} has models {', '.join(models)}: {why}")
     return role
-
-
-def model_rows(model: Any, tokens: Sequence[int], first: int, *, n_threads: int
-               ) -> tuple[np.ndarray, int]:
-    """One model's logit rows at positions ``first .. len(tokens) - 1`` of ``tokens`` (row
-    i predicts token i + 1), re-using the longest prefix its cache holds, with
-    ``n_threads``; and how many positions were re-used. Positions before ``first`` that
-    must be evaluated get no rows (no memory for them)."""
-    tokens = [int(t) for t in tokens]
-    bad = next((t for t in tokens if not 0 <= t < model.n_vocab), None)
-    if bad is not None:
-        raise EftError(f"token id {bad} is outside the vocabulary (0..{model.n_vocab - 1})")
-    if not 0 <= first < len(tokens):
-        raise EftError(f"first row {first} is outside the {len(tokens)} positions")
-    if len(tokens) > model.n_ctx:
-        raise EftError(f"{len(tokens)} tokens do not fit the context ({model.n_ctx})")
-    setter = getattr(model, "set_threads", None)
-    if setter is not None:
-        setter(n_threads)
-    keep = min(common_prefix(model.tokens, tokens), first)
-    model.rewind(keep)
-    if first > keep:
-        model.eval(tokens[keep:first])
-    wanted = len(tokens) - first
-    rows = model.eval(tokens[first:], all_logits=wanted > 1)
-    return rows[-wanted:], keep

@@ -46,6 +46,8 @@ class RemoteModel:
 
     remote = True
     partial_rewind = True
+    n_seq = 1
+    """One sequence: a remote role does not batch several conversations yet."""
 
     def __init__(self, spec: ModelSpec, endpoint: Endpoint, info: RemoteInfo) -> None:
         self.spec = spec
@@ -101,8 +103,15 @@ class RemoteModel:
             self.tokens = [*done, *tokens]
         return rows
 
-    def rewind(self, n_past: int) -> None:
+    def seq_tokens(self, seq: int = 0) -> list[int]:
+        """The sequence it has been asked to condition on (it holds one)."""
+        if seq != 0:
+            raise EftError(f"remote {self.spec.role}: holds one sequence, not {seq + 1}")
+        return self.tokens
+
+    def rewind(self, n_past: int, seq: int = 0) -> None:
         """Forget positions from ``n_past`` on."""
+        self.seq_tokens(seq)
         with self._lock:
             if n_past < len(self.tokens):
                 del self.tokens[n_past:]

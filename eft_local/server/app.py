@@ -235,7 +235,8 @@ class Api:
         runner = self.runner
         if runner.state == "ready":
             return JSONResponse({"status": "ok", "model": runner.loaded,
-                                 "requests": {"running": int(runner.current is not None),
+                                 "slots": runner.slots,
+                                 "requests": {"running": len(runner.running),
                                               "waiting": runner.waiting()}})
         message = "Loading model" if runner.state == "loading" else (
             f"model failed to load: {runner.error}")
@@ -300,11 +301,13 @@ class Api:
         body = await self.body(request)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        return await self._simple(request, Job(work=make_work(body), preset=self._preset(body)))
+        return await self._simple(request, Job(work=make_work(body), preset=self._preset(body),
+                                               needs_slot=False))
 
     async def tokenizer_info(self, request: Request) -> Response:
         return await self._simple(request, Job(work=tokenizer_info_work,
-                                               preset=self._preset(dict(request.query_params))))
+                                               preset=self._preset(dict(request.query_params)),
+                                               needs_slot=False))
 
     def _preset(self, body: dict[str, Any]) -> str | None:
         model = body.get("model")
@@ -326,7 +329,7 @@ class Api:
     async def vocab(self, request: Request) -> Response:
         query = dict(request.query_params)
         return await self._simple(request, Job(work=vocab_work(query),
-                                               preset=self._preset(query)))
+                                               preset=self._preset(query), needs_slot=False))
 
     async def _generate(self, request: Request, job: Job, streaming: bool,
                         stream_answer: Callable[..., AsyncIterator[str]],
@@ -391,7 +394,7 @@ class Api:
                          "logprobs": {"content": entries} if req.logprobs else None,
                          "finish_reason": done.get("finish", "length")}],
             "usage": usage(done.get("prompt_tokens", head["prompt_tokens"]),
-                           done.get("completion_tokens", 0)),
+                           done.get("completion_tokens", 0), done.get("cached_tokens", 0)),
             "timings": done.get("timings", {}), "eft": eft})
 
     async def _chat_stream(self, request: Request, req: ChatRequest, job: Job,
@@ -434,7 +437,8 @@ class Api:
                     if req.common.include_usage:
                         yield sse({**base, "choices": [],
                                    "usage": usage(data["prompt_tokens"],
-                                                  data["completion_tokens"])})
+                                                  data["completion_tokens"],
+                                                  data.get("cached_tokens", 0))})
             yield "data: [DONE]\n\n"
             finished = True
         finally:
@@ -460,7 +464,7 @@ class Api:
                                 head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
                                 started: float) -> Response:
         choices: dict[int, dict[str, Any]] = {}
-        prompt_total = completion_total = 0
+        prompt_total = completion_total = cached_total = 0
         timings: list[dict[str, Any]] = []
         async for kind, data in stream:
             if kind == "error":
@@ -479,6 +483,7 @@ class Api:
                 choice["finish_reason"] = data["finish"]
                 prompt_total += data["prompt_tokens"]
                 completion_total += data["completion_tokens"]
+                cached_total += data.get("cached_tokens", 0)
                 timings.append(data["timings"])
         job.info.update(prompt_tokens=prompt_total, completion_tokens=completion_total,
                         timings=timings[0] if len(timings) == 1 else {})
@@ -492,7 +497,7 @@ class Api:
             out.append(c)
         body: dict[str, Any] = {
             **envelope("cmpl", "text_completion", req.common.model, head), "choices": out,
-            "usage": usage(prompt_total, completion_total), "eft": head["eft"]}
+            "usage": usage(prompt_total, completion_total, cached_total), "eft": head["eft"]}
         if len(timings) == 1:
             body["timings"] = timings[0]
         return JSONResponse(body)
@@ -503,7 +508,7 @@ class Api:
         base = envelope("cmpl", "text_completion", req.common.model, head)
         extra = {"usage": None} if req.common.include_usage else {}
         finished = False
-        prompt_total = completion_total = 0
+        prompt_total = completion_total = cached_total = 0
         try:
             async for kind, data in stream:
                 if kind == "error":
@@ -519,6 +524,7 @@ class Api:
                 elif kind == "done":
                     prompt_total += data["prompt_tokens"]
                     completion_total += data["completion_tokens"]
+                    cached_total += data.get("cached_tokens", 0)
                     job.info["timings"] = data["timings"]
                     yield sse({**base, "choices": [{"index": data["index"], "text": "",
                                                     "logprobs": None,
@@ -526,7 +532,8 @@ class Api:
                                **extra, "timings": data["timings"]})
             if req.common.include_usage:
                 yield sse({**base, "choices": [], "usage": usage(prompt_total,
-                                                                 completion_total)})
+                                                                 completion_total,
+                                                                 cached_total)})
             yield "data: [DONE]\n\n"
             finished = True
         finally:
