@@ -42,6 +42,10 @@ class LoadOptions:
     """Download a preset's missing hub files when it loads (``serve`` turns this off unless
     ``--allow-download``)."""
 
+    n_seq: int = 1
+    """Sequences (conversations) each local model's context holds at once, each with its
+    own ``n_ctx`` tokens of KV cache (see :attr:`eft_local.backend.LlamaModel.n_seq`)."""
+
     def __post_init__(self) -> None:
         if self.schedule is not None and self.schedule not in ("auto", *schedules.NAMES):
             raise EftError(f"invalid schedule {self.schedule!r}: choose auto, "
@@ -50,6 +54,7 @@ class LoadOptions:
             limits.check_n_ctx(self.n_ctx, "load options")
         if self.n_threads is not None:
             limits.check_threads(self.n_threads, "load options")
+        limits.check_n_seq(self.n_seq, "load options")
 
 
 def check_models(preset: Preset, *, download: bool = False,
@@ -107,7 +112,8 @@ def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
             loaded[role] = backend.LlamaModel(
                 path, n_ctx=spec.n_ctx if spec.n_ctx is not None else opts.n_ctx,
                 n_gpu_layers=layers if gpu else 0,
-                n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch)
+                n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch,
+                n_seq=opts.n_seq)
         expected = min((m.n_vocab for m in loaded.values()), default=None)
         for role, spec in preset.models.items():
             if spec.remote:

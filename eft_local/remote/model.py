@@ -46,6 +46,8 @@ class RemoteModel:
 
     remote = True
     partial_rewind = True
+    n_seq = 1
+    """One sequence: a remote role does not batch several conversations yet."""
 
     def __init__(self, spec: ModelSpec, endpoint: Endpoint, info: RemoteInfo) -> None:
         self.spec = spec
