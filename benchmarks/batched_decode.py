@@ -14,8 +14,8 @@ One model holding B sequences (``LlamaModel(n_seq=B)``), each with its own ``--c
 Each line: B, median and spread (min-max) in ms of a whole step each way, and the batched
 step's throughput over the separate steps'. Then the agreement: every sequence's row from the
 batched step against the same steps (the prompt, then the token) in a one-sequence model
-(``n_seq=1``): the largest absolute logit difference, the largest logit, and how many greedy
-choices agree.
+(``n_seq=1``): the largest absolute logit difference, the largest logit, how many greedy
+choices agree, and how close the two best logits were where they do not.
 
 Without ``--model``: the 1B-shaped random-weight Q8_0 model that ``eft-local bench
 --realistic`` writes into ``--dir`` (written here if missing). Figures: issue 23 and
@@ -69,8 +69,9 @@ def measure(model: backend.LlamaModel, b: int, runs: int, context: int
 
 
 def agreement(path: Path, model: backend.LlamaModel, b: int, context: int, threads: int
-              ) -> tuple[float, float, int]:
-    """Largest |batched - alone| logit, largest |logit|, greedy choices that agree."""
+              ) -> tuple[float, float, int, float]:
+    """Largest |batched - alone| logit, largest |logit|, greedy choices that agree, and
+    the widest gap between the two best logits (alone) where they do not."""
     v = model.n_vocab
     for s in range(b):
         model.rewind(0, s)
@@ -78,7 +79,7 @@ def agreement(path: Path, model: backend.LlamaModel, b: int, context: int, threa
     nxt = [ids(1, 100 + s, v)[0] for s in range(b)]
     rows = model.decode([backend.Part(s, context, (nxt[s],)) for s in range(b)])
     one = backend.LlamaModel(path, n_ctx=model.n_ctx, n_threads=threads)
-    diff = top = 0.0
+    diff = top = gap = 0.0
     same = 0
     try:
         for s in range(b):
@@ -88,10 +89,14 @@ def agreement(path: Path, model: backend.LlamaModel, b: int, context: int, threa
             got = rows[s][-1]  # type: ignore[index]
             diff = max(diff, float(np.abs(got - alone).max()))
             top = max(top, float(np.abs(alone).max()))
-            same += int(got.argmax() == alone.argmax())
+            if got.argmax() == alone.argmax():
+                same += 1
+            else:
+                best = np.sort(alone)[-2:]
+                gap = max(gap, float(best[1] - best[0]))
     finally:
         one.close()
-    return diff, top, same
+    return diff, top, same, gap
 
 
 def text(times: list[float]) -> str:
@@ -125,9 +130,11 @@ def main() -> None:
                   flush=True)
         print("\nbatched rows against a one-sequence model")
         for b in sizes:
-            diff, top, same = agreement(path, model, b, args.context, args.threads)
+            diff, top, same, gap = agreement(path, model, b, args.context, args.threads)
             print(f"B={b}: max |difference| {diff:.4f} (largest logit {top:.2f}), "
-                  f"greedy choice equal {same}/{b}", flush=True)
+                  f"greedy choice equal {same}/{b}"
+                  + (f" (the two best within {gap:.4f} where not)" if same < b else ""),
+                  flush=True)
     finally:
         model.close()
 

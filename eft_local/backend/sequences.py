@@ -250,8 +250,10 @@ class Sequences:
             return self._decode_rewinding(parts, out)
         lens = [len(self._seqs[p.seq]) for p in parts]
         rewound = [p for p, n in zip(parts, lens, strict=True) if p.keep < n]
-        room = sum(map(len, self._seqs)) + sum(len(p.tokens) for p in parts) <= self._cells
-        stash = rewound if room else []
+        stash: list[Part] = []
+        if rewound and (sum(map(len, self._seqs)) + sum(len(p.tokens) for p in parts)
+                        <= self._cells):  # room to keep every tail until the end
+            stash = rewound
         mem, half = self._mem, MAX_SEQ_IDS // 2
         phase = "stash"
         try:  # every step below is undone by _undo for the phase it may have reached
@@ -268,7 +270,9 @@ class Sequences:
                 L.llama_memory_seq_rm(mem, half + p.seq, -1, -1)
             for p in parts:
                 self._seqs[p.seq][p.keep:] = p.tokens
-                self._unshare(p.seq, p.keep)
+            if self._shared:
+                for p in rewound:
+                    self._unshare(p.seq, p.keep)
         except BaseException:
             self._undo(phase, parts, lens, stash)
             raise
