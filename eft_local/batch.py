@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from eft_local.backend.model import Part
+from eft_local.backend.sequences import Part
 from eft_local.engine import Engine, Step, file_size
 from eft_local.errors import EftError
 from eft_local.kvshift import best_cut, common_prefix, worth_shifting

@@ -24,7 +24,7 @@ from typing import Protocol
 import numpy as np
 
 from eft_local import sampler
-from eft_local.backend.model import Part
+from eft_local.backend.sequences import Part
 from eft_local.errors import EftError
 from eft_local.remote.http import Traffic
 from eft_local.remote.lanes import RemoteLanes, is_remote

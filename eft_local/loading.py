@@ -42,14 +42,11 @@ class LoadOptions:
     """Download a preset's missing hub files when it loads (``serve`` turns this off unless
     ``--allow-download``)."""
     n_seq: int = 1
-    """Sequences (slots) every model holds at once, each with its own ``n_ctx`` context:
-    how many generations run side by side (``serve -np``, ``generate --input -np``)."""
+    """Sequences (slots) each local model's context holds at once, each with its own
+    ``n_ctx`` tokens of KV cache: how many generations run side by side (``serve -np``,
+    ``generate --input -np``; see :attr:`eft_local.backend.LlamaModel.n_seq`)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_seq, bool) or not isinstance(self.n_seq, int) or not (
-                1 <= self.n_seq <= limits.N_SEQ_MAX):
-            raise EftError(f"invalid number of parallel sequences {self.n_seq!r}: use 1 to "
-                           f"{limits.N_SEQ_MAX} (-np/--parallel)")
         if self.schedule is not None and self.schedule not in ("auto", *schedules.NAMES):
             raise EftError(f"invalid schedule {self.schedule!r}: choose auto, "
                            f"{', '.join(schedules.NAMES)}")
@@ -57,6 +54,7 @@ class LoadOptions:
             limits.check_n_ctx(self.n_ctx, "load options")
         if self.n_threads is not None:
             limits.check_threads(self.n_threads, "load options")
+        limits.check_n_seq(self.n_seq, "load options")
 
 
 def check_models(preset: Preset, *, download: bool = False,
@@ -114,7 +112,8 @@ def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
             loaded[role] = backend.LlamaModel(
                 path, n_ctx=spec.n_ctx if spec.n_ctx is not None else opts.n_ctx,
                 n_gpu_layers=layers if gpu else 0,
-                n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch)
+                n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch,
+                n_seq=opts.n_seq)
         expected = min((m.n_vocab for m in loaded.values()), default=None)
         for role, spec in preset.models.items():
             if spec.remote:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eft_local.backend.model import Part
+from eft_local.backend.sequences import Part
 from eft_local.engine import Engine
 from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings, top_logprobs

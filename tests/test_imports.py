@@ -21,8 +21,8 @@ LAYERS: dict[str, int] = {
     "kvshift": 1,
     "schedule.shapes": 1, "schedule.watch": 1, "schedule.blocks": 1, "schedule.lanes": 1,
     # models and their files (local: backend; remote engines: remote/)
-    "backend": 2, "backend.library": 2, "backend.model": 2, "backend.tools": 2,
-    "hub": 2, "settings": 2, "loading": 2, "synthetic": 2, "structured": 2,
+    "backend": 2, "backend.library": 2, "backend.model": 2, "backend.sequences": 2,
+    "backend.tools": 2, "hub": 2, "settings": 2, "loading": 2, "synthetic": 2, "structured": 2,
     "remote.http": 2, "remote.exact": 2, "remote.topk": 2, "remote.vocab": 2,
     "remote.llamaserver": 2, "remote.openai": 2, "remote.model": 2, "remote.lanes": 2,
     # the decode loop over N models
@@ -46,8 +46,9 @@ LAYERS: dict[str, int] = {
 }
 """Every module's layer: a module imports only modules of its layer or below."""
 
-ENGINE_ROOM = {"engine", "batch", "speculative", "scoring", "sampler", "backend", "backend.library",
-               "backend.model", "backend.tools", "vocab", "ggufscan",
+ENGINE_ROOM = {"engine", "batch", "speculative", "scoring", "sampler", "backend",
+               "backend.library", "backend.model", "backend.sequences", "backend.tools",
+               "vocab", "ggufscan",
                "gguf_writer", "schedule.shapes", "schedule.watch", "schedule.blocks",
                "schedule.lanes", "schedule.tuning"}
 """What the CLI and the server may not import: they reach it through the session."""
