@@ -405,7 +405,7 @@ def test_eval_into_writes_the_last_row_in_place(trio: dict[str, Path]) -> None:
 
 # -- Ctrl-C while a parallel lane decodes ---------------------------------------------------
 class BlockingModel(FakeModel):
-    """A fake whose first eval in a worker thread from the ``block_at``-th on waits on an
+    """A fake whose first decode in a worker thread from the ``block_at``-th on waits on an
     event: a lane stuck in a decode. It counts rollbacks of itself while one of its decodes
     runs (in another thread): what would corrupt its cache. Each model's counters are
     touched by one thread at a time (shared counters updated from several threads could
@@ -415,23 +415,25 @@ class BlockingModel(FakeModel):
         super().__init__(**kwargs)
         self.shared, self.block_at, self.calls = shared, block_at, 0
         self.inside = 0
+        self.decoding = 0
         self.entered, self.release = threading.Event(), threading.Event()
 
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+    def decode(self, parts, out=None):  # noqa: ANN001, ANN201 - FakeModel.decode's
         self.calls += 1
         blocking = (0 < self.block_at <= self.calls and not self.entered.is_set()
                     and threading.current_thread() is not threading.main_thread())
         self.inside += 1
+        self.decoding = threading.get_ident()
         try:
             if blocking:
                 self.entered.set()
                 self.release.wait(10)
-            return super().eval(tokens, all_logits=all_logits)
+            return super().decode(parts, out)
         finally:
             self.inside -= 1
 
     def rewind(self, n_past: int, seq: int = 0) -> None:
-        if self.inside:  # this model is inside a decode in another thread
+        if self.inside and threading.get_ident() != self.decoding:  # inside another thread's
             self.shared["rewound_mid_decode"] += 1
         super().rewind(n_past, seq)
 
