@@ -63,11 +63,12 @@ class RemoteIO:
         connections are shut down, and their threads are retired (the next step gets new
         ones)."""
         for role, future in pending.items():
-            if not future.done():
-                models[role].abandon()
-                worker = self._workers.pop(role, None)
-                if worker is not None:
-                    worker.retire()
+            if future.done() or future.cancel():  # a request not started never will be
+                continue
+            models[role].abandon()
+            worker = self._workers.pop(role, None)
+            if worker is not None:
+                worker.retire()
 
     def close(self) -> None:
         """Retire the threads (each ends when its request under way has)."""
