@@ -271,10 +271,10 @@ class Endpoint:
         try:
             data = self._body(resp, path, limit)
         except RemoteError:
-            resp.close()
+            _discard(resp)
             raise
         except (HTTPError, http.client.HTTPException, OSError, ValueError) as exc:
-            resp.close()
+            _discard(resp)
             if call.why is not None or isinstance(exc, ReadTimeoutError):
                 raise self._ended(call, wait) from None
             raise _Broken(exc) from None
@@ -351,6 +351,13 @@ class Endpoint:
         for call in calls:
             call.end(deadlines.CLOSED)
         self._pool.close()
+
+
+def _discard(resp: Any) -> None:
+    """Close an answer's connection (its body was not read to the end) and return it to
+    the pool, which opens it again when next used."""
+    resp.close()
+    resp.release_conn()
 
 
 class _Broken(Exception):
