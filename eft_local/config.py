@@ -308,13 +308,14 @@ def is_url(text: str) -> bool:
 
 _KEY_SHAPED = re.compile(
     r"(?<![A-Za-z0-9])(?:"
-    r"(?:sk|pk|rk|hf|ghp|gho|ghu|ghs|ghr|github_pat|glpat|xox[abprs])[-_][A-Za-z0-9_\-]{6,}"
+    r"(?:sk|pk|rk|hf|ghp|gho|ghu|ghs|ghr|github_pat|glpat|xox[abprs])[-_]"
+    r"(?=[A-Za-z0-9_\-]*[0-9])[A-Za-z0-9_\-]{6,}"
     r"|AKIA[0-9A-Z]{12,}|AIza[0-9A-Za-z_\-]{20,}"
     r"|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
     r"|(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{20,}"
     r")(?![A-Za-z0-9])")
-"""What an API key looks like: a known prefix (``sk-``, ``hf_``, ``ghp_``...), a UUID, or a
-run of 20 or more letters and digits with both in it."""
+"""What an API key looks like: a known prefix (``sk-``, ``hf_``, ``ghp_``...) before a tail
+with a digit, a UUID, or a run of 20 or more letters and digits with both in it."""
 HIDDEN = "[hidden]"
 
 

@@ -19,7 +19,13 @@ import numpy as np
 import pytest
 
 from eft_local import sampler
-from eft_local.config import ModelSpec, preset_from_paths, public_url, remote_spec
+from eft_local.config import (
+    ModelSpec,
+    hide_keys,
+    preset_from_paths,
+    public_url,
+    remote_spec,
+)
 from eft_local.engine import Engine
 from eft_local.errors import EftError
 from eft_local.remote import http as remote_http
@@ -223,6 +229,14 @@ def test_an_engine_that_echoes_the_key_has_it_hidden(monkeypatch: pytest.MonkeyP
     text = str(err.value)
     assert "HTTP 401" in text and "Incorrect API key provided: [hidden]" in text
     assert "Zq81" not in text and "sk-proj" not in text
+
+
+def test_what_looks_like_a_key() -> None:
+    plain = "OPENAI_API_KEY hf_token_name Qwen2.5-72B-Instruct-AWQ /v1/completions sk-learn"
+    assert hide_keys(plain) == plain
+    for key in (KEY, "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789", "AKIAIOSFODNN7EXAMPLE",
+                "0f8fad5b-d9cb-469f-a165-70867728950e", "Zq81xVb27LmN44pQrs90TTuv"):
+        assert hide_keys(f"key {key}.") == "key [hidden]."
 
 
 def test_a_url_shows_no_key_anywhere() -> None:
