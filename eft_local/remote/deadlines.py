@@ -133,6 +133,9 @@ class _SecureConnection(HTTPSConnection):
 
 
 class _PlainPool(HTTPConnectionPool):
+    """``_put_conn`` is where urllib3 (1.26 to 2.x) takes a connection back: from then on
+    it belongs to no call."""
+
     ConnectionCls = _Connection
 
     def _put_conn(self, conn: Any) -> None:
