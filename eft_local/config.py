@@ -77,7 +77,7 @@ class ModelSpec:
                      f"model={self.model}" if self.model else "",
                      f"top_k={self.top_k}" if self.top_k else ""]
             extra_text = ", ".join(e for e in extra if e)
-            return public_url(self.url) + (f" ({extra_text})" if extra_text else "")
+            return hide_keys(public_url(self.url) + (f" ({extra_text})" if extra_text else ""))
         if self.path is not None:
             return str(self.path)
         rev = f"@{self.revision}" if self.revision else ""
@@ -306,10 +306,40 @@ def is_url(text: str) -> bool:
     return text.strip().lower().startswith(("http://", "https://"))
 
 
+_KEY_SHAPED = re.compile(
+    r"(?<![A-Za-z0-9])(?:"
+    r"(?:sk|pk|rk|hf|ghp|gho|ghu|ghs|ghr|github_pat|glpat|xox[abprs])[-_]"
+    r"(?=[A-Za-z0-9_\-]*[0-9])[A-Za-z0-9_\-]{6,}"
+    r"|AKIA[0-9A-Z]{12,}|AIza[0-9A-Za-z_\-]{20,}"
+    r"|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+    r"|(?=[A-Za-z0-9]*[0-9])(?=[A-Za-z0-9]*[A-Za-z])[A-Za-z0-9]{20,}"
+    r")(?![A-Za-z0-9])")
+"""What an API key looks like: a known prefix (``sk-``, ``hf_``, ``ghp_``...) before a tail
+with a digit, a UUID, or a run of 20 or more letters and digits with both in it."""
+HIDDEN = "[hidden]"
+
+
+def hide_keys(text: str) -> str:
+    """``text`` with every value that looks like an API key replaced by ``[hidden]``: what
+    an error or log line about a remote engine shows."""
+    return _KEY_SHAPED.sub(HIDDEN, text)
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for a message, unless it looks like a key (then it is not shown)."""
+    text = repr(value)
+    return "a value that looks like a key (not shown)" if hide_keys(text) != text else text
+
+
 def public_url(url: str) -> str:
-    """``url`` without a user name or password, query or options: what messages show."""
-    parts = urlsplit(url.split("#", 1)[0])
-    host = parts.hostname or ""
+    """``url`` without a user name or password, query or options, and with nothing that
+    looks like a key: what messages show (also for text that is no valid URL)."""
+    base = url.split("#", 1)[0].split("?", 1)[0]
+    try:
+        parts = urlsplit(base)
+        host = parts.hostname or ""
+    except ValueError:  # an unclosed [ipv6 address: still no user name or password
+        return hide_keys(re.sub(r"//[^/]*@", "//", base))
     if ":" in host:
         host = f"[{host}]"
     try:
@@ -317,7 +347,7 @@ def public_url(url: str) -> str:
     except ValueError:
         port = None
     netloc = host + (f":{port}" if port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return hide_keys(urlunsplit((parts.scheme, netloc, parts.path, "", "")))
 
 
 def remote_spec(role: str, url: str, where: str, options: Mapping[str, Any] | None = None
@@ -330,10 +360,13 @@ def remote_spec(role: str, url: str, where: str, options: Mapping[str, Any] | No
     for name, value in parse_qsl(fragment, keep_blank_values=True):
         name = {"key": "api_key_env"}.get(name, name)
         if name not in REMOTE_KEYS - {"url"}:
-            raise EftError(f"{where}: unknown remote option {name!r} after '#' (known: api, "
-                           "model, top_k, key, timeout)")
+            raise EftError(f"{where}: unknown remote option {shown(name)} after '#' (known: "
+                           "api, model, top_k, key, timeout)")
         opts[name] = _option_value(name, value, where)
-    parts = urlsplit(base)
+    try:
+        parts = urlsplit(base)
+    except ValueError as exc:  # http://[::1:8080 (an unclosed IPv6 address)
+        raise EftError(f"{where}: {public_url(base)!r} is not a valid URL ({exc})") from None
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:
@@ -346,24 +379,30 @@ def remote_spec(role: str, url: str, where: str, options: Mapping[str, Any] | No
                        "engine's key in an environment variable (api_key_env, or #key=NAME)")
     api = opts.get("api")
     if api is not None and api not in APIS:
-        raise EftError(f"{where}: api {api!r} is not one of {', '.join(APIS)}")
+        raise EftError(f"{where}: api {shown(api)} is not one of {', '.join(APIS)}")
     for name, kind in (("model", str), ("api_key_env", str)):
         value = opts.get(name)
         if value is not None and (not isinstance(value, kind) or not value.strip()):
-            raise EftError(f"{where}: {name} must be a non-empty string, got {value!r}")
+            raise EftError(f"{where}: {name} must be a non-empty string, got {shown(value)}")
     env = opts.get("api_key_env")
+    if env is not None and hide_keys(env) != env:
+        raise EftError(f"{where}: key/api_key_env names the environment variable that holds "
+                       "the key, not the key itself (the value looks like a key: not shown); "
+                       "export KEY_NAME=... and give #key=KEY_NAME")
     if env is not None and not env.replace("_", "a").isalnum():
-        raise EftError(f"{where}: api_key_env {env!r} is not an environment variable name")
+        raise EftError(f"{where}: api_key_env {shown(env)} is not an environment variable "
+                       "name")
     top_k = opts.get("top_k")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
                               or not 1 <= top_k <= TOP_K_MAX):
-        raise EftError(f"{where}: top_k must be an integer in [1, {TOP_K_MAX}], got {top_k!r}")
+        raise EftError(f"{where}: top_k must be an integer in [1, {TOP_K_MAX}], got "
+                       f"{shown(top_k)}")
     timeout = opts.get("timeout")
     if timeout is not None and (isinstance(timeout, bool)
                                 or not isinstance(timeout, (int, float))
                                 or not 0 < timeout <= TIMEOUT_MAX):
         raise EftError(f"{where}: timeout must be seconds in (0, {TIMEOUT_MAX:g}], got "
-                       f"{timeout!r}")
+                       f"{shown(timeout)}")
     return ModelSpec(role=role, url=base.rstrip("/"), api=api, model=opts.get("model"),
                      top_k=top_k, api_key_env=env,
                      timeout=None if timeout is None else float(timeout))
@@ -373,13 +412,14 @@ def _option_value(name: str, value: str, where: str) -> Any:
     """A URL option's text as the type models.toml would give it."""
     if name == "top_k":
         if not value.isdigit():
-            raise EftError(f"{where}: top_k={value!r} is not a whole number")
+            raise EftError(f"{where}: top_k={shown(value)} is not a whole number")
         return int(value)
     if name == "timeout":
         try:
             return float(value)
         except ValueError:
-            raise EftError(f"{where}: timeout={value!r} is not a number of seconds") from None
+            raise EftError(f"{where}: timeout={shown(value)} is not a number of seconds"
+                           ) from None
     return value
 
 
@@ -429,12 +469,13 @@ def preset_from_paths(pairs: list[str], *, formula: str | None = None) -> Preset
     models: dict[str, ModelSpec] = {}
     for pair in pairs:
         role, sep, path = pair.partition("=")
+        where = f"--model {hide_keys(repr(pair))}"
         if not sep or not role.strip() or not path.strip():
-            raise EftError(f"--model {pair!r}: expected ROLE=PATH, e.g. small_ft=model.gguf")
+            raise EftError(f"{where}: expected ROLE=PATH, e.g. small_ft=model.gguf")
         if not role.isidentifier():
-            raise EftError(f"--model {pair!r}: role {role!r} must be a plain name")
+            raise EftError(f"{where}: role {shown(role)} must be a plain name")
         if role in models:
-            raise EftError(f"--model {pair!r}: role {role!r} given twice")
+            raise EftError(f"{where}: role {role!r} given twice")
         if is_url(path):
             models[role] = remote_spec(role, path, f"--model {role}=...")
             continue

@@ -4,7 +4,7 @@ Each model holds ``n_seq`` sequences (KV caches: the slots of :mod:`eft_local.ba
 batched evaluation (:meth:`Engine.evaluate_parts`) gives every model one decode carrying its
 share of several sequences, as the decode :class:`~eft_local.schedule.Schedule` says (lanes
 run concurrently: ctypes releases the GIL around llama.cpp); remote roles' requests go out
-from I/O threads beside the lanes (:mod:`eft_local.remote.lanes`). :meth:`Engine.choose`
+from I/O threads beside the lanes (:mod:`eft_local.remote.io`). :meth:`Engine.choose`
 mixes one position's rows with the formula weights and draws with the position's noise. The
 loop over steps is :mod:`eft_local.batch`; speculative decoding (:mod:`eft_local.speculative`)
 drives the same methods.
@@ -27,7 +27,7 @@ from eft_local import sampler
 from eft_local.backend.sequences import Part
 from eft_local.errors import EftError
 from eft_local.remote.http import Traffic
-from eft_local.remote.lanes import RemoteLanes, is_remote
+from eft_local.remote.io import RemoteIO, is_remote
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as schedules
 from eft_local.schedule.lanes import Gate, LaneStopped
@@ -185,7 +185,7 @@ class Engine:
         self.remote_roles = tuple(r for r, m in self.models.items() if is_remote(m))
         """Roles that remote engines evaluate, each in an I/O thread (:attr:`remote`)."""
         self.local_roles = tuple(r for r in self.roles if r not in self.remote_roles)
-        self.remote = RemoteLanes(len(self.remote_roles))
+        self.remote = RemoteIO(len(self.remote_roles))
         sizes = {r: float(file_size(self.models[r])) for r in self.local_roles}
         self.schedule = schedule or (schedules.lanes(sizes, self.n_threads) if parallel
                                      else schedules.sequential(self.local_roles))

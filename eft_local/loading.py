@@ -114,6 +114,9 @@ def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
                 n_gpu_layers=layers if gpu else 0,
                 n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch,
                 n_seq=opts.n_seq)
+            model = loaded[role]
+            say(f"{role}: KV cache {limits.size_text(model.kv_bytes_per_seq)} per slot x "
+                f"{model.n_seq} (n_ctx {model.n_ctx} each)")
         expected = min((m.n_vocab for m in loaded.values()), default=None)
         for role, spec in preset.models.items():
             if spec.remote:

@@ -554,7 +554,11 @@ class Session(Prompts):
                 "sampler_ms_per_token": 1e3 * s.sampler_seconds / max(1, s.generated),
                 "shifted_tokens": s.shifted,
                 "drafted_tokens": s.drafted, "accepted_tokens": s.accepted,
-                "acceptance_rate": s.acceptance_rate(), **self.remote_stats(),
+                "acceptance_rate": s.acceptance_rate(), "slots": len(self.batch.slots),
+                "running": len(self.batch.running),
+                "kv_bytes_per_slot": {r: int(getattr(m, "kv_bytes_per_seq", 0))
+                                      for r, m in self.models.items()},
+                **self.remote_stats(),
                 **self.schedule_stats()}
 
     def remote_stats(self) -> dict[str, object]:

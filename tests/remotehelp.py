@@ -1,4 +1,5 @@
-"""Remote engines for the tests: real second processes on loopback ports.
+"""Remote engines for the tests: real second processes on loopback ports, and an in-process
+raw HTTP server (:class:`RawServer`) for engines that misbehave.
 
 ``eft-local serve`` (``python -m eft_local serve``), llama-cpp-python's own server and
 llama.cpp's llama-server (where its binary is present: ``$EFT_LOCAL_LLAMA_SERVER`` or
@@ -14,8 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,3 +171,87 @@ def rpc_server(binary: Path, cache: Path) -> tuple[subprocess.Popen, str]:
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError("ggml-rpc-server did not start")
+
+
+# -- engines that misbehave (in-process, raw HTTP) ---------------------------------------------
+Answer = Callable[[str, bytes, socket.socket], bool]
+"""Writes the answer to a request (path, body) on the socket; True keeps the connection."""
+
+
+class RawServer:
+    """A loopback HTTP/1.1 server whose answers are raw bytes (see :data:`Answer`)."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.paths: list[str] = []
+        self.connections = 0
+        self.hung_up = threading.Event()
+        """Set when a client closed a connection that the server was answering."""
+        self.stop = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._socks: list[socket.socket] = []
+
+    def __enter__(self) -> RawServer:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop.set()
+        self._listener.close()
+        for sock in self._socks:
+            with suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            self._socks.append(sock)
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        reader = sock.makefile("rb")
+        try:
+            while not self.stop.is_set():
+                line = reader.readline()
+                if not line:
+                    return
+                length = 0
+                while (header := reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = header.decode("latin-1").partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                body = reader.read(length) if length else b""
+                path = line.split()[1].decode()
+                self.paths.append(path)
+                if not self.answer(path, body, sock):
+                    return
+        except OSError:
+            self.hung_up.set()
+        finally:
+            with suppress(OSError):
+                sock.close()
+
+    def wait_hung_up(self, sock: socket.socket) -> None:
+        """Hold the connection without answering until the client closes it."""
+        while not self.stop.is_set():
+            try:
+                if not sock.recv(1):
+                    self.hung_up.set()
+                    return
+            except OSError:
+                self.hung_up.set()
+                return
+
+
+def respond(sock: socket.socket, status: int, body: object, headers: dict[str, str] | None = None
+            ) -> bool:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    head = [f"HTTP/1.1 {status} X", f"Content-Length: {len(data)}",
+            *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    return True

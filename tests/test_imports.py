@@ -24,7 +24,8 @@ LAYERS: dict[str, int] = {
     "backend": 2, "backend.library": 2, "backend.model": 2, "backend.sequences": 2,
     "backend.tools": 2, "hub": 2, "settings": 2, "loading": 2, "synthetic": 2, "structured": 2,
     "remote.http": 2, "remote.exact": 2, "remote.topk": 2, "remote.vocab": 2,
-    "remote.llamaserver": 2, "remote.openai": 2, "remote.model": 2, "remote.lanes": 2,
+    "remote.llamaserver": 2, "remote.openai": 2, "remote.model": 2, "remote.io": 2,
+    "remote.deadlines": 2,
     # the decode loop over N models
     "engine": 3,
     # what drives the engine

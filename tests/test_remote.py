@@ -14,8 +14,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +35,7 @@ from eft_local.remote import http as remote_http
 from eft_local.session import LoadOptions, Session, load_session
 from tests import remotehelp
 from tests.clihelp import THREADS, assert_one_line_error, run
-from tests.remotehelp import Remote
+from tests.remotehelp import RawServer, Remote, respond
 
 LOCAL = [f"small_ft={FAMILY_DIR / 'small_ft.gguf'}", f"small_base={FAMILY_DIR / 'small_base.gguf'}"]
 LARGE = FAMILY_DIR / "large_base.gguf"
@@ -357,6 +363,52 @@ def test_a_stalled_remote_times_out_and_the_session_goes_on(victim: Remote) -> N
         assert "no answer within 1 s" in message and getattr(err.value, "status", 0) == 504
         assert waited < 30
         assert session.generate(PROMPT, max_tokens=10, temperature=0).text == before
+
+
+def dripping_rows(served: Remote) -> RawServer:
+    """An engine that describes the served vocabulary (asking ``served``) and then drips
+    its rows a byte every 0.2 s; ``rows`` is set when a rows request came."""
+    def answer(path: str, body: bytes, sock: socket.socket) -> bool:
+        if path.startswith("/eft/vocab"):
+            try:
+                with urllib.request.urlopen(served.url + path, timeout=30) as resp:
+                    return respond(sock, resp.status, resp.read())
+            except urllib.error.HTTPError as exc:
+                return respond(sock, exc.code, exc.read())
+        server.rows.set()
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        while not server.stop.wait(0.2):
+            sock.sendall(b"\0")
+        return False
+
+    server = RawServer(answer)
+    server.rows = threading.Event()  # type: ignore[attr-defined]
+    return server
+
+
+@pytest.mark.parametrize(("signum", "code", "word"), [(signal.SIGTERM, 143, "terminated"),
+                                                      (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_during_a_stuck_read_ends_the_command(served: Remote, tmp_path: Path,
+                                                      signum: int, code: int, word: str) -> None:
+    """The engine drips its rows (its 120 s timeout is far off): SIGTERM or Ctrl-C ends
+    ``eft-local generate`` at once with 143 or 130; it used to print ``error: terminated``
+    and live on until the stuck read in its I/O thread ended."""
+    with dripping_rows(served) as engine:
+        argv = [sys.executable, "-m", "eft_local", "generate", "-m",
+                f"large_base={engine.url}#api=eft-local&timeout=120", *[
+                    x for pair in LOCAL for x in ("-m", pair)], "--raw", "-t", "0",
+                "--max-tokens", "4", PROMPT, *THREADS]
+        proc = subprocess.Popen(argv, env=remotehelp.child_env(tmp_path), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert engine.rows.wait(60), proc.stderr.read().decode() if proc.poll() else ""
+            proc.send_signal(signum)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err.decode()
+    assert err.decode().rstrip("\n").splitlines()[-1] == f"error: {word}"
 
 
 def test_a_server_request_with_a_stalled_remote_fails_alone(victim: Remote) -> None:

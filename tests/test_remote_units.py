@@ -296,8 +296,10 @@ class FakeRemote(FakeModel):
         self.wait_for, self.release = wait_for, release
         self.saw: bool | None = None
         self.abandoned = 0
+        self.started = threading.Event()
 
     def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+        self.started.set()
         if self.wait_for is not None:
             self.saw = self.wait_for.wait(timeout=10)
         if self.release is not None:
@@ -313,13 +315,16 @@ class FakeRemote(FakeModel):
 class Signalling(FakeModel):
     """A local fake that sets an event when it evaluates (or raises)."""
 
-    def __init__(self, *, done: threading.Event, fail: bool = False, **kw: object) -> None:
+    def __init__(self, *, done: threading.Event, fail: bool = False,
+                 after: threading.Event | None = None, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]
-        self.done, self.fail = done, fail
+        self.done, self.fail, self.after = done, fail, after
 
     def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
         rows = super().eval(tokens, all_logits=all_logits)
         self.done.set()
+        if self.after is not None:
+            self.after.wait(timeout=10)
         if self.fail:
             raise EftError("local model failed")
         return rows
@@ -364,12 +369,40 @@ def test_without_overlap_the_remote_answers_first() -> None:
 def test_a_failed_local_lane_abandons_the_remote_request() -> None:
     release = threading.Event()
     remote = FakeRemote(seed=1, release=release)
-    eng = engine_with(remote, Signalling(seed=2, done=threading.Event(), fail=True))
+    eng = engine_with(remote, Signalling(seed=2, done=threading.Event(), fail=True,
+                                         after=remote.started))
     with pytest.raises(EftError, match="local model failed"):
         eng.evaluate(0, [5, 6, 7])
     assert remote.abandoned == 1
     release.set()
     eng.close()
+
+
+def test_a_remote_request_not_started_yet_is_cancelled_not_sent() -> None:
+    """A step given up before the role's I/O thread took its request: the request never
+    goes out (nothing to abandon), and the thread stays for the next step."""
+    from eft_local.remote.io import RemoteIO
+
+    io, remote = RemoteIO(1), FakeRemote(seed=1)
+    models = {"large_base": remote}
+    busy, release = threading.Event(), threading.Event()
+
+    def occupy() -> np.ndarray:
+        busy.set()
+        release.wait(timeout=10)
+        return np.zeros(1)
+
+    first = io.start({"large_base": occupy}, models, {})
+    assert busy.wait(timeout=10)
+    second = io.start({"large_base": lambda: remote.eval([5])}, models, {})
+    io.abandon(second, models)
+    release.set()
+    assert first["large_base"].result(timeout=10).shape == (1,)
+    assert second["large_base"].cancelled() and remote.abandoned == 0
+    third = io.start({"large_base": lambda: remote.eval([5])}, models, {})
+    assert third["large_base"].result(timeout=10).shape == (1, 48)
+    assert remote.eval_calls == 1
+    io.close()
 
 
 def test_a_late_answer_after_abandon_changes_nothing() -> None:

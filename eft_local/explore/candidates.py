@@ -18,11 +18,13 @@ from eft_local import hub
 from eft_local.config import (
     ModelSpec,
     Preset,
+    hide_keys,
     is_url,
     load_config,
     preset_from_paths,
     public_url,
     remote_spec,
+    shown,
 )
 from eft_local.errors import EftError
 
@@ -39,7 +41,7 @@ def source_name(source: Source) -> str:
     """A candidate's short name: the file name, or the URL without user or password."""
     if isinstance(source, str):
         base, _, options = source.partition("#")
-        return public_url(base) + (f"#{options}" if options else "")
+        return public_url(base) + (f"#{hide_keys(options)}" if options else "")
     return source.name
 
 
@@ -62,10 +64,11 @@ def expand(pairs: Sequence[str], option: str = "--model") -> dict[str, list[Sour
     for pair in pairs:
         role, sep, pattern = pair.partition("=")
         role, pattern = role.strip(), pattern.strip()
+        where = f"{option} {hide_keys(repr(pair))}"
         if not sep or not role or not pattern:
-            raise EftError(f"{option} {pair!r}: expected ROLE=PATH, e.g. small_ft=model.gguf")
+            raise EftError(f"{where}: expected ROLE=PATH, e.g. small_ft=model.gguf")
         if not role.isidentifier():
-            raise EftError(f"{option} {pair!r}: role {role!r} must be a plain name")
+            raise EftError(f"{where}: role {shown(role)} must be a plain name")
         if is_url(pattern):
             remote_spec(role, pattern, f"{option} {role}=...")  # checked now, not later
             out[role] = _distinct([*out.get(role, []), pattern])

@@ -26,7 +26,7 @@ import numpy as np
 
 from eft_local.errors import EftError
 from eft_local.kvshift import common_prefix
-from eft_local.remote.http import Endpoint
+from eft_local.remote.http import ANSWER_HEADROOM, Endpoint
 
 ROWS_PATH = "/eft/rows"
 VOCAB_PATH = "/eft/vocab"
@@ -94,7 +94,8 @@ class ExactClient:
         if self.model:
             body["model"] = self.model
         ep = self.endpoint
-        answer = ep.request("POST", ROWS_PATH, payload=body, ok=(200, 409))
+        limit = 4 * (len(seq) - first) * self.width + ANSWER_HEADROOM
+        answer = ep.request("POST", ROWS_PATH, payload=body, ok=(200, 409), limit=limit)
         if answer.status == 409:
             data = answer.json()
             code = data.get("error", {}).get("code") if isinstance(data, dict) else None
@@ -115,8 +116,9 @@ class ExactClient:
         if width != self.width:
             raise ep.fail(f"{ROWS_PATH} answered rows of {width} logits; its vocabulary has "
                           f"{self.width} tokens")
-        if np.isnan(rows).any() or np.isposinf(rows).any():
-            raise ep.fail(f"{ROWS_PATH} answered logits that are NaN or +inf")
+        if not np.isfinite(rows).all():  # -inf too: a negative weight would make it +inf
+            raise ep.fail(f"{ROWS_PATH} answered logits that are NaN or infinite (a model's "
+                          "logits are finite)")
         return rows
 
 

@@ -14,21 +14,40 @@ float32 softmax and logarithm.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from eft_local.remote.http import Endpoint
-from eft_local.remote.topk import check_entries, topk_row
+from eft_local.remote.topk import answer_limit, check_entries, topk_row
+
+
+def count_timings(ep: Endpoint, data: Any) -> None:
+    """Add the compute time an answer reports in llama-server's ``timings`` (``prompt_ms``
+    + ``predicted_ms``; other engines that copy it too) to ``ep``'s counters."""
+    timings = data.get("timings") if isinstance(data, dict) else None
+    if not isinstance(timings, dict):
+        return
+    try:
+        ms = float(timings.get("prompt_ms") or 0) + float(timings.get("predicted_ms") or 0)
+    except (TypeError, ValueError):
+        return
+    if math.isfinite(ms) and ms > 0:
+        ep.traffic.server_seconds += ms / 1e3
 
 
 class LlamaServerClient:
     """Rows of a model served by llama-server."""
 
-    def __init__(self, endpoint: Endpoint, *, width: int, top_k: int) -> None:
+    def __init__(self, endpoint: Endpoint, *, width: int, top_k: int,
+                 piece_bytes: int = 64) -> None:
         self.endpoint = endpoint
         self.width = width
         self.top_k = min(top_k, width)
+        self.piece_bytes = piece_bytes
+        """The longest token's bytes (bounds an answer's size)."""
 
     def rows(self, done: Sequence[int], new: Sequence[int], all_rows: bool) -> np.ndarray:
         """Rows after each of ``new`` (or after its last one) given ``done`` before it."""
@@ -38,9 +57,11 @@ class LlamaServerClient:
 
     def _one(self, prompt: list[int]) -> np.ndarray:
         ep = self.endpoint
+        limit = answer_limit(positions=1, top_k=self.top_k, prompt=len(prompt),
+                             piece_bytes=self.piece_bytes)
         data = ep.json("POST", "/completion", {
             "prompt": prompt, "n_predict": 1, "n_probs": self.top_k, "cache_prompt": True,
-            "post_sampling_probs": False, "temperature": 0, "stream": False})
+            "post_sampling_probs": False, "temperature": 0, "stream": False}, limit=limit)
         where = f"after {len(prompt)} tokens"
         try:
             top = data["completion_probabilities"][0]["top_logprobs"]
@@ -49,9 +70,6 @@ class LlamaServerClient:
         except (KeyError, IndexError, TypeError, ValueError):
             raise ep.fail(f"/completion answered no completion_probabilities {where} (is "
                           "it llama-server? the n_probs field needs a recent build)") from None
-        timings = data.get("timings") if isinstance(data, dict) else None
-        if isinstance(timings, dict):
-            ms = float(timings.get("prompt_ms") or 0) + float(timings.get("predicted_ms") or 0)
-            ep.traffic.server_seconds += ms / 1e3
+        count_timings(ep, data)
         check_entries(ep, ids, lps, width=self.width, top_k=self.top_k, where=where)
         return topk_row(ids, lps, self.width)

@@ -23,7 +23,7 @@ import numpy as np
 from eft_local.config import ModelSpec
 from eft_local.errors import EftError
 from eft_local.remote.exact import ExactClient
-from eft_local.remote.http import Endpoint, RemoteError
+from eft_local.remote.http import ANSWER_HEADROOM, Endpoint, RemoteError
 from eft_local.remote.llamaserver import LlamaServerClient
 from eft_local.remote.openai import OpenAIClient
 from eft_local.remote.vocab import RemoteInfo, read_info
@@ -32,6 +32,8 @@ from eft_local.vocab import ATTR_CONTROL
 DEFAULT_TOP_K = 100
 """Log-probs per position asked of engines that give only the top K, when ``top_k`` is
 not set."""
+TOKEN_ID_BYTES = 16
+"""JSON bytes of one token id in a list (at most a byte of text makes one token)."""
 REMOTE_COST = 1 << 50
 """What :meth:`RemoteModel.file_size` reports: never the cheapest model, so never the
 drafter (drafting remotely costs a round trip per token)."""
@@ -64,6 +66,9 @@ class RemoteModel:
         """Log-probs per position (None: whole rows, exact)."""
         self._lock = threading.Lock()
         self._epoch = 0
+        pieces = info.vocab.pieces or info.vocab.texts
+        self.piece_bytes = max((len(p) for p in pieces), default=1)
+        """The longest token's bytes: what bounds the size of a JSON answer."""
         self._client = self._make_client()
 
     def _make_client(self) -> Any:
@@ -71,10 +76,11 @@ class RemoteModel:
         if info.api == "eft-local":
             return ExactClient(ep, role=info.role, model=info.model, width=self.n_vocab)
         if info.api == "llama-server":
-            return LlamaServerClient(ep, width=self.n_vocab, top_k=self.top_k or 1)
+            return LlamaServerClient(ep, width=self.n_vocab, top_k=self.top_k or 1,
+                                     piece_bytes=self.piece_bytes)
         pieces = info.vocab.pieces or info.vocab.texts
         return OpenAIClient(ep, model=info.model or "", width=self.n_vocab,
-                            top_k=self.top_k or 1, pieces=pieces)
+                            top_k=self.top_k or 1, pieces=pieces, piece_bytes=self.piece_bytes)
 
     @property
     def traffic(self) -> Any:
@@ -117,10 +123,12 @@ class RemoteModel:
                 del self.tokens[n_past:]
 
     def abandon(self) -> None:
-        """A caller gave up on an evaluation still under way: its result will be dropped
-        and ``tokens`` stays as it was before it."""
+        """A caller gave up on an evaluation still under way: its result will be dropped,
+        ``tokens`` stays as it was before it, and its connection is shut down (its thread
+        returns at once)."""
         with self._lock:
             self._epoch += 1
+        self.endpoint.abort()
 
     # -- text -----------------------------------------------------------------------------
     def is_eog(self, token: int) -> bool:
@@ -141,13 +149,14 @@ class RemoteModel:
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]:
         """Text to ids through the engine's tokenizer."""
         ep, info = self.endpoint, self.info
+        limit = ANSWER_HEADROOM + TOKEN_ID_BYTES * (len(text.encode("utf-8", "replace")) + 8)
         if info.api == "llama-server":
             got = ep.json("POST", "/tokenize", {"content": text, "add_special": add_bos,
-                                                "parse_special": special})
+                                                "parse_special": special}, limit=limit)
         else:
             got = ep.json("POST", "/tokenize", {"model": info.model, "prompt": text,
                                                 "add_special_tokens": add_bos,
-                                                "parse_special": special})
+                                                "parse_special": special}, limit=limit)
         tokens = got.get("tokens") if isinstance(got, dict) else None
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise ep.fail("/tokenize answered no token list")
@@ -185,10 +194,4 @@ def open_remote(spec: ModelSpec, *, expected_vocab: int | None = None,
         raise
 
 
-def is_remote(model: object) -> bool:
-    """True for a model that a remote engine evaluates."""
-    return bool(getattr(model, "remote", False))
-
-
-__all__ = ["Abandoned", "RemoteError", "RemoteModel", "endpoint_for", "is_remote",
-           "open_remote"]
+__all__ = ["Abandoned", "RemoteError", "RemoteModel", "endpoint_for", "open_remote"]

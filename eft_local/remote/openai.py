@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from eft_local.remote.http import Endpoint
-from eft_local.remote.topk import check_entries, topk_row
+from eft_local.remote.llamaserver import count_timings
+from eft_local.remote.topk import answer_limit, check_entries, topk_row
 
 ID_PREFIX = "token_id:"
 
@@ -29,12 +30,14 @@ class OpenAIClient:
     """Rows of a model behind an OpenAI-compatible completions endpoint."""
 
     def __init__(self, endpoint: Endpoint, *, model: str, width: int, top_k: int,
-                 pieces: Sequence[bytes]) -> None:
+                 pieces: Sequence[bytes], piece_bytes: int | None = None) -> None:
         self.endpoint = endpoint
         self.model = model
         self.width = width
         self.top_k = min(top_k, width)
         self._pieces = pieces
+        self.piece_bytes = piece_bytes or max((len(p) for p in pieces), default=1)
+        """The longest token's bytes (bounds an answer's size)."""
         self._by_text: dict[str, list[int]] | None = None
         self.max_tokens_zero = True
         """False once the engine refused ``max_tokens`` 0 with echo."""
@@ -55,8 +58,9 @@ class OpenAIClient:
     def _next(self, seq: list[int]) -> np.ndarray | None:
         """The row after ``seq`` from one generated token; None when the engine gave that
         token no log-probs (some leave them out for an end-of-turn token)."""
-        data = self.endpoint.json("POST", "/v1/completions", self._body(seq, max_tokens=1))
-        self._timings(data)
+        data = self.endpoint.json("POST", "/v1/completions", self._body(seq, max_tokens=1),
+                                  limit=self._limit(1, len(seq)))
+        count_timings(self.endpoint, data)
         tops = self._tops(data)
         if not tops or tops[0] is None:
             return None
@@ -68,8 +72,9 @@ class OpenAIClient:
         end-of-turn token, say), ``seq`` plus one extra token is echoed without generating,
         whose last entry is the row after ``seq``."""
         ep = self.endpoint
-        data = ep.json("POST", "/v1/completions", self._body(seq, max_tokens=1, echo=True))
-        self._timings(data)
+        data = ep.json("POST", "/v1/completions", self._body(seq, max_tokens=1, echo=True),
+                       limit=self._limit(len(seq) + 1, len(seq)))
+        count_timings(ep, data)
         tops = self._tops(data)
         if len(tops) < len(seq):
             raise ep.fail(f"/v1/completions echoed {len(tops)} log-prob entries for a "
@@ -84,21 +89,20 @@ class OpenAIClient:
         or 1 where 0 is refused)."""
         ep = self.endpoint
         prompt = [*seq, seq[-1]]
+        limit = self._limit(len(prompt) + 1, len(prompt))
         if self.max_tokens_zero:
-            answer = ep.request("POST", "/v1/completions", ok=(200, 400, 422),
+            answer = ep.request("POST", "/v1/completions", ok=(200, 400, 422), limit=limit,
                                 payload=self._body(prompt, max_tokens=0, echo=True))
             if answer.status == 200:
                 return self._tops(answer.json())
             self.max_tokens_zero = False
         return self._tops(ep.json("POST", "/v1/completions",
-                                  self._body(prompt, max_tokens=1, echo=True)))
+                                  self._body(prompt, max_tokens=1, echo=True), limit=limit))
 
-    def _timings(self, data: Any) -> None:
-        """The engine's compute time, where it reports llama-server style ``timings``."""
-        timings = data.get("timings") if isinstance(data, dict) else None
-        if isinstance(timings, dict):
-            ms = float(timings.get("prompt_ms") or 0) + float(timings.get("predicted_ms") or 0)
-            self.endpoint.traffic.server_seconds += ms / 1e3
+    def _limit(self, positions: int, prompt: int) -> int:
+        """The size cap of an answer with log-probs at ``positions`` positions."""
+        return answer_limit(positions=positions, top_k=self.top_k, prompt=prompt,
+                            piece_bytes=self.piece_bytes)
 
     def _tops(self, data: Any) -> list[Any]:
         try:

@@ -32,13 +32,22 @@ from eft_local.errors import EftError
 from eft_local.files import atomic_write, cache_dir
 from eft_local.limits import N_CTX_MAX
 from eft_local.remote.exact import VOCAB_PATH
-from eft_local.remote.http import Endpoint
+from eft_local.remote.http import ANSWER_HEADROOM, Endpoint
 from eft_local.vocab import ATTR_CONTROL, VOCAB_TYPES, VocabInfo
 
 CACHE_VERSION = 1
 TOKENIZE_CHUNK = 8192
 """Ids per ``/tokenize`` request when llama-server spells its vocabulary."""
 DETOKENIZE_THREADS = 8
+VOCAB_MAX = 1 << 20
+"""The most tokens a remote vocabulary may claim (1,048,576; the largest real ones have
+about 262,000): checked before anything is read token by token."""
+VOCAB_RATIO_MAX = 2
+"""A remote vocabulary may be at most this many times the local models' (a family's
+sizes differ by padding, a few percent)."""
+VOCAB_BYTES_PER_TOKEN = 512
+"""JSON bytes per token that a vocabulary answer may take (its text and piece in base64
+or escaped, attributes, lengths: a real vocabulary averages under 40)."""
 
 
 @dataclass(frozen=True)
@@ -140,10 +149,33 @@ def read_info(ep: Endpoint, spec: ModelSpec, *, expected: int | None = None,
     ``expected``: the vocabulary size to read from an engine that does not tell its own."""
     api = spec.api or detect_api(ep)
     if api == "eft-local" or (api == "openai" and _has_eft_vocab(ep)):
-        return _read_eft(ep, spec, api)
+        return _read_eft(ep, spec, api, expected)
     if api == "llama-server":
-        return _read_llama_server(ep, spec)
+        return _read_llama_server(ep, spec, expected)
     return _read_openai(ep, spec, expected, say)
+
+
+def check_size(ep: Endpoint, n: Any, expected: int | None, where: str) -> int:
+    """The vocabulary size ``n`` that the engine claims (at ``where``), checked before any
+    of it is read: a whole number in [1, :data:`VOCAB_MAX`], and at most
+    :data:`VOCAB_RATIO_MAX` times ``expected`` (the local models' size) where known."""
+    if isinstance(n, bool) or not isinstance(n, (int, str)) or (
+            isinstance(n, str) and not n.strip().isdigit()):
+        raise ep.fail(f"{where} gave no vocabulary size (a whole number)")
+    size = int(n)
+    if not 1 <= size <= VOCAB_MAX:
+        raise ep.fail(f"{where} claims a vocabulary of {size} tokens, outside [1, {VOCAB_MAX}] "
+                      "(nothing was read)")
+    if expected and size > VOCAB_RATIO_MAX * expected:
+        raise ep.fail(f"{where} claims a vocabulary of {size} tokens, more than "
+                      f"{VOCAB_RATIO_MAX} times the local models' {expected}: not a model of "
+                      "their family (nothing was read)")
+    return size
+
+
+def _vocab_limit(n: int) -> int:
+    """The size cap of an answer spelling ``n`` tokens."""
+    return ANSWER_HEADROOM + n * VOCAB_BYTES_PER_TOKEN
 
 
 def _has_eft_vocab(ep: Endpoint) -> bool:
@@ -157,7 +189,7 @@ def _query(spec: ModelSpec, role: str | None, **more: str) -> str:
     return f"{VOCAB_PATH}?{text}" if text else VOCAB_PATH
 
 
-def _read_eft(ep: Endpoint, spec: ModelSpec, api: str) -> RemoteInfo:
+def _read_eft(ep: Endpoint, spec: ModelSpec, api: str, expected: int | None) -> RemoteInfo:
     role = None
     head = ep.request("GET", _query(spec, None, hash_only="1"), ok=(200, 400))
     if head.status == 400:  # several models: the one named like this role
@@ -166,6 +198,7 @@ def _read_eft(ep: Endpoint, spec: ModelSpec, api: str) -> RemoteInfo:
     info = head.json()
     if not isinstance(info, dict) or "hash" not in info:
         raise ep.fail(f"{VOCAB_PATH} answered something that is not a vocabulary description")
+    n = check_size(ep, info.get("n_tokens"), expected, VOCAB_PATH)
     key = _cache_key(ep, api, spec.model, role or "", str(info["hash"]))
     body = _cache_load(key)
     try:
@@ -173,28 +206,31 @@ def _read_eft(ep: Endpoint, spec: ModelSpec, api: str) -> RemoteInfo:
             raise EftError("not cached")
         vocab, plain = vocab_from_payload(body, spec.describe())
     except EftError:  # not cached, or a damaged cache file
-        body = ep.json("GET", _query(spec, role))
-        if body.get("hash") != info["hash"]:
+        body = ep.json("GET", _query(spec, role), limit=_vocab_limit(n))
+        if not isinstance(body, dict) or body.get("hash") != info["hash"]:
             raise ep.fail(f"{VOCAB_PATH} sent a vocabulary whose hash is not the one it "
                           "named") from None
         vocab, plain = vocab_from_payload(body, spec.describe())
         _cache_save(key, body)
+    if vocab.n_tokens != n:
+        raise ep.fail(f"{VOCAB_PATH} sent {vocab.n_tokens} tokens; it named {n}")
     return RemoteInfo(api=api, model=spec.model or info.get("preset"),
                       role=role or info.get("role"), vocab=vocab,
                       n_ctx=int(info.get("n_ctx") or N_CTX_MAX),
                       chat_template=info.get("chat_template"), plain=plain)
 
 
-def _read_llama_server(ep: Endpoint, spec: ModelSpec) -> RemoteInfo:
+def _read_llama_server(ep: Endpoint, spec: ModelSpec, expected: int | None) -> RemoteInfo:
     models = ep.json("GET", "/v1/models")
     props = ep.json("GET", "/props")
     try:
         card = models["data"][0]
         meta = card["meta"]
-        n = int(meta["n_vocab"])
+        n_vocab = meta["n_vocab"]
         n_ctx = int(meta.get("n_ctx") or props["default_generation_settings"]["n_ctx"])
-    except (KeyError, IndexError, TypeError, ValueError):
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
         raise ep.fail("/v1/models gave no vocabulary size (n_vocab)") from None
+    n = check_size(ep, n_vocab, expected, "/v1/models")
     fingerprint = json.dumps([meta, props.get("model_path")], sort_keys=True, default=str)
     key = _cache_key(ep, "llama-server", spec.model, "", fingerprint)
     body = _cache_load(key)
@@ -204,7 +240,8 @@ def _read_llama_server(ep: Endpoint, spec: ModelSpec) -> RemoteInfo:
         for lo in range(0, n, TOKENIZE_CHUNK):
             ids = list(range(lo, min(n, lo + TOKENIZE_CHUNK)))
             got = ep.json("POST", "/tokenize", {"content": ids, "with_pieces": True,
-                                                "add_special": False})
+                                                "add_special": False},
+                          limit=_vocab_limit(len(ids)))
             try:
                 entries = got["tokens"]
                 if [e["id"] for e in entries] != ids:
@@ -245,10 +282,11 @@ def _read_openai(ep: Endpoint, spec: ModelSpec, expected: int | None, say: Any
     _probe_token_prompts(ep, model)
     size_answer = ep.request("GET", "/tokenizer_info", ok=(200, 404, 405, 501))
     info = size_answer.json() if size_answer.status == 200 else None
-    n = int(info["vocab_size"]) if isinstance(info, dict) and info.get("vocab_size") else expected
-    if not n:
+    told = info.get("vocab_size") if isinstance(info, dict) else None
+    if told is None and not expected:
         raise ep.fail("tells no vocabulary size (no /tokenizer_info) and there is no local "
                       "model to compare it with")
+    n = check_size(ep, told if told is not None else expected, expected, "/tokenizer_info")
     card = next((m for m in models["data"] if str(m.get("id")) == model), {})
     fingerprint = json.dumps([card, info, n], sort_keys=True, default=str)
     key = _cache_key(ep, "openai", model, "", fingerprint)
@@ -302,8 +340,14 @@ def _detokenize_all(ep: Endpoint, model: str, n: int) -> list[bytes]:
             raise ep.fail(f"{path} answered no text for token {i}")
         return text.encode("utf-8", "surrogatepass")
 
-    with ThreadPoolExecutor(DETOKENIZE_THREADS) as pool:
+    pool = ThreadPoolExecutor(DETOKENIZE_THREADS, thread_name_prefix="eft-detokenize")
+    try:
         return list(pool.map(one, range(n)))
+    except BaseException:  # a failure, Ctrl-C, SIGTERM: end the requests under way now
+        ep.close()
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _piece_bytes(piece: Any) -> bytes:
