@@ -22,10 +22,9 @@ N_CTX_MAX = 1 << 24
 N_GPU_LAYERS_MAX = 1 << 16
 """More layers than any model has (llama.cpp keeps the count in an int32)."""
 
-N_SEQ_MAX = 128
-"""Most sequences one model's context may hold: llama.cpp knows 256 sequence ids
-(``LLAMA_MAX_SEQ``) and the backend keeps the upper half for what a batched decode rewinds,
-so that a failed decode can put it back (:mod:`eft_local.backend.sequences`)."""
+N_SEQ_MAX = 256
+"""Most sequences one model's context may hold: the sequence ids llama.cpp knows
+(``LLAMA_MAX_SEQ``)."""
 
 THREADS_PER_CORE = 4
 """--threads may be at most this many times the number of cores."""

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eft_local import backend, hub, limits
+from eft_local import backend, ggufscan, hub, limits
 from eft_local.config import Preset
 from eft_local.errors import EftError
 from eft_local.remote.model import endpoint_for, open_remote
@@ -55,6 +55,12 @@ class LoadOptions:
         if self.n_threads is not None:
             limits.check_threads(self.n_threads, "load options")
         limits.check_n_seq(self.n_seq, "load options")
+
+
+def kv_estimate(path: Path, n_ctx: int | None = None) -> tuple[int, int] | None:
+    """One slot's KV cache in bytes, and the context it is for, of a GGUF file (from its
+    header, nothing loaded; see :meth:`eft_local.ggufscan.Header.kv_bytes`)."""
+    return ggufscan.scan(path).kv_bytes(n_ctx)
 
 
 def check_models(preset: Preset, *, download: bool = False,

@@ -11,7 +11,8 @@ UTF-8 characters, stop strings applied) and ends with a chunk that carries the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
 
 from eft_local.batch import Batch, Plan, Sequence
 from eft_local.engine import Step
@@ -33,6 +34,24 @@ class Chunk:
     shifted: int | None = None
     """On the last chunk: prompt tokens kept by cutting dropped turns out of the caches
     (moved, not evaluated again; see :meth:`eft_local.session.Session.stream`)."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """A finished generation."""
+
+    text: str
+    finish: str
+    prompt_tokens: int
+    steps: list[Step] = field(default_factory=list)
+
+
+def collect(chunks: Seq[Chunk], prompt_tokens: int) -> Result:
+    """A generation's chunks as one :class:`Result`."""
+    finish = next((c.finish for c in reversed(chunks) if c.finish), "length")
+    return Result(text="".join(c.text for c in chunks), finish=finish,
+                  prompt_tokens=prompt_tokens,
+                  steps=[c.step for c in chunks if c.step is not None])
 
 
 @dataclass(frozen=True)

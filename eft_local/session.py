@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -40,7 +40,7 @@ from eft_local.formula import Formula
 from eft_local.loading import LoadOptions, check_models, load_models, quantize
 from eft_local.prompts import Prompts
 from eft_local.remote.http import traffic_summary
-from eft_local.request import Chunk, Generation, Pieces, Request
+from eft_local.request import Chunk, Generation, Pieces, Request, Result, collect
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import tuning
 from eft_local.scoring import Score, check_scorable, score_many, score_tokens
@@ -60,16 +60,6 @@ __all__ = ["Chunk", "Generation", "LoadOptions", "Request", "Result", "SamplerSe
 def is_notice(message: str) -> bool:
     """True for progress lines people should see by default (warnings and notes)."""
     return message.startswith(("warning:", "note:"))
-
-
-@dataclass(frozen=True)
-class Result:
-    """A finished generation."""
-
-    text: str
-    finish: str
-    prompt_tokens: int
-    steps: list[Step] = field(default_factory=list)
 
 
 class Session(Prompts):
@@ -319,10 +309,7 @@ class Session(Prompts):
         pairs; yields ``(key, Result)`` as each finishes, or ``(key, error)`` when its
         preparation failed. Greedy generations give the same tokens as one at a time, up
         to llama.cpp's batched arithmetic."""
-        width = len(self.batch.slots) if parallel is None else parallel
-        if isinstance(width, bool) or not 1 <= width <= len(self.batch.slots):
-            raise EftError(f"invalid parallel {parallel!r}: this session holds "
-                           f"{len(self.batch.slots)} sequence(s) (load it with n_seq)")
+        width = self._width(parallel)
         pending = iter(jobs)
         running: dict[Generation, tuple[K, list[Chunk]]] = {}
         try:
@@ -457,10 +444,7 @@ class Session(Prompts):
         slot) evaluated together: ``(key, Score)`` in order, or ``(key, error)`` for a text
         that cannot be scored."""
         s = self.settings_for(settings, **changes)
-        width = len(self.batch.slots) if parallel is None else parallel
-        if isinstance(width, bool) or not 1 <= width <= len(self.batch.slots):
-            raise EftError(f"invalid parallel {parallel!r}: this session holds "
-                           f"{len(self.batch.slots)} sequence(s) (load it with n_seq)")
+        width = self._width(parallel)
         pending = iter(texts)
         while True:
             group: list[tuple[K, list[int]]] = []
@@ -486,6 +470,14 @@ class Session(Prompts):
                 yield key, replace(result, formula=s.describe())
 
     # -- slots ----------------------------------------------------------------------------
+    def _width(self, parallel: int | None) -> int:
+        n = len(self.batch.slots)
+        width = n if parallel is None else parallel
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n:
+            raise EftError(f"invalid parallel {parallel!r}: this session holds {n} "
+                           "sequence(s) (load it with n_seq)")
+        return width
+
     def free_slots(self) -> list[int]:
         """Slots (KV sequences of every model) that no generation runs in."""
         return self.batch.free_slots()
@@ -573,14 +565,6 @@ class Session(Prompts):
 
 
 K = TypeVar("K")
-
-
-def collect(chunks: Sequence[Chunk], prompt_tokens: int) -> Result:
-    """A generation's chunks as one :class:`Result`."""
-    finish = next((c.finish for c in reversed(chunks) if c.finish), "length")
-    return Result(text="".join(c.text for c in chunks), finish=finish,
-                  prompt_tokens=prompt_tokens,
-                  steps=[c.step for c in chunks if c.step is not None])
 
 
 def load_session(preset: str | None = None, *, models: Sequence[str] = (),

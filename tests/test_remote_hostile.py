@@ -305,12 +305,12 @@ class Interrupted(FakeModel):
         self.sent = sent
         self.interrupt = True
 
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+    def decode(self, parts, out=None):  # noqa: ANN001, ANN201 - FakeModel.decode's
         if self.interrupt:
             self.interrupt = False
             assert self.sent.wait(10)
             raise KeyboardInterrupt
-        return super().eval(tokens, all_logits=all_logits)
+        return super().decode(parts, out)
 
 
 def test_after_ctrl_c_the_next_step_does_not_wait_for_the_abandoned_request() -> None:

@@ -285,7 +285,7 @@ def test_an_ambiguous_token_text_is_an_error() -> None:
 
 # -- the engine: remote evaluations beside the local lanes -------------------------------------
 class FakeRemote(FakeModel):
-    """A fake model that counts as remote; its eval can wait for an event."""
+    """A fake model that counts as remote; its decode can wait for an event."""
 
     remote = True
 
@@ -298,7 +298,7 @@ class FakeRemote(FakeModel):
         self.abandoned = 0
         self.started = threading.Event()
 
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+    def decode(self, parts, out=None):  # noqa: ANN001, ANN201 - FakeModel.decode's
         self.started.set()
         if self.wait_for is not None:
             self.saw = self.wait_for.wait(timeout=10)
@@ -306,7 +306,7 @@ class FakeRemote(FakeModel):
             self.release.wait(timeout=10)
         self.traffic.requests += 1
         self.traffic.received += 4 * self.n_vocab
-        return super().eval(tokens, all_logits=all_logits)
+        return super().decode(parts, out)
 
     def abandon(self) -> None:
         self.abandoned += 1
@@ -320,8 +320,8 @@ class Signalling(FakeModel):
         super().__init__(**kw)  # type: ignore[arg-type]
         self.done, self.fail, self.after = done, fail, after
 
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
-        rows = super().eval(tokens, all_logits=all_logits)
+    def decode(self, parts, out=None):  # noqa: ANN001, ANN201 - FakeModel.decode's
+        rows = super().decode(parts, out)
         self.done.set()
         if self.after is not None:
             self.after.wait(timeout=10)
@@ -354,13 +354,13 @@ def test_without_overlap_the_remote_answers_first() -> None:
     eng = engine_with(remote, Signalling(seed=2, done=local_done))
     eng.remote.overlap = False
     order = []
-    original = remote.eval
+    original = remote.decode
 
-    def spy(tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+    def spy(parts, out=None):  # noqa: ANN001, ANN202
         order.append(("remote", local_done.is_set()))
-        return original(tokens, all_logits=all_logits)
+        return original(parts, out)
 
-    remote.eval = spy  # type: ignore[method-assign]
+    remote.decode = spy  # type: ignore[method-assign]
     eng.evaluate(0, [5, 6, 7])
     assert order == [("remote", False)]
     eng.close()

@@ -94,9 +94,9 @@ class Threaded(FakeModel):
     def set_threads(self, n: int) -> None:
         self.threads = n
 
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
-        self.seen.append((len(tokens), self.threads))
-        return super().eval(tokens, all_logits=all_logits)
+    def decode(self, parts, out=None):  # noqa: ANN001, ANN201 - FakeModel.decode's
+        self.seen.append((sum(len(p.tokens) for p in parts), self.threads))
+        return super().decode(parts, out)
 
 
 def threaded_engine(schedule: S.Schedule, n_threads: int = 2,

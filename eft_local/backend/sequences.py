@@ -19,11 +19,6 @@ import numpy as np
 from eft_local.backend.library import L
 from eft_local.errors import EftError
 
-MAX_SEQ_IDS = 256
-"""Sequence ids a llama.cpp context knows (``LLAMA_MAX_SEQ``, llama-cparams.h). Sequence
-``s`` uses id ``s``; id ``n_seq_ids // 2 + s`` holds what a batched decode rewound of it
-until that decode succeeds (see :meth:`Sequences.decode`), so at most half are sequences."""
-
 ROWS = ("last", "all", "none")
 
 
@@ -233,49 +228,28 @@ class Sequences:
         """Decode several sequences at once: one ``llama_decode`` carries every part's
         tokens (several when they pass ``n_batch``), with logits only where rows are asked.
 
-        Each part's sequence is rewound to ``keep`` and ``tokens`` appended. The list gives
-        each part's rows, shape (rows, n_vocab), None for ``rows="none"``. With ``out``,
-        shape (len(parts), width), each ``"last"`` row is written into ``out[i, :width]``
-        instead (and the list holds the view ``out[i:i+1]``). On a failure or Ctrl-C every
-        sequence keeps exactly what it had before the call (``out`` may be partly written),
-        except where the cache had no room to keep a rewound tail until the decode ended
-        (the sum of every sequence's tokens plus the new ones above ``n_seq x n_ctx``), or
-        the model cannot drop part of a sequence (recurrent, hybrid): there a rewound
-        sequence keeps its first ``keep`` tokens.
+        Each part's sequence is first rewound to ``keep`` (its cells are freed, so the new
+        tokens take the cells a fresh evaluation would: a rewound and a fresh sequence give
+        the same rows) and ``tokens`` appended. The list gives each part's rows, shape
+        (rows, n_vocab), None for ``rows="none"``. With ``out``, shape (len(parts), width),
+        each ``"last"`` row is written into ``out[i, :width]`` instead (and the list holds
+        the view ``out[i:i+1]``). On a failure or Ctrl-C each sequence keeps its first
+        ``keep`` tokens (what it held beyond them was already dropped); ``out`` may be
+        partly written.
         """
         self._check_parts(parts, out)
         if not parts:
             return []
-        if not self.partial_rewind:
-            return self._decode_rewinding(parts, out)
-        lens = [len(self._seqs[p.seq]) for p in parts]
-        rewound = [p for p, n in zip(parts, lens, strict=True) if p.keep < n]
-        stash: list[Part] = []
-        if rewound and (sum(map(len, self._seqs)) + sum(len(p.tokens) for p in parts)
-                        <= self._cells):  # room to keep every tail until the end
-            stash = rewound
-        mem, half = self._mem, MAX_SEQ_IDS // 2
-        phase = "stash"
-        try:  # every step below is undone by _undo for the phase it may have reached
-            for p in stash:  # tag the tail with a spare id: its cells stay until success
-                L.llama_memory_seq_cp(mem, p.seq, half + p.seq, p.keep, -1)
-            phase = "decode"
-            for p in rewound:
-                if not L.llama_memory_seq_rm(mem, p.seq, p.keep, -1):
-                    raise EftError(f"{self.path.name}: llama.cpp could not drop sequence "
-                                   f"{p.seq}'s positions from {p.keep} on")
+        for p in parts:
+            self.rewind(p.keep, p.seq)
+        try:
             rows = self._run(parts, out)
-            phase = "commit"
-            for p in stash:
-                L.llama_memory_seq_rm(mem, half + p.seq, -1, -1)
-            for p in parts:
-                self._seqs[p.seq][p.keep:] = p.tokens
-            if self._shared:
-                for p in rewound:
-                    self._unshare(p.seq, p.keep)
         except BaseException:
-            self._undo(phase, parts, lens, stash)
+            for p in parts:
+                self._drop_from(p.keep, p.seq)
             raise
+        for p in parts:
+            self._seqs[p.seq].extend(p.tokens)
         return rows
 
     def _check_parts(self, parts: Sequence[Part], out: np.ndarray | None) -> None:
@@ -339,47 +313,3 @@ class Sequences:
                                            shape=(len(targets), self.n_vocab))
             for j, (res, r) in enumerate(targets):
                 res[r] = logits[j, : res.shape[1]]
-
-    def _undo(self, phase: str, parts: Sequence[Part], lens: list[int],
-              stash: list[Part]) -> None:
-        """Put every sequence back as it was before :meth:`decode` (see its docstring for
-        the two exceptions). Each step is right whether or not the interrupted one ran."""
-        mem, half = self._mem, MAX_SEQ_IDS // 2
-        if phase == "commit":  # the decode succeeded: finish it instead
-            for p in stash:
-                L.llama_memory_seq_rm(mem, half + p.seq, -1, -1)
-            for p in parts:
-                self._seqs[p.seq][p.keep:] = p.tokens
-                self._unshare(p.seq, p.keep)
-            return
-        if phase == "stash":  # no tail was removed yet: only the spare ids go
-            for p in stash:
-                L.llama_memory_seq_rm(mem, half + p.seq, -1, -1)
-            return
-        stashed = {p.seq for p in stash}
-        for p, n in zip(parts, lens, strict=True):
-            if p.seq not in stashed:  # untouched, or rewound without room to keep the tail
-                self._drop_from(min(p.keep, n), p.seq)
-                continue
-            if L.llama_memory_seq_rm(mem, p.seq, p.keep, -1):  # new tokens, any tail left
-                L.llama_memory_seq_cp(mem, half + p.seq, p.seq, p.keep, -1)
-            else:
-                self._drop_from(0, p.seq)
-            L.llama_memory_seq_rm(mem, half + p.seq, -1, -1)
-
-    def _decode_rewinding(self, parts: Sequence[Part], out: np.ndarray | None
-                          ) -> list[np.ndarray | None]:
-        """:meth:`decode` for caches that cannot drop part of a sequence: rewound
-        sequences are cleared and evaluated again first (:meth:`rewind`)."""
-        for p in parts:
-            self.rewind(p.keep, p.seq)
-        lens = [len(self._seqs[p.seq]) for p in parts]
-        try:
-            rows = self._run(parts, out)
-        except BaseException:
-            for p, n in zip(parts, lens, strict=True):
-                self._drop_from(n, p.seq)
-            raise
-        for p in parts:
-            self._seqs[p.seq].extend(p.tokens)
-        return rows

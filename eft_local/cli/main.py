@@ -144,8 +144,9 @@ def main() -> None:
 @main.command()
 def models() -> None:
     """List presets: formula, models, whether each file is present locally and its size."""
-    from eft_local import ggufscan, hub
+    from eft_local import hub
     from eft_local.config import load_config
+    from eft_local.loading import kv_estimate
 
     config = load_config()
     if not config.presets:
@@ -162,7 +163,7 @@ def models() -> None:
             local = hub.cached_path(spec)
             state = "remote" if spec.remote else (
                 f"present, {size_text(local.stat().st_size)}" if local else "missing")
-            kv = ggufscan.scan(local).kv_bytes(spec.n_ctx) if local else None
+            kv = kv_estimate(local, spec.n_ctx) if local else None
             if kv is not None:
                 state += f", KV {size_text(kv[0])} per slot at n_ctx {kv[1]}"
             click.echo(printable(f"  {role:<{width}}  {spec.describe()}  [{state}]"))
