@@ -21,7 +21,7 @@ from eft_local.errors import EftError
 
 MAX_SEQ_IDS = 256
 """Sequence ids a llama.cpp context knows (``LLAMA_MAX_SEQ``, llama-cparams.h). Sequence
-``s`` uses id ``s``; id ``n_seq_ids // 2 + s`` holds what a batched decode rewound of it
+``s`` uses id ``s``; id ``MAX_SEQ_IDS // 2 + s`` holds what a batched decode rewound of it
 until that decode succeeds (see :meth:`Sequences.decode`), so at most half are sequences."""
 
 ROWS = ("last", "all", "none")
