@@ -9,7 +9,7 @@ One model holding B sequences (``LlamaModel(n_seq=B)``), each with its own ``--c
 - batched: one :meth:`~eft_local.backend.LlamaModel.decode` of B parts, one token each,
   the rows written into one (B, n_vocab) array (the serving hot path);
 - separate: B one-token :meth:`~eft_local.backend.LlamaModel.eval_into` calls, one per
-  sequence, in the same model.
+  sequence, in the same model (each way first in every other run).
 
 Each line: B, median and spread (min-max) in ms of a whole step each way, and the batched
 step's throughput over the separate steps'. Then the agreement: every sequence's row from the
@@ -53,18 +53,26 @@ def measure(model: backend.LlamaModel, b: int, runs: int, context: int
     out = np.empty((b, v), dtype=np.float32)
     model.decode(parts, out)  # the first decode of this shape sets buffers up
     batched, separate = [], []
-    for _ in range(runs):
+
+    def one_batched() -> None:
         start = time.perf_counter()
         model.decode(parts, out)
         batched.append(time.perf_counter() - start)
         for s in range(b):
             model.rewind(context, s)
+
+    def one_separate() -> None:
         start = time.perf_counter()
         for s in range(b):
             model.eval_into([nxt[s]], out[s], seq=s)
         separate.append(time.perf_counter() - start)
         for s in range(b):
             model.rewind(context, s)
+
+    for run in range(runs):  # each way first in every other run
+        for step in (one_batched, one_separate) if run % 2 == 0 else (one_separate,
+                                                                       one_batched):
+            step()
     return batched, separate
 
 
