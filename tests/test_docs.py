@@ -1,7 +1,7 @@
 """The README and docs/ hold together (issue 26): every relative link in README.md and
 docs/*.md reaches a file, every ``#anchor`` a heading of that file (GitHub's slugs), every
 page of docs/ is listed in docs/index.md, and every docs page or README section that the
-code, the tests, the benchmarks and CI name exists."""
+code, the tests, the benchmarks, CI and the training scripts name exists."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 PAGES = [README, *sorted(DOCS.glob("*.md"))]
-CODE_DIRS = ("eft_local", "tests", "benchmarks", ".ci")
+CODE_DIRS = ("eft_local", "tests", "benchmarks", ".ci", "training")
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -135,8 +135,9 @@ def code_files() -> list[Path]:
 
 
 def test_docs_pages_and_readme_sections_named_in_code_exist() -> None:
-    """``docs/x.md#anchor`` in eft_local/, tests/, benchmarks/ and .ci/ names an existing page
-    and heading; ``README "Section"`` and ``README.md#anchor`` a heading of the README."""
+    """``docs/x.md#anchor`` in eft_local/, tests/, benchmarks/, .ci/ and training/ names an
+    existing page and heading; ``README "Section"`` and ``README.md#anchor`` a heading of the
+    README."""
     readme = anchors(README)
     dead = []
     for path in code_files():
