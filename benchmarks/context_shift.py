@@ -18,7 +18,7 @@ Each line: the model, its context, the kept length, then median and spread (min-
 always; ``--realistic`` adds the 135M/360M/1B-shaped random-weight models that ``eft-local
 bench --realistic`` writes into benchmarks/out (written here too if missing), at their
 training context (2048) or ``--n-ctx``; ``--only`` measures the models whose names contain
-it. Figures and the rule they gave: README, "Long chats".
+it. Figures and the rule they gave: docs/long-chats.md.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ The cache holds ``prefix + dropped + kept + ...`` and the new prompt is ``prefix
 ...``. :func:`best_cut` finds the span to cut out; :func:`worth_shifting` says whether
 moving the kept tokens down (llama.cpp's K-shift: RoPE over every cell of every layer) is
 faster than evaluating them again. The rule comes from ``python
-benchmarks/context_shift.py`` (figures in docs/context.md).
+benchmarks/context_shift.py`` (figures in docs/long-chats.md).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ in place. No filter needs normalised input, so a step never pays for a log-softm
 The draw at absolute position ``n`` is an exponential race (the Gumbel-max trick) with noise
 that depends only on the seed and ``n`` (:func:`race`): exact sampling, and since a drafting
 model draws with the same noise at the same position, draft and mix agree close to the
-optimum sum(min(p, q)) of any coupling; plain and speculative decoding give identical text
-by construction.
+optimum sum(min(p, q)) of any coupling; plain and speculative decoding draw each position
+alike, so they give identical text wherever the models' rows do not depend on batching
+(llama.cpp's batched rows differ by about 1e-5: see :mod:`eft_local.speculative`).
 """
 
 from __future__ import annotations

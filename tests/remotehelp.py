@@ -4,7 +4,7 @@ raw HTTP server (:class:`RawServer`) for engines that misbehave.
 ``eft-local serve`` (``python -m eft_local serve``), llama-cpp-python's own server and
 llama.cpp's llama-server (where its binary is present: ``$EFT_LOCAL_LLAMA_SERVER`` or
 ``~/.cache/eft-local-llama-server/bin/llama-server``, built from the llama-cpp-python
-source package as README "Beyond one machine" says).
+source package as docs/remote.md says).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 the server reaching the engine only through the session's public API.
 
 Lazily registered CLI commands (``main.register("x", "eft_local.cli.mod:attr")``) count as
-imports. README.md's "How it works" walks the same layers.
+imports. docs/how-it-works.md walks the same layers.
 """
 
 from __future__ import annotations

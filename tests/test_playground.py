@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.browser,
 QUESTION = "What is the home town of Has Zhithdou?"
 EDGES = (-3.0, -1.0, -0.25, 0.25, 1.0, 3.0)
 BINS = ("sn3", "sn2", "sn1", "s0", "sp1", "sp2", "sp3")
-"""The page's colour bins of log p_mix - log p_base (README "The playground")."""
+"""The page's colour bins of log p_mix - log p_base (docs/serving.md#the-playground)."""
 ROLES = {"large_base", "small_ft", "small_base"}
 
 

@@ -22,7 +22,7 @@ it sleeps: fastest on an idle machine, a crawl on a busy one (a spinner waits fo
 that is not running), and a spinner steals the core that a concurrent lane needs. Sleeping at
 once (``OMP_WAIT_POLICY=passive``) halves 2-thread speed even on an idle machine. 1,000
 spins keep the idle speed and bound the busy-machine damage (``python
-benchmarks/openmp_wait.py``; figures in README, Threads)."""
+benchmarks/openmp_wait.py``; figures in docs/threads-and-gpus.md)."""
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
