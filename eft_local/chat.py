@@ -304,7 +304,7 @@ class Conversation:
     system: str | None = None
     turns: list[dict[str, str]] = field(default_factory=list)
     dropped: int = 0
-    """Turns dropped so far to fit the context (:meth:`fit`)."""
+    """Turns dropped so far to fit the context (:meth:`drop`)."""
 
     def messages(self) -> list[dict[str, str]]:
         """The message list a chat template expects."""
@@ -314,18 +314,6 @@ class Conversation:
     def add(self, role: str, content: str) -> None:
         """Append one turn."""
         self.turns.append({"role": role, "content": content})
-
-    def fit(self, count_tokens: Callable[[list[dict[str, str]]], int], budget: int, *,
-            limit: int | None = None) -> int:
-        """Drop oldest exchanges until the prompt fits ``budget`` tokens (see
-        :func:`fit_messages`); returns how many exchanges went.
-
-        When even the newest turn alone (with the system prompt) does not fit, the history
-        is left exactly as it was and the error says how many tokens it needs and how many
-        are allowed.
-        """
-        _kept, n = fit_messages(self.messages(), count_tokens, budget, limit=limit)
-        return self.drop(n)
 
     def drop(self, n: int) -> int:
         """Drop the ``n`` oldest turns; returns how many user turns (exchanges) went."""
