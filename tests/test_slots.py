@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings
 from eft_local.session import LoadOptions, load_session
 from eft_local.speculative import Speculator
+from tests.clihelp import run
 from tests.fakes import FakeModel
 from tests.test_speculative import FORMULA_ROLES, same_steps, weights_for
 
@@ -185,3 +188,15 @@ def test_four_greedy_chats_at_once_equal_each_one_alone() -> None:
     for i, result in enumerate(want):
         assert [s.token for s in got[i].steps] == [s.token for s in result.steps]
         assert (got[i].text, got[i].finish) == (result.text, result.finish)
+
+
+def test_eval_in_parallel_scores_as_one_at_a_time() -> None:
+    outs = []
+    for np_ in ("1", "3"):
+        result = run(["eval", "tiny-up", "--limit", "6", "--json", "-np", np_])
+        assert result.exit_code == 0, result.output
+        score = json.loads(result.stdout)["scores"][0]
+        outs.append({k: score[k] for k in ("n", "correct", "compliant", "declined",
+                                           "multi_n", "multi_correct", "multi_compliant",
+                                           "tokens")})
+    assert outs[0] == outs[1] and outs[0]["n"] == 6
