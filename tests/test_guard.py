@@ -269,7 +269,7 @@ def test_uvicorns_private_protocol_still_has_what_net_py_uses() -> None:
     from eft_local.server.net import Protocol
 
     for name in ("connection_made", "data_received", "connection_lost", "eof_received",
-                 "send_400_response", "handle_events", "on_response_complete"):
+                 "send_400_response", "handle_events", "on_response_complete", "shutdown"):
         assert callable(getattr(H11Protocol, name, None)), f"uvicorn {uvicorn.__version__}: " \
             f"H11Protocol.{name} is gone"
     params = list(inspect.signature(H11Protocol.__init__).parameters)

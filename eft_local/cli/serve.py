@@ -130,6 +130,11 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     the body set the knobs per request. The sampling options are the defaults of every
     request. Requests run one at a time in arrival order. Ctrl-C stops it: the running
     request ends at its next token, waiting ones get 503.
+
+    Against web pages (DNS rebinding, blind cross-site POSTs), a request must name this
+    server in its Host header (an IP address, localhost, the --host name, names given with
+    --allowed-host; beyond loopback also this machine's name, *.local and *.internal) and
+    send JSON bodies as 'Content-Type: application/json'.
     """
     try:
         from eft_local.server.app import ServerOptions, create_app

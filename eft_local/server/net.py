@@ -7,10 +7,16 @@ both Content-Length and Transfer-Encoding, and answers malformed HTTP in plain t
 every connection must send a whole request head within :attr:`HttpLimits.head_seconds`
 (each later request too, once the previous response is out), idle keep-alive connections
 close after :attr:`HttpLimits.keep_alive_seconds`, more than
-:attr:`HttpLimits.max_connections` at once get 503, and every refusal is OpenAI's JSON error
-body. On Ctrl-C or SIGTERM the server stops taking requests, stops the running one at its
-next token (503 to its client) and answers the waiting ones 503, then closes: no traceback,
-exit status 0.
+:attr:`HttpLimits.max_connections` at once get 503 (with Retry-After), and every refusal is
+OpenAI's JSON error body, followed by a lingering close (what the client still sends is read
+and dropped, so the close is never a reset that destroys the answer). On Ctrl-C or SIGTERM
+the server stops taking requests, stops the running one at its next token (503 to its
+client) and answers the waiting ones 503, then closes: no traceback, exit status 0.
+
+:class:`Protocol` subclasses uvicorn's h11 protocol class, which is not a public API:
+pyproject.toml pins the uvicorn versions it was tested with, and
+``tests/test_guard.py::test_uvicorns_private_protocol_still_has_what_net_py_uses`` names
+what changed when a newer uvicorn no longer fits.
 """
 
 from __future__ import annotations
@@ -167,6 +173,13 @@ class Protocol(H11Protocol):
         self.transport.write_eof()
         self._head_timer = self.loop.call_later(self.limits.linger_seconds,
                                                 self.transport.close)
+
+    def shutdown(self) -> None:
+        if self._refused:  # answered already: no HTTP exchange is left to end
+            self._disarm()
+            self.transport.close()
+            return
+        super().shutdown()
 
     def eof_received(self) -> bool | None:
         if self._refused:
