@@ -181,6 +181,15 @@ def result_line(line: bytes) -> dict[str, Any] | None:
     return None
 
 
+def _parses(line: bytes) -> bool:
+    """True when ``line`` is whole JSON (of any kind)."""
+    try:
+        json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return True
+
+
 class ResultsFile:
     """A results file (``--output``) opened for reading and appending, and locked for the
     run: an advisory lock (``flock``) that a second run on the same file finds taken, so it
@@ -241,7 +250,7 @@ class ResultsFile:
         if record is not None:  # a whole record that only lacks its newline
             found.append(record)
             return found, None
-        if not line.startswith(RECORD_START):
+        if not line.startswith(RECORD_START) or _parses(line):  # someone's whole line
             raise self._foreign(n)
         return found, line
 

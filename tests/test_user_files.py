@@ -128,9 +128,11 @@ def _texts(path: Path, *texts: str, newline: bool = True) -> Path:
     return path
 
 
-def test_10_the_users_own_file_without_a_final_newline_is_refused(family, tmp_path) -> None:
+@pytest.mark.parametrize("texts", [("first text", "second text"), ("only text",)])
+def test_10_the_users_own_file_without_a_final_newline_is_refused(family, tmp_path,
+                                                                  texts) -> None:
     src = _texts(tmp_path / "t.jsonl", "Hello there")
-    mine = _texts(tmp_path / "mytexts.jsonl", "first text", "second text", newline=False)
+    mine = _texts(tmp_path / "mytexts.jsonl", *texts, newline=False)
     before = mine.read_bytes()
     result = run(["score", *family.trio(), *THREADS, "--input", str(src), "--output",
                   str(mine)])
