@@ -152,6 +152,36 @@ def test_6_allowed_host_names_are_answered() -> None:
                             "Connection: close"), 403)
 
 
+# -- 6. a request from another site's page: blind, but it could switch presets ------------------
+def test_6_a_request_from_another_sites_page_is_refused(served: Served) -> None:
+    host = served.url.removeprefix("http://")
+    before = len(served.runner.history)
+    for extra in ("Sec-Fetch-Site: cross-site", "Sec-Fetch-Site: same-site",
+                  "Origin: http://evil.example.com", "Origin: null",
+                  "Origin: http://evil.example.com\r\nSec-Fetch-Site: same-origin"):
+        err = error_of(raw(served.url, f"GET /tokenizer_info?model=tiny-down HTTP/1.1\r\n"
+                                       f"Host: {host}\r\n{extra}\r\nConnection: close"), 403)
+        assert err["code"] == "cross_site_request", extra
+    err = error_of(raw(served.url, "\r\n".join([
+        "POST /tokenize HTTP/1.1", f"Host: {host}", "Origin: http://evil.test",
+        "Content-Type: application/json", "Content-Length: 16", "Connection: close"]),
+        b'{"prompt": "hi"}'), 403)
+    assert err["code"] == "cross_site_request" and "evil.test" in err["message"]
+    assert len(served.runner.history) == before  # no preset switched, nothing queued
+
+
+def test_6_the_playground_and_its_own_requests_are_answered(served: Served) -> None:
+    host = served.url.removeprefix("http://")
+    page = raw(served.url, f"GET / HTTP/1.1\r\nHost: {host}\r\nSec-Fetch-Site: cross-site"
+                           "\r\nSec-Fetch-Mode: navigate\r\nConnection: close")
+    assert page[0] == 200 and page[1]["content-type"].startswith("text/html")  # a link to it
+    status, _h, _b = raw(served.url, "\r\n".join([
+        "POST /tokenize HTTP/1.1", f"Host: {host}", f"Origin: http://{host}",
+        "Sec-Fetch-Site: same-origin", "Content-Type: application/json",
+        "Content-Length: 16", "Connection: close"]), b'{"prompt": "hi"}')
+    assert status == 200
+
+
 # -- 8. no redirect built from a client's Host header -------------------------------------------
 @pytest.mark.parametrize("allowed", [(), ("*",)])
 def test_8_a_trailing_slash_never_redirects_to_the_host_header(allowed) -> None:

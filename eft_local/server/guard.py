@@ -14,10 +14,17 @@ name it knows as its own, 403 otherwise (as Ollama, vLLM and Jupyter do):
   machines): also this machine's host name and names under ``.local`` (mDNS) and
   ``.internal`` (private use, ``host.docker.internal``), which no public DNS answers.
 
-The other half of the guard, in :meth:`eft_local.server.app.Api.body`: a JSON body must
-come with ``Content-Type: application/json``, which a page can send to another origin only
-after a CORS preflight this server never grants (a plain form or a ``text/plain`` fetch
-gets 415).
+A request that a browser marks as sent from another site's page (its ``Origin`` is not
+this server, or ``Sec-Fetch-Site: cross-site``) gets 403 too, but for a link to the
+playground page (:func:`cross_site`): it could not read the answer, yet switch presets.
+
+The last part, in :meth:`eft_local.server.app.Api.body` (:func:`require_json`): a JSON body
+must come with ``Content-Type: application/json``, which a page can send to another origin
+only after a CORS preflight this server never grants (a plain form or a ``text/plain``
+fetch gets 415), even in a browser that sends neither header.
+
+``--allowed-host '*'`` turns the Host and the cross-site checks off (a reverse proxy that
+rewrites the Host header), not the Content-Type check.
 """
 
 from __future__ import annotations
@@ -149,8 +156,9 @@ def refusal(header: str) -> ApiError:
 
 
 class HostGuard:
-    """ASGI middleware: a request whose Host header the policy does not allow gets 403 in
-    OpenAI's error shape before any route sees it, and one log line."""
+    """ASGI middleware: before any route sees it, 403 in OpenAI's error shape (and one log
+    line) for a request whose Host header the policy does not allow, and for one that a
+    browser sends from another site's page (see :func:`cross_site`)."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *,
                  policy: HostPolicy, log: Callable[[str], None]) -> None:
@@ -160,13 +168,10 @@ class HostGuard:
         if scope["type"] != "http" or self.policy.any_host:
             await self.app(scope, receive, send)
             return
-        hosts = [v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"host"]
-        bad = next((h for h in hosts if not self._allowed(h)), None)
-        if bad is None and len(hosts) <= 1:  # none at all: HTTP/1.0, never a browser
+        error = self.check(scope)
+        if error is None:
             await self.app(scope, receive, send)
             return
-        error = refusal(bad) if bad is not None else ApiError(
-            403, "a request may carry one Host header", code="host_not_allowed")
         self.log(f"{scope.get('method', '?')} {scope.get('path', '?')} 403 {error.message}")
         body = json.dumps(error.body()).encode()
         await send({"type": "http.response.start", "status": 403,
@@ -174,6 +179,40 @@ class HostGuard:
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
+    def check(self, scope: Scope) -> ApiError | None:
+        """Why the request ``scope`` is refused, or None."""
+        headers: dict[bytes, list[str]] = {}
+        for key, value in scope.get("headers", ()):
+            headers.setdefault(key, []).append(value.decode("latin-1"))
+        hosts = headers.get(b"host", [])  # none at all: HTTP/1.0, never a browser
+        bad = next((h for h in hosts if not self._allowed(h)), None)
+        if bad is not None:
+            return refusal(bad)
+        if len(hosts) > 1:
+            return ApiError(403, "a request may carry one Host header", code="host_not_allowed")
+        return cross_site(scope.get("method", ""), scope.get("path", ""), hosts,
+                          headers.get(b"origin", []), headers.get(b"sec-fetch-site", []))
+
     def _allowed(self, header: str) -> bool:
         name = host_name(header)
         return name is not None and self.policy.allows(name)
+
+
+def cross_site(method: str, path: str, hosts: list[str], origins: list[str],
+               sites: list[str]) -> ApiError | None:
+    """The 403 of a request a browser sent from another site's page: its ``Origin`` is not
+    this server's (the Host it names), or its ``Sec-Fetch-Site`` says another site. Such a
+    request cannot read the answer, but could still switch presets or tie up the worker
+    (``GET /tokenizer_info?model=...``, a form's POST). A link to the playground (``GET
+    /``) is the one cross-site request answered."""
+    if method == "GET" and path == "/":
+        return None
+    host = hosts[0].strip().lower() if hosts else None
+    foreign = next((o for o in origins if o.strip().lower().partition("://")[2] != host), None)
+    if foreign is None and not any(s.strip().lower() in ("cross-site", "same-site")
+                                   for s in sites):
+        return None
+    shown = f"from {json.dumps(foreign[:100])}" if foreign is not None else "from another site"
+    return ApiError(403, f"a request {shown}: a web page of another site may not use this "
+                    "server (call it from a program, or from the playground at /)",
+                    code="cross_site_request")
