@@ -246,7 +246,9 @@ def test_9_a_value_that_looks_like_a_key_is_never_echoed(args: list[str]) -> Non
 
 def test_9_bad_key_files(tmp_path: Path) -> None:
     assert looks_like_key(KEY) and looks_like_key("a1" * 10)
-    assert not looks_like_key("keys/server.key") and not looks_like_key("tiny-up")
+    for name in ("keys/server.key", "tiny-up", "llama-3.1-70b-instruct-q4_k_m",
+                 "/home/me/secrets/eft-local-server-2026.key"):
+        assert not looks_like_key(name), name
     two = tmp_path / "two"
     two.write_text("first-key-line\nsecond\n")
     empty = tmp_path / "empty"

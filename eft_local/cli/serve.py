@@ -27,12 +27,12 @@ def _log(message: str) -> None:
 
 
 def looks_like_key(value: str) -> bool:
-    """True for a value that may be a secret (``sk-...``, or a long run of letters and
-    digits): never echoed in a message."""
+    """True for a value that may be a secret (``sk-...``, or 16 letters and digits mixed
+    without a separator, as random keys have and names have not): never echoed."""
     value = value.strip()
-    return value.startswith(("sk-", "Bearer ")) or (
-        len(value) >= 16 and re.fullmatch(r"[A-Za-z0-9_\-+=.~]+", value) is not None
-        and any(c.isdigit() for c in value) and any(c.isalpha() for c in value))
+    return value.startswith(("sk-", "hf_", "Bearer ")) or any(
+        sum(c.isdigit() for c in run) >= 2 and sum(c.isalpha() for c in run) >= 2
+        for run in re.findall(r"[A-Za-z0-9]{16,}", value))
 
 
 def server_key(api_key: str | None, key_file: Path | None,
@@ -159,8 +159,8 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
         from eft_local.config import load_config
 
         if preset_arg not in load_config().presets:
-            raise click.UsageError("the PRESET argument looks like an API key (not shown); "
-                                   f"give a key with --api-key-file FILE or {KEY_ENV}")
+            raise click.UsageError("unknown preset (its name is not shown: it looks like an "
+                                   f"API key; give a key with --api-key-file FILE or {KEY_ENV})")
     if not api_key and not is_loopback(host):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach "
                    f"port {port} can use the models", err=True)
