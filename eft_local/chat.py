@@ -25,7 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
 from eft_local.errors import ContextFull, EftError
-from eft_local.files import atomic_write
+from eft_local.files import atomic_write, read_user_text
 from eft_local.vocab import ATTR_CONTROL, ATTR_UNKNOWN, VocabInfo
 
 FALLBACK_TEMPLATE = (
@@ -333,11 +333,13 @@ class Conversation:
     def load(cls, path: str | Path) -> Conversation:
         """Read a transcript written by :meth:`save`."""
         path = Path(path)
+        text = read_user_text(path, what="transcript")
         try:
-            data = json.loads(path.read_text("utf-8"))
-        except FileNotFoundError:
-            raise EftError(f"{path}: transcript not found") from None
-        except (OSError, ValueError) as exc:
+            data = json.loads(text)
+        except RecursionError:
+            raise EftError(f"{path}: not a readable JSON transcript (nested too deeply)"
+                           ) from None
+        except ValueError as exc:
             raise EftError(f"{path}: not a readable JSON transcript ({exc})") from None
         turns = data.get("turns") if isinstance(data, dict) else None
         ok = isinstance(turns, list) and all(

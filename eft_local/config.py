@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from eft_local.errors import EftError
+from eft_local.files import read_user_text
 from eft_local.formula import PARAMETERS, Formula, parse_formula
 from eft_local.limits import N_CTX_MAX, N_GPU_LAYERS_MAX, PARAM_LIMIT, max_threads
 
@@ -166,12 +167,11 @@ def load_config(shipped: Path | None = None, user: Path | None = None) -> Config
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    text = read_user_text(path, what="config file", limit=8 << 20)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise EftError(f"{path}: invalid TOML ({exc})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EftError(f"{path}: cannot read ({exc})") from None
 
 
 def _parse_presets(data: Mapping[str, Any], path: Path) -> dict[str, Preset]:

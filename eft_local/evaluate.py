@@ -20,6 +20,7 @@ from pathlib import Path
 
 from eft_local.config import FAMILY_DIR, Config, Preset, is_url, preset_from_paths, public_url
 from eft_local.errors import EftError
+from eft_local.files import read_user_text
 from eft_local.formula import PARAMETERS
 from eft_local.session import LoadOptions, Request, SamplerSettings, Session
 
@@ -112,12 +113,7 @@ class Scorecard:
 
 def load_questions(path: Path, limit: int | None = None) -> list[Question]:
     """Read a JSONL question file; a bad line is an error naming file and line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise EftError(f"{path}: question file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EftError(f"{path}: cannot read ({exc})") from None
+    lines = read_user_text(path, what="question file").splitlines()
     questions = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -159,11 +159,21 @@ class Prompts:
                                   f"{n_ctx}; drop older turns (context overflow 'truncate') "
                                   "or raise n_ctx")
             return rendered[len(messages)], list(messages), 0
+
+        def chars(msgs: list[dict[str, Any]]) -> int:
+            return sum(len(m["content"]) for m in msgs if isinstance(m.get("content"), str))
+
         reserve = min(max_tokens, n_ctx // 4)
-        kept, dropped = fit_messages(messages, count, n_ctx - reserve, limit=n_ctx - 1)
+        most = self.longest_token  # first what the characters alone decide (N characters:
+        try:  # N / most tokens at least), so that a long history is never tokenized whole
+            fewer, gone = fit_messages(messages, chars, (n_ctx - reserve) * most,
+                                       limit=(n_ctx - 1) * most)
+        except ContextFull:  # too long even alone: tokenized alone, for the error's count
+            fewer, gone = fit_messages(messages, chars, 0, limit=chars(messages))
+        kept, dropped = fit_messages(fewer, count, n_ctx - reserve, limit=n_ctx - 1)
         tokens = rendered.get(len(kept)) or self.chat_tokens(kept, parse_special=s.parse_special,
                                                              tools=tools)
-        return tokens, kept, dropped
+        return tokens, kept, gone + dropped
 
     def token_text(self, token: int) -> str:
         """A token's text, control tokens shown as themselves."""
@@ -172,4 +182,3 @@ class Prompts:
     def token_bytes(self, token: int) -> bytes:
         """A token's bytes, control tokens as their text."""
         return self.models[self.preset.template_role].piece(token, special=True)
-

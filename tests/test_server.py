@@ -345,10 +345,12 @@ def test_bad_chat_requests_are_400(served: Served, body: dict, words: list[str])
 
 def test_other_errors_have_openai_bodies_and_statuses(served: Served) -> None:
     url = served.v1 + "/chat/completions"
-    _error(httpx.post(url, content=b"{not json"), 400, "parse the JSON")
+    as_json = {"Content-Type": "application/json"}
+    _error(httpx.post(url, content=b"{not json", headers=as_json), 400, "parse the JSON")
     _error(httpx.post(url, json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
            404, "nope")
-    _error(httpx.post(url, content=b"[" + b"1," * (9 << 20) + b"1]"), 413, "limit")
+    _error(httpx.post(url, content=b"[" + b"1," * (9 << 20) + b"1]", headers=as_json), 413,
+           "limit")
     _error(httpx.get(served.v1 + "/nothing"), 404)
     _error(httpx.post(served.v1 + "/completions", json={"prompt": [99999]}), 400, "vocabulary")
     _error(httpx.post(served.v1 + "/completions", json={"prompt": "x", "max_tokens": 0}), 400,
@@ -445,7 +447,7 @@ def _runner(pinned: bool = False) -> Worker:
 
 def test_api_key_is_required_when_set() -> None:
     app = create_app(_runner(), ServerOptions(api_key="sesame"), log=lambda _m: None)
-    with TestClient(app) as web:
+    with TestClient(app, base_url="http://127.0.0.1") as web:
         err = _error(web.get("/v1/models"), 401)
         assert err["code"] == "invalid_api_key"
         _error(web.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
@@ -456,7 +458,7 @@ def test_api_key_is_required_when_set() -> None:
 
 def test_health_is_503_while_loading_and_pinning_refuses_other_presets() -> None:
     app = create_app(_runner(pinned=True), log=lambda _m: None)
-    with TestClient(app) as web:
+    with TestClient(app, base_url="http://127.0.0.1") as web:
         health = web.get("/health")
         assert health.status_code == 503 and health.json()["status"] == "loading"
         body = {"model": "tiny-down", "messages": [{"role": "user", "content": "x"}]}

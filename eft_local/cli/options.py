@@ -17,6 +17,7 @@ import click
 
 from eft_local import limits
 from eft_local.errors import EftError
+from eft_local.files import read_user_text
 from eft_local.text import printable
 
 if TYPE_CHECKING:
@@ -178,6 +179,10 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
     return session
 
 
+GRAMMAR_LIMIT = 8 << 20
+"""Largest grammar or JSON schema file read (8 MiB)."""
+
+
 def grammar_changes(schema_path: Path | None, grammar_path: Path | None) -> dict[str, str]:
     """The settings change of ``--json-schema FILE`` or ``--grammar FILE``: read and checked
     (errors name the file)."""
@@ -188,13 +193,7 @@ def grammar_changes(schema_path: Path | None, grammar_path: Path | None) -> dict
         return {}
     from eft_local.session import Settings
 
-    try:
-        text = path.read_text("utf-8")
-    except FileNotFoundError:
-        raise EftError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EftError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})"
-                       ) from None
+    text = read_user_text(path, limit=GRAMMAR_LIMIT)
     if not text.strip():
         raise EftError(f"{path}: the file is empty")
     key = "json_schema" if schema_path else "grammar"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
+import re
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from eft_local.cli.options import (
     context_option,
@@ -16,8 +18,11 @@ from eft_local.cli.options import (
     sampling_options,
 )
 from eft_local.errors import EftError
+from eft_local.files import read_user_text
+from eft_local.server.guard import is_loopback
 from eft_local.text import printable
 
+KEY_ENV = "EFT_LOCAL_API_KEY"
 HINT = "eft-local serve needs Starlette and uvicorn: pip install 'eft-local[server]'"
 
 
@@ -32,14 +37,44 @@ def _log(message: str) -> None:
     click.echo(printable(f"{stamp} {message}"), err=True)
 
 
-def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and localhost."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def looks_like_key(value: str) -> bool:
+    """True for a value that may be a secret (``sk-...``, or 16 letters and digits mixed
+    without a separator, as random keys have and names have not): never echoed."""
+    value = value.strip()
+    return value.startswith(("sk-", "hf_", "Bearer ")) or any(
+        sum(c.isdigit() for c in run) >= 2 and sum(c.isalpha() for c in run) >= 2
+        for run in re.findall(r"[A-Za-z0-9]{16,}", value))
+
+
+def server_key(api_key: str | None, key_file: Path | None,
+               source: ParameterSource | None = None) -> str | None:
+    """The server's API key from ``--api-key`` (or :data:`KEY_ENV`) or ``--api-key-file``;
+    a warning when it was typed on the command line (other users see it in ps). Messages
+    never show the key, nor a file name that looks like one."""
+    if api_key is not None and key_file is not None:
+        raise click.UsageError(f"give --api-key (or {KEY_ENV}) or --api-key-file, not both")
+    where = f"--api-key or {KEY_ENV}"
+    if key_file is not None:
+        if looks_like_key(str(key_file)) and not key_file.exists():
+            raise EftError("--api-key-file: no such file, and the value looks like a key (not "
+                           "shown); give the path of a file that holds the key")
+        lines = read_user_text(key_file, what="key file", limit=4096).split()
+        if len(lines) != 1:
+            raise EftError(f"{key_file}: a key file holds the key alone on one line (it "
+                           f"holds {len(lines)} words)")
+        api_key, where = lines[0], str(key_file)
+    elif api_key is not None and source == ParameterSource.COMMANDLINE:
+        click.echo(f"warning: --api-key on the command line can be read by every user of this "
+                   f"machine (ps); prefer --api-key-file FILE or {KEY_ENV}", err=True)
+    if api_key is None:
+        return None
+    api_key = api_key.strip()
+    if not api_key:
+        raise EftError(f"the API key ({where}) is empty: give one, or none to serve without")
+    if not all(33 <= ord(c) < 127 for c in api_key):
+        raise EftError(f"the API key ({where}) holds spaces or characters other than printable "
+                       "ASCII (not shown); a Bearer token cannot carry them")
+    return api_key
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -70,10 +105,16 @@ def listen(host: str, port: int) -> socket.socket:
 @context_option
 @parallel_option(default=SLOTS, what="requests")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (another than loopback wants --api-key).")
+              help="Address to listen on (another than loopback wants an API key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@click.option("--api-key", envvar="EFT_LOCAL_API_KEY", metavar="KEY",
-              help="Require 'Authorization: Bearer KEY' (or set EFT_LOCAL_API_KEY).")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host header is NAME (repeatable; '*': any). "
+              "IP addresses, localhost and the --host name are always answered.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), metavar="FILE",
+              help="Require 'Authorization: Bearer KEY', KEY being FILE's one line.")
+@click.option("--api-key", envvar=KEY_ENV, metavar="KEY",
+              help=f"Require 'Authorization: Bearer KEY'. Other users see it in ps: prefer "
+              f"--api-key-file or the environment variable {KEY_ENV}.")
 @click.option("--max-queue", type=click.IntRange(1, 10_000), default=16, show_default=True,
               help="Requests that may wait for a free slot; more get 503.")
 @click.option("--max-body", type=click.IntRange(1024, 1 << 30), default=8 << 20,
@@ -86,8 +127,8 @@ def listen(host: str, port: int) -> socket.socket:
               help="Most log-probs per position a /v1/completions request may ask for "
               "(OpenAI's limit is 20; a remote eft-local role with top_k K needs K).")
 def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
-          api_key: str | None, max_queue: int, max_body: int, allow_download: bool,
-          max_logprobs: int,
+          allowed_hosts: tuple[str, ...], api_key_file: Path | None, api_key: str | None,
+          max_queue: int, max_body: int, allow_download: bool, max_logprobs: int,
           **opts: Any) -> None:
     """Serve the emulated model over an OpenAI-compatible HTTP API.
 
@@ -102,9 +143,15 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     request. -np requests decode side by side (each in its own slot: a KV sequence of
     every model, with its own context), more wait in arrival order. Ctrl-C stops it:
     running requests end at their next token, waiting ones get 503.
+
+    Against web pages (DNS rebinding, blind cross-site POSTs), a request must name this
+    server in its Host header (an IP address, localhost, the --host name, names given with
+    --allowed-host; beyond loopback also this machine's name, *.local and *.internal) and
+    send JSON bodies as 'Content-Type: application/json'.
     """
     try:
         from eft_local.server.app import ServerOptions, create_app
+        from eft_local.server.guard import HostPolicy
         from eft_local.server.net import HttpLimits, make_server
     except ImportError as exc:
         if (exc.name or "").split(".")[0] in ("starlette", "uvicorn", "anyio", "h11"):
@@ -119,6 +166,14 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
                                "untrusted messages)")
     if pinned and preset_arg and pinned != preset_arg:
         raise click.UsageError(f"give the preset once: {preset_arg!r} or --preset {pinned!r}")
+    source = click.get_current_context().get_parameter_source("api_key")
+    api_key = server_key(api_key, api_key_file, source)
+    if preset_arg and looks_like_key(preset_arg):
+        from eft_local.config import load_config
+
+        if preset_arg not in load_config().presets:
+            raise click.UsageError("unknown preset (its name is not shown: it looks like an "
+                                   f"API key; give a key with --api-key-file FILE or {KEY_ENV})")
     if not api_key and not is_loopback(host):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach "
                    f"port {port} can use the models", err=True)
@@ -136,12 +191,15 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     options = ServerOptions(api_key=api_key, max_body=max_body, max_tokens=opts["max_tokens"],
                             system=opts.get("system"), stop=tuple(opts.get("stop") or ()),
                             seed=opts.get("seed"), max_logprobs=max_logprobs,
-                            context_overflow=opts.get("context_overflow") or "truncate")
+                            context_overflow=opts.get("context_overflow") or "truncate",
+                            hosts=HostPolicy.for_server(host, allowed_hosts))
     app = create_app(runner, options, log=_log)
     runner.start()
     server = make_server(app, runner, log=_log,
                          limits=HttpLimits(max_connections=max(64, max_queue + 16)))
     url = base_url(sock)
+    if not is_loopback(host) or allowed_hosts:
+        _log(options.hosts.describe())
     _log(f"serving {session.preset.name!r} on {url}/v1 (OpenAI API; the playground page at "
          f"{url}/; Ctrl-C stops)")
     try:

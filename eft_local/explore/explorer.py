@@ -28,6 +28,7 @@ from eft_local.errors import EftError
 from eft_local.explore.candidates import Combination, preset_for
 from eft_local.explore.metrics import Quality, TopK, kl_topk, pareto, summarise, top_k
 from eft_local.explore.refcache import Reference, ReferenceCache, token_chunks
+from eft_local.files import read_user_text
 from eft_local.sampler import SamplerSettings
 from eft_local.scoring import logit_rows
 from eft_local.session import LoadOptions, Session, check_models
@@ -53,14 +54,7 @@ def default_text(vocab_texts: Sequence[bytes]) -> Path:
 
 def read_text(path: Path) -> str:
     """A UTF-8 text file; one-line errors."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EftError(f"{path}: text file not found") from None
-    except IsADirectoryError:
-        raise EftError(f"{path}: is a directory, not a text file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EftError(f"{path}: cannot read as UTF-8 text ({exc})") from None
+    text = read_user_text(path, what="text file")
     if not text.strip():
         raise EftError(f"{path}: the text is empty")
     return text
@@ -68,11 +62,10 @@ def read_text(path: Path) -> str:
 
 def read_ids(path: Path) -> tuple[int, ...]:
     """A JSON list of token ids; one-line errors."""
+    text = read_user_text(path, what="token id file")
     try:
-        ids = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise EftError(f"{path}: token id file not found") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        ids = json.loads(text)
+    except (RecursionError, ValueError) as exc:
         raise EftError(f"{path}: cannot read as a JSON list of token ids ({exc})") from None
     if not isinstance(ids, list) or len(ids) < 2 or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):

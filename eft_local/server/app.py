@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -26,6 +27,7 @@ from starlette.routing import Route
 from eft_local import __version__
 from eft_local.config import Preset
 from eft_local.remote.exact import MEDIA_TYPE, ROWS_PATH, VOCAB_PATH
+from eft_local.server.guard import HostGuard, HostPolicy, require_json
 from eft_local.server.handlers import (
     chat_work,
     completion_work,
@@ -78,6 +80,9 @@ class ServerOptions:
     """Longest a request body may take to arrive (a slow upload holds a connection)."""
     max_logprobs: int = MAX_TOP_LOGPROBS
     """Most alternatives per position a completions request may ask for."""
+    hosts: HostPolicy = HostPolicy()
+    """Which Host headers are answered (:mod:`eft_local.server.guard`; by default
+    loopback names and IP addresses)."""
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -147,23 +152,30 @@ class Api:
                            "Bearer KEY'.", code="invalid_api_key")
 
     async def body(self, request: Request) -> Any:
-        """The JSON body, within the size limit."""
+        """The JSON body, sent as ``application/json`` (else 415: what a web page can send
+        to another origin without asking first is refused), within the size limit."""
+        require_json(request.headers.get("content-type", ""))
         limit = self.options.max_body
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
             raise ApiError(413, f"the request body is {int(length)} bytes; the limit is "
                            f"{limit}", code="request_too_large")
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         seconds = self.options.body_seconds
+
+        async def receive() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"the request body is over the limit of {limit} bytes",
+                                   code="request_too_large")
+                chunks.append(chunk)
+
         try:
-            async with asyncio.timeout(seconds):
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > limit:
-                        raise ApiError(413, f"the request body is over the limit of {limit} "
-                                       "bytes", code="request_too_large")
-                    chunks.append(chunk)
-        except TimeoutError:
+            await asyncio.wait_for(receive(), seconds)
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
             raise ApiError(408, f"the request body did not arrive within {seconds:g} s",
                            code="request_timeout") from None
         except ClientDisconnect:
@@ -234,8 +246,7 @@ class Api:
     async def health(self, _request: Request) -> Response:
         runner = self.runner
         if runner.state == "ready":
-            return JSONResponse({"status": "ok", "model": runner.loaded,
-                                 "slots": runner.slots,
+            return JSONResponse({"status": "ok", "model": runner.loaded, "slots": runner.slots,
                                  "requests": {"running": len(runner.running),
                                               "waiting": runner.waiting()}})
         message = "Loading model" if runner.state == "loading" else (
@@ -581,4 +592,9 @@ def create_app(runner: Worker, options: ServerOptions | None = None,
         Route(ROWS_PATH, r(api.rows), methods=["POST"]),
         Route(VOCAB_PATH, r(api.vocab), methods=["GET"]),
     ]
-    return Starlette(routes=list(routes), exception_handlers={HTTPException: _not_found})
+    app = Starlette(routes=list(routes), exception_handlers={HTTPException: _not_found},
+                    middleware=[Middleware(HostGuard, policy=api.options.hosts, log=log)])
+    # no redirect from /health/ to /health: Starlette builds its absolute URL from the Host
+    # header, which a client chooses
+    app.router.redirect_slashes = False
+    return app

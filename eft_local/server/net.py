@@ -7,10 +7,16 @@ both Content-Length and Transfer-Encoding, and answers malformed HTTP in plain t
 every connection must send a whole request head within :attr:`HttpLimits.head_seconds`
 (each later request too, once the previous response is out), idle keep-alive connections
 close after :attr:`HttpLimits.keep_alive_seconds`, more than
-:attr:`HttpLimits.max_connections` at once get 503, and every refusal is OpenAI's JSON error
-body. On Ctrl-C or SIGTERM the server stops taking requests, stops the running one at its
-next token (503 to its client) and answers the waiting ones 503, then closes: no traceback,
-exit status 0.
+:attr:`HttpLimits.max_connections` at once get 503 (with Retry-After), and every refusal is
+OpenAI's JSON error body, followed by a lingering close (what the client still sends is read
+and dropped, so the close is never a reset that destroys the answer). On Ctrl-C or SIGTERM
+the server stops taking requests, stops the running one at its next token (503 to its
+client) and answers the waiting ones 503, then closes: no traceback, exit status 0.
+
+:class:`Protocol` subclasses uvicorn's h11 protocol class, which is not a public API:
+pyproject.toml pins the uvicorn versions it was tested with, and
+``tests/test_guard.py::test_uvicorns_private_protocol_still_has_what_net_py_uses`` names
+what changed when a newer uvicorn no longer fits.
 """
 
 from __future__ import annotations
@@ -50,14 +56,20 @@ class HttpLimits:
     """Connections open at once; one more gets 503 and is closed."""
     graceful_seconds: float = 5.0
     """How long the stop waits for responses to end after it stopped the work."""
+    linger_seconds: float = 2.0
+    """After a refusal (503, 408, 400) the connection reads and drops what the client still
+    sends until it closes, at most this long: a close with unread data would be a reset,
+    which can destroy the answer before the client reads it."""
 
 
 def _raw_response(status: int, error: ApiError) -> bytes:
-    """A whole HTTP/1.1 response with ``error``'s JSON body, closing the connection."""
+    """A whole HTTP/1.1 response with ``error``'s JSON body, closing the connection (a 503
+    says when to retry)."""
     body = json.dumps(error.body()).encode()
     reason = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}[status]
+    retry = "retry-after: 1\r\n" if status == 503 else ""
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
+            f"content-length: {len(body)}\r\n{retry}connection: close\r\n\r\n")
     return head.encode() + body
 
 
@@ -99,6 +111,7 @@ class Protocol(H11Protocol):
         self.conn = _StrictConnection(h11.SERVER, self.limits.max_head_bytes,
                                       on_head=self._head_arrived)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -110,6 +123,8 @@ class Protocol(H11Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped: see HttpLimits.linger_seconds
         if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._arm()  # a new request begins: its head must arrive in time
         super().data_received(data)
@@ -141,14 +156,36 @@ class Protocol(H11Protocol):
                                        code="request_timeout"))
 
     def _refuse(self, status: int, error: ApiError, *, log: bool = True) -> None:
-        """Answer ``error`` in JSON and close, whatever state the HTTP exchange is in."""
+        """Answer ``error`` in JSON and close, whatever state the HTTP exchange is in: our
+        side at once, the connection when the client closes its side (what it sends until
+        then is dropped) or after :attr:`HttpLimits.linger_seconds`."""
         if log:
             where = f"{self.client[0]}:{self.client[1]} " if self.client else ""
             type(self).log(f"{where}{status} {error.message}")
         self._disarm()
-        if not self.transport.is_closing():
-            self.transport.write(_raw_response(status, error))
+        self._refused = True
+        if self.transport.is_closing():
+            return
+        self.transport.write(_raw_response(status, error))
+        if not self.transport.can_write_eof():
             self.transport.close()
+            return
+        self.transport.write_eof()
+        self._head_timer = self.loop.call_later(self.limits.linger_seconds,
+                                                self.transport.close)
+
+    def shutdown(self) -> None:
+        if self._refused:  # answered already: no HTTP exchange is left to end
+            self._disarm()
+            self.transport.close()
+            return
+        super().shutdown()
+
+    def eof_received(self) -> bool | None:
+        if self._refused:
+            self.transport.close()
+            return None
+        return super().eof_received()
 
 
 def protocol_class(limits: HttpLimits, log: Log) -> type[Protocol]:
