@@ -266,7 +266,14 @@ def test_models_lists_presets_with_local_state(presets, family, tmp_path) -> Non
     assert lines[1] == ("  formula: large_base + beta * (small_ft - small_base)"
                         "  = 1*large_base + 1.5*small_ft - 1.5*small_base")
     size = family.large_base.stat().st_size / 2**10
-    assert lines[2] == f"  large_base  {family.large_base}  [present, {size:.1f} KiB]"
+    from eft_local.backend import LlamaModel
+    from eft_local.limits import size_text
+
+    loaded = LlamaModel(family.large_base)  # the KV per slot that loading estimates
+    kv, n_ctx = size_text(loaded.kv_bytes_per_seq), loaded.n_ctx
+    loaded.close()
+    assert lines[2] == (f"  large_base  {family.large_base}  [present, {size:.1f} KiB, "
+                        f"KV {kv} per slot at n_ctx {n_ctx}]")
     assert f"  large_base  {tmp_path / 'nowhere.gguf'}  [missing]" in lines
     assert "  small_base  hf:nobody/nothing-GGUF/nothing.gguf  [missing]" in lines
     assert any(line.startswith("clash: ") or line == "clash" for line in lines)
