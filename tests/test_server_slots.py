@@ -131,3 +131,21 @@ def test_a_request_for_another_preset_waits_for_the_running_ones() -> None:
         done = [i for i, line in enumerate(s.logs) if "completion=60 " in line]
         loading = [i for i, line in enumerate(s.logs) if "loading preset 'tiny-down'" in line]
         assert done and loading and done[0] < loading[0]  # it ended before the other loaded
+
+
+def test_the_exact_protocol_never_switches_the_loaded_preset() -> None:
+    """Issues 23/25: /eft/rows and /eft/vocab serve what is loaded; naming another preset is
+    a 409, not a reload (two clients naming two presets would reload at every token)."""
+    with serving("tiny-up", slots=2) as s:
+        body = {"model": "tiny-down", "role": "large_base", "tokens": [5, 6, 7], "n_past": 0,
+                "first": 2}
+        other = httpx.post(s.url + "/eft/rows", json=body, timeout=60)
+        assert other.status_code == 409, other.text
+        assert other.json()["error"]["code"] == "preset_not_loaded"
+        vocab = httpx.get(s.url + "/eft/vocab", params={"model": "tiny-down", "role":
+                                                         "large_base", "hash_only": "1"})
+        assert vocab.status_code == 409
+        assert s.runner.loaded == "tiny-up"
+        assert not any("loading preset 'tiny-down'" in line for line in s.logs)
+        same = httpx.post(s.url + "/eft/rows", json={**body, "model": "tiny-up"}, timeout=60)
+        assert same.status_code == 200, same.text

@@ -329,7 +329,7 @@ class Api:
     # -- the exact protocol (eft_local.remote.exact) --------------------------------------
     async def rows(self, request: Request) -> Response:
         req = parse_rows(await self.body(request))
-        job = Job(work=rows_work(req), preset=self._preset({"model": req.model}))
+        job = Job(work=rows_work(req, self._preset({"model": req.model})), switch=False)
         watcher = await self.start(job, request)
         try:
             data = await self.first(job, self.events(job))
@@ -339,8 +339,8 @@ class Api:
 
     async def vocab(self, request: Request) -> Response:
         query = dict(request.query_params)
-        return await self._simple(request, Job(work=vocab_work(query),
-                                               preset=self._preset(query), needs_slot=False))
+        return await self._simple(request, Job(work=vocab_work(query, self._preset(query)),
+                                               needs_slot=False, switch=False))
 
     async def _generate(self, request: Request, job: Job, streaming: bool,
                         stream_answer: Callable[..., AsyncIterator[str]],

@@ -503,11 +503,22 @@ def tokenizer_info_work(session: Session, job: Job) -> None:
 
 
 # -- the exact protocol (eft_local.remote.exact) ----------------------------------------------
-def rows_work(req: RowsRequest) -> Callable[[Session, Job], None]:
+def serving(session: Session, preset: str | None) -> None:
+    """409 unless ``preset`` (when named) is the loaded one: the exact protocol serves what
+    is loaded and never switches it (two clients naming two presets would reload models at
+    every token)."""
+    if preset is not None and preset != session.preset.name:
+        raise ApiError(409, f"this server serves {session.preset.name!r} to remote roles; "
+                       f"it does not load {preset!r} for them (name the loaded preset, or "
+                       "none)", param="model", code="preset_not_loaded")
+
+
+def rows_work(req: RowsRequest, preset: str | None) -> Callable[[Session, Job], None]:
     """``POST /eft/rows``: one model's logit rows as a binary body (``result`` event:
     ``{"body": bytes, "headers": {...}}``); 409 when the prefix named is not held."""
 
     def work(session: Session, job: Job) -> None:
+        serving(session, preset)
         role = pick_role(session.models, req.role, session.preset.name)
         tokens, slot = req.tokens, None
         if req.n_past:  # the free slot whose cache holds that prefix
@@ -537,12 +548,14 @@ _VOCABS: weakref.WeakKeyDictionary[Session, dict[str, dict[str, Any]]] = (
     weakref.WeakKeyDictionary())
 
 
-def vocab_work(query: Mapping[str, str]) -> Callable[[Session, Job], None]:
+def vocab_work(query: Mapping[str, str], preset: str | None
+               ) -> Callable[[Session, Job], None]:
     """``GET /eft/vocab``: a role's vocabulary as a local file gives it (``hash_only``:
     only its hash, context size and chat template)."""
     hash_only = query.get("hash_only", "") not in ("", "0", "false")
 
     def work(session: Session, job: Job) -> None:
+        serving(session, preset)
         role = pick_role(session.models, query.get("role") or None, session.preset.name)
         found = _VOCABS.setdefault(session, {})
         if role not in found:

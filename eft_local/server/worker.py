@@ -77,6 +77,9 @@ class Job:
     needs_slot: bool = True
     """Its work uses a model's cache (generations, scoring, rows): it starts only when a
     slot is free. Tokenizing and the vocabulary need none."""
+    switch: bool = True
+    """It may load its preset in place of the loaded one (the exact protocol's requests
+    serve the loaded preset and never switch it)."""
     settings: Settings | None = None
     """What the job's calls are made with: set by the worker when the job starts."""
     loop: asyncio.AbstractEventLoop | None = None
@@ -301,8 +304,9 @@ class Worker:
             self._begin(job)
 
     def _switching(self, job: Job) -> bool:
-        name = job.preset or self.initial.name
-        return self.session is None or self.session.preset.name != name
+        if self.session is None:
+            return True
+        return job.switch and self.session.preset.name != (job.preset or self.initial.name)
 
     def _load(self, job: Job) -> bool:
         """Load the job's preset (False: it failed, the job got its error and ended)."""
