@@ -290,18 +290,20 @@ def _reach(rules: list[Rule]) -> tuple[int, int]:
                 continue
             state[r] = 2  # a lead still in progress is left recursion: llama.cpp refuses it
             chain[r] = 1 + max((chain[x] for x in leads[r]), default=0)
-            first[r] = min(_BIG, sum(_suffix(alt, first, empty)[0] for alt in rules[r]))
+            first[r] = min(_BIG, sum(_suffix(alt, first, empty, 0)[0] for alt in rules[r]))
     branches = max(first, default=0)  # a rule's start: root's, or where one is used
     for rule in rules:
         for alt in rule:
-            branches = max(branches, *_suffix(alt, first, empty))
+            branches = max(branches, *_suffix(alt, first, empty, 1))
     return max(chain, default=0), branches
 
 
-def _suffix(alt: list[Item], first: list[int], empty: Callable[[Item], bool]) -> list[int]:
+def _suffix(alt: list[Item], first: list[int], empty: Callable[[Item], bool], end: int
+            ) -> list[int]:
     """For each point of ``alt`` (its start first), the places reachable before the next
-    character: each item that may come next, through the ones that may be empty."""
-    out = [1]  # past the end: the rule that used this one goes on
+    character: each item that may come next, through the ones that may be empty, and
+    ``end`` for what follows the rule (where it was used: counted there)."""
+    out = [end]
     for item in reversed(alt):
         here = 1 if item[REF] is None else max(1, first[item[REF]])
         if empty(item):
