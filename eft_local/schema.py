@@ -31,6 +31,10 @@ MAX_COUNT = 1000
 converter writes one grammar item per unit (``maxLength`` N: N nested groups), and
 llama.cpp refuses ``maxLength`` above 1,000 anyway; ``minItems`` 40,000,000 (a 152-byte
 request) took 51 s and 3.5 GiB before."""
+MAX_TOTAL_COUNT = 20_000
+"""Those numbers added up over the whole schema: a 246 kB schema of 3,500 arrays with
+``minItems`` 1,000 made the converter write 53 MB of grammar (1 s, 200 MB) that the grammar
+limit then refused."""
 MAX_ENUM = 1000
 """``enum`` values in the whole schema (OpenAI's structured outputs allow as many): each
 value is an alternative that llama.cpp's grammar engine follows at every step; 100,000 took
@@ -91,14 +95,14 @@ def check_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
     JSON copy of ``schema`` otherwise."""
     _check_tree(schema)
     try:
-        text = json.dumps(schema, allow_nan=False, ensure_ascii=False)
+        text = json.dumps(schema, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise EftError(f"the JSON schema is not plain JSON ({exc})") from None
     if len(text) > MAX_CHARS:
         raise EftError(f"the JSON schema is {len(text):,} characters long as JSON; the limit "
                        f"is {MAX_CHARS:,}")
     copy = json.loads(text)
-    enums = 0
+    enums = total = 0
     for where, node in _subschemas(copy):
         for key in COUNTS:
             value = node.get(key)
@@ -106,6 +110,7 @@ def check_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
                                       or not 0 <= value <= MAX_COUNT):
                 raise EftError(f"'{key}' at {where} is {value!r}; it must be a whole number "
                                f"from 0 to {MAX_COUNT} (the limit)")
+            total += value or 0
         pattern = node.get("pattern")
         if isinstance(pattern, str):
             for low, high in _QUANTIFIER.findall(pattern):
@@ -113,6 +118,10 @@ def check_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
                                                        ) > MAX_COUNT:
                     raise EftError(f"'pattern' at {where} repeats {{{low},{high}}} times; "
                                    f"the limit is {MAX_COUNT}")
+                total += max(int(low or 0), int(high or 0))
+        if total > MAX_TOTAL_COUNT:
+            raise EftError(f"the JSON schema's {', '.join(COUNTS)} and pattern counts add up "
+                           f"to more than {MAX_TOTAL_COUNT:,} (the limit; passed at {where})")
         if isinstance(node.get("enum"), list):
             enums += len(node["enum"])
             if enums > MAX_ENUM:

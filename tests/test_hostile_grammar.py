@@ -171,6 +171,11 @@ def test_22_every_schema_limit_is_named_in_the_library(listener: Listener) -> No
      ("300 optional properties", "256")),
     (json.loads('{"a": ' * 70 + "1" + "}" * 70), ("more than 64",)),
     ({"const": "x" * 300_000}, ("characters long", "262,144")),
+    ({"type": "object", "properties": {str(i): {"type": "array", "minItems": 1000, "items": {
+        "type": "null"}} for i in range(21)}}, ("add up to more than 20,000",)),
+    ({"$defs": {"a": {"type": "object", "properties": {str(i): {"type": "null"}
+                                                       for i in range(200)}}},
+      "allOf": [{"$ref": "#/$defs/a"}] * 100}, ("visit more than 10,000", "allOf")),
 ])
 def test_22_schema_bounds_before_the_converter(value: dict, words) -> None:
     with pytest.raises(EftError) as caught:

@@ -80,13 +80,39 @@ def json_schema_grammar(schema: object, name: str = "") -> str:
     if remote is not None:
         raise EftError(f"'$ref' {remote[:100]!r}: only references inside the schema "
                        "(starting with '#') are followed; nothing is fetched")
+    conv = _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     try:
-        conv = llama_grammar.SchemaConverter(prop_order={}, allow_fetch=False, dotall=False,
-                                             raw_pattern=False)
         conv.visit(conv.resolve_refs(json.loads(json.dumps(schema)), "schema"), name)
         return re.sub(r"(?m)^char ::= .*$", lambda _: JSON_CHAR, conv.format_grammar())
+    except _TooMuch:
+        raise EftError(f"the JSON schema makes the converter visit more than {MAX_VISITS:,} "
+                       "schemas (the limit; each 'allOf' copies the properties of what its "
+                       "'$ref's name)") from None
     except (RecursionError, Exception) as exc:  # the converter asserts, raises, recurses
         raise EftError(f"cannot turn the JSON schema into a grammar: {exc!s:.200}") from None
+
+
+MAX_VISITS = 10_000
+"""Schemas llama-cpp-python's converter may visit for one schema. It visits each once,
+except what ``allOf`` copies: the properties of each ``$ref`` it lists, again every time
+(5,000 references to one 200-property object, a 114 kB schema, took 21 s; an object of
+5,000 properties is 5,001 visits)."""
+
+
+class _TooMuch(Exception):
+    pass
+
+
+class _Converter(llama_grammar.SchemaConverter):
+    """llama-cpp-python's converter, counting the schemas it visits (:data:`MAX_VISITS`)."""
+
+    visits = 0
+
+    def visit(self, schema, name):  # noqa: ANN001, ANN201 - the converter's own signature
+        self.visits += 1
+        if self.visits > MAX_VISITS:
+            raise _TooMuch
+        return super().visit(schema, name)
 
 
 def _remote_ref(schema: object) -> str | None:
