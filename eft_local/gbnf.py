@@ -42,6 +42,13 @@ optional items in a row, each of which llama.cpp follows on its own. A check of 
 of a 128k vocabulary took about 1 ms per branch (1,000 alternatives: 1 s); 200,000 optional
 items in a row took llama.cpp 190 s to set up."""
 
+MAX_WORK = 250_000
+"""The work of one check of the next token, estimated (see :func:`_reach`): llama.cpp
+advances each place it can be at to the places that follow, comparing each new one with
+all it made. 100 optional items in a row (work 1,000,000) took 3 s per check of a 128k
+vocabulary, 50 (125,000) 0.2 s; an enum of 1,000 values is 1,000. The estimate is a lower
+bound where a token's several characters each fan out again (50 optional ``("a" | "b")``
+in a row, 333,300, took 50 s): :data:`MAX_STEP_SECONDS` stops those."""
 MAX_STEP_SECONDS = 30.0
 """Seconds of grammar work for one token (checking candidates and accepting the one drawn),
 checked by :class:`eft_local.backend.Grammar` between llama.cpp calls of at most 4,096
@@ -65,10 +72,11 @@ classes, tokens, ``.``), a rule's definition, a reference, a quantifier, anythin
 _TERMS = re.compile(_TERM, re.S)
 _COUNTS = re.compile(r"\{[ \t]*([0-9]+)[ \t]*(?:(,)[ \t]*([0-9]*)[ \t]*)?\}\Z")
 _BIG = 1 << 40  # counts are capped here, so no number grows without bound
-REF, SIZE, OPTIONAL, COPIES = range(4)
+REF, SIZE, OPTIONAL, COPIES, AGAIN, HOLLOW = range(6)
 """An item of a sequence is a list: the rule it refers to (a group is a rule too; None for
 terminals), the grammar elements llama.cpp stores for it, whether a quantifier lets it be
-absent, and how many times a quantifier may repeat it."""
+absent, how many copies a quantifier makes, whether another copy may follow one, and
+whether what is copied may be empty (a quantifier on an optional item)."""
 
 Item = list
 Rule = list[list[Item]]
@@ -85,6 +93,7 @@ class GrammarShape:
     elements: int
     chain: int
     branches: int
+    work: int
 
 
 def _too(what: str, value: int, limit: int, unit: str = "") -> EftError:
@@ -97,14 +106,18 @@ def check_gbnf(text: str) -> GrammarShape:
     if len(text) > MAX_CHARS:
         raise _too("is", len(text), MAX_CHARS, " characters long")
     rules, nesting, made, elements = _read(text)
-    chain, branches = _reach(rules)
+    chain, branches, work = _reach(rules)
     if chain > MAX_CHAIN:
         raise _too("has a chain of rules that begin one another", chain, MAX_CHAIN, " long")
     if branches > MAX_BRANCHES:
         raise EftError(f"the grammar can be at {branches:,} places at once (alternatives and "
                        f"optional items in a row); the limit is {MAX_BRANCHES:,}")
+    if work > MAX_WORK:
+        raise EftError(f"checking the grammar's next token costs about {work:,} steps (the "
+                       "places it can be at, each times the square of the places it leads "
+                       f"to: optional items in a row); the limit is {MAX_WORK:,}")
     return GrammarShape(chars=len(text), nesting=nesting, rules=made, elements=elements,
-                        chain=chain, branches=branches)
+                        chain=chain, branches=branches, work=work)
 
 
 class _Reader:
@@ -132,7 +145,7 @@ class _Reader:
     def open(self) -> None:
         self.made += 1
         self.rules.append([[]])
-        self.seq.append([len(self.rules) - 1, 1, False, 1])
+        self.seq.append([len(self.rules) - 1, 1, False, 1, False, False])
         self.stack.append(len(self.rules) - 1)
         self.seq = self.rules[-1][-1]
         if len(self.stack) - 1 > self.nesting:
@@ -159,7 +172,9 @@ class _Reader:
                            f"{MAX_REPEAT:,} ({{m,n}} counts)")
         count = max(low, high or 0, 1)
         self.made += max(1, (high or low + 1) - low)
+        item[HOLLOW] = item[HOLLOW] or item[OPTIONAL]
         item[OPTIONAL] = item[OPTIONAL] or low == 0
+        item[AGAIN] = item[AGAIN] or high is None or high > 1
         item[COPIES] = min(_BIG, item[COPIES] * count)
         self.elements += item[SIZE] * (count - 1) + 1
         item[SIZE] = min(_BIG, item[SIZE] * count)
@@ -180,32 +195,37 @@ def _read(text: str) -> tuple[list[Rule], int, int, int]:
     names, rule = read.names, read.rule
     seq = read.seq
     last = None  # the item a quantifier applies to
+    run = None  # where the run of terminals that is ``last`` lies in the text
     elements = 0
     for match in _TOKENS.finditer(text):
         kind = match.lastgroup
+        if kind not in ("t", "q", None):
+            run = None
         if kind == "w":  # the common cases first, inline
             name = match.group(kind)
-            last = [names[name] if name in names else rule(name), 1, False, 1]
+            last = [names[name] if name in names else rule(name), 1, False, 1, False, False]
             seq.append(last)
             elements += 1
         elif kind == "t":
-            run = match.group(kind).rstrip(" \t")
-            last = [None, len(run), False, 1]  # the run is one item, unless quantified
-            seq.append(last)
-            elements += len(run)
+            run = match.span(kind)
+            last = [None, run[1] - run[0], False, 1, False, False]  # one item, unless
+            seq.append(last)                                        # quantified
+            elements += run[1] - run[0]
         elif kind is None:
             continue
         elif kind == "q":
             if last is None:
                 continue  # llama.cpp refuses a quantifier after nothing
-            if last[REF] is None and last[SIZE] > 1:  # it applies to the run's last terminal
-                tail = _TERMS.findall(text, match.start() - last[SIZE], match.start())[-1]
+            if last[REF] is None and run is not None:  # it applies to the run's last terminal
+                terms = _TERMS.findall(text, *run)
+                tail = terms[-1] if terms else "."
                 size = len(tail) - 2 if tail[0] in "\"[" else 1
-                if len(tail) < last[SIZE]:  # the terminals before it stay one item
-                    last[SIZE] -= len(tail)
-                    last = [None, 1, False, 1]
+                if len(terms) > 1:  # the terminals before it stay one item
+                    last[SIZE] = max(1, last[SIZE] - len(tail))
+                    last = [None, 1, False, 1, False, False]
                     seq.append(last)
                 last[SIZE] = max(size, 1)
+                run = None
             read.elements = elements
             read.repeat(last, match.group(kind))
             elements = read.elements
@@ -228,6 +248,8 @@ def _read(text: str) -> tuple[list[Rule], int, int, int]:
                 if len(read.rules[read.stack[-1]]) > MAX_BRANCHES:
                     raise EftError(f"a rule of the grammar has more than {MAX_BRANCHES:,} "
                                    f"alternatives; the limit is {MAX_BRANCHES:,}")
+            else:
+                last = None  # llama.cpp refuses what follows
         elif len(read.stack) == 1:  # a newline ends a rule's sequence
             last = None
     read.elements = elements
@@ -255,31 +277,63 @@ def _quantifier(value: str) -> tuple[int, int | None]:
     return low, (int(high) if len(high) < 16 else _BIG) if high else None
 
 
-def _reach(rules: list[Rule]) -> tuple[int, int]:
-    """The longest chain of rules that can begin one another, and the most places the
-    grammar can be at once (from any point of any rule: what may come next, counting each
-    alternative and each optional item in a row, as llama.cpp's stacks do)."""
+def _reach(rules: list[Rule]) -> tuple[int, int, int]:
+    """The longest chain of rules that can begin one another; the most places the grammar
+    can be at once (before the next character: each alternative and each optional item in
+    a row that may come next, as llama.cpp's stacks); and the most work of one check of
+    the next token, the sum over those places of the square of the places each leads to
+    once its character is read (llama.cpp advances every place to those next places,
+    comparing each new one with all it made)."""
     nullable = _nullable(rules)
 
     def empty(item: Item) -> bool:
         return item[OPTIONAL] or (item[REF] is not None and nullable[item[REF]])
 
+    def hollow(item: Item) -> bool:  # each copy a quantifier makes may be empty
+        return item[HOLLOW] or (item[REF] is not None and nullable[item[REF]])
+
     leads: list[list[int]] = []  # the rules each rule may begin with
     for rule in rules:
-        lead = []
-        for alt in rule:
-            for item in alt:
-                if item[REF] is not None:
-                    lead.append(item[REF])
-                if not empty(item):
-                    break
-        leads.append(lead)
+        leads.append([item[REF] for alt in rule for item in _leading(alt, empty)
+                      if item[REF] is not None])
+    order, chain = _bottom_up(leads)
     first = [0] * len(rules)  # places a rule's start expands to
-    chain = [0] * len(rules)
-    state = [0] * len(rules)  # 0 new, 1 in progress, 2 done
-    for top in range(len(rules)):
+    for r in order:
+        first[r] = min(_BIG, sum(_places(alt, first, empty, hollow, 0)[0] for alt in rules[r]))
+    after = _continuations(rules, first, empty, hollow)
+    work = [0] * len(rules)  # the work of a check at a rule's start
+    for r in order:
+        work[r] = min(_BIG, sum(_work(alt, _places(alt, first, empty, hollow, after[r]), work,
+                                      empty, hollow)[0] for alt in rules[r]))
+    branches, heaviest = max(first, default=0), max(work, default=0)
+    for r, rule in enumerate(rules):
+        for alt in rule:
+            places = _places(alt, first, empty, hollow, after[r])
+            branches = max(branches, *places)
+            heaviest = max(heaviest, *_work(alt, places, work, empty, hollow))
+    return max(chain, default=0), branches, heaviest
+
+
+def _leading(alt: list[Item], empty: Callable[[Item], bool]) -> list[Item]:
+    """The items ``alt`` may begin with: up to its first one that cannot be empty."""
+    out = []
+    for item in alt:
+        out.append(item)
+        if not empty(item):
+            break
+    return out
+
+
+def _bottom_up(leads: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Rules in an order where each comes after those it may begin with (depth first,
+    without recursion; a cycle is left recursion, which llama.cpp refuses), and the length
+    of the longest chain from each."""
+    order: list[int] = []
+    chain = [0] * len(leads)
+    state = [0] * len(leads)  # 0 new, 1 in progress, 2 done
+    for top in range(len(leads)):
         todo = [top] if not state[top] else []
-        while todo:  # depth first without recursion
+        while todo:
             r = todo[-1]
             if state[r] == 0:
                 state[r] = 1
@@ -288,27 +342,65 @@ def _reach(rules: list[Rule]) -> tuple[int, int]:
             todo.pop()
             if state[r] == 2:
                 continue
-            state[r] = 2  # a lead still in progress is left recursion: llama.cpp refuses it
+            state[r] = 2
             chain[r] = 1 + max((chain[x] for x in leads[r]), default=0)
-            first[r] = min(_BIG, sum(_suffix(alt, first, empty, 0)[0] for alt in rules[r]))
-    branches = max(first, default=0)  # a rule's start: root's, or where one is used
-    for rule in rules:
-        for alt in rule:
-            branches = max(branches, *_suffix(alt, first, empty, 1))
-    return max(chain, default=0), branches
+            order.append(r)
+    return order, chain
 
 
-def _suffix(alt: list[Item], first: list[int], empty: Callable[[Item], bool], end: int
-            ) -> list[int]:
+def _places(alt: list[Item], first: list[int], empty: Callable[[Item], bool],
+            hollow: Callable[[Item], bool], end: int) -> list[int]:
     """For each point of ``alt`` (its start first), the places reachable before the next
     character: each item that may come next, through the ones that may be empty, and
-    ``end`` for what follows the rule (where it was used: counted there)."""
+    ``end`` for what follows the rule where it was used."""
     out = [end]
     for item in reversed(alt):
         here = 1 if item[REF] is None else max(1, first[item[REF]])
-        if empty(item):
-            here = min(_BIG, here * item[COPIES] + out[-1])  # each copy may come next
-        out.append(here)
+        if hollow(item):
+            here *= item[COPIES]  # each copy may be the one that comes next
+        out.append(min(_BIG, here + out[-1] if empty(item) else here))
+    out.reverse()
+    return out
+
+
+def _continuations(rules: list[Rule], first: list[int], empty: Callable[[Item], bool],
+                   hollow: Callable[[Item], bool]) -> list[int]:
+    """For each rule, the most places that can follow its end where it is used (root: 1),
+    passed down from the rules that use it until nothing changes (a bounded number of
+    rounds: a rule whose continuations grow without end is left to the time limit)."""
+    after = [1] * len(rules)
+    todo, rounds = list(range(len(rules))), 0
+    while todo and rounds < 8 * len(rules) + 64:
+        r = todo.pop()
+        rounds += 1
+        for alt in rules[r]:
+            out = _places(alt, first, empty, hollow, after[r])
+            for i, item in enumerate(alt):
+                if item[REF] is None:
+                    continue
+                follows = out[i + 1] + (out[i] - out[i + 1] if item[AGAIN] else 0)
+                if follows > after[item[REF]]:
+                    after[item[REF]] = min(_BIG, follows)
+                    todo.append(item[REF])
+    return after
+
+
+def _work(alt: list[Item], places: list[int], work: list[int], empty: Callable[[Item], bool],
+          hollow: Callable[[Item], bool]) -> list[int]:
+    """For each point of ``alt`` (its start first), the work of checking the next token
+    there: for each place that may come next, the square of the places after it
+    (``places``: :func:`_places` of ``alt``)."""
+    out = [0]
+    for i in range(len(alt) - 1, -1, -1):
+        item = alt[i]
+        if item[REF] is None:
+            fan = places[i + 1] + (1 if item[AGAIN] else 0)
+            here = min(_BIG, fan * fan)
+        else:
+            here = max(1, work[item[REF]])
+        if hollow(item):
+            here *= item[COPIES]
+        out.append(min(_BIG, here + out[-1] if empty(item) else here))
     out.reverse()
     return out
 

@@ -93,6 +93,7 @@ KINDS = ["maxLength", "minItems", "enum", "ref"]
     (DEEP_GBNF, ("nests groups 1,025 deep", "1,024")),
     ("root ::= " + '"a"? ' * 8000, ("8,001 places at once", "2,048")),
     ("root ::= " + "x " * 3000 + '\nx ::= "a" | ', ("3,001 places", "2,048")),
+    ("root ::= " + "x " * 100 + '\nx ::= "a" | ', ("costs about 1,000,000 steps", "250,000")),
     ("root ::= " + " | ".join(f'"{i}"' for i in range(3000)), ("alternatives", "2,048")),
     ('root ::= "' + "a" * 10_000 + '"{2000}', ("expands to 20,000,00", "4,194,304")),
     ('root ::= "a"{0,5000}', ("{0,5000}", "2,000")),
