@@ -6,7 +6,7 @@ stack overflow; its repetition ``{m,n}`` copies the repeated item, and its gramm
 follows every alternative that may come next, so a small text can also cost gigabytes or
 minutes. :func:`check_gbnf` reads the text once (linear time, no recursion) and refuses it
 with a one-line :class:`~eft_local.errors.EftError` that names the limit. The numbers were
-measured with llama.cpp 0.3.36 (llama-cpp-python) on x86-64; see the constants.
+measured with llama-cpp-python 0.3.36 on x86-64 (2 cores); see the constants.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ MAX_BRANCHES = 2048
 optional items in a row, each of which llama.cpp follows on its own. A check of every token
 of a 128k vocabulary took about 1 ms per branch (1,000 alternatives: 1 s); 200,000 optional
 items in a row took llama.cpp 190 s to set up."""
-
 MAX_WORK = 250_000
 """The work of one check of the next token, estimated (see :func:`_reach`): llama.cpp
 advances each place it can be at to the places that follow, comparing each new one with
