@@ -116,13 +116,18 @@ def generate_batch(session: Session, input_path: Path, output_path: Path | None,
                    defaults: BatchDefaults, *, retry_errors: bool = True) -> Counts:
     """Generate a reply for every line of ``input_path``, appending results to
     ``output_path`` (or stdout); progress and a summary on stderr."""
+    from eft_local.session import Settings
+
     lines = read_lines(input_path)
 
     def run(prompt: Any) -> dict[str, Any]:
+        grammar = prompt.grammar
+        if prompt.json_schema is not None:  # as --json-schema: bounded, with its note
+            grammar = Settings.grammar_of(json_schema=prompt.json_schema, note=lambda text: _say(
+                f"note: line {prompt.line} (id {prompt.id!r}): {text}"))
         result = session.generate(prompt.prompt, raw=prompt.raw, system=prompt.system,
                                   max_tokens=prompt.max_tokens,
-                                  diagnostics=defaults.diagnostics,
-                                  json_schema=prompt.json_schema, grammar=prompt.grammar)
+                                  diagnostics=defaults.diagnostics, grammar=grammar)
         return result_record(session, result, diagnostics=defaults.diagnostics)
 
     counts = write_results(lines, output_path,

@@ -24,8 +24,9 @@ from typing import Any
 
 from eft_local import hub
 from eft_local.config import Config, Preset
-from eft_local.errors import EftError
+from eft_local.errors import Cancelled, EftError
 from eft_local.formula import parse_formula
+from eft_local.interrupts import cancel_on
 from eft_local.server.protocol import ApiError, Knobs
 from eft_local.session import LoadOptions, SamplerSettings, Session, Settings
 
@@ -232,7 +233,12 @@ class Worker:
             job.started = True
             session = self._session_for(job.preset)
             job.settings = request_settings(session, job)
-            job.work(session, job)
+            with cancel_on(job.cancelled):  # long grammar work stops within one call
+                job.work(session, job)
+        except Cancelled:  # a client that left needs no answer; a shutdown answers 503
+            if job.cancel_reason == "shutdown":
+                job.emit("error", ApiError(503, "the server is shutting down",
+                                           code="shutting_down"))
         except ApiError as exc:
             job.emit("error", exc)
         except EftError as exc:  # a remote role's engine failing is 502 (504: timeout)
