@@ -15,8 +15,10 @@ decodes speculatively where its drafter pays (:mod:`eft_local.speculative`).
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -24,7 +26,8 @@ import numpy as np
 
 from eft_local.backend.sequences import Part
 from eft_local.engine import Engine, Step, file_size
-from eft_local.errors import EftError
+from eft_local.errors import Cancelled, EftError
+from eft_local.interrupts import cancel_on
 from eft_local.kvshift import best_cut, common_prefix, worth_shifting
 from eft_local.sampler import SamplerSettings
 from eft_local.utf8 import Constraint
@@ -93,6 +96,10 @@ class Sequence:
         self.started = time.perf_counter()
         self.owner: object = None
         """Whoever runs this sequence (the session's generation)."""
+        self.cancelled: threading.Event | None = None
+        """Set when its caller gave up: long grammar work stops for it (and only it)."""
+        self.error: BaseException | None = None
+        """Why its own step failed (its grammar): it left its slot, the others went on."""
 
     @property
     def position(self) -> int:
@@ -157,9 +164,12 @@ class Batch:
             return best
         return min(free, key=lambda i: self._used[i])
 
-    def add(self, plan: Plan, *, slot: int | None = None) -> Sequence:
+    def add(self, plan: Plan, *, slot: int | None = None,
+            cancelled: threading.Event | None = None) -> Sequence:
         """Start ``plan`` in ``slot`` (default :meth:`choose_slot`); it joins at the next
-        step. The models' caches keep the longest prefix they share with its prompt."""
+        step. The models' caches keep the longest prefix they share with its prompt.
+        ``cancelled``: an event that stops its grammar work once set (see
+        :func:`eft_local.interrupts.cancel_on`)."""
         eng = self.engine
         if len(plan.tokens) >= eng.n_ctx:
             raise EftError(f"prompt is {len(plan.tokens)} tokens; the context holds "
@@ -171,6 +181,7 @@ class Batch:
             raise EftError(f"no free slot for another sequence (all {len(self.slots)} run)"
                            if slot is None else f"slot {slot} is not free")
         seq = Sequence(plan, slot, (), next(self._clock))
+        seq.cancelled = cancelled
         if plan.drafter is not None and self.speculator is not None:
             seq.mode = self.speculator.start(seq)
         extra = (plan.drafter,) if plan.drafter is not None and seq.mode != "plain" else ()
@@ -218,10 +229,11 @@ class Batch:
             self.remove(seq)
 
     # -- one step -------------------------------------------------------------------------
-    def step(self) -> list[tuple[Sequence, Step]]:
+    def step(self) -> list[tuple[Sequence, Step | None]]:
         """One step of every running sequence: the tokens drawn (none for a sequence still
         reading its prompt; several for a speculative block). A sequence whose step carries
-        a ``finish`` has left its slot."""
+        a ``finish`` has left its slot; so has one paired with None, whose own work failed
+        (its :attr:`Sequence.error`): the others went on."""
         running = self.running
         if not running:
             return []
@@ -238,23 +250,29 @@ class Batch:
         finally:
             self.engine.stats.wall_seconds += time.perf_counter() - started
 
-    def _plain(self, running: list[Sequence]) -> list[tuple[Sequence, Step]]:
+    def _plain(self, running: list[Sequence]) -> list[tuple[Sequence, Step | None]]:
         eng = self.engine
         lone = running[0] if len(running) == 1 else None
         decoding = lone is not None and not lone.prefilling
         t0 = time.perf_counter()
         ready = self.evaluate(running)
         t1 = time.perf_counter()
-        out = []
+        out: list[tuple[Sequence, Step | None]] = []
         for seq in ready:
             p = seq.plan
             rows = eng.rows_of(seq.slot)
-            step = eng.choose(rows, seq.weights, p.sampling, seq.position,
-                              diagnostics=p.diagnostics, top_n=p.top_n,
-                              conservative=p.conservative, grammar=seq.grammar)
-            if seq is lone and seq.mode != "plain" and self.speculator is not None:
-                self.speculator.shadow(seq, rows, step)
-            out.append((seq, self.advance(seq, step)))
+            try:
+                with cancel_on(seq.cancelled) if seq.cancelled else nullcontext():
+                    step = eng.choose(rows, seq.weights, p.sampling, seq.position,
+                                      diagnostics=p.diagnostics, top_n=p.top_n,
+                                      conservative=p.conservative, grammar=seq.grammar)
+                    if seq is lone and seq.mode != "plain" and self.speculator is not None:
+                        self.speculator.shadow(seq, rows, step)
+                    out.append((seq, self.advance(seq, step)))
+            except (Cancelled, EftError) as exc:  # its grammar: it alone stops
+                seq.error = exc
+                self.remove(seq)
+                out.append((seq, None))
         if decoding and lone is not None:
             if lone.mode == "blocks" and self.speculator is not None:
                 self.speculator.plain_step(t1 - t0)
@@ -335,6 +353,8 @@ def generate(batch: Batch, plan: Plan, *, slot: int | None = None) -> Iterator[S
         while seq.finish is None:
             for owner, step in batch.step():
                 if owner is seq:
+                    if step is None:
+                        raise seq.error  # type: ignore[misc]
                     yield step
     finally:
         batch.remove(seq)

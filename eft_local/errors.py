@@ -8,3 +8,8 @@ class EftError(Exception):
 class ContextFull(EftError):
     """A prompt or conversation that does not fit the context (the server's 400
     ``context_length_exceeded``)."""
+
+
+class Cancelled(EftError):
+    """Work stopped because its job was cancelled (:func:`eft_local.interrupts.cancel_on`):
+    the server's client went away, or the server is stopping."""

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from types import CodeType, FrameType
 from typing import Any, TypeVar
 
+from eft_local.errors import Cancelled
+
 T = TypeVar("T")
 
 REDELIVER_SECONDS = 0.02
@@ -158,3 +160,26 @@ def _wait_through_interrupts(event: threading.Event) -> BaseException | None:
         except STOPS as exc:
             if later is None or isinstance(exc, Terminated):
                 later = exc
+
+
+_cancels = threading.local()
+
+
+@contextmanager
+def cancel_on(event: threading.Event) -> Iterator[None]:
+    """Within the block, long work in this thread that calls :func:`check_cancelled` (a
+    grammar asked about many tokens) stops with :class:`~eft_local.errors.Cancelled` once
+    ``event`` is set: the server's worker runs each job so."""
+    saved = getattr(_cancels, "event", None)
+    _cancels.event = event
+    try:
+        yield
+    finally:
+        _cancels.event = saved
+
+
+def check_cancelled() -> None:
+    """Raise :class:`~eft_local.errors.Cancelled` when this thread's work was cancelled."""
+    event = getattr(_cancels, "event", None)
+    if event is not None and event.is_set():
+        raise Cancelled("stopped: the request was cancelled")

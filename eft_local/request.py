@@ -83,6 +83,8 @@ class Generation:
         it runs."""
         self.owner: object = None
         """Whoever runs it (the server's task)."""
+        self.error: BaseException | None = None
+        """Why it stopped when its own step failed (``finish`` is then ``error``)."""
         seq.owner = self
 
     @property
@@ -108,6 +110,11 @@ class Generation:
         tail = self.text.flush()  # may apply a stop string that waited for a longer one
         return Chunk(text=tail, finish="stop" if self.text.stopped else self.finish,
                      evaluated=self.seq.evaluated, shifted=self.seq.shifted)
+
+    def fail(self, error: BaseException) -> None:
+        """Its own step failed (its grammar): it has left its slot."""
+        self.batch.remove(self.seq)
+        self.error, self.finish = error, "error"
 
     def cancel(self) -> None:
         """Stop now (Ctrl-C, a client gone): the slot is free at once."""

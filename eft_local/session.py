@@ -15,9 +15,10 @@ nothing a call is given outlives it. The CLI and the server use only this module
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -38,12 +39,13 @@ from eft_local.engine import Engine, Model, Step
 from eft_local.errors import EftError
 from eft_local.formula import Formula
 from eft_local.loading import LoadOptions, check_models, load_models, quantize
+from eft_local.many import Batches
 from eft_local.prompts import Prompts
 from eft_local.remote.http import traffic_summary
 from eft_local.request import Chunk, Generation, Pieces, Request, Result, collect
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import tuning
-from eft_local.scoring import Score, check_scorable, score_many, score_tokens
+from eft_local.scoring import Score, score_tokens
 from eft_local.settings import Settings
 from eft_local.vocab import AlignmentReport
 
@@ -62,7 +64,7 @@ def is_notice(message: str) -> bool:
     return message.startswith(("warning:", "note:"))
 
 
-class Session(Prompts):
+class Session(Prompts, Batches):
     """Models loaded for one preset, a conversation, and the default settings of calls."""
 
     def __init__(self, preset: Preset, *, params: Mapping[str, float] | None = None,
@@ -269,12 +271,14 @@ class Session(Prompts):
                             diagnostics=diagnostics, top_n=top_n, shift=bool(dropped),
                             dropped=dropped)
 
-    def start(self, request: Request, *, slot: int | None = None) -> Generation:
+    def start(self, request: Request, *, slot: int | None = None,
+              cancelled: threading.Event | None = None) -> Generation:
         """Start ``request`` in a free slot (default: the one whose caches share the
         longest prefix with its prompt, :meth:`Batch.choose_slot`); it runs with every
-        :meth:`step`. An :class:`~eft_local.errors.EftError` when every slot is taken."""
+        :meth:`step`. An :class:`~eft_local.errors.EftError` when every slot is taken.
+        ``cancelled``: an event that stops its grammar work once set."""
         self.batch.speculator = self.speculator
-        seq = self.batch.add(request.plan, slot=slot)
+        seq = self.batch.add(request.plan, slot=slot, cancelled=cancelled)
         return Generation(request, seq, self.batch, self._reply_pieces)
 
     def step(self) -> list[tuple[Generation, list[Chunk]]]:
@@ -283,7 +287,12 @@ class Session(Prompts):
         out: dict[Generation, list[Chunk]] = {}
         for seq, step in self.batch.step():
             gen = seq.owner
-            if isinstance(gen, Generation) and gen.finish is None:
+            if not isinstance(gen, Generation) or gen.finish is not None:
+                continue
+            if step is None:  # its own step failed: gen.error says why
+                gen.fail(seq.error)  # type: ignore[arg-type]
+                out.setdefault(gen, [])
+            else:
                 out.setdefault(gen, []).extend(gen.chunks(step))
         return list(out.items())
 
@@ -299,47 +308,10 @@ class Session(Prompts):
                 for other, chunks in self.step():
                     if other is gen:
                         yield from chunks
+            if gen.error is not None:
+                raise gen.error
         finally:
             gen.cancel()
-
-    def run_many(self, jobs: Iterable[tuple[K, Callable[[], Request]]], *,
-                 parallel: int | None = None) -> Iterator[tuple[K, Result | EftError]]:
-        """Run many generations, up to ``parallel`` (default: every slot) side by side, each
-        as soon as a slot is free, in the order given: ``jobs`` are ``(key, prepare)``
-        pairs; yields ``(key, Result)`` as each finishes, or ``(key, error)`` when its
-        preparation failed. Greedy generations give the same tokens as one at a time, up
-        to llama.cpp's batched arithmetic."""
-        width = self._width(parallel)
-        pending = iter(jobs)
-        running: dict[Generation, tuple[K, list[Chunk]]] = {}
-        try:
-            while True:
-                while len(running) < width and (job := next(pending, None)) is not None:
-                    try:
-                        gen = self.start(job[1]())
-                    except EftError as exc:
-                        yield job[0], exc
-                        continue
-                    running[gen] = (job[0], [])
-                if not running:
-                    return
-                try:
-                    stepped = self.step()
-                except EftError as exc:  # a failed step fails what ran in it, not the rest
-                    for gen, (key, _got) in list(running.items()):
-                        gen.cancel()
-                        del running[gen]
-                        yield key, exc
-                    continue
-                for gen, chunks in stepped:
-                    key, got = running[gen]
-                    got += chunks
-                    if gen.finish is not None:
-                        del running[gen]
-                        yield key, collect(got, len(gen.request.tokens))
-        finally:
-            for gen in running:
-                gen.cancel()
 
     def stream(self, tokens: list[int], *, settings: Settings | None = None,
                max_tokens: int = 512, diagnostics: bool = False, top_n: int | None = None,
@@ -436,48 +408,7 @@ class Session(Prompts):
                               seq=slot)
         return replace(result, formula=s.describe())
 
-    def score_many(self, texts: Iterable[tuple[K, str | Sequence[int]]], *,
-                   parallel: int | None = None, settings: Settings | None = None,
-                   top_n: int = 0, per_model: bool = False, **changes: object
-                   ) -> Iterator[tuple[K, Score | EftError]]:
-        """:meth:`score` for many ``(key, text)`` pairs, up to ``parallel`` (default: every
-        slot) evaluated together: ``(key, Score)`` in order, or ``(key, error)`` for a text
-        that cannot be scored."""
-        s = self.settings_for(settings, **changes)
-        width = self._width(parallel)
-        pending = iter(texts)
-        while True:
-            group: list[tuple[K, list[int]]] = []
-            for key, text in pending:
-                try:
-                    tokens = (self.raw_tokens(text) if isinstance(text, str)
-                              else [int(t) for t in text])
-                    check_scorable(self.engine, tokens)
-                except EftError as exc:
-                    yield key, exc
-                    continue
-                group.append((key, tokens))
-                if len(group) == width:
-                    break
-            if not group:
-                return
-            slots = self.free_slots()[:len(group)]
-            scores = score_many(self.engine, [(t, slot) for (_k, t), slot in
-                                              zip(group, slots, strict=True)],
-                                self.weights(s), s.sampling, top_n=top_n,
-                                per_model=per_model, conservative=self.conservative_role(s))
-            for (key, _tokens), result in zip(group, scores, strict=True):
-                yield key, replace(result, formula=s.describe())
-
     # -- slots ----------------------------------------------------------------------------
-    def _width(self, parallel: int | None) -> int:
-        n = len(self.batch.slots)
-        width = n if parallel is None else parallel
-        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= n:
-            raise EftError(f"invalid parallel {parallel!r}: this session holds {n} "
-                           "sequence(s) (load it with n_seq)")
-        return width
-
     def free_slots(self) -> list[int]:
         """Slots (KV sequences of every model) that no generation runs in."""
         return self.batch.free_slots()
@@ -562,9 +493,6 @@ class Session(Prompts):
         """The decode schedule and, when it was measured, its predicted and measured speed
         relative to the largest model alone at its best thread count."""
         return tuning.schedule_stats(self.engine, self.tuning, self.schedule_reason)
-
-
-K = TypeVar("K")
 
 
 def load_session(preset: str | None = None, *, models: Sequence[str] = (),

@@ -10,9 +10,8 @@ next.
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any
@@ -22,6 +21,7 @@ from eft_local.errors import EftError
 from eft_local.formula import PARAMETERS, Formula, parse_formula
 from eft_local.limits import PARAM_LIMIT
 from eft_local.sampler import SamplerSettings
+from eft_local.schema import schema_grammar
 
 __all__ = ["SamplerSettings", "Settings"]
 
@@ -121,11 +121,15 @@ class Settings:
                         grammar=changes.get("grammar", self.grammar))
 
     @staticmethod
-    def grammar_of(*, grammar: str | None = None, json_schema: object = None) -> str | None:
+    def grammar_of(*, grammar: str | None = None, json_schema: object = None,
+                   strict: bool = False, note: Callable[[str], None] | None = None
+                   ) -> str | None:
         """The checked GBNF text of ``grammar`` or ``json_schema`` (a mapping or JSON
-        text), as :meth:`replace` would store it."""
+        text), as :meth:`replace` would store it; ``strict`` and ``note`` as
+        :func:`eft_local.schema.schema_grammar` (a keyword the grammar cannot enforce is
+        refused, or reported to ``note``)."""
         if json_schema is not None:
-            return schema_grammar(json_schema)
+            return schema_grammar(json_schema, strict=strict, note=note)
         return backend.check_grammar(grammar) if grammar and grammar.strip() else None
 
     def weights(self) -> dict[str, float]:
@@ -139,19 +143,6 @@ class Settings:
     def describe(self) -> str:
         """The formula with numbers filled in."""
         return self.formula.describe(self.params)
-
-
-def schema_grammar(schema: object) -> str:
-    """The GBNF grammar of a JSON schema given as a mapping or as JSON text (llama-cpp-
-    python's converter)."""
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError as exc:
-            raise EftError(f"the JSON schema is not valid JSON ({exc})") from None
-    if not isinstance(schema, Mapping):
-        raise EftError(f"a JSON schema must be an object, got {type(schema).__name__}")
-    return backend.json_schema_grammar(dict(schema))
 
 
 def _check_param(name: str, value: object) -> float:

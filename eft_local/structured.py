@@ -1,7 +1,8 @@
 """Structured output and tool calls as grammars: OpenAI's ``response_format`` and ``tools``.
 
-A JSON schema becomes GBNF by llama-cpp-python's converter (:func:`eft_local.backend.
-json_schema_grammar`); this module chooses what to constrain and reads the result back:
+A JSON schema becomes GBNF as everywhere else (:func:`eft_local.schema.schema_grammar`:
+bounded, converted, checked); this module chooses what to constrain and reads the result
+back:
 
 - ``response_format`` ``json_object`` (any JSON object) or ``json_schema`` (OpenAI's shape;
   with ``strict`` a schema that uses a keyword the grammar cannot enforce is refused rather
@@ -23,6 +24,13 @@ from typing import Any
 from eft_local import backend
 from eft_local.chat import tool_support
 from eft_local.errors import EftError
+from eft_local.schema import (  # noqa: F401  (the keyword sets, re-exported)
+    ANNOTATIONS,
+    ENFORCED,
+    FORMATS,
+    schema_grammar,
+    unenforced,
+)
 
 
 class SchemaError(EftError):
@@ -36,51 +44,13 @@ class SchemaError(EftError):
 ANY_OBJECT = {"type": "object"}
 """The schema of ``json_object``: any JSON object."""
 
-ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems",
-            "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
-            "definitions", "pattern", "minLength", "maxLength", "format"}
-"""Keywords the converter turns into grammar rules (``oneOf`` as ``anyOf``)."""
-ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment",
-               "deprecated", "readOnly", "writeOnly", "strict"}
-"""Keywords that do not constrain a value."""
-FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
-"""String formats the converter enforces."""
-
-
-def unenforced(schema: object, where: str = "schema") -> str | None:
-    """The first place where ``schema`` uses a keyword the grammar would not enforce, as
-    ``"'minimum' at schema.properties.age"``; None when every keyword is enforced."""
-    if not isinstance(schema, Mapping):
-        return None if isinstance(schema, bool) else f"a {type(schema).__name__} at {where}"
-    for key, value in schema.items():
-        if key in ANNOTATIONS:
-            continue
-        if key not in ENFORCED or (key == "format" and value not in FORMATS):
-            return f"{key!r}{f' {value!r}' if key == 'format' else ''} at {where}"
-        subs: list[tuple[str, object]] = []
-        if key in ("properties", "$defs", "definitions") and isinstance(value, Mapping):
-            subs = [(f"{where}.{key}.{k}", v) for k, v in value.items()]
-        elif key in ("anyOf", "oneOf", "allOf", "prefixItems") and isinstance(value, list):
-            subs = [(f"{where}.{key}[{i}]", v) for i, v in enumerate(value)]
-        elif key in ("items", "additionalProperties") and isinstance(value, Mapping):
-            subs = [(f"{where}.{key}", value)]
-        for sub_where, sub in subs:
-            found = unenforced(sub, sub_where)
-            if found:
-                return found
-    return None
-
-
-def schema_grammar(schema: object, param: str, *, strict: bool = False, name: str = "") -> str:
-    """GBNF for a JSON schema from a request; ``strict`` refuses keywords the grammar cannot
-    enforce. Errors are :class:`SchemaError` about ``param``."""
+def _schema(schema: object, param: str, *, strict: bool = False, name: str = "") -> str:
+    """:func:`eft_local.schema.schema_grammar` for a request's schema: not JSON text (it
+    came as JSON already); errors are :class:`SchemaError` about ``param``."""
     if not isinstance(schema, Mapping):
         raise SchemaError(f"'{param}' must be a JSON schema object", param)
-    if strict and (found := unenforced(schema)):
-        raise SchemaError(f"'{param}' is strict but uses {found}, which constrained "
-                          "decoding cannot enforce; drop it or set strict to false", param)
     try:
-        return backend.json_schema_grammar(schema, name)
+        return schema_grammar(schema, strict=strict, name=name)
     except EftError as exc:
         raise SchemaError(f"'{param}': {exc}", param) from None
 
@@ -107,13 +77,13 @@ def response_grammar(body: Mapping[str, Any], name: str = "") -> str | None:
         except EftError as exc:
             raise SchemaError(str(exc), "grammar") from None
     if key == "json_schema":
-        return schema_grammar(value, "json_schema", name=name)
+        return _schema(value, "json_schema", name=name)
     if not isinstance(value, Mapping):
         raise SchemaError("'response_format' must be an object such as {\"type\": "
                           "\"json_object\"}", key)
     kind = value.get("type")
     if kind == "json_object":  # llama-server also reads a schema here
-        return schema_grammar(value.get("schema") or ANY_OBJECT, "response_format.schema",
+        return _schema(value.get("schema") or ANY_OBJECT, "response_format.schema",
                               name=name)
     if kind != "json_schema":
         raise SchemaError(f"'response_format.type' is {kind!r}; use text, json_object or "
@@ -126,7 +96,7 @@ def response_grammar(body: Mapping[str, Any], name: str = "") -> str | None:
     if strict is not None and not isinstance(strict, bool):
         raise SchemaError("'response_format.json_schema.strict' must be true or false",
                           "response_format.json_schema.strict")
-    return schema_grammar(spec["schema"], "response_format.json_schema.schema",
+    return _schema(spec["schema"], "response_format.json_schema.schema",
                           strict=bool(strict), name=name)
 
 
@@ -228,9 +198,9 @@ def tool_plan(tools: object, choice: object) -> ToolPlan | None:
                 "required": ["name", "arguments"]} for t in chosen]
     for i, t in enumerate(parsed):  # each tool's own message, where it is wrong
         if t in chosen:
-            schema_grammar(t.parameters, f"tools[{i}].function.parameters", strict=t.strict)
-    calls = schema_grammar(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}, "tools",
-                           name="tool-call")
+            _schema(t.parameters, f"tools[{i}].function.parameters", strict=t.strict)
+    calls = _schema(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}, "tools",
+                    name="tool-call")
     return ToolPlan(tools=tuple(parsed), choice=mode, calls=calls)
 
 

@@ -16,13 +16,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "eft_local"
 LAYERS: dict[str, int] = {
     # the base: no model, no NumPy state
     "errors": 0, "limits": 0, "text": 0, "files": 0, "interrupts": 0, "formula": 0, "ggufscan": 0,
+    "gbnf": 0,
     # pure pieces the engine is made of
     "sampler": 1, "vocab": 1, "config": 1, "chat": 1, "gguf_writer": 1, "plots": 1, "utf8": 1,
     "kvshift": 1,
     "schedule.shapes": 1, "schedule.watch": 1, "schedule.blocks": 1, "schedule.lanes": 1,
     # models and their files (local: backend; remote engines: remote/)
     "backend": 2, "backend.library": 2, "backend.model": 2, "backend.sequences": 2,
-    "backend.tools": 2, "hub": 2, "settings": 2, "loading": 2, "synthetic": 2, "structured": 2,
+    "backend.tools": 2, "hub": 2, "schema": 2, "settings": 2, "loading": 2, "synthetic": 2,
+    "structured": 2,
     "remote.http": 2, "remote.exact": 2, "remote.topk": 2, "remote.vocab": 2,
     "remote.llamaserver": 2, "remote.openai": 2, "remote.model": 2, "remote.io": 2,
     "remote.deadlines": 2,
@@ -31,7 +33,7 @@ LAYERS: dict[str, int] = {
     # what drives the engine
     "speculative": 4, "scoring": 4, "schedule.tuning": 4, "batch": 4,
     # the public API
-    "session": 5, "request": 5, "prompts": 5,
+    "session": 5, "request": 5, "prompts": 5, "many": 5,
     # libraries over the session
     "records": 6, "evaluate": 6, "bench": 6,
     "explore.candidates": 6, "explore.metrics": 6, "explore.refcache": 6,

@@ -200,3 +200,44 @@ def test_eval_in_parallel_scores_as_one_at_a_time() -> None:
                                            "multi_n", "multi_correct", "multi_compliant",
                                            "tokens")})
     assert outs[0] == outs[1] and outs[0]["n"] == 6
+
+
+class Failing:
+    """A grammar that gives up (its work took too long) at its ``after``-th question."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def allowed(self, tokens: np.ndarray) -> np.ndarray:
+        self.after -= 1
+        if self.after < 0:
+            raise EftError("the grammar's work for one token took too long")
+        return np.ones(len(tokens), dtype=bool)
+
+    def accept(self, token: int) -> None:
+        pass
+
+    def clone(self) -> Failing:
+        return Failing(self.after)
+
+
+def test_a_sequence_whose_grammar_fails_ends_alone() -> None:
+    """One sequence's own failure (its grammar) ends it; the others in the step go on."""
+    from dataclasses import replace
+
+    eng = engine(2)
+    batch = Batch(eng)
+    bad = batch.add(replace(plan(eng, PROMPTS[0], seed=1), grammar=Failing(3).clone))
+    good = batch.add(plan(eng, PROMPTS[1], seed=2))
+    got = []
+    while batch.running:
+        for seq, st in batch.step():
+            if seq is good:
+                got.append(st)
+            elif st is None:
+                assert seq is bad
+    assert isinstance(bad.error, EftError) and batch.free_slots() == [0, 1]
+    assert got == alone(PROMPTS[1], seed=2)
+    with pytest.raises(EftError, match="took too long"):
+        list(generate(Batch(engine(1)), replace(plan(eng, PROMPTS[0], seed=1),
+                                                grammar=Failing(3).clone)))

@@ -14,6 +14,8 @@ import json
 import os
 import re
 import tempfile
+import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,8 @@ from eft_local.backend.library import (
 from eft_local.backend.model import LlamaModel, _check_file
 from eft_local.errors import EftError
 from eft_local.files import atomic_path
-from eft_local.interrupts import Stop, interruptible
+from eft_local.gbnf import MAX_STEP_SECONDS, check_gbnf
+from eft_local.interrupts import Stop, check_cancelled, interruptible
 
 JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] | [\\] (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
 """llama.cpp's own JSON string character (its C++ converter): no raw control characters."""
@@ -57,7 +60,9 @@ def _grammar_sampler(vocab, text: str) -> tuple[int | None, str]:
 
 @functools.lru_cache(maxsize=64)
 def check_grammar(text: str) -> str:
-    """``text`` if llama.cpp parses it (once per text; token references need a model)."""
+    """``text`` if it is within the bounds of :func:`eft_local.gbnf.check_gbnf` and
+    llama.cpp parses it (once per text; token references need a model)."""
+    check_gbnf(text)
     handle, why = _grammar_sampler(None, text)
     if handle is None and "no vocab" not in why:
         raise EftError(f"invalid grammar: {why}")
@@ -67,43 +72,121 @@ def check_grammar(text: str) -> str:
 
 
 def json_schema_grammar(schema: object, name: str = "") -> str:
-    """GBNF for a JSON schema (llama-cpp-python's converter); top rule ``name`` or root."""
+    """GBNF for a JSON schema (llama-cpp-python's converter); top rule ``name`` or root.
+    A ``$ref`` that is not local (``#...``) is refused here, before the converter, which
+    would fetch a URL where ``python -O`` drops its ``assert``. Bound the schema first
+    (:func:`eft_local.schema.schema_grammar` does)."""
+    remote = _remote_ref(schema)
+    if remote is not None:
+        raise EftError(f"'$ref' {remote[:100]!r}: only references inside the schema "
+                       "(starting with '#') are followed; nothing is fetched")
+    conv = _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     try:
-        conv = llama_grammar.SchemaConverter(prop_order={}, allow_fetch=False, dotall=False,
-                                             raw_pattern=False)
         conv.visit(conv.resolve_refs(json.loads(json.dumps(schema)), "schema"), name)
         return re.sub(r"(?m)^char ::= .*$", lambda _: JSON_CHAR, conv.format_grammar())
+    except _TooMuch:
+        raise EftError(f"the JSON schema makes the converter visit more than {MAX_VISITS:,} "
+                       "schemas (the limit; each 'allOf' copies the properties of what its "
+                       "'$ref's name)") from None
     except (RecursionError, Exception) as exc:  # the converter asserts, raises, recurses
         raise EftError(f"cannot turn the JSON schema into a grammar: {exc!s:.200}") from None
 
 
+MAX_VISITS = 10_000
+"""Schemas llama-cpp-python's converter may visit for one schema. It visits each once,
+except what ``allOf`` copies: the properties of each ``$ref`` it lists, again every time
+(5,000 references to one 200-property object, a 114 kB schema, took 21 s; an object of
+5,000 properties is 5,001 visits)."""
+
+
+class _TooMuch(Exception):
+    pass
+
+
+class _Converter(llama_grammar.SchemaConverter):
+    """llama-cpp-python's converter, counting the schemas it visits (:data:`MAX_VISITS`)."""
+
+    visits = 0
+
+    def visit(self, schema, name):  # noqa: ANN001, ANN201 - the converter's own signature
+        self.visits += 1
+        if self.visits > MAX_VISITS:
+            raise _TooMuch
+        return super().visit(schema, name)
+
+
+def _remote_ref(schema: object) -> str | None:
+    """The first ``$ref`` anywhere in ``schema`` that does not start with ``#`` (as text),
+    looked for where the converter's ``resolve_refs`` looks: in every object and list."""
+    todo = [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, Mapping):
+            ref = node.get("$ref")
+            if ref is not None and not (isinstance(ref, str) and ref.startswith("#")):
+                return str(ref)
+            todo.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            todo.extend(node)
+    return None
+
+
+CHUNK = 4096
+"""Tokens per llama.cpp call when a grammar is asked about many: between two calls a
+cancelled job stops (:func:`eft_local.interrupts.check_cancelled`), Ctrl-C reaches the CLI,
+and the time limit of one token (:data:`eft_local.gbnf.MAX_STEP_SECONDS`) is checked."""
+
+
 class Grammar:
-    """llama.cpp's grammar sampler over a model's vocabulary: what may come next."""
+    """llama.cpp's grammar sampler over a model's vocabulary: what may come next.
+
+    The grammar's work for one token (its checks and the accept) may take at most
+    :data:`~eft_local.gbnf.MAX_STEP_SECONDS`: llama.cpp follows every alternative that may
+    come next, and a grammar whose alternatives multiply with the text can take minutes
+    per token; it is stopped with a one-line error instead."""
 
     def __init__(self, model: LlamaModel, text: str, *, _handle: int | None = None) -> None:
         self.model, self.text = model, text  # the model owns the vocabulary: keep it alive
+        if not _handle:
+            check_grammar(text)
         self._handle, why = (_handle, "") if _handle else _grammar_sampler(model._vocab, text)
         if not self._handle:
             raise EftError(f"invalid grammar: {why}")
+        self._spent = 0.0  # seconds of grammar work since the last accepted token
 
     def allowed(self, tokens: np.ndarray) -> np.ndarray:
         """Bool array: which of ``tokens`` (ids) the grammar allows next."""
         data = np.zeros(len(tokens), dtype=[("id", "i4"), ("logit", "f4"), ("p", "f4")])
         data["id"] = tokens
-        array = L.llama_token_data_array(data=data.ctypes.data_as(L.llama_token_data_p),
-                                         size=data.size, selected=-1, sorted=False)
-        L.llama_sampler_apply(self._handle, ctypes.byref(array))
+        for start in range(0, data.size, CHUNK):
+            check_cancelled()
+            part = data[start:start + CHUNK]
+            array = L.llama_token_data_array(data=part.ctypes.data_as(L.llama_token_data_p),
+                                             size=part.size, selected=-1, sorted=False)
+            began = time.perf_counter()
+            L.llama_sampler_apply(self._handle, ctypes.byref(array))
+            self._spend(time.perf_counter() - began)
         return data["logit"] != -np.inf
 
     def accept(self, token: int) -> None:
         """Advance past ``token``, which must be allowed (llama.cpp aborts otherwise)."""
         if not self.allowed(np.array([token]))[0]:
             raise EftError(f"token {token} does not fit the grammar here")
+        began = time.perf_counter()
         L.llama_sampler_accept(self._handle, token)
+        self._spend(time.perf_counter() - began)
+        self._spent = 0.0
 
     def clone(self) -> Grammar:
         """An independent copy of this state."""
         return Grammar(self.model, self.text, _handle=L.llama_sampler_clone(self._handle))
+
+    def _spend(self, seconds: float) -> None:
+        self._spent += seconds
+        if self._spent > MAX_STEP_SECONDS:
+            raise EftError(f"the grammar took more than {MAX_STEP_SECONDS:g} s for one token "
+                           "(the limit): its alternatives multiply as the text grows; "
+                           "simplify it")
 
     def __del__(self) -> None:
         if getattr(self, "_handle", None):
@@ -128,7 +211,6 @@ def raw_speed(path: str | Path, *, n_threads: int, n_tokens: int = 32, context: 
     batch, logits of its last token) before that; else None. ``n_gpu_layers`` as for
     :class:`LlamaModel` (a baseline offloads what the runs it is compared with offload)."""
     import statistics
-    import time
 
     _ensure_backend()
     model = models._load_model(Path(path), vocab_only=False, n_gpu_layers=n_gpu_layers)

@@ -121,13 +121,18 @@ def generate_batch(session: Session, input_path: Path, output_path: Path | None,
     """Generate a reply for every line of ``input_path``, appending results to
     ``output_path`` (or stdout) as each finishes, ``parallel`` records at once; progress
     and a summary on stderr."""
+    from eft_local.session import Settings
+
     lines = read_lines(input_path)
 
     def request(prompt: Any) -> Request:
+        grammar = prompt.grammar
+        if prompt.json_schema is not None:  # as --json-schema: bounded, with its note
+            grammar = Settings.grammar_of(json_schema=prompt.json_schema, note=lambda text: _say(
+                f"note: line {prompt.line} (id {prompt.id!r}): {text}"))
         tokens = session.prompt_tokens(prompt.prompt, raw=prompt.raw, system=prompt.system)
         return session.prepare(tokens, max_tokens=prompt.max_tokens,
-                               diagnostics=defaults.diagnostics,
-                               json_schema=prompt.json_schema, grammar=prompt.grammar)
+                               diagnostics=defaults.diagnostics, grammar=grammar)
 
     def run_many(todo: Iterator[tuple[int, Any]]
                  ) -> Iterator[tuple[tuple[int, Any], dict[str, Any] | EftError]]:

@@ -183,9 +183,11 @@ GRAMMAR_LIMIT = 8 << 20
 """Largest grammar or JSON schema file read (8 MiB)."""
 
 
-def grammar_changes(schema_path: Path | None, grammar_path: Path | None) -> dict[str, str]:
+def grammar_changes(schema_path: Path | None, grammar_path: Path | None, *,
+                    note: Callable[[str], None] | None = None) -> dict[str, str]:
     """The settings change of ``--json-schema FILE`` or ``--grammar FILE``: read and checked
-    (errors name the file)."""
+    (errors name the file); a schema keyword the grammar cannot enforce is a ``note:`` line
+    on stderr (or goes to ``note``)."""
     if schema_path and grammar_path:
         raise click.UsageError("give --json-schema or --grammar, not both")
     path = schema_path or grammar_path
@@ -198,9 +200,15 @@ def grammar_changes(schema_path: Path | None, grammar_path: Path | None) -> dict
         raise EftError(f"{path}: the file is empty")
     key = "json_schema" if schema_path else "grammar"
     try:
-        return {"grammar": Settings.grammar_of(**{key: text})}
+        return {"grammar": Settings.grammar_of(**{key: text}, note=lambda message: (
+            note or schema_note)(f"{path}: {message}"))}
     except EftError as exc:
         raise EftError(f"{path}: {exc}") from None
+
+
+def schema_note(message: str) -> None:
+    """Print a JSON schema's note (a keyword the grammar cannot enforce) on stderr."""
+    click.echo(f"note: {printable(message)}", err=True)
 
 
 def progress_printer(verbose: bool) -> Callable[[str], None]:

@@ -348,7 +348,8 @@ class Repl:
         path = Path(arg).expanduser()
         json_schema = path.suffix.lower() == ".json"
         self.session.update(**grammar_changes(path if json_schema else None,
-                                              None if json_schema else path))
+                                              None if json_schema else path,
+                                              note=lambda message: say(f"note: {message}")))
         say(f"replies follow the {'JSON schema' if json_schema else 'grammar'} in {arg}")
 
     def cmd_reset(self, _arg: str) -> None:

@@ -29,8 +29,9 @@ from typing import Any
 
 from eft_local import hub
 from eft_local.config import Config, Preset
-from eft_local.errors import EftError
+from eft_local.errors import Cancelled, EftError
 from eft_local.formula import parse_formula
+from eft_local.interrupts import cancel_on
 from eft_local.server.protocol import ApiError, Knobs
 from eft_local.session import (
     Chunk,
@@ -339,7 +340,8 @@ class Worker:
         self.running.append(job)
         try:
             job.settings = request_settings(session, job)
-            job.tasks = list(job.work(session, job) or [])
+            with cancel_on(job.cancelled):  # long grammar work stops within one call
+                job.tasks = list(job.work(session, job) or [])
         except BaseException as exc:  # noqa: BLE001 - reported to the client, never raised
             self._fail(job, exc)
             return
@@ -357,7 +359,7 @@ class Worker:
                 if not session.batch.free_slots():
                     return
                 try:
-                    task.generation = session.start(task.request)
+                    task.generation = session.start(task.request, cancelled=job.cancelled)
                 except EftError as exc:
                     self._fail(job, exc)
                     break
@@ -377,6 +379,9 @@ class Worker:
             task = gen.owner
             job = next((j for j in self.running if task in j.tasks), None)
             if job is None:
+                continue
+            if gen.error is not None:  # its own step failed (its grammar): it alone fails
+                self._fail(job, gen.error)
                 continue
             try:
                 for chunk in chunks:
@@ -417,6 +422,9 @@ class Worker:
             if task.generation is not None:
                 task.generation.cancel()
         job.tasks.clear()
+        if isinstance(exc, Cancelled):  # a client that left needs no answer
+            self._end_cancelled(job)
+            return
         if isinstance(exc, ApiError):
             job.emit("error", exc)
         elif isinstance(exc, EftError):  # a remote role's engine failing is 502 (504: timeout)
