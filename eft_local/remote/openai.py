@@ -127,7 +127,7 @@ class OpenAIClient:
             except (TypeError, ValueError):
                 raise ep.fail(f"answered a log-prob that is not a number {where}") from None
         check_entries(ep, ids, lps, width=self.width, top_k=self._expected(entry), where=where)
-        return topk_row(ids, lps, self.width)
+        return topk_row(ids, lps, self.width, top_k=self.top_k)
 
     def _expected(self, entry: Mapping[str, Any]) -> int:
         """Entries to expect: K, or fewer distinct texts where texts name the tokens."""
