@@ -40,7 +40,9 @@ What it does not do: sampling (every answer is greedy, as at temperature 0), bat
 streaming, chat. Its log-probs are a float32 log-softmax of a model's logits (vLLM's
 default ``raw_logprobs``): the family's large base through llama.cpp (:class:`GgufRows`),
 or rows a test writes (:class:`FixedRows`). ``banned`` ids get -inf in every row, as a
-model that masks tokens gives them: they come back as -9999.0 wherever they appear.
+model that masks tokens gives them: they come back as -9999.0 wherever they appear; with
+``underflow``, so do log-probs below it (as probabilities that underflow to 0: llama-server
+reports those as -3.4028235e38, below about e^-104 in float32).
 """
 
 from __future__ import annotations
@@ -132,13 +134,17 @@ class VllmDouble:
 
     def __init__(self, rows: Any, *, name: str = "fam-base", root: str = "/models/fam-base",
                  max_logprobs: int = 20, max_model_len: int = 256,
-                 banned: Sequence[int] = (), tokenizer_info: bool = False) -> None:
+                 banned: Sequence[int] = (), underflow: float | None = None,
+                 tokenizer_info: bool = False) -> None:
         self.engine = rows
         self.name, self.root = name, root
         self.max_logprobs, self.max_model_len = max_logprobs, max_model_len
         self.banned = np.asarray(sorted(banned), dtype=np.int64)
+        self.underflow = underflow
         self.tokenizer_info = tokenizer_info
         self.calls: Counter[str] = Counter()
+        self.placeholders = 0
+        """-9999.0 log-probs sent in ``top_logprobs`` so far."""
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -305,6 +311,8 @@ class VllmDouble:
         rows = np.array(self.engine.rows(tokens), dtype=np.float32)
         if self.banned.size:
             rows[:, self.banned] = -np.inf
+        if self.underflow is not None:
+            rows[rows < self.underflow] = -np.inf
         return rows
 
     def _ranked(self, row: np.ndarray, own: int, k: int) -> list[int]:
@@ -313,8 +321,10 @@ class VllmDouble:
         return [own, *(t for t in top if t != own)][:k + 1]
 
     def _entry(self, row: np.ndarray, own: int, k: int, named: bool) -> dict[str, float]:
-        return {self._name(t, named): float(max(row[t], PLACEHOLDER))
-                for t in self._ranked(row, own, k)}
+        entry = {self._name(t, named): float(max(row[t], PLACEHOLDER))
+                 for t in self._ranked(row, own, k)}
+        self.placeholders += sum(lp == PLACEHOLDER for lp in entry.values())
+        return entry
 
     def _prompt_entry(self, row: np.ndarray, own: int, k: int) -> dict[str, Any]:
         order = np.argsort(-row, kind="stable")
