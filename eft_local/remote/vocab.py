@@ -7,14 +7,21 @@
 - llama-server: ``/v1/models`` (vocabulary type and size, context), ``/props`` (BOS and EOS
   text, chat template, model path) and ``POST /tokenize`` with the ids themselves as the
   content and ``with_pieces`` (every id's piece in one request).
-- OpenAI-compatible servers: ``/tokenizer_info`` for the size where there is one, and one
-  ``/detokenize`` (vLLM's shape; ``/extras/detokenize`` for llama-cpp-python's server) per
-  id, several at a time.
+- OpenAI-compatible servers: ``/tokenizer_info`` for the size where there is one (vLLM's
+  needs ``--enable-tokenizer-info-endpoint`` and tells no size: the local models' is taken),
+  and one ``/detokenize`` (vLLM's shape; ``/extras/detokenize`` for llama-cpp-python's
+  server) per id, several at a time. They tell no vocabulary type (compared without one)
+  and spell pieces as text: a token that is not whole UTF-8 characters reads as U+FFFD
+  (:attr:`eft_local.vocab.VocabInfo.lossy`: such ids are compared as text only). vLLM's
+  ``/tokenize`` (with and without special tokens) tells whether a BOS is added, and which.
 
 The last two show only what each id decodes to, so the alignment check compares every
 model by those pieces when such an engine is among them (:func:`eft_local.vocab.comparable`).
 Vocabularies are cached in ``$XDG_CACHE_HOME/eft-local/remote/`` under the URL, the model
-name and a hash (eft-local's vocabulary hash, or the other engines' model fingerprint).
+name and what identifies the tokenizer: eft-local's vocabulary hash; llama-server's model
+metadata and path; for the others the model card's name fields, ``/tokenizer_info`` and the
+tokens of a probe text (:func:`tokenizer_fingerprint`), never what changes between calls
+(vLLM's card has a new ``created`` and permission id every time).
 """
 
 from __future__ import annotations
