@@ -13,7 +13,7 @@ minutes, 5 GB in the venv)::
 It writes the family's large base as a float32 Hugging Face checkpoint once
 (``benchmarks/out/fam-hf/large_base``: transformers reads the GGUF; vLLM takes no GGUF
 path), starts ``python -m vllm.entrypoints.openai.api_server --model DIR
---served-model-name fam-base --max-model-len 1024 --max-logprobs 1024 --dtype float32``
+--served-model-name fam-base --max-model-len 256 --max-logprobs 1024 --dtype float32``
 (``VLLM_CPU_KVCACHE_SPACE=1``) on a loopback port, and measures:
 
 - alignment (``check``): the verdict, the ids compared as text only, the seconds to read the
@@ -88,7 +88,7 @@ def start(python: str, model: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--served-model-name", NAME, "--max-model-len", "1024", "--max-logprobs", "1024",
+            "--served-model-name", NAME, "--max-model-len", "256", "--max-logprobs", "1024",
             "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out, stdin=subprocess.DEVNULL)

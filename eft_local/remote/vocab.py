@@ -157,7 +157,11 @@ def read_info(ep: Endpoint, spec: ModelSpec, *, expected: int | None = None,
     ``expected``: the vocabulary size to read from an engine that does not tell its own."""
     api = spec.api or detect_api(ep)
     if api == "eft-local" or (api == "openai" and _has_eft_vocab(ep)):
-        return _read_eft(ep, spec, api, expected)
+        info = _read_eft(ep, spec, api, expected)
+        if api == "openai":  # eft-local serve's /v1/completions: its --max-logprobs
+            _probe_token_prompts(ep, info.model or "",
+                                 min(spec.top_k or DEFAULT_TOP_K, info.vocab.n_tokens))
+        return info
     if api == "llama-server":
         return _read_llama_server(ep, spec, expected)
     return _read_openai(ep, spec, expected, say)
