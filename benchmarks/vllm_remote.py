@@ -167,10 +167,11 @@ def main() -> None:
                 said: list[str] = []
                 with session(formula, f"{url}#api=openai&top_k={k}", said) as s:
                     got = answers(s, asked, args.tokens)
-                same_tokens = sum([x.token for x in a.steps] == [x.token for x in b.steps]
-                                  for a, b in zip(got, want, strict=True))
-                diff = max(abs(x.logprob - y.logprob) for a, b in zip(got, want, strict=True)
-                           for x, y in zip(a.steps, b.steps, strict=False))
+                same = [(a, b) for a, b in zip(got, want, strict=True)
+                        if [x.token for x in a.steps] == [x.token for x in b.steps]]
+                same_tokens = len(same)
+                diff = max((abs(x.logprob - y.logprob) for a, b in same
+                            for x, y in zip(a.steps, b.steps, strict=True)), default=0.0)
                 warned = any("weighs" in m for m in said)
                 record[f"{formula}_top{k}"] = {
                     "same_answers": same_tokens, "answers": len(asked),
@@ -178,7 +179,7 @@ def main() -> None:
                     "changed": [[b.text, a.text] for a, b in zip(got, want, strict=True)
                                 if a.text != b.text]}
                 print(f"{formula}, top_k {k}: {same_tokens}/{len(asked)} answers token for "
-                      f"token as all-local (largest log-prob difference {diff:.4f}); "
+                      f"token as all-local (largest log-prob difference in those {diff:.4f}); "
                       f"warned at start: {warned}")
     finally:
         proc.terminate()
