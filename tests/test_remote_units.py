@@ -535,3 +535,34 @@ def test_explore_compares_on_token_ids(family, tmp_path: Path) -> None:  # noqa:
     bad = tmp_path / "bad.json"
     bad.write_text('["a", 1]')
     assert_one_line_error(run([*args, "--token-ids", str(bad)]), "JSON list of at least 2")
+
+
+# -- what identifies an OpenAI engine's tokenizer ------------------------------------------------
+def test_the_vocabulary_cache_key_ignores_what_changes_between_calls() -> None:
+    """vLLM's model card has a new ``created`` and permission id on every call."""
+    from eft_local.remote.vocab import tokenizer_fingerprint
+
+    def card(created: int, perm: str, root: str = "/models/fam") -> dict:
+        return {"id": "fam", "object": "model", "created": created, "owned_by": "vllm",
+                "root": root, "parent": None, "max_model_len": 256,
+                "permission": [{"id": perm, "created": created}]}
+
+    probe = [[5, 6], ["a", "b"], [5, 6]]
+    same = tokenizer_fingerprint(card(1, "modelperm-1"), None, 1024, probe)
+    assert tokenizer_fingerprint(card(2, "modelperm-2"), None, 1024, probe) == same
+    assert tokenizer_fingerprint(card(1, "modelperm-1", "/models/other"), None, 1024,
+                                 probe) != same
+    assert tokenizer_fingerprint(card(1, "modelperm-1"), None, 1024,
+                                 [[5, 7], ["a", "c"], [5, 7]]) != same
+
+
+@pytest.mark.parametrize(("probe", "bos"), [
+    ([[1, 5, 6], None, [5, 6]], 1),  # a BOS comes only with special tokens
+    ([[5, 6], None, [5, 6]], -1),  # none added
+    ([None, None, None], -1),  # no /tokenize
+    ([[9999, 5], None, [5]], -1),  # outside the vocabulary
+])
+def test_the_bos_an_openai_engine_adds(probe: list, bos: int) -> None:
+    from eft_local.remote.vocab import _bos
+
+    assert _bos(probe, 1024) == bos
