@@ -272,6 +272,17 @@ def restart(remote: Remote) -> Remote:
     return again.start()
 
 
+def test_top_k_above_the_engine_s_limit_is_refused_at_start(victim: Remote) -> None:
+    """eft-local serve answers at most --max-logprobs (20 by default) log-probs: top_k 100
+    used to load, then fail at the first step; now it is refused before anything mixes,
+    with the engine's own words (vLLM's limit: tests/test_remote_vllm.py)."""
+    with pytest.raises(EftError) as err:
+        trio(f"{victim.url}#api=openai&top_k=100")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"remote large_base ({victim.url})")
+    assert "refused top_k 100 log-probs (HTTP 400:" in message and "--max-logprobs" in message
+
+
 def test_remote_killed_mid_generation_keeps_the_conversation(victim: Remote, local: Session,
                                                             quick_retries: None) -> None:
     with trio(victim.url, speculative=False) as session:
