@@ -42,9 +42,10 @@ ROUNDS = 3
 """Interleaved rounds of trial steps: the median step of a round, the fastest round
 (preemption by other processes only ever adds time)."""
 CLEAR_MARGIN = 0.10
-"""A cached choice is final when the runner-up's measured step is at least this much slower
-(on the 2-core machine of docs/benchmarks.md the same models once chose ``sequential`` and
-once ``large-first``, the two within a few per cent)."""
+"""A cached choice is final when the runner-up's measured step is at least this much slower.
+Runs of the realistic sets in docs/benchmarks.md put the two fastest 0-9% apart (at 1B,
+``large-first`` 68.4 ms, ``sequential`` 69.1), and the same models chose either from one
+build to the next."""
 MEASUREMENTS = 3
 """At most this many measurements (at successive loads) of a choice without a clear margin;
 then the fastest over all of them is kept for good."""
