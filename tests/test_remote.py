@@ -216,8 +216,8 @@ def test_llama_cpp_python_server_takes_no_token_prompts(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(remotehelp.llama_server_binary() is None,
-                    reason="llama.cpp's llama-server is not built (see docs/remote.md; or set "
-                    "EFT_LOCAL_LLAMA_SERVER)")
+                    reason="llama.cpp's llama-server is not built (.ci/llama-server builds it "
+                    "into ~/.cache/eft-local-llama-server; or set EFT_LOCAL_LLAMA_SERVER)")
 @pytest.mark.parametrize("rpc", [False, True], ids=["alone", "layers-on-rpc-server"])
 def test_llama_server_with_k_covering_the_vocabulary_is_exact(local: Session, tmp_path: Path,
                                                               rpc: bool) -> None:
@@ -229,7 +229,8 @@ def test_llama_server_with_k_covering_the_vocabulary_is_exact(local: Session, tm
     if rpc:
         rpc_binary = remotehelp.rpc_server_binary()
         if rpc_binary is None:
-            pytest.skip("ggml-rpc-server is not built beside llama-server")
+            pytest.skip("ggml-rpc-server is not built beside llama-server (.ci/llama-server "
+                        "builds both)")
         helper, address = remotehelp.rpc_server(rpc_binary, tmp_path)
     remote = remotehelp.llama_server(binary, LARGE, tmp_path,
                                      rpc=address if rpc else None).start()

@@ -421,22 +421,58 @@ def test_a_remote_evaluation_runs_while_the_local_models_evaluate() -> None:
     eng.close()
 
 
-def test_without_overlap_the_remote_answers_first() -> None:
-    local_done = threading.Event()
+@pytest.mark.parametrize("overlap", [True, False])
+def test_without_overlap_the_remote_answers_first(overlap: bool) -> None:
+    """The remote evaluation waits (up to a limit) for the local model to start: with overlap
+    the local model starts at once and the wait ends; without it, the local model cannot
+    start until the remote has answered, so the wait runs out. (It used to only record
+    whether the local model had finished, which it had not in either mode.)"""
+    local_started = threading.Event()
     remote = FakeRemote(seed=1)
-    eng = engine_with(remote, Signalling(seed=2, done=local_done))
-    eng.remote.overlap = False
-    order = []
-    original = remote.eval
+    local = Signalling(seed=2, done=threading.Event())
+    eng = engine_with(remote, local)
+    eng.remote.overlap = overlap
+    order: list[str] = []
+    remote_eval, local_eval = remote.eval, local.eval
 
-    def spy(tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
-        order.append(("remote", local_done.is_set()))
-        return original(tokens, all_logits=all_logits)
+    def remote_spy(tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+        saw = local_started.wait(timeout=10 if overlap else 0.5)
+        order.append(f"remote answered, local {'started' if saw else 'not started'}")
+        return remote_eval(tokens, all_logits=all_logits)
 
-    remote.eval = spy  # type: ignore[method-assign]
+    def local_spy(tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+        local_started.set()
+        return local_eval(tokens, all_logits=all_logits)
+
+    remote.eval = remote_spy  # type: ignore[method-assign]
+    local.eval = local_spy  # type: ignore[method-assign]
     eng.evaluate(0, [5, 6, 7])
-    assert order == [("remote", False)]
+    assert order == ["remote answered, local " + ("started" if overlap else "not started")]
     eng.close()
+
+
+def test_remote_lanes_without_overlap_return_answered_requests() -> None:
+    """RemoteLanes.start, the switch itself: with overlap its requests are still under way
+    when it returns; without, every one has been answered."""
+    from eft_local.remote.lanes import RemoteLanes
+
+    for overlap in (True, False):
+        release = threading.Event()
+        lanes = RemoteLanes(1)
+        lanes.overlap = overlap
+
+        def answer(release: threading.Event = release, overlap: bool = overlap) -> np.ndarray:
+            if overlap:
+                release.wait(10)  # under way until the test releases it
+            else:
+                time.sleep(0.3)  # nothing could release it while start waits: slow instead
+            return np.zeros(2)
+
+        pending = lanes.start({"r": answer}, {"r": FakeRemote(seed=1)}, {})
+        assert pending["r"].done() is not overlap
+        release.set()
+        assert lanes.finish(pending)["r"].shape == (2,)
+        lanes.close()
 
 
 def test_a_failed_local_lane_abandons_the_remote_request() -> None:
