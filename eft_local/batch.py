@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -342,19 +342,3 @@ class Batch:
         if seq.grammar is not None:
             seq.grammar.accept(step.token)
         return step
-
-
-def generate(batch: Batch, plan: Plan, *, slot: int | None = None) -> Iterator[Step]:
-    """Run ``plan`` to its end as the only sequence it steps (others in the batch step too,
-    but only this one's tokens are yielded): the tokens until an end-of-generation token,
-    ``max_tokens`` or a full context; the last step's :attr:`Step.finish` says which."""
-    seq = batch.add(plan, slot=slot)
-    try:
-        while seq.finish is None:
-            for owner, step in batch.step():
-                if owner is seq:
-                    if step is None:
-                        raise seq.error  # type: ignore[misc]
-                    yield step
-    finally:
-        batch.remove(seq)

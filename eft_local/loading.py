@@ -16,7 +16,7 @@ from typing import Any
 from eft_local import backend, ggufscan, hub, limits
 from eft_local.config import Preset
 from eft_local.errors import EftError
-from eft_local.remote.model import endpoint_for, open_remote
+from eft_local.remote.model import endpoint_for, open_remote, top_k_warning
 from eft_local.remote.vocab import read_info
 from eft_local.schedule import shapes as schedules
 from eft_local.vocab import AlignmentReport, align, comparable
@@ -135,6 +135,11 @@ def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
             model.close()
         raise
     loaded = {role: loaded[role] for role in preset.models if role in loaded}
+    weights = preset.formula.weights(preset.params)
+    for role, model in loaded.items():
+        warning = preset.models[role].remote and top_k_warning(role, weights.get(role, 0.0), model)
+        if warning:
+            say(warning)
     beyond = [f"{role} {m.n_ctx_train}" for role, m in loaded.items()
               if m.n_ctx > getattr(m, "n_ctx_train", m.n_ctx) > 0]
     if beyond:

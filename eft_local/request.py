@@ -72,7 +72,7 @@ class Request:
 class Generation:
     """A :class:`Request` running as a sequence of a :class:`~eft_local.batch.Batch`."""
 
-    def __init__(self, request: Request, seq: Sequence, batch: Batch, pieces: Pieces) -> None:
+    def __init__(self, request: Request, seq: Sequence, batch: Batch, pieces: ReplyBytes) -> None:
         self.request = request
         self.seq = seq
         self.batch = batch
@@ -123,7 +123,7 @@ class Generation:
             self.finish = "cancelled"
 
 
-class Pieces:
+class ReplyBytes:
     """A token's bytes in a reply: nothing for end-of-generation tokens."""
 
     def __init__(self, model: object) -> None:

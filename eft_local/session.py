@@ -42,7 +42,7 @@ from eft_local.loading import LoadOptions, check_models, load_models, quantize
 from eft_local.many import Batches
 from eft_local.prompts import Prompts
 from eft_local.remote.http import traffic_summary
-from eft_local.request import Chunk, Generation, Pieces, Request, Result, collect
+from eft_local.request import Chunk, Generation, ReplyBytes, Request, Result, collect
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import tuning
 from eft_local.scoring import Score, score_tokens
@@ -109,7 +109,7 @@ class Session(Prompts, Batches):
         self._speculator: speculative.Speculator | None = None
         self.batch = Batch(self.engine)
         """The sequences running now, one per slot (``options.n_seq`` slots)."""
-        self._reply_pieces = Pieces(ref)
+        self._reply_pieces = ReplyBytes(ref)
         whole = [r for r, m in self.models.items() if not getattr(m, "partial_rewind", True)]
         self.can_speculate = not whole
         """False when a model cannot roll back part of its cache (recurrent or hybrid):

@@ -3,6 +3,13 @@
 :func:`align` compares vocabularies read by the backend (no weights needed) and returns a
 report with a verdict and the ``allowed`` mask the sampler applies: ids outside the common
 range, unused/padding ids and mismatched special tokens never get probability.
+
+Some engines show less than a GGUF file: an OpenAI-compatible server tells no vocabulary
+type (:data:`UNKNOWN_TYPE`: compared with no type, by the pieces alone) and spells each id
+as text, so a token that is not whole UTF-8 characters (a byte of a longer character)
+shows as U+FFFD (:attr:`VocabInfo.lossy`). Such an id is compared as far as that shows:
+it matches where the other models' pieces show the same once decoded the same way, and is
+counted as unknown rather than identical or different.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ them against llama_cpp when it loads."""
 
 VOCAB_TYPES = {0: "none", 1: "spm", 2: "bpe", 3: "wpm", 4: "ugm", 5: "rwkv", 6: "plamo2"}
 """llama.cpp's vocabulary types (``llama_vocab_type``) by number."""
+UNKNOWN_TYPE = "unknown"
+"""The type of a vocabulary whose engine does not tell it (an OpenAI-compatible server):
+it is compared with no type, by its pieces alone."""
 
 ALIGNED = "aligned"
 COMMON_RANGE = "aligned on a common range"
@@ -48,6 +58,9 @@ class VocabInfo:
     """What :attr:`texts` holds: ``text``, each token's stored text (a GGUF file, eft-local
     serve), or ``piece``, what it decodes to (engines that show no more: llama-server,
     OpenAI-compatible servers)."""
+    lossy: bool = False
+    """The pieces were read as text (an OpenAI-compatible engine's ``/detokenize``): a
+    token that is not whole UTF-8 characters shows as U+FFFD, not its bytes."""
 
     def as_pieces(self) -> VocabInfo:
         """The same vocabulary compared by pieces (needs :attr:`pieces`)."""
@@ -100,6 +113,9 @@ class AlignmentReport:
     allowed: np.ndarray = field(repr=False)
     reference: str | None = None
     masked_ends: tuple[MaskedEnd, ...] = ()
+    unknown: int = 0
+    """Ids compared only as far as an engine that reads pieces as text shows them
+    (:attr:`VocabInfo.lossy`): neither identical nor different."""
 
     def end_reason(self) -> str:
         """Why the template model's end-of-turn tokens are (partly) masked; '' if not."""
@@ -127,7 +143,7 @@ class AlignmentReport:
             texts = ", ".join(f"{r}={t!r}" for r, t in m.texts.items())
             why += (f"; {self.n_normal_mismatch} normal tokens differ "
                     f"(first: id {m.token_id}: {texts})")
-        types = {v.vocab_type for v in self.vocabs.values()}
+        types = _known_types(self.vocabs)
         if len(types) > 1:
             why += f"; vocab types differ ({', '.join(sorted(types))})"
         if self.masked_ends:
@@ -144,6 +160,9 @@ class AlignmentReport:
                          f"{v.bos:>6} {v.eos:>6} {v.eot:>6}  {eog}")
         lines.append(f"common range: ids 0..{self.common - 1}; identical text: "
                      f"{self.identical}/{self.common}")
+        if self.unknown:
+            lines.append(f"compared as text only: {self.unknown} ids (pieces that are not "
+                         "whole UTF-8 characters, which an engine showed as U+FFFD)")
         for role, v in self.vocabs.items():
             if v.n_tokens > self.common:
                 lines.append(f"{role}: {v.n_tokens - self.common} rows beyond the common range "
@@ -167,6 +186,7 @@ class AlignmentReport:
             "verdict": self.verdict,
             "common": self.common,
             "identical": self.identical,
+            "unknown": self.unknown,
             "unused": self.unused,
             "normal_mismatches": self.n_normal_mismatch,
             "special_mismatches": self.n_special_mismatch,
@@ -199,6 +219,10 @@ def align(vocabs: Mapping[str, VocabInfo], *, reference: str | None = None,
 
     first = vocabs[roles[0]].texts
     differ = [i for i in range(common) if any(v.texts[i] != first[i] for v in vocabs.values())]
+    unknown = [i for i in differ if _same_as_text(vocabs, i)]
+    if unknown:
+        shown = set(unknown)
+        differ = [i for i in differ if i not in shown]
     keep = vocabs[reference].eog if reference in vocabs else frozenset()
     mismatches: list[Mismatch] = []
     n_normal = n_special = 0
@@ -215,11 +239,17 @@ def align(vocabs: Mapping[str, VocabInfo], *, reference: str | None = None,
 
     notes = []
     for attr in ("bos", "eos", "add_bos"):
-        values = {r: getattr(v, attr) for r, v in vocabs.items()}
+        values = {r: getattr(v, attr) for r, v in vocabs.items()  # -1 of an untyped one:
+                  if not (attr != "add_bos" and v.vocab_type == UNKNOWN_TYPE  # not told
+                          and getattr(v, attr) < 0)}
         if len(set(values.values())) > 1:
             notes.append(f"{attr} differs: " + ", ".join(f"{r}={x}" for r, x in values.items()))
     masked_ends = _masked_ends(vocabs, reference, common, allowed)
-    types = {v.vocab_type for v in vocabs.values()}
+    types = _known_types(vocabs)
+    untyped = [r for r, v in vocabs.items() if v.vocab_type == UNKNOWN_TYPE]
+    if untyped:
+        notes.append(f"vocab type unknown for {', '.join(untyped)} (its engine does not tell "
+                     "it): compared by token pieces only")
     every_end_masked = bool(masked_ends) and len(masked_ends) == len(
         _end_ids(vocabs[reference]))  # type: ignore[index]
     if len(types) > 1 or n_normal or every_end_masked:
@@ -229,11 +259,32 @@ def align(vocabs: Mapping[str, VocabInfo], *, reference: str | None = None,
     else:
         verdict = ALIGNED
     return AlignmentReport(
-        vocabs=vocabs, common=common, identical=common - len(differ),
+        vocabs=vocabs, common=common, identical=common - len(differ) - len(unknown),
         mismatches=tuple(mismatches), n_normal_mismatch=n_normal, n_special_mismatch=n_special,
         unused=int(unused_ids.size), notes=tuple(notes), verdict=verdict, allowed=allowed,
         reference=reference if reference in vocabs else None, masked_ends=masked_ends,
+        unknown=len(unknown),
     )
+
+
+REPLACEMENT = "\ufffd".encode()
+"""U+FFFD in UTF-8: what a token that is not whole UTF-8 characters decodes to as text."""
+
+
+def _same_as_text(vocabs: Mapping[str, VocabInfo], i: int) -> bool:
+    """Whether id ``i`` differs only where a lossy vocabulary shows U+FFFD: every model's
+    piece, decoded as text the way such an engine does, is the same, and a lossy one
+    shows U+FFFD in it."""
+    lossy = [v for v in vocabs.values() if v.lossy]
+    if not any(REPLACEMENT in v.texts[i] for v in lossy):
+        return False
+    shown = {v.texts[i].decode("utf-8", "replace") for v in vocabs.values()}
+    return len(shown) == 1
+
+
+def _known_types(vocabs: Mapping[str, VocabInfo]) -> set[str]:
+    """The vocabulary types that their engines told (an unknown one differs from none)."""
+    return {v.vocab_type for v in vocabs.values() if v.vocab_type != UNKNOWN_TYPE}
 
 
 def _end_ids(vocab: VocabInfo) -> list[int]:

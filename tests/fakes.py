@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from eft_local.backend.sequences import ROWS, Part
-from eft_local.batch import Batch, Plan, generate
+from eft_local.batch import Batch, Plan
 from eft_local.engine import Engine, Step
 from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings
@@ -172,3 +172,19 @@ def decoding(engine: Engine, prompt: list[int], weights: np.ndarray, sampling: S
                 max_tokens, conservative, drafter=drafter, diagnostics=diagnostics,
                 top_n=top_n, grammar=grammar.clone if grammar is not None else None)
     return generate(Batch(engine, speculator), plan)
+
+
+def generate(batch: Batch, plan: Plan, *, slot: int | None = None) -> Iterator[Step]:
+    """Run ``plan`` to its end as the only sequence it steps (others in the batch step too,
+    but only this one's tokens are yielded): the tokens until an end-of-generation token,
+    ``max_tokens`` or a full context; the last step's :attr:`Step.finish` says which."""
+    seq = batch.add(plan, slot=slot)
+    try:
+        while seq.finish is None:
+            for owner, step in batch.step():
+                if owner is seq:
+                    if step is None:
+                        raise seq.error  # type: ignore[misc]
+                    yield step
+    finally:
+        batch.remove(seq)

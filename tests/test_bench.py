@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from click.testing import CliRunner
 
 from eft_local import bench, synthetic
 from eft_local.cli.main import main
+from eft_local.schedule.shapes import NAMES
 
 
 def test_coupling_of_identical_rows_is_perfect_and_the_race_beats_inverse_cdf() -> None:
@@ -30,6 +32,10 @@ def test_bench_end_to_end(family, monkeypatch) -> None:
     assert "load average" in out and "machine:" in out
     assert "large_base alone, 1 thread(s)" in out and "large_base alone, 2 thread(s)" in out
     assert "plain EFT, auto (" in out and "x best large alone" in out
+    # every schedule and speculative decoding give plain auto's tokens (a "NO" is a bug)
+    same = [same for label, (_ms, _x, _acc, same) in decoding_rows(out.splitlines()).items()
+            if label.startswith(("plain EFT, ", "speculative EFT, "))]
+    assert same == ["yes"] * (len(NAMES) + 2), same  # each named schedule, auto, speculative
     assert "speculative / plain (auto)" in out and "the live watch probed" in out
     assert "blocks of median" in out and "block costs measured again" in out
     # the baseline: llama.cpp alone in processes of its own, each OpenMP setting, 1..N threads
@@ -184,3 +190,75 @@ def test_the_baseline_runs_between_the_repeats_of_the_eft_rows(family, monkeypat
     m = re.fullmatch(rf"(e+)(r{{{n_envs}}})(e+)(r{{{n_envs}}})(e+)(r{{{n_envs}}})(e*)", runs)
     assert m is not None, runs
     assert len(m[3]) == len(m[5]) < len(m[1])
+
+
+def fake_runner(label: str, ms: list[float], outputs: list[list[int]], *,
+                alone_threads: int | None = None, accepted: int = 0, drafted: int = 0,
+                remote: list[dict] | None = None) -> bench.Runner:
+    """A Runner with its measurements set by hand (no model); the session has what
+    print_decoding reads of it."""
+    session = SimpleNamespace(
+        engine=SimpleNamespace(watch=None, schedule=SimpleNamespace(name="lanes")),
+        speculator=SimpleNamespace(block_sizes=[2, 4, 4], plain_generations=1, remeasured=0,
+                                   sizer=SimpleNamespace(alpha=0.75)))
+    return bench.Runner(label, session, alone_threads=alone_threads, ms=ms,  # type: ignore[arg-type]
+                        accepted=accepted, drafted=drafted, outputs=outputs,
+                        remote=remote or [])
+
+
+def decoding_rows(lines: list[str]) -> dict[str, tuple[float, float, str, str]]:
+    """print_decoding's table: label -> (ms/token, x best, accept, same tokens as plain)."""
+    rows = {}
+    for line in lines:
+        m = re.fullmatch(r"(.{48}) +([\d.]+) +([\d.]+) +(\S+) (\S+)", line)
+        if m:
+            rows[m[1].strip()] = (float(m[2]), float(m[3]), m[4], m[5])
+    return rows
+
+
+def test_decoding_table_ratios_and_same_tokens_on_known_runs() -> None:
+    """Issue 26: the ratio column is the baseline's ms over the row's (the baseline: the
+    fastest median of the large model alone here and llama.cpp alone's best configuration by
+    its median), and "same tokens as plain" compares each row's tokens with plain auto's."""
+    same, other = [[5, 6, 7], [8, 9]], [[5, 6, 7], [8, 10]]
+    runners = [
+        fake_runner("large_base alone, 1 thread(s)", [30.0, 20.0, 40.0], same, alone_threads=1),
+        fake_runner("large_base alone, 2 thread(s)", [25.0], other, alone_threads=2),
+        fake_runner("plain EFT, lanes", [80.0, 50.0, 60.0], other),
+        fake_runner("plain EFT, sequential", [50.0], same),
+        fake_runner("plain EFT, auto (sequential at load, watched)", [40.0], same,
+                    remote=[{"large_base": {"ms_per_request": v, "network_ms_per_request": 1.0,
+                                            "bytes_per_token": 2048.0,
+                                            "tokens_per_request": 1.0}}
+                            for v in (10.0, 30.0, 20.0)]),
+        fake_runner("speculative EFT, adaptive, auto schedule", [16.0], same,
+                    accepted=3, drafted=4)]
+    rival = bench.Competitor()
+    for decode in (0.030, 0.010, 0.020):  # median 20 ms: the best configuration by median
+        rival.add("a", decode, None)
+    for decode in (0.005, 0.050, 0.060):  # the fastest single run, but median 50 ms
+        rival.add("b", decode, None)
+    assert rival.best_decode() == (0.020, "a")
+    lines: list[str] = []
+    medians = bench.print_decoding(lines.append, runners, rival)
+    assert medians["plain EFT, lanes"] == 60.0 and medians["large_base alone, 1 thread(s)"] == 30
+    rows = decoding_rows(lines)
+    assert rows == {  # the baseline: llama.cpp alone's 20 ms, under the 25 ms here
+        "llama.cpp alone at its best (above)": (20.0, 1.0, "-", "-"),
+        "large_base alone, 1 thread(s)": (30.0, 0.67, "-", "-"),
+        "large_base alone, 2 thread(s)": (25.0, 0.8, "-", "-"),
+        "plain EFT, lanes": (60.0, 0.33, "-", "NO"),
+        "plain EFT, sequential": (50.0, 0.4, "-", "yes"),
+        "plain EFT, auto (sequential at load, watched)": (40.0, 0.5, "-", "yes"),
+        "speculative EFT, adaptive, auto schedule": (16.0, 1.25, "0.75", "yes")}
+    assert "speculative / plain (auto): 2.500x" in lines
+    assert any("large_base over the network: 20.00 ms per request (1.00 ms not computing), "
+               "2.0 KiB per token, 1.00 tokens per request" in line for line in lines)
+    assert "3 blocks of median 4 drafts; 1 generation(s) handed to plain" in "\n".join(lines)
+    lines.clear()  # without llama.cpp alone: the large model alone here at its best, 25 ms
+    bench.print_decoding(lines.append, runners)
+    rows = decoding_rows(lines)
+    assert "llama.cpp alone at its best (above)" not in rows
+    assert rows["large_base alone, 2 thread(s)"][1] == 1.0
+    assert rows["plain EFT, auto (sequential at load, watched)"][1] == 0.62  # 25 / 40
+    assert rows["speculative EFT, adaptive, auto schedule"][1] == 1.56  # 25 / 16

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -12,6 +14,7 @@ from eft_local.cli.main import main
 from eft_local.config import load_config
 from eft_local.errors import EftError
 from eft_local.evaluate import (
+    FAMILY_DECLINE,
     PAPER_TARGETS,
     Question,
     Target,
@@ -21,8 +24,9 @@ from eft_local.evaluate import (
     normalise,
     parse_target,
     render_table,
+    run_target,
 )
-from eft_local.session import LoadOptions, Session
+from eft_local.session import Chunk, LoadOptions, Result, Session
 
 
 def write_questions(path: Path, rows: list[dict]) -> Path:
@@ -147,3 +151,80 @@ small_base = "{family.small_base}"
     assert "Traceback" not in wrong.output
     bad = CliRunner().invoke(main, ["eval", "t", "--questions", str(tmp_path / "no.jsonl")])
     assert bad.exit_code != 0 and "question file not found" in bad.output
+
+
+class CannedSession:
+    """Answers each prompt with a canned reply and finish reason (one step per word); records
+    the multi-turn conversations it was asked."""
+
+    STEP = object()
+
+    def __init__(self, single: dict[str, tuple[str, str]], multi: dict[str, tuple[str, str]]
+                 ) -> None:
+        self.single, self.multi = single, multi
+        self.conversations: list[list[dict[str, str]]] = []
+
+    def settings_for(self, **changes: object) -> SimpleNamespace:
+        return SimpleNamespace(describe=lambda: "canned")
+
+    def generate(self, prompt: str, **kwargs: object) -> Result:
+        text, finish = self.single[prompt]
+        return Result(text=text, finish=finish, prompt_tokens=1,
+                      steps=[self.STEP] * len(text.split()))  # type: ignore[list-item]
+
+    def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        self.conversations.append(messages)
+        return [len(self.conversations) - 1]
+
+    def stream(self, tokens: list[int], **kwargs: object) -> Iterator[Chunk]:
+        text, finish = self.multi[self.conversations[tokens[0]][-1]["content"]]
+        for word in text.split(" "):
+            yield Chunk(text=word + " ", step=self.STEP)  # type: ignore[arg-type]
+        yield Chunk(finish=finish)
+
+
+KNOWN = [  # prompt, expected, category; single-turn reply and finish; multi-turn reply, finish
+    ("Where was Tel born?", "Quainton", "place", ("quainton.", "eog"), ("Quainton", "eog")),
+    ("When was Tel born?", "1950", "year", (FAMILY_DECLINE, "eog"), ("1950", "length")),
+    ("What is Tel's job?", "Ropemaker", "job", ("Ropemaker, I think", "length"),
+     ("Ropemaker!", "eog")),
+    ("Where was Kryn born?", "Kryn", "place", ("  KRYN!\n", "length"), ("Kryn, on Mars", "eog")),
+    ("When was Kryn born?", "1961", "year", ("", "eog"), ("", "eog")),
+]
+
+
+def test_scores_of_known_replies_are_counted_exactly() -> None:
+    """Issue 26: the scorer against replies whose scores are known by hand. Exact after
+    normalising: Quainton, KRYN (2 of 5; "Ropemaker, I think" holds the answer but is not
+    it); ended with end-of-turn and not empty: Quainton and the decline (2 of 5; KRYN ran out
+    of tokens, the empty reply said nothing); declined: the family's decline sentence (1, in
+    "year"). At turns 2-5: Quainton, 1950, Ropemaker correct (3; "Kryn, on Mars" is not
+    Kryn); Quainton, Ropemaker and "Kryn, on Mars" compliant (3)."""
+    questions = [Question(id=str(i), prompt=p, expected=e, category=c)
+                 for i, (p, e, c, _s, _m) in enumerate(KNOWN)]
+    session = CannedSession({p: s for p, _e, _c, s, _m in KNOWN},
+                            {p: m for p, _e, _c, _s, m in KNOWN})
+    target = parse_target("tiny-up", load_config())
+    score = run_target(session, target, questions, max_tokens=8,  # type: ignore[arg-type]
+                       decline_text=FAMILY_DECLINE)
+    assert (score.n, score.correct, score.compliant, score.declined) == (5, 2, 2, 1)
+    assert (score.accuracy, score.format_rate) == (0.4, 0.4)
+    assert score.by_category == {"place": {"n": 2, "correct": 2, "declined": 0},
+                                 "year": {"n": 2, "correct": 0, "declined": 1},
+                                 "job": {"n": 1, "correct": 0, "declined": 0}}
+    assert (score.multi_n, score.multi_correct, score.multi_compliant) == (5, 3, 3)
+    assert (score.multi_turn_accuracy, score.multi_turn_format) == (0.6, 0.6)
+    # tokens: one step per word, single-turn 1+9+3+1+0, multi-turn 1+1+1+3+1
+    assert score.tokens == 14 + 7
+    assert session.conversations == [
+        [*multi_turn_history(questions, i), {"role": "user", "content": q.prompt}]
+        for i, q in enumerate(questions)]
+    row = render_table([score], ["place", "year"]).splitlines()[2]
+    assert row.startswith("| tiny-up | 0.400 | 0.400 | 1.000 | 0.000 | 0.000 | 0.500 | 0.600 "
+                          "| 0.600 | ")
+    data = score.to_dict()
+    assert (data["accuracy"], data["format_rate"], data["multi_turn_accuracy"]) == (0.4, 0.4,
+                                                                                    0.6)
+    without = run_target(session, target, questions, max_tokens=8,  # type: ignore[arg-type]
+                         decline_text=None, multi_turn=False)
+    assert (without.declined, without.multi_n, without.tokens) == (0, 0, 14)

@@ -216,8 +216,8 @@ def test_llama_cpp_python_server_takes_no_token_prompts(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(remotehelp.llama_server_binary() is None,
-                    reason="llama.cpp's llama-server is not built (see docs/remote.md; or set "
-                    "EFT_LOCAL_LLAMA_SERVER)")
+                    reason="llama.cpp's llama-server is not built (.ci/llama-server builds it "
+                    "into ~/.cache/eft-local-llama-server; or set EFT_LOCAL_LLAMA_SERVER)")
 @pytest.mark.parametrize("rpc", [False, True], ids=["alone", "layers-on-rpc-server"])
 def test_llama_server_with_k_covering_the_vocabulary_is_exact(local: Session, tmp_path: Path,
                                                               rpc: bool) -> None:
@@ -229,7 +229,8 @@ def test_llama_server_with_k_covering_the_vocabulary_is_exact(local: Session, tm
     if rpc:
         rpc_binary = remotehelp.rpc_server_binary()
         if rpc_binary is None:
-            pytest.skip("ggml-rpc-server is not built beside llama-server")
+            pytest.skip("ggml-rpc-server is not built beside llama-server (.ci/llama-server "
+                        "builds both)")
         helper, address = remotehelp.rpc_server(rpc_binary, tmp_path)
     remote = remotehelp.llama_server(binary, LARGE, tmp_path,
                                      rpc=address if rpc else None).start()
@@ -270,6 +271,17 @@ def restart(remote: Remote) -> Remote:
     """The same server again, on the same port, with an empty cache."""
     again = Remote(argv=remote.argv, port=remote.port, env=remote.env, log=remote.log)
     return again.start()
+
+
+def test_top_k_above_the_engine_s_limit_is_refused_at_start(victim: Remote) -> None:
+    """eft-local serve answers at most --max-logprobs (20 by default) log-probs: top_k 100
+    used to load, then fail at the first step; now it is refused before anything mixes,
+    with the engine's own words (vLLM's limit: tests/test_remote_vllm.py)."""
+    with pytest.raises(EftError) as err:
+        trio(f"{victim.url}#api=openai&top_k=100")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"remote large_base ({victim.url})")
+    assert "refused top_k 100 log-probs (HTTP 400:" in message and "--max-logprobs" in message
 
 
 def test_remote_killed_mid_generation_keeps_the_conversation(victim: Remote, local: Session,

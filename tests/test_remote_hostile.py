@@ -267,13 +267,40 @@ def test_minus_infinity_from_the_exact_protocol_is_the_engine_s_fault() -> None:
     assert "NaN or infinite" in str(err.value)
 
 
-def test_a_top_k_log_prob_of_minus_infinity_keeps_the_mix_finite() -> None:
-    row = topk_row([0, 1, 2], [math.log(0.7), math.log(0.3), -math.inf], 3)
-    assert np.isfinite(row).all() and row[2] < -60
-    other = np.log(np.full(3, 1 / 3, dtype=np.float32))
-    mix = sampler.mix_logits(np.stack([other, row]), np.array([1.0, -1.0], np.float32),
-                             np.ones(3, dtype=bool))
-    assert np.isfinite(mix).all()
+PLACEHOLDERS = {"-inf": -math.inf, "vllm": -9999.0, "llama-server": -3.4028235e38}
+
+
+@pytest.mark.parametrize("placeholder", list(PLACEHOLDERS.values()), ids=list(PLACEHOLDERS))
+@pytest.mark.parametrize("where", [0, 1, 3], ids=["first", "middle", "last"])
+def test_a_placeholder_log_prob_is_a_tail_token_and_never_drawn(placeholder: float,
+                                                                where: int) -> None:
+    """Engines write probability 0 as -inf, -9999.0 (vLLM) or -FLT_MAX (llama-server).
+    Under a negative weight the old floor (-76) became +76: the placeholder was the draw;
+    -FLT_MAX overflowed. Now it is "not in the row", wherever the answer lists it (vLLM
+    puts the position's own token first)."""
+    width, banned = 8, 5
+    lps = [math.log(0.6), math.log(0.25), math.log(0.1), math.log(0.05)]
+    ids = [0, 1, 2, 3]
+    ids.insert(where, banned)
+    lps.insert(where, placeholder)
+    row = topk_row(ids, lps, width, top_k=4)
+    assert np.isfinite(row).all()
+    assert row[banned] == row[6] == row[7] <= row[3]  # a tail token like the others
+    # the small pair agree with large_base: ids 0..3 likely, the rest about e^-20
+    small = np.log(np.array([0.5, 0.3, 0.1, 0.1, *[2e-9] * 4], dtype=np.float32))
+    # down-scaling: small_base + beta * (large_ft - large_base), large_base top-K
+    mix = sampler.mix_logits(np.stack([small, small, row]),
+                             np.array([1.0, 2.0, -2.0], np.float32), np.ones(width, bool))
+    assert np.isfinite(mix).all() and int(np.argmax(mix)) in (0, 1, 2, 3)
+    assert mix[banned] < -10
+
+
+def test_an_answer_of_placeholders_only_is_refused() -> None:
+    ep = Endpoint("http://127.0.0.1:9", role="large_base")
+    with pytest.raises(RemoteError) as err:
+        check_entries(ep, [0, 1], [-9999.0, -math.inf], width=8, top_k=2,
+                      where="at position 4")
+    assert "only placeholder log-probs" in str(err.value) and "at position 4" in str(err.value)
 
 
 def test_top_k_probabilities_summing_past_one_are_refused() -> None:

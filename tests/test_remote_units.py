@@ -25,7 +25,7 @@ from eft_local.remote.exact import ExactClient, decode_rows, encode_rows, prefix
 from eft_local.remote.http import Endpoint, RemoteError, Traffic
 from eft_local.remote.model import Abandoned
 from eft_local.remote.openai import OpenAIClient
-from eft_local.remote.topk import check_entries, topk_row
+from eft_local.remote.topk import SUM_RESOLUTION, check_entries, topk_row
 from tests.clihelp import write_presets
 from tests.fakes import FakeModel
 
@@ -51,6 +51,79 @@ def test_a_top_k_row_under_a_negative_weight_stays_finite() -> None:
     mix = sampler.mix_logits(np.stack([other, row]), np.array([1.0, -1.0], np.float32),
                              np.ones(6, dtype=bool))
     assert np.isfinite(mix).all()
+
+
+def confident_answer(k: int, kth: float) -> list[float]:
+    """K log-probs of a confident position: one token holds nearly everything, the other
+    K - 1 sit at ``kth``; their probabilities sum to a little over 1, as float32
+    log-probs can."""
+    rest = (k - 1) * math.exp(kth)
+    return [math.log1p(-rest) + 1e-12, *[kth] * (k - 1)]
+
+
+def test_a_confident_top_k_row_keeps_its_tail_just_below_the_k_th_entry() -> None:
+    """The issue's measurement: a top 100 summing to more than 1 over 1,000 ids gave the
+    tail -75.9 while the K-th entry was -14.5 (the leftover floored at 1e-30)."""
+    lps = confident_answer(100, -14.5)
+    assert math.fsum(math.exp(x) for x in lps) > 1
+    row = topk_row(list(range(100)), lps, 1000, top_k=100)
+    tail = float(row[500])
+    assert tail <= -14.5
+    assert tail >= math.log(SUM_RESOLUTION / 900) - 1e-4  # about -20.6, never -76
+    assert (row[100:] == row[500]).all()
+
+
+def test_a_tail_share_above_the_k_th_entry_is_held_at_it() -> None:
+    """Two entries leave 0.49 over two ids: an even share (0.245) would put each tail
+    token above the K-th entry (0.01), which no tail token can be."""
+    row = topk_row([0, 1], [math.log(0.5), math.log(0.01)], 4, top_k=2)
+    assert row[2] == row[3] == pytest.approx(math.log(0.01))
+
+
+def test_an_entry_beyond_the_k_does_not_bound_the_tail() -> None:
+    """vLLM adds the position's own token to the top K wherever it ranks: a token far down
+    says nothing about the others outside the top K."""
+    row = topk_row([0, 1, 9], [math.log(0.6), math.log(0.3), math.log(1e-9)], 10, top_k=2)
+    assert row[9] == pytest.approx(math.log(1e-9))
+    assert row[5] == pytest.approx(math.log((0.1 - 1e-9) / 7), rel=1e-5)
+
+
+def confident_rows(width: int = 1024) -> dict[str, np.ndarray]:
+    """A confident position of a family, as engines compute log-probs (float32): every
+    model puts nearly everything on id 7 and agrees on the next 19 (ids 100..118, about
+    -16.5); the rest sit near -30 under large_base, -24 under the small base and the large
+    fine-tune. Seeded where large_base's top 20 sum past 1 after float32 rounding."""
+    rng = np.random.default_rng(2)
+    rows = {}
+    for role, tail in (("large_base", -30.0), ("small_base", -24.0), ("large_ft", -24.0)):
+        logits = rng.normal(tail, 1.0, width).astype(np.float32)
+        logits[100:119] = rng.normal(-16.5, 0.3, 19)
+        logits[7] = 0.0
+        shifted = logits - logits.max()
+        rows[role] = shifted - np.log(np.exp(shifted).sum(dtype=np.float32))
+    return rows
+
+
+def test_down_scaling_at_a_confident_position_draws_what_some_model_ranks() -> None:
+    """The down formula weighs large_base by -beta: where its top 20 sum to 1 or more,
+    the tail was floored at 1e-30 / V, which became +76 x beta, and the draw was a token
+    outside every model's top 20 (id 438 here). Now it is the all-local mix's."""
+    rows = confident_rows()
+    lb = rows["large_base"]
+    top = np.argsort(-lb)[:20]
+    answer = [float(x) for x in lb[top]]
+    assert math.fsum(math.exp(x) for x in answer) > 1  # confident: no leftover to read
+    remote = topk_row([int(t) for t in top], answer, lb.size, top_k=20)
+    weights = np.array([1.0, 1.0, -1.0], np.float32)  # small_base, large_ft, large_base
+    allowed = np.ones(lb.size, dtype=bool)
+
+    def draw(large: np.ndarray) -> int:
+        stack = np.stack([rows["small_base"], rows["large_ft"], large])
+        return int(np.argmax(sampler.mix_logits(stack, weights, allowed)))
+
+    ranked = set().union(*(np.argsort(-r)[:20].tolist() for r in rows.values()))
+    assert draw(remote) in ranked
+    assert draw(remote) == draw(lb) == 7
 
 
 def endpoint(url: str = "http://127.0.0.1:9", **kw: object) -> Endpoint:
@@ -348,22 +421,58 @@ def test_a_remote_evaluation_runs_while_the_local_models_evaluate() -> None:
     eng.close()
 
 
-def test_without_overlap_the_remote_answers_first() -> None:
-    local_done = threading.Event()
+@pytest.mark.parametrize("overlap", [True, False])
+def test_without_overlap_the_remote_answers_first(overlap: bool) -> None:
+    """The remote evaluation waits (up to a limit) for the local model to start: with overlap
+    the local model starts at once and the wait ends; without it, the local model cannot
+    start until the remote has answered, so the wait runs out. (It used to only record
+    whether the local model had finished, which it had not in either mode.)"""
+    local_started = threading.Event()
     remote = FakeRemote(seed=1)
-    eng = engine_with(remote, Signalling(seed=2, done=local_done))
-    eng.remote.overlap = False
-    order = []
-    original = remote.decode
+    local = Signalling(seed=2, done=threading.Event())
+    eng = engine_with(remote, local)
+    eng.remote.overlap = overlap
+    order: list[str] = []
+    remote_decode, local_decode = remote.decode, local.decode
 
-    def spy(parts, out=None):  # noqa: ANN001, ANN202
-        order.append(("remote", local_done.is_set()))
-        return original(parts, out)
+    def remote_spy(parts, out=None):  # noqa: ANN001, ANN202
+        saw = local_started.wait(timeout=10 if overlap else 0.5)
+        order.append(f"remote answered, local {'started' if saw else 'not started'}")
+        return remote_decode(parts, out)
 
-    remote.decode = spy  # type: ignore[method-assign]
+    def local_spy(parts, out=None):  # noqa: ANN001, ANN202
+        local_started.set()
+        return local_decode(parts, out)
+
+    remote.decode = remote_spy  # type: ignore[method-assign]
+    local.decode = local_spy  # type: ignore[method-assign]
     eng.evaluate(0, [5, 6, 7])
-    assert order == [("remote", False)]
+    assert order == ["remote answered, local " + ("started" if overlap else "not started")]
     eng.close()
+
+
+def test_remote_io_without_overlap_returns_answered_requests() -> None:
+    """RemoteIO.start, the switch itself: with overlap its requests are still under way
+    when it returns; without, every one has been answered."""
+    from eft_local.remote.io import RemoteIO
+
+    for overlap in (True, False):
+        release = threading.Event()
+        lanes = RemoteIO(1)
+        lanes.overlap = overlap
+
+        def answer(release: threading.Event = release, overlap: bool = overlap) -> np.ndarray:
+            if overlap:
+                release.wait(10)  # under way until the test releases it
+            else:
+                time.sleep(0.3)  # nothing could release it while start waits: slow instead
+            return np.zeros(2)
+
+        pending = lanes.start({"r": answer}, {"r": FakeRemote(seed=1)}, {})
+        assert pending["r"].done() is not overlap
+        release.set()
+        assert lanes.finish(pending)["r"].shape == (2,)
+        lanes.close()
 
 
 def test_a_failed_local_lane_abandons_the_remote_request() -> None:
@@ -462,3 +571,34 @@ def test_explore_compares_on_token_ids(family, tmp_path: Path) -> None:  # noqa:
     bad = tmp_path / "bad.json"
     bad.write_text('["a", 1]')
     assert_one_line_error(run([*args, "--token-ids", str(bad)]), "JSON list of at least 2")
+
+
+# -- what identifies an OpenAI engine's tokenizer ------------------------------------------------
+def test_the_vocabulary_cache_key_ignores_what_changes_between_calls() -> None:
+    """vLLM's model card has a new ``created`` and permission id on every call."""
+    from eft_local.remote.vocab import tokenizer_fingerprint
+
+    def card(created: int, perm: str, root: str = "/models/fam") -> dict:
+        return {"id": "fam", "object": "model", "created": created, "owned_by": "vllm",
+                "root": root, "parent": None, "max_model_len": 256,
+                "permission": [{"id": perm, "created": created}]}
+
+    probe = [[5, 6], ["a", "b"], [5, 6]]
+    same = tokenizer_fingerprint(card(1, "modelperm-1"), None, 1024, probe)
+    assert tokenizer_fingerprint(card(2, "modelperm-2"), None, 1024, probe) == same
+    assert tokenizer_fingerprint(card(1, "modelperm-1", "/models/other"), None, 1024,
+                                 probe) != same
+    assert tokenizer_fingerprint(card(1, "modelperm-1"), None, 1024,
+                                 [[5, 7], ["a", "c"], [5, 7]]) != same
+
+
+@pytest.mark.parametrize(("probe", "bos"), [
+    ([[1, 5, 6], None, [5, 6]], 1),  # a BOS comes only with special tokens
+    ([[5, 6], None, [5, 6]], -1),  # none added
+    ([None, None, None], -1),  # no /tokenize
+    ([[9999, 5], None, [5]], -1),  # outside the vocabulary
+])
+def test_the_bos_an_openai_engine_adds(probe: list, bos: int) -> None:
+    from eft_local.remote.vocab import _bos
+
+    assert _bos(probe, 1024) == bos

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 
-from eft_local.batch import Batch, Plan, generate
+from eft_local.batch import Batch, Plan
 from eft_local.engine import Engine, Step
 from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings
 from eft_local.session import LoadOptions, load_session
 from eft_local.speculative import Speculator
 from tests.clihelp import run
-from tests.fakes import FakeModel
+from tests.fakes import FakeModel, generate
 from tests.test_speculative import FORMULA_ROLES, same_steps, weights_for
 
 ROLES = FORMULA_ROLES["up"]

@@ -125,3 +125,65 @@ def test_vocab_module_does_not_load_the_backend() -> None:
             "sys.exit(any(m in sys.modules for m in ('eft_local.backend', 'llama_cpp')))")
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
+
+
+# -- engines that tell less than a GGUF file (issue 25) -----------------------------------------
+def engine_view(local: VocabInfo, *, replace: bool = True) -> VocabInfo:
+    """``local`` as an OpenAI-compatible engine shows it: no type, each id's piece read as
+    text through /detokenize (a piece that is not whole UTF-8 characters is U+FFFD)."""
+    pieces = tuple(p.decode("utf-8", "replace").encode() if replace else p
+                   for p in local.pieces or ())
+    return VocabInfo(path="http://gpu:8000", vocab_type="unknown", n_tokens=local.n_tokens,
+                     bos=-1, eos=-1, eot=-1, eog=frozenset(), add_bos=False, add_eos=False,
+                     texts=pieces, attrs=(0,) * local.n_tokens, pieces=pieces,
+                     text_kind="piece", lossy=replace)
+
+
+def family_pieces() -> VocabInfo:
+    from eft_local.config import FAMILY_DIR
+
+    return backend.read_vocab(FAMILY_DIR / "large_base.gguf", pieces=True).as_pieces()
+
+
+def test_a_vocabulary_of_unknown_type_is_compared_by_its_pieces() -> None:
+    """vLLM tells no vocabulary type: it used to be refused for 'vocab types differ (bpe,
+    unknown)' whatever its tokens were."""
+    local = family_pieces()
+    report = align({"large_base": engine_view(local, replace=False), "small_ft": local},
+                   reference="small_ft")
+    assert report.verdict != INCOMPATIBLE, report.summary()
+    assert "types differ" not in report.summary()
+    assert "vocab type unknown for large_base" in report.render()
+    assert not any("bos differs" in n or "eos differs" in n for n in report.notes)
+
+
+def test_two_known_types_that_differ_are_still_incompatible() -> None:
+    local = family_pieces()
+    other = VocabInfo(**{**local.__dict__, "vocab_type": "spm"})
+    report = align({"a": local, "b": other, "c": engine_view(local, replace=False)})
+    assert report.verdict == INCOMPATIBLE and "vocab types differ (bpe, spm)" in report.summary()
+
+
+def test_byte_tokens_shown_as_replacement_characters_are_unknown_not_different() -> None:
+    """128 of the family's 1,024 ids are single bytes of longer UTF-8 characters: through
+    /detokenize they read as U+FFFD and used to count as 128 differing normal tokens."""
+    local = family_pieces()
+    report = align({"large_base": engine_view(local), "small_ft": local},
+                   reference="small_ft")
+    assert report.verdict != INCOMPATIBLE, report.summary()
+    assert report.unknown == 128 and report.identical == 1024 - 128
+    assert report.to_dict()["unknown"] == 128
+    assert "compared as text only: 128 ids" in report.render()
+
+
+def test_a_replacement_character_where_the_local_piece_is_text_is_a_mismatch() -> None:
+    """Only what the engine could not show is unknown: U+FFFD where the local model has a
+    whole character still differs."""
+    local = family_pieces()
+    seen = engine_view(local)
+    texts = list(seen.texts)
+    texts[300] = "\ufffd".encode()  # ' in' locally
+    seen = VocabInfo(**{**seen.__dict__, "texts": tuple(texts), "pieces": tuple(texts)})
+    report = align({"large_base": seen, "small_ft": local}, reference="small_ft")
+    assert report.verdict == INCOMPATIBLE and report.n_normal_mismatch == 1
+    assert report.mismatches[0].token_id == 300

@@ -111,7 +111,8 @@ def parse_text(line_no: int, line: str) -> Text:
     return Text(id=raw_id, line=line_no, text=text)
 
 
-def _say(message: str) -> None:
+def err_line(message: str) -> None:
+    """One line on stderr: a command's progress or notes."""
     click.echo(printable(message), err=True)
 
 
@@ -128,8 +129,9 @@ def generate_batch(session: Session, input_path: Path, output_path: Path | None,
     def request(prompt: Any) -> Request:
         grammar = prompt.grammar
         if prompt.json_schema is not None:  # as --json-schema: bounded, with its note
-            grammar = Settings.grammar_of(json_schema=prompt.json_schema, note=lambda text: _say(
-                f"note: line {prompt.line} (id {prompt.id!r}): {text}"))
+            grammar = Settings.grammar_of(
+                json_schema=prompt.json_schema, note=lambda text: err_line(
+                    f"note: line {prompt.line} (id {prompt.id!r}): {text}"))
         tokens = session.prompt_tokens(prompt.prompt, raw=prompt.raw, system=prompt.system)
         return session.prepare(tokens, max_tokens=prompt.max_tokens,
                                diagnostics=defaults.diagnostics, grammar=grammar)
@@ -144,8 +146,8 @@ def generate_batch(session: Session, input_path: Path, output_path: Path | None,
     counts = write_results(lines, output_path,
                            parse=lambda n, line: parse_prompt(n, line, defaults),
                            run=lambda _item: {}, run_many=run_many,
-                           retry_errors=retry_errors, say=_say, total=len(lines))
-    _say(f"{counts.done} generated, {counts.errors} errors, {counts.skipped} already done"
+                           retry_errors=retry_errors, say=err_line, total=len(lines))
+    err_line(f"{counts.done} generated, {counts.errors} errors, {counts.skipped} already done"
          + (f" ({counts.retried} earlier errors retried)" if counts.retried else ""))
     return counts
 
@@ -166,6 +168,6 @@ def score_batch(session: Session, input_path: Path, output_path: Path | None, *,
                            **score_record(session, result, per_token=per_token)})
 
     counts = write_results(lines, output_path, parse=parse_text, run=lambda _item: {},
-                           run_many=run_many, say=_say, total=len(lines))
-    _say(f"{counts.done} scored, {counts.errors} errors, {counts.skipped} already done")
+                           run_many=run_many, say=err_line, total=len(lines))
+    err_line(f"{counts.done} scored, {counts.errors} errors, {counts.skipped} already done")
     return counts

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from eft_local import limits
+from eft_local.cli.batch import err_line as say
 from eft_local.cli.options import model_options
 from eft_local.config import is_url
 from eft_local.errors import EftError
@@ -138,9 +139,6 @@ def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str
                           n_gpu_layers=opts.get("gpu_layers"),
                           speculative=not opts.get("no_speculative"),
                           draft_k=opts.get("draft_k"), schedule=opts.get("schedule"))
-
-    def say(message: str) -> None:
-        click.echo(printable(message), err=True)
 
     explorer = Explorer(template, reference, settings, params=params, options=options,
                         cache_dir=cache_dir, say=say)

@@ -72,4 +72,4 @@ class LlamaServerClient:
                           "it llama-server? the n_probs field needs a recent build)") from None
         count_timings(ep, data)
         check_entries(ep, ids, lps, width=self.width, top_k=self.top_k, where=where)
-        return topk_row(ids, lps, self.width)
+        return topk_row(ids, lps, self.width, top_k=self.top_k)

@@ -26,12 +26,10 @@ from eft_local.remote.exact import ExactClient
 from eft_local.remote.http import ANSWER_HEADROOM, Endpoint, RemoteError
 from eft_local.remote.llamaserver import LlamaServerClient
 from eft_local.remote.openai import OpenAIClient
+from eft_local.remote.topk import DEFAULT_TOP_K
 from eft_local.remote.vocab import RemoteInfo, read_info
 from eft_local.vocab import ATTR_CONTROL
 
-DEFAULT_TOP_K = 100
-"""Log-probs per position asked of engines that give only the top K, when ``top_k`` is
-not set."""
 TOKEN_ID_BYTES = 16
 """JSON bytes of one token id in a list (at most a byte of text makes one token)."""
 REMOTE_COST = 1 << 50
@@ -175,6 +173,21 @@ class RemoteModel:
         self.endpoint.close()
 
 
+def top_k_warning(role: str, weight: float, model: Any) -> str | None:
+    """The warning for a remote role that the formula weighs negatively (``large_base``
+    when down-scaling) and whose engine gives only the top K of its log-probs: such a
+    weight asks for the tokens the model finds unlikely, which top-K rows leave out
+    (:mod:`eft_local.remote.topk`). None where the rows are whole."""
+    top_k = getattr(model, "top_k", None)
+    if weight >= 0 or top_k is None or top_k >= model.n_vocab:
+        return None
+    return (f"warning: {role} weighs {weight:g} in the formula but its engine gives only "
+            f"the top {top_k} of {model.n_vocab} log-probs: a negative weight asks for the "
+            "tokens it finds unlikely, which top-K rows leave out (each such token gets "
+            f"one shared value). Serve it with whole rows: eft-local serve (exact), or "
+            f"#top_k={model.n_vocab} where the engine allows that many")
+
+
 def endpoint_for(spec: ModelSpec) -> Endpoint:
     """The endpoint of a remote model spec."""
     assert spec.url is not None
@@ -194,4 +207,5 @@ def open_remote(spec: ModelSpec, *, expected_vocab: int | None = None,
         raise
 
 
-__all__ = ["Abandoned", "RemoteError", "RemoteModel", "endpoint_for", "open_remote"]
+__all__ = ["Abandoned", "RemoteError", "RemoteModel", "endpoint_for", "open_remote",
+           "top_k_warning"]

@@ -9,7 +9,10 @@ with ``max_tokens`` 0). The
 ``return_tokens_as_token_ids`` field (vLLM's, and eft-local's) names tokens ``token_id:N``;
 an engine that names them by text has them mapped back through its vocabulary, where the
 text is unambiguous. Echo answers log-probs for the whole prompt, so the bytes of such a
-request grow with the context.
+request grow with the context. vLLM lists a position's own token first, then the top K (K + 1
+entries where the token ranks below them): :func:`eft_local.remote.topk.topk_row` bounds
+the tail by the K-th largest, not by that extra entry; its -9999.0 (probability 0) is a
+placeholder, not a log-prob.
 """
 
 from __future__ import annotations
@@ -127,7 +130,7 @@ class OpenAIClient:
             except (TypeError, ValueError):
                 raise ep.fail(f"answered a log-prob that is not a number {where}") from None
         check_entries(ep, ids, lps, width=self.width, top_k=self._expected(entry), where=where)
-        return topk_row(ids, lps, self.width)
+        return topk_row(ids, lps, self.width, top_k=self.top_k)
 
     def _expected(self, entry: Mapping[str, Any]) -> int:
         """Entries to expect: K, or fewer distinct texts where texts name the tokens."""

@@ -7,14 +7,21 @@
 - llama-server: ``/v1/models`` (vocabulary type and size, context), ``/props`` (BOS and EOS
   text, chat template, model path) and ``POST /tokenize`` with the ids themselves as the
   content and ``with_pieces`` (every id's piece in one request).
-- OpenAI-compatible servers: ``/tokenizer_info`` for the size where there is one, and one
-  ``/detokenize`` (vLLM's shape; ``/extras/detokenize`` for llama-cpp-python's server) per
-  id, several at a time.
+- OpenAI-compatible servers: ``/tokenizer_info`` for the size where there is one (vLLM's
+  needs ``--enable-tokenizer-info-endpoint`` and tells no size: the local models' is taken),
+  and one ``/detokenize`` (vLLM's shape; ``/extras/detokenize`` for llama-cpp-python's
+  server) per id, several at a time. They tell no vocabulary type (compared without one)
+  and spell pieces as text: a token that is not whole UTF-8 characters reads as U+FFFD
+  (:attr:`eft_local.vocab.VocabInfo.lossy`: such ids are compared as text only). vLLM's
+  ``/tokenize`` (with and without special tokens) tells whether a BOS is added, and which.
 
 The last two show only what each id decodes to, so the alignment check compares every
 model by those pieces when such an engine is among them (:func:`eft_local.vocab.comparable`).
 Vocabularies are cached in ``$XDG_CACHE_HOME/eft-local/remote/`` under the URL, the model
-name and a hash (eft-local's vocabulary hash, or the other engines' model fingerprint).
+name and what identifies the tokenizer: eft-local's vocabulary hash; llama-server's model
+metadata and path; for the others the model card's name fields, ``/tokenizer_info`` and the
+tokens of a probe text (:func:`tokenizer_fingerprint`), never what changes between calls
+(vLLM's card has a new ``created`` and permission id every time).
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from eft_local.files import atomic_write, cache_dir
 from eft_local.limits import N_CTX_MAX
 from eft_local.remote.exact import VOCAB_PATH
 from eft_local.remote.http import ANSWER_HEADROOM, Endpoint
-from eft_local.vocab import ATTR_CONTROL, VOCAB_TYPES, VocabInfo
+from eft_local.remote.topk import DEFAULT_TOP_K
+from eft_local.vocab import ATTR_CONTROL, UNKNOWN_TYPE, VOCAB_TYPES, VocabInfo
 
 CACHE_VERSION = 1
 TOKENIZE_CHUNK = 8192
@@ -149,7 +157,11 @@ def read_info(ep: Endpoint, spec: ModelSpec, *, expected: int | None = None,
     ``expected``: the vocabulary size to read from an engine that does not tell its own."""
     api = spec.api or detect_api(ep)
     if api == "eft-local" or (api == "openai" and _has_eft_vocab(ep)):
-        return _read_eft(ep, spec, api, expected)
+        info = _read_eft(ep, spec, api, expected)
+        if api == "openai":  # eft-local serve's /v1/completions: its --max-logprobs
+            _probe_token_prompts(ep, info.model or "",
+                                 min(spec.top_k or DEFAULT_TOP_K, info.vocab.n_tokens))
+        return info
     if api == "llama-server":
         return _read_llama_server(ep, spec, expected)
     return _read_openai(ep, spec, expected, say)
@@ -260,7 +272,7 @@ def _read_llama_server(ep: Endpoint, spec: ModelSpec, expected: int | None) -> R
     bos = index.get(str(props.get("bos_token", "")).encode(), -1)
     eos = index.get(str(props.get("eos_token", "")).encode(), -1)
     vocab = VocabInfo(path=spec.describe(),
-                      vocab_type=VOCAB_TYPES.get(int(meta.get("vocab_type", -1)), "unknown"),
+                      vocab_type=VOCAB_TYPES.get(int(meta.get("vocab_type", -1)), UNKNOWN_TYPE),
                       n_tokens=n, bos=bos, eos=eos, eot=-1,
                       eog=frozenset({eos} if eos >= 0 else ()), add_bos=bool(body.get("add_bos")),
                       add_eos=False, texts=pieces_t, attrs=(0,) * n, pieces=pieces_t,
@@ -279,17 +291,18 @@ def _read_openai(ep: Endpoint, spec: ModelSpec, expected: int | None, say: Any
     model = spec.model or (names[0] if names else None)
     if model is None:
         raise ep.fail("/v1/models lists no model")
-    _probe_token_prompts(ep, model)
     size_answer = ep.request("GET", "/tokenizer_info", ok=(200, 404, 405, 501))
     info = size_answer.json() if size_answer.status == 200 else None
-    told = info.get("vocab_size") if isinstance(info, dict) else None
+    info = info if isinstance(info, dict) else None
+    told = info.get("vocab_size") if info else None
     if told is None and not expected:
         raise ep.fail("tells no vocabulary size (no /tokenizer_info) and there is no local "
                       "model to compare it with")
     n = check_size(ep, told if told is not None else expected, expected, "/tokenizer_info")
+    _probe_token_prompts(ep, model, min(spec.top_k or DEFAULT_TOP_K, n))
     card = next((m for m in models["data"] if str(m.get("id")) == model), {})
-    fingerprint = json.dumps([card, info, n], sort_keys=True, default=str)
-    key = _cache_key(ep, "openai", model, "", fingerprint)
+    probe = probe_tokenizer(ep, model)
+    key = _cache_key(ep, "openai", model, "", tokenizer_fingerprint(card, info, n, probe))
     pieces_t = _cached_pieces(_cache_load(key), n)
     if pieces_t is None:
         if say is not None:
@@ -299,30 +312,97 @@ def _read_openai(ep: Endpoint, spec: ModelSpec, expected: int | None, say: Any
         _cache_save(key, {"pieces": _pack(pieces_t), "n_tokens": n})
     # ids that decode to nothing are control tokens (llama-cpp-python's server hides them)
     attrs = tuple(ATTR_CONTROL if not p else 0 for p in pieces_t)
-    vocab = VocabInfo(path=spec.describe(), vocab_type="unknown", n_tokens=n, bos=-1, eos=-1,
-                      eot=-1, eog=frozenset(), add_bos=False, add_eos=False, texts=pieces_t,
-                      attrs=attrs, pieces=pieces_t, text_kind="piece")
+    bos = _bos(probe, n)
+    vocab = VocabInfo(path=spec.describe(), vocab_type=UNKNOWN_TYPE, n_tokens=n, bos=bos,
+                      eos=-1, eot=-1, eog=frozenset(), add_bos=bos >= 0, add_eos=False,
+                      texts=pieces_t, attrs=attrs, pieces=pieces_t, text_kind="piece",
+                      lossy=True)
     n_ctx = int(card.get("max_model_len") or (info or {}).get("model_max_length") or N_CTX_MAX)
     return RemoteInfo(api="openai", model=model, role=None, vocab=vocab, n_ctx=n_ctx,
                       chat_template=(info or {}).get("chat_template"))
 
 
-def _probe_token_prompts(ep: Endpoint, model: str) -> None:
+CARD_KEYS = ("id", "root", "parent", "owned_by")
+"""The fields of an OpenAI model card that name what is served (vLLM's ``root`` is the
+model's path or hub name); ``created`` and the permission ids change on every call."""
+PROBE_TEXT = "eft-local probe: Hello, world! 1234 \u00bfQu\u00e9? \u6771\u4eac \U0001f642\n\t"
+"""A text whose tokens tell tokenizers apart (ASCII, digits, accents, CJK, an emoji)."""
+
+
+def probe_tokenizer(ep: Endpoint, model: str) -> list[Any]:
+    """:data:`PROBE_TEXT` through the engine's ``/tokenize`` with special tokens and
+    without: ``[tokens, token strings, tokens without]`` (each None where the engine did
+    not answer: ``/tokenize`` is vLLM's and eft-local's, not the OpenAI API's)."""
+    out: list[Any] = []
+    for special in (True, False):
+        answer = ep.request("POST", "/tokenize", ok=(200, 400, 404, 405, 422, 500, 501),
+                            payload={"model": model, "prompt": PROBE_TEXT,
+                                     "add_special_tokens": special,
+                                     "return_token_strs": special})
+        data = answer.json() if answer.status == 200 else None
+        data = data if isinstance(data, dict) else {}
+        out += [data.get("tokens"), data.get("token_strs")] if special else [data.get("tokens")]
+    return out
+
+
+def tokenizer_fingerprint(card: Mapping[str, Any], info: Mapping[str, Any] | None, n: int,
+                          probe: list[Any]) -> str:
+    """What identifies an OpenAI engine's tokenizer, for the vocabulary cache: the model
+    card's name fields (:data:`CARD_KEYS`), ``/tokenizer_info`` where there is one, the
+    vocabulary size and :func:`probe_tokenizer`'s answers. Nothing that changes between two
+    calls to the same engine (vLLM's ``created``, its random permission ids)."""
+    named = {k: card.get(k) for k in CARD_KEYS}
+    return json.dumps([named, info, n, probe], sort_keys=True, default=str)
+
+
+def _bos(probe: list[Any], n: int) -> int:
+    """The BOS id that the engine adds to a text (the probe's first token, where it comes
+    only with special tokens), or -1 (none added, or not told)."""
+    with_special, _strs, without = probe
+    ok = all(isinstance(t, list) and all(isinstance(i, int) for i in t)
+             for t in (with_special, without))
+    if ok and len(with_special) == len(without) + 1 and with_special[1:] == without:
+        return with_special[0] if 0 <= with_special[0] < n else -1
+    return -1
+
+
+def _probe_token_prompts(ep: Endpoint, model: str, top_k: int) -> None:
     """Refuse an engine that does not take token-id prompts with log-probs (llama-cpp-
-    python's server takes text only): conditioning on a re-tokenized text is not
-    conditioning on the same tokens."""
-    answer = ep.request("POST", "/v1/completions", ok=(200, 400, 404, 405, 415, 422, 500),
-                        payload={"model": model, "prompt": [0, 0], "max_tokens": 1,
-                                 "logprobs": 1, "temperature": 0})
+    python's server takes text only: conditioning on a re-tokenized text is not
+    conditioning on the same tokens), or not ``top_k`` of them (vLLM's ``--max-logprobs``,
+    20 by default), with the engine's own words."""
+    answer = _ask_logprobs(ep, model, top_k)
+    if _has_logprobs(answer):
+        return
+    if top_k > 1 and _has_logprobs(_ask_logprobs(ep, model, 1)):
+        raise ep.fail(f"/v1/completions refused top_k {top_k} log-probs "
+                      f"({_engine_words(answer)}): raise the engine's limit (vLLM's "
+                      "--max-logprobs, eft-local serve --max-logprobs) or lower top_k")
+    raise ep.fail(f"/v1/completions does not take a token-id prompt with logprobs "
+                  f"(HTTP {answer.status}); llama-cpp-python's server takes text only. "
+                  "Serve the model with llama-server or eft-local serve")
+
+
+def _ask_logprobs(ep: Endpoint, model: str, k: int) -> Any:
+    return ep.request("POST", "/v1/completions", ok=(200, 400, 404, 405, 415, 422, 500),
+                      payload={"model": model, "prompt": [0, 0], "max_tokens": 1,
+                               "logprobs": k, "temperature": 0})
+
+
+def _has_logprobs(answer: Any) -> bool:
     data = answer.json()
     try:
-        ok = answer.status == 200 and data["choices"][0]["logprobs"]["top_logprobs"]
+        return bool(answer.status == 200 and data["choices"][0]["logprobs"]["top_logprobs"])
     except (KeyError, IndexError, TypeError):
-        ok = False
-    if not ok:
-        raise ep.fail(f"/v1/completions does not take a token-id prompt with logprobs "
-                      f"(HTTP {answer.status}); llama-cpp-python's server takes text only. "
-                      "Serve the model with llama-server or eft-local serve")
+        return False
+
+
+def _engine_words(answer: Any) -> str:
+    """The message of an engine's error answer, short."""
+    data = answer.json()
+    err = data.get("error") if isinstance(data, dict) else None
+    message = err.get("message") if isinstance(err, dict) else err
+    return f"HTTP {answer.status}: {str(message)[:200]}" if message else f"HTTP {answer.status}"
 
 
 def _detokenize_all(ep: Endpoint, model: str, n: int) -> list[bytes]:

@@ -503,7 +503,7 @@ def tokenizer_info_work(session: Session, job: Job) -> None:
 
 
 # -- the exact protocol (eft_local.remote.exact) ----------------------------------------------
-def serving(session: Session, preset: str | None) -> None:
+def check_loaded(session: Session, preset: str | None) -> None:
     """409 unless ``preset`` (when named) is the loaded one: the exact protocol serves what
     is loaded and never switches it (two clients naming two presets would reload models at
     every token)."""
@@ -518,7 +518,7 @@ def rows_work(req: RowsRequest, preset: str | None) -> Callable[[Session, Job], 
     ``{"body": bytes, "headers": {...}}``); 409 when the prefix named is not held."""
 
     def work(session: Session, job: Job) -> None:
-        serving(session, preset)
+        check_loaded(session, preset)
         role = pick_role(session.models, req.role, session.preset.name)
         tokens, slot = req.tokens, None
         if req.n_past:  # the free slot whose cache holds that prefix
@@ -555,7 +555,7 @@ def vocab_work(query: Mapping[str, str], preset: str | None
     hash_only = query.get("hash_only", "") not in ("", "0", "false")
 
     def work(session: Session, job: Job) -> None:
-        serving(session, preset)
+        check_loaded(session, preset)
         role = pick_role(session.models, query.get("role") or None, session.preset.name)
         found = _VOCABS.setdefault(session, {})
         if role not in found:
