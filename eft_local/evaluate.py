@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eft_local.config import FAMILY_DIR, Config, Preset, is_url, preset_from_paths, public_url
 from eft_local.errors import EftError
 from eft_local.files import read_user_text
 from eft_local.formula import PARAMETERS
+from eft_local.presets import FAMILY_DIR, Config, Preset, is_url, preset_from_paths, public_url
 from eft_local.session import LoadOptions, Request, SamplerSettings, Session
 
 DEFAULT_QUESTIONS = FAMILY_DIR / "questions.jsonl"

@@ -1,4 +1,4 @@
-"""Loading a preset's models: load options, the alignment check, llama.cpp's quantizer.
+"""Loading a preset's models: load options, the alignment check, KV estimates.
 
 :class:`LoadOptions` are the runtime-wide defaults (a preset's per-model options win);
 :func:`check_models` reads vocabularies only; :func:`load_models` loads every role's file
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from eft_local import backend, ggufscan, hub, limits
-from eft_local.config import Preset
 from eft_local.errors import EftError
+from eft_local.presets import Preset
 from eft_local.remote.model import endpoint_for, open_remote, top_k_warning
 from eft_local.remote.vocab import read_info
 from eft_local.schedule import shapes as schedules
@@ -87,14 +87,6 @@ def check_models(preset: Preset, *, download: bool = False,
     ordered = {role: vocabs[role] for role in preset.models}
     return align(comparable(ordered) if not pieces else
                  {r: v.as_pieces() for r, v in ordered.items()}, reference=preset.template_role)
-
-
-def quantize(source: str | Path, output: str | Path, kind: str, *,
-             allow_requantize: bool = False, n_threads: int = 0) -> Path:
-    """Write a quantized copy of a GGUF file with llama.cpp's quantizer (``kind``: Q8_0,
-    Q5_K_M, Q4_K_M, Q4_0, f16...); the output appears only when complete."""
-    return backend.quantize_gguf(source, output, kind, n_threads,
-                                 allow_requantize=allow_requantize)
 
 
 def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,

@@ -13,11 +13,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from eft_local import backend, structured, utf8
-from eft_local.chat import Conversation, fit_messages, special_pattern, tokenize_messages
-from eft_local.config import Preset
+from eft_local.chat import Conversation, fit_messages
 from eft_local.engine import Engine, Model
 from eft_local.errors import ContextFull, EftError
+from eft_local.presets import Preset
 from eft_local.settings import Settings
+from eft_local.templates import special_pattern, tokenize_messages
 from eft_local.vocab import AlignmentReport
 
 

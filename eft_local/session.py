@@ -18,28 +18,26 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eft_local import hub, kvshift, speculative, utf8
+from eft_local import backend, hub, kvshift, speculative, utf8
 from eft_local.batch import Batch, Plan
-from eft_local.chat import (
-    FALLBACK_TEMPLATE,
-    Conversation,
-)
-from eft_local.config import (
+from eft_local.chat import Conversation
+from eft_local.engine import Engine, Model, Step
+from eft_local.errors import EftError
+from eft_local.formula import Formula
+from eft_local.loading import LoadOptions, check_models, load_models
+from eft_local.many import Batches
+from eft_local.presets import (
     Config,
     Preset,
     default_conservative_role,
     load_config,
     preset_from_paths,
 )
-from eft_local.engine import Engine, Model, Step
-from eft_local.errors import EftError
-from eft_local.formula import Formula
-from eft_local.loading import LoadOptions, check_models, load_models, quantize
-from eft_local.many import Batches
 from eft_local.prompts import Prompts
 from eft_local.remote.http import traffic_summary
 from eft_local.request import Chunk, Generation, ReplyBytes, Request, Result, collect
@@ -47,7 +45,8 @@ from eft_local.sampler import SamplerSettings
 from eft_local.schedule import tuning
 from eft_local.scoring import Score, score_tokens
 from eft_local.settings import Settings
-from eft_local.vocab import AlignmentReport
+from eft_local.templates import FALLBACK_TEMPLATE
+from eft_local.vocab import AlignmentReport, VocabInfo
 
 Progress = Callable[[str], None]
 """Where a session reports while it loads. Lines that start with ``warning:`` or ``note:``
@@ -417,6 +416,17 @@ class Session(Prompts, Batches):
         """The tokens ``role``'s cache holds in ``slot``."""
         return list(self.engine.held(role, slot))
 
+    def role_vocab(self, role: str) -> tuple[VocabInfo, list[bytes], dict[int, bytes]]:
+        """``role``'s vocabulary as its file gives it, each id's piece (control tokens as
+        their text) and the pieces that differ without special tokens (what ``/eft/vocab``
+        serves)."""
+        model = self.models[role]
+        read = getattr(model, "vocab", None)
+        vocab = read() if callable(read) else self.report.vocabs[role]
+        pieces = [model.piece(i, special=True) for i in range(vocab.n_tokens)]
+        plain = {i: p for i in range(vocab.n_tokens) if (p := model.piece(i)) != pieces[i]}
+        return vocab, pieces, plain
+
     def model_rows(self, role: str, tokens: Sequence[int], first: int, *,
                    slot: int | None = None) -> tuple[np.ndarray, int]:
         """One model's logit rows at positions ``first .. len(tokens) - 1`` of ``tokens``
@@ -493,6 +503,14 @@ class Session(Prompts, Batches):
         """The decode schedule and, when it was measured, its predicted and measured speed
         relative to the largest model alone at its best thread count."""
         return tuning.schedule_stats(self.engine, self.tuning, self.schedule_reason)
+
+
+def quantize(source: str | Path, output: str | Path, kind: str, *,
+             allow_requantize: bool = False, n_threads: int = 0) -> Path:
+    """Write a quantized copy of a GGUF file with llama.cpp's quantizer (``kind``: Q8_0,
+    Q5_K_M, Q4_K_M, Q4_0, f16...); the output appears only when complete."""
+    return backend.quantize_gguf(source, output, kind, n_threads,
+                                 allow_requantize=allow_requantize)
 
 
 def load_session(preset: str | None = None, *, models: Sequence[str] = (),

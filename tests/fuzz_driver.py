@@ -186,7 +186,7 @@ def fuzz_models_toml(text: str, load: int) -> None:
     CONFIG.write_text(text, encoding="utf-8", errors="surrogatepass")
     if run(["models"]) != 0:
         return
-    from eft_local.config import load_config
+    from eft_local.presets import load_config
 
     names = list(load_config().presets)
     if names and load == 0:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from eft_local.config import load_config
+from eft_local.presets import load_config
 from eft_local.server.app import ServerOptions, create_app
 from eft_local.server.net import HttpLimits, make_server
 from eft_local.server.worker import Worker

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from eft_local import __version__, config
+from eft_local import __version__
+from eft_local import presets as config
 from eft_local.cli.main import main
 from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
 

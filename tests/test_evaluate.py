@@ -10,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 
 from eft_local.cli.main import main
-from eft_local.config import load_config
 from eft_local.errors import EftError
 from eft_local.evaluate import (
     FAMILY_DECLINE,
@@ -25,6 +24,7 @@ from eft_local.evaluate import (
     render_table,
     run_target,
 )
+from eft_local.presets import load_config
 from eft_local.session import LoadOptions, Result, Session
 
 
@@ -89,7 +89,7 @@ def test_target_forms() -> None:
 
 def test_scores_on_tiny_models_share_one_session(family, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from eft_local.config import preset_from_paths
+    from eft_local.presets import preset_from_paths
 
     preset = preset_from_paths(family.pairs())
     questions = [Question(id=str(i), prompt=f"question {i}", expected="x", category=c)

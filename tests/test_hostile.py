@@ -24,14 +24,16 @@ import httpx
 import numpy as np
 import pytest
 
-from eft_local import config, hub, interrupts, sampler
-from eft_local.chat import Conversation, render
+from eft_local import hub, interrupts, sampler
+from eft_local import presets as config
+from eft_local.chat import Conversation
 from eft_local.cli import repl
 from eft_local.errors import EftError
 from eft_local.gguf_writer import LlamaShape, write_llama_gguf
 from eft_local.limits import N_CTX_MAX, max_threads
 from eft_local.records import LOGPROB_FLOOR
 from eft_local.server.net import HttpLimits
+from eft_local.templates import render
 from eft_local.text import TextStream
 from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
 from tests.ggufs import SPECIALS, tokenizer
@@ -365,7 +367,7 @@ def test_9_truncated_download(monkeypatch) -> None:
     import huggingface_hub
 
     from eft_local import hub
-    from eft_local.config import ModelSpec
+    from eft_local.presets import ModelSpec
 
     def cut(*_args, **_kwargs):
         raise httpx2.RemoteProtocolError("peer closed connection without sending complete "
@@ -608,7 +610,7 @@ def test_13_a_stalled_download_ends_in_one_line(tmp_path) -> None:
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}",
                HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
                HF_HUB_DOWNLOAD_TIMEOUT="1", NO_PROXY="127.0.0.1", PYTHONPATH=str(ROOT))
-    code = ("from eft_local.config import ModelSpec\nfrom eft_local import hub\n"
+    code = ("from eft_local.presets import ModelSpec\nfrom eft_local import hub\n"
             "from eft_local.cli.main import fail\n"
             f"spec = ModelSpec(role='small_ft', hf_repo={REPO!r}, hf_file={FILE!r})\n"
             "try:\n    hub.resolve(spec)\nexcept Exception as exc:\n    fail(str(exc))\n")

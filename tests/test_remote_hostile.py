@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 
 from eft_local import sampler
-from eft_local.config import (
+from eft_local.engine import Engine
+from eft_local.errors import EftError
+from eft_local.presets import (
     ModelSpec,
     hide_keys,
     preset_from_paths,
     public_url,
     remote_spec,
 )
-from eft_local.engine import Engine
-from eft_local.errors import EftError
 from eft_local.remote import http as remote_http
 from eft_local.remote.exact import ExactClient, encode_rows
 from eft_local.remote.http import Endpoint, RemoteError

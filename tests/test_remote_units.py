@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from eft_local import sampler
-from eft_local.config import load_config, preset_from_paths, public_url, remote_spec
 from eft_local.engine import Engine
 from eft_local.errors import EftError
+from eft_local.presets import load_config, preset_from_paths, public_url, remote_spec
 from eft_local.remote import http as remote_http
 from eft_local.remote.exact import ExactClient, decode_rows, encode_rows, prefix_hash
 from eft_local.remote.http import Endpoint, RemoteError, Traffic

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eft_local.config import preset_from_paths
 from eft_local.engine import Engine
 from eft_local.errors import EftError
+from eft_local.presets import preset_from_paths
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as S
 from eft_local.schedule import tuning

@@ -18,7 +18,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from eft_local.cli.serve import is_loopback
-from eft_local.config import load_config
+from eft_local.presets import load_config
 from eft_local.server.app import ServerOptions, create_app
 from eft_local.server.worker import Job, Worker
 from eft_local.session import LoadOptions, load_session

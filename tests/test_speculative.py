@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eft_local import backend
-from eft_local.config import preset_from_paths
 from eft_local.engine import Engine, Step
 from eft_local.formula import PRESET_FORMULAS, parse_formula
+from eft_local.presets import preset_from_paths
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule.blocks import BlockSizer
 from eft_local.session import LoadOptions, Session, load_session

@@ -18,8 +18,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "eft_local"
 
 SHARED_NAMES: dict[str, set[str]] = {
     # different things in different namespaces, each called by its module's name:
-    "quantize": {"cli/main.py", "loading.py"},  # the CLI command over the library function
-    "render": {"chat.py", "cli/explore.py"},  # a chat template; explore's Markdown table
+    "quantize": {"cli/main.py", "session.py"},  # the CLI command over the library function
+    "render": {"templates.py", "cli/explore.py"},  # a chat template; explore's Markdown table
     "scan": {"ggufscan.py", "utf8.py"},  # a GGUF file's header; bytes through UTF-8 states
     "Settings": {"settings.py", "explore/explorer.py"},  # one call's; one exploration's
 }

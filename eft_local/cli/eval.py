@@ -9,7 +9,6 @@ from pathlib import Path
 import click
 
 from eft_local.cli.options import parallel_option
-from eft_local.config import load_config, preset_from_paths
 from eft_local.evaluate import (
     DEFAULT_QUESTIONS,
     FAMILY_DECLINE,
@@ -20,6 +19,7 @@ from eft_local.evaluate import (
     parse_target,
     render_table,
 )
+from eft_local.presets import load_config, preset_from_paths
 from eft_local.session import LoadOptions, SamplerSettings
 
 

@@ -13,7 +13,6 @@ import click
 from eft_local import limits
 from eft_local.cli.batch import err_line as say
 from eft_local.cli.options import model_options
-from eft_local.config import is_url
 from eft_local.errors import EftError
 from eft_local.explore.candidates import (
     Source,
@@ -34,6 +33,7 @@ from eft_local.explore.explorer import (
     read_text,
 )
 from eft_local.limits import size_text
+from eft_local.presets import is_url
 from eft_local.text import printable
 
 

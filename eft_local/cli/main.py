@@ -37,7 +37,7 @@ from eft_local.limits import size_text
 from eft_local.text import printable
 
 if TYPE_CHECKING:
-    from eft_local.config import Preset
+    from eft_local.presets import Preset
     from eft_local.session import Session
 
 
@@ -145,8 +145,8 @@ def main() -> None:
 def models() -> None:
     """List presets: formula, models, whether each file is present locally and its size."""
     from eft_local import hub
-    from eft_local.config import load_config
     from eft_local.loading import kv_estimate
+    from eft_local.presets import load_config
 
     config = load_config()
     if not config.presets:
@@ -174,7 +174,7 @@ def models() -> None:
 def pull(preset: str | None) -> None:
     """Download the preset's missing model files into the Hugging Face cache."""
     from eft_local import hub
-    from eft_local.config import load_config
+    from eft_local.presets import load_config
 
     chosen = load_config().get(preset)
     missing = [f"{role}: {spec.path}" for role, spec in chosen.models.items()
@@ -226,7 +226,7 @@ UPSCALING_ROLES = ["large_base", "small_ft", "small_base"]
 
 def _check_preset(targets: tuple[str, ...], models: tuple[str, ...]) -> Preset:
     """The preset ``check`` looks at: named, from --model pairs, or from plain paths."""
-    from eft_local.config import is_url, load_config, preset_from_paths
+    from eft_local.presets import is_url, load_config, preset_from_paths
 
     if models and targets:
         raise EftError("give --model ROLE=PATH pairs or plain paths/a preset, not both")

@@ -237,7 +237,7 @@ def split_args(args: tuple[str, ...], opts: Mapping[str, Any], *, batch: bool
         raise click.UsageError("expected at most two arguments: [PRESET] [PROMPT]")
     with_models = bool(opts.get("models"))
     if batch:
-        from eft_local.config import load_config
+        from eft_local.presets import load_config
 
         prompt_given = len(args) > (0 if with_models else 1) or (
             args and not with_models and args[0] not in load_config().presets)
@@ -251,7 +251,7 @@ def split_args(args: tuple[str, ...], opts: Mapping[str, Any], *, batch: bool
         return None, None
     if with_models:
         return None, args[0]
-    from eft_local.config import load_config
+    from eft_local.presets import load_config
 
     return (args[0], None) if args[0] in load_config().presets else (None, args[0])
 

@@ -158,7 +158,7 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
             raise EftError(HINT) from None
         raise
     from eft_local.cli.options import open_session
-    from eft_local.config import load_config
+    from eft_local.presets import load_config
     from eft_local.server.worker import Worker
 
     if opts.get("parse_special"):
@@ -169,7 +169,7 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     source = click.get_current_context().get_parameter_source("api_key")
     api_key = server_key(api_key, api_key_file, source)
     if preset_arg and looks_like_key(preset_arg):
-        from eft_local.config import load_config
+        from eft_local.presets import load_config
 
         if preset_arg not in load_config().presets:
             raise click.UsageError("unknown preset (its name is not shown: it looks like an "

@@ -18,13 +18,13 @@ exactly as a local GGUF file gives it (:mod:`eft_local.remote.vocab`).
 
 from __future__ import annotations
 
+import base64
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from eft_local.errors import EftError
 from eft_local.kvshift import common_prefix
 from eft_local.remote.http import ANSWER_HEADROOM, Endpoint
 
@@ -54,6 +54,26 @@ def decode_rows(data: bytes, n_rows: int, width: int) -> np.ndarray | None:
     if n_rows < 0 or width < 1 or len(data) != 4 * n_rows * width:
         return None
     return np.frombuffer(data, dtype="<f4").reshape(n_rows, width).astype(np.float32)
+
+
+
+def pack_bytes(items: Sequence[bytes]) -> dict[str, Any]:
+    """Byte strings as the protocol sends them: base64 of them all, and their lengths."""
+    return {"data": base64.b64encode(b"".join(items)).decode("ascii"),
+            "lengths": [len(b) for b in items]}
+
+
+def unpack_bytes(packed: Any, n: int, what: str) -> tuple[bytes, ...]:
+    """The ``n`` byte strings in :func:`pack_bytes` form (ValueError naming ``what``)."""
+    data = base64.b64decode(packed["data"], validate=True)
+    lengths = packed["lengths"]
+    if len(lengths) != n or sum(lengths) != len(data):
+        raise ValueError(f"{what}: {len(lengths)} lengths for {n} tokens")
+    out, at = [], 0
+    for length in lengths:
+        out.append(data[at:at + length])
+        at += length
+    return tuple(out)
 
 
 
@@ -124,14 +144,3 @@ class ExactClient:
 
 class _Mismatch(Exception):
     """The engine no longer holds the prefix this client thought it held."""
-
-
-# -- the serving side (eft-local serve, through its session) -----------------------------------
-def pick_role(models: Mapping[str, Any], role: str | None, preset: str) -> str:
-    """``role``, checked; None names the only model of a single-model preset."""
-    if role is None and len(models) == 1:
-        return next(iter(models))
-    if role is None or role not in models:
-        why = "name one with 'role'" if role is None else f"it has no model {role!r}"
-        raise EftError(f"preset {preset!r} has models {', '.join(models)}: {why}")
-    return role

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from eft_local.config import ModelSpec
 from eft_local.errors import EftError
+from eft_local.presets import ModelSpec
 from eft_local.remote.exact import ExactClient
 from eft_local.remote.http import ANSWER_HEADROOM, Endpoint, RemoteError
 from eft_local.remote.llamaserver import LlamaServerClient

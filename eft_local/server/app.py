@@ -25,17 +25,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from eft_local import __version__
-from eft_local.config import Preset
+from eft_local.presets import Preset
 from eft_local.remote.exact import MEDIA_TYPE, ROWS_PATH, VOCAB_PATH
+from eft_local.server.exact import rows_work, vocab_work
 from eft_local.server.guard import HostGuard, HostPolicy, require_json
 from eft_local.server.handlers import (
     chat_work,
     completion_work,
     detokenize_work,
-    rows_work,
     tokenize_work,
     tokenizer_info_work,
-    vocab_work,
 )
 from eft_local.server.page import playground
 from eft_local.server.protocol import (

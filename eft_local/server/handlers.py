@@ -9,28 +9,16 @@ from __future__ import annotations
 
 import codecs
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from eft_local.chat import fit_messages
-from eft_local.errors import ContextFull, EftError
+from eft_local.errors import ContextFull
 from eft_local.records import finite, step_record
-from eft_local.remote.exact import (
-    H_EVAL_MS,
-    H_ROWS,
-    H_WIDTH,
-    PREFIX_MISMATCH,
-    encode_rows,
-    pick_role,
-    prefix_hash,
-)
-from eft_local.remote.vocab import model_vocab, vocab_payload
 from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
-    RowsRequest,
     chat_logprob,
     finish_reason,
     model_name,
@@ -499,74 +487,3 @@ def tokenizer_info_work(session: Session, job: Job) -> None:
         "add_eos_token": bool(vocab and vocab.add_eos),
         "model_max_length": session.n_ctx,
         "chat_template": session.template})
-
-
-
-# -- the exact protocol (eft_local.remote.exact) ----------------------------------------------
-def check_loaded(session: Session, preset: str | None) -> None:
-    """409 unless ``preset`` (when named) is the loaded one: the exact protocol serves what
-    is loaded and never switches it (two clients naming two presets would reload models at
-    every token)."""
-    if preset is not None and preset != session.preset.name:
-        raise ApiError(409, f"this server serves {session.preset.name!r} to remote roles; "
-                       f"it does not load {preset!r} for them (name the loaded preset, or "
-                       "none)", param="model", code="preset_not_loaded")
-
-
-def rows_work(req: RowsRequest, preset: str | None) -> Callable[[Session, Job], None]:
-    """``POST /eft/rows``: one model's logit rows as a binary body (``result`` event:
-    ``{"body": bytes, "headers": {...}}``); 409 when the prefix named is not held."""
-
-    def work(session: Session, job: Job) -> None:
-        check_loaded(session, preset)
-        role = pick_role(session.models, req.role, session.preset.name)
-        tokens, slot = req.tokens, None
-        if req.n_past:  # the free slot whose cache holds that prefix
-            slot = next((s for s in session.free_slots()
-                         if prefix_hash(session.held(role, s)[:req.n_past]) == req.prefix
-                         and len(session.held(role, s)) >= req.n_past), None)
-            if slot is None:
-                raise ApiError(409, f"{role} no longer holds those {req.n_past} tokens; "
-                               "send the whole sequence (n_past 0)", code=PREFIX_MISMATCH)
-            tokens = session.held(role, slot)[:req.n_past] + tokens
-        started = time.perf_counter()
-        try:
-            rows, reused = session.model_rows(role, tokens, req.first, slot=slot)
-        except EftError as exc:
-            raise ApiError(400, str(exc), param="tokens") from None
-        ms = 1e3 * (time.perf_counter() - started)
-        job.info = {"prompt_tokens": len(tokens), "completion_tokens": 0,
-                    "timings": {"cache_n": reused, "prompt_n": len(tokens) - reused}}
-        job.emit("result", {"body": encode_rows(rows), "headers": {
-            H_ROWS: str(rows.shape[0]), H_WIDTH: str(rows.shape[1]),
-            H_EVAL_MS: f"{ms:.3f}"}})
-
-    return work
-
-
-_VOCABS: weakref.WeakKeyDictionary[Session, dict[str, dict[str, Any]]] = (
-    weakref.WeakKeyDictionary())
-
-
-def vocab_work(query: Mapping[str, str], preset: str | None
-               ) -> Callable[[Session, Job], None]:
-    """``GET /eft/vocab``: a role's vocabulary as a local file gives it (``hash_only``:
-    only its hash, context size and chat template)."""
-    hash_only = query.get("hash_only", "") not in ("", "0", "false")
-
-    def work(session: Session, job: Job) -> None:
-        check_loaded(session, preset)
-        role = pick_role(session.models, query.get("role") or None, session.preset.name)
-        found = _VOCABS.setdefault(session, {})
-        if role not in found:
-            vocab, pieces, plain = model_vocab(session.models[role],
-                                               session.report.vocabs[role])
-            found[role] = vocab_payload(vocab, pieces, plain)
-        payload = found[role]
-        head = {"role": role, "preset": session.preset.name, "hash": payload["hash"],
-                "n_tokens": payload["n_tokens"], "n_ctx": session.models[role].n_ctx,
-                "chat_template": session.template
-                if role == session.preset.template_role else None}
-        job.emit("result", head if hash_only else {**head, **payload})
-
-    return work

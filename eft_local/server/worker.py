@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from eft_local import hub
-from eft_local.config import Config, Preset
 from eft_local.errors import Cancelled, EftError
 from eft_local.formula import parse_formula
 from eft_local.interrupts import cancel_on
+from eft_local.presets import Config, Preset
 from eft_local.server.protocol import ApiError, Knobs
 from eft_local.session import (
     Chunk,
