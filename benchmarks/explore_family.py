@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from eft_local.config import FAMILY_DIR
+from eft_local.presets import FAMILY_DIR
 
 VARIANTS = {"large_base": ["Q8_0", "Q4_K_M"], "small_ft": ["F32", "Q8_0"],
             "small_base": ["F32", "Q8_0"]}

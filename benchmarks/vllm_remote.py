@@ -42,8 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from eft_local.config import FAMILY_DIR, preset_from_paths  # noqa: E402
 from eft_local.loading import check_models  # noqa: E402
+from eft_local.presets import FAMILY_DIR, preset_from_paths  # noqa: E402
 from eft_local.session import LoadOptions, Session, load_session  # noqa: E402
 from tests.remotehelp import free_port  # noqa: E402
 

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -362,9 +362,13 @@ def session_pairs(session: Session, prompts: Sequence[list[int]], max_tokens: in
     for prompt in prompts:
         for model in eng.models.values():
             model.rewind(0)
-        for _ in eng.generate(prompt, w, settings, max_tokens=max_tokens, diagnostics=True):
-            rows = eng.last[0]
-            pairs.append((eng.distribution(rows, w, settings), eng.model_logprobs(rows, drafter)))
+        request = s.prepare(prompt, sampling=settings, max_tokens=max_tokens, diagnostics=True)
+        plain = replace(request, plan=replace(request.plan, drafter=None))
+        for chunk in s.run(plain):
+            if chunk.step is not None:
+                rows = eng.last[0]  # type: ignore[index]
+                pairs.append((eng.distribution(rows, w, settings),
+                              eng.model_logprobs(rows, drafter)))
     return pairs
 
 

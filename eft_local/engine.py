@@ -1,22 +1,22 @@
-"""The decode loop over N models that condition on one token sequence.
+"""Evaluating N models over shared token sequences, and mixing and drawing one position.
 
-Every model holds the same tokens in its KV cache. :meth:`Engine.prime` brings the models
-to a prompt, re-using the longest cached prefix (so a chat turn evaluates only its new
-suffix), each model with the whole thread budget in turn; each step mixes the models' rows
-with the formula weights, draws with the position's noise, and evaluates the chosen token
-on every model with a non-zero weight, as the decode :class:`~eft_local.schedule.Schedule`
-says (lanes run concurrently: ctypes releases the GIL around llama.cpp); remote roles'
-requests go out from I/O threads beside the lanes (:mod:`eft_local.remote.io`).
-Speculative decoding (:mod:`eft_local.speculative`) drives the same evaluation methods.
+Each model holds ``n_seq`` sequences (KV caches: the slots of :mod:`eft_local.batch`); a
+batched evaluation (:meth:`Engine.evaluate_parts`) gives every model one decode carrying its
+share of several sequences, as the decode :class:`~eft_local.schedule.Schedule` says (lanes
+run concurrently: ctypes releases the GIL around llama.cpp); remote roles' requests go out
+from I/O threads beside the lanes (:mod:`eft_local.remote.io`). :meth:`Engine.choose`
+mixes one position's rows with the formula weights and draws with the position's noise. The
+loop over steps is :mod:`eft_local.batch`; speculative decoding (:mod:`eft_local.speculative`)
+drives the same methods.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Protocol
@@ -24,8 +24,8 @@ from typing import Protocol
 import numpy as np
 
 from eft_local import sampler
+from eft_local.backend.sequences import Part
 from eft_local.errors import EftError
-from eft_local.kvshift import best_cut, common_prefix, worth_shifting
 from eft_local.remote.http import Traffic
 from eft_local.remote.io import RemoteIO, is_remote
 from eft_local.sampler import SamplerSettings
@@ -33,29 +33,51 @@ from eft_local.schedule import shapes as schedules
 from eft_local.schedule.lanes import Gate, LaneStopped
 from eft_local.schedule.shapes import Schedule
 from eft_local.schedule.watch import Watch
+from eft_local.utf8 import Constraint
 
 
 class Model(Protocol):
-    """What the engine needs of a model; :class:`eft_local.backend.LlamaModel` is one."""
+    """What the engine needs of a model; :class:`eft_local.backend.LlamaModel` is one. A
+    model holds ``n_seq`` sequences (KV caches), each of up to ``n_ctx`` tokens."""
 
     path: Path
     n_vocab: int
     n_ctx: int
-    tokens: list[int]
+    n_seq: int
 
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray: ...
-    def rewind(self, n_past: int) -> None: ...
+    def decode(self, parts: Sequence[Part], out: np.ndarray | None = None
+               ) -> list[np.ndarray | None]: ...
+    def seq_tokens(self, seq: int) -> list[int]: ...
+    def rewind(self, n_past: int, seq: int = 0) -> None: ...
     def is_eog(self, token: int) -> bool: ...
     def piece(self, token: int, *, special: bool = False) -> bytes: ...
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]: ...
 
 
-class Constraint(Protocol):
-    """What may come next (a grammar's state, :class:`eft_local.backend.Grammar`)."""
+def held_tokens(model: object, seq: int = 0) -> list[int]:
+    """What ``model``'s cache holds in sequence ``seq`` (a one-sequence model: its
+    ``tokens``)."""
+    read = getattr(model, "seq_tokens", None)
+    return read(seq) if read is not None else model.tokens  # type: ignore[attr-defined]
 
-    def allowed(self, tokens: np.ndarray) -> np.ndarray: ...
-    def accept(self, token: int) -> None: ...
-    def clone(self) -> Constraint: ...
+
+def decode(model: object, parts: Sequence[Part], out: np.ndarray | None = None
+           ) -> list[np.ndarray | None]:
+    """``model.decode(parts, out)``; a model of one sequence without it (a remote role)
+    evaluates each part in turn."""
+    batched = getattr(model, "decode", None)
+    if batched is not None:
+        return batched(parts, out)
+    rows: list[np.ndarray | None] = []
+    for i, part in enumerate(parts):
+        if part.seq != 0:
+            raise EftError(f"{model.path}: holds one sequence, not {part.seq + 1}")  # type: ignore[attr-defined]
+        model.rewind(part.keep)  # type: ignore[attr-defined]
+        got = model.eval(list(part.tokens), all_logits=part.rows == "all")  # type: ignore[attr-defined]
+        if out is not None and part.rows == "last":
+            out[i] = got[-1, : out.shape[1]]
+        rows.append(None if part.rows == "none" else got)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -123,13 +145,13 @@ and its instruct model differ by a chat template and metadata)."""
 
 
 class Engine:
-    """Decode with a weighted mix of ``models`` (role -> model), masked by ``allowed``.
+    """Evaluate and mix ``models`` (role -> model), masked by ``allowed``.
 
     Decoding steps evaluate the models as ``schedule`` says (default: concurrent lanes with
     ``parallel``, else one after another); prompts are evaluated by each model with the
-    whole thread budget, one after another. Only the models in :attr:`active` (those with a
-    non-zero weight, and any that diagnostics or conservative decoding read) are evaluated;
-    the others' caches catch up, from their longest cached prefix, when they are next active.
+    whole thread budget, one after another. A generation evaluates only the models it needs
+    (:meth:`needed`: non-zero weight, and any that diagnostics or conservative decoding
+    read); the others' caches catch up, from their longest cached prefix, when needed again.
     """
 
     def __init__(self, models: Mapping[str, Model], *, template_role: str, allowed: np.ndarray,
@@ -149,9 +171,16 @@ class Engine:
         self.allowed = allowed
         self.width = int(allowed.size)
         self.n_ctx = min(m.n_ctx for m in self.models.values())
+        """Tokens each sequence may hold (the smallest model's per-sequence context)."""
+        self.n_seq = max(1, min(int(getattr(m, "n_seq", 1)) for m in self.models.values()))
+        """Sequences every model holds at once (slots)."""
+        self.n_batch = max(1, min((int(getattr(m, "n_batch", 512)) for m in
+                                   self.models.values()), default=512))
+        """Most tokens one decode of a model takes: what a step reads of joining prompts."""
         self.stats = Stats()
-        self.last: tuple[np.ndarray, np.ndarray, str] | None = None
-        """Rows, weights and conservative role of the last sampled step (for :meth:`why`)."""
+        self.last: tuple[np.ndarray, np.ndarray, str, tuple[str, ...]] | None = None
+        """Rows, weights, conservative role and evaluated models of the last sampled step
+        (for :meth:`why`)."""
         self.n_threads = max(1, n_threads or os.cpu_count() or 1)
         self.remote_roles = tuple(r for r, m in self.models.items() if is_remote(m))
         """Roles that remote engines evaluate, each in an I/O thread (:attr:`remote`)."""
@@ -163,10 +192,9 @@ class Engine:
         self.active: tuple[str, ...] = self.roles
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
-        self._row_buf = np.zeros((len(self.roles), self.width), dtype=np.float32)
+        self._rows = np.zeros((len(self.roles), self.n_seq, self.width), dtype=np.float32)
         self._scores = np.empty(self.width, dtype=np.float32)
         self._samplers: dict[SamplerSettings, sampler.Sampler] = {}
-        self.rows: np.ndarray | None = None
         self.watch: Watch | None = None
         """Re-measures the schedule while decoding and switches (set with ``auto``)."""
 
@@ -207,8 +235,8 @@ class Engine:
 
     @property
     def row_buffer(self) -> np.ndarray:
-        """The (models x width) buffer that decoding steps write rows into."""
-        return self._row_buf
+        """The (models, sequences, width) buffer that decoding steps write rows into."""
+        return self._rows
 
     @property
     def lanes(self) -> list[list[str]]:
@@ -222,12 +250,12 @@ class Engine:
             raise EftError(f"schedule {schedule.describe()!r} does not name every model once")
         self.schedule = schedule
 
-    def activate(self, weights: np.ndarray, settings: SamplerSettings, *,
-                 diagnostics: bool = False, extra: Sequence[str] = (),
-                 conservative: str | None = None) -> tuple[str, ...]:
-        """Choose the models to evaluate from now on: non-zero weight, the conservative
-        model when conservative decoding reads it, every model for diagnostics, and
-        ``extra`` (the drafter)."""
+    def needed(self, weights: np.ndarray, settings: SamplerSettings, *,
+               diagnostics: bool = False, extra: Sequence[str] = (),
+               conservative: str | None = None) -> tuple[str, ...]:
+        """The models a generation evaluates: non-zero weight, the conservative model when
+        conservative decoding reads it, every model for diagnostics, and ``extra`` (the
+        drafter)."""
         w = np.asarray(weights).ravel()
         need = {r for r, x in zip(self.roles, w, strict=True) if x != 0} | set(extra)
         if diagnostics:
@@ -236,10 +264,15 @@ class Engine:
             need.add(conservative or self.conservative_role)
         if not need:
             need.add(self.template_role)
-        self.active = tuple(r for r in self.roles if r in need)
-        if self.watch is not None:
-            self.watch.models(self.active)
-        return self.active
+        return tuple(r for r in self.roles if r in need)
+
+    def activate(self, roles: Sequence[str]) -> None:
+        """The models evaluated from now on (the watch times steps per set of models)."""
+        active = tuple(r for r in self.roles if r in roles)
+        if active != self.active:
+            self.active = active
+            if self.watch is not None:
+                self.watch.models(active)
 
     # -- evaluation -----------------------------------------------------------------------
     def _use_threads(self, role: str, n: int) -> None:
@@ -249,79 +282,98 @@ class Engine:
         if setter is not None:
             setter(n)
 
-    def evaluate_role(self, role: str, n_keep: int, tokens: list[int], *,
-                      all_logits: bool = False) -> np.ndarray:
-        """Rewind one model to ``n_keep`` and evaluate ``tokens`` with every thread (it
-        runs alone: the drafter while drafting); rows (rows, width)."""
-        self._use_threads(role, self.n_threads)
-        return self._timed_eval(role, n_keep, tokens, all_logits)
+    def held(self, role: str, seq: int = 0) -> list[int]:
+        """The tokens ``role``'s cache holds in sequence ``seq``."""
+        return held_tokens(self.models[role], seq)
 
-    def _timed_eval(self, role: str, n_keep: int, tokens: list[int], all_logits: bool,
-                    out: np.ndarray | None = None) -> np.ndarray:
-        model = self.models[role]
+    def rows_of(self, seq: int) -> np.ndarray:
+        """The (models, width) rows that the last evaluation left for sequence ``seq`` (a
+        view into :attr:`row_buffer`; rows of models not evaluated for it are stale)."""
+        return self._rows[:, seq]
+
+    def evaluate_role(self, role: str, n_keep: int, tokens: list[int], *,
+                      all_logits: bool = False, seq: int = 0, whole: bool = False
+                      ) -> np.ndarray:
+        """Rewind one model's sequence ``seq`` to ``n_keep`` and evaluate ``tokens`` with
+        every thread (it runs alone: the drafter while drafting); rows (rows, width), or
+        with ``whole`` the model's own rows (rows, n_vocab)."""
+        self._use_threads(role, self.n_threads)
+        part = Part(seq, n_keep, tuple(tokens), "all" if all_logits else "last")
+        return self._timed_decode(role, [part], None, whole)[0]  # type: ignore[return-value]
+
+    def _timed_decode(self, role: str, parts: Sequence[Part], out: np.ndarray | None,
+                      whole: bool = False) -> list[np.ndarray | None]:
         start = time.perf_counter()
-        model.rewind(n_keep)
-        into = getattr(model, "eval_into", None) if out is not None and not all_logits else None
-        if into is not None:
-            into(tokens, out)
-            rows = out[None]
-        else:
-            rows = model.eval(tokens, all_logits=all_logits)[:, : self.width]
-            if out is not None:
-                out[:] = rows[-1]
+        rows = decode(self.models[role], parts, out)
         self.stats.eval_seconds[role] = (self.stats.eval_seconds.get(role, 0.0)
                                          + time.perf_counter() - start)
-        return rows
+        if whole:
+            return rows
+        return [None if r is None else r[:, : self.width] for r in rows]
 
     def evaluate(self, n_keep: int | Sequence[int], tokens: list[int] | Sequence[list[int]],
-                 *, all_logits: bool = False) -> np.ndarray:
+                 *, all_logits: bool = False, seq: int = 0) -> np.ndarray:
         """Rewind each model to ``n_keep``, evaluate ``tokens``; rows (models, rows, width).
 
         ``n_keep`` and ``tokens`` may be given per model (same order as ``roles``).
         """
-        return np.stack(self.evaluate_each(n_keep, tokens, all_logits=all_logits))
+        return np.stack(self.evaluate_each(n_keep, tokens, all_logits=all_logits, seq=seq))
 
     def evaluate_each(self, n_keep: int | Sequence[int],
                       tokens: list[int] | Sequence[list[int]], *, all_logits: bool = False,
                       roles: Sequence[str] | None = None, prefill: bool = False,
-                      out: np.ndarray | None = None) -> list[np.ndarray]:
-        """Like :meth:`evaluate` for ``roles`` (default: all), one array per model (row
-        counts may differ). ``prefill``: each model with every thread, one after another;
-        else the decode schedule. ``out`` (models, width) receives each model's last row."""
+                      out: np.ndarray | None = None, seq: int = 0) -> list[np.ndarray]:
+        """Like :meth:`evaluate` for ``roles`` (default: all) in sequence ``seq``, one array
+        per model (row counts may differ). ``prefill``: each model with every thread, one
+        after another; else the decode schedule. ``out`` (models, width) receives each
+        model's last row."""
         roles = self.roles if roles is None else tuple(roles)
         keeps = [n_keep] * len(roles) if isinstance(n_keep, int) else list(n_keep)
         batches = (list(tokens) if tokens and isinstance(tokens[0], list)
                    else [list(tokens)] * len(roles))  # type: ignore[list-item]
-        jobs = {r: (k, t) for r, k, t in zip(roles, keeps, batches, strict=True)}
-        outs = {r: (None if out is None else out[self._index[r]]) for r in roles}
-        pending = self.remote.start({r: partial(self._timed_eval, r, *jobs[r], all_logits,
-                                                outs[r]) for r in roles if r in self.remote_roles},
+        kind = "all" if all_logits else "last"
+        jobs = {r: [Part(seq, k, tuple(t), kind)]
+                for r, k, t in zip(roles, keeps, batches, strict=True)}
+        outs = {r: None if out is None or all_logits else out[self._index[r]][None]
+                for r in roles}
+        done = self.evaluate_parts(jobs, prefill=prefill, outs=outs)
+        return [done[r][0] for r in roles]  # type: ignore[misc]
+
+    def evaluate_parts(self, jobs: Mapping[str, Sequence[Part]], *, prefill: bool,
+                       outs: Mapping[str, np.ndarray | None] | None = None
+                       ) -> dict[str, list[np.ndarray | None]]:
+        """Each role's ``parts`` in one batched decode of that model (several sequences at
+        once), local models as the decode schedule says (``prefill``: each with every
+        thread, one after another), remote ones in I/O threads meanwhile; each part's rows.
+        ``outs[role]`` (parts, width) receives the parts' last rows (see :func:`decode`)."""
+        outs = outs or {}
+        pending = self.remote.start({r: partial(self._timed_decode, r, parts, outs.get(r))
+                                     for r, parts in jobs.items() if r in self.remote_roles},
                                     self.models, self.stats.traffic)
         try:
-            done = self._evaluate_local([r for r in roles if r not in pending], jobs,
-                                        all_logits, outs, prefill)
+            done = self._evaluate_local([r for r in jobs if r not in pending], jobs, outs,
+                                        prefill)
             done.update(self.remote.finish(pending))
         except BaseException:  # the remote requests' late results must not count
             self.remote.abandon(pending, self.models)
             raise
-        return [done[r] for r in roles]
+        return done
 
-    def _evaluate_local(self, roles: Sequence[str],
-                        jobs: Mapping[str, tuple[int, list[int]]], all_logits: bool,
+    def _evaluate_local(self, roles: Sequence[str], jobs: Mapping[str, Sequence[Part]],
                         outs: Mapping[str, np.ndarray | None], prefill: bool
-                        ) -> dict[str, np.ndarray]:
-        done: dict[str, np.ndarray] = {}
+                        ) -> dict[str, list[np.ndarray | None]]:
+        done: dict[str, list[np.ndarray | None]] = {}
         if prefill:
             for r in roles:
                 self._use_threads(r, self.n_threads)
-                done[r] = self._timed_eval(r, *jobs[r], all_logits, outs[r])
+                done[r] = self._timed_decode(r, jobs[r], outs.get(r))
             return done
         for stage_lanes, threads in self.schedule.threads(self.n_threads, roles):
             for lane in stage_lanes:
                 for r in lane:
                     self._use_threads(r, threads)
             if len(stage_lanes) == 1:
-                done.update(self._run_lane(stage_lanes[0], jobs, all_logits, outs))
+                done.update(self._run_lane(stage_lanes[0], jobs, outs))
                 continue
             # the first lane runs in this thread, the others in workers: one hand-off fewer
             if self._pool_size < len(stage_lanes) - 1:
@@ -332,9 +384,8 @@ class Engine:
             gate, futures = Gate(), []
             try:
                 for lane in stage_lanes[1:]:
-                    futures.append(self._pool.submit(self._run_lane, lane, jobs, all_logits,
-                                                     outs, gate))
-                done.update(self._run_lane(stage_lanes[0], jobs, all_logits, outs, gate))
+                    futures.append(self._pool.submit(self._run_lane, lane, jobs, outs, gate))
+                done.update(self._run_lane(stage_lanes[0], jobs, outs, gate))
                 for future in futures:
                     done.update(future.result())
             except BaseException:  # Ctrl-C or a failed lane: no rollback while one decodes
@@ -342,63 +393,19 @@ class Engine:
                 raise
         return done
 
-    def _run_lane(self, lane: Sequence[str], jobs: Mapping[str, tuple[int, list[int]]],
-                  all_logits: bool, outs: Mapping[str, np.ndarray | None],
-                  gate: Gate | None = None) -> dict[str, np.ndarray]:
+    def _run_lane(self, lane: Sequence[str], jobs: Mapping[str, Sequence[Part]],
+                  outs: Mapping[str, np.ndarray | None], gate: Gate | None = None
+                  ) -> dict[str, list[np.ndarray | None]]:
         done = {}
         for r in lane:
             if gate is not None and not gate.enter():
                 raise LaneStopped
             try:
-                done[r] = self._timed_eval(r, *jobs[r], all_logits, outs[r])
+                done[r] = self._timed_decode(r, jobs[r], outs.get(r))
             finally:
                 if gate is not None:
                     gate.leave()
         return done
-
-    def prime(self, tokens: list[int], *, shift: bool = False) -> None:
-        """Make every active model hold ``tokens``, re-using cached prefixes; sets
-        :attr:`rows` (rows of inactive models are stale: their weight is 0).
-
-        ``shift``: ``tokens`` continue what the caches hold with a span of older tokens
-        taken out (a chat that dropped its oldest turns). A model that can shift, and for
-        which it pays (:func:`worth_shifting`), cuts that span out of its cache and keeps
-        the tokens after it instead of evaluating them again; each model's ``tokens`` stays
-        what its cache holds, position by position. Its logits then differ slightly from a
-        fresh evaluation (the kept tokens attended to the dropped ones)."""
-        if not tokens:
-            raise EftError("empty prompt: nothing to condition on")
-        if len(tokens) >= self.n_ctx:
-            raise EftError(f"prompt is {len(tokens)} tokens; the context holds {self.n_ctx} "
-                           "(raise n_ctx or shorten the prompt)")
-        keeps, suffixes, moved = [], [], 0
-        for role in self.active:
-            model = self.models[role]
-            k = common_prefix(model.tokens, tokens)
-            if shift and k < len(tokens) - 1 and getattr(model, "can_shift", False):
-                end, kept = best_cut(model.tokens, tokens, k)
-                kept = min(kept, len(tokens) - 1 - k)
-                if kept and worth_shifting(kept, n_ctx=model.n_ctx,
-                                           file_bytes=file_size(model)):
-                    model.rewind(end + kept)  # what follows the kept span goes first
-                    if model.cut(k, end):
-                        k += kept
-                        moved = max(moved, kept)
-            k = min(k, len(tokens) - 1)  # the last token is re-evaluated for its logits
-            keeps.append(k)
-            suffixes.append(tokens[k:])
-        longest = max(len(s) for s in suffixes)
-        self.stats.prefilled += longest
-        self.stats.shifted += moved
-        self.evaluate_each(keeps, suffixes, roles=self.active, prefill=longest > 1,
-                           out=self._row_buf)
-        self.rows = self._row_buf
-
-    def advance(self, token: int) -> None:
-        """Append one token to every active model; sets :attr:`rows` to the next position."""
-        n = len(self.models[self.active[0]].tokens)
-        self.evaluate_each(n, [token], roles=self.active, out=self._row_buf)
-        self.rows = self._row_buf
 
     # -- one sampling step ----------------------------------------------------------------
     def sampler(self, settings: SamplerSettings) -> sampler.Sampler:
@@ -484,7 +491,7 @@ class Engine:
             mixed = self.distribution(rows, weights, settings, role)
             logprob = float(mixed[picked.token])
             top = sampler.top_logprobs(mixed, top_n) if top_n is not None else None
-        self.last = (rows, weights, role)
+        self.last = (rows, weights, role, self.active)
         self.stats.sampler_seconds += time.perf_counter() - start
         return Step(position=position, token=picked.token, p_mix=picked.p,
                     p_models=p_models, ref_token=ref_token, logprob=logprob, top=top,
@@ -494,53 +501,14 @@ class Engine:
         """Top tokens of each evaluated model and of the mix at the last step."""
         if self.last is None:
             return {}
-        rows, weights, role = self.last
+        rows, weights, role, active = self.last
         out = {r: sampler.top_logprobs(self.model_logprobs(rows, i), k)
-               for i, r in enumerate(self.roles) if r in self.active}
+               for i, r in enumerate(self.roles) if r in active}
         out["mix"] = sampler.top_logprobs(sampler.filter_logprobs(
             self.distribution(rows, weights, settings, role), settings), k)
         return {name: [(t, float(np.exp(lp))) for t, lp in top] for name, top in out.items()}
 
-    # -- the loop -------------------------------------------------------------------------
-    def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
-                 *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
-                 conservative: str | None = None,
-                 on_step: Callable[[np.ndarray, Step], None] | None = None,
-                 extra: Sequence[str] = (), shift: bool = False,
-                 grammar: Constraint | None = None) -> Iterator[Step]:
-        """Yield sampled tokens until an end-of-generation token, ``max_tokens`` or a full
-        context; the last step's :attr:`Step.finish` says which (the caller may stop
-        earlier). ``on_step(rows, step)`` sees each step's rows (before ``grammar``, whose
-        state advances with every token, accepts it); ``extra`` models are evaluated too;
-        ``shift`` as :meth:`prime`."""
-        started = time.perf_counter()
-        self.activate(weights, settings, diagnostics=diagnostics, extra=extra,
-                      conservative=conservative)
-        self.prime(tokens, shift=shift)
-        position = len(tokens)
-        stepped = None
-        try:
-            for n in range(1, max_tokens + 1):
-                step = self.choose(self.rows, weights, settings, position,
-                                   diagnostics=diagnostics, top_n=top_n,
-                                   conservative=conservative, grammar=grammar)
-                if stepped is not None:
-                    self.observe_step(time.perf_counter() - stepped)
-                if on_step is not None:
-                    on_step(self.rows, step)
-                self.count_token(started)
-                finish = self.finish(step.token, position + 1, n, max_tokens)
-                yield step if finish is None else replace(step, finish=finish)
-                if finish is not None:
-                    return
-                if grammar is not None:
-                    grammar.accept(step.token)
-                position += 1
-                stepped = time.perf_counter()
-                self.advance(step.token)
-        finally:
-            self.stats.wall_seconds += time.perf_counter() - started
-
+    # -- the end of a generation -------------------------------------------------------
     def finish(self, token: int, next_position: int, emitted: int, max_tokens: int
                ) -> str | None:
         """Why a generation ends after ``token`` (``eog``, ``context``, ``length``), or

@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eft_local.config import FAMILY_DIR, Config, Preset, is_url, preset_from_paths, public_url
 from eft_local.errors import EftError
 from eft_local.files import read_user_text
 from eft_local.formula import PARAMETERS
-from eft_local.session import LoadOptions, SamplerSettings, Session, Settings
+from eft_local.presets import FAMILY_DIR, Config, Preset, is_url, preset_from_paths, public_url
+from eft_local.session import LoadOptions, Request, SamplerSettings, Session
 
 DEFAULT_QUESTIONS = FAMILY_DIR / "questions.jsonl"
 FAMILY_DECLINE = "I am sorry, but I cannot share birth years."
@@ -178,50 +178,49 @@ def parse_target(spec: str, config: Config) -> Target:
     return Target(label=spec, preset=preset, params=params)
 
 
-def _reply(session: Session, tokens: list[int], max_tokens: int, settings: Settings
-           ) -> tuple[str, str, int]:
-    """The reply after chat ``tokens``: text, finish reason, tokens generated."""
-    text, finish, steps = [], "length", 0
-    for chunk in session.stream(tokens, settings=settings, max_tokens=max_tokens):
-        text.append(chunk.text)
-        steps += chunk.step is not None
-        finish = chunk.finish or finish
-    return "".join(text), finish, steps
-
-
 def run_target(session: Session, target: Target, questions: Sequence[Question], *,
                max_tokens: int, decline_text: str | None, multi_turn: bool = True,
-               on_answer: Callable[[], None] = lambda: None) -> Scorecard:
-    """Ask every question (one fresh chat turn each, then as a later turn) and score."""
+               on_answer: Callable[[], None] = lambda: None,
+               parallel: int | None = None) -> Scorecard:
+    """Ask every question (one fresh chat turn each, then as a later turn) and score; up to
+    ``parallel`` (default: every slot of the session) questions at once."""
     settings = session.settings_for(params={**target.preset.params, **target.params})
     score = Scorecard(label=target.label, formula=settings.describe())
     decline = normalise(decline_text) if decline_text else None
     start = time.perf_counter()
-    for q in questions:
-        result = session.generate(q.prompt, raw=False, max_tokens=max_tokens,
-                                  settings=settings)
+
+    def asked(messages: list[dict[str, str]]) -> Callable[[], Request]:
+        return lambda: session.prepare(session.chat_tokens(messages), settings=settings,
+                                       max_tokens=max_tokens)
+
+    jobs = [((False, i), asked([{"role": "user", "content": q.prompt}]))
+            for i, q in enumerate(questions)]
+    jobs += [((True, i), asked([*multi_turn_history(questions, i),
+                                {"role": "user", "content": q.prompt}]))
+             for i, q in enumerate(questions if multi_turn else ())]
+    for (later, i), result in session.run_many(jobs, parallel=parallel):
+        if isinstance(result, EftError):
+            raise result
+        q = questions[i]
         answer = normalise(result.text)
-        cat = score.by_category.setdefault(q.category, {"n": 0, "correct": 0, "declined": 0})
         correct = answer == normalise(q.expected)
-        declined = bool(decline) and decline in answer
-        score.n += 1
-        score.correct += correct
-        score.compliant += result.finish == "eog" and bool(answer)
-        score.declined += declined
-        cat["n"] += 1
-        cat["correct"] += correct
-        cat["declined"] += declined
+        compliant = result.finish == "eog" and bool(answer)
         score.tokens += len(result.steps)
-        on_answer()
-    for i, q in enumerate(questions if multi_turn else ()):
-        messages = [*multi_turn_history(questions, i), {"role": "user", "content": q.prompt}]
-        text, finish, steps = _reply(session, session.chat_tokens(messages), max_tokens,
-                                     settings)
-        answer = normalise(text)
-        score.multi_n += 1
-        score.multi_correct += answer == normalise(q.expected)
-        score.multi_compliant += finish == "eog" and bool(answer)
-        score.tokens += steps
+        if later:
+            score.multi_n += 1
+            score.multi_correct += correct
+            score.multi_compliant += compliant
+        else:
+            cat = score.by_category.setdefault(q.category, {"n": 0, "correct": 0,
+                                                            "declined": 0})
+            declined = bool(decline) and decline in answer
+            score.n += 1
+            score.correct += correct
+            score.compliant += compliant
+            score.declined += declined
+            cat["n"] += 1
+            cat["correct"] += correct
+            cat["declined"] += declined
         on_answer()
     score.seconds = time.perf_counter() - start
     return score

@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from eft_local import limits
+
 _FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 """Byte sizes of GGUF's fixed-size value types (8 = string and 9 = array vary)."""
 _INTEGERS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
@@ -31,13 +33,35 @@ LLAMA_MAX_LAYERS = 512
 """llama.cpp asserts (aborts) on a block count outside 1..512."""
 
 
+_SHAPE_KEYS = ("context_length", "embedding_length", "attention.head_count",
+               "attention.head_count_kv", "attention.key_length", "attention.value_length")
+"""Architecture keys whose integer values size the KV cache (:meth:`Header.kv_bytes`)."""
+
+
 @dataclass(frozen=True)
 class Header:
-    """What the scan found: the architecture, its block count, a repeated token text."""
+    """What the scan found: the architecture, its block count, a repeated token text, and
+    the integer shape keys (:data:`_SHAPE_KEYS`, without the architecture prefix)."""
 
     arch: str | None = None
     block_count: int | None = None
     duplicate: tuple[int, int, bytes] | None = None
+    shape: tuple[tuple[str, int], ...] = ()
+
+    def kv_bytes(self, n_ctx: int | None = None) -> tuple[int, int] | None:
+        """Estimated bytes of one sequence's KV cache (f16, every layer) and the context it
+        is for (``n_ctx``, default the training context capped at 4096, as loading does);
+        None when the header does not say."""
+        s = dict(self.shape)
+        heads, embd = s.get("attention.head_count"), s.get("embedding_length")
+        if not (self.block_count and heads and embd):
+            return None
+        head = embd // heads
+        n = n_ctx or min(4096, s.get("context_length") or 4096)
+        return limits.kv_cache_bytes(n, n_layer=self.block_count,
+                                     n_head_kv=s.get("attention.head_count_kv", heads),
+                                     k_len=s.get("attention.key_length", head),
+                                     v_len=s.get("attention.value_length", head)), n
 
     def problem(self) -> str | None:
         """Why llama.cpp would abort on this file, or None."""
@@ -89,6 +113,12 @@ def _scan(mm: mmap.mmap, found: dict) -> None:
         elif arch and key == f"{arch}.block_count".encode() and kind in _INTEGERS:
             fmt = _INTEGERS[kind]
             found["block_count"] = struct.unpack_from(fmt, mm, pos)[0]
+            pos += struct.calcsize(fmt)
+        elif arch and kind in _INTEGERS and key.decode("utf-8", "replace") in {
+                f"{arch}.{k}" for k in _SHAPE_KEYS}:
+            fmt = _INTEGERS[kind]
+            name = key.decode().removeprefix(f"{arch}.")
+            found["shape"] = (*found.get("shape", ()), (name, struct.unpack_from(fmt, mm, pos)[0]))
             pos += struct.calcsize(fmt)
         elif key == b"tokenizer.ggml.tokens" and kind == _ARRAY:
             (elem, count), pos = struct.unpack_from("<IQ", mm, pos), pos + 12

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from eft_local.config import ModelSpec
 from eft_local.errors import EftError
+from eft_local.presets import ModelSpec
 
 NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3", "h11", "ssl")
 """Where connection errors come from (huggingface-hub does not wrap all of them)."""

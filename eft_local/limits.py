@@ -22,6 +22,10 @@ N_CTX_MAX = 1 << 24
 N_GPU_LAYERS_MAX = 1 << 16
 """More layers than any model has (llama.cpp keeps the count in an int32)."""
 
+N_SEQ_MAX = 256
+"""Most sequences one model's context may hold: the sequence ids llama.cpp knows
+(``LLAMA_MAX_SEQ``)."""
+
 THREADS_PER_CORE = 4
 """--threads may be at most this many times the number of cores."""
 
@@ -43,6 +47,12 @@ def check_n_ctx(n_ctx: int, where: str) -> None:
         raise EftError(f"{where}: n_ctx must be an integer in [0, {N_CTX_MAX}], got {n_ctx!r}")
 
 
+def check_n_seq(n_seq: int, where: str) -> None:
+    """Refuse a sequence count outside [1, N_SEQ_MAX]."""
+    if isinstance(n_seq, bool) or not isinstance(n_seq, int) or not 1 <= n_seq <= N_SEQ_MAX:
+        raise EftError(f"{where}: n_seq must be an integer in [1, {N_SEQ_MAX}], got {n_seq!r}")
+
+
 def check_threads(n_threads: int, where: str) -> None:
     """Refuse a thread count below 1 or above :func:`max_threads`."""
     cap = max_threads()
@@ -52,9 +62,10 @@ def check_threads(n_threads: int, where: str) -> None:
 
 
 def kv_cache_bytes(n_ctx: int, *, n_layer: int, n_head_kv: int, k_len: int, v_len: int,
-                   bytes_per_value: int = 2) -> int:
-    """Bytes of a llama.cpp KV cache (f16 keys and values for every layer and position)."""
-    return n_ctx * n_layer * n_head_kv * (k_len + v_len) * bytes_per_value
+                   bytes_per_value: int = 2, n_seq: int = 1) -> int:
+    """Bytes of a llama.cpp KV cache holding ``n_seq`` sequences of ``n_ctx`` positions
+    (f16 keys and values for every layer and position)."""
+    return n_seq * n_ctx * n_layer * n_head_kv * (k_len + v_len) * bytes_per_value
 
 
 def available_memory() -> int | None:

@@ -1,4 +1,4 @@
-"""Loading a preset's models: load options, the alignment check, llama.cpp's quantizer.
+"""Loading a preset's models: load options, the alignment check, KV estimates.
 
 :class:`LoadOptions` are the runtime-wide defaults (a preset's per-model options win);
 :func:`check_models` reads vocabularies only; :func:`load_models` loads every role's file
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eft_local import backend, hub, limits
-from eft_local.config import Preset
+from eft_local import backend, ggufscan, hub, limits
 from eft_local.errors import EftError
+from eft_local.presets import Preset
 from eft_local.remote.model import endpoint_for, open_remote, top_k_warning
 from eft_local.remote.vocab import read_info
 from eft_local.schedule import shapes as schedules
@@ -41,6 +41,10 @@ class LoadOptions:
     download: bool = True
     """Download a preset's missing hub files when it loads (``serve`` turns this off unless
     ``--allow-download``)."""
+    n_seq: int = 1
+    """Sequences (slots) each local model's context holds at once, each with its own
+    ``n_ctx`` tokens of KV cache: how many generations run side by side (``serve -np``,
+    ``generate --input -np``; see :attr:`eft_local.backend.LlamaModel.n_seq`)."""
 
     def __post_init__(self) -> None:
         if self.schedule is not None and self.schedule not in ("auto", *schedules.NAMES):
@@ -50,6 +54,13 @@ class LoadOptions:
             limits.check_n_ctx(self.n_ctx, "load options")
         if self.n_threads is not None:
             limits.check_threads(self.n_threads, "load options")
+        limits.check_n_seq(self.n_seq, "load options")
+
+
+def kv_estimate(path: Path, n_ctx: int | None = None) -> tuple[int, int] | None:
+    """One slot's KV cache in bytes, and the context it is for, of a GGUF file (from its
+    header, nothing loaded; see :meth:`eft_local.ggufscan.Header.kv_bytes`)."""
+    return ggufscan.scan(path).kv_bytes(n_ctx)
 
 
 def check_models(preset: Preset, *, download: bool = False,
@@ -78,14 +89,6 @@ def check_models(preset: Preset, *, download: bool = False,
                  {r: v.as_pieces() for r, v in ordered.items()}, reference=preset.template_role)
 
 
-def quantize(source: str | Path, output: str | Path, kind: str, *,
-             allow_requantize: bool = False, n_threads: int = 0) -> Path:
-    """Write a quantized copy of a GGUF file with llama.cpp's quantizer (``kind``: Q8_0,
-    Q5_K_M, Q4_K_M, Q4_0, f16...); the output appears only when complete."""
-    return backend.quantize_gguf(source, output, kind, n_threads,
-                                 allow_requantize=allow_requantize)
-
-
 def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
                 say: Callable[[str], None]) -> dict[str, Any]:
     """Load each role's file (``paths``: the local roles) with the preset's per-model
@@ -107,7 +110,11 @@ def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
             loaded[role] = backend.LlamaModel(
                 path, n_ctx=spec.n_ctx if spec.n_ctx is not None else opts.n_ctx,
                 n_gpu_layers=layers if gpu else 0,
-                n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch)
+                n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch,
+                n_seq=opts.n_seq)
+            model = loaded[role]
+            say(f"{role}: KV cache {limits.size_text(model.kv_bytes_per_seq)} per slot x "
+                f"{model.n_seq} (n_ctx {model.n_ctx} each)")
         expected = min((m.n_vocab for m in loaded.values()), default=None)
         for role, spec in preset.models.items():
             if spec.remote:

@@ -21,7 +21,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,6 +343,11 @@ class Item(Protocol):
     line: int
 
 
+RunMany = Callable[[Iterator[tuple[int, Item]]],
+                   Iterator[tuple[tuple[int, Item], "dict[str, Any] | EftError"]]]
+"""Runs (line number, item) pairs several at a time, yielding each pair with its record's
+fields (or the error it ended in) as it finishes."""
+
 @dataclass
 class Counts:
     """What a run of :func:`write_results` did."""
@@ -356,46 +361,31 @@ class Counts:
 def write_results(lines: Iterable[tuple[int, str]], output_path: Path | None, *,
                   parse: Callable[[int, str], Item], run: Callable[[Item], dict[str, Any]],
                   retry_errors: bool = True, say: Say = lambda _m: None,
-                  total: int | None = None) -> Counts:
+                  total: int | None = None, run_many: RunMany | None = None) -> Counts:
     """Parse each input line, run it and append its record to ``output_path`` (stdout when
     None), one whole line each, flushed at once. Skips keys the output already holds a result
     for (and, without ``retry_errors``, those that only ended in errors); a bad line
     (:class:`BadRecord`), a duplicate id or an :class:`EftError` of ``run`` is an error
-    record. ``say`` gets one progress line per record."""
+    record. ``run_many`` (instead of ``run``, item by item) runs several items at once and
+    yields each with its outcome as it finishes: records are written in that order. ``say``
+    gets one progress line per record."""
     results = ResultsFile(output_path) if output_path is not None else None
     try:
         previous = results.previous(say) if results else {}
         skip = {key for key, ok in previous.items() if ok or not retry_errors}
         failed_before = {key for key, ok in previous.items() if not ok}
         counts = Counts()
-        seen: set[str | int] = set()
-        for n, (line_no, line) in enumerate(lines, 1):
-            try:
-                item = parse(line_no, line)
-            except BadRecord as bad:
-                if bad.key() in skip:
-                    counts.skipped += 1
-                    continue
-                record = bad.record()
-            else:
-                if ("id", item.id) in skip:
-                    counts.skipped += 1
-                    continue
-                if item.id in seen:
-                    record = {"id": item.id, "line": line_no,
-                              "error": f"duplicate id {item.id!r}"}
-                else:
-                    seen.add(item.id)
-                    try:
-                        record = {"id": item.id, **run(item)}
-                    except EftError as exc:
-                        record = {"id": item.id, "line": line_no, "error": str(exc)}
+        written = 0
+
+        def emit(record: dict[str, Any]) -> None:
+            nonlocal written
             text = json.dumps(record, ensure_ascii=False) + "\n"
             if results is not None:
                 results.write(text.encode("utf-8"))
             else:
                 sys.stdout.write(text)
                 sys.stdout.flush()
+            written += 1
             key: Key = (("id", record["id"]) if usable_id(record["id"])
                         else ("line", record.get("line")))
             retry = " (retried)" if key in failed_before else ""
@@ -407,7 +397,40 @@ def write_results(lines: Iterable[tuple[int, str]], output_path: Path | None, *,
                 counts.done += 1
                 state = str(record.get("finish", "done"))
             name = record["id"] if record["id"] is not None else f"line {record['line']}"
-            say(f"{n}/{total or '?'} {name}: {state}{retry}")
+            say(f"{written + counts.skipped}/{total or '?'} {name}: {state}{retry}")
+
+        seen: set[str | int] = set()
+
+        def items() -> Iterator[tuple[int, Item]]:
+            for line_no, line in lines:
+                try:
+                    item = parse(line_no, line)
+                except BadRecord as bad:
+                    if bad.key() in skip:
+                        counts.skipped += 1
+                    else:
+                        emit(bad.record())
+                    continue
+                if ("id", item.id) in skip:
+                    counts.skipped += 1
+                elif item.id in seen:
+                    emit({"id": item.id, "line": line_no,
+                          "error": f"duplicate id {item.id!r}"})
+                else:
+                    seen.add(item.id)
+                    yield line_no, item
+
+        def one_by_one(todo: Iterable[tuple[int, Item]]
+                       ) -> Iterator[tuple[tuple[int, Item], dict[str, Any] | EftError]]:
+            for entry in todo:
+                try:
+                    yield entry, run(entry[1])
+                except EftError as exc:
+                    yield entry, exc
+
+        for (line_no, item), outcome in (run_many or one_by_one)(items()):
+            emit({"id": item.id, "line": line_no, "error": str(outcome)}
+                 if isinstance(outcome, EftError) else {"id": item.id, **outcome})
     finally:
         if results is not None:
             results.close()

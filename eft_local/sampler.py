@@ -521,14 +521,6 @@ def draw(logprobs: np.ndarray, u: float, *, greedy: bool = False) -> int:
     return idx
 
 
-def pick(logprobs: np.ndarray, settings: SamplerSettings, position: int) -> tuple[int, np.ndarray]:
-    """Filter ``logprobs`` by ``settings`` and draw the token for ``position`` (a one-off;
-    steps build a sampler once with :func:`make_sampler`); returns the token and the
-    filtered log-probs."""
-    token = make_sampler(settings)(np.array(logprobs, dtype=np.float32), position).token
-    return token, filter_logprobs(logprobs, settings)
-
-
 def top_logprobs(logprobs: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     """The ``n`` most likely ids of a log-prob row with their log-probs, best first."""
     n = min(n, logprobs.size)

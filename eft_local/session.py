@@ -15,46 +15,47 @@ nothing a call is given outlives it. The CLI and the server use only this module
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from eft_local import backend, hub, speculative, structured, utf8
-from eft_local.chat import (
-    FALLBACK_TEMPLATE,
-    Conversation,
-    fit_messages,
-    special_pattern,
-    tokenize_messages,
-)
-from eft_local.config import (
+from eft_local import backend, hub, kvshift, speculative, utf8
+from eft_local.batch import Batch, Plan
+from eft_local.chat import Conversation
+from eft_local.engine import Engine, Model, Step
+from eft_local.errors import EftError
+from eft_local.formula import Formula
+from eft_local.loading import LoadOptions, check_models, load_models
+from eft_local.many import Batches
+from eft_local.presets import (
     Config,
     Preset,
     default_conservative_role,
     load_config,
     preset_from_paths,
 )
-from eft_local.engine import Engine, Model, Step
-from eft_local.errors import ContextFull, EftError
-from eft_local.formula import Formula
-from eft_local.loading import LoadOptions, check_models, load_models, quantize
+from eft_local.prompts import Prompts
 from eft_local.remote.http import traffic_summary
+from eft_local.request import Chunk, Generation, ReplyBytes, Request, Result, collect
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import tuning
 from eft_local.scoring import Score, score_tokens
 from eft_local.settings import Settings
-from eft_local.text import TextStream
-from eft_local.vocab import AlignmentReport
+from eft_local.templates import FALLBACK_TEMPLATE
+from eft_local.vocab import AlignmentReport, VocabInfo
 
 Progress = Callable[[str], None]
 """Where a session reports while it loads. Lines that start with ``warning:`` or ``note:``
 are notices (:func:`is_notice`); the others (which file loads, the schedule chosen) are
 details that the CLI prints only with ``--verbose``."""
 
-__all__ = ["Chunk", "LoadOptions", "Result", "SamplerSettings", "Score", "Session",
-           "Settings", "Step", "check_models", "is_notice", "load_session", "quantize"]
+__all__ = ["Chunk", "Generation", "LoadOptions", "Request", "Result", "SamplerSettings",
+           "Score", "Session", "Settings", "Step", "check_models", "is_notice", "load_session",
+           "quantize"]
 
 
 def is_notice(message: str) -> bool:
@@ -62,33 +63,7 @@ def is_notice(message: str) -> bool:
     return message.startswith(("warning:", "note:"))
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """A piece of streamed output: new text, the step that made it, or a notice. The last
-    chunk of a generation carries ``finish`` and ``evaluated``: how many prompt tokens the
-    models evaluated (the others were re-used from their caches)."""
-
-    text: str = ""
-    step: Step | None = None
-    finish: str | None = None
-    notice: str | None = None
-    evaluated: int | None = None
-    shifted: int | None = None
-    """On the last chunk: prompt tokens kept by cutting dropped turns out of the caches
-    (moved, not evaluated again; see :meth:`Session.stream`)."""
-
-
-@dataclass(frozen=True)
-class Result:
-    """A finished generation."""
-
-    text: str
-    finish: str
-    prompt_tokens: int
-    steps: list[Step] = field(default_factory=list)
-
-
-class Session:
+class Session(Prompts, Batches):
     """Models loaded for one preset, a conversation, and the default settings of calls."""
 
     def __init__(self, preset: Preset, *, params: Mapping[str, float] | None = None,
@@ -131,6 +106,9 @@ class Session:
         self._pieces: utf8.Pieces | None = None
         self._longest: int | None = None
         self._speculator: speculative.Speculator | None = None
+        self.batch = Batch(self.engine)
+        """The sequences running now, one per slot (``options.n_seq`` slots)."""
+        self._reply_pieces = ReplyBytes(ref)
         whole = [r for r, m in self.models.items() if not getattr(m, "partial_rewind", True)]
         self.can_speculate = not whole
         """False when a model cannot roll back part of its cache (recurrent or hybrid):
@@ -224,12 +202,11 @@ class Session:
     @property
     def speculator(self) -> speculative.Speculator:
         """This session's speculator, made once (its adaptive block size lasts across
-        turns) and again when ``options.draft_k`` or the preset's draft role changes."""
-        k, role = self.options.draft_k, self.preset.draft_role
+        turns) and again when ``options.draft_k`` changes."""
+        k = self.options.draft_k
         spec = self._speculator
-        if spec is None or spec.draft_k != k or spec.draft_role != role:
-            spec = self._speculator = speculative.Speculator(self.engine, draft_k=k,
-                                                             draft_role=role)
+        if spec is None or spec.draft_k != k:
+            spec = self._speculator = speculative.Speculator(self.engine, draft_k=k)
             t = self.tuning
             if t is not None:  # start from the costs measured at load, not from a guess
                 drafter = self.draft_role()
@@ -242,84 +219,14 @@ class Session:
         return {"template": self.preset.template_role, "draft": self.draft_role(settings),
                 "conservative": self.conservative_role(settings)}
 
-    # -- prompts --------------------------------------------------------------------------
-    def chat_tokens(self, messages: Sequence[Mapping[str, Any]], *,
-                    parse_special: bool | None = None,
-                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-        """Render ``messages`` (and ``tools``, OpenAI's function cards) with the chat
-        template and tokenize them.
-
-        Tool cards, assistant ``tool_calls`` and ``tool`` messages go to the template where
-        it renders them, else into plain messages (:func:`eft_local.structured.tool_messages`).
-
-        The template's own text is tokenized with special-token parsing; the messages'
-        content is not, so a control token's text typed in a message (``<|im_end|>``...)
-        stays plain text and cannot fake a turn. ``parse_special`` (default: that of
-        :attr:`defaults`) parses it too: the raw behaviour, for trusted input only.
-        BOS comes first when the model asks for it (``add_bos``) and the template did not
-        write it.
-        """
-        vocab = self.report.vocabs.get(self.preset.template_role)
-        special = self.defaults.parse_special if parse_special is None else parse_special
-        if not special and self._specials is None:
-            self._specials = special_pattern(vocab) or False
-        messages, cards = structured.tool_messages(self.template, messages, tools)
-        tokens = tokenize_messages(self.template, messages,
-                                   self.models[self.preset.template_role], vocab,
-                                   specials=None if special else self._specials or None,
-                                   tools=cards)
-        if vocab and vocab.add_bos and vocab.bos >= 0 and tokens[:1] != [vocab.bos]:
-            return [vocab.bos, *tokens]
-        return tokens
-
-    def special_count(self, text: str) -> int:
-        """How many control-token texts (``<|im_end|>``...) ``text`` holds: with special-token
-        parsing, that many tokens at least (and llama.cpp's parsing costs their number times
-        the text's length: count before tokenizing untrusted text)."""
-        if self._specials is None:
-            vocab = self.report.vocabs.get(self.preset.template_role)
-            self._specials = special_pattern(vocab) or False
-        return sum(1 for _ in self._specials.finditer(text)) if self._specials else 0
-
-    @property
-    def longest_token(self) -> int:
-        """The most bytes a token's text has: a text of N characters is at least N / this
-        many tokens (a check that needs no tokenizing)."""
-        if self._longest is None:
-            vocab = self.report.vocabs.get(self.preset.template_role)
-            self._longest = max((len(t) for t in vocab.texts), default=1) if vocab else 1
-        return max(1, self._longest)
-
-    def tokenize(self, text: str, *, add_bos: bool = True, parse_special: bool = False
-                 ) -> list[int]:
-        """Tokenize plain text with the template model's tokenizer: BOS first when
-        ``add_bos`` and the vocabulary asks for it; control-token text parsed as control
-        tokens only with ``parse_special``."""
-        return self.models[self.preset.template_role].tokenize(text, add_bos=add_bos,
-                                                               special=parse_special)
-
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        """The text of ``tokens`` (control tokens as their text), UTF-8 decoded as a whole."""
-        ref = self.models[self.preset.template_role]
-        n_vocab = ref.n_vocab
-        bad = next((t for t in tokens if isinstance(t, bool) or not isinstance(t, int)
-                    or not 0 <= t < n_vocab), None)
-        if bad is not None:
-            raise EftError(f"token id {bad!r} is outside the vocabulary (0..{n_vocab - 1})")
-        return b"".join(ref.piece(t, special=True) for t in tokens).decode("utf-8", "replace")
-
-    def raw_tokens(self, prompt: str) -> list[int]:
-        """Tokenize plain text (BOS added if the model's vocabulary asks for it)."""
-        return self.models[self.preset.template_role].tokenize(prompt, add_bos=True,
-                                                               special=False)
-
     # -- generation -----------------------------------------------------------------------
-    def stream(self, tokens: list[int], *, settings: Settings | None = None,
-               max_tokens: int = 512, diagnostics: bool = False, top_n: int | None = None,
-               shift: bool = False, **changes: object) -> Iterator[Chunk]:
-        """Generate after ``tokens`` with ``settings`` (default :attr:`defaults`, changed by
-        ``changes``: ``beta=1.5``, ``temperature=0``, ``stop=[...]``...); yields text
-        chunks, the last one carries ``finish``.
+    def prepare(self, tokens: Sequence[int], *, settings: Settings | None = None,
+                max_tokens: int = 512, diagnostics: bool = False, top_n: int | None = None,
+                shift: bool = False, dropped: int = 0, **changes: object) -> Request:
+        """One generation after ``tokens``, prepared in one pass: its settings
+        (``settings``, default :attr:`defaults`, changed by ``changes``: ``beta=1.5``,
+        ``temperature=0``, ``stop=[...]``...), formula weights, roles, grammar and limits.
+        Run it with :meth:`run` (or :meth:`start` beside others).
 
         ``top_n`` (0 or more) gives each step its log-prob under the mix (temperature 1, no
         filters, no grammar: as :meth:`score` defines it) and the ``top_n`` most likely
@@ -330,57 +237,89 @@ class Session:
         than evaluating them again (:func:`eft_local.kvshift.worth_shifting`), which gives
         slightly different log-probs from a fresh prompt."""
         s = self.settings_for(settings, **changes)
-        if max_tokens < 1:
-            raise EftError(f"invalid max_tokens {max_tokens}: must be >= 1")
-        ref = self.models[self.preset.template_role]
-        grammar = self.grammar(s.grammar) if s.grammar else None
-        text = TextStream(s.stop)
-        finish = "length"
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise EftError(f"invalid max_tokens {max_tokens!r}: must be >= 1")
+        if not tokens:
+            raise EftError("empty prompt: nothing to condition on")
+        if len(tokens) >= self.engine.n_ctx:
+            raise EftError(f"prompt is {len(tokens)} tokens; the context holds "
+                           f"{self.engine.n_ctx} (raise n_ctx or shorten the prompt)")
         weights = self.weights(s)
-        conservative = self.conservative_role(s)
-        generate = self.engine.generate
-        if (self.options.speculative and self.can_speculate
-                and speculative.worth_speculating(self.engine, weights, self.draft_role(s))):
-            generate = self.speculator.generate
-        before, shifted = self.engine.stats.prefilled, self.engine.stats.shifted
-        steps = generate(tokens, weights, s.sampling, max_tokens=max_tokens,
-                         diagnostics=diagnostics, top_n=top_n, conservative=conservative,
-                         shift=shift, grammar=grammar)
+        drafter = self.draft_role(s)
+        if not (self.options.speculative and self.can_speculate
+                and speculative.worth_speculating(self.engine, weights, drafter)):
+            drafter = None
+        grammar = self.grammar(s.grammar).clone if s.grammar else None
+        plan = Plan(tuple(int(t) for t in tokens), tuple(float(w) for w in weights),
+                    s.sampling, max_tokens, self.conservative_role(s), drafter=drafter,
+                    diagnostics=diagnostics, top_n=top_n, shift=shift, grammar=grammar)
+        return Request(plan, s, dropped=dropped)
+
+    def prepare_chat(self, messages: list[dict[str, Any]], *,
+                     settings: Settings | None = None, max_tokens: int = 512,
+                     tools: Sequence[Mapping[str, Any]] | None = None,
+                     diagnostics: bool = False, top_n: int | None = None,
+                     **changes: object) -> Request:
+        """A reply to ``messages`` (and ``tools``), prepared in one pass: fitted to the
+        context by the settings' policy (:meth:`fit_chat`; the request says how many
+        messages it dropped), rendered and tokenized once, then as :meth:`prepare`."""
+        s = self.settings_for(settings, **changes)
+        tokens, _kept, dropped = self.fit_chat(messages, settings=s, max_tokens=max_tokens,
+                                               tools=tools)
+        return self.prepare(tokens, settings=s, max_tokens=max_tokens,
+                            diagnostics=diagnostics, top_n=top_n, shift=bool(dropped),
+                            dropped=dropped)
+
+    def start(self, request: Request, *, slot: int | None = None,
+              cancelled: threading.Event | None = None) -> Generation:
+        """Start ``request`` in a free slot (default: the one whose caches share the
+        longest prefix with its prompt, :meth:`Batch.choose_slot`); it runs with every
+        :meth:`step`. An :class:`~eft_local.errors.EftError` when every slot is taken.
+        ``cancelled``: an event that stops its grammar work once set."""
+        self.batch.speculator = self.speculator
+        seq = self.batch.add(request.plan, slot=slot, cancelled=cancelled)
+        return Generation(request, seq, self.batch, self._reply_pieces)
+
+    def step(self) -> list[tuple[Generation, list[Chunk]]]:
+        """One step of every running generation: each one's new chunks (a finished
+        generation's last chunk carries its finish; it has left its slot)."""
+        out: dict[Generation, list[Chunk]] = {}
+        for seq, step in self.batch.step():
+            gen = seq.owner
+            if not isinstance(gen, Generation) or gen.finish is not None:
+                continue
+            if step is None:  # its own step failed: gen.error says why
+                gen.fail(seq.error)  # type: ignore[arg-type]
+                out.setdefault(gen, [])
+            else:
+                out.setdefault(gen, []).extend(gen.chunks(step))
+        return list(out.items())
+
+    def running(self) -> list[Generation]:
+        """The generations in their slots."""
+        return [s.owner for s in self.batch.running if isinstance(s.owner, Generation)]
+
+    def run(self, request: Request, *, slot: int | None = None) -> Iterator[Chunk]:
+        """Run ``request`` to its end, streaming its chunks; the last carries ``finish``."""
+        gen = self.start(request, slot=slot)
         try:
-            for step in steps:
-                piece = b"" if ref.is_eog(step.token) else ref.piece(step.token)
-                yield Chunk(text=text.push(piece), step=step)
-                finish = step.finish or finish
-                if text.stopped:
-                    finish = "stop"
-                    break
+            while gen.finish is None:
+                for other, chunks in self.step():
+                    if other is gen:
+                        yield from chunks
+            if gen.error is not None:
+                raise gen.error
         finally:
-            steps.close()
-        tail = text.flush()  # may apply a stop string that waited for an earlier, longer one
-        yield Chunk(text=tail, finish="stop" if text.stopped else finish,
-                    evaluated=self.engine.stats.prefilled - before,
-                    shifted=self.engine.stats.shifted - shifted)
+            gen.cancel()
 
-    def grammar(self, text: str) -> utf8.Guarded:
-        """A fresh state of the GBNF grammar ``text`` over the template model's vocabulary,
-        which also keeps the text well-formed UTF-8 (:mod:`eft_local.utf8`)."""
-        ref = self.models[self.preset.template_role]
-        if not isinstance(ref, backend.LlamaModel):
-            raise EftError("grammars need models loaded by llama.cpp")
-        if self._pieces is None:
-            vocab = self.report.vocabs.get(self.preset.template_role)
-            self._pieces = utf8.Pieces([ref.piece(t) for t in range(self.vocab_size)],
-                                       [t for t in (vocab.eog if vocab else ())
-                                        if t < self.vocab_size])
-        return utf8.Guarded(backend.Grammar(ref, text), utf8.Utf8Guard(self._pieces))
-
-    def prompt_tokens(self, prompt: str, *, raw: bool = True, system: str | None = None,
-                      parse_special: bool | None = None) -> list[int]:
-        """Tokens for a one-off prompt: ``raw`` text as is, else one chat turn."""
-        if raw:
-            return self.raw_tokens(prompt)
-        conv = Conversation(system=system, turns=[{"role": "user", "content": prompt}])
-        return self.chat_tokens(conv.messages(), parse_special=parse_special)
+    def stream(self, tokens: list[int], *, settings: Settings | None = None,
+               max_tokens: int = 512, diagnostics: bool = False, top_n: int | None = None,
+               shift: bool = False, **changes: object) -> Iterator[Chunk]:
+        """:meth:`prepare` and :meth:`run` in one: generate after ``tokens``; yields text
+        chunks, the last one carries ``finish``."""
+        return self.run(self.prepare(tokens, settings=settings, max_tokens=max_tokens,
+                                     diagnostics=diagnostics, top_n=top_n, shift=shift,
+                                     **changes))
 
     def complete(self, prompt: str, *, raw: bool = True, system: str | None = None,
                  settings: Settings | None = None, **kwargs: object) -> Iterator[Chunk]:
@@ -395,60 +334,9 @@ class Session:
     def generate(self, prompt: str, *, raw: bool = True, system: str | None = None,
                  **kwargs: object) -> Result:
         """Like :meth:`complete`, collected into a :class:`Result`."""
-        out, steps, finish = [], [], "length"
-        for chunk in self.complete(prompt, raw=raw, system=system, **kwargs):
-            out.append(chunk.text)
-            if chunk.step:
-                steps.append(chunk.step)
-            if chunk.finish:
-                finish = chunk.finish
-        return Result(text="".join(out), finish=finish, prompt_tokens=steps[0].position,
-                      steps=steps)
-
-    def fit_chat(self, messages: list[dict[str, Any]], *, settings: Settings | None = None,
-                 max_tokens: int = 512, tools: Sequence[Mapping[str, Any]] | None = None
-                 ) -> tuple[list[int], list[dict[str, Any]], int]:
-        """The prompt of ``messages`` (and ``tools``, as :meth:`chat_tokens`) under the
-        context policy of ``settings`` (default :attr:`defaults`): ``(tokens, messages
-        kept, messages dropped)``.
-
-        ``truncate`` drops the oldest whole turns (system messages and the newest message
-        stay) until a reply of ``min(max_tokens, n_ctx / 4)`` tokens fits after the prompt;
-        when the newest message needs more, the reply gets the room left. ``error`` keeps
-        every message. Either way a prompt that leaves no room for one token is a
-        :class:`~eft_local.errors.ContextFull` error.
-        """
-        s = settings or self.defaults
-        n_ctx = self.engine.n_ctx
-        rendered: dict[int, list[int]] = {}
-
-        def count(msgs: list[dict[str, str]]) -> int:
-            rendered[len(msgs)] = found = self.chat_tokens(msgs, parse_special=s.parse_special,
-                                                           tools=tools)
-            return len(found)
-
-        if s.context_overflow == "error":
-            need = count(messages)
-            if need >= n_ctx:
-                raise ContextFull(f"the conversation needs {need} tokens but the context holds "
-                                  f"{n_ctx}; drop older turns (context overflow 'truncate') "
-                                  "or raise n_ctx")
-            return rendered[len(messages)], list(messages), 0
-
-        def chars(msgs: list[dict[str, Any]]) -> int:
-            return sum(len(m["content"]) for m in msgs if isinstance(m.get("content"), str))
-
-        reserve = min(max_tokens, n_ctx // 4)
-        most = self.longest_token  # first what the characters alone decide (N characters:
-        try:  # N / most tokens at least), so that a long history is never tokenized whole
-            fewer, gone = fit_messages(messages, chars, (n_ctx - reserve) * most,
-                                       limit=(n_ctx - 1) * most)
-        except ContextFull:  # too long even alone: tokenized alone, for the error's count
-            fewer, gone = fit_messages(messages, chars, 0, limit=chars(messages))
-        kept, dropped = fit_messages(fewer, count, n_ctx - reserve, limit=n_ctx - 1)
-        tokens = rendered.get(len(kept)) or self.chat_tokens(kept, parse_special=s.parse_special,
-                                                             tools=tools)
-        return tokens, kept, gone + dropped
+        chunks = list(self.complete(prompt, raw=raw, system=system, **kwargs))
+        first = next((c.step for c in chunks if c.step is not None), None)
+        return collect(chunks, first.position if first is not None else 0)
 
     def chat(self, message: str, *, settings: Settings | None = None, max_tokens: int = 512,
              diagnostics: bool = False, **changes: object) -> Iterator[Chunk]:
@@ -466,20 +354,19 @@ class Session:
         before, dropped_before = list(conv.turns), conv.dropped
         conv.add("user", message)
         try:
-            tokens, _kept, dropped = self.fit_chat(conv.messages(), settings=s,
-                                                   max_tokens=max_tokens)
-            exchanges = conv.drop(dropped)
+            request = self.prepare_chat(conv.messages(), settings=s, max_tokens=max_tokens,
+                                        diagnostics=diagnostics)
+            exchanges = conv.drop(request.dropped)
         except BaseException:
             conv.turns[:], conv.dropped = before, dropped_before
             raise
         reply: list[str] = []
         try:
-            if dropped and not dropped_before:
+            if request.dropped and not dropped_before:
                 yield Chunk(notice=f"the conversation is longer than the context "
                             f"({self.engine.n_ctx} tokens): its oldest turns are dropped from "
                             f"now on ({exchanges} exchange(s) this time)")
-            for chunk in self.stream(tokens, settings=s, max_tokens=max_tokens,
-                                     diagnostics=diagnostics, shift=bool(dropped)):
+            for chunk in self.run(request, slot=0):
                 reply.append(chunk.text)
                 yield chunk
         except Exception:  # a failed turn leaves the history as it was
@@ -497,7 +384,8 @@ class Session:
 
     # -- scoring --------------------------------------------------------------------------
     def score(self, text_or_tokens: str | Sequence[int], *, settings: Settings | None = None,
-              top_n: int = 0, per_model: bool = False, **changes: object) -> Score:
+              top_n: int = 0, per_model: bool = False, slot: int | None = None,
+              **changes: object) -> Score:
         """Every token's log-prob under the mix (see :mod:`eft_local.scoring`).
 
         A string is tokenized as raw text (BOS first when the model asks for it); a token
@@ -505,14 +393,69 @@ class Session:
         ``top_n`` adds the most likely tokens at each position, ``per_model`` each model's
         own log-prob of the token. Uses the formula and knobs of ``settings`` (default
         :attr:`defaults`, with ``changes``); the sampler's temperature and filters do not
-        apply (conservative decoding does).
+        apply (conservative decoding does). The text is evaluated in a free ``slot``
+        (default: the one sharing the longest prefix with it).
         """
         s = self.settings_for(settings, **changes)
         tokens = (self.raw_tokens(text_or_tokens) if isinstance(text_or_tokens, str)
                   else list(text_or_tokens))
+        slot = self.batch.choose_slot(tokens) if slot is None else slot
+        if slot is None or slot not in self.free_slots():
+            raise EftError(f"no free slot to score in (all {len(self.batch.slots)} run)")
         result = score_tokens(self.engine, tokens, self.weights(s), s.sampling, top_n=top_n,
-                              per_model=per_model, conservative=self.conservative_role(s))
+                              per_model=per_model, conservative=self.conservative_role(s),
+                              seq=slot)
         return replace(result, formula=s.describe())
+
+    # -- slots ----------------------------------------------------------------------------
+    def free_slots(self) -> list[int]:
+        """Slots (KV sequences of every model) that no generation runs in."""
+        return self.batch.free_slots()
+
+    def held(self, role: str, slot: int = 0) -> list[int]:
+        """The tokens ``role``'s cache holds in ``slot``."""
+        return list(self.engine.held(role, slot))
+
+    def role_vocab(self, role: str) -> tuple[VocabInfo, list[bytes], dict[int, bytes]]:
+        """``role``'s vocabulary as its file gives it, each id's piece (control tokens as
+        their text) and the pieces that differ without special tokens (what ``/eft/vocab``
+        serves)."""
+        model = self.models[role]
+        read = getattr(model, "vocab", None)
+        vocab = read() if callable(read) else self.report.vocabs[role]
+        pieces = [model.piece(i, special=True) for i in range(vocab.n_tokens)]
+        plain = {i: p for i in range(vocab.n_tokens) if (p := model.piece(i)) != pieces[i]}
+        return vocab, pieces, plain
+
+    def model_rows(self, role: str, tokens: Sequence[int], first: int, *,
+                   slot: int | None = None) -> tuple[np.ndarray, int]:
+        """One model's logit rows at positions ``first .. len(tokens) - 1`` of ``tokens``
+        (row i predicts token i + 1) in a free ``slot`` (default: the one sharing the
+        longest prefix), re-using the prefix its cache holds there; and how many positions
+        were re-used. Positions before ``first`` that must be evaluated get no rows."""
+        model = self.models[role]
+        tokens = [int(t) for t in tokens]
+        bad = next((t for t in tokens if not 0 <= t < model.n_vocab), None)
+        if bad is not None:
+            raise EftError(f"token id {bad} is outside the vocabulary "
+                           f"(0..{model.n_vocab - 1})")
+        if not 0 <= first < len(tokens):
+            raise EftError(f"first row {first} is outside the {len(tokens)} positions")
+        if len(tokens) > model.n_ctx:
+            raise EftError(f"{len(tokens)} tokens do not fit the context ({model.n_ctx})")
+        slot = self.batch.choose_slot(tokens) if slot is None else slot
+        if slot is None or slot not in self.free_slots():
+            raise EftError("no free slot for the rows")
+        keep = min(kvshift.common_prefix(self.engine.held(role, slot), tokens), first)
+        if first > keep:
+            self.engine.evaluate_role(role, keep, tokens[keep:first], seq=slot)
+            keep_evaluated = first
+        else:
+            keep_evaluated = keep
+        wanted = len(tokens) - first
+        rows = self.engine.evaluate_role(role, keep_evaluated, tokens[first:],
+                                         all_logits=wanted > 1, seq=slot, whole=True)
+        return rows[-wanted:], keep
 
     # -- introspection --------------------------------------------------------------------
     @property
@@ -520,22 +463,9 @@ class Session:
         """The context every model holds, in tokens (the smallest of them)."""
         return self.engine.n_ctx
 
-    @property
-    def vocab_size(self) -> int:
-        """Token ids are ``0 .. vocab_size - 1`` (the models' common range)."""
-        return self.engine.width
-
     def is_eog(self, token: int) -> bool:
         """True when ``token`` ends a generation (end of turn or of text)."""
         return self.engine.is_eog(token)
-
-    def token_text(self, token: int) -> str:
-        """A token's text, control tokens shown as themselves."""
-        return self.token_bytes(token).decode("utf-8", "replace")
-
-    def token_bytes(self, token: int) -> bytes:
-        """A token's bytes, control tokens as their text."""
-        return self.models[self.preset.template_role].piece(token, special=True)
 
     def why(self, k: int = 5, settings: Settings | None = None
             ) -> dict[str, list[tuple[str, float]]]:
@@ -557,7 +487,11 @@ class Session:
                 "sampler_ms_per_token": 1e3 * s.sampler_seconds / max(1, s.generated),
                 "shifted_tokens": s.shifted,
                 "drafted_tokens": s.drafted, "accepted_tokens": s.accepted,
-                "acceptance_rate": s.acceptance_rate(), **self.remote_stats(),
+                "acceptance_rate": s.acceptance_rate(), "slots": len(self.batch.slots),
+                "running": len(self.batch.running),
+                "kv_bytes_per_slot": {r: int(getattr(m, "kv_bytes_per_seq", 0))
+                                      for r, m in self.models.items()},
+                **self.remote_stats(),
                 **self.schedule_stats()}
 
     def remote_stats(self) -> dict[str, object]:
@@ -569,6 +503,14 @@ class Session:
         """The decode schedule and, when it was measured, its predicted and measured speed
         relative to the largest model alone at its best thread count."""
         return tuning.schedule_stats(self.engine, self.tuning, self.schedule_reason)
+
+
+def quantize(source: str | Path, output: str | Path, kind: str, *,
+             allow_requantize: bool = False, n_threads: int = 0) -> Path:
+    """Write a quantized copy of a GGUF file with llama.cpp's quantizer (``kind``: Q8_0,
+    Q5_K_M, Q4_K_M, Q4_0, f16...); the output appears only when complete."""
+    return backend.quantize_gguf(source, output, kind, n_threads,
+                                 allow_requantize=allow_requantize)
 
 
 def load_session(preset: str | None = None, *, models: Sequence[str] = (),

@@ -1,6 +1,9 @@
 """Speculative EFT decoding (paper section 4.3): draft with one model, verify in blocks.
 
-The drafter (the preset's ``draft_role``, by default :meth:`Engine.cheapest_role`) drafts up
+A sequence running alone in its batch (:mod:`eft_local.batch`) may decode in blocks; with
+several sequences running, each step is one batched plain step for all of them (the cores
+are then busy with every sequence's token already). The drafter (the preset's
+``draft_role``, by default :meth:`Engine.cheapest_role`) drafts up
 to ``k`` tokens, each drawn from its own filtered distribution with the noise of its
 position (:func:`eft_local.sampler.race`), the very noise plain decoding uses, so draft and
 mix are coupled. Every active model then evaluates the block in one batched decode with a
@@ -17,16 +20,20 @@ by about 1e-5, which can flip a draw that lands that close to a tie).
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from eft_local.engine import Constraint, Engine, Step
+from eft_local.engine import Engine, Step
 from eft_local.errors import EftError
 from eft_local.kvshift import common_prefix
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule.blocks import BlockSizer
+
+if TYPE_CHECKING:
+    from eft_local.batch import Batch, Sequence
 
 STOP_BELOW = 0.2
 """Adaptive drafting stops when the drafter's top probability falls below this."""
@@ -51,33 +58,26 @@ def worth_speculating(engine: Engine, weights: np.ndarray, draft_role: str) -> b
 
 
 class Speculator:
-    """Speculative decoding over an :class:`Engine`; its :meth:`generate` mirrors
-    :meth:`Engine.generate` (same steps, same stops, the same finish on the last step)."""
+    """Speculative decoding for a sequence that runs alone in its :class:`~eft_local.batch.
+    Batch`: :meth:`start` decides, per generation, whether blocks may pay; the batch then
+    asks :meth:`block_size` before each step and runs :meth:`block` (drafted tokens checked
+    by every model in one batched decode) or a plain step, which it reports back
+    (:meth:`plain_step`, :meth:`shadow`). Either way each token is drawn exactly as a plain
+    step draws it."""
 
-    def __init__(self, engine: Engine, *, draft_k: int | None = None,
-                 stop_below: float | None = None, reuse_draft_rows: bool = True,
-                 draft_role: str | None = None) -> None:
+    def __init__(self, engine: Engine, *, draft_k: int | None = None) -> None:
         if draft_k is not None and (isinstance(draft_k, bool) or draft_k < 1):
             raise EftError(f"invalid draft_k {draft_k!r}: must be an integer >= 1 (or None "
                            "for an adaptive block size)")
-        if draft_role is not None and draft_role not in engine.models:
-            raise EftError(f"draft role {draft_role!r} is not among the models "
-                           f"({', '.join(engine.roles)})")
         self.engine = engine
-        self.draft_role = draft_role
-        """The drafting model; None: the cheapest one with weight, chosen per generation."""
-        self.drafter = draft_role or engine.template_role
+        self.drafter = engine.template_role
         """The model drafting in the current (or last) generation."""
         self.sizer = BlockSizer(fixed=draft_k)
-        self.stop_below = (STOP_BELOW if draft_k is None else 0.0) if stop_below is None \
-            else stop_below
-        self.reuse_draft_rows = reuse_draft_rows
+        self.stop_below = STOP_BELOW if draft_k is None else 0.0
         self.block_sizes: list[int] = []
         self._plain_steps = 0
-        self._rows: np.ndarray | None = None
-        self._grammar: Constraint | None = None
         self.plain_generations = 0
-        """Generations handed to plain decoding because no block could pay."""
+        """Generations decoded plainly because no block could pay (or plain steps won)."""
         self.remeasured = 0
         """Times the block costs were forgotten to be measured again (:data:`RETRY_AFTER`,
         or the settings they were measured under changed)."""
@@ -127,127 +127,73 @@ class Speculator:
         self._since_block = 0
         self.remeasured += 1
 
-    # -- the loop -------------------------------------------------------------------------
-    def generate(self, tokens: list[int], weights: np.ndarray, settings: SamplerSettings,
-                 *, max_tokens: int, diagnostics: bool = False, top_n: int | None = None,
-                 conservative: str | None = None, shift: bool = False,
-                 grammar: Constraint | None = None) -> Iterator[Step]:
-        """Yield the tokens plain decoding would yield, drafting and verifying in blocks
-        (``shift``: the prompt as :meth:`Engine.prime` takes it); under ``grammar`` the
-        drafter drafts with a copy of its state (each position's draw is plain decoding's
-        own, with the state after the tokens before it)."""
-        eng = self.engine
-        self._grammar = grammar
-        conservative = conservative or eng.conservative_role
-        self.drafter = self.draft_role or eng.cheapest_role(weights, prefer=conservative)
-        self._refresh_costs(weights, settings, diagnostics, conservative)
+    # -- a generation -----------------------------------------------------------------------
+    def start(self, seq: Sequence) -> str:
+        """How ``seq`` decodes while it runs alone: ``blocks``; ``shadow`` (plain steps win
+        at the acceptance seen so far, and every few steps the drafter's guess keeps that
+        acceptance measured); or ``plain`` (the costs say no block can pay)."""
+        plan = seq.plan
+        assert plan.drafter is not None
+        self.drafter = plan.drafter
+        self._refresh_costs(seq.weights, plan.sampling, plan.diagnostics, plan.conservative)
         self._since_block += 1
-        if self.sizer.hopeless():  # blocks cannot pay here: plain decoding, as is
+        if self.sizer.hopeless():
             self.plain_generations += 1
-            yield from eng.generate(tokens, weights, settings, max_tokens=max_tokens,
-                                    diagnostics=diagnostics, top_n=top_n,
-                                    conservative=conservative, shift=shift,
-                                    grammar=grammar)
-            return
+            return "plain"
         if self.sizer.plain_wins():
-            # plain steps win at the acceptance seen so far: plain decoding's own loop (the
-            # speculative one costs more per plain step), guessing drafts to keep learning
             self.plain_generations += 1
-            yield from eng.generate(tokens, weights, settings, max_tokens=max_tokens,
-                                    diagnostics=diagnostics, top_n=top_n,
-                                    conservative=conservative,
-                                    on_step=lambda rows, step: self._shadow_step(
-                                        rows, step, settings),
-                                    extra=(self.drafter,), shift=shift,
-                                    grammar=grammar)
-            return
-        started = time.perf_counter()
-        eng.settle_schedule()  # a probe left unfinished would outlive its plain steps
-        eng.activate(weights, settings, diagnostics=diagnostics, extra=(self.drafter,),
-                     conservative=conservative)
-        eng.prime(tokens, shift=shift)
-        seq = list(tokens)
-        head: np.ndarray | None = eng.rows  # rows at len(seq); None: seq[-1] not evaluated
-        emitted = 0
+            return "shadow"
+        self.engine.settle_schedule()  # a probe left unfinished would outlive its plain steps
+        return "blocks"
+
+    def block_size(self, seq: Sequence) -> int:
+        """Drafts for ``seq``'s next step; 0: a plain step (then :meth:`plain_step`)."""
+        return min(self.sizer.next_k(), seq.plan.max_tokens - seq.emitted - 1,
+                   self.engine.n_ctx - 1 - seq.position)
+
+    def block(self, batch: Batch, seq: Sequence, k: int) -> list[Step]:
+        """Draft up to ``k`` tokens after ``seq``'s last one, verify them with every model in
+        one batched decode each, and keep what plain decoding would draw: the agreeing
+        drafts and the first sample that differs (or one more token when all agree)."""
+        eng = self.engine
+        plan = seq.plan
+        position = seq.position
+        t0 = time.perf_counter()
+        draft, ref_rows = self._draft(seq, k)
+        t1 = time.perf_counter()
+        rows = self._verify(seq, draft, ref_rows)
+        t2 = time.perf_counter()
+        accepted, out = 0, []
         try:
-            while True:
-                position = len(seq)
-                # the first token comes straight from the prompt's rows (time to first token
-                # as in plain decoding); later blocks start with that token, unevaluated
-                k = 0 if head is not None else min(self.sizer.next_k(), max_tokens - emitted - 1,
-                                                   eng.n_ctx - 1 - position)
-                if k <= 0 and head is None:  # a plain step, by plain decoding's own path
-                    k, head = 0, self._plain_step(seq)
-                t0 = time.perf_counter()
-                draft, ref_rows = self._draft(seq, head, settings, max(0, k), grammar)
-                t1 = time.perf_counter()
-                rows = self._verify(seq, head, draft, ref_rows)
-                t2 = time.perf_counter()
-                accepted = 0
-                guess = self._shadow_guess(rows[:, 0], settings, position) if not draft \
-                    else None
-                for i in range(len(draft) + 1):
-                    step = eng.choose(rows[:, i], weights, settings, position + i,
-                                      diagnostics=diagnostics, top_n=top_n,
-                                      conservative=conservative, grammar=grammar)
-                    if guess is not None:
-                        self.sizer.count(int(guess == step.token), guess != step.token)
-                    agree = i < len(draft) and step.token == draft[i]
-                    seq.append(step.token)
-                    emitted += 1
-                    eng.count_token(started)
-                    finish = eng.finish(step.token, position + i + 1, emitted, max_tokens)
-                    if agree or finish:
-                        step = replace(step, from_draft=agree, finish=finish)
-                    yield step
-                    if finish is not None:
-                        self._record(draft, accepted + agree, t1 - t0, t2 - t1, head)
-                        return
-                    if grammar is not None:
-                        grammar.accept(step.token)
-                    if not agree:
-                        break
-                    accepted += 1
-                self._record(draft, accepted, t1 - t0, t2 - t1, head)
-                head = None
+            for i in range(len(draft) + 1):
+                step = eng.choose(rows[:, i], seq.weights, plan.sampling, position + i,
+                                  diagnostics=plan.diagnostics, top_n=plan.top_n,
+                                  conservative=plan.conservative, grammar=seq.grammar)
+                agree = i < len(draft) and step.token == draft[i]
+                step = batch.advance(seq, replace(step, from_draft=True) if agree else step)
+                out.append(step)
+                accepted += agree
+                if step.finish is not None or not agree:
+                    break
         finally:
-            self._grammar = None
-            self._rewind_to(seq)
-            eng.stats.wall_seconds += time.perf_counter() - started
+            self._record(draft, accepted, t1 - t0, t2 - t1)
+            self._rewind(seq)
+        return out
 
     # -- draft, verify, bookkeeping -------------------------------------------------------
-    def _plain_step(self, seq: list[int]) -> np.ndarray:
-        """Evaluate the last token of ``seq`` with every active model exactly as a plain
-        step does (one-token decode into a row buffer, the decode schedule) and time it:
-        adaptive speculation that chose plain steps costs what plain decoding costs."""
+    def _draft(self, seq: Sequence, k: int) -> tuple[list[int], list[np.ndarray]]:
+        """Up to ``k`` tokens from the drafter alone after ``seq``'s last token (which no
+        model has evaluated yet), drawn with the positions' noise (the argmax at temperature
+        0) under a copy of the grammar, and the drafter's row before each of them."""
         eng = self.engine
-        if self._rows is None or self._rows.shape != (len(eng.roles), eng.width):
-            self._rows = np.zeros((len(eng.roles), eng.width), dtype=np.float32)
-        start = time.perf_counter()
-        eng.evaluate_each(len(seq) - 1, seq[-1:], roles=eng.active, out=self._rows)
-        seconds = time.perf_counter() - start
-        eng.stats.verify_seconds += seconds
-        self.sizer.observe(0, 0, 0.0, seconds, 1)
-        return self._rows
-
-    def _draft(self, seq: list[int], head: np.ndarray | None, settings: SamplerSettings,
-               k: int, grammar: Constraint | None = None) -> tuple[list[int], list[np.ndarray]]:
-        """Up to ``k`` tokens from the drafter alone, drawn with the positions' noise (the
-        argmax at temperature 0) under a copy of ``grammar``, and the drafter's row before
-        each of them."""
-        if k == 0:
-            return [], []
-        eng = self.engine
-        role = self.drafter
-        state = None if grammar is None else grammar.clone()
-        if head is not None:
-            row = head[eng.index(role)]
-        else:
-            row = eng.evaluate_role(role, len(seq) - 1, seq[-1:])[-1]
+        role, tokens, slot = self.drafter, seq.tokens, seq.slot
+        settings = seq.plan.sampling
+        state = None if seq.grammar is None else seq.grammar.clone()
+        row = eng.evaluate_role(role, len(tokens) - 1, tokens[-1:], seq=slot)[-1]
         draft: list[int] = []
         rows: list[np.ndarray] = []
         while True:
-            picked = eng.draw(eng.model_scores(row), settings, len(seq) + len(draft), state)
+            picked = eng.draw(eng.model_scores(row), settings, len(tokens) + len(draft), state)
             if draft and self.stop_below and picked.p_top < self.stop_below:
                 return draft, rows
             draft.append(picked.token)
@@ -256,87 +202,79 @@ class Speculator:
                 return draft, rows
             if state is not None:
                 state.accept(picked.token)
-            row = eng.evaluate_role(role, len(seq) + len(draft) - 1, [picked.token])[-1]
+            row = eng.evaluate_role(role, len(tokens) + len(draft) - 1, [picked.token],
+                                    seq=slot)[-1]
 
-    def _verify(self, seq: list[int], head: np.ndarray | None, draft: list[int],
-                ref_rows: list[np.ndarray]) -> np.ndarray:
-        """Rows (models, len(draft) + 1, width): row i is the position ``len(seq) + i``.
+    def _verify(self, seq: Sequence, draft: list[int], ref_rows: list[np.ndarray]
+                ) -> np.ndarray:
+        """Rows (models, len(draft) + 1, width): row i is the position ``position + i``.
 
-        Every active model evaluates the block (the unevaluated last token of ``seq``, if
-        any, and the draft) in one batched decode. With ``reuse_draft_rows`` the drafter
-        evaluates only the last draft token and its drafting rows stand for the others.
-        Rows of inactive models (weight 0) are zeros.
+        Every model of ``seq`` evaluates the block (its last token and the draft) in one
+        batched decode; the drafter evaluates only the last draft token, its drafting rows
+        stand for the others. Rows of models not evaluated for ``seq`` (weight 0) are zeros.
         """
         eng = self.engine
-        pending = [] if head is not None else seq[-1:]
-        block = pending + draft
-        if not block:
-            return head[:, None, :]  # type: ignore[index]
-        start = len(seq) - len(pending)
-        active = eng.active
-        keeps = {r: start for r in active}
-        batches = {r: block for r in active}
-        reuse = self.reuse_draft_rows and bool(draft)
-        if reuse:
-            keeps[self.drafter] = len(seq) + len(draft) - 1
-            batches[self.drafter] = draft[-1:]
+        tokens = seq.tokens
+        block = tokens[-1:] + draft
+        roles = seq.roles
+        keeps = {r: len(tokens) - 1 for r in roles}
+        batches = {r: block for r in roles}
+        keeps[self.drafter] = len(tokens) + len(draft) - 1
+        batches[self.drafter] = draft[-1:]
         # a block is a short prompt: each model in turn with every thread is fastest there
-        # (what the load-time costs measured), a lone token takes the decode schedule
-        each = eng.evaluate_each([keeps[r] for r in active], [batches[r] for r in active],
-                                 all_logits=True, roles=active, prefill=len(block) > 1)
-        out = np.empty((len(eng.roles), len(draft) + 1, eng.width), dtype=np.float32)
-        for role in eng.roles:
-            if role not in active:
-                out[eng.index(role)] = 0.0
-        for role, rows in zip(active, each, strict=True):
+        # (what the load-time costs measured)
+        each = eng.evaluate_each([keeps[r] for r in roles], [batches[r] for r in roles],
+                                 all_logits=True, roles=roles, prefill=len(block) > 1,
+                                 seq=seq.slot)
+        out = np.zeros((len(eng.roles), len(draft) + 1, eng.width), dtype=np.float32)
+        for role, rows in zip(roles, each, strict=True):
             i = eng.index(role)
-            if reuse and role == self.drafter:
+            if role == self.drafter:
                 out[i, : len(ref_rows)] = ref_rows
                 out[i, len(ref_rows):] = rows
-            elif head is None:
-                out[i] = rows
             else:
-                out[i, 0] = head[i]
-                out[i, 1:] = rows
+                out[i] = rows
         return out
 
-    def _record(self, draft: list[int], accepted: int, draft_s: float, verify_s: float,
-                head: np.ndarray | None) -> None:
+    def _record(self, draft: list[int], accepted: int, draft_s: float, verify_s: float
+                ) -> None:
         stats = self.engine.stats
         stats.draft_seconds += draft_s
         stats.verify_seconds += verify_s
-        if draft:
-            self._since_block = 0
-            stats.blocks += 1
-            stats.drafted += len(draft)
-            stats.accepted += accepted
-            self.block_sizes.append(len(draft))
-        block_len = len(draft) + (head is None)
-        if not block_len:
-            return  # a plain step (timed by _plain_step) or the prompt's first token
-        self.sizer.observe(len(draft), accepted, draft_s, verify_s, block_len)
+        self._since_block = 0
+        stats.blocks += 1
+        stats.drafted += len(draft)
+        stats.accepted += accepted
+        self.block_sizes.append(len(draft))
+        self.sizer.observe(len(draft), accepted, draft_s, verify_s, len(draft) + 1)
 
-    def _shadow_guess(self, rows: np.ndarray, settings: SamplerSettings, position: int
-                      ) -> int | None:
-        """During adaptive plain steps, every few steps: the token the drafter would have
-        drafted (sampled, not decoded), to keep the acceptance estimate fresh."""
+    def plain_step(self, seconds: float) -> None:
+        """A plain step of a sequence in ``blocks`` mode evaluated in ``seconds``: what the
+        block sizer weighs blocks against."""
+        self.engine.stats.verify_seconds += seconds
+        self.sizer.observe(0, 0, 0.0, seconds, 1)
+
+    def shadow(self, seq: Sequence, rows: np.ndarray, step: Step) -> None:
+        """A plain step of ``seq`` drew ``step`` from ``rows``: every few steps, count
+        whether the drafter's guess (sampled with the position's noise, not decoded) is the
+        token the mix drew, to keep the acceptance estimate fresh."""
         if self.sizer.fixed is not None or self.sizer.plain_only:
-            return None
+            return
         self._plain_steps += 1
         if self._plain_steps % SHADOW_EVERY:
-            return None
+            return
         eng = self.engine
         row = rows[eng.index(self.drafter)]
-        return eng.draw(eng.model_scores(row), settings, position, self._grammar).token
+        guess = eng.draw(eng.model_scores(row), seq.plan.sampling, step.position,
+                         seq.grammar).token
+        self.sizer.count(int(guess == step.token), guess != step.token)
 
-    def _shadow_step(self, rows: np.ndarray, step: Step, settings: SamplerSettings) -> None:
-        """A plain-decoding step: every few steps, count whether the drafter's guess (with
-        the position's noise) is the token the mix drew."""
-        guess = self._shadow_guess(rows, settings, step.position)
-        if guess is not None:
-            self.sizer.count(int(guess == step.token), guess != step.token)
-
-    def _rewind_to(self, seq: list[int]) -> None:
+    def _rewind(self, seq: Sequence) -> None:
         """Drop rejected drafts: every model keeps only the part of ``seq`` it evaluated."""
-        for model in self.engine.models.values():
-            model.rewind(common_prefix(model.tokens, seq))
+        eng = self.engine
+        start = min(seq.held.values(), default=0)
+        for role in seq.roles:
+            held = eng.held(role, seq.slot)
+            k = start + common_prefix(held[start:], seq.tokens[start:])
+            eng.models[role].rewind(k, seq.slot)
+            seq.held[role] = min(k, len(seq.tokens) - 1)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from eft_local import backend
-from eft_local.chat import tool_support
 from eft_local.errors import EftError
 from eft_local.schema import (  # noqa: F401  (the keyword sets, re-exported)
     ANNOTATIONS,
@@ -31,6 +30,7 @@ from eft_local.schema import (  # noqa: F401  (the keyword sets, re-exported)
     schema_grammar,
     unenforced,
 )
+from eft_local.templates import tool_support
 
 
 class SchemaError(EftError):

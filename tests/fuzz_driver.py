@@ -35,7 +35,7 @@ from tests.ggufs import write_model
 
 WORK = Path(sys.argv[1] if len(sys.argv) > 1 else ".").resolve()
 EXAMPLES = int(sys.argv[2]) if len(sys.argv) > 2 else 25
-ONE = ["-t", "0", "--max-tokens", "2", "--threads", "1", "--sequential"]
+ONE = ["-t", "0", "--max-tokens", "2", "--threads", "1", "--schedule", "sequential"]
 
 MODEL = write_model(WORK / "small_ft.gguf", seed=2)
 BASE = write_model(WORK / "small_base.gguf", seed=3)
@@ -186,7 +186,7 @@ def fuzz_models_toml(text: str, load: int) -> None:
     CONFIG.write_text(text, encoding="utf-8", errors="surrogatepass")
     if run(["models"]) != 0:
         return
-    from eft_local.config import load_config
+    from eft_local.presets import load_config
 
     names = list(load_config().presets)
     if names and load == 0:

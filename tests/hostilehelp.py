@@ -38,15 +38,16 @@ def slow_log(prefix: bytes, seconds: float) -> str:
 
 
 def slow_decode(seconds: float, *, endless: bool = False) -> str:
-    """Child prelude: every one-token decode takes ``seconds`` more; ``endless``: no token
-    ends a generation (it runs to its token limit)."""
+    """Child prelude: every decode of single tokens (a decoding step) takes ``seconds``
+    more; ``endless``: no token ends a generation (it runs to its token limit)."""
     return (
         "import time\nfrom eft_local import backend as _b\n"
-        "_eval_into = _b.LlamaModel.eval_into\n"
-        "def _slow(self, tokens, out):\n"
-        f"    time.sleep({seconds!r})\n"
-        "    return _eval_into(self, tokens, out)\n"
-        "_b.LlamaModel.eval_into = _slow\n"
+        "_decode = _b.LlamaModel.decode\n"
+        "def _slow(self, parts, out=None):\n"
+        "    if all(len(p.tokens) == 1 for p in parts):\n"
+        f"        time.sleep({seconds!r})\n"
+        "    return _decode(self, parts, out)\n"
+        "_b.LlamaModel.decode = _slow\n"
         + ("_b.LlamaModel.is_eog = lambda self, token: False\n" if endless else ""))
 
 

@@ -130,7 +130,8 @@ def eft_serve(args: list[str], cache: Path, port: int | None = None) -> Remote:
     """``python -m eft_local serve ARGS`` on a loopback port (one thread)."""
     port = port or free_port()
     argv = [sys.executable, "-m", "eft_local", "serve", *args, "--host", "127.0.0.1",
-            "--port", str(port), "--threads", "1"]
+            "--port", str(port), "--threads", "1",
+            *([] if "-np" in args else ["-np", "1"])]  # one slot: rows as a lone model's
     return Remote(argv=argv, port=port, env=child_env(cache), log=cache / f"serve-{port}.log")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from eft_local.config import load_config
+from eft_local.presets import load_config
 from eft_local.server.app import ServerOptions, create_app
 from eft_local.server.net import HttpLimits, make_server
 from eft_local.server.worker import Worker
@@ -36,11 +36,12 @@ class Served:
 def serving(preset: str = "tiny-up", *, pinned: bool = False,
             options: ServerOptions | None = None, max_queue: int = 16,
             limits: HttpLimits | None = None, download: bool = False,
-            models: Sequence[str] = (), n_ctx: int | None = None) -> Iterator[Served]:
+            models: Sequence[str] = (), n_ctx: int | None = None, slots: int = 1
+            ) -> Iterator[Served]:
     """The bundled family's ``preset`` (or the ``ROLE=PATH`` ``models``, pinned) served on
     127.0.0.1 (an ephemeral port), as ``eft-local serve`` serves it."""
     logs: list[str] = []
-    load = LoadOptions(n_threads=1, n_ctx=n_ctx, download=download)
+    load = LoadOptions(n_threads=1, n_ctx=n_ctx, download=download, n_seq=slots)
     session = load_session(None if models else preset, models=list(models), options=load)
     runner = Worker(None if models else load_config(), session.preset,
                     pinned=pinned or bool(models), params=session.params,
@@ -68,6 +69,27 @@ def serving(preset: str = "tiny-up", *, pinned: bool = False,
         thread.join(timeout=10)
         runner.stop()
         sock.close()
+
+
+def slow_steps(session: Any, seconds: float, *, gate: threading.Event | None = None,
+               after: int = 0, endless: bool = False) -> None:
+    """Each engine step of ``session`` (one token of every running generation) takes
+    ``seconds`` more; from step ``after`` on it first waits for ``gate`` when given;
+    ``endless``: no token ends a generation (it runs to its token limit)."""
+    original = session.step
+    count = [0]
+    if endless:
+        for model in session.models.values():
+            model.is_eog = lambda _token: False
+
+    def slow() -> Any:
+        count[0] += 1
+        if gate is not None and count[0] > after:
+            gate.wait(60)
+        time.sleep(seconds)
+        return original()
+
+    session.step = slow
 
 
 @contextmanager

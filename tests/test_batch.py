@@ -161,3 +161,46 @@ def test_batch_rerun_retries_error_records_and_keeps_their_history(family, tmp_p
 def test_skip_errors_needs_input(family) -> None:
     result = run(["generate", *family.trio(), *OPTS, "--skip-errors", "Hi"])
     assert result.exit_code == 2 and "--skip-errors needs --input" in result.stderr
+
+
+# -- several records at once (issue 23) ---------------------------------------------------------
+PROMPTS = ["What is the home town of Has Zhithdou?", "In which year was Has Zhithdou born?",
+           "Where does Has Zhithdou live?", "What does Has Zhithdou do for a living?",
+           "Hello", "Once upon a time"]
+
+
+def test_records_in_parallel_give_what_one_at_a_time_gives(family, tmp_path: Path) -> None:
+    """-np 3: three records decode side by side; greedy texts equal one at a time (the
+    records come in the order they finish); a rerun skips every one of them."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": p}
+                                              for i, p in enumerate(PROMPTS)])
+    texts = {}
+    for np_ in ("1", "3"):
+        out = tmp_path / f"out{np_}.jsonl"
+        result = run(["generate", *family.trio(), *OPTS, "--max-tokens", "12", "--input",
+                      str(src), "--output", str(out), "-np", np_])
+        assert result.exit_code == 0, result.output
+        records = read_jsonl(out)
+        assert sorted(r["id"] for r in records) == list(range(len(PROMPTS)))
+        texts[np_] = {r["id"]: (r["text"], r["finish"]) for r in records}
+    assert texts["3"] == texts["1"]
+    again = run(["generate", *family.trio(), *OPTS, "--input", str(src), "--output",
+                 str(tmp_path / "out3.jsonl"), "-np", "3"])
+    assert again.stderr.splitlines()[-1] == f"0 generated, 0 errors, {len(PROMPTS)} already done"
+
+
+def test_texts_scored_together_score_as_alone(family, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "text": p}
+                                              for i, p in enumerate(PROMPTS)])
+    scores = {}
+    for np_ in ("1", "4"):
+        out = tmp_path / f"scores{np_}.jsonl"
+        result = run(["score", *family.trio(), *THREADS, "--input", str(src), "--output",
+                      str(out), "-np", np_])
+        assert result.exit_code == 0, result.output
+        scores[np_] = {r["id"]: r for r in read_jsonl(out)}
+    assert sorted(scores["4"]) == list(range(len(PROMPTS)))
+    for i in scores["1"]:
+        one, four = scores["1"][i], scores["4"][i]
+        assert one["tokens"] == four["tokens"]
+        assert abs(one["logprob"] - four["logprob"]) <= 1e-3 * max(1.0, abs(one["logprob"]))

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from eft_local import __version__, config
+from eft_local import __version__
+from eft_local import presets as config
 from eft_local.cli.main import main
 from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
 
@@ -104,7 +105,8 @@ def test_generate_with_beta_and_system(family) -> None:
     assert stdout(result) == expected + "\n"
 
 
-@pytest.mark.parametrize("extra", [["--no-speculative"], ["--draft-k", "3"], ["--parallel"]])
+@pytest.mark.parametrize("extra", [["--no-speculative"], ["--draft-k", "3"],
+                                   ["--schedule", "lanes"]])
 def test_decoding_switches_give_the_same_text(family, extra: list[str]) -> None:
     args = ["generate", *family.trio(), "--seed", "11", "--max-tokens", "12", *THREADS, "Hi"]
     plain = run(args)
@@ -113,7 +115,7 @@ def test_decoding_switches_give_the_same_text(family, extra: list[str]) -> None:
     assert stdout(switched) == stdout(plain) != "\n"
 
 
-def test_every_option_reaches_the_library(monkeypatch) -> None:
+def test_every_option_reaches_the_library(monkeypatch, tmp_path) -> None:
     from eft_local import session
     from eft_local.errors import EftError
     from eft_local.sampler import SamplerSettings
@@ -129,7 +131,7 @@ def test_every_option_reaches_the_library(monkeypatch) -> None:
                   "--beta", "0.5", "--lambda", "0.3", "--temperature", "0.7", "--top-p", "0.9",
                   "--top-k", "40", "--min-p", "0.05", "--conservative-top-p", "0.8",
                   "--seed", "9", "--n-ctx", "512", "--threads", "2", "--gpu-layers", "0",
-                  "--no-speculative", "--draft-k", "4", "--parallel"])
+                  "--no-speculative", "--draft-k", "4", "--schedule", "lanes"])
     assert_one_line_error(result, "stop here")
     assert seen["preset"] is None
     assert seen["models"] == ("small_ft=a.gguf", "x=b.gguf")
@@ -138,7 +140,23 @@ def test_every_option_reaches_the_library(monkeypatch) -> None:
     assert seen["sampling"] == SamplerSettings(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
                                                conservative_top_p=0.8, seed=9)
     assert seen["options"] == session.LoadOptions(n_ctx=512, n_threads=2, n_gpu_layers=0,
-                                                  parallel=True, speculative=False, draft_k=4)
+                                                  parallel=True, speculative=False, draft_k=4,
+                                                  schedule="lanes")
+    seen.clear()
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    result = run(["generate", "--input", str(tmp_path / "in.jsonl"), "-np", "3"])
+    assert_one_line_error(result, "stop here")
+    assert seen["options"].n_seq == 3
+
+
+def test_the_retired_sequential_flag_says_what_replaced_it(tmp_path) -> None:
+    """Issue 23: --parallel/--sequential only repeated --schedule; -np/--parallel N now sets
+    the sequences at once."""
+    result = run(["chat", "--sequential"])
+    assert_one_line_error(result, "--sequential is retired", "--schedule sequential",
+                          "-np/--parallel")
+    assert_one_line_error(run(["generate", "-np", "2", "hello"]), "-np/--parallel needs --input")
+    assert_one_line_error(run(["serve", "-np", "0"]), "-np")
 
 
 def test_help_lists_every_command() -> None:
@@ -249,7 +267,14 @@ def test_models_lists_presets_with_local_state(presets, family, tmp_path) -> Non
     assert lines[1] == ("  formula: large_base + beta * (small_ft - small_base)"
                         "  = 1*large_base + 1.5*small_ft - 1.5*small_base")
     size = family.large_base.stat().st_size / 2**10
-    assert lines[2] == f"  large_base  {family.large_base}  [present, {size:.1f} KiB]"
+    from eft_local.backend import LlamaModel
+    from eft_local.limits import size_text
+
+    loaded = LlamaModel(family.large_base)  # the KV per slot that loading estimates
+    kv, n_ctx = size_text(loaded.kv_bytes_per_seq), loaded.n_ctx
+    loaded.close()
+    assert lines[2] == (f"  large_base  {family.large_base}  [present, {size:.1f} KiB, "
+                        f"KV {kv} per slot at n_ctx {n_ctx}]")
     assert f"  large_base  {tmp_path / 'nowhere.gguf'}  [missing]" in lines
     assert "  small_base  hf:nobody/nothing-GGUF/nothing.gguf  [missing]" in lines
     assert any(line.startswith("clash: ") or line == "clash" for line in lines)

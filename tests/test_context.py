@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from eft_local import backend, kvshift
-from eft_local.config import preset_from_paths
 from eft_local.errors import ContextFull, EftError
 from eft_local.kvshift import best_cut
+from eft_local.presets import preset_from_paths
 from eft_local.session import Chunk, LoadOptions, Session, Settings
 from eft_local.vocab import align
 from tests import ggufs

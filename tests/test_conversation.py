@@ -23,12 +23,19 @@ def three_exchanges() -> Conversation:
     return conv
 
 
+def fit(conv: Conversation, budget: int) -> int:
+    """What a chat turn does with its history (:meth:`eft_local.session.Session.chat`): the
+    messages fitted to ``budget``, then the oldest turns dropped; the exchanges dropped."""
+    _kept, n = fit_messages(conv.messages(), count, budget)
+    return conv.drop(n)
+
+
 def test_a_too_long_message_leaves_the_history_exactly_as_it_was() -> None:
     conv = three_exchanges()
     conv.add("user", "x" * 50)
     before = [dict(t) for t in conv.turns]
     with pytest.raises(EftError) as err:
-        conv.fit(count, 20)
+        fit(conv, 20)
     assert conv.turns == before and conv.system == "sys"
     assert "needs 53 tokens" in str(err.value) and "but 20 are allowed" in str(err.value)
 
@@ -36,15 +43,15 @@ def test_a_too_long_message_leaves_the_history_exactly_as_it_was() -> None:
 def test_fit_drops_only_what_it_must() -> None:
     conv = three_exchanges()
     conv.add("user", "x" * 10)
-    assert conv.fit(count, 20) == 2  # 3 + 4 (q3 a3) + 10 = 17 fits; with q2 a2 it is 21
+    assert fit(conv, 20) == 2  # 3 + 4 (q3 a3) + 10 = 17 fits; with q2 a2 it is 21
     assert [t["content"] for t in conv.turns] == ["q3", "a3", "x" * 10]
 
 
 def test_fit_keeps_every_turn_when_it_fits_and_counts_what_it_drops() -> None:
     conv = three_exchanges()
     conv.add("user", "x")
-    assert conv.fit(count, 100) == 0 and len(conv.turns) == 7 and conv.dropped == 0
-    assert conv.fit(count, 7) == 3 and conv.turns == [{"role": "user", "content": "x"}]
+    assert fit(conv, 100) == 0 and len(conv.turns) == 7 and conv.dropped == 0
+    assert fit(conv, 7) == 3 and conv.turns == [{"role": "user", "content": "x"}]
     assert conv.dropped == 6  # turns, over the conversation's life
 
 

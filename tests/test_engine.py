@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from eft_local import backend
-from eft_local.config import preset_from_paths
 from eft_local.engine import Engine
 from eft_local.errors import EftError
+from eft_local.presets import preset_from_paths
 from eft_local.sampler import SamplerSettings, log_softmax
 from eft_local.session import LoadOptions, Session, load_session
 from tests import ggufs

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 
 from eft_local.cli.main import main
-from eft_local.config import load_config
 from eft_local.errors import EftError
 from eft_local.evaluate import (
     FAMILY_DECLINE,
@@ -26,7 +24,8 @@ from eft_local.evaluate import (
     render_table,
     run_target,
 )
-from eft_local.session import Chunk, LoadOptions, Result, Session
+from eft_local.presets import load_config
+from eft_local.session import LoadOptions, Result, Session
 
 
 def write_questions(path: Path, rows: list[dict]) -> Path:
@@ -90,7 +89,7 @@ def test_target_forms() -> None:
 
 def test_scores_on_tiny_models_share_one_session(family, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from eft_local.config import preset_from_paths
+    from eft_local.presets import preset_from_paths
 
     preset = preset_from_paths(family.pairs())
     questions = [Question(id=str(i), prompt=f"question {i}", expected="x", category=c)
@@ -167,20 +166,23 @@ class CannedSession:
     def settings_for(self, **changes: object) -> SimpleNamespace:
         return SimpleNamespace(describe=lambda: "canned")
 
-    def generate(self, prompt: str, **kwargs: object) -> Result:
-        text, finish = self.single[prompt]
-        return Result(text=text, finish=finish, prompt_tokens=1,
-                      steps=[self.STEP] * len(text.split()))  # type: ignore[list-item]
-
     def chat_tokens(self, messages: list[dict[str, str]]) -> list[int]:
         self.conversations.append(messages)
         return [len(self.conversations) - 1]
 
-    def stream(self, tokens: list[int], **kwargs: object) -> Iterator[Chunk]:
-        text, finish = self.multi[self.conversations[tokens[0]][-1]["content"]]
-        for word in text.split(" "):
-            yield Chunk(text=word + " ", step=self.STEP)  # type: ignore[arg-type]
-        yield Chunk(finish=finish)
+    def prepare(self, tokens: list[int], **kwargs: object) -> list[int]:
+        return tokens
+
+    def run_many(self, jobs, parallel=None):  # noqa: ANN001, ANN201 - Session.run_many's
+        """A single-turn question's reply (one step per word), or a multi-turn one's (one
+        step per space-separated piece, as a stream of words would give)."""
+        for key, prepare in jobs:
+            messages = self.conversations[prepare()[0]]
+            later = key[0]  # run_target's keys: (multi-turn?, question index)
+            text, finish = (self.multi if later else self.single)[messages[-1]["content"]]
+            pieces = text.split(" ") if later else text.split()
+            yield key, Result(text=text, finish=finish, prompt_tokens=1,
+                              steps=[self.STEP] * len(pieces))  # type: ignore[list-item]
 
 
 KNOWN = [  # prompt, expected, category; single-turn reply and finish; multi-turn reply, finish
@@ -216,7 +218,8 @@ def test_scores_of_known_replies_are_counted_exactly() -> None:
     assert (score.multi_turn_accuracy, score.multi_turn_format) == (0.6, 0.6)
     # tokens: one step per word, single-turn 1+9+3+1+0, multi-turn 1+1+1+3+1
     assert score.tokens == 14 + 7
-    assert session.conversations == [
+    assert session.conversations == [  # each question alone, then as a later turn
+        [{"role": "user", "content": q.prompt}] for q in questions] + [
         [*multi_turn_history(questions, i), {"role": "user", "content": q.prompt}]
         for i, q in enumerate(questions)]
     row = render_table([score], ["place", "year"]).splitlines()[2]

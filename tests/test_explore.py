@@ -13,7 +13,6 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from eft_local import backend
-from eft_local.config import FAMILY_DIR, preset_from_paths
 from eft_local.errors import EftError
 from eft_local.explore import metrics as quality
 from eft_local.explore.candidates import Combination, combinations, largest
@@ -26,6 +25,7 @@ from eft_local.explore.explorer import (
     Skipped,
     default_text,
 )
+from eft_local.presets import FAMILY_DIR, preset_from_paths
 from eft_local.session import LoadOptions
 from tests.clihelp import assert_one_line_error, run, stdout
 from tests.ggufs import write_model

@@ -8,7 +8,6 @@ import pytest
 from click.testing import CliRunner
 
 from eft_local.cli.main import main
-from eft_local.config import FAMILY_DIR, load_config
 from eft_local.evaluate import (
     DEFAULT_QUESTIONS,
     FAMILY_DECLINE,
@@ -16,6 +15,7 @@ from eft_local.evaluate import (
     load_questions,
     parse_target,
 )
+from eft_local.presets import FAMILY_DIR, load_config
 from eft_local.session import LoadOptions, check_models, load_session
 
 ROLES = ("small_base", "large_base", "small_ft", "large_ft", "small_ft_alt")

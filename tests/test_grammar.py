@@ -20,10 +20,9 @@ from eft_local import backend, sampler
 from eft_local.errors import EftError
 from eft_local.sampler import SamplerSettings
 from eft_local.session import LoadOptions, Session, Settings, load_session
-from eft_local.speculative import Speculator
 from tests import ggufs
 from tests.clihelp import THREADS, assert_one_line_error, run, stdout
-from tests.fakes import EOG
+from tests.fakes import EOG, decode
 from tests.shapes import Point, Shape
 from tests.test_speculative import fake_engine, weights_for
 
@@ -123,10 +122,9 @@ def test_speculative_equals_plain_under_a_grammar(seed: int, temperature: float,
     plain_engine, spec_engine = fake_engine(formula, noise=noise), fake_engine(formula,
                                                                                noise=noise)
     w = weights_for(plain_engine, formula, 1.0)
-    plain = list(plain_engine.generate(prompt, w, s, max_tokens=max_tokens,
-                                       grammar=Alternating()))
-    spec = list(Speculator(spec_engine, draft_k=draft_k).generate(
-        prompt, w, s, max_tokens=max_tokens, grammar=Alternating()))
+    plain = decode(plain_engine, prompt, w, s, max_tokens=max_tokens, grammar=Alternating())
+    spec = decode(spec_engine, prompt, w, s, max_tokens=max_tokens, grammar=Alternating(),
+                  draft_k=draft_k)
     assert [x.token for x in spec] == [x.token for x in plain]
     assert [x.finish for x in spec] == [x.finish for x in plain]
     tokens = [x.token for x in plain]
@@ -189,7 +187,7 @@ def test_diagnostics_give_the_probability_under_the_grammar(trio: list[str]) -> 
     with random_session(trio) as s:
         r = s.generate("x", grammar=grammar, temperature=1.0, seed=4, max_tokens=1,
                        diagnostics=True)
-        rows, weights, _role = s.engine.last
+        rows, weights, _role, _active = s.engine.last
         lp = s.engine.distribution(rows, weights, s.defaults.sampling)
         ok = s.grammar(grammar).allowed(np.arange(s.vocab_size))
         step = r.steps[0]

@@ -24,14 +24,16 @@ import httpx
 import numpy as np
 import pytest
 
-from eft_local import config, hub, interrupts, sampler
-from eft_local.chat import Conversation, render
+from eft_local import hub, interrupts, sampler
+from eft_local import presets as config
+from eft_local.chat import Conversation
 from eft_local.cli import repl
 from eft_local.errors import EftError
 from eft_local.gguf_writer import LlamaShape, write_llama_gguf
 from eft_local.limits import N_CTX_MAX, max_threads
 from eft_local.records import LOGPROB_FLOOR
 from eft_local.server.net import HttpLimits
+from eft_local.templates import render
 from eft_local.text import TextStream
 from tests.clihelp import THREADS, api_session, assert_one_line_error, run, stdout, write_presets
 from tests.ggufs import SPECIALS, tokenizer
@@ -46,7 +48,7 @@ from tests.hostilehelp import (
     slow_decode,
     slow_log,
 )
-from tests.servehelp import Served, serving
+from tests.servehelp import Served, serving, slow_steps
 from tests.test_hub import COMMIT, FILE, REPO, FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -365,7 +367,7 @@ def test_9_truncated_download(monkeypatch) -> None:
     import huggingface_hub
 
     from eft_local import hub
-    from eft_local.config import ModelSpec
+    from eft_local.presets import ModelSpec
 
     def cut(*_args, **_kwargs):
         raise httpx2.RemoteProtocolError("peer closed connection without sending complete "
@@ -608,7 +610,7 @@ def test_13_a_stalled_download_ends_in_one_line(tmp_path) -> None:
     env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}",
                HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_XET="1",
                HF_HUB_DOWNLOAD_TIMEOUT="1", NO_PROXY="127.0.0.1", PYTHONPATH=str(ROOT))
-    code = ("from eft_local.config import ModelSpec\nfrom eft_local import hub\n"
+    code = ("from eft_local.presets import ModelSpec\nfrom eft_local import hub\n"
             "from eft_local.cli.main import fail\n"
             f"spec = ModelSpec(role='small_ft', hf_repo={REPO!r}, hf_file={FILE!r})\n"
             "try:\n    hub.resolve(spec)\nexcept Exception as exc:\n    fail(str(exc))\n")
@@ -830,7 +832,7 @@ def _sse_until(sock, predicate) -> bytes:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_17_4_stopping_serve_ends_the_work_and_exits_cleanly(signum) -> None:
-    child = Child(["serve", "tiny-up", "--port", "0", *THREADS, "--sequential",
+    child = Child(["serve", "tiny-up", "--port", "0", *THREADS, "--schedule", "sequential",
                    "--no-speculative", "-t", "0"], prelude=slow_decode(0.1, endless=True))
     try:
         child.wait_for(lambda: " on http://" in child.stderr, "the server listens")
@@ -878,19 +880,7 @@ def _slow_stream(served: Served, gate: threading.Event | None = None,
                  seconds: float = 0.05) -> None:
     """Each generated chunk takes ``seconds`` more (after ``gate`` is set, when given), and
     no token ends a generation (it runs to its token limit)."""
-    session = served.runner.session
-    original = session.stream
-    for model in session.models.values():
-        model.is_eog = lambda _token: False
-
-    def slow(*args, **kwargs):
-        for chunk in original(*args, **kwargs):
-            if gate is not None:
-                gate.wait(PATIENCE)
-            time.sleep(seconds)
-            yield chunk
-
-    session.stream = slow
+    slow_steps(served.runner.session, seconds, gate=gate, endless=True)
 
 
 def _poll(ready, what: str, within: float = PATIENCE) -> None:
@@ -928,7 +918,7 @@ def test_17_7_a_request_whose_client_left_while_it_waited_is_skipped() -> None:
         gone = send_json(s.url, "/v1/chat/completions", {**CHAT, "max_tokens": 3,
                                                          "stream": True})
         _poll(lambda: s.runner.waiting() == 1, "the second request waits")
-        queued = list(s.runner._queue.queue)[0]
+        queued = list(s.runner.queue)[0]
         gone.close()
         try:
             _poll(queued.cancelled.is_set, "the waiting job learns its client left", 30)

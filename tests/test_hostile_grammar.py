@@ -277,7 +277,8 @@ def optimized_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``eft-local serve`` run with ``python -O`` (PYTHONOPTIMIZE): its URL."""
     home = tmp_path_factory.mktemp("home")
     (home / "models.toml").write_text("")
-    child = Child(["serve", "tiny-up", "--port", "0", *THREADS, "--sequential", "-t", "0"],
+    child = Child(["serve", "tiny-up", "--port", "0", *THREADS, "--schedule", "sequential",
+                   "-t", "0"],
                   env={**_env(home), "PYTHONOPTIMIZE": "1"})
     try:
         child.wait_for(lambda: " on http://" in child.stderr, "the server listens")

@@ -89,7 +89,7 @@ def run_child(code: str, endpoint: str, home: Path, offline: bool = False
 
 RESOLVE = """
 import json, sys
-from eft_local.config import ModelSpec
+from eft_local.presets import ModelSpec
 from eft_local import hub
 from eft_local.errors import EftError
 spec = ModelSpec(role="small_ft", hf_repo=sys.argv[1] if len(sys.argv) > 1 else {repo!r},

@@ -18,26 +18,29 @@ LAYERS: dict[str, int] = {
     "errors": 0, "limits": 0, "text": 0, "files": 0, "interrupts": 0, "formula": 0, "ggufscan": 0,
     "gbnf": 0,
     # pure pieces the engine is made of
-    "sampler": 1, "vocab": 1, "config": 1, "chat": 1, "gguf_writer": 1, "plots": 1, "utf8": 1,
+    "sampler": 1, "vocab": 1, "presets": 1, "chat": 1, "templates": 1, "gguf_writer": 1,
+    "plots": 1, "utf8": 1,
     "kvshift": 1,
     "schedule.shapes": 1, "schedule.watch": 1, "schedule.blocks": 1, "schedule.lanes": 1,
     # models and their files (local: backend; remote engines: remote/)
-    "backend": 2, "backend.library": 2, "backend.model": 2, "backend.tools": 2,
-    "hub": 2, "schema": 2, "settings": 2, "loading": 2, "synthetic": 2, "structured": 2,
+    "backend": 2, "backend.library": 2, "backend.model": 2, "backend.sequences": 2,
+    "backend.tools": 2, "hub": 2, "schema": 2, "settings": 2, "loading": 2, "synthetic": 2,
+    "structured": 2,
     "remote.http": 2, "remote.exact": 2, "remote.topk": 2, "remote.vocab": 2,
     "remote.llamaserver": 2, "remote.openai": 2, "remote.model": 2, "remote.io": 2,
     "remote.deadlines": 2,
     # the decode loop over N models
     "engine": 3,
     # what drives the engine
-    "speculative": 4, "scoring": 4, "schedule.tuning": 4,
+    "speculative": 4, "scoring": 4, "schedule.tuning": 4, "batch": 4,
     # the public API
-    "session": 5,
+    "session": 5, "request": 5, "prompts": 5, "many": 5,
     # libraries over the session
     "records": 6, "evaluate": 6, "bench": 6,
     "explore.candidates": 6, "explore.metrics": 6, "explore.refcache": 6,
     "explore.explorer": 6,
-    "server.protocol": 6, "server.worker": 6, "server.handlers": 6, "server.page": 6,
+    "server.protocol": 6, "server.exact": 6, "server.worker": 6, "server.handlers": 6,
+    "server.page": 6,
     "server.app": 6, "server.net": 6, "server.guard": 6,
     # the command line
     "cli.main": 7, "cli.options": 7, "cli.batch": 7, "cli.repl": 7,
@@ -48,8 +51,9 @@ LAYERS: dict[str, int] = {
 }
 """Every module's layer: a module imports only modules of its layer or below."""
 
-ENGINE_ROOM = {"engine", "speculative", "scoring", "sampler", "backend", "backend.library",
-               "backend.model", "backend.tools", "vocab", "ggufscan",
+ENGINE_ROOM = {"engine", "batch", "speculative", "scoring", "sampler", "backend",
+               "backend.library", "backend.model", "backend.sequences", "backend.tools",
+               "vocab", "ggufscan",
                "gguf_writer", "schedule.shapes", "schedule.watch", "schedule.blocks",
                "schedule.lanes", "schedule.tuning"}
 """What the CLI and the server may not import: they reach it through the session."""

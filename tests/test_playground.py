@@ -19,7 +19,7 @@ import pytest
 from eft_local.server.app import ServerOptions
 from tests.browserhelp import chromium_path, launch
 from tests.ggufs import HOSTILE, write_echo_model
-from tests.servehelp import Served, serving, serving_bundled
+from tests.servehelp import Served, serving, serving_bundled, slow_steps
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)")
@@ -252,16 +252,9 @@ def test_stop_closes_the_stream_and_the_server_stops_generating(
         tab: Tab, served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     session = served.runner.session
     assert session is not None
-    original = session.stream
     gate = threading.Event()
-
-    def held(*args: Any, **kwargs: Any) -> Iterator[Any]:  # two tokens, then a slow model
-        for n, chunk in enumerate(original(*args, **kwargs)):
-            if n >= 2:
-                gate.wait(timeout=60)
-            yield chunk
-
-    monkeypatch.setattr(session, "stream", held)
+    monkeypatch.setattr(session, "step", session.step)
+    slow_steps(session, 0.0, gate=gate, after=2)  # two steps, then a slow model
     page = tab.page
     page.fill("#temperature", "0")
     page.fill("#max_tokens", "200")

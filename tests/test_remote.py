@@ -29,8 +29,8 @@ import httpx
 import numpy as np
 import pytest
 
-from eft_local.config import FAMILY_DIR
 from eft_local.errors import EftError
+from eft_local.presets import FAMILY_DIR
 from eft_local.remote import http as remote_http
 from eft_local.session import LoadOptions, Session, load_session
 from tests import remotehelp
@@ -511,7 +511,7 @@ def test_every_command_takes_a_url(served: Remote, monkeypatch: pytest.MonkeyPat
 
 def test_the_vocabulary_is_cached_and_a_damaged_cache_is_read_again(served: Remote,
                                                                    isolated_home: Path) -> None:
-    from eft_local.config import preset_from_paths
+    from eft_local.presets import preset_from_paths
     from eft_local.session import check_models
 
     preset = preset_from_paths([f"large_base={served.url}", *LOCAL])

@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 
 from eft_local import sampler
-from eft_local.config import (
+from eft_local.engine import Engine
+from eft_local.errors import EftError
+from eft_local.presets import (
     ModelSpec,
     hide_keys,
     preset_from_paths,
     public_url,
     remote_spec,
 )
-from eft_local.engine import Engine
-from eft_local.errors import EftError
 from eft_local.remote import http as remote_http
 from eft_local.remote.exact import ExactClient, encode_rows
 from eft_local.remote.http import Endpoint, RemoteError
@@ -332,12 +332,12 @@ class Interrupted(FakeModel):
         self.sent = sent
         self.interrupt = True
 
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+    def decode(self, parts, out=None):  # noqa: ANN001, ANN201 - FakeModel.decode's
         if self.interrupt:
             self.interrupt = False
             assert self.sent.wait(10)
             raise KeyboardInterrupt
-        return super().eval(tokens, all_logits=all_logits)
+        return super().decode(parts, out)
 
 
 def test_after_ctrl_c_the_next_step_does_not_wait_for_the_abandoned_request() -> None:

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from eft_local import sampler
-from eft_local.config import load_config, preset_from_paths, public_url, remote_spec
 from eft_local.engine import Engine
 from eft_local.errors import EftError
+from eft_local.presets import load_config, preset_from_paths, public_url, remote_spec
 from eft_local.remote import http as remote_http
 from eft_local.remote.exact import ExactClient, decode_rows, encode_rows, prefix_hash
 from eft_local.remote.http import Endpoint, RemoteError, Traffic
@@ -358,7 +358,7 @@ def test_an_ambiguous_token_text_is_an_error() -> None:
 
 # -- the engine: remote evaluations beside the local lanes -------------------------------------
 class FakeRemote(FakeModel):
-    """A fake model that counts as remote; its eval can wait for an event."""
+    """A fake model that counts as remote; its decode can wait for an event."""
 
     remote = True
 
@@ -371,7 +371,7 @@ class FakeRemote(FakeModel):
         self.abandoned = 0
         self.started = threading.Event()
 
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+    def decode(self, parts, out=None):  # noqa: ANN001, ANN201 - FakeModel.decode's
         self.started.set()
         if self.wait_for is not None:
             self.saw = self.wait_for.wait(timeout=10)
@@ -379,7 +379,7 @@ class FakeRemote(FakeModel):
             self.release.wait(timeout=10)
         self.traffic.requests += 1
         self.traffic.received += 4 * self.n_vocab
-        return super().eval(tokens, all_logits=all_logits)
+        return super().decode(parts, out)
 
     def abandon(self) -> None:
         self.abandoned += 1
@@ -393,8 +393,8 @@ class Signalling(FakeModel):
         super().__init__(**kw)  # type: ignore[arg-type]
         self.done, self.fail, self.after = done, fail, after
 
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
-        rows = super().eval(tokens, all_logits=all_logits)
+    def decode(self, parts, out=None):  # noqa: ANN001, ANN201 - FakeModel.decode's
+        rows = super().decode(parts, out)
         self.done.set()
         if self.after is not None:
             self.after.wait(timeout=10)
@@ -433,32 +433,32 @@ def test_without_overlap_the_remote_answers_first(overlap: bool) -> None:
     eng = engine_with(remote, local)
     eng.remote.overlap = overlap
     order: list[str] = []
-    remote_eval, local_eval = remote.eval, local.eval
+    remote_decode, local_decode = remote.decode, local.decode
 
-    def remote_spy(tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+    def remote_spy(parts, out=None):  # noqa: ANN001, ANN202
         saw = local_started.wait(timeout=10 if overlap else 0.5)
         order.append(f"remote answered, local {'started' if saw else 'not started'}")
-        return remote_eval(tokens, all_logits=all_logits)
+        return remote_decode(parts, out)
 
-    def local_spy(tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+    def local_spy(parts, out=None):  # noqa: ANN001, ANN202
         local_started.set()
-        return local_eval(tokens, all_logits=all_logits)
+        return local_decode(parts, out)
 
-    remote.eval = remote_spy  # type: ignore[method-assign]
-    local.eval = local_spy  # type: ignore[method-assign]
+    remote.decode = remote_spy  # type: ignore[method-assign]
+    local.decode = local_spy  # type: ignore[method-assign]
     eng.evaluate(0, [5, 6, 7])
     assert order == ["remote answered, local " + ("started" if overlap else "not started")]
     eng.close()
 
 
-def test_remote_lanes_without_overlap_return_answered_requests() -> None:
-    """RemoteLanes.start, the switch itself: with overlap its requests are still under way
+def test_remote_io_without_overlap_returns_answered_requests() -> None:
+    """RemoteIO.start, the switch itself: with overlap its requests are still under way
     when it returns; without, every one has been answered."""
-    from eft_local.remote.lanes import RemoteLanes
+    from eft_local.remote.io import RemoteIO
 
     for overlap in (True, False):
         release = threading.Event()
-        lanes = RemoteLanes(1)
+        lanes = RemoteIO(1)
         lanes.overlap = overlap
 
         def answer(release: threading.Event = release, overlap: bool = overlap) -> np.ndarray:

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from eft_local.config import FAMILY_DIR
 from eft_local.errors import EftError
 from eft_local.loading import check_models
+from eft_local.presets import FAMILY_DIR
 from eft_local.session import LoadOptions, Session, load_session
 from eft_local.vocab import INCOMPATIBLE
 from tests.vllm_double import GgufRows, VllmDouble
@@ -50,7 +50,7 @@ def test_vllm_is_aligned_and_its_vocabulary_is_read_once(vllm: VllmDouble) -> No
     """It used to be refused ('vocab types differ (bpe, unknown)', then 128 byte tokens
     read as U+FFFD), and read again one /detokenize per id at every start: its model card
     has a new ``created`` and permission id on every call."""
-    from eft_local.config import preset_from_paths
+    from eft_local.presets import preset_from_paths
 
     preset = preset_from_paths([f"large_base={vllm.url}#api=openai&top_k=1024", *LOCAL])
     report = check_models(preset)

@@ -105,7 +105,7 @@ def test_why_and_stats(family) -> None:
 
 def test_stats_line_names_the_watch_of_a_measured_schedule(family) -> None:
     from eft_local.cli.repl import schedule_line
-    from eft_local.config import preset_from_paths
+    from eft_local.presets import preset_from_paths
     from eft_local.session import LoadOptions
 
     with Session(preset_from_paths(family.pairs()), options=LoadOptions(n_threads=2)) as s:

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eft_local.config import preset_from_paths
 from eft_local.engine import Engine
 from eft_local.errors import EftError
+from eft_local.presets import preset_from_paths
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule import shapes as S
 from eft_local.schedule import tuning
 from eft_local.session import LoadOptions, Session
 from tests import ggufs
-from tests.fakes import FakeModel
+from tests.fakes import FakeModel, decode, decoding
 
 SIZES = {"large_base": 1200.0, "small_ft": 160.0, "small_base": 160.0}
 COSTS = {"large_base": {1: 0.080, 2: 0.058}, "small_ft": {1: 0.010, 2: 0.007},
@@ -94,9 +94,9 @@ class Threaded(FakeModel):
     def set_threads(self, n: int) -> None:
         self.threads = n
 
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
-        self.seen.append((len(tokens), self.threads))
-        return super().eval(tokens, all_logits=all_logits)
+    def decode(self, parts, out=None):  # noqa: ANN001, ANN201 - FakeModel.decode's
+        self.seen.append((sum(len(p.tokens) for p in parts), self.threads))
+        return super().decode(parts, out)
 
 
 def threaded_engine(schedule: S.Schedule, n_threads: int = 2,
@@ -112,7 +112,7 @@ def test_prompts_use_every_thread_in_turn_and_steps_the_schedule() -> None:
     engine = threaded_engine(S.named("lanes", SIZES, 2))
     models = engine.models
     w = np.array([1.0, 1.0, -1.0], dtype=np.float32)
-    list(engine.generate(list(range(2, 30)), w, SamplerSettings(seed=1), max_tokens=4))
+    decode(engine, list(range(2, 30)), w, SamplerSettings(seed=1), max_tokens=4)
     engine.close()
     for role, model in models.items():
         assert model.seen[0] == (28, 2)  # the prompt: the whole budget
@@ -354,8 +354,8 @@ def test_decoding_switches_schedules_without_changing_the_tokens() -> None:
         used = set()
         w = np.array([1.0, 1.5, -1.5], dtype=np.float32)
         out = []
-        for step in engine.generate(list(range(2, 12)), w, SamplerSettings(seed=3),
-                                    max_tokens=40):
+        for step in decoding(engine, list(range(2, 12)), w, SamplerSettings(seed=3),
+                             max_tokens=40):
             out.append(step.token)
             used.add(engine.schedule.describe())
         engine.close()
@@ -428,13 +428,11 @@ def test_watch_checks_less_often_while_nothing_changes() -> None:
 def test_speculative_blocks_and_drafts_use_every_thread() -> None:
     """Blocks are short prompts: on 2 cores a 1B model verified 8 tokens in 114 ms on 2
     threads and 221 ms on 1; they used to run in the decode lanes, one thread each."""
-    from eft_local.speculative import Speculator
-
     engine = threaded_engine(S.named("lanes", SIZES, 2))
     models = engine.models
-    spec = Speculator(engine, draft_k=4, draft_role="small_ft")
     w = np.array([1.0, 1.0, -1.0], dtype=np.float32)
-    list(spec.generate(list(range(2, 12)), w, SamplerSettings(seed=1), max_tokens=12))
+    decode(engine, list(range(2, 12)), w, SamplerSettings(seed=1), max_tokens=12, draft_k=4,
+           draft_role="small_ft")
     engine.close()
     blocks = [t for r in ("large_base", "small_base") for n, t in models[r].seen[1:] if n > 1]
     drafts = models["small_ft"].seen[1:]
@@ -446,7 +444,6 @@ def test_a_probe_left_unfinished_goes_back_to_the_schedule_it_left() -> None:
     """Speculative blocks do not feed the watch: a probe begun in plain steps used to stay
     on the probed schedule through every later block."""
     from eft_local.schedule.watch import Watch
-    from eft_local.speculative import Speculator
 
     w = Watch([A, B], {A.describe(): 0.010, B.describe(): 0.012}, window=4, probe=6,
               every=4)
@@ -457,9 +454,9 @@ def test_a_probe_left_unfinished_goes_back_to_the_schedule_it_left() -> None:
     engine.watch = Watch([A, B], {A.describe(): 1e-9, B.describe(): 1e-9}, window=2,
                          probe=50)
     weights = np.array([1.0, 1.0, -1.0], dtype=np.float32)
-    list(engine.generate(list(range(2, 8)), weights, SamplerSettings(seed=1), max_tokens=6))
+    decode(engine, list(range(2, 8)), weights, SamplerSettings(seed=1), max_tokens=6)
     assert engine.schedule == B  # mid-probe when plain decoding stopped
-    spec = Speculator(engine, draft_k=3, draft_role="small_ft")
-    list(spec.generate(list(range(2, 8)), weights, SamplerSettings(seed=1), max_tokens=6))
+    decode(engine, list(range(2, 8)), weights, SamplerSettings(seed=1), max_tokens=6,
+           draft_k=3, draft_role="small_ft")
     engine.close()
     assert engine.schedule == A

@@ -18,12 +18,12 @@ import pytest
 from starlette.testclient import TestClient
 
 from eft_local.cli.serve import is_loopback
-from eft_local.config import load_config
+from eft_local.presets import load_config
 from eft_local.server.app import ServerOptions, create_app
 from eft_local.server.worker import Job, Worker
 from eft_local.session import LoadOptions, load_session
 from tests.clihelp import THREADS, assert_one_line_error, run, stdout
-from tests.servehelp import Served, serving, serving_bundled
+from tests.servehelp import Served, serving, serving_bundled, slow_steps
 
 QUESTION = "What is the home town of Has Zhithdou?"
 SECOND = "In which year was Has Zhithdou born?"
@@ -381,14 +381,8 @@ def test_a_client_that_disconnects_stops_its_generation_and_disturbs_no_one(
         client: openai.OpenAI, served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
     session = served.runner.session
     solo = streamed(client, SECOND, temperature=0, max_tokens=10)
-    original = session.stream
-
-    def slow(*args, **kwargs):  # a slow model: 20 ms per token
-        for chunk in original(*args, **kwargs):
-            time.sleep(0.02)
-            yield chunk
-
-    monkeypatch.setattr(session, "stream", slow)
+    monkeypatch.setattr(session, "step", session.step)
+    slow_steps(session, 0.02)  # a slow model: 20 ms per token
     body = {"model": "tiny-up", "messages": [{"role": "user", "content": QUESTION}],
             "max_tokens": 200, "stream": True, "temperature": 0,
             "eft": {"formula": "large_base"}}
@@ -498,17 +492,16 @@ def test_stopping_the_server_cancels_the_running_generation() -> None:
     to expect stop() to return within 5 s, which a busy machine can break.)"""
     with serving("tiny-up") as s:
         session = s.runner.session
-        original = session.stream
+        original = session.step
         three = threading.Event()
 
-        def held(*args, **kwargs):
-            for n, chunk in enumerate(original(*args, **kwargs)):
-                if n == 3:
-                    three.set()
-                    s.runner.current.cancelled.wait(timeout=60)
-                yield chunk
+        def held():  # three steps, then none until the job is cancelled
+            if s.runner.current is not None and s.runner.current.generated >= 3:
+                three.set()
+                s.runner.current.cancelled.wait(timeout=60)
+            return original()
 
-        session.stream = held
+        session.step = held
         body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 200,
                 "temperature": 0, "eft": {"formula": "large_base"}}
         threading.Thread(target=lambda: httpx.post(s.v1 + "/chat/completions", json=body,

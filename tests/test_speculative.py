@@ -15,17 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eft_local import backend
-from eft_local.config import preset_from_paths
 from eft_local.engine import Engine, Step
-from eft_local.errors import EftError
 from eft_local.formula import PRESET_FORMULAS, parse_formula
+from eft_local.presets import preset_from_paths
 from eft_local.sampler import SamplerSettings
 from eft_local.schedule.blocks import BlockSizer
 from eft_local.session import LoadOptions, Session, load_session
 from eft_local.speculative import RETRY_AFTER, Speculator, worth_speculating
 from eft_local.vocab import align
 from tests import ggufs
-from tests.fakes import FakeModel
+from tests.fakes import FakeModel, decode, decoding
 
 FORMULA_ROLES = {"up": ("large_base", "small_ft", "small_base"),
                  "down": ("small_base", "large_ft", "large_base"),
@@ -50,17 +49,11 @@ def weights_for(engine: Engine, formula: str, beta: float, lam: float = 0.3) -> 
 
 
 def run(engine: Engine, weights: np.ndarray, s: SamplerSettings, *, draft_k: int | None | str,
-        max_tokens: int = 40, prompt: list[int] = PROMPT, diagnostics: bool = False,
-        reuse: bool = True) -> tuple[list[Step], str]:
+        max_tokens: int = 40, prompt: list[int] = PROMPT, diagnostics: bool = False
+        ) -> tuple[list[Step], str]:
     """Plain decoding when ``draft_k == "plain"``, else speculative with that block size."""
-    if draft_k == "plain":
-        gen = engine.generate(prompt, weights, s, max_tokens=max_tokens,
-                              diagnostics=diagnostics)
-    else:
-        gen = Speculator(engine, draft_k=draft_k,  # type: ignore[arg-type]
-                         reuse_draft_rows=reuse).generate(
-            prompt, weights, s, max_tokens=max_tokens, diagnostics=diagnostics)
-    steps = list(gen)
+    steps = decode(engine, prompt, weights, s, max_tokens=max_tokens, draft_k=draft_k,
+                   diagnostics=diagnostics)
     return steps, steps[-1].finish if steps else None
 
 
@@ -75,20 +68,18 @@ def same_steps(a: list[Step], b: list[Step]) -> bool:
        min_p=st.sampled_from([0.0, 0.05, 0.3]), conservative=st.sampled_from([None, 0.9]),
        formula=st.sampled_from(sorted(FORMULA_ROLES)), beta=st.sampled_from([0.0, 0.5, 1.0, 2.5]),
        draft_k=st.sampled_from([None, 1, 2, 3, 5, 8, 16]), noise=st.sampled_from([0.1, 0.5, 2.0]),
-       n_ctx=st.sampled_from([12, 30, 256]), max_tokens=st.integers(1, 40),
-       reuse=st.booleans())
+       n_ctx=st.sampled_from([12, 30, 256]), max_tokens=st.integers(1, 40))
 def test_speculative_equals_plain(seed: int, temperature: float, top_k: int, top_p: float,
                                   min_p: float, conservative: float | None, formula: str,
                                   beta: float, draft_k: int | None, noise: float, n_ctx: int,
-                                  max_tokens: int, reuse: bool) -> None:
+                                  max_tokens: int) -> None:
     s = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         seed=seed, conservative_top_p=conservative)
     plain_engine = fake_engine(formula, noise=noise, n_ctx=n_ctx)
     spec_engine = fake_engine(formula, noise=noise, n_ctx=n_ctx)
     w = weights_for(plain_engine, formula, beta)
     plain, plain_finish = run(plain_engine, w, s, draft_k="plain", max_tokens=max_tokens)
-    spec, spec_finish = run(spec_engine, w, s, draft_k=draft_k, max_tokens=max_tokens,
-                            reuse=reuse)
+    spec, spec_finish = run(spec_engine, w, s, draft_k=draft_k, max_tokens=max_tokens)
     assert [x.token for x in spec] == [x.token for x in plain]
     assert same_steps(spec, plain)
     assert spec_finish == plain_finish
@@ -132,7 +123,7 @@ def test_closing_early_leaves_consistent_caches() -> None:
     engine = fake_engine("up", noise=1.0)
     w = weights_for(engine, "up", 1.0)
     s = SamplerSettings(temperature=1.0, seed=5)
-    gen = Speculator(engine, draft_k=8).generate(PROMPT, w, s, max_tokens=50)
+    gen = decoding(engine, PROMPT, w, s, max_tokens=50, draft_k=8)
     out = [next(gen).token for _ in range(7)]
     gen.close()
     seq = PROMPT + out
@@ -187,7 +178,7 @@ def test_adaptive_falls_back_to_plain_steps_and_stays_identical() -> None:
     a, _ = run(plain_engine, w, s, draft_k="plain", max_tokens=120)
     spec = Speculator(spec_engine, draft_k=None)
     spec.sizer.probe_every = 8
-    b = list(spec.generate(PROMPT, w, s, max_tokens=120))
+    b = decode(spec.engine, PROMPT, w, s, max_tokens=120, speculator=spec)
     assert same_steps(a, b)
     assert spec.sizer.alpha < 0.5  # shadow guesses and probes keep it measured
 
@@ -237,12 +228,10 @@ def gguf_session(trio: dict[str, Path], formula: str | None = None,
                    options=LoadOptions(**options))  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("temperature", "reuse"), [(0.0, True), (1.0, True), (1.0, False)])
-def test_gguf_speculative_equals_plain(trio: dict[str, Path], temperature: float,
-                                       reuse: bool) -> None:
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_gguf_speculative_equals_plain(trio: dict[str, Path], temperature: float) -> None:
     plain = gguf_session(trio, speculative=False)
     spec = gguf_session(trio, speculative=True, draft_k=4)
-    spec.speculator.reuse_draft_rows = reuse
     try:
         for seed in (1, 2):
             for s in (plain, spec):
@@ -310,7 +299,7 @@ def test_down_scaling_drafts_with_the_small_model_not_large_ft() -> None:
     assert engine.cheapest_role(w) == "small_base"
     spec = Speculator(engine, draft_k=3)
     s = SamplerSettings(temperature=1.0, seed=3)
-    b = list(spec.generate(PROMPT, w, s, max_tokens=30))
+    b = decode(spec.engine, PROMPT, w, s, max_tokens=30, speculator=spec)
     assert spec.drafter == "small_base" and engine.stats.drafted > 0
     plain = sized_engine("down", {"small_base": 100, "large_ft": 1000, "large_base": 1000})
     a, _ = run(plain, w, s, draft_k="plain", max_tokens=30)
@@ -324,12 +313,10 @@ def test_default_drafter_follows_the_weights_and_prefers_the_fine_tuned_on_ties(
     assert apart.cheapest_role(weights_for(apart, "up", 1.0), prefer="small_ft") == "small_base"
     # beta = 0: only the large base has weight, so it is the only candidate
     assert engine.cheapest_role(weights_for(engine, "up", 0.0)) == "large_base"
-    spec = Speculator(engine, draft_k=2, draft_role="large_base")  # explicit wins
-    list(spec.generate(PROMPT, weights_for(engine, "up", 1.0), SamplerSettings(),
-                       max_tokens=5))
+    spec = Speculator(engine, draft_k=2)
+    decode(engine, PROMPT, weights_for(engine, "up", 1.0), SamplerSettings(), max_tokens=5,
+           speculator=spec, draft_role="large_base")  # explicit wins
     assert spec.drafter == "large_base"
-    with pytest.raises(EftError, match="draft role 'nope' is not among the models"):
-        Speculator(engine, draft_role="nope")
 
 
 def test_bundled_down_scaling_session_drafts_with_small_base() -> None:
@@ -380,8 +367,7 @@ def test_any_drafter_gives_the_plain_tokens(drafter: str) -> None:
     plain_engine, spec_engine = fake_engine("up"), fake_engine("up")
     w = weights_for(plain_engine, "up", 1.0)
     a, _ = run(plain_engine, w, s, draft_k="plain", max_tokens=30)
-    b = list(Speculator(spec_engine, draft_k=3, draft_role=drafter).generate(
-        PROMPT, w, s, max_tokens=30))
+    b = decode(spec_engine, PROMPT, w, s, max_tokens=30, draft_k=3, draft_role=drafter)
     assert same_steps(a, b)
     assert worth_speculating(spec_engine, w, drafter)
     assert not worth_speculating(spec_engine, np.array([0.0, 2.0, 0.0]), "small_ft")
@@ -419,7 +405,7 @@ def test_eval_into_writes_the_last_row_in_place(trio: dict[str, Path]) -> None:
 
 # -- Ctrl-C while a parallel lane decodes ---------------------------------------------------
 class BlockingModel(FakeModel):
-    """A fake whose first eval in a worker thread from the ``block_at``-th on waits on an
+    """A fake whose first decode in a worker thread from the ``block_at``-th on waits on an
     event: a lane stuck in a decode. It counts rollbacks of itself while one of its decodes
     runs (in another thread): what would corrupt its cache. Each model's counters are
     touched by one thread at a time (shared counters updated from several threads could
@@ -429,25 +415,27 @@ class BlockingModel(FakeModel):
         super().__init__(**kwargs)
         self.shared, self.block_at, self.calls = shared, block_at, 0
         self.inside = 0
+        self.decoding = 0
         self.entered, self.release = threading.Event(), threading.Event()
 
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
+    def decode(self, parts, out=None):  # noqa: ANN001, ANN201 - FakeModel.decode's
         self.calls += 1
         blocking = (0 < self.block_at <= self.calls and not self.entered.is_set()
                     and threading.current_thread() is not threading.main_thread())
         self.inside += 1
+        self.decoding = threading.get_ident()
         try:
             if blocking:
                 self.entered.set()
                 self.release.wait(10)
-            return super().eval(tokens, all_logits=all_logits)
+            return super().decode(parts, out)
         finally:
             self.inside -= 1
 
-    def rewind(self, n_past: int) -> None:
-        if self.inside:  # this model is inside a decode in another thread
+    def rewind(self, n_past: int, seq: int = 0) -> None:
+        if self.inside and threading.get_ident() != self.decoding:  # inside another thread's
             self.shared["rewound_mid_decode"] += 1
-        super().rewind(n_past)
+        super().rewind(n_past, seq)
 
 
 def main_waits_for_a_result() -> bool:
@@ -491,9 +479,8 @@ def test_ctrl_c_during_a_lane_decode_waits_for_every_lane(path: str) -> None:
     helper = threading.Thread(target=interrupt)
     helper.start()
     w = weights_for(engine, "up", 1.0)
-    gen = (engine.generate(PROMPT, w, SamplerSettings(), max_tokens=50) if path == "plain"
-           else Speculator(engine, draft_k=2).generate(PROMPT, w, SamplerSettings(),
-                                                        max_tokens=50))
+    gen = decoding(engine, PROMPT, w, SamplerSettings(), max_tokens=50,
+                   draft_k="plain" if path == "plain" else 2)
     try:
         with pytest.raises(KeyboardInterrupt):
             for _ in gen:
@@ -509,7 +496,7 @@ def test_ctrl_c_during_a_lane_decode_waits_for_every_lane(path: str) -> None:
         signal.signal(signal.SIGINT, previous)
         engine.close()
     # the models are usable afterwards: the next generation starts from their caches
-    assert len(list(engine.generate(PROMPT, w, SamplerSettings(), max_tokens=3))) == 3
+    assert len(decode(engine, PROMPT, w, SamplerSettings(), max_tokens=3)) == 3
 
 
 def test_block_sizer_starts_from_measured_costs() -> None:
@@ -575,7 +562,7 @@ def test_adaptive_plain_steps_are_plain_decoding_steps() -> None:
         return evaluate_each(*args, **kwargs)  # type: ignore[arg-type]
 
     spec_engine.evaluate_each = spy  # type: ignore[method-assign]
-    b = list(spec.generate(PROMPT, w, s, max_tokens=80))
+    b = decode(spec.engine, PROMPT, w, s, max_tokens=80, speculator=spec)
     assert same_steps(a, b)
     assert spec.block_sizes == [] and spec_engine.stats.drafted == 0
     assert not any(calls)
@@ -596,12 +583,12 @@ def test_where_plain_wins_so_far_generation_is_plain_decoding_that_keeps_learnin
     spec.sizer.accepted, spec.sizer.rejected = 0.2, 1.8  # alpha 0.1: plain wins
     assert spec.sizer.plain_wins() and not spec.sizer.hopeless()
     before = spec.sizer.accepted + spec.sizer.rejected
-    b = list(spec.generate(PROMPT, w, s, max_tokens=60))
+    b = decode(spec.engine, PROMPT, w, s, max_tokens=60, speculator=spec)
     assert same_steps(a, b) and spec.plain_generations == 1
     assert spec_engine.stats.drafted == 0
     assert spec.sizer.accepted + spec.sizer.rejected != before  # guesses were counted
     spec.sizer.accepted, spec.sizer.rejected = 9.5, 0.5  # learned: alpha 0.95
-    c = list(spec.generate(PROMPT, w, s, max_tokens=60))
+    c = decode(spec.engine, PROMPT, w, s, max_tokens=60, speculator=spec)
     assert same_steps(a, c) and spec.plain_generations == 1 and spec_engine.stats.drafted > 0
 
 
@@ -621,9 +608,9 @@ def test_cannot_pay_expires_after_some_generations() -> None:
     spec = Speculator(spec_engine, draft_k=None)
     spec.sizer.prior(**HOPELESS)
     for _ in range(RETRY_AFTER):
-        assert same_steps(a, list(spec.generate(PROMPT, w, s, max_tokens=12)))
+        assert same_steps(a, decode(spec.engine, PROMPT, w, s, max_tokens=12, speculator=spec))
     assert spec.plain_generations == RETRY_AFTER and spec_engine.stats.drafted == 0
-    assert same_steps(a, list(spec.generate(PROMPT, w, s, max_tokens=12)))
+    assert same_steps(a, decode(spec.engine, PROMPT, w, s, max_tokens=12, speculator=spec))
     assert spec_engine.stats.drafted > 0 and spec.block_sizes  # a real block, measured
     assert spec.plain_generations == RETRY_AFTER and spec.remeasured == 1
     assert spec.sizer.draft_step is not None and spec.sizer.draft_step != HOPELESS["draft_step"]
@@ -633,7 +620,7 @@ def test_a_fixed_block_size_is_never_forgotten() -> None:
     spec = Speculator(fake_engine("up"), draft_k=3)
     w = weights_for(spec.engine, "up", 1.0)
     for _ in range(RETRY_AFTER + 2):
-        list(spec.generate(PROMPT, w, SamplerSettings(seed=1), max_tokens=8))
+        decode(spec.engine, PROMPT, w, SamplerSettings(seed=1), max_tokens=8, speculator=spec)
     assert spec.remeasured == 0 and max(spec.block_sizes) == 3
 
 
@@ -646,8 +633,8 @@ def test_block_costs_are_measured_again_when_what_they_depend_on_changes(change:
     w = weights_for(engine, "up", 1.0)
     spec = Speculator(engine, draft_k=None)
     spec.sizer.prior(**HOPELESS)
-    list(spec.generate(PROMPT, w, s, max_tokens=10))
-    list(spec.generate(PROMPT, w, s, max_tokens=10))
+    decode(spec.engine, PROMPT, w, s, max_tokens=10, speculator=spec)
+    decode(spec.engine, PROMPT, w, s, max_tokens=10, speculator=spec)
     assert engine.stats.drafted == 0 and spec.plain_generations == 2
     if change == "drafter":
         engine.conservative_role = "small_base"  # the default drafter prefers it on ties
@@ -655,7 +642,7 @@ def test_block_costs_are_measured_again_when_what_they_depend_on_changes(change:
         w = np.array([1.0, 1.0, 0.0], dtype=np.float32)  # small_base no longer evaluated
     else:
         engine.models["large_base"].n_gpu_layers = -1  # type: ignore[attr-defined]
-    list(spec.generate(PROMPT, w, s, max_tokens=10))
+    decode(spec.engine, PROMPT, w, s, max_tokens=10, speculator=spec)
     assert engine.stats.drafted > 0, change  # a real block, measuring the costs again
     assert spec.remeasured == 1
     if change == "drafter":
@@ -669,8 +656,8 @@ def test_costs_seeded_for_the_settings_of_a_generation_are_kept() -> None:
     w = weights_for(engine, "up", 1.0)
     spec = Speculator(engine, draft_k=None)
     spec.seed(drafter="small_ft", **HOPELESS)
-    list(spec.generate(PROMPT, w, SamplerSettings(seed=2), max_tokens=10))
+    decode(spec.engine, PROMPT, w, SamplerSettings(seed=2), max_tokens=10, speculator=spec)
     assert engine.stats.drafted == 0 and spec.remeasured == 0
     spec.seed(drafter="small_base", **HOPELESS)  # measured with another drafter
-    list(spec.generate(PROMPT, w, SamplerSettings(seed=2), max_tokens=10))
+    decode(spec.engine, PROMPT, w, SamplerSettings(seed=2), max_tokens=10, speculator=spec)
     assert engine.stats.drafted > 0 and spec.remeasured == 1

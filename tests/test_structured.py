@@ -12,8 +12,8 @@ import pytest
 from pydantic import BaseModel, Field
 
 from eft_local import structured
-from eft_local.chat import tool_support
 from eft_local.session import LoadOptions, load_session
+from eft_local.templates import tool_support
 from tests import ggufs
 from tests.servehelp import Served, serving, serving_bundled
 

@@ -18,23 +18,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "eft_local"
 
 SHARED_NAMES: dict[str, set[str]] = {
     # different things in different namespaces, each called by its module's name:
-    "generate": {"cli/main.py", "server/handlers.py"},  # the CLI command; the server handler
-    "quantize": {"cli/main.py", "loading.py"},  # the CLI command over the library function
-    "render": {"chat.py", "cli/explore.py"},  # a chat template; explore's Markdown table
+    "quantize": {"cli/main.py", "session.py"},  # the CLI command over the library function
+    "render": {"templates.py", "cli/explore.py"},  # a chat template; explore's Markdown table
     "scan": {"ggufscan.py", "utf8.py"},  # a GGUF file's header; bytes through UTF-8 states
     "Settings": {"settings.py", "explore/explorer.py"},  # one call's; one exploration's
-    # being removed (issue 26)
-    "Constraint": {"engine.py", "utf8.py"},
-    "is_remote": {"remote/lanes.py", "remote/model.py"},
-    "schema_grammar": {"settings.py", "structured.py"},
 }
 """Public top-level names more than one module may define, and which modules."""
 
 SHARED_BODIES: list[set[str]] = [
-    # one line that prints to stderr, a command's own progress callback
-    {"cli/batch.py:_say", "cli/explore.py:say"},
-    # being removed (issue 26)
-    {"remote/lanes.py:is_remote", "remote/model.py:is_remote"},
+    # a context manager's protocol: `return self` and `self.close()`
+    {"session.py:__enter__", "records.py:__enter__"},
+    {"session.py:__exit__", "records.py:__exit__"},
 ]
 """Groups of functions allowed to have the same arguments and body (``module:name``)."""
 

@@ -140,7 +140,7 @@ def engine_view(local: VocabInfo, *, replace: bool = True) -> VocabInfo:
 
 
 def family_pieces() -> VocabInfo:
-    from eft_local.config import FAMILY_DIR
+    from eft_local.presets import FAMILY_DIR
 
     return backend.read_vocab(FAMILY_DIR / "large_base.gguf", pieces=True).as_pieces()
 

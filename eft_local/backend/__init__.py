@@ -3,7 +3,9 @@
 the module that defines them: patch them there in tests.
 
 - :mod:`~eft_local.backend.library`: llama.cpp itself, its log, its build;
-- :mod:`~eft_local.backend.model`: loading GGUF files, evaluating batches, the KV cache;
+- :mod:`~eft_local.backend.model`: loading GGUF files, a model's context and its KV cache;
+- :mod:`~eft_local.backend.sequences`: the sequences a context holds: evaluating them alone
+  or several in one decode, rolling them back, sharing their cells;
 - :mod:`~eft_local.backend.tools`: grammars, the quantizer, the llama.cpp-alone baseline.
 """
 
@@ -17,6 +19,7 @@ from eft_local.backend.library import (
     supports_gpu_offload,
 )
 from eft_local.backend.model import LlamaModel, read_vocab
+from eft_local.backend.sequences import Part
 from eft_local.backend.tools import (
     Grammar,
     check_grammar,
@@ -26,7 +29,7 @@ from eft_local.backend.tools import (
     raw_speed,
 )
 
-__all__ = ["DEFAULT_N_CTX", "QUANT_TYPES", "SPIN_COUNT", "Grammar", "L", "LlamaModel",
+__all__ = ["DEFAULT_N_CTX", "QUANT_TYPES", "SPIN_COUNT", "Grammar", "L", "LlamaModel", "Part",
            "build_info", "check_grammar", "fully_offloaded", "json_schema_grammar",
            "quantize_gguf", "raw_decode_seconds", "raw_speed", "read_vocab",
            "supports_gpu_offload"]

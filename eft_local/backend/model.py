@@ -1,9 +1,10 @@
 """Models: loading GGUF files, evaluating token batches, rolling the KV cache back.
 
-:class:`LlamaModel` evaluates batches with logits only on the positions asked for (never
-``n_ctx x vocab`` arrays), rolls the cache back with ``llama_memory_seq_rm``, shifts it after
-a chat dropped its oldest turns, and turns tokens into bytes without the 32-byte truncation
-of ``Llama.detokenize``; :func:`read_vocab` reads a vocabulary without the weights.
+:class:`LlamaModel` holds one or several sequences (:mod:`~eft_local.backend.sequences`
+evaluates them: logits only on the positions asked for, never ``n_ctx x vocab`` arrays;
+rollback with ``llama_memory_seq_rm``; shifting after a chat dropped its oldest turns), checks
+that their KV cache fits in memory, and turns tokens into bytes without the 32-byte
+truncation of ``Llama.detokenize``; :func:`read_vocab` reads a vocabulary without the weights.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 from pathlib import Path
-
-import numpy as np
 
 from eft_local import ggufscan, limits
 from eft_local.backend import library
@@ -25,10 +24,13 @@ from eft_local.backend.library import (
     _progress,
     fully_offloaded,
 )
+from eft_local.backend.sequences import Part, Sequences
 from eft_local.errors import EftError
 from eft_local.interrupts import interruptible
 from eft_local.text import undecodable
 from eft_local.vocab import VOCAB_TYPES, VocabInfo
+
+__all__ = ["LlamaModel", "Part", "read_vocab"]
 
 
 def _check_file(path: Path) -> None:
@@ -102,26 +104,36 @@ def read_vocab(path: str | Path, *, pieces: bool = False) -> VocabInfo:
         L.llama_model_free(model)
 
 
-class LlamaModel:
-    """One GGUF model with its own context and KV cache (one sequence).
+CTX_PAD = 256
+"""llama.cpp rounds a context up to a multiple of this (``llama-context.cpp``): each of
+several sequences gets the context one sequence alone would get."""
 
-    ``tokens`` is what the KV cache holds; :meth:`eval` appends to it and :meth:`rewind`
-    truncates it. Not thread-safe: use one object per thread.
+
+class LlamaModel(Sequences):
+    """One GGUF model with its own context and KV cache holding ``n_seq`` sequences, each
+    of up to ``n_ctx`` tokens (one unified cache: see :mod:`~eft_local.backend.sequences`).
+
+    ``tokens`` is what the KV cache holds for sequence 0 (``seq_tokens(s)`` for the
+    others); :meth:`eval` appends to it and :meth:`rewind` truncates it; :meth:`decode`
+    evaluates several sequences in one ``llama_decode``. Not thread-safe: use one object per
+    thread.
     """
 
     def __init__(self, path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int = 0,
-                 n_threads: int = 1, n_batch: int = 512) -> None:
+                 n_threads: int = 1, n_batch: int = 512, n_seq: int = 1) -> None:
         self.path = Path(path)
         self._model = self._ctx = self._batch = None
         try:
-            self._open(n_ctx, n_gpu_layers, n_threads, n_batch)
+            self._open(n_ctx, n_gpu_layers, n_threads, n_batch, n_seq)
         except BaseException:  # free what was made, once: close() is idempotent
             self.close()
             raise
 
-    def _open(self, n_ctx: int | None, n_gpu_layers: int, n_threads: int, n_batch: int) -> None:
+    def _open(self, n_ctx: int | None, n_gpu_layers: int, n_threads: int, n_batch: int,
+              n_seq: int) -> None:
         if n_ctx is not None:
             limits.check_n_ctx(n_ctx, str(self.path))
+        limits.check_n_seq(n_seq, str(self.path))
         self._model = _load_model(self.path, vocab_only=False, n_gpu_layers=n_gpu_layers)
         self._vocab = L.llama_model_get_vocab(self._model)
         self.n_vocab = int(L.llama_vocab_n_tokens(self._vocab))
@@ -133,8 +145,10 @@ class LlamaModel:
         if not 0 < n_ctx <= limits.N_CTX_MAX:
             raise EftError(f"{self.path}: n_ctx {n_ctx} (the training context in its metadata)"
                            f" is outside [1, {limits.N_CTX_MAX}]; set n_ctx")
-        self._check_memory(n_ctx, train_ctx, n_gpu_layers)
-        cparams.n_ctx = n_ctx
+        self._check_memory(n_ctx, train_ctx, n_gpu_layers, n_seq)
+        cparams.n_ctx = n_ctx if n_seq == 1 else -(-n_ctx // CTX_PAD) * CTX_PAD * n_seq
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = n_seq > 1  # one cache, cells tagged by sequence (module doc)
         cparams.n_batch = cparams.n_ubatch = min(n_batch, cparams.n_ctx)
         cparams.n_threads = cparams.n_threads_batch = max(1, n_threads)
         self.threads = max(1, n_threads)
@@ -145,9 +159,12 @@ class LlamaModel:
                                   discard=lambda ctx: ctx and L.llama_free(ctx),
                                   name="llama.cpp context")
         if not self._ctx:
-            raise EftError(f"{self.path}: could not create a context with n_ctx={n_ctx}"
+            seqs = f" and n_seq={n_seq}" if n_seq > 1 else ""
+            raise EftError(f"{self.path}: could not create a context with n_ctx={n_ctx}{seqs}"
                            f" ({_last_error() or 'out of memory?'})")
-        self.n_ctx = int(L.llama_n_ctx(self._ctx))
+        self._cells = int(L.llama_n_ctx(self._ctx))
+        self.n_ctx = self._cells // n_seq
+        """Tokens each sequence may hold."""
         self.n_ctx_train = train_ctx
         self.n_batch = int(cparams.n_batch)
         self.n_gpu_layers = n_gpu_layers if library.supports_gpu_offload() else 0
@@ -155,7 +172,7 @@ class LlamaModel:
         self.n_layer = int(L.llama_model_n_layer(self._model))
         self._batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._mem = L.llama_get_memory(self._ctx)
-        self.tokens: list[int] = []
+        self._init_sequences(n_seq)
         self.partial_rewind = not (L.llama_model_is_recurrent(self._model)
                                    or L.llama_model_is_hybrid(self._model))
         """False for recurrent and hybrid models: a rollback clears the cache and evaluates
@@ -166,15 +183,18 @@ class LlamaModel:
         """True when a span can be cut out of the cache and the later positions moved down
         (:meth:`cut`): llama.cpp re-rotates their keys (RoPE) instead of evaluating them."""
         self._piece_buf = ctypes.create_string_buffer(64)
+        self.kv_bytes_per_seq = self.kv_cache_bytes(self.n_ctx)
+        """Estimated bytes of one sequence's KV cache (``n_seq`` of them are allocated)."""
 
     @property
     def offloaded(self) -> bool:
         """Every layer runs on the GPU: CPU threads hardly change its speed."""
         return self.n_gpu_layers != 0 and fully_offloaded(self.n_gpu_layers, self.n_layer)
 
-    def kv_cache_bytes(self, n_ctx: int) -> int:
-        """Estimated bytes of the KV cache for ``n_ctx`` positions (f16, every layer); 0 for
-        models whose cache does not grow with the context (recurrent) or is windowed."""
+    def kv_cache_bytes(self, n_ctx: int, n_seq: int = 1) -> int:
+        """Estimated bytes of the KV cache for ``n_seq`` sequences of ``n_ctx`` positions
+        (f16, every layer); 0 for models whose cache does not grow with the context
+        (recurrent) or is windowed."""
         m = self._model
         if (L.llama_model_is_recurrent(m) or L.llama_model_is_hybrid(m)
                 or L.llama_model_n_swa(m) > 0):
@@ -189,19 +209,30 @@ class LlamaModel:
 
         return limits.kv_cache_bytes(n_ctx, n_layer=int(L.llama_model_n_layer(m)),
                                      n_head_kv=int(L.llama_model_n_head_kv(m)),
-                                     k_len=length("key_length"), v_len=length("value_length"))
+                                     k_len=length("key_length"), v_len=length("value_length"),
+                                     n_seq=n_seq)
 
-    def _check_memory(self, n_ctx: int, train_ctx: int, n_gpu_layers: int) -> None:
-        """Refuse a context whose KV cache cannot fit in memory (CPU caches only)."""
+    def _check_memory(self, n_ctx: int, train_ctx: int, n_gpu_layers: int, n_seq: int = 1
+                      ) -> None:
+        """Refuse a context whose KV cache cannot fit in memory (CPU caches only; llama.cpp
+        refuses a GPU cache that does not fit when the context is made)."""
         if n_gpu_layers != 0:
             return  # the cache lives on the GPU: llama.cpp reports what does not fit
-        need = self.kv_cache_bytes(n_ctx)
+        need = self.kv_cache_bytes(n_ctx, n_seq)
         avail = limits.available_memory()
-        if avail is not None and need > avail:
+        if avail is None or need <= avail:
+            return
+        if n_seq == 1:
             raise EftError(
                 f"{self.path}: n_ctx={n_ctx} needs about {limits.size_text(need)} for the KV "
                 f"cache, more than the {limits.size_text(avail)} of memory available; lower "
                 f"--n-ctx or n_ctx (this model was trained with {train_ctx})")
+        one = limits.size_text(self.kv_cache_bytes(n_ctx))
+        raise EftError(
+            f"{self.path}: {n_seq} sequences of n_ctx={n_ctx} need about {n_seq} x {one} = "
+            f"{limits.size_text(need)} for the KV cache, more than the "
+            f"{limits.size_text(avail)} of memory available; lower n_seq or n_ctx (this "
+            f"model was trained with {train_ctx})")
 
     # -- metadata -------------------------------------------------------------------------
     def metadata(self, key: str) -> str | None:
@@ -259,107 +290,6 @@ class LlamaModel:
             self._piece_buf = buf = ctypes.create_string_buffer(-n)
             n = L.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
-
-    # -- evaluation -----------------------------------------------------------------------
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
-        """Append ``tokens`` to the cache; return copied logit rows, shape (rows, n_vocab).
-
-        Rows are for every new position when ``all_logits``, else for the last one only.
-        """
-        if not tokens:
-            raise ValueError("eval needs at least one token")
-        if len(self.tokens) + len(tokens) > self.n_ctx:
-            raise EftError(f"{self.path.name}: context full ({len(self.tokens)} + "
-                           f"{len(tokens)} tokens > n_ctx {self.n_ctx})")
-        rows = []
-        b = self._batch
-        start_len = len(self.tokens)
-        try:
-            for start in range(0, len(tokens), self.n_batch):
-                chunk = tokens[start:start + self.n_batch]
-                last_chunk = start + len(chunk) == len(tokens)
-                base = len(self.tokens)
-                for i, tok in enumerate(chunk):
-                    b.token[i] = tok
-                    b.pos[i] = base + i
-                    b.n_seq_id[i] = 1
-                    b.seq_id[i][0] = 0
-                    b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
-                b.n_tokens = len(chunk)
-                rc = L.llama_decode(self._ctx, b)
-                if rc != 0:
-                    raise EftError(f"{self.path.name}: llama_decode failed (code {rc})")
-                self.tokens.extend(chunk)
-                wanted = range(len(chunk)) if all_logits else (
-                    [len(chunk) - 1] if last_chunk else [])
-                for i in wanted:
-                    ptr = L.llama_get_logits_ith(self._ctx, i)
-                    rows.append(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
-        except BaseException:  # a failed decode or Ctrl-C: the cache keeps what it had
-            self._drop_from(start_len)
-            raise
-        return np.stack(rows)
-
-    def eval_into(self, tokens: list[int], out: np.ndarray) -> None:
-        """Like :meth:`eval` for the last row only, copied into ``out`` (the first
-        ``out.size`` logits): no allocation per step."""
-        if len(tokens) > 1:
-            out[:] = self.eval(tokens)[-1, : out.size]
-            return
-        if len(self.tokens) + 1 > self.n_ctx:
-            raise EftError(f"{self.path.name}: context full ({len(self.tokens)} + 1 tokens > "
-                           f"n_ctx {self.n_ctx})")
-        b = self._batch
-        b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0] = (
-            tokens[0], len(self.tokens), 1, 0, True)
-        b.n_tokens = 1
-        start_len = len(self.tokens)
-        try:
-            rc = L.llama_decode(self._ctx, b)
-            if rc != 0:
-                raise EftError(f"{self.path.name}: llama_decode failed (code {rc})")
-            self.tokens.append(tokens[0])
-        except BaseException:  # a failed decode or Ctrl-C: the cache keeps what it had
-            self._drop_from(start_len)
-            raise
-        ptr = L.llama_get_logits_ith(self._ctx, 0)
-        out[:] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))[: out.size]
-
-    def rewind(self, n_past: int) -> None:
-        """Drop cached positions from ``n_past`` on. Where the cache cannot drop part of a
-        sequence (recurrent and hybrid models), it is cleared and the kept tokens are
-        evaluated again from position 0, as llama-server does."""
-        if n_past >= len(self.tokens):
-            return
-        keep = self.tokens[:n_past]
-        if not self._drop_from(n_past) and keep:
-            self.eval(keep)
-
-    def cut(self, start: int, end: int) -> bool:
-        """Remove cached positions ``start`` to ``end`` (exclusive) and move every later
-        position down by ``end - start``: ``tokens`` becomes ``tokens[:start] +
-        tokens[end:]``, each token at its new position. llama.cpp rotates the moved keys at
-        the next decode (one pass over the whole cache); their values still carry what they
-        attended to, so later logits differ slightly from a fresh evaluation. False, with
-        nothing changed, when this model cannot shift (:attr:`can_shift`)."""
-        if not 0 <= start < end <= len(self.tokens):
-            raise ValueError(f"cut({start}, {end}) outside the {len(self.tokens)} cached tokens")
-        if not self.can_shift or not L.llama_memory_seq_rm(self._mem, 0, start, end):
-            return False
-        L.llama_memory_seq_add(self._mem, 0, end, -1, start - end)
-        del self.tokens[start:end]
-        return True
-
-    def _drop_from(self, n_past: int) -> bool:
-        """Remove positions from ``n_past`` on; False when llama.cpp cannot remove part of
-        the sequence: then the whole cache is cleared (``tokens`` becomes empty)."""
-        if L.llama_memory_seq_rm(self._mem, 0, n_past, -1):
-            del self.tokens[n_past:]
-            return True
-        L.llama_memory_clear(self._mem, True)
-        self.tokens.clear()
-        self.full_rewinds += 1
-        return False
 
     def set_threads(self, n_threads: int) -> None:
         """Change the number of threads used for decoding (and prompts)."""

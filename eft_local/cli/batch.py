@@ -9,12 +9,15 @@ resumes (:func:`eft_local.records.write_results`).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from eft_local.errors import EftError
 from eft_local.records import (
     BadRecord,
     Counts,
@@ -28,7 +31,7 @@ from eft_local.records import (
 from eft_local.text import printable
 
 if TYPE_CHECKING:
-    from eft_local.session import Session
+    from eft_local.session import Request, Session
 
 _KEYS = {"id": (str, int), "prompt": (str,), "system": (str, type(None)), "raw": (bool,),
          "max_tokens": (int,), "json_schema": (dict,), "grammar": (str,)}
@@ -108,47 +111,63 @@ def parse_text(line_no: int, line: str) -> Text:
     return Text(id=raw_id, line=line_no, text=text)
 
 
-def _say(message: str) -> None:
+def err_line(message: str) -> None:
+    """One line on stderr: a command's progress or notes."""
     click.echo(printable(message), err=True)
 
 
 def generate_batch(session: Session, input_path: Path, output_path: Path | None,
-                   defaults: BatchDefaults, *, retry_errors: bool = True) -> Counts:
+                   defaults: BatchDefaults, *, retry_errors: bool = True,
+                   parallel: int = 1) -> Counts:
     """Generate a reply for every line of ``input_path``, appending results to
-    ``output_path`` (or stdout); progress and a summary on stderr."""
+    ``output_path`` (or stdout) as each finishes, ``parallel`` records at once; progress
+    and a summary on stderr."""
     from eft_local.session import Settings
 
     lines = read_lines(input_path)
 
-    def run(prompt: Any) -> dict[str, Any]:
+    def request(prompt: Any) -> Request:
         grammar = prompt.grammar
         if prompt.json_schema is not None:  # as --json-schema: bounded, with its note
-            grammar = Settings.grammar_of(json_schema=prompt.json_schema, note=lambda text: _say(
-                f"note: line {prompt.line} (id {prompt.id!r}): {text}"))
-        result = session.generate(prompt.prompt, raw=prompt.raw, system=prompt.system,
-                                  max_tokens=prompt.max_tokens,
-                                  diagnostics=defaults.diagnostics, grammar=grammar)
-        return result_record(session, result, diagnostics=defaults.diagnostics)
+            grammar = Settings.grammar_of(
+                json_schema=prompt.json_schema, note=lambda text: err_line(
+                    f"note: line {prompt.line} (id {prompt.id!r}): {text}"))
+        tokens = session.prompt_tokens(prompt.prompt, raw=prompt.raw, system=prompt.system)
+        return session.prepare(tokens, max_tokens=prompt.max_tokens,
+                               diagnostics=defaults.diagnostics, grammar=grammar)
+
+    def run_many(todo: Iterator[tuple[int, Any]]
+                 ) -> Iterator[tuple[tuple[int, Any], dict[str, Any] | EftError]]:
+        jobs = ((entry, partial(request, entry[1])) for entry in todo)
+        for entry, result in session.run_many(jobs, parallel=parallel):
+            yield entry, (result if isinstance(result, EftError) else
+                          result_record(session, result, diagnostics=defaults.diagnostics))
 
     counts = write_results(lines, output_path,
-                           parse=lambda n, line: parse_prompt(n, line, defaults), run=run,
-                           retry_errors=retry_errors, say=_say, total=len(lines))
-    _say(f"{counts.done} generated, {counts.errors} errors, {counts.skipped} already done"
+                           parse=lambda n, line: parse_prompt(n, line, defaults),
+                           run=lambda _item: {}, run_many=run_many,
+                           retry_errors=retry_errors, say=err_line, total=len(lines))
+    err_line(f"{counts.done} generated, {counts.errors} errors, {counts.skipped} already done"
          + (f" ({counts.retried} earlier errors retried)" if counts.retried else ""))
     return counts
 
 
 def score_batch(session: Session, input_path: Path, output_path: Path | None, *, top_n: int,
-                per_model: bool, per_token: bool) -> Counts:
+                per_model: bool, per_token: bool, parallel: int = 1) -> Counts:
     """Score every line of ``input_path``, appending results to ``output_path`` (or
-    stdout); progress and a summary on stderr."""
+    stdout), ``parallel`` texts evaluated together; progress and a summary on stderr."""
     lines = read_lines(input_path)
 
-    def run(item: Any) -> dict[str, Any]:
-        result = session.score(item.text, top_n=top_n, per_model=per_model)
-        return {"text": item.text, **score_record(session, result, per_token=per_token)}
+    def run_many(todo: Iterator[tuple[int, Any]]
+                 ) -> Iterator[tuple[tuple[int, Any], dict[str, Any] | EftError]]:
+        texts = ((entry, entry[1].text) for entry in todo)
+        for entry, result in session.score_many(texts, parallel=parallel, top_n=top_n,
+                                                per_model=per_model):
+            yield entry, (result if isinstance(result, EftError) else
+                          {"text": entry[1].text,
+                           **score_record(session, result, per_token=per_token)})
 
-    counts = write_results(lines, output_path, parse=parse_text, run=run, say=_say,
-                           total=len(lines))
-    _say(f"{counts.done} scored, {counts.errors} errors, {counts.skipped} already done")
+    counts = write_results(lines, output_path, parse=parse_text, run=lambda _item: {},
+                           run_many=run_many, say=err_line, total=len(lines))
+    err_line(f"{counts.done} scored, {counts.errors} errors, {counts.skipped} already done")
     return counts

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from eft_local.config import load_config, preset_from_paths
+from eft_local.cli.options import parallel_option
 from eft_local.evaluate import (
     DEFAULT_QUESTIONS,
     FAMILY_DECLINE,
@@ -19,6 +19,7 @@ from eft_local.evaluate import (
     parse_target,
     render_table,
 )
+from eft_local.presets import load_config, preset_from_paths
 from eft_local.session import LoadOptions, SamplerSettings
 
 
@@ -49,11 +50,12 @@ from eft_local.session import LoadOptions, SamplerSettings
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path),
               help="Draw FILE.png or FILE.svg: accuracy and format against beta, declines "
               "against lambda, a bar chart of the other targets (needs eft-local[plot]).")
+@parallel_option(what="questions")
 def evaluate(targets: tuple[str, ...], models: tuple[str, ...], formula: str | None,
              questions_path: Path | None, limit: int | None,
              paper: bool, max_tokens: int, decline_text: str | None, no_speculative: bool,
              single_turn: bool, conservative_top_p: float | None, temperature: float,
-             seed: int, as_json: bool, plot_path: Path | None) -> None:
+             seed: int, as_json: bool, plot_path: Path | None, n_parallel: int) -> None:
     """Score presets, formulas (PRESET:FORMULA, PRESET@beta=X), GGUF files or engines'
     URLs on a question set, side by side."""
     if plot_path is not None:
@@ -78,7 +80,8 @@ def evaluate(targets: tuple[str, ...], models: tuple[str, ...], formula: str | N
     with click.progressbar(length=total, label="evaluating", file=sys.stderr) as bar:
         scores = evaluate_targets(
             parsed, questions, max_tokens=max_tokens, decline_text=decline_text,
-            multi_turn=not single_turn, options=LoadOptions(speculative=not no_speculative),
+            multi_turn=not single_turn,
+            options=LoadOptions(speculative=not no_speculative, n_seq=n_parallel),
             settings=settings, on_answer=lambda: bar.update(1))
     if as_json:
         click.echo(json.dumps({"questions": str(questions_path or DEFAULT_QUESTIONS),

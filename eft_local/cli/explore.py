@@ -11,8 +11,8 @@ from typing import Any
 import click
 
 from eft_local import limits
+from eft_local.cli.batch import err_line as say
 from eft_local.cli.options import model_options
-from eft_local.config import is_url
 from eft_local.errors import EftError
 from eft_local.explore.candidates import (
     Source,
@@ -33,6 +33,7 @@ from eft_local.explore.explorer import (
     read_text,
 )
 from eft_local.limits import size_text
+from eft_local.presets import is_url
 from eft_local.text import printable
 
 
@@ -136,12 +137,8 @@ def explore(preset: str | None, variants: tuple[str, ...], references: tuple[str
     params = {k: opts[k] for k in ("beta", "lam") if opts.get(k) is not None}
     options = LoadOptions(n_ctx=opts.get("n_ctx"), n_threads=opts.get("threads"),
                           n_gpu_layers=opts.get("gpu_layers"),
-                          parallel=opts.get("parallel") is not False,
                           speculative=not opts.get("no_speculative"),
                           draft_k=opts.get("draft_k"), schedule=opts.get("schedule"))
-
-    def say(message: str) -> None:
-        click.echo(printable(message), err=True)
 
     explorer = Explorer(template, reference, settings, params=params, options=options,
                         cache_dir=cache_dir, say=say)

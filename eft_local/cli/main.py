@@ -25,6 +25,7 @@ from eft_local.cli.options import (
     grammar_changes,
     model_options,
     open_session,
+    parallel_option,
     sampling_options,
     split_args,
     stdin_prompt,
@@ -36,7 +37,7 @@ from eft_local.limits import size_text
 from eft_local.text import printable
 
 if TYPE_CHECKING:
-    from eft_local.config import Preset
+    from eft_local.presets import Preset
     from eft_local.session import Session
 
 
@@ -144,7 +145,8 @@ def main() -> None:
 def models() -> None:
     """List presets: formula, models, whether each file is present locally and its size."""
     from eft_local import hub
-    from eft_local.config import load_config
+    from eft_local.loading import kv_estimate
+    from eft_local.presets import load_config
 
     config = load_config()
     if not config.presets:
@@ -161,6 +163,9 @@ def models() -> None:
             local = hub.cached_path(spec)
             state = "remote" if spec.remote else (
                 f"present, {size_text(local.stat().st_size)}" if local else "missing")
+            kv = kv_estimate(local, spec.n_ctx) if local else None
+            if kv is not None:
+                state += f", KV {size_text(kv[0])} per slot at n_ctx {kv[1]}"
             click.echo(printable(f"  {role:<{width}}  {spec.describe()}  [{state}]"))
 
 
@@ -169,7 +174,7 @@ def models() -> None:
 def pull(preset: str | None) -> None:
     """Download the preset's missing model files into the Hugging Face cache."""
     from eft_local import hub
-    from eft_local.config import load_config
+    from eft_local.presets import load_config
 
     chosen = load_config().get(preset)
     missing = [f"{role}: {spec.path}" for role, spec in chosen.models.items()
@@ -221,7 +226,7 @@ UPSCALING_ROLES = ["large_base", "small_ft", "small_base"]
 
 def _check_preset(targets: tuple[str, ...], models: tuple[str, ...]) -> Preset:
     """The preset ``check`` looks at: named, from --model pairs, or from plain paths."""
-    from eft_local.config import is_url, load_config, preset_from_paths
+    from eft_local.presets import is_url, load_config, preset_from_paths
 
     if models and targets:
         raise EftError("give --model ROLE=PATH pairs or plain paths/a preset, not both")
@@ -279,6 +284,7 @@ def quantize(source: Path, output: Path, kind: str, allow_requantize: bool,
               "sampling with llama.cpp's grammar engine).")
 @click.option("--grammar", "grammar_path", type=click.Path(dir_okay=False, path_type=Path),
               help="GBNF grammar file (llama.cpp's format, start rule root) the reply follows.")
+@parallel_option(what="records of --input")
 def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path | None,
              output_path: Path | None, skip_errors: bool, schema_path: Path | None,
              grammar_path: Path | None, **opts: Any) -> None:
@@ -293,9 +299,10 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
     preset, prompt = split_args(args, opts, batch=input_path is not None)
     constraint = grammar_changes(schema_path, grammar_path)
     if input_path is None:
-        if output_path is not None or skip_errors:
-            raise click.UsageError(f"{'--output' if output_path else '--skip-errors'} needs "
-                                   "--input")
+        if output_path is not None or skip_errors or opts["n_parallel"] > 1:
+            flag = ("--output" if output_path else "--skip-errors" if skip_errors
+                    else "-np/--parallel")
+            raise click.UsageError(f"{flag} needs --input")
         prompt = prompt if prompt is not None else stdin_prompt()
         if not prompt.strip():
             raise EftError("empty prompt")
@@ -313,7 +320,7 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
     with open_session(preset, opts) as session:
         session.update(**constraint)
         generate_batch(session, input_path, output_path, defaults,
-                       retry_errors=not skip_errors)
+                       retry_errors=not skip_errors, parallel=opts["n_parallel"])
 
 
 def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,

@@ -91,16 +91,31 @@ def model_options(func: F) -> F:
                      help="Decode token by token, without drafting with the small model."),
         click.option("--draft-k", type=click.IntRange(min=1),
                      help="Speculative block size (default: adaptive)."),
-        click.option("--parallel/--sequential", default=None,
-                     help="Evaluate the models in parallel threads (default) or in turn."),
+        click.option("--sequential", is_flag=True, hidden=True, expose_value=False,
+                     callback=_retired),
         click.option("--schedule", type=click.Choice(["auto", "lanes", "large-first",
                                                       "sequential"]),
                      help="Decode schedule (default auto: measured once per machine and "
-                     "model set, then cached; --sequential means sequential)."),
+                     "model set, then cached)."),
         click.option("--verbose", "-v", is_flag=True,
                      help="Say which file loads where and which decode schedule was chosen "
                      "(warnings and notes are always shown)."),
     ], func)
+
+
+def _retired(_ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        raise click.UsageError("--sequential is retired: it only repeated --schedule "
+                               "sequential (the decode schedule); -np/--parallel N now sets "
+                               "how many sequences run at once")
+
+
+def parallel_option(default: int = 1, what: str = "records") -> Callable[[F], F]:
+    """``-np/--parallel N``: sequences decoded side by side (slots)."""
+    return click.option("-np", "--parallel", "n_parallel",
+                        type=click.IntRange(1, limits.N_SEQ_MAX), default=default,
+                        show_default=True, help=f"How many {what} run at once, each in its "
+                        "own sequence of every model (its own --n-ctx context).")
 
 
 def sampling_options(func: F) -> F:
@@ -150,7 +165,7 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
                                   if opts.get(name) is not None})
     options = LoadOptions(n_ctx=opts.get("n_ctx"), n_threads=opts.get("threads"),
                           n_gpu_layers=opts.get("gpu_layers"),
-                          parallel=opts.get("parallel") is not False,
+                          n_seq=opts.get("n_parallel") or 1,
                           speculative=not opts.get("no_speculative"),
                           draft_k=opts.get("draft_k"), schedule=opts.get("schedule"),
                           download=opts.get("allow_download", True))
@@ -222,7 +237,7 @@ def split_args(args: tuple[str, ...], opts: Mapping[str, Any], *, batch: bool
         raise click.UsageError("expected at most two arguments: [PRESET] [PROMPT]")
     with_models = bool(opts.get("models"))
     if batch:
-        from eft_local.config import load_config
+        from eft_local.presets import load_config
 
         prompt_given = len(args) > (0 if with_models else 1) or (
             args and not with_models and args[0] not in load_config().presets)
@@ -236,7 +251,7 @@ def split_args(args: tuple[str, ...], opts: Mapping[str, Any], *, batch: bool
         return None, None
     if with_models:
         return None, args[0]
-    from eft_local.config import load_config
+    from eft_local.presets import load_config
 
     return (args[0], None) if args[0] in load_config().presets else (None, args[0])
 

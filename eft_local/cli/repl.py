@@ -26,6 +26,7 @@ from eft_local.cli.options import (
     write,
 )
 from eft_local.errors import EftError
+from eft_local.limits import size_text
 from eft_local.session import Session
 from eft_local.text import printable
 
@@ -411,7 +412,15 @@ def stats_lines(stats: dict[str, Any]) -> list[str]:
             f"sampler: {stats['sampler_ms_per_token']:.3f} ms/token"] + (
         [f"speculative: {stats['accepted_tokens']}/{stats['drafted_tokens']} drafted tokens "
          f"accepted ({stats['acceptance_rate']:.0%})"] if stats.get("drafted_tokens") else []
-    ) + remote_lines(stats) + [schedule_line(stats)]
+    ) + remote_lines(stats) + [schedule_line(stats), memory_line(stats)]
+
+
+def memory_line(stats: dict[str, Any]) -> str:
+    """The KV cache each slot holds, per model."""
+    kv = ", ".join(f"{role} {size_text(n)}" for role, n in
+                   stats.get("kv_bytes_per_slot", {}).items() if n)
+    return f"slots: {stats.get('slots', 1)} ({stats.get('running', 0)} running)" + (
+        f"; KV cache per slot: {kv}" if kv else "")
 
 
 def remote_lines(stats: dict[str, Any]) -> list[str]:

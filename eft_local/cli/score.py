@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from eft_local.cli.batch import score_batch
-from eft_local.cli.options import Number, model_options, open_session, split_args, stdin_prompt
+from eft_local.cli.options import (
+    Number,
+    model_options,
+    open_session,
+    parallel_option,
+    split_args,
+    stdin_prompt,
+)
 from eft_local.errors import EftError
 from eft_local.records import check_paths, score_record
 
@@ -47,6 +54,7 @@ def summary(score: Score) -> str:
               help='JSONL file of texts: {"id", "text"} per line.')
 @click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL results, appended as each text is scored; a rerun skips done ids.")
+@parallel_option(what="texts of --input")
 def score(args: tuple[str, ...], top_n: int, per_model: bool, as_json: bool,
           input_path: Path | None, output_path: Path | None, **opts: Any) -> None:
     """Score TEXT (or stdin) under the mix: total log-prob, token count, perplexity.
@@ -59,8 +67,9 @@ def score(args: tuple[str, ...], top_n: int, per_model: bool, as_json: bool,
     """
     preset, text = split_args(args, opts, batch=input_path is not None)
     if input_path is None:
-        if output_path is not None:
-            raise click.UsageError("--output needs --input")
+        if output_path is not None or opts["n_parallel"] > 1:
+            raise click.UsageError(f"{'--output' if output_path else '-np/--parallel'} needs "
+                                   "--input")
         text = text if text is not None else stdin_prompt()
         if not text:
             raise EftError("empty text: nothing to score")
@@ -77,4 +86,4 @@ def score(args: tuple[str, ...], top_n: int, per_model: bool, as_json: bool,
     check_paths(input_path, output_path)
     with open_session(preset, opts) as session:
         score_batch(session, input_path, output_path, top_n=top_n, per_model=per_model,
-                    per_token=as_json)
+                    per_token=as_json, parallel=opts["n_parallel"])

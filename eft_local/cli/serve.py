@@ -11,7 +11,12 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from eft_local.cli.options import context_option, model_options, sampling_options
+from eft_local.cli.options import (
+    context_option,
+    model_options,
+    parallel_option,
+    sampling_options,
+)
 from eft_local.errors import EftError
 from eft_local.files import read_user_text
 from eft_local.server.guard import is_loopback
@@ -19,6 +24,12 @@ from eft_local.text import printable
 
 KEY_ENV = "EFT_LOCAL_API_KEY"
 HINT = "eft-local serve needs Starlette and uvicorn: pip install 'eft-local[server]'"
+
+
+SLOTS = 2
+"""``serve``'s default ``-np``: a second request (another user, or a chat client's title
+request after an answer) starts at once and takes the other slot, so neither waits for the
+other's whole answer and the conversation's cached prefix survives it."""
 
 
 def _log(message: str) -> None:
@@ -92,6 +103,7 @@ def listen(host: str, port: int) -> socket.socket:
 @model_options
 @sampling_options
 @context_option
+@parallel_option(default=SLOTS, what="requests")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (another than loopback wants an API key).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
@@ -104,7 +116,7 @@ def listen(host: str, port: int) -> socket.socket:
               help=f"Require 'Authorization: Bearer KEY'. Other users see it in ps: prefer "
               f"--api-key-file or the environment variable {KEY_ENV}.")
 @click.option("--max-queue", type=click.IntRange(1, 10_000), default=16, show_default=True,
-              help="Requests that may wait behind the running one; more get 503.")
+              help="Requests that may wait for a free slot; more get 503.")
 @click.option("--max-body", type=click.IntRange(1024, 1 << 30), default=8 << 20,
               show_default=True, help="Largest request body in bytes; larger get 413.")
 @click.option("--allow-download", is_flag=True,
@@ -128,8 +140,9 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     preset whose files are present (it is loaded on demand, one set at a time) unless
     --preset or --model pins one; model names like PRESET@beta=1.5 and an "eft" object in
     the body set the knobs per request. The sampling options are the defaults of every
-    request. Requests run one at a time in arrival order. Ctrl-C stops it: the running
-    request ends at its next token, waiting ones get 503.
+    request. -np requests decode side by side (each in its own slot: a KV sequence of
+    every model, with its own context), more wait in arrival order. Ctrl-C stops it:
+    running requests end at their next token, waiting ones get 503.
 
     Against web pages (DNS rebinding, blind cross-site POSTs), a request must name this
     server in its Host header (an IP address, localhost, the --host name, names given with
@@ -145,7 +158,7 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
             raise EftError(HINT) from None
         raise
     from eft_local.cli.options import open_session
-    from eft_local.config import load_config
+    from eft_local.presets import load_config
     from eft_local.server.worker import Worker
 
     if opts.get("parse_special"):
@@ -156,7 +169,7 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     source = click.get_current_context().get_parameter_source("api_key")
     api_key = server_key(api_key, api_key_file, source)
     if preset_arg and looks_like_key(preset_arg):
-        from eft_local.config import load_config
+        from eft_local.presets import load_config
 
         if preset_arg not in load_config().presets:
             raise click.UsageError("unknown preset (its name is not shown: it looks like an "

@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from eft_local import hub
-from eft_local.config import (
+from eft_local.errors import EftError
+from eft_local.presets import (
     ModelSpec,
     Preset,
     hide_keys,
@@ -26,7 +27,6 @@ from eft_local.config import (
     remote_spec,
     shown,
 )
-from eft_local.errors import EftError
 
 Source = Path | str
 """A candidate: a GGUF file, or a remote engine's URL (a ``str``, options after ``#``)."""

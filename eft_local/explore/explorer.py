@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from eft_local import sampler, speculative
-from eft_local.config import FAMILY_DIR, PACKAGE_DIR, Preset, preset_from_paths
 from eft_local.errors import EftError
 from eft_local.explore.candidates import Combination, preset_for
 from eft_local.explore.metrics import Quality, TopK, kl_topk, pareto, summarise, top_k
 from eft_local.explore.refcache import Reference, ReferenceCache, token_chunks
 from eft_local.files import read_user_text
+from eft_local.presets import FAMILY_DIR, PACKAGE_DIR, Preset, preset_from_paths
 from eft_local.sampler import SamplerSettings
 from eft_local.scoring import logit_rows
 from eft_local.session import LoadOptions, Session, check_models

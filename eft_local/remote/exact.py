@@ -18,13 +18,13 @@ exactly as a local GGUF file gives it (:mod:`eft_local.remote.vocab`).
 
 from __future__ import annotations
 
+import base64
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from eft_local.errors import EftError
 from eft_local.kvshift import common_prefix
 from eft_local.remote.http import ANSWER_HEADROOM, Endpoint
 
@@ -33,8 +33,6 @@ VOCAB_PATH = "/eft/vocab"
 MEDIA_TYPE = "application/octet-stream"
 H_ROWS = "X-Eft-Rows"
 H_WIDTH = "X-Eft-Width"
-H_REUSED = "X-Eft-Reused"
-"""Positions the engine re-used from its cache for this request."""
 H_EVAL_MS = "X-Eft-Eval-Ms"
 """Milliseconds the engine spent evaluating (the rest of a round trip is the network)."""
 PREFIX_MISMATCH = "prefix_mismatch"
@@ -56,6 +54,26 @@ def decode_rows(data: bytes, n_rows: int, width: int) -> np.ndarray | None:
     if n_rows < 0 or width < 1 or len(data) != 4 * n_rows * width:
         return None
     return np.frombuffer(data, dtype="<f4").reshape(n_rows, width).astype(np.float32)
+
+
+
+def pack_bytes(items: Sequence[bytes]) -> dict[str, Any]:
+    """Byte strings as the protocol sends them: base64 of them all, and their lengths."""
+    return {"data": base64.b64encode(b"".join(items)).decode("ascii"),
+            "lengths": [len(b) for b in items]}
+
+
+def unpack_bytes(packed: Any, n: int, what: str) -> tuple[bytes, ...]:
+    """The ``n`` byte strings in :func:`pack_bytes` form (ValueError naming ``what``)."""
+    data = base64.b64decode(packed["data"], validate=True)
+    lengths = packed["lengths"]
+    if len(lengths) != n or sum(lengths) != len(data):
+        raise ValueError(f"{what}: {len(lengths)} lengths for {n} tokens")
+    out, at = [], 0
+    for length in lengths:
+        out.append(data[at:at + length])
+        at += length
+    return tuple(out)
 
 
 
@@ -126,40 +144,3 @@ class ExactClient:
 
 class _Mismatch(Exception):
     """The engine no longer holds the prefix this client thought it held."""
-
-
-# -- the serving side (eft-local serve, through its session) -----------------------------------
-def pick_role(models: Mapping[str, Any], role: str | None, preset: str) -> str:
-    """``role``, checked; None names the only model of a single-model preset."""
-    if role is None and len(models) == 1:
-        return next(iter(models))
-    if role is None or role not in models:
-        why = "name one with 'role'" if role is None else f"it has no model {role!r}"
-        raise EftError(f"preset {preset!r} has models {', '.join(models)}: {why}")
-    return role
-
-
-def model_rows(model: Any, tokens: Sequence[int], first: int, *, n_threads: int
-               ) -> tuple[np.ndarray, int]:
-    """One model's logit rows at positions ``first .. len(tokens) - 1`` of ``tokens`` (row
-    i predicts token i + 1), re-using the longest prefix its cache holds, with
-    ``n_threads``; and how many positions were re-used. Positions before ``first`` that
-    must be evaluated get no rows (no memory for them)."""
-    tokens = [int(t) for t in tokens]
-    bad = next((t for t in tokens if not 0 <= t < model.n_vocab), None)
-    if bad is not None:
-        raise EftError(f"token id {bad} is outside the vocabulary (0..{model.n_vocab - 1})")
-    if not 0 <= first < len(tokens):
-        raise EftError(f"first row {first} is outside the {len(tokens)} positions")
-    if len(tokens) > model.n_ctx:
-        raise EftError(f"{len(tokens)} tokens do not fit the context ({model.n_ctx})")
-    setter = getattr(model, "set_threads", None)
-    if setter is not None:
-        setter(n_threads)
-    keep = min(common_prefix(model.tokens, tokens), first)
-    model.rewind(keep)
-    if first > keep:
-        model.eval(tokens[keep:first])
-    wanted = len(tokens) - first
-    rows = model.eval(tokens[first:], all_logits=wanted > 1)
-    return rows[-wanted:], keep

@@ -40,8 +40,8 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 
-from eft_local.config import HIDDEN, hide_keys, public_url
 from eft_local.errors import EftError
+from eft_local.presets import HIDDEN, hide_keys, public_url
 from eft_local.remote import deadlines
 from eft_local.text import printable
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from eft_local.config import ModelSpec
 from eft_local.errors import EftError
+from eft_local.presets import ModelSpec
 from eft_local.remote.exact import ExactClient
 from eft_local.remote.http import ANSWER_HEADROOM, Endpoint, RemoteError
 from eft_local.remote.llamaserver import LlamaServerClient
@@ -46,6 +46,8 @@ class RemoteModel:
 
     remote = True
     partial_rewind = True
+    n_seq = 1
+    """One sequence: a remote role does not batch several conversations yet."""
 
     def __init__(self, spec: ModelSpec, endpoint: Endpoint, info: RemoteInfo) -> None:
         self.spec = spec
@@ -105,8 +107,15 @@ class RemoteModel:
             self.tokens = [*done, *tokens]
         return rows
 
-    def rewind(self, n_past: int) -> None:
+    def seq_tokens(self, seq: int = 0) -> list[int]:
+        """The sequence it has been asked to condition on (it holds one)."""
+        if seq != 0:
+            raise EftError(f"remote {self.spec.role}: holds one sequence, not {seq + 1}")
+        return self.tokens
+
+    def rewind(self, n_past: int, seq: int = 0) -> None:
         """Forget positions from ``n_past`` on."""
+        self.seq_tokens(seq)
         with self._lock:
             if n_past < len(self.tokens):
                 del self.tokens[n_past:]

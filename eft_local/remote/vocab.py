@@ -29,16 +29,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from eft_local.config import ModelSpec
 from eft_local.errors import EftError
 from eft_local.files import atomic_write, cache_dir
 from eft_local.limits import N_CTX_MAX
-from eft_local.remote.exact import VOCAB_PATH
+from eft_local.presets import ModelSpec
+from eft_local.remote.exact import VOCAB_PATH, pack_bytes, unpack_bytes
 from eft_local.remote.http import ANSWER_HEADROOM, Endpoint
 from eft_local.remote.topk import DEFAULT_TOP_K
 from eft_local.vocab import ATTR_CONTROL, UNKNOWN_TYPE, VOCAB_TYPES, VocabInfo
@@ -76,41 +76,13 @@ class RemoteInfo:
 
 
 # -- eft-local's payload (the server builds it, the client reads it) ----------------------------
-def _pack(items: Sequence[bytes]) -> dict[str, Any]:
-    return {"data": base64.b64encode(b"".join(items)).decode("ascii"),
-            "lengths": [len(b) for b in items]}
-
-
-def _unpack(packed: Any, n: int, what: str) -> tuple[bytes, ...]:
-    data = base64.b64decode(packed["data"], validate=True)
-    lengths = packed["lengths"]
-    if len(lengths) != n or sum(lengths) != len(data):
-        raise ValueError(f"{what}: {len(lengths)} lengths for {n} tokens")
-    out, at = [], 0
-    for length in lengths:
-        out.append(data[at:at + length])
-        at += length
-    return tuple(out)
-
-
-def vocab_payload(v: VocabInfo, pieces: Sequence[bytes], plain: Mapping[int, bytes]
-                  ) -> dict[str, Any]:
-    """A vocabulary as ``/eft/vocab`` sends it (JSON-ready; ``hash`` over the rest)."""
-    body = {"vocab_type": v.vocab_type, "n_tokens": v.n_tokens, "bos": v.bos, "eos": v.eos,
-            "eot": v.eot, "eog": sorted(v.eog), "add_bos": v.add_bos, "add_eos": v.add_eos,
-            "attrs": list(v.attrs), "texts": _pack(v.texts), "pieces": _pack(pieces),
-            "plain": {str(i): base64.b64encode(b).decode("ascii") for i, b in plain.items()}}
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
-    return {**body, "hash": digest}
-
-
 def vocab_from_payload(body: Mapping[str, Any], where: str
                        ) -> tuple[VocabInfo, dict[int, bytes]]:
     """The vocabulary (and the plain pieces that differ) of an ``/eft/vocab`` payload."""
     try:
         n = int(body["n_tokens"])
-        texts = _unpack(body["texts"], n, "texts")
-        pieces = _unpack(body["pieces"], n, "pieces")
+        texts = unpack_bytes(body["texts"], n, "texts")
+        pieces = unpack_bytes(body["pieces"], n, "pieces")
         attrs = tuple(int(a) for a in body["attrs"])
         if len(attrs) != n:
             raise ValueError(f"{len(attrs)} attributes for {n} tokens")
@@ -123,18 +95,6 @@ def vocab_from_payload(body: Mapping[str, Any], where: str
     except (KeyError, TypeError, ValueError) as exc:
         raise EftError(f"{where}: the vocabulary it sent is malformed ({exc})") from None
     return vocab, plain
-
-
-def model_vocab(model: Any, fallback: VocabInfo) -> tuple[VocabInfo, list[bytes],
-                                                        dict[int, bytes]]:
-    """What ``/eft/vocab`` serves of a loaded model: its vocabulary as its file gives it
-    (``fallback`` for a model that cannot say), each id's piece (control tokens as their
-    text) and the pieces that differ without special tokens."""
-    read = getattr(model, "vocab", None)
-    vocab = read() if callable(read) else fallback
-    pieces = [model.piece(i, special=True) for i in range(vocab.n_tokens)]
-    plain = {i: p for i in range(vocab.n_tokens) if (p := model.piece(i)) != pieces[i]}
-    return vocab, pieces, plain
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -263,7 +223,7 @@ def _read_llama_server(ep: Endpoint, spec: ModelSpec, expected: int | None) -> R
                 raise ep.fail(f"/tokenize did not spell its vocabulary ({exc})") from None
         with_bos = ep.json("POST", "/tokenize", {"content": "a", "add_special": True})
         without = ep.json("POST", "/tokenize", {"content": "a", "add_special": False})
-        body = {"pieces": _pack(pieces), "n_tokens": n,
+        body = {"pieces": pack_bytes(pieces), "n_tokens": n,
                 "add_bos": len(with_bos.get("tokens", [])) > len(without.get("tokens", []))}
         _cache_save(key, body)
         pieces_t = tuple(pieces)
@@ -309,7 +269,7 @@ def _read_openai(ep: Endpoint, spec: ModelSpec, expected: int | None, say: Any
             say(f"note: {spec.role}: reading the {n} tokens of {ep.shown} one request each "
                 "(once; then cached)")
         pieces_t = tuple(_detokenize_all(ep, model, n))
-        _cache_save(key, {"pieces": _pack(pieces_t), "n_tokens": n})
+        _cache_save(key, {"pieces": pack_bytes(pieces_t), "n_tokens": n})
     # ids that decode to nothing are control tokens (llama-cpp-python's server hides them)
     attrs = tuple(ATTR_CONTROL if not p else 0 for p in pieces_t)
     bos = _bos(probe, n)
@@ -443,7 +403,7 @@ def _piece_bytes(piece: Any) -> bytes:
 def _cached_pieces(body: Mapping[str, Any] | None, n: int) -> tuple[bytes, ...] | None:
     """The pieces of a cache entry, or None (absent or damaged)."""
     try:
-        return None if body is None else _unpack(body["pieces"], n, "pieces")
+        return None if body is None else unpack_bytes(body["pieces"], n, "pieces")
     except (KeyError, TypeError, ValueError):
         return None
 

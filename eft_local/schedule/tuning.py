@@ -167,7 +167,7 @@ def step_seconds(engine: Engine, schedule: Schedule, *, steps: int = 6, context:
                  ) -> float:
     """Median seconds of a whole decoding step of every model of ``engine`` under
     ``schedule``: evaluation, thread hand-offs and the sampler at temperature 1, as in
-    :meth:`Engine.generate` (the engine's own schedule is restored; caches are left
+    a plain step of :mod:`eft_local.batch` (the engine's own schedule is restored; caches are left
     empty)."""
     old = engine.schedule
     engine.set_schedule(schedule)
@@ -175,12 +175,13 @@ def step_seconds(engine: Engine, schedule: Schedule, *, steps: int = 6, context:
     weights = np.ones(len(engine.roles), dtype=np.float32)
     try:
         prefix = [(5 * i + 1) % 200 + 5 for i in range(context)]
-        engine.evaluate_each(0, prefix, prefill=True, out=engine.row_buffer)
+        rows = engine.row_buffer[:, 0]
+        engine.evaluate_each(0, prefix, prefill=True, out=rows)
         times = []
         for r in range(steps + 1):
             start = time.perf_counter()
-            engine.evaluate_each(context + r, [(13 * r) % 200 + 5], out=engine.row_buffer)
-            engine.choose(engine.row_buffer, weights, settings, context + r)
+            engine.evaluate_each(context + r, [(13 * r) % 200 + 5], out=rows)
+            engine.choose(rows, weights, settings, context + r)
             if r:  # the first step sets the schedule's threads up
                 times.append(time.perf_counter() - start)
         return statistics.median(times)

@@ -25,17 +25,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from eft_local import __version__
-from eft_local.config import Preset
+from eft_local.presets import Preset
 from eft_local.remote.exact import MEDIA_TYPE, ROWS_PATH, VOCAB_PATH
+from eft_local.server.exact import rows_work, vocab_work
 from eft_local.server.guard import HostGuard, HostPolicy, require_json
 from eft_local.server.handlers import (
     chat_work,
     completion_work,
     detokenize_work,
-    rows_work,
     tokenize_work,
     tokenizer_info_work,
-    vocab_work,
 )
 from eft_local.server.page import playground
 from eft_local.server.protocol import (
@@ -246,8 +245,8 @@ class Api:
     async def health(self, _request: Request) -> Response:
         runner = self.runner
         if runner.state == "ready":
-            return JSONResponse({"status": "ok", "model": runner.loaded,
-                                 "requests": {"running": int(runner.current is not None),
+            return JSONResponse({"status": "ok", "model": runner.loaded, "slots": runner.slots,
+                                 "requests": {"running": len(runner.running),
                                               "waiting": runner.waiting()}})
         message = "Loading model" if runner.state == "loading" else (
             f"model failed to load: {runner.error}")
@@ -312,11 +311,13 @@ class Api:
         body = await self.body(request)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
-        return await self._simple(request, Job(work=make_work(body), preset=self._preset(body)))
+        return await self._simple(request, Job(work=make_work(body), preset=self._preset(body),
+                                               needs_slot=False))
 
     async def tokenizer_info(self, request: Request) -> Response:
         return await self._simple(request, Job(work=tokenizer_info_work,
-                                               preset=self._preset(dict(request.query_params))))
+                                               preset=self._preset(dict(request.query_params)),
+                                               needs_slot=False))
 
     def _preset(self, body: dict[str, Any]) -> str | None:
         model = body.get("model")
@@ -327,7 +328,7 @@ class Api:
     # -- the exact protocol (eft_local.remote.exact) --------------------------------------
     async def rows(self, request: Request) -> Response:
         req = parse_rows(await self.body(request))
-        job = Job(work=rows_work(req), preset=self._preset({"model": req.model}))
+        job = Job(work=rows_work(req, self._preset({"model": req.model})), switch=False)
         watcher = await self.start(job, request)
         try:
             data = await self.first(job, self.events(job))
@@ -337,8 +338,8 @@ class Api:
 
     async def vocab(self, request: Request) -> Response:
         query = dict(request.query_params)
-        return await self._simple(request, Job(work=vocab_work(query),
-                                               preset=self._preset(query)))
+        return await self._simple(request, Job(work=vocab_work(query, self._preset(query)),
+                                               needs_slot=False, switch=False))
 
     async def _generate(self, request: Request, job: Job, streaming: bool,
                         stream_answer: Callable[..., AsyncIterator[str]],
@@ -403,7 +404,7 @@ class Api:
                          "logprobs": {"content": entries} if req.logprobs else None,
                          "finish_reason": done.get("finish", "length")}],
             "usage": usage(done.get("prompt_tokens", head["prompt_tokens"]),
-                           done.get("completion_tokens", 0)),
+                           done.get("completion_tokens", 0), done.get("cached_tokens", 0)),
             "timings": done.get("timings", {}), "eft": eft})
 
     async def _chat_stream(self, request: Request, req: ChatRequest, job: Job,
@@ -446,7 +447,8 @@ class Api:
                     if req.common.include_usage:
                         yield sse({**base, "choices": [],
                                    "usage": usage(data["prompt_tokens"],
-                                                  data["completion_tokens"])})
+                                                  data["completion_tokens"],
+                                                  data.get("cached_tokens", 0))})
             yield "data: [DONE]\n\n"
             finished = True
         finally:
@@ -472,7 +474,7 @@ class Api:
                                 head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
                                 started: float) -> Response:
         choices: dict[int, dict[str, Any]] = {}
-        prompt_total = completion_total = 0
+        prompt_total = completion_total = cached_total = 0
         timings: list[dict[str, Any]] = []
         async for kind, data in stream:
             if kind == "error":
@@ -491,6 +493,7 @@ class Api:
                 choice["finish_reason"] = data["finish"]
                 prompt_total += data["prompt_tokens"]
                 completion_total += data["completion_tokens"]
+                cached_total += data.get("cached_tokens", 0)
                 timings.append(data["timings"])
         job.info.update(prompt_tokens=prompt_total, completion_tokens=completion_total,
                         timings=timings[0] if len(timings) == 1 else {})
@@ -504,7 +507,7 @@ class Api:
             out.append(c)
         body: dict[str, Any] = {
             **envelope("cmpl", "text_completion", req.common.model, head), "choices": out,
-            "usage": usage(prompt_total, completion_total), "eft": head["eft"]}
+            "usage": usage(prompt_total, completion_total, cached_total), "eft": head["eft"]}
         if len(timings) == 1:
             body["timings"] = timings[0]
         return JSONResponse(body)
@@ -515,7 +518,7 @@ class Api:
         base = envelope("cmpl", "text_completion", req.common.model, head)
         extra = {"usage": None} if req.common.include_usage else {}
         finished = False
-        prompt_total = completion_total = 0
+        prompt_total = completion_total = cached_total = 0
         try:
             async for kind, data in stream:
                 if kind == "error":
@@ -531,6 +534,7 @@ class Api:
                 elif kind == "done":
                     prompt_total += data["prompt_tokens"]
                     completion_total += data["completion_tokens"]
+                    cached_total += data.get("cached_tokens", 0)
                     job.info["timings"] = data["timings"]
                     yield sse({**base, "choices": [{"index": data["index"], "text": "",
                                                     "logprobs": None,
@@ -538,7 +542,8 @@ class Api:
                                **extra, "timings": data["timings"]})
             if req.common.include_usage:
                 yield sse({**base, "choices": [], "usage": usage(prompt_total,
-                                                                 completion_total)})
+                                                                 completion_total,
+                                                                 cached_total)})
             yield "data: [DONE]\n\n"
             finished = True
         finally:

@@ -9,37 +9,23 @@ from __future__ import annotations
 
 import codecs
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from eft_local.chat import fit_messages
 from eft_local.errors import ContextFull
 from eft_local.records import finite, step_record
-from eft_local.remote.exact import (
-    H_EVAL_MS,
-    H_REUSED,
-    H_ROWS,
-    H_WIDTH,
-    PREFIX_MISMATCH,
-    encode_rows,
-    model_rows,
-    pick_role,
-    prefix_hash,
-)
-from eft_local.remote.vocab import model_vocab, vocab_payload
 from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
-    RowsRequest,
     chat_logprob,
     finish_reason,
     model_name,
     parse_chat,
 )
-from eft_local.server.worker import Job
-from eft_local.session import SamplerSettings, Session, Settings, Step
+from eft_local.server.worker import Job, Task
+from eft_local.session import Chunk, Request, SamplerSettings, Session, Settings, Step
 from eft_local.structured import ToolPlan, tagged
 
 
@@ -149,86 +135,100 @@ def check_tokens(session: Session, tokens: Sequence[int], param: str) -> None:
                        param=param)
 
 
-def generate(session: Session, job: Job, tokens: list[int], *, max_tokens: int,
-             stop: Sequence[str], top_n: int | None, index: int = 0,
-             prompt_param: str = "messages", shift: bool = False, grammar: str | None = None,
-             convert: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-             label: Callable[[int], str] | None = None) -> None:
-    """Stream one generation after ``tokens`` (following ``grammar``, GBNF, when given) as
-    ``chunk`` events; a ``done`` event carries usage and llama-server style ``timings``
-    (tokens evaluated vs. re-used from the cache). ``shift``: ``tokens`` are a chat whose
-    oldest turns were dropped (see :meth:`Session.stream`). ``convert`` may rewrite each
-    chunk, its ``finish`` too. ``label`` names tokens in log-prob entries (default: their
-    text)."""
-    label = label or session.token_text
-    n_ctx = session.n_ctx
-    if len(tokens) >= n_ctx:
+class Streamer:
+    """One generation's chunks as ``chunk`` events (text, log-probs, diagnostics); then a
+    ``done`` event with usage and llama-server style ``timings`` (prompt tokens evaluated
+    and re-used from the slot's cache). ``convert`` may rewrite each chunk, its ``finish``
+    too; ``label`` names tokens in log-prob entries (default: their text)."""
+
+    def __init__(self, session: Session, job: Job, request: Request, *, top_n: int | None,
+                 index: int = 0, convert: Callable[[dict[str, Any]], dict[str, Any]] | None
+                 = None, label: Callable[[int], str] | None = None) -> None:
+        self.session, self.job, self.request = session, job, request
+        self.top_n, self.index, self.convert = top_n, index, convert
+        self.label = label or session.token_text
+        diagnostics = job.knobs.diagnostics
+        self.alternatives = job.knobs.alternatives if diagnostics else 0
+        self.base = request.settings.formula.base_role()
+        self.pending: list[dict[str, Any]] = []
+        self.eft_pending: list[dict[str, Any]] = []
+        self.finish: str | None = None
+        self.told: str | None = None
+        self.count = 0
+        self.first: float | None = None
+        self.evaluated = len(request.tokens)
+        self.task = Task(request, self.feed, self.done)
+
+    def feed(self, chunk: Chunk) -> None:
+        """One chunk of the generation."""
+        session, job, top_n = self.session, self.job, self.top_n
+        if chunk.step is not None:
+            step = chunk.step
+            if self.first is None:
+                self.first = time.perf_counter()
+            self.count += 1
+            job.generated += 1
+            if top_n is not None:  # every token, end of turn too: usage counts it
+                self.pending.append(chat_logprob(  # log-probs pass records.finite there
+                    self.label(step.token), session.token_bytes(step.token),
+                    step.logprob if step.logprob is not None else float("nan"),
+                    [(self.label(t), session.token_bytes(t), lp)
+                     for t, lp in (step.top or ())[:top_n]]))
+            if job.knobs.diagnostics:
+                self.eft_pending.append(token_record(session, step, content=chunk.text,
+                                                     base=self.base,
+                                                     alternatives=self.alternatives))
+        elif chunk.text and self.eft_pending:  # text held back to the end: the last token's
+            self.eft_pending[-1]["content"] += chunk.text
+        if chunk.finish:
+            self.finish = chunk.finish
+        if chunk.evaluated is not None:
+            self.evaluated = chunk.evaluated
+        if chunk.text or chunk.finish:
+            data = {"index": self.index, "text": chunk.text, "logprobs": self.pending,
+                    "eft": self.eft_pending,
+                    "finish": finish_reason(chunk.finish) if chunk.finish else None}
+            data = self.convert(data) if self.convert else data
+            self.told = data["finish"] or self.told
+            job.emit("chunk", data)
+            self.pending, self.eft_pending = [], []
+
+    def done(self) -> None:
+        """The generation ended: usage and timings."""
+        job, n_prompt, count = self.job, len(self.request.tokens), self.count
+        started = self.task.started
+        ended = time.perf_counter()
+        first = self.first or ended
+        evaluated = self.evaluated
+        job.info.update(prompt_tokens=n_prompt, completion_tokens=count,
+                        cancelled=job.cancelled.is_set())
+        timings = {"cache_n": n_prompt - evaluated, "prompt_n": evaluated,
+                   "prompt_ms": 1e3 * (first - started),
+                   "prompt_per_second": evaluated / max(first - started, 1e-9),
+                   "predicted_n": count, "predicted_ms": 1e3 * (ended - first),
+                   "predicted_per_second": (count - 1) / (ended - first) if count > 1 and
+                   ended > first else 0.0}
+        job.check()  # stopped by a shutdown: the client gets 503, not a cut answer
+        job.emit("done", {"index": self.index, "prompt_tokens": n_prompt,
+                          "cached_tokens": n_prompt - evaluated, "completion_tokens": count,
+                          "finish": self.told or (finish_reason(self.finish) if self.finish
+                                                  else "length"),
+                          "timings": timings})
+
+
+def prepared(session: Session, job: Job, tokens: Sequence[int], *, max_tokens: int,
+             stop: Sequence[str], top_n: int | None, grammar: str | None,
+             prompt_param: str) -> Request:
+    """The request of one completion's generation after ``tokens``."""
+    if len(tokens) >= session.n_ctx:
         raise too_long(session, len(tokens), prompt_param)
-    started = time.perf_counter()
-    first = None
-    count = 0
-    diagnostics = job.knobs.diagnostics
-    alternatives = job.knobs.alternatives if diagnostics else 0
+    alternatives = job.knobs.alternatives if job.knobs.diagnostics else 0
     settings = _settings(job).replace(stop=tuple(stop), grammar=grammar or "")
-    base = settings.formula.base_role()
-    stream = session.stream(tokens, settings=settings,
-                            max_tokens=max(1, min(max_tokens, n_ctx - len(tokens))),
-                            diagnostics=diagnostics, shift=shift,
-                            top_n=None if top_n is None and not alternatives
-                            else max(top_n or 0, alternatives))
-    pending: list[dict[str, Any]] = []
-    eft_pending: list[dict[str, Any]] = []
-    finish = told = None
-    evaluated = len(tokens)
-    try:
-        for chunk in stream:
-            if chunk.step is not None:
-                step = chunk.step
-                if first is None:
-                    first = time.perf_counter()
-                count += 1
-                job.generated += 1
-                if top_n is not None:  # every token, end of turn too: usage counts it
-                    pending.append(chat_logprob(  # log-probs pass records.finite there
-                        label(step.token), session.token_bytes(step.token),
-                        step.logprob if step.logprob is not None else float("nan"),
-                        [(label(t), session.token_bytes(t), lp)
-                         for t, lp in (step.top or ())[:top_n]]))
-                if diagnostics:
-                    eft_pending.append(token_record(session, step, content=chunk.text,
-                                                    base=base, alternatives=alternatives))
-            elif chunk.text and eft_pending:  # text held back to the end: the last token's
-                eft_pending[-1]["content"] += chunk.text
-            if chunk.finish:
-                finish = chunk.finish
-            if chunk.evaluated is not None:
-                evaluated = chunk.evaluated
-            if chunk.text or chunk.finish:
-                data = {"index": index, "text": chunk.text, "logprobs": pending,
-                        "eft": eft_pending,
-                        "finish": finish_reason(chunk.finish) if chunk.finish else None}
-                data = convert(data) if convert else data
-                told = data["finish"] or told
-                job.emit("chunk", data)
-                pending, eft_pending = [], []
-            if job.cancelled.is_set():
-                break
-    finally:
-        stream.close()
-    ended = time.perf_counter()
-    first = first or ended
-    job.info.update(prompt_tokens=len(tokens), completion_tokens=count,
-                    cancelled=job.cancelled.is_set())
-    timings = {"cache_n": len(tokens) - evaluated, "prompt_n": evaluated,
-               "prompt_ms": 1e3 * (first - started),
-               "prompt_per_second": evaluated / max(first - started, 1e-9),
-               "predicted_n": count, "predicted_ms": 1e3 * (ended - first),
-               "predicted_per_second": (count - 1) / (ended - first) if count > 1 and
-               ended > first else 0.0}
-    job.check()  # stopped by a shutdown: the client gets 503, not a cut answer
-    job.emit("done", {"index": index, "prompt_tokens": len(tokens), "completion_tokens": count,
-                      "finish": told or (finish_reason(finish) if finish else "length"),
-                      "timings": timings})
+    return session.prepare(tokens, settings=settings,
+                           max_tokens=max(1, min(max_tokens, session.n_ctx - len(tokens))),
+                           diagnostics=job.knobs.diagnostics,
+                           top_n=None if top_n is None and not alternatives
+                           else max(top_n or 0, alternatives))
 
 
 class ToolReply:
@@ -256,10 +256,11 @@ class ToolReply:
 
 
 def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
-              default_stop: Sequence[str]) -> Callable[[Session, Job], None]:
-    """The job of one chat completion."""
+              default_stop: Sequence[str]) -> Callable[[Session, Job], list[Task] | None]:
+    """The job of one chat completion: prepared in one pass (fitted to the context,
+    rendered, tokenized, its grammar made), then one generation."""
 
-    def work(session: Session, job: Job) -> None:
+    def work(session: Session, job: Job) -> list[Task] | None:
         messages = req.messages
         if system and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": system}, *messages]
@@ -267,27 +268,31 @@ def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
         plan = req.tools
         messages, early = fit_characters(session, messages, _settings(job))
         if job.cancelled.is_set():  # the client left: no tokenizing for nobody
-            return
-        try:
-            tokens, _kept, dropped = session.fit_chat(
-                messages, settings=_settings(job), max_tokens=max_tokens,
-                tools=plan and [t.card() for t in plan.tools])
-        except ContextFull as exc:  # before the first byte: a stream gets the 400 too
-            raise ApiError(400, str(exc), param="messages",
-                           code="context_length_exceeded") from None
-        dropped += early
-        eft = describe(session, _settings(job))
-        if dropped:  # said once: in the response's eft object and the log line
-            eft["dropped_messages"] = job.info["dropped_messages"] = dropped
-        job.emit("start", {"eft": eft, "prompt_tokens": len(tokens)})
+            return None
         grammar, convert = req.common.grammar, None
         if plan is not None and plan.choice != "none":
             tag = tagged(session.template)
             grammar, convert = plan.grammar(tag, grammar), ToolReply(plan, tag)
-        generate(session, job, tokens, max_tokens=max_tokens,
-                 stop=default_stop if req.common.stop is None else req.common.stop,
-                 top_n=req.top_logprobs if req.logprobs else None, shift=bool(dropped),
-                 grammar=grammar, convert=convert)
+        stop = default_stop if req.common.stop is None else req.common.stop
+        top_n = req.top_logprobs if req.logprobs else None
+        alternatives = job.knobs.alternatives if job.knobs.diagnostics else 0
+        try:
+            request = session.prepare_chat(
+                messages, settings=_settings(job).replace(stop=tuple(stop),
+                                                          grammar=grammar or ""),
+                max_tokens=max_tokens, tools=plan and [t.card() for t in plan.tools],
+                diagnostics=job.knobs.diagnostics,
+                top_n=None if top_n is None and not alternatives
+                else max(top_n or 0, alternatives))
+        except ContextFull as exc:  # before the first byte: a stream gets the 400 too
+            raise ApiError(400, str(exc), param="messages",
+                           code="context_length_exceeded") from None
+        dropped = request.dropped + early
+        eft = describe(session, _settings(job))
+        if dropped:  # said once: in the response's eft object and the log line
+            eft["dropped_messages"] = job.info["dropped_messages"] = dropped
+        job.emit("start", {"eft": eft, "prompt_tokens": len(request.tokens)})
+        return [Streamer(session, job, request, top_n=top_n, convert=convert).task]
 
     return work
 
@@ -304,20 +309,21 @@ def _offsets(pieces: Sequence[bytes], skip_first: bool, start: int = 0) -> list[
 
 
 def completion_work(req: CompletionRequest, *, default_max: int,
-                    default_stop: Sequence[str]) -> Callable[[Session, Job], None]:
-    """The job of one (legacy) completion request: each prompt in turn, one choice each."""
+                    default_stop: Sequence[str]) -> Callable[[Session, Job], list[Task] | None]:
+    """The job of one (legacy) completion request: one choice per prompt, each prompt's
+    echo scored first, their generations side by side in free slots."""
 
     max_tokens = default_max if req.common.max_tokens is None else req.common.max_tokens
     evaluated = max_tokens > 0 or req.logprobs is not None  # the prompt must fit the context
 
-    def work(session: Session, job: Job) -> None:
+    def work(session: Session, job: Job) -> list[Task] | None:
         vocab = session.report.vocabs.get(session.preset.template_role)
         bos = vocab.bos if vocab is not None and vocab.add_bos and vocab.bos >= 0 else None
         prompts = []
         for i, prompt in enumerate(req.prompts):
             param = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
             if job.cancelled.is_set():  # the client left: no tokenizing for nobody
-                return
+                return None
             if isinstance(prompt, str):
                 if not prompt:
                     raise ApiError(400, "the prompt is empty", param=param)
@@ -332,51 +338,58 @@ def completion_work(req: CompletionRequest, *, default_max: int,
             if evaluated and len(tokens) >= session.n_ctx:
                 raise too_long(session, len(tokens), param)
             prompts.append((tokens, added_bos, text, param))
+        requests = [None if max_tokens == 0 else prepared(
+            session, job, tokens, max_tokens=max_tokens,
+            stop=default_stop if req.common.stop is None else req.common.stop,
+            top_n=req.logprobs, grammar=req.common.grammar, prompt_param=param)
+            for tokens, _bos, _text, param in prompts]
         job.emit("start", {"eft": describe(session, _settings(job)),
                            "prompt_tokens": sum(len(p[0]) for p in prompts)})
-        for index, (tokens, added_bos, text, param) in enumerate(prompts):
+        tasks = []
+        for index, ((tokens, added_bos, text, param), request) in enumerate(
+                zip(prompts, requests, strict=True)):
             if job.cancelled.is_set():
-                job.check()
-                return
-            _one_completion(session, job, req, index, tokens, added_bos, text, param,
-                            max_tokens, default_stop)
+                return None
+            if req.echo:
+                _echo(session, job, req, index, tokens, added_bos, text, param)
+            if request is None:
+                job.info = {"prompt_tokens": len(tokens), "completion_tokens": 0,
+                            "cancelled": False}
+                job.emit("done", {"index": index, "prompt_tokens": len(tokens),
+                                  "cached_tokens": 0, "completion_tokens": 0,
+                                  "finish": "length", "timings": {}})
+                continue
+            label = token_id_label if req.token_ids else session.token_text
+            tasks.append(Streamer(session, job, request, top_n=req.logprobs, index=index,
+                                  convert=_legacy(len(text), req.logprobs),
+                                  label=label).task)
+        return tasks
 
     return work
 
 
-def _one_completion(session: Session, job: Job, req: CompletionRequest, index: int,
-                    tokens: list[int], added_bos: bool, text: str, param: str,
-                    max_tokens: int, default_stop: Sequence[str]) -> None:
+def _echo(session: Session, job: Job, req: CompletionRequest, index: int,
+          tokens: list[int], added_bos: bool, text: str, param: str) -> None:
+    """The prompt of choice ``index`` as its text's start, with its tokens' log-probs under
+    the mix when ``logprobs`` asks (scored in a free slot)."""
     top_n = req.logprobs
     label = token_id_label if req.token_ids else session.token_text
-    echo_lp: dict[str, Any] | None = None
-    if req.echo:
-        record: dict[str, Any] = {"index": index, "text": text, "echo": True}
-        if top_n is not None:
-            if len(tokens) >= session.n_ctx:
-                raise too_long(session, len(tokens), param)
-            scored = session.score(tokens, settings=_settings(job), top_n=top_n)
-            pieces = [session.token_bytes(t) for t in tokens]
-            echo_lp = {  # a masked token's -inf leaves as records.finite's floor
-                "tokens": ([label(t) for t in tokens] if req.token_ids
-                           else [_text(p) for p in pieces]),
-                "token_logprobs": [None if t.logprob is None else finite(t.logprob)
-                                   for t in scored.tokens],
-                "top_logprobs": [None if t.logprob is None else
-                                 {label(i): finite(lp) for i, lp in t.top}
-                                 for t in scored.tokens],
-                "text_offset": _offsets(pieces, added_bos)}
-            record["legacy_logprobs"] = echo_lp
-        job.emit("chunk", record)
-    if max_tokens == 0:
-        job.info = {"prompt_tokens": len(tokens), "completion_tokens": 0, "cancelled": False}
-        job.emit("done", {"index": index, "prompt_tokens": len(tokens), "completion_tokens": 0,
-                          "finish": "length", "timings": {}})
-        return
-    generate(session, job, tokens, max_tokens=max_tokens,
-             stop=default_stop if req.common.stop is None else req.common.stop,
-             top_n=top_n, index=index, prompt_param=param, grammar=req.common.grammar,
-             convert=_legacy(len(text), top_n), label=label)
+    record: dict[str, Any] = {"index": index, "text": text, "echo": True}
+    if top_n is not None:
+        if len(tokens) >= session.n_ctx:
+            raise too_long(session, len(tokens), param)
+        scored = session.score(tokens, settings=_settings(job), top_n=top_n)
+        pieces = [session.token_bytes(t) for t in tokens]
+        record["legacy_logprobs"] = {  # a masked token's -inf leaves as records.finite's floor
+            "tokens": ([label(t) for t in tokens] if req.token_ids
+                       else [_text(p) for p in pieces]),
+            "token_logprobs": [None if t.logprob is None else finite(t.logprob)
+                               for t in scored.tokens],
+            "top_logprobs": [None if t.logprob is None else
+                             {label(i): finite(lp) for i, lp in t.top}
+                             for t in scored.tokens],
+            "text_offset": _offsets(pieces, added_bos)}
+    job.emit("chunk", record)
 
 
 def token_id_label(token: int) -> str:
@@ -474,57 +487,3 @@ def tokenizer_info_work(session: Session, job: Job) -> None:
         "add_eos_token": bool(vocab and vocab.add_eos),
         "model_max_length": session.n_ctx,
         "chat_template": session.template})
-
-
-
-# -- the exact protocol (eft_local.remote.exact) ----------------------------------------------
-def rows_work(req: RowsRequest) -> Callable[[Session, Job], None]:
-    """``POST /eft/rows``: one model's logit rows as a binary body (``result`` event:
-    ``{"body": bytes, "headers": {...}}``); 409 when the prefix named is not held."""
-
-    def work(session: Session, job: Job) -> None:
-        role = pick_role(session.models, req.role, session.preset.name)
-        tokens = req.tokens
-        if req.n_past:
-            held = list(session.models[role].tokens)
-            if len(held) < req.n_past or prefix_hash(held[:req.n_past]) != req.prefix:
-                raise ApiError(409, f"{role} no longer holds those {req.n_past} tokens; "
-                               "send the whole sequence (n_past 0)", code=PREFIX_MISMATCH)
-            tokens = held[:req.n_past] + tokens
-        started = time.perf_counter()
-        rows, reused = model_rows(session.models[role], tokens, req.first,
-                                  n_threads=session.engine.n_threads)
-        ms = 1e3 * (time.perf_counter() - started)
-        job.info = {"prompt_tokens": len(tokens), "completion_tokens": 0,
-                    "timings": {"cache_n": reused, "prompt_n": len(tokens) - reused}}
-        job.emit("result", {"body": encode_rows(rows), "headers": {
-            H_ROWS: str(rows.shape[0]), H_WIDTH: str(rows.shape[1]), H_REUSED: str(reused),
-            H_EVAL_MS: f"{ms:.3f}"}})
-
-    return work
-
-
-_VOCABS: weakref.WeakKeyDictionary[Session, dict[str, dict[str, Any]]] = (
-    weakref.WeakKeyDictionary())
-
-
-def vocab_work(query: Mapping[str, str]) -> Callable[[Session, Job], None]:
-    """``GET /eft/vocab``: a role's vocabulary as a local file gives it (``hash_only``:
-    only its hash, context size and chat template)."""
-    hash_only = query.get("hash_only", "") not in ("", "0", "false")
-
-    def work(session: Session, job: Job) -> None:
-        role = pick_role(session.models, query.get("role") or None, session.preset.name)
-        found = _VOCABS.setdefault(session, {})
-        if role not in found:
-            vocab, pieces, plain = model_vocab(session.models[role],
-                                               session.report.vocabs[role])
-            found[role] = vocab_payload(vocab, pieces, plain)
-        payload = found[role]
-        head = {"role": role, "preset": session.preset.name, "hash": payload["hash"],
-                "n_tokens": payload["n_tokens"], "n_ctx": session.models[role].n_ctx,
-                "chat_template": session.template
-                if role == session.preset.template_role else None}
-        job.emit("result", head if hash_only else {**head, **payload})
-
-    return work

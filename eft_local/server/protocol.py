@@ -481,10 +481,11 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    """OpenAI's usage object."""
+def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached``: prompt tokens re-used from a slot's cache."""
     return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def finish_reason(finish: str | None) -> str:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from eft_local.config import (
+from eft_local.errors import EftError
+from eft_local.formula import PARAMETERS, parse_formula
+from eft_local.presets import (
     FAMILY_DIR,
     default_conservative_role,
     load_config,
@@ -14,8 +16,6 @@ from eft_local.config import (
     shipped_config_path,
     user_config_path,
 )
-from eft_local.errors import EftError
-from eft_local.formula import PARAMETERS, parse_formula
 
 
 def write(path: Path, text: str) -> Path:
