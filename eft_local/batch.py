@@ -100,6 +100,9 @@ class Sequence:
         """Set when its caller gave up: long grammar work stops for it (and only it)."""
         self.error: BaseException | None = None
         """Why its own step failed (its grammar): it left its slot, the others went on."""
+        self.share: Sequence | None = None
+        """Another sequence with the same prompt, whose cached prompt this one copies once
+        that one has read it (several choices of one request), instead of reading it too."""
 
     @property
     def position(self) -> int:
@@ -165,11 +168,14 @@ class Batch:
         return min(free, key=lambda i: self._used[i])
 
     def add(self, plan: Plan, *, slot: int | None = None,
-            cancelled: threading.Event | None = None) -> Sequence:
+            cancelled: threading.Event | None = None, share: Sequence | None = None
+            ) -> Sequence:
         """Start ``plan`` in ``slot`` (default :meth:`choose_slot`); it joins at the next
         step. The models' caches keep the longest prefix they share with its prompt.
         ``cancelled``: an event that stops its grammar work once set (see
-        :func:`eft_local.interrupts.cancel_on`)."""
+        :func:`eft_local.interrupts.cancel_on`). ``share``: a running sequence with the same
+        prompt; this one waits until that one has read it, then copies its cached prompt
+        (``copy_prefix``: the KV cells are shared, not evaluated again)."""
         eng = self.engine
         if len(plan.tokens) >= eng.n_ctx:
             raise EftError(f"prompt is {len(plan.tokens)} tokens; the context holds "
@@ -182,6 +188,8 @@ class Batch:
                            if slot is None else f"slot {slot} is not free")
         seq = Sequence(plan, slot, (), next(self._clock))
         seq.cancelled = cancelled
+        if share is not None and share.plan.tokens == plan.tokens:
+            seq.share = share
         if plan.drafter is not None and self.speculator is not None:
             seq.mode = self.speculator.start(seq)
         extra = (plan.drafter,) if plan.drafter is not None and seq.mode != "plain" else ()
@@ -293,6 +301,8 @@ class Batch:
         jobs: dict[str, list[tuple[Sequence, Part]]] = {r: [] for r in eng.roles}
         ready = []
         for seq in sorted(running, key=lambda s: (s.prefilling, s.order)):
+            if seq.share is not None and not self._copied(seq, running):
+                continue  # it waits for the prompt it shares to be read
             complete = True
             for role in seq.roles:
                 k = seq.held[role]
@@ -322,6 +332,30 @@ class Batch:
                 if outs[role] is None and rows is not None:
                     buf[index, part.seq] = rows[-1]
         return ready
+
+    def _copied(self, seq: Sequence, running: list[Sequence]) -> bool:
+        """Whether ``seq`` may evaluate now: the sequence whose prompt it shares has read
+        it (then its cached prompt is copied into ``seq``'s slot), or left (then ``seq``
+        reads the prompt itself)."""
+        src = seq.share
+        assert src is not None
+        n = len(seq.plan.tokens) - 1
+        if src not in running or src.finish is not None:
+            seq.share = None
+            return True
+        roles = [r for r in seq.roles if r in src.held and hasattr(self.engine.models[r],
+                                                                    "copy_prefix")]
+        if any(src.held[r] < n for r in roles):
+            return False
+        for role in roles:
+            if seq.held[role] < n:
+                self.engine.models[role].copy_prefix(src.slot, seq.slot, n)
+                seq.held[role] = n
+        before = seq.evaluated
+        seq.evaluated = max(len(seq.tokens) - k for k in seq.held.values())
+        self.engine.stats.prefilled -= before - seq.evaluated
+        seq.share = None
+        return True
 
     def _out(self, role: str, parts: list[Part]) -> np.ndarray | None:
         """Where a model's decode writes its parts' last rows: the row buffer itself when

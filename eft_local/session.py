@@ -271,13 +271,16 @@ class Session(Prompts, Batches):
                             dropped=dropped)
 
     def start(self, request: Request, *, slot: int | None = None,
-              cancelled: threading.Event | None = None) -> Generation:
+              cancelled: threading.Event | None = None, share: Generation | None = None
+              ) -> Generation:
         """Start ``request`` in a free slot (default: the one whose caches share the
         longest prefix with its prompt, :meth:`Batch.choose_slot`); it runs with every
         :meth:`step`. An :class:`~eft_local.errors.EftError` when every slot is taken.
-        ``cancelled``: an event that stops its grammar work once set."""
+        ``cancelled``: an event that stops its grammar work once set; ``share``: a running
+        generation of the same prompt, whose cached prompt this one copies."""
         self.batch.speculator = self.speculator
-        seq = self.batch.add(request.plan, slot=slot, cancelled=cancelled)
+        seq = self.batch.add(request.plan, slot=slot, cancelled=cancelled,
+                             share=share.seq if share is not None else None)
         return Generation(request, seq, self.batch, self._reply_pieces)
 
     def step(self) -> list[tuple[Generation, list[Chunk]]]:

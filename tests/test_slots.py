@@ -241,3 +241,34 @@ def test_a_sequence_whose_grammar_fails_ends_alone() -> None:
     with pytest.raises(EftError, match="took too long"):
         list(generate(Batch(engine(1)), replace(plan(eng, PROMPTS[0], seed=1),
                                                 grammar=Failing(3).clone)))
+
+
+def test_choices_of_one_prompt_read_it_once() -> None:
+    """Several choices of one request (n > 1): the first reads the prompt, the others copy
+    its cached prompt (copy_prefix) and evaluate only its last token; each gives the tokens
+    of its own seed run alone."""
+    eng = engine(3)
+    prompt = [(5 * i) % 40 + 2 for i in range(30)]
+    fed = {role: 0 for role in ROLES}
+    for role, model in eng.models.items():
+        decode_ = model.decode
+
+        def counted(parts, out=None, role=role, decode_=decode_):  # noqa: ANN001, ANN202
+            fed[role] += sum(len(p.tokens) for p in parts)
+            return decode_(parts, out)
+
+        model.decode = counted  # type: ignore[method-assign]
+    batch = Batch(eng)
+    first = batch.add(plan(eng, prompt, seed=1, max_tokens=8))
+    others = [batch.add(plan(eng, prompt, seed=s, max_tokens=8), share=first)
+              for s in (2, 3)]
+    got: dict[int, list[Step]] = {0: [], 1: [], 2: []}
+    seqs = [first, *others]
+    while batch.running:
+        for seq, st in batch.step():
+            got[seqs.index(seq)].append(st)
+    for i, seed in enumerate((1, 2, 3)):
+        assert got[i] == alone(prompt, seed=seed, max_tokens=8)
+    # the prompt was read once (30 tokens), each copy evaluated its last token only
+    assert fed["large_base"] == 30 + 2 * 1 + sum(len(g) - 1 for g in got.values())
+    assert [s.evaluated for s in seqs] == [30, 1, 1]

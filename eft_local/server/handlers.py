@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from eft_local.chat import fit_messages
@@ -143,8 +144,12 @@ class Streamer:
 
     def __init__(self, session: Session, job: Job, request: Request, *, top_n: int | None,
                  index: int = 0, convert: Callable[[dict[str, Any]], dict[str, Any]] | None
-                 = None, label: Callable[[int], str] | None = None) -> None:
+                 = None, label: Callable[[int], str] | None = None,
+                 emit: Callable[[str, Any], None] | None = None) -> None:
         self.session, self.job, self.request = session, job, request
+        self.emit = emit or job.emit
+        self.logprob = 0.0
+        """The sum of its tokens' log-probs under the mix (with ``top_n``)."""
         self.top_n, self.index, self.convert = top_n, index, convert
         self.label = label or session.token_text
         diagnostics = job.knobs.diagnostics
@@ -168,6 +173,7 @@ class Streamer:
                 self.first = time.perf_counter()
             self.count += 1
             job.generated += 1
+            self.logprob += step.logprob if step.logprob is not None else 0.0
             if top_n is not None:  # every token, end of turn too: usage counts it
                 self.pending.append(chat_logprob(  # log-probs pass records.finite there
                     self.label(step.token), session.token_bytes(step.token),
@@ -190,7 +196,7 @@ class Streamer:
                     "finish": finish_reason(chunk.finish) if chunk.finish else None}
             data = self.convert(data) if self.convert else data
             self.told = data["finish"] or self.told
-            job.emit("chunk", data)
+            self.emit("chunk", data)
             self.pending, self.eft_pending = [], []
 
     def done(self) -> None:
@@ -209,7 +215,7 @@ class Streamer:
                    "predicted_per_second": (count - 1) / (ended - first) if count > 1 and
                    ended > first else 0.0}
         job.check()  # stopped by a shutdown: the client gets 503, not a cut answer
-        job.emit("done", {"index": self.index, "prompt_tokens": n_prompt,
+        self.emit("done", {"index": self.index, "prompt_tokens": n_prompt,
                           "cached_tokens": n_prompt - evaluated, "completion_tokens": count,
                           "finish": self.told or (finish_reason(self.finish) if self.finish
                                                   else "length"),
@@ -292,7 +298,12 @@ def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
         if dropped:  # said once: in the response's eft object and the log line
             eft["dropped_messages"] = job.info["dropped_messages"] = dropped
         job.emit("start", {"eft": eft, "prompt_tokens": len(request.tokens)})
-        return [Streamer(session, job, request, top_n=top_n, convert=convert).task]
+        tasks = [Streamer(session, job, choice, top_n=top_n, index=i,
+                          convert=convert and ToolReply(convert.plan, convert.tagged)).task
+                 for i, choice in enumerate(choices(request, req.common.n))]
+        for task in tasks[1:]:
+            task.share = tasks[0]
+        return tasks
 
     return work
 
@@ -338,43 +349,97 @@ def completion_work(req: CompletionRequest, *, default_max: int,
             if evaluated and len(tokens) >= session.n_ctx:
                 raise too_long(session, len(tokens), param)
             prompts.append((tokens, added_bos, text, param))
+        best = req.best_of > req.common.n  # the candidates' mean log-prob ranks them
         requests = [None if max_tokens == 0 else prepared(
             session, job, tokens, max_tokens=max_tokens,
             stop=default_stop if req.common.stop is None else req.common.stop,
-            top_n=req.logprobs, grammar=req.common.grammar, prompt_param=param)
+            top_n=0 if best and req.logprobs is None else req.logprobs,
+            grammar=req.common.grammar, prompt_param=param)
             for tokens, _bos, _text, param in prompts]
         job.emit("start", {"eft": describe(session, _settings(job)),
                            "prompt_tokens": sum(len(p[0]) for p in prompts)})
-        tasks = []
-        for index, ((tokens, added_bos, text, param), request) in enumerate(
+        tasks: list[Task] = []
+        n = req.common.n
+        for p, ((tokens, added_bos, text, param), request) in enumerate(
                 zip(prompts, requests, strict=True)):
             if job.cancelled.is_set():
                 return None
-            if req.echo:
-                _echo(session, job, req, index, tokens, added_bos, text, param)
+            echoed = _echo(session, job, req, tokens, added_bos, text, param) if (
+                req.echo) else None
+            for index in range(p * n, (p + 1) * n):  # choice p * n + i (OpenAI's order)
+                if echoed is not None:
+                    job.emit("chunk", {**echoed, "index": index})
+                if request is None:
+                    job.info = {"prompt_tokens": len(tokens), "completion_tokens": 0,
+                                "cancelled": False}
+                    job.emit("done", {"index": index, "prompt_tokens": len(tokens),
+                                      "cached_tokens": 0, "completion_tokens": 0,
+                                      "finish": "length", "timings": {}})
             if request is None:
-                job.info = {"prompt_tokens": len(tokens), "completion_tokens": 0,
-                            "cancelled": False}
-                job.emit("done", {"index": index, "prompt_tokens": len(tokens),
-                                  "cached_tokens": 0, "completion_tokens": 0,
-                                  "finish": "length", "timings": {}})
                 continue
             label = token_id_label if req.token_ids else session.token_text
-            tasks.append(Streamer(session, job, request, top_n=req.logprobs, index=index,
-                                  convert=_legacy(len(text), req.logprobs),
-                                  label=label).task)
+            ranked = BestOf(job, n, p * n) if best else None
+            first = len(tasks)
+            for i, choice in enumerate(choices(request, req.best_of)):
+                streamer = Streamer(session, job, choice, top_n=req.logprobs,
+                                    index=p * n + i, convert=_legacy(len(text), req.logprobs),
+                                    label=label)
+                if ranked is not None:
+                    streamer.emit = ranked.emitter(i, streamer)
+                tasks.append(streamer.task)
+                if i:
+                    streamer.task.share = tasks[first]
         return tasks
 
     return work
 
 
-def _echo(session: Session, job: Job, req: CompletionRequest, index: int,
-          tokens: list[int], added_bos: bool, text: str, param: str) -> None:
-    """The prompt of choice ``index`` as its text's start, with its tokens' log-probs under
-    the mix when ``logprobs`` asks (scored in a free slot)."""
+def choices(request: Request, n: int) -> list[Request]:
+    """``n`` choices of one prepared request: the same prompt and settings, each with its own
+    seed (the request's, then +1, +2...)."""
+    sampling = request.plan.sampling
+    return [replace(request, plan=replace(request.plan, sampling=replace(
+        sampling, seed=(sampling.seed + i) % 2**63))) for i in range(n)]
+
+
+class BestOf:
+    """``best_of`` candidates of one prompt: their events are held back, and once every one
+    is done the ``n`` with the highest mean log-prob per token (under the mix) are sent as
+    the choices ``base .. base + n - 1``, best first."""
+
+    def __init__(self, job: Job, n: int, base: int) -> None:
+        self.job, self.n, self.base = job, n, base
+        self.held: dict[int, list[tuple[str, Any]]] = {}
+        self.scores: dict[int, float] = {}
+        self.streamers: dict[int, Streamer] = {}
+
+    def emitter(self, i: int, streamer: Streamer) -> Callable[[str, Any], None]:
+        """Where candidate ``i``'s events go."""
+        self.streamers[i] = streamer
+
+        def emit(kind: str, data: Any) -> None:
+            self.held.setdefault(i, []).append((kind, data))
+            if kind == "done":
+                self.scores[i] = streamer.logprob / max(1, streamer.count)
+                if len(self.scores) == len(self.streamers):
+                    self._send()
+
+        return emit
+
+    def _send(self) -> None:
+        ranked = sorted(self.scores, key=lambda i: (-self.scores[i], i))[: self.n]
+        for rank, i in enumerate(ranked):
+            for kind, data in self.held[i]:
+                self.job.emit(kind, {**data, "index": self.base + rank})
+
+
+def _echo(session: Session, job: Job, req: CompletionRequest, tokens: list[int],
+          added_bos: bool, text: str, param: str) -> dict[str, Any]:
+    """The chunk that starts a prompt's choices with its text, and its tokens' log-probs
+    under the mix when ``logprobs`` asks (scored once, in a free slot)."""
     top_n = req.logprobs
     label = token_id_label if req.token_ids else session.token_text
-    record: dict[str, Any] = {"index": index, "text": text, "echo": True}
+    record: dict[str, Any] = {"text": text, "echo": True}
     if top_n is not None:
         if len(tokens) >= session.n_ctx:
             raise too_long(session, len(tokens), param)
@@ -389,7 +454,7 @@ def _echo(session: Session, job: Job, req: CompletionRequest, index: int,
                              {label(i): finite(lp) for i, lp in t.top}
                              for t in scored.tokens],
             "text_offset": _offsets(pieces, added_bos)}
-    job.emit("chunk", record)
+    return record
 
 
 def token_id_label(token: int) -> str:

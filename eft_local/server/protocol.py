@@ -218,13 +218,14 @@ def _sampling(body: Mapping[str, Any], base: SamplerSettings, conservative: floa
         raise bad(str(exc)) from None
 
 
-def _n(body: Mapping[str, Any]) -> None:
-    n = _number(body, "n", 1, 128, integer=True)
-    if n is not None and n != 1:
-        raise bad(f"'n' is {n}; this server generates one choice per request (n=1)", "n")
-    best_of = _number(body, "best_of", 1, 128, integer=True)
-    if best_of is not None and best_of != 1:
-        raise bad("'best_of' is not supported (only 1)", "best_of")
+MAX_CHOICES = 16
+"""Most choices one request may ask for (``n``, ``best_of``): each is a generation of its
+own, and one request should not hold every slot for long."""
+
+
+def _count(body: Mapping[str, Any], name: str) -> int:
+    value = _number(body, name, 1, MAX_CHOICES, integer=True)
+    return 1 if value is None else int(value)
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,9 @@ class Common:
     include_usage: bool
     grammar: str | None = None
     """GBNF from ``response_format``, ``json_schema`` or ``grammar``; None: free text."""
+    n: int = 1
+    """Choices to return: several generations of the prompt, each with its own seed (the
+    request's seed, then +1, +2...), side by side in slots, the prompt read once."""
 
 
 def _structured(call: Any, *args: Any, **kwargs: Any) -> Any:
@@ -258,7 +262,7 @@ def _common(body: Mapping[str, Any], base: SamplerSettings, default_seed: int | 
         raise bad("'model' must be a string", "model")
     preset, name_params = parse_model_name(model) if model else (None, {})
     knobs, conservative = _knobs(body, name_params)
-    _n(body)
+    n = _count(body, "n")
     stream = _bool(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -275,7 +279,7 @@ def _common(body: Mapping[str, Any], base: SamplerSettings, default_seed: int | 
     return Common(model=model, preset=preset or None, knobs=knobs,
                   sampling=_sampling(body, base, conservative, default_seed),
                   max_tokens=limit, stop=_stops(body), stream=stream,
-                  include_usage=include_usage)
+                  include_usage=include_usage, n=n)
 
 
 def _with_grammar(common: Common, body: Mapping[str, Any], name: str = "") -> Common:
@@ -363,6 +367,8 @@ def parse_chat(body: Any, base: SamplerSettings, default_seed: int | None) -> Ch
     plan = _structured(tool_plan, body.get("tools"), body.get("tool_choice"))
     _bool(body, "parallel_tool_calls", True)  # accepted; a reply holds one call
     common = _common(body, base, default_seed, "max_completion_tokens")
+    if body.get("best_of") is not None:
+        raise bad("'best_of' applies to /v1/completions; chat takes 'n'", "best_of")
     calls = plan is not None and plan.choice != "none"
     if calls and body.get("grammar"):
         raise bad("'grammar' and 'tools' exclude each other (the tools make the grammar)",
@@ -389,6 +395,9 @@ class CompletionRequest:
     token_ids: bool = False
     """``return_tokens_as_token_ids`` (vLLM's field): log-prob entries name tokens
     ``token_id:N`` instead of by their text."""
+    best_of: int = 1
+    """Candidates generated per prompt, of which the ``n`` with the highest mean log-prob
+    per token (under the mix) are returned."""
 
 
 def _prompts(value: Any) -> list[str | list[int]]:
@@ -429,9 +438,18 @@ def parse_completion(body: Any, base: SamplerSettings, default_seed: int | None,
     if common.max_tokens == 0 and common.stream:
         raise bad("'max_tokens' 0 (scoring only) cannot be streamed", "stream")
     common = _with_grammar(common, body)
+    best_of = _count(body, "best_of") if body.get("best_of") is not None else common.n
+    if best_of < common.n:
+        raise bad(f"'best_of' ({best_of}) must be at least 'n' ({common.n})", "best_of")
+    if best_of > common.n and common.stream:
+        raise bad("'best_of' above 'n' cannot be streamed: the best are known at the end",
+                  "best_of")
+    if len(prompts) * best_of > MAX_CHOICES * 8:
+        raise bad(f"{len(prompts)} prompts x {best_of} choices are too many generations for "
+                  f"one request (at most {MAX_CHOICES * 8})", "prompt")
     return CompletionRequest(common=common, prompts=prompts, echo=echo,
                              logprobs=None if logprobs is None else int(logprobs),
-                             token_ids=token_ids)
+                             token_ids=token_ids, best_of=best_of)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ class Task:
     generation: Generation | None = None
     started: float = 0.0
     """When it got its slot (``time.perf_counter``)."""
+    share: Task | None = None
+    """Another task of the job with the same prompt (a choice of ``n``): once that one has
+    read the prompt, this one copies its cache instead of reading it again."""
 
 
 Work = Callable[[Session, "Job"], "list[Task] | None"]
@@ -358,8 +361,10 @@ class Worker:
                     continue
                 if not session.batch.free_slots():
                     return
+                share = task.share.generation if task.share is not None else None
                 try:
-                    task.generation = session.start(task.request, cancelled=job.cancelled)
+                    task.generation = session.start(task.request, cancelled=job.cancelled,
+                                                    share=share)
                 except EftError as exc:
                     self._fail(job, exc)
                     break
