@@ -196,7 +196,7 @@ class Batch:
         eng.stats.prefilled += seq.evaluated
         eng.stats.shifted += seq.shifted
         self.slots[slot] = seq
-        self._used[slot] = next(self._clock)
+        self.touch(slot)
         return seq
 
     def _reuse(self, role: str, slot: int, tokens: list[int], shift: bool) -> tuple[int, int]:
@@ -216,6 +216,11 @@ class Batch:
                     k += kept
                     moved = kept
         return min(k, len(tokens) - 1), moved
+
+    def touch(self, slot: int) -> None:
+        """``slot`` was just used outside a sequence (rows or a score evaluated in it): it is
+        now the most recently used."""
+        self._used[slot] = next(self._clock)
 
     def remove(self, seq: Sequence) -> None:
         """Take ``seq`` out (finished or cancelled): its slot is free at once; the caches

@@ -54,32 +54,6 @@ class Model(Protocol):
     def tokenize(self, text: str, *, add_bos: bool, special: bool) -> list[int]: ...
 
 
-def held_tokens(model: object, seq: int = 0) -> list[int]:
-    """What ``model``'s cache holds in sequence ``seq`` (a one-sequence model: its
-    ``tokens``)."""
-    read = getattr(model, "seq_tokens", None)
-    return read(seq) if read is not None else model.tokens  # type: ignore[attr-defined]
-
-
-def decode(model: object, parts: Sequence[Part], out: np.ndarray | None = None
-           ) -> list[np.ndarray | None]:
-    """``model.decode(parts, out)``; a model of one sequence without it (a remote role)
-    evaluates each part in turn."""
-    batched = getattr(model, "decode", None)
-    if batched is not None:
-        return batched(parts, out)
-    rows: list[np.ndarray | None] = []
-    for i, part in enumerate(parts):
-        if part.seq != 0:
-            raise EftError(f"{model.path}: holds one sequence, not {part.seq + 1}")  # type: ignore[attr-defined]
-        model.rewind(part.keep)  # type: ignore[attr-defined]
-        got = model.eval(list(part.tokens), all_logits=part.rows == "all")  # type: ignore[attr-defined]
-        if out is not None and part.rows == "last":
-            out[i] = got[-1, : out.shape[1]]
-        rows.append(None if part.rows == "none" else got)
-    return rows
-
-
 @dataclass(frozen=True)
 class Step:
     """One generated token, with diagnostics when they were asked for."""
@@ -284,7 +258,7 @@ class Engine:
 
     def held(self, role: str, seq: int = 0) -> list[int]:
         """The tokens ``role``'s cache holds in sequence ``seq``."""
-        return held_tokens(self.models[role], seq)
+        return self.models[role].seq_tokens(seq)
 
     def rows_of(self, seq: int) -> np.ndarray:
         """The (models, width) rows that the last evaluation left for sequence ``seq`` (a
@@ -304,7 +278,7 @@ class Engine:
     def _timed_decode(self, role: str, parts: Sequence[Part], out: np.ndarray | None,
                       whole: bool = False) -> list[np.ndarray | None]:
         start = time.perf_counter()
-        rows = decode(self.models[role], parts, out)
+        rows = self.models[role].decode(parts, out)
         self.stats.eval_seconds[role] = (self.stats.eval_seconds.get(role, 0.0)
                                          + time.perf_counter() - start)
         if whole:

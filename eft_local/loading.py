@@ -119,7 +119,7 @@ def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
         for role, spec in preset.models.items():
             if spec.remote:
                 say(f"connecting {role}: {spec.describe()}")
-                remote = open_remote(spec, expected_vocab=expected, say=say)
+                remote = open_remote(spec, expected_vocab=expected, say=say, n_seq=opts.n_seq)
                 loaded[role] = remote
                 say(f"{role}: {remote.describe()}")
     except BaseException:

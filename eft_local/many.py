@@ -109,6 +109,8 @@ class Batches:
             if not group:
                 return
             slots = self.free_slots()[:len(group)]
+            for slot in slots:
+                self.batch.touch(slot)
             scores = score_many(self.engine, [(t, slot) for (_k, t), slot in
                                               zip(group, slots, strict=True)],
                                 self.weights(s), s.sampling, top_n=top_n,

@@ -402,6 +402,7 @@ class Session(Prompts, Batches):
         slot = self.batch.choose_slot(tokens) if slot is None else slot
         if slot is None or slot not in self.free_slots():
             raise EftError(f"no free slot to score in (all {len(self.batch.slots)} run)")
+        self.batch.touch(slot)
         result = score_tokens(self.engine, tokens, self.weights(s), s.sampling, top_n=top_n,
                               per_model=per_model, conservative=self.conservative_role(s),
                               seq=slot)
@@ -446,6 +447,7 @@ class Session(Prompts, Batches):
         slot = self.batch.choose_slot(tokens) if slot is None else slot
         if slot is None or slot not in self.free_slots():
             raise EftError("no free slot for the rows")
+        self.batch.touch(slot)
         keep = min(kvshift.common_prefix(self.engine.held(role, slot), tokens), first)
         if first > keep:
             self.engine.evaluate_role(role, keep, tokens[keep:first], seq=slot)

@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -539,3 +540,36 @@ def test_two_remote_roles_equal_local(served: Remote) -> None:
                        near.generate(PROMPT, max_tokens=20, temperature=temperature, seed=2,
                                      top_n=0))
         assert set(far.stats()["remote"]) == {"large_base", "small_base"}
+
+
+# -- several sequences at once (issue 23) --------------------------------------------------------
+def test_several_sequences_of_one_client_on_the_exact_protocol(tmp_path_factory) -> None:
+    """A client running two sequences (-np 2) against an eft-local serving with slots: each
+    sequence's rows come from a slot of its own (found by the prefix it names, so each step
+    sends only its new token), requests of the two under way at once; the greedy tokens are
+    those of the all-local run."""
+    server = remotehelp.eft_serve(["tiny-large-base", "-np", "3"],
+                                  tmp_path_factory.mktemp("slots"))
+    server.start()
+    prompts = [PROMPT, "Tova Brint was born in", "The profession of Has Zhithdou is"]
+    try:
+        def run(session: Session) -> dict[int, Any]:
+            jobs = [(i, (lambda p=p: session.prepare(session.raw_tokens(p), temperature=0,
+                                                     max_tokens=12, top_n=0)))
+                    for i, p in enumerate(prompts)]
+            return dict(session.run_many(jobs))
+
+        with trio(LARGE, speculative=False, n_seq=3) as here:
+            want = run(here)
+        with trio(server.url, speculative=False, n_seq=3) as far:
+            assert far.models["large_base"].n_seq == 3
+            got = run(far)
+            net = far.stats()["remote"]["large_base"]
+        for i in range(len(prompts)):
+            assert [s.token for s in got[i].steps] == [s.token for s in want[i].steps]
+        # each step of each sequence was one request: the engine kept each sequence's
+        # prefix in a slot of its own (a mismatch would have resent the whole sequence)
+        assert net["requests"] == sum(len(r.steps) for r in got.values())
+        assert net["resent"] == 0
+    finally:
+        server.stop()

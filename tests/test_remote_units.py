@@ -514,6 +514,44 @@ def test_a_remote_request_not_started_yet_is_cancelled_not_sent() -> None:
     io.close()
 
 
+def test_the_rows_of_several_sequences_are_asked_for_at_once() -> None:
+    """Issue 23: a remote model holds a sequence per slot; a step's parts for several
+    sequences go out as concurrent requests (each client keeps its own sequence)."""
+    from eft_local.backend.sequences import Part
+    from eft_local.remote.model import RemoteModel
+    from eft_local.remote.vocab import RemoteInfo
+    from eft_local.vocab import VocabInfo
+
+    vocab = VocabInfo(path="x", vocab_type="bpe", n_tokens=4, bos=-1, eos=0, eot=-1,
+                      eog=frozenset({0}), add_bos=False, add_eos=False,
+                      texts=(b"<e>", b"a", b"b", b"c"), attrs=(8, 0, 0, 0),
+                      pieces=(b"<e>", b"a", b"b", b"c"), text_kind="piece")
+    info = RemoteInfo(api="eft-local", model=None, role=None, vocab=vocab, n_ctx=64)
+    model = RemoteModel(remote_spec("large_base", "http://h:1", "x"), endpoint(), info,
+                        n_seq=3)
+    together = threading.Barrier(3, timeout=10)  # every request must be under way at once
+    seen: list[tuple[list[int], list[int]]] = []
+
+    class Waiting:
+        def rows(self, done: list[int], new: list[int], all_rows: bool) -> np.ndarray:
+            together.wait()
+            seen.append((done, new))
+            return np.full((len(new) if all_rows else 1, 4), float(new[-1]), np.float32)
+
+    model._clients = [Waiting() for _ in range(3)]
+    out = np.zeros((3, 4), np.float32)
+    rows = model.decode([Part(0, 0, (1, 2)), Part(1, 0, (3,)), Part(2, 0, (2, 3), "all")],
+                        out)
+    assert [model.seq_tokens(s) for s in range(3)] == [[1, 2], [3], [2, 3]]
+    assert out[0].tolist() == [2.0] * 4 and out[1].tolist() == [3.0] * 4
+    assert rows[2].shape == (2, 4)
+    model.decode([Part(1, 1, (1,)), Part(0, 2, (3,)), Part(2, 1, (1,))], out)
+    assert sorted(seen[3:]) == [([1, 2], [3]), ([2], [1]), ([3], [1])]
+    with pytest.raises(EftError, match="holds 3 sequence"):
+        model.seq_tokens(3)
+    model.close()
+
+
 def test_a_late_answer_after_abandon_changes_nothing() -> None:
     """RemoteModel drops the result of an evaluation its caller gave up on."""
     from eft_local.remote.model import RemoteModel
@@ -533,8 +571,8 @@ def test_a_late_answer_after_abandon_changes_nothing() -> None:
             release.wait(timeout=10)
             return np.zeros((1, 4), np.float32)
 
-    model._client = Slow()
-    model.tokens = [1, 2]
+    model._clients = [Slow()]
+    model.tokens[:] = [1, 2]
     failures: list[BaseException] = []
     worker = threading.Thread(target=lambda: _capture(failures, model.eval, [3]))
     worker.start()

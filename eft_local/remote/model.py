@@ -14,12 +14,14 @@ local models (:meth:`eft_local.engine.Engine.evaluate_each`): its cost is waitin
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from eft_local.backend.sequences import Part
 from eft_local.errors import EftError
 from eft_local.presets import ModelSpec
 from eft_local.remote.exact import ExactClient
@@ -46,10 +48,9 @@ class RemoteModel:
 
     remote = True
     partial_rewind = True
-    n_seq = 1
-    """One sequence: a remote role does not batch several conversations yet."""
 
-    def __init__(self, spec: ModelSpec, endpoint: Endpoint, info: RemoteInfo) -> None:
+    def __init__(self, spec: ModelSpec, endpoint: Endpoint, info: RemoteInfo, *,
+                 n_seq: int = 1) -> None:
         self.spec = spec
         self.endpoint = endpoint
         self.info = info
@@ -57,7 +58,12 @@ class RemoteModel:
         self.path = Path(spec.describe())
         self.n_vocab = info.vocab.n_tokens
         self.n_ctx = info.n_ctx
-        self.tokens: list[int] = []
+        self.n_seq = n_seq
+        """Sequences it conditions on at once (the local models' slots): each has its own
+        tokens, and the rows every sequence needs in a step go out as concurrent
+        requests."""
+        self._seqs: list[list[int]] = [[] for _ in range(n_seq)]
+        self.tokens = self._seqs[0]  # the same list: never rebound
         self.api = info.api
         self.top_k = None if info.api == "eft-local" else min(
             spec.top_k or DEFAULT_TOP_K, self.n_vocab)
@@ -67,7 +73,10 @@ class RemoteModel:
         pieces = info.vocab.pieces or info.vocab.texts
         self.piece_bytes = max((len(p) for p in pieces), default=1)
         """The longest token's bytes: what bounds the size of a JSON answer."""
-        self._client = self._make_client()
+        self._clients = [self._make_client() for _ in range(n_seq)]
+        """One client per sequence (the exact protocol's remembers what the engine holds
+        of its sequence)."""
+        self._pool: ThreadPoolExecutor | None = None
 
     def _make_client(self) -> Any:
         info, ep = self.info, self.endpoint
@@ -91,34 +100,61 @@ class RemoteModel:
         return f"{self.url} ({self.api}, {how})"
 
     # -- evaluation -----------------------------------------------------------------------
-    def eval(self, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
-        """Append ``tokens``; rows (one per new position, or the last), ``n_vocab`` wide."""
+    def eval(self, tokens: list[int], *, all_logits: bool = False, seq: int = 0
+             ) -> np.ndarray:
+        """Append ``tokens`` to sequence ``seq``; rows (one per new position, or the last),
+        ``n_vocab`` wide."""
         if not tokens:
             raise ValueError("eval needs at least one token")
+        have = self.seq_tokens(seq)
         with self._lock:
-            done, epoch = list(self.tokens), self._epoch
+            done, epoch = list(have), self._epoch
         if len(done) + len(tokens) > self.n_ctx:
             raise EftError(f"remote {self.spec.role} ({self.url}): context full "
                            f"({len(done)} + {len(tokens)} tokens > n_ctx {self.n_ctx})")
-        rows = self._client.rows(done, list(tokens), all_logits)
+        rows = self._clients[seq].rows(done, list(tokens), all_logits)
         with self._lock:
             if self._epoch != epoch:
                 raise Abandoned(f"remote {self.spec.role}: an abandoned evaluation ended")
-            self.tokens = [*done, *tokens]
+            have[:] = [*done, *tokens]
         return rows
 
+    def decode(self, parts: Sequence[Part], out: np.ndarray | None = None
+               ) -> list[np.ndarray | None]:
+        """The rows of several sequences' parts (see
+        :meth:`eft_local.backend.LlamaModel.decode`): one request per part, all under way
+        at once."""
+        def one(i: int) -> np.ndarray | None:
+            part = parts[i]
+            self.rewind(part.keep, part.seq)
+            rows = self.eval(list(part.tokens), all_logits=part.rows == "all", seq=part.seq)
+            if part.rows == "none":
+                return None
+            if part.rows == "last" and out is not None:
+                out[i] = rows[-1, : out.shape[1]]
+                return out[i:i + 1]
+            return rows
+
+        if len(parts) <= 1:
+            return [one(i) for i in range(len(parts))]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.n_seq, thread_name_prefix="eft-remote-seq")
+        futures = [self._pool.submit(one, i) for i in range(len(parts))]
+        return [future.result() for future in futures]
+
     def seq_tokens(self, seq: int = 0) -> list[int]:
-        """The sequence it has been asked to condition on (it holds one)."""
-        if seq != 0:
-            raise EftError(f"remote {self.spec.role}: holds one sequence, not {seq + 1}")
-        return self.tokens
+        """What sequence ``seq`` has been asked to condition on."""
+        if isinstance(seq, bool) or not 0 <= seq < self.n_seq:
+            raise EftError(f"remote {self.spec.role}: holds {self.n_seq} sequence(s), not "
+                           f"sequence {seq}")
+        return self._seqs[seq]
 
     def rewind(self, n_past: int, seq: int = 0) -> None:
-        """Forget positions from ``n_past`` on."""
-        self.seq_tokens(seq)
+        """Forget sequence ``seq``'s positions from ``n_past`` on."""
+        have = self.seq_tokens(seq)
         with self._lock:
-            if n_past < len(self.tokens):
-                del self.tokens[n_past:]
+            if n_past < len(have):
+                del have[n_past:]
 
     def abandon(self) -> None:
         """A caller gave up on an evaluation still under way: its result will be dropped,
@@ -170,6 +206,9 @@ class RemoteModel:
 
     def close(self) -> None:
         """Close the connections."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
         self.endpoint.close()
 
 
@@ -196,12 +235,13 @@ def endpoint_for(spec: ModelSpec) -> Endpoint:
 
 
 def open_remote(spec: ModelSpec, *, expected_vocab: int | None = None,
-                say: Callable[[str], None] | None = None) -> RemoteModel:
-    """Connect to the engine of ``spec`` and read what the model is."""
+                say: Callable[[str], None] | None = None, n_seq: int = 1) -> RemoteModel:
+    """Connect to the engine of ``spec`` and read what the model is; it conditions on
+    ``n_seq`` sequences at once."""
     ep = endpoint_for(spec)
     try:
         info = read_info(ep, spec, expected=expected_vocab, say=say)
-        return RemoteModel(spec, ep, info)
+        return RemoteModel(spec, ep, info, n_seq=n_seq)
     except BaseException:
         ep.close()
         raise
