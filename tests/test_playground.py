@@ -254,7 +254,7 @@ def test_stop_closes_the_stream_and_the_server_stops_generating(
     assert session is not None
     gate = threading.Event()
     monkeypatch.setattr(session, "step", session.step)
-    slow_steps(session, 0.0, gate=gate, after=2)  # two steps, then a slow model
+    slow_steps(session, 0.0, gate=gate, after=1)  # one token, then a slow model
     page = tab.page
     page.fill("#temperature", "0")
     page.fill("#max_tokens", "200")

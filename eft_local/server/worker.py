@@ -390,8 +390,10 @@ class Worker:
                 continue
             try:
                 for chunk in chunks:
+                    if job.cancelled.is_set():  # a block's later tokens: not for a gone client
+                        break
                     task.feed(chunk)
-                if gen.finish is not None:
+                if gen.finish is not None and not job.cancelled.is_set():
                     job.tasks.remove(task)
                     task.done()
             except BaseException as exc:  # noqa: BLE001
