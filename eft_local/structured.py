@@ -172,7 +172,7 @@ class ToolPlan:
                                              _literal(shape.suffix)) if x)
         body = block
         if self.choice == "auto":
-            avoid = [shape.prefix or "{", "[" if shape.listed else "{"]
+            avoid = [shape.prefix, "{", "[" if shape.listed else ""]  # nothing like a call
             body += " | response" if response else f" | {_not_starting(avoid, shape)}"
         return reply_grammar(shape, body, self.calls(shape), response)
 

@@ -76,7 +76,8 @@ class ChatReply:
         raw = self._raw()
         if self.body is not None:
             body = self.all[self.body:]
-            body = body.lstrip() if self.shape.think else body  # no blank start after a block
+            if self.shape.think and not self.raw:  # no blank start after a block
+                body = body.lstrip()
             if not self.text and not final:
                 self.text = not (self.plan and self.plan.may_be_call(body, self.shape))
             if self.text and (body or final):
