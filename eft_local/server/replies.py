@@ -17,7 +17,7 @@ from eft_local.structured import ToolPlan, reply_grammar
 
 
 def chat_reply(session: Session, job: Job, req: ChatRequest, reasoning_format: str
-           ) -> tuple[str | None, Callable[[dict[str, Any]], dict[str, Any]] | None]:
+               ) -> tuple[str | None, Callable[[dict[str, Any]], dict[str, Any]] | None]:
     """A chat reply's grammar, in the shape of the template's replies, and what reads it
     back (None: plain text)."""
     shape = call_shape(session.template)
@@ -44,7 +44,6 @@ def chat_reply(session: Session, job: Job, req: ChatRequest, reasoning_format: s
         return out
 
     return grammar, convert
-
 
 
 class ChatReply:
