@@ -5,20 +5,26 @@ FILE.json``, ``Settings.replace(json_schema=...)`` and the server's ``response_f
 ``json_schema`` and ``tools`` all call :func:`schema_grammar`, so one schema is treated the
 same everywhere: bounded before llama-cpp-python's converter sees it (:func:`check_schema`),
 converted, and the grammar checked (:func:`eft_local.gbnf.check_gbnf`, then llama.cpp's
-parser). A keyword the grammar cannot enforce (:func:`unenforced`) is refused when the
-caller is strict and otherwise reported through ``note``.
+parser). Each keyword is one of four kinds: enforced by the grammar (:data:`ENFORCED`,
+number ranges included: :mod:`eft_local.ranges`), checked on the finished value
+(:mod:`eft_local.schema_check`), an annotation (:data:`ANNOTATIONS`), or neither. A strict
+caller gets only what the grammar enforces: every other keyword is refused
+(:func:`unenforced`); otherwise a keyword that is neither enforced nor checked
+(:func:`unchecked`) is reported through ``note``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
-from eft_local import backend
+from eft_local import backend, ranges
 from eft_local.errors import EftError
 from eft_local.gbnf import check_gbnf
+from eft_local.schema_check import CHECKED
+from eft_local.schema_check import FORMATS as CHECKED_FORMATS
 
 MAX_CHARS = 1 << 18
 """Characters of the schema as compact JSON (256 KiB, as for a grammar's text)."""
@@ -45,11 +51,14 @@ MAX_OPTIONAL = 256
 
 ENFORCED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems",
             "minItems", "maxItems", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
-            "definitions", "pattern", "minLength", "maxLength", "format"}
-"""Keywords the converter turns into grammar rules (``oneOf`` as ``anyOf``)."""
+            "definitions", "pattern", "minLength", "maxLength", "format", *ranges.KEYWORDS}
+"""Keywords the converter turns into grammar rules (``oneOf`` as ``anyOf``; the ranges on
+integers and numbers)."""
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment",
-               "deprecated", "readOnly", "writeOnly", "strict"}
-"""Keywords that do not constrain a value."""
+               "deprecated", "readOnly", "writeOnly", "strict", "discriminator",
+               "contentEncoding", "contentMediaType"}
+"""Keywords that do not constrain a value (``discriminator``, OpenAPI's and pydantic's, names
+the property that tells the branches of a ``oneOf`` apart, which the grammar holds)."""
 FORMATS = {"date", "time", "date-time", "uuid", "uuid1", "uuid2", "uuid3", "uuid4", "uuid5"}
 """String formats the converter enforces."""
 COUNTS = ("minLength", "maxLength", "minItems", "maxItems")
@@ -76,11 +85,15 @@ def schema_grammar(schema: object, *, strict: bool = False, name: str = "",
     copy = check_schema(schema)
     found = unenforced(copy)
     if found and strict:
+        loose = unchecked(copy)
+        after = "" if loose == found else (" (without strict, the finished reply is checked "
+                                           "against it)")
         raise EftError(f"the JSON schema is strict but uses {found}, which constrained "
-                       "decoding cannot enforce; drop it or set strict to false")
+                       f"decoding cannot enforce; drop it or set strict to false{after}")
+    found = found and unchecked(copy)
     if found and note is not None:
-        note(f"the JSON schema uses {found}, which constrained decoding cannot enforce: "
-             "the reply may not follow it")
+        note(f"the JSON schema uses {found}, which constrained decoding can neither enforce "
+             "nor check: the reply may not follow it")
     text = backend.json_schema_grammar(copy, name)
     try:
         check_gbnf(text)
@@ -127,6 +140,10 @@ def check_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
             if enums > MAX_ENUM:
                 raise EftError(f"the JSON schema has more than {MAX_ENUM} 'enum' values "
                                f"(the limit; the one that passes it is at {where})")
+        kinds = node.get("type") if isinstance(node.get("type"), list) else [node.get("type")]
+        for kind in {"integer", "number"} & set(k for k in kinds if isinstance(k, str)):
+            if ranges.has_range(node):  # the bounds are numbers, the range holds a value
+                ranges.range_rule(node, integer=kind == "integer", where=where)
         props, required = node.get("properties"), node.get("required")
         if isinstance(props, Mapping):
             named = set(required) if isinstance(required, list) and all(
@@ -186,12 +203,23 @@ def _children(where: str, schema: Mapping[str, Any]) -> list[tuple[str, object]]
 
 def unenforced(schema: object, where: str = "schema") -> str | None:
     """The first place where ``schema`` uses a keyword the grammar would not enforce, as
-    ``"'minimum' at schema.properties.age"``; None when every keyword is enforced. (It
+    ``"'multipleOf' at schema.properties.age"``; None when every keyword is enforced. (It
     recurses once per level: call it on a schema :func:`check_schema` passed.)"""
+    return _first(schema, where, set(), {})
+
+
+def unchecked(schema: object, where: str = "schema") -> str | None:
+    """As :func:`unenforced`, for the keywords that are not checked on the finished value
+    either (:mod:`eft_local.schema_check`)."""
+    return _first(schema, where, CHECKED, CHECKED_FORMATS)
+
+
+def _first(schema: object, where: str, checked: Collection[str],
+           formats: Mapping[str, object]) -> str | None:
     if not isinstance(schema, Mapping):
         return None if isinstance(schema, bool) else f"a {type(schema).__name__} at {where}"
     for key, value in schema.items():
-        if key in ANNOTATIONS:
+        if key in ANNOTATIONS or key in checked or key == "format" and value in formats:
             continue
         if key not in ENFORCED or (key == "format" and value not in FORMATS):
             return f"{key!r}{f' {value!r}' if key == 'format' else ''} at {where}"
@@ -203,7 +231,7 @@ def unenforced(schema: object, where: str = "schema") -> str | None:
         elif key in ("items", "additionalProperties") and isinstance(value, Mapping):
             subs = [(f"{where}.{key}", value)]
         for sub_where, sub in subs:
-            found = unenforced(sub, sub_where)
+            found = _first(sub, sub_where, checked, formats)
             if found:
                 return found
     return None

@@ -7,21 +7,33 @@ back:
 - ``response_format`` ``json_object`` (any JSON object) or ``json_schema`` (OpenAI's shape;
   with ``strict`` a schema that uses a keyword the grammar cannot enforce is refused rather
   than half-kept);
-- ``tools``: a call is the JSON object ``{"name": ..., "arguments": {...}}`` (inside
-  ``<tool_call>`` tags where the chat template uses them, as Hermes and Qwen models are
-  trained to), one per reply; ``tool_choice`` ``required`` or a named function allows only a
-  call, ``auto`` a call or text.
+- ``tools``: a call is written in the shape the chat template renders calls
+  (:mod:`eft_local.callshape`: ``{"name": ..., "arguments": {...}}`` in ``<tool_call>`` tags
+  for Hermes and Qwen, bare with ``"parameters"`` for Llama 3.1, ``[TOOL_CALLS][...]`` with
+  an ``id`` for Mistral), one per reply; ``tool_choice`` ``required`` or a named function
+  allows only a call, ``auto`` a call or text;
+- a reasoning block ``<think>...</think>`` first, where the template uses one.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from eft_local import backend
+from eft_local.callshape import (
+    END_THINK,
+    THINK,
+    CallShape,
+    call_shape,
+    read_calls,
+    reply_ids,
+    short_id,
+)
+from eft_local.callshape import may_be_call as _may_be_call
 from eft_local.errors import EftError
 from eft_local.schema import (  # noqa: F401  (the keyword sets, re-exported)
     ANNOTATIONS,
@@ -30,6 +42,7 @@ from eft_local.schema import (  # noqa: F401  (the keyword sets, re-exported)
     schema_grammar,
     unenforced,
 )
+from eft_local.schema_check import needs_check
 from eft_local.templates import tool_support
 
 
@@ -100,6 +113,21 @@ def response_grammar(body: Mapping[str, Any], name: str = "") -> str | None:
                           strict=bool(strict), name=name)
 
 
+def response_schema(body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The schema of a request's ``response_format`` or ``json_schema`` whose finished reply
+    must be checked (:mod:`eft_local.schema_check`: it uses a keyword the grammar cannot
+    hold, and it is not strict, which would have refused it); None otherwise. Call it on a
+    body :func:`response_grammar` passed."""
+    value = body.get("json_schema")
+    fmt = body.get("response_format")
+    if not value and isinstance(fmt, Mapping):
+        spec = fmt.get("json_schema")
+        value = fmt.get("schema") if fmt.get("type") == "json_object" else (
+            spec.get("schema") if isinstance(spec, Mapping) and fmt.get("type") ==
+            "json_schema" else None)
+    return value if isinstance(value, Mapping) and needs_check(value) else None
+
+
 # -- tools -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tool:
@@ -123,47 +151,131 @@ class ToolPlan:
 
     tools: tuple[Tool, ...]
     choice: str
-    calls: str
-    """GBNF rules whose ``tool-call`` rule is one call object of the allowed tools."""
+    chosen: tuple[Tool, ...] = ()
+    """The tools a call may name (all, or the one ``tool_choice`` names)."""
 
-    def grammar(self, tagged: bool, response: str | None = None) -> str | None:
-        """The grammar of a reply (None for ``none``): a call (in ``<tool_call>`` tags
-        when ``tagged``), or with ``auto`` a call or text (or the rules of ``response``, whose
-        top rule is ``response``: a structured reply)."""
+    def calls(self, shape: CallShape) -> str:
+        """GBNF rules whose ``tool-call`` rule is one call object of the allowed tools,
+        with the keys of ``shape``."""
+        return _call_rules(json.dumps([[t.name, t.parameters] for t in self.chosen]),
+                           shape.arguments, shape.ids)
+
+    def grammar(self, shape: CallShape, response: str | None = None) -> str | None:
+        """The grammar of a reply (None for ``none``): a call in ``shape``, or with
+        ``auto`` a call or text (or the rules of ``response``, whose top rule is
+        ``response``: a structured reply); after a reasoning block where the shape has
+        one."""
         if self.choice == "none":
             return None
-        call = r'"<tool_call>\n" tool-call "\n</tool_call>"' if tagged else "tool-call"
-        text = "response" if response else (r'[^<] [^\x00]*' if tagged else r'[^{] [^\x00]*')
-        root = f"root ::= {call}" + (f" | {text}" if self.choice == "auto" else "")
-        return "\n".join(x for x in (root, self.calls, response) if x)
+        call = '"[" space tool-call "]" space' if shape.listed else "tool-call"
+        block = " eft-ws ".join(x for x in (_literal(shape.prefix), call,
+                                             _literal(shape.suffix)) if x)
+        body = block
+        if self.choice == "auto":
+            avoid = [shape.prefix, "{", "[" if shape.listed else ""]  # nothing like a call
+            body += " | response" if response else f" | {_not_starting(avoid, shape)}"
+        return reply_grammar(shape, body, self.calls(shape), response)
 
-    def parse(self, text: str, tagged: bool) -> list[dict[str, Any]] | None:
-        """The reply's tool calls in OpenAI's shape, or None when it is text (or a call cut
-        short by the token limit)."""
+    def parse(self, text: str, shape: CallShape) -> list[dict[str, Any]] | None:
+        """The reply's tool calls (``text``: after any reasoning) in OpenAI's shape, or
+        None when it is text (or a call cut short by the token limit)."""
         if self.choice == "none":
             return None
-        body = text.strip()
-        if tagged:
-            if not (body.startswith("<tool_call>") and body.endswith("</tool_call>")):
-                return None
-            body = body[len("<tool_call>"):-len("</tool_call>")].strip()
-        try:
-            call = json.loads(body)
-        except ValueError:
-            return None
+        calls = read_calls(text, shape)
         names = {t.name for t in self.tools}
-        if not (isinstance(call, dict) and call.get("name") in names
-                and isinstance(call.get("arguments"), dict)):
+        if calls is None or any(c["name"] not in names for c in calls):
             return None
-        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                 "function": {"name": call["name"],
-                              "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}]
+        return [{"id": i, "type": "function",
+                 "function": {"name": c["name"],
+                              "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                for i, c in zip(reply_ids(calls, shape), calls, strict=True)]
 
-    def may_be_call(self, text: str, tagged: bool) -> bool:
-        """Whether a reply that starts with ``text`` can still become a call."""
-        head = text.lstrip()
-        start = "<tool_call>" if tagged else "{"
-        return self.choice != "none" and (head.startswith(start) or start.startswith(head))
+    def may_be_call(self, text: str, shape: CallShape) -> bool:
+        """Whether a reply (after any reasoning) that starts with ``text`` can still become
+        a call."""
+        return self.choice != "none" and _may_be_call(text, shape)
+
+
+@functools.lru_cache(maxsize=32)
+def _call_rules(tools: str, arguments: str, ids: bool) -> str:
+    """The ``tool-call`` rules of ``tools`` (JSON: ``[[name, parameters], ...]``)."""
+    schemas = []
+    for name, parameters in json.loads(tools):
+        props = {"name": {"const": name}, arguments: parameters}
+        if ids:
+            props["id"] = {"type": "string", "pattern": "^[a-zA-Z0-9]{9}$"}
+        schemas.append({"type": "object", "properties": props, "required": list(props)})
+    return _schema(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}, "tools",
+                   name="tool-call")
+
+
+def reply_grammar(shape: CallShape, body: str | None, *rules: str | None) -> str | None:
+    """A chat reply's grammar: ``body`` (a GBNF expression; None: any text) after the
+    reasoning block of ``shape`` (where it has one), with ``rules`` (rule sets the body
+    names). None where nothing constrains the reply."""
+    if body is None:
+        return None
+    if shape.think_open:
+        root = f'root ::= eft-think-0 {_literal(END_THINK)} eft-ws ({body})'
+    elif shape.think:
+        root = f"root ::= eft-think? ({body})"
+    else:
+        root = f"root ::= {body}"
+    think = _THINK_RULES if shape.think else ""
+    return "\n".join(x for x in (root, *rules, think, 'eft-ws ::= [ \\t\\n]{0,4}',
+                                  r'eft-rest ::= [^\x00]*') if x)
+
+
+def _think_rules() -> str:
+    """Rules of a reasoning block: ``eft-think-K`` is the text that does not hold
+    ``</think>``, once its first K characters have just been seen."""
+    end = END_THINK
+    lines = [f"eft-think ::= {_literal(THINK)} eft-think-0 {_literal(end)} eft-ws",
+             "eft-think-0 ::= ( [^<] eft-think-0 | \"<\" eft-think-1 )?"]
+    for k in range(1, len(end)):
+        nxt = end[k]
+        go = f" | {_literal(nxt)} eft-think-{k + 1}" if k + 1 < len(end) else ""
+        lines.append(f"eft-think-{k} ::= ( [^{_class(nxt)}<] eft-think-0 | \"<\" eft-think-1"
+                     f"{go} )?")
+    return "\n".join(lines)
+
+
+def _literal(text: str) -> str:
+    """``text`` as a GBNF string literal ("" for nothing)."""
+    if not text:
+        return ""
+    return '"' + "".join(c if c.isalnum() or c in " <>/_[]|-.:=" else _escape(c)
+                         for c in text) + '"'
+
+
+def _class(chars: str) -> str:
+    """Characters for a GBNF character class, each escaped."""
+    return "".join(c if c.isalnum() else _escape(c) for c in chars)
+
+
+def _escape(c: str) -> str:
+    return f"\\x{ord(c):02X}" if ord(c) < 0x100 else f"\\u{ord(c):04X}" if ord(
+        c) < 0x10000 else f"\\U{ord(c):08X}"
+
+
+def _not_starting(prefixes: Sequence[str], shape: CallShape) -> str:
+    """A GBNF expression for text (one character at least) that does not start with any of
+    ``prefixes`` (nor with the reasoning block's tag, where the shape has one)."""
+    words = {p for p in prefixes if p} | ({THINK} if shape.think else set())
+
+    def node(done: str) -> str:
+        nxt = sorted({w[len(done)] for w in words if w.startswith(done) and len(w) > len(done)})
+        alts = [f"[^{_class(''.join(nxt))}] eft-rest"]
+        for c in nxt:
+            if done + c in words:
+                continue  # a whole prefix: not text
+            alts.append(f"{_literal(c)} ({node(done + c)})?")
+        return " | ".join(alts)
+
+    return f"({node('')})"
+
+
+_THINK_RULES = _think_rules()
 
 
 def tool_plan(tools: object, choice: object) -> ToolPlan | None:
@@ -193,15 +305,12 @@ def tool_plan(tools: object, choice: object) -> ToolPlan | None:
     else:
         raise SchemaError("'tool_choice' must be none, auto, required or {\"type\": "
                           "\"function\", \"function\": {\"name\": ...}}", "tool_choice")
-    schemas = [{"type": "object", "properties": {"name": {"const": t.name},
-                                                 "arguments": t.parameters},
-                "required": ["name", "arguments"]} for t in chosen]
     for i, t in enumerate(parsed):  # each tool's own message, where it is wrong
         if t in chosen:
             _schema(t.parameters, f"tools[{i}].function.parameters", strict=t.strict)
-    calls = _schema(schemas[0] if len(schemas) == 1 else {"anyOf": schemas}, "tools",
-                    name="tool-call")
-    return ToolPlan(tools=tuple(parsed), choice=mode, calls=calls)
+    plan = ToolPlan(tools=tuple(parsed), choice=mode, chosen=tuple(chosen))
+    plan.calls(CallShape())  # a tool whose call cannot be a grammar: said before any work
+    return plan
 
 
 def _tool(value: object, i: int) -> Tool:
@@ -230,26 +339,16 @@ def _tool(value: object, i: int) -> Tool:
     return Tool(name=name, description=description, parameters=params, strict=bool(strict))
 
 
-def tool_call_text(calls: Sequence[Mapping[str, Any]], tagged: bool) -> str:
+def tool_call_text(calls: Sequence[Mapping[str, Any]], shape: CallShape) -> str:
     """Assistant tool calls (OpenAI's shape) as the text a model writes for them."""
-    out = []
-    for call in calls:
-        fn = call.get("function") or {}
-        text = json.dumps({"name": fn.get("name"), "arguments": _arguments(fn.get("arguments"))},
-                          ensure_ascii=False)
-        out.append(f"<tool_call>\n{text}\n</tool_call>" if tagged else text)
-    return "\n".join(out)
+    return "\n".join(shape.call_text((c.get("function") or {}).get("name"), _arguments(
+        (c.get("function") or {}).get("arguments")), str(c.get("id") or "")) for c in calls)
 
 
 # -- tools in the chat history ---------------------------------------------------------------
 TOOLS_PROMPT = ("Functions you can call:\n{functions}\nTo call one, reply with only "
                 "{{\"name\": NAME, \"arguments\": {{...}}}}.")
 """Written into the system message where the chat template does not render tools."""
-
-
-def tagged(template: str) -> bool:
-    """Whether the template's models write calls in ``<tool_call>`` tags (Hermes, Qwen)."""
-    return "<tool_call>" in template
 
 
 def tool_messages(template: str, messages: Sequence[Mapping[str, Any]],
@@ -259,9 +358,10 @@ def tool_messages(template: str, messages: Sequence[Mapping[str, Any]],
     template renders tool cards, assistant tool calls and tool results; otherwise the cards
     go into the system message (:data:`TOOLS_PROMPT`), a call becomes the text a model
     writes for it (:func:`tool_call_text`) and a result a user message ``Result of NAME:
-    CONTENT``."""
+    CONTENT``. Call ids become nine letters and digits where the template takes no other
+    (Mistral's)."""
     can = tool_support(template)
-    tag = tagged(template)
+    shape = call_shape(template)
     names: dict[str, str] = {}
     out: list[dict[str, Any]] = []
     for m in messages:
@@ -272,14 +372,19 @@ def tool_messages(template: str, messages: Sequence[Mapping[str, Any]],
         if calls and can.calls:
             m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _arguments(
                 c["function"].get("arguments"))}} for c in calls]
+            if shape.short_ids:
+                m["tool_calls"] = [{**c, "id": short_id(str(c.get("id") or ""))}
+                                   for c in m["tool_calls"]]
             m["content"] = m.get("content") or ""
         elif calls:
-            m["content"] = "\n".join(x for x in (m.get("content"), tool_call_text(calls, tag))
+            m["content"] = "\n".join(x for x in (m.get("content"), tool_call_text(calls, shape))
                                      if x)
         if m.get("role") == "tool":
             name = m.get("name") or names.get(str(m.get("tool_call_id")), "the function")
             m = ({**m, "name": name} if can.results else
                  {"role": "user", "content": f"Result of {name}: {m.get('content', '')}"})
+            if can.results and shape.short_ids:
+                m["tool_call_id"] = short_id(str(m.get("tool_call_id") or ""))
         out.append(m)
     if not tools or can.tools:
         return out, list(tools) if tools else None

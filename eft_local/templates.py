@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import re
 import threading
 from collections.abc import Callable
@@ -88,6 +89,8 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         self.globals["namespace"] = type("namespace", (_BoundedNamespace,), {"limit": limit})
         for name in ("center", "indent", "format", "replace", "wordwrap", "truncate"):
             self.filters[name] = self._bounded(self.filters[name])
+        self.filters["tojson"] = _tojson
+
 
     def _check(self, name: str, obj: object, args: tuple, kwargs: dict) -> None:
         """Refuse a method or filter call whose result could exceed the size limit: widths
@@ -145,6 +148,16 @@ class _BoundedEnvironment(ImmutableSandboxedEnvironment):
         result = super().call_binop(context, operator, left, right)
         _sized(result, self.limit)
         return result
+
+
+def _tojson(value: object, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    """``tojson`` as Hugging Face's chat templates (and llama.cpp's) have it: keys in their
+    order, text unescaped (Jinja's own sorts keys and escapes ``<``, ``>``, ``&``, ``'``)."""
+    if indent is not None and not (isinstance(indent, int) and 0 <= indent <= 16):
+        raise _TemplateLimit(f"an indent of {indent!r} (tojson takes 0 to 16)")
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 def render(template: str, messages: list[dict[str, Any]], *, bos_token: str = "",
@@ -237,9 +250,10 @@ def tool_support(template: str) -> ToolSupport:
                                              "parameters": {"type": "object",
                                                             "properties": {}}}}
     user = {"role": "user", "content": "hi"}
-    call = {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": _PROBE, "arguments": {}}}]}
-    result = {"role": "tool", "tool_call_id": "call_1", "name": _PROBE,
+    call = {"role": "assistant", "content": "", "tool_calls": [  # nine letters and digits:
+        {"id": "eftprobe1", "type": "function",  # Mistral's templates take no other id
+         "function": {"name": _PROBE, "arguments": {}}}]}
+    result = {"role": "tool", "tool_call_id": "eftprobe1", "name": _PROBE,
               "content": "eft_probe_result"}
 
     def shows(text: str, messages: list[dict[str, Any]], **kw: Any) -> bool:

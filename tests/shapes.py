@@ -27,3 +27,18 @@ class Shape(BaseModel):
     corners: list[Point] = Field(max_length=3)
     closed: bool
     note: str | None = Field(default=None, max_length=8)
+
+
+class Birth(BaseModel):
+    """When a person was born: number ranges, as pydantic writes them (ge/le: minimum and
+    maximum; gt/lt: exclusiveMinimum and exclusiveMaximum), on integers and a float."""
+
+    person: str = Field(max_length=16)
+    year: int = Field(ge=0, le=3000)
+    month: int = Field(ge=1, le=12)
+    share: float = Field(gt=0, le=1)
+    rank: int | None = Field(default=None, gt=-5, lt=5)
+
+    def in_range(self) -> bool:
+        return (0 <= self.year <= 3000 and 1 <= self.month <= 12 and 0 < self.share <= 1
+                and (self.rank is None or -5 < self.rank < 5))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from eft_local.server.app import ServerOptions
 from tests import ggufs
 from tests.servehelp import Served, serving_bundled
-from tests.shapes import Shape
+from tests.shapes import Birth, Shape
 
 QUESTION = "What is the home town of Has Zhithdou? Answer in JSON."
 
@@ -61,6 +61,21 @@ def test_openai_parse(served: tuple[Served, str]) -> None:
         assert Shape.model_validate_json(message.content) == message.parsed
 
 
+def test_openai_parse_with_number_ranges(served: tuple[Served, str]) -> None:
+    """pydantic's ``Field(ge=0, le=3000)`` reaches the server as a strict schema's
+    ``minimum``/``maximum``: the grammar holds the range (it was a 400 before)."""
+    server, model = served
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
+    for temperature in (0.0, 1.0):
+        reply = client.beta.chat.completions.parse(
+            model=model, messages=[{"role": "user", "content": "When was Has Zhithdou born?"}],
+            response_format=Birth, temperature=temperature, seed=5, max_tokens=600)
+        birth = reply.choices[0].message.parsed
+        assert isinstance(birth, Birth), reply.choices[0].message.content
+        assert birth.in_range()
+        assert "schema_violations" not in (reply.model_extra or {}).get("eft", {})
+
+
 def test_langchain_structured_output_and_tools(served: tuple[Served, str]) -> None:
     langchain_openai = pytest.importorskip("langchain_openai")
     server, model = served
@@ -70,12 +85,17 @@ def test_langchain_structured_output_and_tools(served: tuple[Served, str]) -> No
     for method in ("json_schema", "function_calling"):
         shape = chat.with_structured_output(Shape, method=method).invoke(QUESTION)
         assert isinstance(shape, Shape), method
+        birth = chat.with_structured_output(Birth, method=method, strict=True).invoke(
+            "When was Has Zhithdou born?")
+        assert isinstance(birth, Birth) and birth.in_range(), method
     reply = chat.bind_tools([Lookup], tool_choice="required").invoke(QUESTION)
     assert len(reply.tool_calls) == 1 and reply.tool_calls[0]["name"] == "Lookup"
     Lookup(**reply.tool_calls[0]["args"])
     named = chat.bind_tools([Lookup, Shape], tool_choice="Shape").invoke(QUESTION)
     assert named.tool_calls[0]["name"] == "Shape"
     Shape(**named.tool_calls[0]["args"])
+    ranged = chat.bind_tools([Birth], tool_choice="Birth", strict=True).invoke(QUESTION)
+    assert Birth(**ranged.tool_calls[0]["args"]).in_range()
 
 
 def test_llm_json_object(served: tuple[Served, str], tmp_path: Path,

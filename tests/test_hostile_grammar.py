@@ -260,14 +260,14 @@ def test_22_1_2_repl_grammar_refuses_and_the_session_goes_on(family, tmp_path) -
     items = tmp_path / "items.json"
     items.write_text(json.dumps({"type": "array", "minItems": 40_000_000}))
     loose = tmp_path / "loose.json"
-    loose.write_text(json.dumps({"type": "integer", "minimum": 0}))
+    loose.write_text(json.dumps({"type": "integer", "not": {"const": 0}}))
     script = f"/grammar {deep}\n/grammar {items}\n/grammar {loose}\nhi\n/quit\n"
     proc = cli(["chat", "-m", f"small_ft={family.small_ft}", *GREEDY], stdin=script,
                address_space=3_000_000_000)
     assert proc.returncode == 0, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and "nests groups" in errors[0] and "'minItems'" in errors[1]
-    assert "note: " in proc.stdout and "'minimum'" in proc.stdout  # not strict: a note
+    assert "note: " in proc.stdout and "'not'" in proc.stdout  # not strict: a note
     assert "replies follow the JSON schema" in proc.stdout
 
 
@@ -399,7 +399,7 @@ def test_26_one_schema_function_for_every_entry_point() -> None:
 
 
 def test_26_an_unenforced_keyword_is_a_note_unless_strict(family, tmp_path) -> None:
-    loose = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0}},
+    loose = {"type": "object", "properties": {"age": {"type": "integer", "not": {"const": 3}}},
              "required": ["age"]}
     path = tmp_path / "loose.json"
     path.write_text(json.dumps(loose))
@@ -407,18 +407,52 @@ def test_26_an_unenforced_keyword_is_a_note_unless_strict(family, tmp_path) -> N
                 str(path), "hi"])
     assert proc.returncode == 0, proc.stderr
     notes = [line for line in proc.stderr.splitlines() if line.startswith("note: ")]
-    assert notes == [f"note: {path}: the JSON schema uses 'minimum' at schema.properties.age, "
-                     "which constrained decoding cannot enforce: the reply may not follow it"]
+    assert notes == [f"note: {path}: the JSON schema uses 'not' at schema.properties.age, "
+                     "which constrained decoding can neither enforce nor check: the reply may "
+                     "not follow it"]
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"id": "a", "prompt": "hi", "json_schema": loose}) + "\n")
     proc = cli(["generate", "-m", f"small_ft={family.small_ft}", *GREEDY, "--input", str(src)])
-    assert proc.returncode == 0 and "note: line 1 (id 'a'): the JSON schema uses 'minimum'" \
+    assert proc.returncode == 0 and "note: line 1 (id 'a'): the JSON schema uses 'not'" \
         in proc.stderr, proc.stderr
     seen: list[str] = []
     assert "root ::=" in Settings.grammar_of(json_schema=loose, note=seen.append)
-    assert seen and "'minimum'" in seen[0]
-    with pytest.raises(EftError, match="strict but uses 'minimum'"):
+    assert seen and "'not'" in seen[0]
+    with pytest.raises(EftError, match="strict but uses 'not'"):
         Settings.grammar_of(json_schema=loose, strict=True)
+
+
+def test_24_what_only_the_finished_reply_can_show_is_checked_and_said(family,
+                                                                     tmp_path) -> None:
+    # no integer from 1 to 6 is a multiple of 7: the grammar holds the range, the check
+    # finds the multiple missing, whatever the model writes
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1,
+                                                     "maximum": 6, "multipleOf": 7}},
+              "required": ["n"]}
+    path = tmp_path / "seven.json"
+    path.write_text(json.dumps(schema))
+    proc = cli(["generate", "-m", f"small_ft={family.small_ft}", *GREEDY, "--json-schema",
+                str(path), "--max-tokens", "40", "hi"])
+    assert proc.returncode == 0, proc.stderr
+    n = json.loads(proc.stdout)["n"]
+    assert 1 <= n <= 6
+    assert proc.stderr.splitlines() == [
+        "note: the reply does not follow the JSON schema: 'multipleOf' at "
+        f"schema.properties.n: reply.n is {n}, not a multiple of 7"]
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "b", "prompt": "hi", "max_tokens": 40}) + "\n")
+    out = tmp_path / "out.jsonl"
+    proc = cli(["generate", "-m", f"small_ft={family.small_ft}", *GREEDY, "--json-schema",
+                str(path), "--input", str(src), "--output", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(out.read_text())
+    assert record["schema_violations"] == [
+        f"'multipleOf' at schema.properties.n: reply.n is {json.loads(record['text'])['n']}, "
+        "not a multiple of 7"]
+    assert "note: line 1 (id 'b'): the reply does not follow the JSON schema" in proc.stderr
+    with pytest.raises(EftError, match="strict but uses 'multipleOf' at schema.properties.n"
+                       ".*without strict, the finished reply is checked against it"):
+        Settings.grammar_of(json_schema=schema, strict=True)
 
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "eft_local"
 LAYERS: dict[str, int] = {
     # the base: no model, no NumPy state
     "errors": 0, "limits": 0, "text": 0, "files": 0, "interrupts": 0, "formula": 0, "ggufscan": 0,
-    "gbnf": 0,
+    "gbnf": 0, "ranges": 0, "schema_check": 0,
     # pure pieces the engine is made of
     "sampler": 1, "vocab": 1, "presets": 1, "chat": 1, "templates": 1, "gguf_writer": 1,
-    "plots": 1, "utf8": 1,
+    "plots": 1, "utf8": 1, "callshape": 1,
     "kvshift": 1,
     "schedule.shapes": 1, "schedule.watch": 1, "schedule.blocks": 1, "schedule.lanes": 1,
     # models and their files (local: backend; remote engines: remote/)
@@ -40,7 +40,7 @@ LAYERS: dict[str, int] = {
     "explore.candidates": 6, "explore.metrics": 6, "explore.refcache": 6,
     "explore.explorer": 6,
     "server.protocol": 6, "server.exact": 6, "server.worker": 6, "server.handlers": 6,
-    "server.page": 6,
+    "server.page": 6, "server.replies": 6,
     "server.app": 6, "server.net": 6, "server.guard": 6,
     # the command line
     "cli.main": 7, "cli.options": 7, "cli.batch": 7, "cli.repl": 7,

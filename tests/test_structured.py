@@ -12,6 +12,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from eft_local import structured
+from eft_local.callshape import FALLBACK, CallShape, call_shape
 from eft_local.session import LoadOptions, load_session
 from eft_local.templates import tool_support
 from tests import ggufs
@@ -120,8 +121,10 @@ def test_llama_server_grammar_and_json_schema_fields(http: httpx.Client) -> None
      "response_format.json_schema.schema", "cannot turn the JSON schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "strict": True, "schema": {"type": "object", "properties": {
-            "age": {"type": "integer", "minimum": 0}}}}}},
-     "response_format.json_schema.schema", "'minimum' at schema.properties.age"),
+            "age": {"type": "integer", "multipleOf": 5}}}}}},
+     "response_format.json_schema.schema", "strict but uses 'multipleOf' at "
+     "schema.properties.age, which constrained decoding cannot enforce; drop it or set "
+     "strict to false (without strict, the finished reply is checked against it)"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
      "response_format.json_schema", "schema"),
     ({"response_format": {"type": "yaml"}}, "response_format.type", "yaml"),
@@ -273,22 +276,24 @@ def test_a_template_that_renders_tools_gets_them_and_its_call_tags(hermes: Serve
     assert "Tools: lookup" in text and "<tool_response>Stainby</tool_response>" in text
     assert '<tool_call>\n{"name": "lookup", "arguments": {' in text
     plan = structured.tool_plan([LOOKUP], "required")
-    assert plan is not None and plan.grammar(True).startswith(
-        'root ::= "<tool_call>\\n" tool-call "\\n</tool_call>"')
+    assert plan is not None and plan.grammar(call_shape(HERMES)).startswith(
+        'root ::= "<tool_call>" eft-ws tool-call eft-ws "</tool_call>"')
 
 
 def test_tool_plans_parse_only_whole_calls_of_known_tools() -> None:
     plan = structured.tool_plan([LOOKUP, WEATHER], "auto")
     assert plan is not None
+    bare, tagged = FALLBACK, CallShape(prefix="<tool_call>", suffix="</tool_call>")
     good = '{"name": "weather", "arguments": {"town": "Stainby"}}'
-    assert plan.parse(good, False)[0]["function"]["arguments"] == '{"town": "Stainby"}'
-    assert plan.parse(f"<tool_call>\n{good}\n</tool_call>", True) is not None
-    assert plan.parse(good[:-3], False) is None  # cut short by the token limit: text
-    assert plan.parse('{"name": "rain", "arguments": {}}', False) is None
-    assert plan.parse("Stainby", False) is None
-    assert plan.may_be_call("  {", False) and plan.may_be_call("", False)
-    assert not plan.may_be_call("Stain", False)
-    assert plan.may_be_call("<tool", True) and not plan.may_be_call("{", True)
+    assert plan.parse(good, bare)[0]["function"]["arguments"] == '{"town": "Stainby"}'
+    assert plan.parse(f"<tool_call>\n{good}\n</tool_call>", tagged) is not None
+    assert plan.parse(good, tagged) is None  # a template that renders no call: tags needed
+    assert plan.parse(good[:-3], bare) is None  # cut short by the token limit: text
+    assert plan.parse('{"name": "rain", "arguments": {}}', bare) is None
+    assert plan.parse("Stainby", bare) is None
+    assert plan.may_be_call("  {", bare) and plan.may_be_call("", bare)
+    assert not plan.may_be_call("Stain", bare)
+    assert plan.may_be_call("<tool", tagged) and not plan.may_be_call("{", tagged)
 
 
 def test_strictness_names_the_first_keyword_a_grammar_cannot_enforce() -> None:

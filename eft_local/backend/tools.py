@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eft_local import ranges
 from eft_local.backend import model as models
 from eft_local.backend.library import (
     QUANT_TYPES,
@@ -104,7 +105,10 @@ class _TooMuch(Exception):
 
 
 class _Converter(llama_grammar.SchemaConverter):
-    """llama-cpp-python's converter, counting the schemas it visits (:data:`MAX_VISITS`)."""
+    """llama-cpp-python's converter, counting the schemas it visits (:data:`MAX_VISITS`),
+    with number ranges (:mod:`eft_local.ranges`: its own converter leaves them out) and
+    ``"type": [...]`` keeping the schema's other keywords in each type's branch (its own
+    converter drops them)."""
 
     visits = 0
 
@@ -112,7 +116,23 @@ class _Converter(llama_grammar.SchemaConverter):
         self.visits += 1
         if self.visits > MAX_VISITS:
             raise _TooMuch
+        if not isinstance(schema, dict) or any(k in schema for k in _FIRST):
+            return super().visit(schema, name)
+        kind = schema.get("type")
+        if isinstance(kind, list) and len(schema) > 1:
+            rest = {k: v for k, v in schema.items() if k != "type"}
+            return super().visit({"anyOf": [{**rest, "type": t} for t in kind]}, name)
+        if kind in ("integer", "number") and ranges.has_range(schema):
+            rule = ranges.range_rule(schema, integer=kind == "integer")
+            shared = self._add_rule(f"{kind}-range", f"({rule}) space")
+            reserved = name in llama_grammar.RESERVED_NAMES
+            return self._add_rule(f"{name}-" if reserved else name or "root", shared)
         return super().visit(schema, name)
+
+
+_FIRST = ("$ref", "oneOf", "anyOf", "const", "enum")
+"""Keywords the converter reads before a schema's type: a schema with one of them is its
+converter's alone."""
 
 
 def _remote_ref(schema: object) -> str | None:

@@ -9,7 +9,7 @@ resumes (:func:`eft_local.records.write_results`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,6 +45,8 @@ class BatchDefaults:
     system: str | None = None
     max_tokens: int = 512
     diagnostics: bool = False
+    check: Mapping[str, Any] | None = None
+    """``--json-schema``'s schema, when a finished reply must be checked against it."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ def generate_batch(session: Session, input_path: Path, output_path: Path | None,
     """Generate a reply for every line of ``input_path``, appending results to
     ``output_path`` (or stdout) as each finishes, ``parallel`` records at once; progress
     and a summary on stderr."""
+    from eft_local.schema_check import needs_check, violations
     from eft_local.session import Settings
 
     lines = read_lines(input_path)
@@ -140,8 +143,18 @@ def generate_batch(session: Session, input_path: Path, output_path: Path | None,
                  ) -> Iterator[tuple[tuple[int, Any], dict[str, Any] | EftError]]:
         jobs = ((entry, partial(request, entry[1])) for entry in todo)
         for entry, result in session.run_many(jobs, parallel=parallel):
-            yield entry, (result if isinstance(result, EftError) else
-                          result_record(session, result, diagnostics=defaults.diagnostics))
+            if isinstance(result, EftError):
+                yield entry, result
+                continue
+            record = result_record(session, result, diagnostics=defaults.diagnostics)
+            prompt = entry[1]
+            schema = defaults.check if prompt.json_schema is None else prompt.json_schema
+            broken = violations(schema, result.text) if schema and needs_check(schema) else []
+            if broken:  # said in the record and on stderr
+                record["schema_violations"] = broken
+                err_line(f"note: line {prompt.line} (id {prompt.id!r}): the reply does not "
+                         f"follow the JSON schema: {'; '.join(broken)}")
+            yield entry, record
 
     counts = write_results(lines, output_path,
                            parse=lambda n, line: parse_prompt(n, line, defaults),

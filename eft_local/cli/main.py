@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +22,13 @@ import click
 
 from eft_local import __version__, limits
 from eft_local.cli.options import (
+    broken_schema,
     grammar_changes,
     model_options,
     open_session,
     parallel_option,
     sampling_options,
+    schema_to_check,
     split_args,
     stdin_prompt,
     write,
@@ -298,6 +300,7 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
     """
     preset, prompt = split_args(args, opts, batch=input_path is not None)
     constraint = grammar_changes(schema_path, grammar_path)
+    check = schema_to_check(schema_path)  # what only the finished reply can be checked for
     if input_path is None:
         if output_path is not None or skip_errors or opts["n_parallel"] > 1:
             flag = ("--output" if output_path else "--skip-errors" if skip_errors
@@ -309,14 +312,14 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
         with open_session(preset, opts) as session:
             session.update(**constraint)
             _generate_one(session, prompt, raw=raw, as_json=as_json, system=opts["system"],
-                          max_tokens=opts["max_tokens"])
+                          max_tokens=opts["max_tokens"], check=check)
         return
     from eft_local.cli.batch import BatchDefaults, generate_batch
     from eft_local.records import check_paths
 
     check_paths(input_path, output_path)
     defaults = BatchDefaults(raw=raw, system=opts["system"], max_tokens=opts["max_tokens"],
-                             diagnostics=as_json)
+                             diagnostics=as_json, check=check)
     with open_session(preset, opts) as session:
         session.update(**constraint)
         generate_batch(session, input_path, output_path, defaults,
@@ -324,21 +327,33 @@ def generate(args: tuple[str, ...], raw: bool, as_json: bool, input_path: Path |
 
 
 def _generate_one(session: Session, prompt: str, *, raw: bool, as_json: bool,
-                  system: str | None, max_tokens: int) -> None:
-    """Stream one reply to stdout, or print it as a JSON record."""
+                  system: str | None, max_tokens: int,
+                  check: Mapping[str, Any] | None = None) -> None:
+    """Stream one reply to stdout, or print it as a JSON record; a reply that breaks what
+    its schema's grammar could not hold (``check``) is said on stderr (and in the record's
+    ``schema_violations``)."""
     from eft_local.records import result_record
+    from eft_local.schema_check import violations
 
     if as_json:
         result = session.generate(prompt, raw=raw, system=system, max_tokens=max_tokens,
                                   diagnostics=True)
-        click.echo(json.dumps(result_record(session, result, diagnostics=True, remote=True),
-                              ensure_ascii=False))
+        record = result_record(session, result, diagnostics=True, remote=True)
+        broken = violations(check, result.text) if check else []
+        if broken:
+            record["schema_violations"] = broken
+        click.echo(json.dumps(record, ensure_ascii=False))
+        for message in broken:
+            broken_schema(message)
         return
-    finish = None
+    finish, text = None, []
     for chunk in session.complete(prompt, raw=raw, system=system, max_tokens=max_tokens):
         write(chunk.text)
+        text.append(chunk.text)
         finish = chunk.finish or finish
     write("\n")
+    for message in violations(check, "".join(text)) if check else []:
+        broken_schema(message)
     if finish == "context":
         click.echo(f"note: stopped because the context ({session.engine.n_ctx} tokens) is full",
                    err=True)

@@ -7,6 +7,7 @@ module; it imports none of them, so no command module imports the group that reg
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections.abc import Callable, Mapping
@@ -204,6 +205,24 @@ def grammar_changes(schema_path: Path | None, grammar_path: Path | None, *,
             note or schema_note)(f"{path}: {message}"))}
     except EftError as exc:
         raise EftError(f"{path}: {exc}") from None
+
+
+def schema_to_check(schema_path: Path | None) -> dict[str, Any] | None:
+    """The schema of ``--json-schema FILE`` (read and checked by :func:`grammar_changes`
+    first) when a finished reply must be checked against it: it uses a keyword the grammar
+    cannot hold (:mod:`eft_local.schema_check`); None otherwise."""
+    from eft_local.schema_check import needs_check
+
+    if schema_path is None:
+        return None
+    schema = json.loads(read_user_text(schema_path, limit=GRAMMAR_LIMIT))
+    return schema if needs_check(schema) else None
+
+
+def broken_schema(message: str) -> None:
+    """Say on stderr how a finished reply breaks its JSON schema."""
+    click.echo(f"note: the reply does not follow the JSON schema: {printable(message)}",
+               err=True)
 
 
 def schema_note(message: str) -> None:

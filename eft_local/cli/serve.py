@@ -126,10 +126,15 @@ def listen(host: str, port: int) -> socket.socket:
               show_default=True,
               help="Most log-probs per position a /v1/completions request may ask for "
               "(OpenAI's limit is 20; a remote eft-local role with top_k K needs K).")
+@click.option("--reasoning-format", type=click.Choice(["deepseek", "none"]),
+              default="deepseek", show_default=True,
+              help="Where a chat reply's <think> block goes (templates that use one): "
+              "deepseek, message.reasoning_content (and delta.reasoning_content); none, it "
+              "stays in the content. A request's reasoning_format overrides it.")
 def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
           allowed_hosts: tuple[str, ...], api_key_file: Path | None, api_key: str | None,
           max_queue: int, max_body: int, allow_download: bool, max_logprobs: int,
-          **opts: Any) -> None:
+          reasoning_format: str, **opts: Any) -> None:
     """Serve the emulated model over an OpenAI-compatible HTTP API.
 
     Endpoints: /v1/chat/completions, /v1/completions (echo + logprobs scores a text),
@@ -192,7 +197,8 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
                             system=opts.get("system"), stop=tuple(opts.get("stop") or ()),
                             seed=opts.get("seed"), max_logprobs=max_logprobs,
                             context_overflow=opts.get("context_overflow") or "truncate",
-                            hosts=HostPolicy.for_server(host, allowed_hosts))
+                            hosts=HostPolicy.for_server(host, allowed_hosts),
+                            reasoning_format=reasoning_format)
     app = create_app(runner, options, log=_log)
     runner.start()
     server = make_server(app, runner, log=_log,

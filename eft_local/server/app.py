@@ -24,7 +24,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from eft_local import __version__
 from eft_local.presets import Preset
 from eft_local.remote.exact import MEDIA_TYPE, ROWS_PATH, VOCAB_PATH
 from eft_local.server.exact import rows_work, vocab_work
@@ -42,23 +41,16 @@ from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
-    new_id,
-    now,
+    envelope,
     parse_chat,
     parse_completion,
     parse_model_name,
     parse_rows,
+    sse,
     usage,
 )
+from eft_local.server.replies import chat_message, eft_delta
 from eft_local.server.worker import Job, Worker
-
-FINGERPRINT = f"eft-local-{__version__}"
-
-
-def envelope(prefix: str, kind: str, model: str | None, head: dict[str, Any]) -> dict[str, Any]:
-    """The fields every OpenAI response and chunk starts with."""
-    return {"id": new_id(prefix), "object": kind, "created": now(),
-            "model": model or head["eft"]["preset"], "system_fingerprint": FINGERPRINT}
 
 
 @dataclass(frozen=True)
@@ -82,17 +74,15 @@ class ServerOptions:
     hosts: HostPolicy = HostPolicy()
     """Which Host headers are answered (:mod:`eft_local.server.guard`; by default
     loopback names and IP addresses)."""
+    reasoning_format: str = "deepseek"
+    """Where a chat reply's ``<think>`` block goes unless the request says: ``deepseek``,
+    ``reasoning_content``; ``none``, it stays in the text."""
 
 
 def error_response(exc: ApiError) -> JSONResponse:
     """OpenAI's error body with ``exc``'s status (and Retry-After on a full queue)."""
     headers = {"Retry-After": "1"} if exc.code == "queue_full" else None
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
-
-
-def sse(data: Any) -> str:
-    """One server-sent event (strict JSON: no NaN or Infinity, as JSONResponse)."""
-    return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False)}\n\n"
 
 
 def event_stream(body: Any) -> StreamingResponse:
@@ -233,6 +223,8 @@ class Api:
         if info.get("dropped_messages"):
             line += (f" dropped the {info['dropped_messages']} oldest message(s) to fit the "
                      "context")
+        if info.get("schema_violations"):
+            line += f" reply breaks its schema: {'; '.join(info['schema_violations'])}"
         line += (f" completion={info.get('completion_tokens', job.generated)} "
                  f"{time.perf_counter() - started:.2f} s")
         if job.cancel_reason == "client":
@@ -370,7 +362,7 @@ class Api:
         if knobs.context_overflow is None:
             knobs = replace(knobs, context_overflow=opts.context_overflow)
         job = Job(work=chat_work(req, default_max=opts.max_tokens, system=opts.system,
-                                 default_stop=opts.stop),
+                                 default_stop=opts.stop, reasoning_format=opts.reasoning_format),
                   preset=req.common.preset, knobs=knobs, sampling=req.common.sampling)
         return await self._generate(request, job, req.common.stream,
                                     partial(self._chat_stream, request, req, job),
@@ -379,7 +371,7 @@ class Api:
     async def _chat_whole(self, request: Request, req: ChatRequest, job: Job,
                           head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
                           started: float) -> Response:
-        text, entries, diag = [], [], []
+        text, thought, entries, diag, broken = [], [], [], [], []
         calls = None
         done: dict[str, Any] = {}
         async for kind, data in stream:
@@ -387,17 +379,18 @@ class Api:
                 raise data
             if kind == "chunk":
                 text.append(data["text"])
+                thought.append(data.get("reasoning") or "")
                 entries += data["logprobs"]
                 diag += data["eft"]
                 calls = data.get("tool_calls") or calls
+                broken += data.get("violations") or []
             elif kind == "done":
                 done = data
         job.info["timings"] = done.get("timings", {})
         self.log_done(request, job, started, head=head)
-        eft = {**head["eft"], **({"tokens": diag} if req.common.knobs.diagnostics else {})}
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(text)}
-        if calls:
-            message = {"role": "assistant", "content": None, "tool_calls": calls}
+        eft = {**head["eft"], **({"tokens": diag} if req.common.knobs.diagnostics else {}),
+               **({"schema_violations": broken} if broken else {})}
+        message = chat_message("".join(text), "".join(thought), calls)
         return JSONResponse({
             **envelope("chatcmpl", "chat.completion", req.common.model, head),
             "choices": [{"index": 0, "message": message,
@@ -433,7 +426,9 @@ class Api:
                     return
                 if kind == "chunk":
                     finish = data["finish"] or finish
-                    more = {"eft": {"tokens": data["eft"]}} if data["eft"] else {}
+                    if data.get("reasoning"):
+                        yield chunk({"reasoning_content": data["reasoning"]})
+                    more = eft_delta(data)
                     if data["text"] or data["logprobs"] or more:
                         yield chunk({"content": data["text"]},
                                     logprobs=data["logprobs"] if req.logprobs else None, **more)

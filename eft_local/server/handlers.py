@@ -25,9 +25,9 @@ from eft_local.server.protocol import (
     model_name,
     parse_chat,
 )
+from eft_local.server.replies import chat_reply
 from eft_local.server.worker import Job, Task
 from eft_local.session import Chunk, Request, SamplerSettings, Session, Settings, Step
-from eft_local.structured import ToolPlan, tagged
 
 
 def describe(session: Session, settings: Settings) -> dict[str, Any]:
@@ -237,34 +237,12 @@ def prepared(session: Session, job: Job, tokens: Sequence[int], *, max_tokens: i
                            else max(top_n or 0, alternatives))
 
 
-class ToolReply:
-    """One chat generation's chunks as text or a tool call: text streams as it comes once
-    it can no longer become a call; a call is held back, parsed at the end and sent whole
-    as ``tool_calls`` with the finish ``tool_calls`` (a call cut short goes out as text)."""
-
-    def __init__(self, plan: ToolPlan, tagged: bool) -> None:
-        self.plan, self.tagged = plan, tagged
-        self.held: list[str] = []
-        self.text = False
-
-    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
-        if self.text:
-            return data
-        self.held.append(data["text"])
-        text = "".join(self.held)
-        if not data["finish"]:
-            self.text = not self.plan.may_be_call(text, self.tagged)
-            return {**data, "text": text if self.text else ""}
-        calls = self.plan.parse(text, self.tagged)
-        if calls is None:
-            return {**data, "text": text}
-        return {**data, "text": "", "tool_calls": calls, "finish": "tool_calls"}
-
-
 def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
-              default_stop: Sequence[str]) -> Callable[[Session, Job], list[Task] | None]:
+              default_stop: Sequence[str], reasoning_format: str = "deepseek"
+              ) -> Callable[[Session, Job], list[Task] | None]:
     """The job of one chat completion: prepared in one pass (fitted to the context,
-    rendered, tokenized, its grammar made), then one generation."""
+    rendered, tokenized, its grammar made in the shape of the chat template's replies),
+    then one generation (read back by :class:`~eft_local.server.replies.ChatReply`)."""
 
     def work(session: Session, job: Job) -> list[Task] | None:
         messages = req.messages
@@ -275,10 +253,7 @@ def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
         messages, early = fit_characters(session, messages, _settings(job))
         if job.cancelled.is_set():  # the client left: no tokenizing for nobody
             return None
-        grammar, convert = req.common.grammar, None
-        if plan is not None and plan.choice != "none":
-            tag = tagged(session.template)
-            grammar, convert = plan.grammar(tag, grammar), ToolReply(plan, tag)
+        grammar, convert = chat_reply(session, job, req, reasoning_format)
         stop = default_stop if req.common.stop is None else req.common.stop
         top_n = req.top_logprobs if req.logprobs else None
         alternatives = job.knobs.alternatives if job.knobs.diagnostics else 0

@@ -5,6 +5,7 @@ dicts. No web framework here (see :mod:`eft_local.server.app`); every bad value 
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -13,10 +14,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from eft_local import __version__
 from eft_local.errors import EftError
 from eft_local.records import finite
 from eft_local.settings import OVERFLOW, SamplerSettings
-from eft_local.structured import SchemaError, ToolPlan, response_grammar, tool_plan
+from eft_local.structured import (
+    SchemaError,
+    ToolPlan,
+    response_grammar,
+    response_schema,
+    tool_plan,
+)
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives per token (OpenAI's limit for chat ``top_logprobs``)."""
@@ -295,9 +303,19 @@ class ChatRequest:
     logprobs: bool
     top_logprobs: int
     tools: ToolPlan | None = None
-    """The offered functions and ``tool_choice`` (with them, ``common.grammar`` holds the
-    rules of the ``response`` of a reply that is not a call)."""
+    """The offered functions and ``tool_choice``."""
+    raw_grammar: bool = False
+    """``common.grammar`` is llama-server's ``grammar`` (GBNF from the reply's first token);
+    otherwise it holds the rules of a structured reply, top rule ``response``."""
+    check: Mapping[str, Any] | None = None
+    """The schema the finished reply is checked against (:mod:`eft_local.schema_check`)."""
+    reasoning_format: str | None = None
+    """``none`` or ``deepseek`` (llama-server's ``reasoning_format``); None: the server's."""
 
+
+REASONING_FORMATS = {"none": "none", "deepseek": "deepseek", "auto": "deepseek"}
+"""llama-server's ``reasoning_format`` values: where a reply's ``<think>`` block goes
+(``deepseek``: ``reasoning_content``; ``none``: it stays in the text)."""
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool"}
@@ -370,10 +388,15 @@ def parse_chat(body: Any, base: SamplerSettings, default_seed: int | None) -> Ch
     if body.get("best_of") is not None:
         raise bad("'best_of' applies to /v1/completions; chat takes 'n'", "best_of")
     calls = plan is not None and plan.choice != "none"
-    if calls and body.get("grammar"):
+    raw = bool(body.get("grammar"))
+    if calls and raw:
         raise bad("'grammar' and 'tools' exclude each other (the tools make the grammar)",
                   "grammar")
-    common = _with_grammar(common, body, "response" if calls else "")
+    common = _with_grammar(common, body, "" if raw else "response")
+    thinking = body.get("reasoning_format")
+    if thinking is not None and thinking not in REASONING_FORMATS:
+        raise bad(f"'reasoning_format' is {thinking!r}; use none or deepseek (auto is "
+                  "deepseek)", "reasoning_format")
     if common.max_tokens == 0:
         raise bad("'max_tokens' must be at least 1", "max_tokens")
     logprobs = _bool(body, "logprobs")
@@ -381,7 +404,9 @@ def parse_chat(body: Any, base: SamplerSettings, default_seed: int | None) -> Ch
     if top is not None and not logprobs:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return ChatRequest(common=common, messages=out, logprobs=logprobs,
-                       top_logprobs=int(top or 0), tools=plan)
+                       top_logprobs=int(top or 0), tools=plan, raw_grammar=raw,
+                       check=None if raw else response_schema(body),
+                       reasoning_format=REASONING_FORMATS.get(thinking))
 
 
 @dataclass(frozen=True)
@@ -489,6 +514,20 @@ def parse_rows(body: Any) -> RowsRequest:
 
 
 # -- responses --------------------------------------------------------------------------------
+FINGERPRINT = f"eft-local-{__version__}"
+
+
+def envelope(prefix: str, kind: str, model: str | None, head: dict[str, Any]) -> dict[str, Any]:
+    """The fields every OpenAI response and chunk starts with."""
+    return {"id": new_id(prefix), "object": kind, "created": now(),
+            "model": model or head["eft"]["preset"], "system_fingerprint": FINGERPRINT}
+
+
+def sse(data: Any) -> str:
+    """One server-sent event (strict JSON: no NaN or Infinity, as JSONResponse)."""
+    return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False)}\n\n"
+
+
 def new_id(prefix: str) -> str:
     """An id like ``chatcmpl-3f2a...``."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
