@@ -39,7 +39,8 @@ LAYERS: dict[str, int] = {
     "records": 6, "evaluate": 6, "bench": 6,
     "explore.candidates": 6, "explore.metrics": 6, "explore.refcache": 6,
     "explore.explorer": 6,
-    "server.protocol": 6, "server.exact": 6, "server.worker": 6, "server.handlers": 6,
+    "server.protocol": 6, "server.exact": 6, "server.chat_answers": 6, "server.worker": 6,
+    "server.handlers": 6,
     "server.page": 6, "server.replies": 6,
     "server.app": 6, "server.net": 6, "server.guard": 6,
     # the command line

@@ -320,7 +320,8 @@ def _error(response: httpx.Response, status: int, *words: str) -> dict:
 
 
 @pytest.mark.parametrize(("body", "words"), [
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, ["n"]),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 17}, ["'n'", "16"]),
+    ({"messages": [{"role": "user", "content": "x"}], "best_of": 2}, ["best_of", "completions"]),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, ["temperature"]),
     ({"messages": [{"role": "user", "content": "x"}], "top_p": "high"}, ["top_p"]),
     ({"messages": []}, ["messages"]),
@@ -357,7 +358,7 @@ def test_other_errors_have_openai_bodies_and_statuses(served: Served) -> None:
            "max_tokens")
     assert any(" 404 " in line for line in served.logs)
     with pytest.raises(openai.BadRequestError):
-        chat(openai.OpenAI(base_url=served.v1, api_key="x", max_retries=0), n=3)
+        chat(openai.OpenAI(base_url=served.v1, api_key="x", max_retries=0), n=17)
 
 
 # -- concurrency and disconnects --------------------------------------------------------------

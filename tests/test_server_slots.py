@@ -27,8 +27,8 @@ def client(s: Served) -> openai.OpenAI:
 
 def ask(s: Served, messages: list[dict[str, str]], **kwargs: Any) -> Any:
     kwargs.setdefault("max_tokens", 16)
-    return client(s).chat.completions.create(model="tiny-up", messages=messages,
-                                             temperature=0, **kwargs)
+    kwargs.setdefault("temperature", 0)
+    return client(s).chat.completions.create(model="tiny-up", messages=messages, **kwargs)
 
 
 def running(s: Served, at_least: int = 1) -> bool:
@@ -152,3 +152,64 @@ def test_the_exact_protocol_never_switches_the_loaded_preset() -> None:
         assert not any("loading preset 'tiny-down'" in line for line in s.logs)
         same = httpx.post(s.url + "/eft/rows", json={**body, "model": "tiny-up"}, timeout=60)
         assert same.status_code == 200, same.text
+
+
+# -- several choices of one prompt (issue 24, item 3) --------------------------------------------
+def test_n_choices_are_the_seeds_runs_side_by_side() -> None:
+    """``n`` choices: each the reply a single request with seed, seed + 1, ... gives; the
+    prompt is read once (the other choices copy its cache) and counted once in usage."""
+    with serving("tiny-up", slots=2) as s:
+        messages = [{"role": "user", "content": SECOND}]
+        many = ask(s, messages, n=3, temperature=1.0, seed=40, max_tokens=12)
+        singles = [ask(s, messages, temperature=1.0, seed=40 + i, max_tokens=12)
+                   for i in range(3)]
+        assert [c.index for c in many.choices] == [0, 1, 2]
+        assert [c.message.content for c in many.choices] == [
+            x.choices[0].message.content for x in singles]
+        assert many.usage.prompt_tokens == singles[0].usage.prompt_tokens
+        assert many.usage.completion_tokens == sum(x.usage.completion_tokens for x in singles)
+        streamed: dict[int, str] = {}
+        finishes: dict[int, str] = {}
+        for chunk in client(s).chat.completions.create(
+                model="tiny-up", messages=messages, n=3, temperature=1.0, seed=40,
+                max_tokens=12, stream=True):
+            for c in chunk.choices:
+                streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+                if c.finish_reason:
+                    finishes[c.index] = c.finish_reason
+        assert streamed == {c.index: c.message.content for c in many.choices}
+        assert sorted(finishes) == [0, 1, 2]
+
+
+def test_best_of_returns_the_candidates_with_the_highest_mean_log_prob() -> None:
+    with serving("tiny-up", slots=2) as s:
+        def complete(**kw: Any) -> dict[str, Any]:
+            r = httpx.post(s.v1 + "/completions", json={"prompt": "Has Zhithdou was born in",
+                                                        "max_tokens": 8, "temperature": 1.0,
+                                                        **kw}, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        candidates = [complete(seed=7 + i, logprobs=0)["choices"][0] for i in range(4)]
+
+        def mean(choice: dict[str, Any]) -> float:
+            lps = choice["logprobs"]["token_logprobs"]
+            return sum(lps) / len(lps)
+
+        ranked = sorted(range(4), key=lambda i: (-mean(candidates[i]), i))
+        best = complete(seed=7, best_of=4, n=2)["choices"]
+        assert [c["index"] for c in best] == [0, 1]
+        assert [c["text"] for c in best] == [candidates[i]["text"] for i in ranked[:2]]
+        # two prompts, two choices each: prompt p's choice i is at p * 2 + i
+        two = complete(prompt=["Has Zhithdou was born in", "Tova Brint was born in"], n=2,
+                       seed=3)["choices"]
+        assert [c["index"] for c in two] == [0, 1, 2, 3]
+        for p, prompt in enumerate(["Has Zhithdou was born in", "Tova Brint was born in"]):
+            for i in range(2):
+                alone = complete(prompt=prompt, seed=3 + i)["choices"][0]["text"]
+                assert two[p * 2 + i]["text"] == alone
+        r = httpx.post(s.v1 + "/completions", json={"prompt": "x", "best_of": 2, "n": 3})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+        r = httpx.post(s.v1 + "/completions", json={"prompt": "x", "best_of": 3,
+                                                    "stream": True})
+        assert r.status_code == 400 and "streamed" in r.json()["error"]["message"]

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from eft_local.presets import Preset
 from eft_local.remote.exact import MEDIA_TYPE, ROWS_PATH, VOCAB_PATH
+from eft_local.server.chat_answers import ChatAnswers
 from eft_local.server.exact import rows_work, vocab_work
 from eft_local.server.guard import HostGuard, HostPolicy, require_json
 from eft_local.server.handlers import (
@@ -39,7 +40,6 @@ from eft_local.server.page import playground
 from eft_local.server.protocol import (
     MAX_TOP_LOGPROBS,
     ApiError,
-    ChatRequest,
     CompletionRequest,
     envelope,
     parse_chat,
@@ -49,7 +49,6 @@ from eft_local.server.protocol import (
     sse,
     usage,
 )
-from eft_local.server.replies import chat_message, eft_delta
 from eft_local.server.worker import Job, Worker
 
 
@@ -96,7 +95,7 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-class Api:
+class Api(ChatAnswers):
     """The routes, bound to one :class:`Worker`."""
 
     def __init__(self, runner: Worker, options: ServerOptions,
@@ -367,89 +366,6 @@ class Api:
         return await self._generate(request, job, req.common.stream,
                                     partial(self._chat_stream, request, req, job),
                                     partial(self._chat_whole, request, req, job), started)
-
-    async def _chat_whole(self, request: Request, req: ChatRequest, job: Job,
-                          head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
-                          started: float) -> Response:
-        text, thought, entries, diag, broken = [], [], [], [], []
-        calls = None
-        done: dict[str, Any] = {}
-        async for kind, data in stream:
-            if kind == "error":
-                raise data
-            if kind == "chunk":
-                text.append(data["text"])
-                thought.append(data.get("reasoning") or "")
-                entries += data["logprobs"]
-                diag += data["eft"]
-                calls = data.get("tool_calls") or calls
-                broken += data.get("violations") or []
-            elif kind == "done":
-                done = data
-        job.info["timings"] = done.get("timings", {})
-        self.log_done(request, job, started, head=head)
-        eft = {**head["eft"], **({"tokens": diag} if req.common.knobs.diagnostics else {}),
-               **({"schema_violations": broken} if broken else {})}
-        message = chat_message("".join(text), "".join(thought), calls)
-        return JSONResponse({
-            **envelope("chatcmpl", "chat.completion", req.common.model, head),
-            "choices": [{"index": 0, "message": message,
-                         "logprobs": {"content": entries} if req.logprobs else None,
-                         "finish_reason": done.get("finish", "length")}],
-            "usage": usage(done.get("prompt_tokens", head["prompt_tokens"]),
-                           done.get("completion_tokens", 0), done.get("cached_tokens", 0)),
-            "timings": done.get("timings", {}), "eft": eft})
-
-    async def _chat_stream(self, request: Request, req: ChatRequest, job: Job,
-                           head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
-                           started: float) -> AsyncIterator[str]:
-        base = envelope("chatcmpl", "chat.completion.chunk", req.common.model, head)
-        extra = {"usage": None} if req.common.include_usage else {}
-
-        def chunk(delta: dict[str, Any], finish: str | None = None,
-                  logprobs: list[dict[str, Any]] | None = None, **more: Any) -> str:
-            choice = {"index": 0, "delta": delta,
-                      "logprobs": {"content": logprobs} if logprobs is not None else None,
-                      "finish_reason": finish}
-            return sse({**base, "choices": [choice], **extra, **more})
-
-        finished = False
-        try:
-            yield chunk({"role": "assistant", "content": ""}, eft=head["eft"])
-            finish = "length"
-            async for kind, data in stream:
-                if kind == "error":
-                    yield sse(data.body())
-                    self.log(f"{request.method} {request.url.path} stream error: "
-                             f"{data.message}")
-                    finished = True
-                    return
-                if kind == "chunk":
-                    finish = data["finish"] or finish
-                    if data.get("reasoning"):
-                        yield chunk({"reasoning_content": data["reasoning"]})
-                    more = eft_delta(data)
-                    if data["text"] or data["logprobs"] or more:
-                        yield chunk({"content": data["text"]},
-                                    logprobs=data["logprobs"] if req.logprobs else None, **more)
-                    if data.get("tool_calls"):
-                        yield chunk({"tool_calls": [{"index": i, **call} for i, call in
-                                                    enumerate(data["tool_calls"])]})
-                elif kind == "done":
-                    finish = data["finish"]
-                    job.info["timings"] = data["timings"]
-                    yield chunk({}, finish, timings=data["timings"])
-                    if req.common.include_usage:
-                        yield sse({**base, "choices": [],
-                                   "usage": usage(data["prompt_tokens"],
-                                                  data["completion_tokens"],
-                                                  data.get("cached_tokens", 0))})
-            yield "data: [DONE]\n\n"
-            finished = True
-        finally:
-            if not finished:
-                job.cancel()
-            self.log_done(request, job, started, 200, head)
 
     # -- completions ----------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:

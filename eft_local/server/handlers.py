@@ -273,8 +273,9 @@ def chat_work(req: ChatRequest, *, default_max: int, system: str | None,
         if dropped:  # said once: in the response's eft object and the log line
             eft["dropped_messages"] = job.info["dropped_messages"] = dropped
         job.emit("start", {"eft": eft, "prompt_tokens": len(request.tokens)})
-        tasks = [Streamer(session, job, choice, top_n=top_n, index=i,
-                          convert=convert and ToolReply(convert.plan, convert.tagged)).task
+        tasks = [Streamer(session, job, choice, top_n=top_n, index=i,  # a reader each
+                          convert=convert if i == 0 else chat_reply(
+                              session, job, req, reasoning_format)[1]).task
                  for i, choice in enumerate(choices(request, req.common.n))]
         for task in tasks[1:]:
             task.share = tasks[0]
