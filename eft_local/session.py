@@ -244,6 +244,7 @@ class Session(Prompts, Batches):
         if len(tokens) >= self.engine.n_ctx:
             raise EftError(f"prompt is {len(tokens)} tokens; the context holds "
                            f"{self.engine.n_ctx} (raise n_ctx or shorten the prompt)")
+        self.engine.penalties(s.sampling)  # checked (a logit bias's ids) and built once
         weights = self.weights(s)
         drafter = self.draft_role(s)
         if not (self.options.speculative and self.can_speculate
