@@ -174,6 +174,8 @@ def dry_link(multiplier: float, base: float, allowed: int, last_n: int,
     base32 = np.float32(base)
     cap = int(_FLOAT_MAX_LOG / np.log(base32)) if base32 > np.float32(1.000001) else 0
     scale, grow = float(np.float32(multiplier)), float(base32)
+    # a repeat longer than this costs no more: the exponent is capped (or base is 1)
+    enough = allowed + cap if cap > 0 else allowed if base32 == 1 else None
 
     def apply(scores: np.ndarray, history: Sequence[int]) -> np.ndarray:
         recent = window(history, last_n)
@@ -183,7 +185,7 @@ def dry_link(multiplier: float, base: float, allowed: int, last_n: int,
         limit = _restart_limit(recent, heads, breakers)
         if limit < allowed:
             return scores
-        counts = _suffix_matches(recent, limit)
+        counts = _suffix_matches(recent, limit if enough is None else min(limit, enough))
         ends = np.flatnonzero(counts >= allowed)
         if not ends.size:
             return scores

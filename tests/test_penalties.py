@@ -275,15 +275,16 @@ def test_dry_equals_llama_cpps_bit_for_bit(tmp_path: Path) -> None:
         changed = 0
         for trial in range(160):
             chunk = "".join(rng.choice(letters, rng.integers(1, 8)))
-            text = ("".join(rng.choice(letters, rng.integers(0, 40))) + chunk
-                    * int(rng.integers(1, 6)) + chunk[: int(rng.integers(0, len(chunk) + 1))])
+            loops = int(rng.integers(1, 6)) if trial % 3 else int(rng.integers(20, 60))
+            text = ("".join(rng.choice(letters, rng.integers(0, 40))) + chunk * loops
+                    + chunk[: int(rng.integers(0, len(chunk) + 1))])
             history = words.tokenize(text, add_bos=False, special=False)
             scores = (rng.standard_normal(words.n_vocab) * 3).astype(np.float32)
             breakers = [["\n", ":", "\"", "*"], ["hello", "o t"], [], ["ll", "an"]][trial % 4]
             knobs = {"dry_multiplier": float(rng.choice([0.8, 1.0, 2.5])),
-                     "dry_base": float(rng.choice([1.0, 1.1, 1.75, 3.0])),
+                     "dry_base": float(rng.choice([1.0, 1.1, 1.75, 3.0, 10.0])),
                      "dry_allowed_length": int(rng.choice([0, 1, 2, 4]))}
-            last_n = int(rng.choice([-1, 8, 64]))
+            last_n = int(rng.choice([-1, 8, 64, 512]))
             link = P.make_penalties(SamplerSettings(**knobs, dry_penalty_last_n=last_n,
                                                     dry_sequence_breakers=tuple(breakers)),
                                     width=words.n_vocab, breakers=table)
