@@ -178,10 +178,10 @@ class Engine:
                                    self.models.values()), default=512))
         """Most tokens one decode of a model takes: what a step reads of joining prompts."""
         self.stats = Stats()
-        self.last: tuple[np.ndarray, np.ndarray, str, tuple[str, ...], tuple[int, ...]
-                         ] | None = None
-        """Rows, weights, conservative role, evaluated models and (under penalties) the
-        history of the last sampled step (for :meth:`why`)."""
+        self.last: tuple[np.ndarray, np.ndarray, str, tuple[str, ...]] | None = None
+        """Rows, weights, conservative role and evaluated models of the last sampled step
+        (for :meth:`why`)."""
+        self._last_history: tuple[int, ...] = ()  # under penalties: what they looked at
         self.n_threads = max(1, n_threads or os.cpu_count() or 1)
         self.remote_roles = tuple(r for r, m in self.models.items() if is_remote(m))
         """Roles that remote engines evaluate, each in an I/O thread (:attr:`remote`)."""
@@ -520,8 +520,8 @@ class Engine:
             mixed = self.distribution(rows, weights, settings, role)
             logprob = float(mixed[picked.token])
             top = sampler.top_logprobs(mixed, top_n) if top_n is not None else None
-        self.last = (rows, weights, role, self.active, () if penalize is None
-                     else tuple(history))
+        self.last = (rows, weights, role, self.active)
+        self._last_history = () if penalize is None else tuple(history)
         self.stats.sampler_seconds += time.perf_counter() - start
         return Step(position=position, token=picked.token, p_mix=picked.p,
                     p_models=p_models, ref_token=ref_token, logprob=logprob, top=top,
@@ -531,12 +531,13 @@ class Engine:
         """Top tokens of each evaluated model and of the mix at the last step."""
         if self.last is None:
             return {}
-        rows, weights, role, active, history = self.last
+        rows, weights, role, active = self.last
         out = {r: sampler.top_logprobs(self.model_logprobs(rows, i), k)
                for i, r in enumerate(self.roles) if r in active}
         penalize = self.penalties(settings)
         mixed = (self.distribution(rows, weights, settings, role) if penalize is None else
-                 penalize(np.array(self.scores(rows, weights, settings, role)), history))
+                 penalize(np.array(self.scores(rows, weights, settings, role)),
+                          self._last_history))
         out["mix"] = sampler.top_logprobs(sampler.filter_logprobs(mixed, settings), k)
         return {name: [(t, float(np.exp(lp))) for t, lp in top] for name, top in out.items()}
 
