@@ -6,6 +6,7 @@ library's keywords give; bad values are 400s naming the field."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,8 @@ import httpx
 import openai
 import pytest
 
+from eft_local.sampler import SamplerSettings
+from eft_local.server.protocol import parse_chat
 from eft_local.session import load_session
 from tests.clihelp import THREADS, run, stdout
 from tests.servehelp import Served, serving_bundled
@@ -162,3 +165,20 @@ def test_bad_values_are_400s_naming_the_field(served: Served, fields: dict, para
         assert err["param"] == param, err
         assert all(word in err["message"] for word in words), err
         assert "\n" not in err["message"]
+
+
+def test_each_client_form_reads_as_the_same_settings() -> None:
+    def sampling(**fields: object) -> SamplerSettings:
+        body = {"messages": [{"role": "user", "content": "x"}], "seed": 1, **fields}
+        return parse_chat(body, SamplerSettings(), 0).common.sampling
+
+    want = SamplerSettings(seed=1, logit_bias={5: -math.inf, 7: 2.5})
+    assert sampling(logit_bias={"5": False, "7": 2.5}) == want  # OpenAI's object
+    assert sampling(logit_bias=[[5, False], [7, 2.5]]) == want  # llama-server's pairs
+    breakers = SamplerSettings(seed=1, dry_sequence_breakers=("\n", ":"))
+    assert sampling(dry_sequence_breakers=["\n", ":"]) == breakers
+    assert sampling(dry_sequence_breakers='"\\n", ":"') == breakers  # text-generation-webui
+    assert sampling(dry_sequence_breakers='["\\n", ":"]') == breakers
+    assert sampling(dry_sequence_breakers='"\\n"').dry_sequence_breakers == ("\n",)
+    assert sampling(dry_sequence_breakers=[]).dry_sequence_breakers == ()
+    assert sampling(repeat_last_n=-1, dry_penalty_last_n=-1).repeat_last_n == -1

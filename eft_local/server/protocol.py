@@ -247,10 +247,12 @@ def _breakers(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         for text in (value, f"[{value}]"):
             try:
-                value = json.loads(text)
-                break
+                loaded = json.loads(text)
             except ValueError:
                 continue
+            if isinstance(loaded, list):
+                value = loaded
+                break
     if not isinstance(value, list) or not all(isinstance(b, str) and b for b in value):
         raise bad("'dry_sequence_breakers' must be a list of non-empty strings, e.g. "
                   '["\\n", ":", "\\"", "*"]', "dry_sequence_breakers")
