@@ -405,10 +405,10 @@ def sampler_costs(vocabs: Sequence[int] | None = None, repeats: int = 30
     settings = {"T=1": SamplerSettings(), "T=0": SamplerSettings(temperature=0.0),
                 "T=0.7 top_p=0.9": SamplerSettings(temperature=0.7, top_p=0.9),
                 "conservative 0.9": SamplerSettings(conservative_top_p=0.9),
-                "penalties (64 tokens)": SamplerSettings(
+                "penalties n=64": SamplerSettings(
                     repeat_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.5,
                     dry_multiplier=0.8, dry_sequence_breakers=()),
-                "penalties (4096 tokens)": SamplerSettings(
+                "penalties n=4096": SamplerSettings(
                     repeat_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.5,
                     dry_multiplier=0.8, dry_sequence_breakers=(), repeat_last_n=-1,
                     dry_penalty_last_n=-1)}
