@@ -29,6 +29,7 @@ tokens before it: plain and speculative decoding draw alike.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -241,32 +242,48 @@ def _suffix_matches(recent: np.ndarray, limit: int) -> np.ndarray:
 
 
 # -- DRY's breakers as tokens --------------------------------------------------------------
-def restart_sequences(text: str, pieces: Sequence[bytes],
-                      tokenize: Callable[[str], list[int]]) -> list[tuple[int, tuple[int, ...]]]:
-    """The token sequences that spell the breaker ``text`` (llama.cpp's definition): every
-    token whose piece holds the whole breaker, alone; and every token whose piece ends
-    with a beginning of it, followed by the rest of it as tokenized (at most
-    :data:`TAIL_TOKENS` tokens). ``pieces[id]`` is each token's text as bytes."""
+class PieceIndex:
+    """Every token's bytes in one buffer: a vocabulary searched for a breaker at C speed."""
+
+    def __init__(self, pieces: Sequence[bytes]) -> None:
+        self.blob = b"".join(pieces)
+        self.bytes = np.frombuffer(self.blob, dtype=np.uint8)
+        self.lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        self.ends = np.cumsum(self.lengths)
+        """Where each token's bytes end in :attr:`blob`."""
+        self.last = np.full(len(pieces), -1, dtype=np.int64)
+        """Each token's last byte (-1: none)."""
+        some = self.lengths > 0
+        self.last[some] = self.bytes[self.ends[some] - 1]
+
+
+def restart_sequences(text: str, index: PieceIndex, tokenize: Callable[[str], list[int]]
+                      ) -> list[tuple[int, tuple[int, ...]]]:
+    """The token sequences that spell the breaker ``text`` (llama.cpp's definition), by
+    token id: every token whose bytes hold the whole breaker, alone; and every token whose
+    bytes end with a beginning of it, followed by the rest of it as tokenized (at most
+    :data:`TAIL_TOKENS` tokens; a rest that starts inside a character matches nothing)."""
     word = text.encode("utf-8")[:BREAKER_BYTES]
-    out: list[tuple[int, tuple[int, ...]]] = []
-    first = word[:1]
-    for token, piece in enumerate(pieces):
-        if word in piece:
-            out.append((token, ()))
+    starts = np.array([m.start() for m in re.finditer(b"(?=" + re.escape(word) + b")",
+                                                      index.blob)], dtype=np.int64)
+    owner = np.searchsorted(index.ends, starts, side="right")  # the token each starts in
+    holders = np.unique(owner[starts + len(word) <= index.ends[owner]])
+    found: list[tuple[int, int, tuple[int, ...]]] = [(int(t), 0, ()) for t in holders]
+    for k in range(1, len(word)):  # the last k bytes of a token are the breaker's first k
+        ids = np.flatnonzero((index.lengths >= k) & (index.last == word[k - 1]))
+        for j in range(k - 1):
+            ids = ids[index.bytes[index.ends[ids] - k + j] == word[j]]
+        ids = ids[~np.isin(ids, holders)]
+        if not ids.size:
             continue
-        pos = piece.find(first)
-        while pos >= 0:
-            size = len(piece) - pos  # the piece's end against the breaker's beginning
-            if size < len(word) and piece[pos:] == word[:size]:
-                try:
-                    rest = word[size:].decode("utf-8")
-                except UnicodeDecodeError:  # the piece ends inside a character: no match
-                    rest = ""
-                tail = tuple(tokenize(rest)[:TAIL_TOKENS]) if rest else None
-                if tail is not None and (token, tail) not in out:
-                    out.append((token, tail))
-            pos = piece.find(first, pos + 1)
-    return out
+        try:
+            rest = word[k:].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        tail = tuple(tokenize(rest)[:TAIL_TOKENS])
+        found += [(int(t), -k, tail) for t in ids]
+    out = [(token, tail) for token, _k, tail in sorted(found)]  # longest match first
+    return list(dict.fromkeys(out))
 
 
 class BreakerTable:
@@ -278,14 +295,14 @@ class BreakerTable:
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self._pieces: list[bytes] | None = None
+        self._index: PieceIndex | None = None
         self._done: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
 
     def __call__(self, strings: Sequence[str]) -> Breakers:
         """The restart sequences of ``strings``, merged."""
-        if self._pieces is None:
-            self._pieces = [self.model.piece(t, special=True)
-                            for t in range(self.model.n_vocab)]
+        if self._index is None:
+            self._index = PieceIndex([self.model.piece(t, special=True)
+                                      for t in range(self.model.n_vocab)])
         merged: dict[int, list[tuple[int, ...]]] = {}
         for text in strings:
             found = self._done.get(text)
@@ -293,7 +310,7 @@ class BreakerTable:
                 if len(self._done) >= self.KEEP:
                     self._done.clear()
                 found = self._done[text] = restart_sequences(
-                    text, self._pieces,
+                    text, self._index,
                     lambda rest: self.model.tokenize(rest, add_bos=False, special=False))
             for head, tail in found:
                 tails = merged.setdefault(head, [])

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eft_local import penalties as P
 from eft_local.engine import Engine
@@ -71,12 +73,45 @@ def test_dry_exponent_is_capped_below_float32_overflow() -> None:
 
 
 def test_restart_sequences_of_a_toy_vocabulary() -> None:
-    pieces = [b"x", b"a", b"b", b"ab", b"za", b":", b"q:"]
-    tokens = {"b": [2], "a": [1]}
-    got = P.restart_sequences("ab", pieces, lambda text: tokens[text])
-    # "ab" holds the breaker; "a" and "za" end with its beginning, then "b" must follow
-    assert got == [(1, (2,)), (3, ()), (4, (2,))]
-    assert P.restart_sequences(":", pieces, lambda text: tokens[text]) == [(5, ()), (6, ())]
+    index = P.PieceIndex([b"x", b"a", b"b", b"ab", b"za", b":", b"q:", b"", b"aba"])
+    tokens = {"b": [2], "a": [1], "ba": [2, 1]}
+    got = P.restart_sequences("ab", index, lambda text: tokens[text])
+    # "ab" and "aba" hold the breaker; "a" and "za" end with its beginning, "b" must follow
+    assert got == [(1, (2,)), (3, ()), (4, (2,)), (8, ())]
+    assert P.restart_sequences(":", index, lambda text: tokens[text]) == [(5, ()), (6, ())]
+    # "aba" against "abab": held nowhere; "aba" ends with "aba" (then "b") and with "a"
+    # (then "bab": cut), "ab" ends with "ab" (then "ab"), "a", "za" with "a"
+    tokens.update({"bab": [2, 1, 2], "ab": [3]})
+    assert P.restart_sequences("abab", index, lambda text: tokens[text]) == [
+        (1, (2, 1, 2)), (3, (3,)), (4, (2, 1, 2)), (8, (2,)), (8, (2, 1, 2))]
+
+
+def reference_restarts(text: str, pieces: list[bytes], tokenize) -> set:
+    """llama.cpp's loop, token by token (what :func:`P.restart_sequences` vectorises)."""
+    word = text.encode()[:P.BREAKER_BYTES]
+    out = set()
+    for token, piece in enumerate(pieces):
+        if word in piece:
+            out.add((token, ()))
+            continue
+        for pos in range(len(piece)):
+            size = len(piece) - pos
+            if size < len(word) and piece[pos:] == word[:size]:
+                out.add((token, tuple(tokenize(word[size:].decode())[:P.TAIL_TOKENS])))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=st.lists(st.binary(max_size=6).map(lambda b: bytes(97 + x % 3 for x in b)),
+                       max_size=40),
+       text=st.text("abc", min_size=1, max_size=6))
+def test_restart_sequences_equal_llama_cpps_loop(pieces: list[bytes], text: str) -> None:
+    def tokenize(rest: str) -> list[int]:
+        return [ord(c) for c in rest]
+
+    got = P.restart_sequences(text, P.PieceIndex(pieces), tokenize)
+    assert set(got) == reference_restarts(text, pieces, tokenize)
+    assert len(got) == len(set(got)) and got == sorted(got, key=lambda x: x[0])
 
 
 def test_a_breaker_stops_a_repeat_from_reaching_back() -> None:
