@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -334,3 +335,23 @@ def test_dry_equals_llama_cpps_bit_for_bit(tmp_path: Path) -> None:
         assert changed > 80
     finally:
         L.llama_model_free(model)
+
+
+def test_a_ban_holds_under_a_grammar_and_in_speculative_decoding() -> None:
+    from eft_local.session import LoadOptions, load_session
+
+    grammar = 'root ::= "yes" | "no"'
+    ask = {"raw": False, "grammar": grammar, "temperature": 0.0, "max_tokens": 4}
+    with load_session("tiny-up", options=LoadOptions(n_threads=1)) as s:
+        plain = s.generate("Is Has Zhithdou an astronomer?", **ask).text
+        first = s.tokenize(plain, add_bos=False)[0]
+        banned = s.generate("Is Has Zhithdou an astronomer?", logit_bias={first: -math.inf},
+                            **ask).text
+        assert {plain, banned} == {"yes", "no"}
+        # a long greedy reply under every penalty: speculative gives the plain tokens
+        knobs = {"temperature": 0.0, "max_tokens": 40, "repeat_penalty": 1.2,
+                 "frequency_penalty": 0.3, "dry_multiplier": 0.8, "logit_bias": {first: -5}}
+        spec = s.generate("Has Zhithdou was born in", **knobs)
+        assert s.engine.stats.drafted > 0
+        s.options = replace(s.options, speculative=False)
+        assert s.generate("Has Zhithdou was born in", **knobs).text == spec.text
