@@ -278,7 +278,8 @@ class Batch:
                 with cancel_on(seq.cancelled) if seq.cancelled else nullcontext():
                     step = eng.choose(rows, seq.weights, p.sampling, seq.position,
                                       diagnostics=p.diagnostics, top_n=p.top_n,
-                                      conservative=p.conservative, grammar=seq.grammar)
+                                      conservative=p.conservative, grammar=seq.grammar,
+                                      history=seq.tokens)
                     if seq is lone and seq.mode != "plain" and self.speculator is not None:
                         self.speculator.shadow(seq, rows, step)
                     out.append((seq, self.advance(seq, step)))

@@ -404,7 +404,14 @@ def sampler_costs(vocabs: Sequence[int] | None = None, repeats: int = 30
     out = []
     settings = {"T=1": SamplerSettings(), "T=0": SamplerSettings(temperature=0.0),
                 "T=0.7 top_p=0.9": SamplerSettings(temperature=0.7, top_p=0.9),
-                "conservative 0.9": SamplerSettings(conservative_top_p=0.9)}
+                "conservative 0.9": SamplerSettings(conservative_top_p=0.9),
+                "penalties n=64": SamplerSettings(
+                    repeat_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.5,
+                    dry_multiplier=0.8, dry_sequence_breakers=()),
+                "penalties n=4096": SamplerSettings(
+                    repeat_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.5,
+                    dry_multiplier=0.8, dry_sequence_breakers=(), repeat_last_n=-1,
+                    dry_penalty_last_n=-1)}
     for vocab in vocabs or SAMPLER_VOCABS:
         rng = np.random.default_rng(vocab)
         ranked = -1.5 * np.log(np.arange(1, vocab + 1, dtype=np.float32))
@@ -414,12 +421,14 @@ def sampler_costs(vocabs: Sequence[int] | None = None, repeats: int = 30
         eng = Engine({r: _Dummy() for r in ("a", "b", "c")}, template_role="b",
                      allowed=np.ones(vocab, dtype=bool))
         w = np.array([1.0, 1.0, -1.0], dtype=np.float32)
+        loop = rng.integers(0, vocab, 32).tolist()  # text that loops: what DRY meets
+        history = rng.integers(0, vocab, 2048).tolist() + loop * 64
         for shape, rows in shapes.items():
             for label, s in settings.items():
                 times = []
                 for i in range(repeats):
                     start = time.perf_counter()
-                    eng.choose(rows, w, s, i)
+                    eng.choose(rows, w, s, i, history=history)
                     times.append(time.perf_counter() - start)
                 out.append((vocab, shape, label, 1e3 * statistics.median(times)))
     return out

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
-from eft_local import sampler
+from eft_local import penalties, sampler
 from eft_local.backend.sequences import Part
 from eft_local.errors import EftError
 from eft_local.remote.http import Traffic
@@ -155,6 +155,7 @@ class Engine:
         self.last: tuple[np.ndarray, np.ndarray, str, tuple[str, ...]] | None = None
         """Rows, weights, conservative role and evaluated models of the last sampled step
         (for :meth:`why`)."""
+        self._last_history: tuple[int, ...] = ()  # under penalties: what they looked at
         self.n_threads = max(1, n_threads or os.cpu_count() or 1)
         self.remote_roles = tuple(r for r, m in self.models.items() if is_remote(m))
         """Roles that remote engines evaluate, each in an I/O thread (:attr:`remote`)."""
@@ -169,6 +170,9 @@ class Engine:
         self._rows = np.zeros((len(self.roles), self.n_seq, self.width), dtype=np.float32)
         self._scores = np.empty(self.width, dtype=np.float32)
         self._samplers: dict[SamplerSettings, sampler.Sampler] = {}
+        self._penalties: dict[SamplerSettings, penalties.Penalty | None] = {}
+        self.breakers = penalties.BreakerTable(self.template_model)
+        """DRY's sequence breakers as tokens of the template model's vocabulary."""
         self.watch: Watch | None = None
         """Re-measures the schedule while decoding and switches (set with ``auto``)."""
 
@@ -391,6 +395,18 @@ class Engine:
             found = self._samplers[settings] = sampler.make_sampler(settings)
         return found
 
+    def penalties(self, settings: SamplerSettings) -> penalties.Penalty | None:
+        """The penalties of ``settings`` (:mod:`eft_local.penalties`), built once; None
+        when all are off. A logit bias on an id beyond :attr:`width` is refused here."""
+        if not settings.penalized:
+            return None
+        if settings not in self._penalties:
+            if len(self._penalties) > 8:
+                self._penalties.clear()
+            self._penalties[settings] = penalties.make_penalties(
+                settings, width=self.width, breakers=self.breakers)
+        return self._penalties[settings]
+
     def scores(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings,
                conservative: str | None = None) -> np.ndarray:
         """The mix for one position as log-probs up to a constant, in a buffer that the
@@ -422,9 +438,14 @@ class Engine:
         return sampler.log_softmax(self.model_scores(rows[index]))
 
     def draw(self, scores: np.ndarray, settings: SamplerSettings, position: int,
-             grammar: Constraint | None = None) -> sampler.Pick:
-        """Filter ``scores`` (changed in place) and draw the token at ``position``, among the
-        tokens ``grammar`` allows when there is one."""
+             grammar: Constraint | None = None, history: Sequence[int] | None = None
+             ) -> sampler.Pick:
+        """Penalise (given the tokens before ``position``, ``history``), filter ``scores``
+        (changed in place) and draw the token at ``position``, among the tokens ``grammar``
+        allows when there is one."""
+        penalize = None if history is None else self.penalties(settings)
+        if penalize is not None:
+            penalize(scores, history)  # type: ignore[arg-type]
         sample = self.sampler(settings)
         if grammar is None:
             return sample(scores, position)
@@ -432,16 +453,22 @@ class Engine:
 
     def choose(self, rows: np.ndarray, weights: np.ndarray, settings: SamplerSettings,
                position: int, *, diagnostics: bool = False, top_n: int | None = None,
-               conservative: str | None = None, grammar: Constraint | None = None) -> Step:
+               conservative: str | None = None, grammar: Constraint | None = None,
+               history: Sequence[int] = ()) -> Step:
         """Sample the token at ``position`` from the mix of ``rows`` (among the tokens that
-        ``grammar`` allows); ``top_n`` (0 or more) adds the token's log-prob under the
-        unfiltered mix (no grammar) and its ``top_n`` best tokens; diagnostics add each
-        model's log-prob of the token (and, with ``top_n``, each model's best tokens) and
-        what ``conservative`` (default :attr:`conservative_role`) alone would have drawn."""
+        ``grammar`` allows), penalised given ``history`` (the sequence's tokens before
+        ``position``); ``top_n`` (0 or more) adds the token's log-prob under the unfiltered
+        mix (no penalty, no grammar: llama-server's default too) and its ``top_n`` best
+        tokens; diagnostics add each model's log-prob of the token (and, with ``top_n``,
+        each model's best tokens) and what ``conservative`` (default
+        :attr:`conservative_role`) alone would have drawn."""
         start = time.perf_counter()
         role = conservative or self.conservative_role
         sample = self.sampler(settings)
         scores = self.scores(rows, weights, settings, role)
+        penalize = self.penalties(settings)
+        if penalize is not None:
+            penalize(scores, history)
         refused = None
         if grammar is not None and diagnostics:  # exact probabilities: ask about every token
             refused = sampler.mask_disallowed(scores, grammar.allowed)
@@ -457,6 +484,8 @@ class Engine:
             if top_n is not None:
                 top_models = {r: sampler.top_logprobs(lp, top_n) for r, lp in lps.items()}
             own = lps[role]
+            if penalize is not None:  # penalties read raw scores, as for the mix
+                own = penalize(self.model_scores(rows[self.index(role)]), history)
             if refused is not None:
                 own[refused] = sampler.NEG_INF
             ref_token = sample(own, position).token  # may change lps[role] in place
@@ -466,6 +495,7 @@ class Engine:
             logprob = float(mixed[picked.token])
             top = sampler.top_logprobs(mixed, top_n) if top_n is not None else None
         self.last = (rows, weights, role, self.active)
+        self._last_history = () if penalize is None else tuple(history)
         self.stats.sampler_seconds += time.perf_counter() - start
         return Step(position=position, token=picked.token, p_mix=picked.p,
                     p_models=p_models, ref_token=ref_token, logprob=logprob, top=top,
@@ -478,8 +508,11 @@ class Engine:
         rows, weights, role, active = self.last
         out = {r: sampler.top_logprobs(self.model_logprobs(rows, i), k)
                for i, r in enumerate(self.roles) if r in active}
-        out["mix"] = sampler.top_logprobs(sampler.filter_logprobs(
-            self.distribution(rows, weights, settings, role), settings), k)
+        penalize = self.penalties(settings)
+        mixed = (self.distribution(rows, weights, settings, role) if penalize is None else
+                 penalize(np.array(self.scores(rows, weights, settings, role)),
+                          self._last_history))
+        out["mix"] = sampler.top_logprobs(sampler.filter_logprobs(mixed, settings), k)
         return {name: [(t, float(np.exp(lp))) for t, lp in top] for name, top in out.items()}
 
     # -- the end of a generation -------------------------------------------------------

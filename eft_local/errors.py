@@ -13,3 +13,9 @@ class ContextFull(EftError):
 class Cancelled(EftError):
     """Work stopped because its job was cancelled (:func:`eft_local.interrupts.cancel_on`):
     the server's client went away, or the server is stopping."""
+
+
+def check_field(ok: bool, name: str, value: object, want: str) -> None:
+    """Raise ``invalid NAME VALUE: must be WANT`` unless ``ok``."""
+    if not ok:
+        raise EftError(f"invalid {name} {value!r}: must be {want}")

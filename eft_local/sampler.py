@@ -27,7 +27,9 @@ from typing import NamedTuple
 import numpy as np
 import numpy.random  # noqa: F401  (loaded lazily otherwise: 20 ms inside the first step)
 
+from eft_local import penalties
 from eft_local.errors import EftError
+from eft_local.errors import check_field as _check
 from eft_local.limits import TEMPERATURE_RANGE
 
 NEG_INF = np.float32(-np.inf)
@@ -45,6 +47,13 @@ class SamplerSettings:
     ``conservative_top_p``: paper section 4.4 (:func:`conservative_mix`). Outside the top-p
     set of the conservative (fine-tuned) model, a token keeps that model's own log-prob
     instead of the weighted sum; the result is normalised once.
+
+    The penalties (``logit_bias``, ``repeat_penalty``, ``frequency_penalty``,
+    ``presence_penalty``, DRY) have llama.cpp's definitions and defaults, all neutral; they
+    change the mix's scores before temperature and the filters
+    (:mod:`eft_local.penalties`). ``repeat_last_n`` and ``dry_penalty_last_n``: how many of
+    the sequence's last tokens (prompt included) they look at; -1 all of them, 0 none.
+    ``logit_bias``: (token id, bias) pairs, or a mapping id -> bias; ``-inf`` bans a token.
     """
 
     temperature: float = 1.0
@@ -53,6 +62,24 @@ class SamplerSettings:
     min_p: float = 0.0
     seed: int = 0
     conservative_top_p: float | None = None
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 64
+    dry_sequence_breakers: tuple[str, ...] = penalties.DRY_BREAKERS
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def penalized(self) -> bool:
+        """True when some penalty changes the scores (see :mod:`eft_local.penalties`)."""
+        return bool(self.logit_bias) or (self.repeat_last_n != 0 and (
+            self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0)) or (
+            self.dry_multiplier != 0.0 and self.dry_penalty_last_n != 0)
 
     def __post_init__(self) -> None:
         low, high = TEMPERATURE_RANGE
@@ -68,11 +95,7 @@ class SamplerSettings:
         if self.conservative_top_p is not None:
             _check(0 < self.conservative_top_p <= 1, "conservative_top_p",
                    self.conservative_top_p, "in (0, 1]")
-
-
-def _check(ok: bool, name: str, value: object, want: str) -> None:
-    if not ok:
-        raise EftError(f"invalid {name} {value!r}: must be {want}")
+        penalties.check_penalties(self)
 
 
 # -- mixing --------------------------------------------------------------------------------

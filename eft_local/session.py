@@ -93,6 +93,7 @@ class Session(Prompts, Batches):
         self.engine = Engine(self.models, template_role=preset.template_role,
                              conservative_role=self.conservative_role(), allowed=report.allowed,
                              parallel=self.options.parallel, n_threads=self.options.n_threads)
+        self.check_sampling(self.defaults.sampling)
         self.tuning: tuning.Tuning | None = None
         """How the decode schedule was chosen (None: named, not measured)."""
         self.schedule_reason = ""
@@ -156,7 +157,16 @@ class Session(Prompts, Batches):
 
     def update(self, **changes: object) -> None:
         """Change the defaults of later calls (any keyword of :meth:`Settings.replace`)."""
-        self.defaults = self.defaults.replace(**changes)
+        self._set_defaults(self.defaults.replace(**changes))
+
+    def _set_defaults(self, settings: Settings) -> None:
+        self.check_sampling(settings.sampling)
+        self.defaults = settings
+
+    def check_sampling(self, sampling: SamplerSettings) -> None:
+        """Check ``sampling`` against this session's vocabulary (a logit bias's token ids)
+        and build its penalties once (DRY's breakers as tokens)."""
+        self.engine.penalties(sampling)
 
     def set_param(self, name: str, value: float) -> None:
         """Set a formula parameter (``beta`` or ``lam``/``lambda``) for later calls."""
@@ -169,7 +179,7 @@ class Session(Prompts, Batches):
             sampling = replace(self.sampling, **changes)  # type: ignore[arg-type]
         except TypeError as exc:
             raise EftError(f"unknown sampler setting: {exc}") from None
-        self.defaults = self.defaults.replace(sampling=sampling)
+        self._set_defaults(self.defaults.replace(sampling=sampling))
 
     def settings_for(self, settings: Settings | None = None, **changes: object) -> Settings:
         """The settings of one call: ``settings`` (default :attr:`defaults`) with
@@ -244,6 +254,7 @@ class Session(Prompts, Batches):
         if len(tokens) >= self.engine.n_ctx:
             raise EftError(f"prompt is {len(tokens)} tokens; the context holds "
                            f"{self.engine.n_ctx} (raise n_ctx or shorten the prompt)")
+        self.check_sampling(s.sampling)
         weights = self.weights(s)
         drafter = self.draft_role(s)
         if not (self.options.speculative and self.can_speculate

@@ -4,7 +4,8 @@ A sequence running alone in its batch (:mod:`eft_local.batch`) may decode in blo
 several sequences running, each step is one batched plain step for all of them (the cores
 are then busy with every sequence's token already). The drafter (the preset's
 ``draft_role``, by default :meth:`Engine.cheapest_role`) drafts up
-to ``k`` tokens, each drawn from its own filtered distribution with the noise of its
+to ``k`` tokens, each drawn from its own filtered distribution (penalised as the mix is,
+given the tokens before it: :mod:`eft_local.penalties`) with the noise of its
 position (:func:`eft_local.sampler.race`), the very noise plain decoding uses, so draft and
 mix are coupled. Every active model then evaluates the block in one batched decode with a
 row per position (each model in turn with every thread); each position's mixed distribution
@@ -168,7 +169,8 @@ class Speculator:
             for i in range(len(draft) + 1):
                 step = eng.choose(rows[:, i], seq.weights, plan.sampling, position + i,
                                   diagnostics=plan.diagnostics, top_n=plan.top_n,
-                                  conservative=plan.conservative, grammar=seq.grammar)
+                                  conservative=plan.conservative, grammar=seq.grammar,
+                                  history=seq.tokens)  # what precedes position + i
                 agree = i < len(draft) and step.token == draft[i]
                 step = batch.advance(seq, replace(step, from_draft=True) if agree else step)
                 out.append(step)
@@ -192,8 +194,10 @@ class Speculator:
         row = eng.evaluate_role(role, len(tokens) - 1, tokens[-1:], seq=slot)[-1]
         draft: list[int] = []
         rows: list[np.ndarray] = []
+        penalized = settings.penalized  # the drafter's own row, penalised as the mix is
         while True:
-            picked = eng.draw(eng.model_scores(row), settings, len(tokens) + len(draft), state)
+            picked = eng.draw(eng.model_scores(row), settings, len(tokens) + len(draft), state,
+                              history=tokens + draft if penalized else None)
             if draft and self.stop_below and picked.p_top < self.stop_below:
                 return draft, rows
             draft.append(picked.token)
@@ -266,7 +270,7 @@ class Speculator:
         eng = self.engine
         row = rows[eng.index(self.drafter)]
         guess = eng.draw(eng.model_scores(row), seq.plan.sampling, step.position,
-                         seq.grammar).token
+                         seq.grammar, history=seq.tokens).token
         self.sizer.count(int(guess == step.token), guess != step.token)
 
     def _rewind(self, seq: Sequence) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -131,14 +132,22 @@ def test_every_option_reaches_the_library(monkeypatch, tmp_path) -> None:
                   "--beta", "0.5", "--lambda", "0.3", "--temperature", "0.7", "--top-p", "0.9",
                   "--top-k", "40", "--min-p", "0.05", "--conservative-top-p", "0.8",
                   "--seed", "9", "--n-ctx", "512", "--threads", "2", "--gpu-layers", "0",
-                  "--no-speculative", "--draft-k", "4", "--schedule", "lanes"])
+                  "--no-speculative", "--draft-k", "4", "--schedule", "lanes",
+                  "--repeat-penalty", "1.1", "--repeat-last-n", "-1", "--frequency-penalty",
+                  "0.5", "--presence-penalty", "-0.5", "--dry-multiplier", "0.8", "--dry-base",
+                  "2", "--dry-allowed-length", "3", "--dry-penalty-last-n", "128",
+                  "--dry-sequence-breaker", "\n", "--dry-sequence-breaker", "##",
+                  "--logit-bias", "15=-100", "--logit-bias", "7=-inf"])
     assert_one_line_error(result, "stop here")
     assert seen["preset"] is None
     assert seen["models"] == ("small_ft=a.gguf", "x=b.gguf")
     assert seen["formula"] == "small_ft"
     assert seen["params"] == {"beta": 0.5, "lam": 0.3}
-    assert seen["sampling"] == SamplerSettings(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05,
-                                               conservative_top_p=0.8, seed=9)
+    assert seen["sampling"] == SamplerSettings(
+        temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, conservative_top_p=0.8, seed=9,
+        repeat_penalty=1.1, repeat_last_n=-1, frequency_penalty=0.5, presence_penalty=-0.5,
+        dry_multiplier=0.8, dry_base=2.0, dry_allowed_length=3, dry_penalty_last_n=128,
+        dry_sequence_breakers=("\n", "##"), logit_bias={15: -100, 7: -math.inf})
     assert seen["options"] == session.LoadOptions(n_ctx=512, n_threads=2, n_gpu_layers=0,
                                                   parallel=True, speculative=False, draft_k=4,
                                                   schedule="lanes")
@@ -361,6 +370,17 @@ def _bad_cases(family) -> dict[str, tuple[list[str], str | None, tuple[str, ...]
                                  ("--input",)),
         "check: incompatible args": (["check", str(family.small_ft), "-m", "a=b.gguf"], None,
                                      ("not both",)),
+        "zero repeat penalty": (["generate", *trio, "--repeat-penalty", "0", "Hi"], None,
+                                ("--repeat-penalty",)),
+        "frequency penalty above 2": (["generate", *trio, "--frequency-penalty", "3", "Hi"],
+                                      None, ("--frequency-penalty", "[-2, 2]")),
+        "bad logit bias": (["generate", *trio, "--logit-bias", "15:-100", "Hi"], None,
+                           ("--logit-bias", "ID=BIAS")),
+        "logit bias too large": (["generate", *trio, "--logit-bias", "15=500", "Hi"], None,
+                                 ("--logit-bias", "[-100, 100]")),
+        "logit bias beyond the vocabulary": (["generate", *trio, *THREADS, "--logit-bias",
+                                              "99999=1", "Hi"], None,
+                                             ("logit_bias", "99999", "outside the vocabulary")),
     }
 
 
@@ -370,7 +390,8 @@ BAD_CASES = [
     "min-p one", "infinite beta", "zero max tokens", "unknown option", "unknown preset",
     "preset and --model", "prompt too long", "empty stdin prompt", "incompatible models",
     "missing input file", "input is a directory", "output in missing dir", "output without input",
-    "check: incompatible args",
+    "check: incompatible args", "zero repeat penalty", "frequency penalty above 2",
+    "bad logit bias", "logit bias too large", "logit bias beyond the vocabulary",
 ]
 
 

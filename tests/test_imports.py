@@ -19,7 +19,7 @@ LAYERS: dict[str, int] = {
     "gbnf": 0, "ranges": 0, "schema_check": 0,
     # pure pieces the engine is made of
     "sampler": 1, "vocab": 1, "presets": 1, "chat": 1, "templates": 1, "gguf_writer": 1,
-    "plots": 1, "utf8": 1, "callshape": 1,
+    "plots": 1, "utf8": 1, "callshape": 1, "penalties": 1,
     "kvshift": 1,
     "schedule.shapes": 1, "schedule.watch": 1, "schedule.blocks": 1, "schedule.lanes": 1,
     # models and their files (local: backend; remote engines: remote/)
@@ -52,7 +52,7 @@ LAYERS: dict[str, int] = {
 }
 """Every module's layer: a module imports only modules of its layer or below."""
 
-ENGINE_ROOM = {"engine", "batch", "speculative", "scoring", "sampler", "backend",
+ENGINE_ROOM = {"engine", "batch", "speculative", "scoring", "sampler", "penalties", "backend",
                "backend.library", "backend.model", "backend.sequences", "backend.tools",
                "vocab", "ggufscan",
                "gguf_writer", "schedule.shapes", "schedule.watch", "schedule.blocks",

@@ -184,6 +184,34 @@ def test_moving_the_beta_slider_changes_the_next_request(tab: Tab) -> None:
     expect(page.locator("#lam")).to_have_value("0.5")
 
 
+def test_the_penalty_knobs_reach_the_request_and_change_the_reply(tab: Tab, served: Served
+                                                                   ) -> None:
+    page = tab.page
+    page.fill("#temperature", "0")
+    question = "Tell me about Has Zhithdou."  # the family answers with a token of the prompt
+    tab.ask(question)
+    body = tab.requests[-1]
+    assert (body["repeat_penalty"], body["frequency_penalty"], body["presence_penalty"]) == (
+        1, 0, 0)  # the server's defaults: off
+    page.fill("#frequency_penalty", "2")
+    page.fill("#presence_penalty", "2")
+    slider = page.locator("#repeat_penalty-range")
+    slider.focus()
+    for _ in range(2):
+        slider.press("ArrowRight")
+    expect(page.locator("#repeat_penalty")).to_have_value("1.1")
+    reply = tab.ask(question)
+    body = tab.requests[-1]
+    assert body["frequency_penalty"] == 2 and body["presence_penalty"] == 2
+    assert body["repeat_penalty"] == pytest.approx(1.1)
+    text = reply.locator(".tokens").text_content()
+    assert text == api_reply(served, body)["choices"][0]["message"]["content"]
+    off = {**body, "repeat_penalty": 1, "frequency_penalty": 0, "presence_penalty": 0}
+    assert text != api_reply(served, off)["choices"][0]["message"]["content"]
+    page.click("[data-reset=frequency_penalty]")
+    expect(page.locator("#frequency_penalty")).to_have_value("0")
+
+
 def test_hovering_or_focusing_a_token_shows_what_each_model_thought(tab: Tab, served: Served
                                                                      ) -> None:
     page = tab.page

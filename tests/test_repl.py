@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from contextlib import closing
@@ -239,8 +240,43 @@ def test_history_lives_in_the_user_data_dir(isolated_home: Path, monkeypatch) ->
     assert calls == [("read", str(path)), ("write", str(path))]
 
 
+def test_penalty_commands_change_the_replies_as_the_library_does(family) -> None:
+    with api_session(family.pairs(), temperature=0, dry_base=2.0) as s:
+        plain = reply(s, "Hi")
+        s.reset()
+        first = next(c.step.token for c in s.chat("Hi", max_tokens=1) if c.step)
+        s.reset()
+        s.set_sampling(repeat_penalty=1.3, frequency_penalty=0.5, presence_penalty=-0.5,
+                       repeat_last_n=-1, dry_multiplier=0.8,
+                       logit_bias={first: -math.inf, first + 1: 2})
+        answer = reply(s, "Hi")
+    assert answer != plain
+    script = ["/repeat 1.3", "/freq 0.5", "/presence -0.5", "/lastn -1", "/dry 0.8",
+              f"/bias {first + 1}=2", f"/bias {first}=-inf", "Hi", "/bias off", "/quit"]
+    result = run(["chat", *family.trio(), *GREEDY, "--dry-base", "2"],
+                 input="\n".join(script) + "\n")
+    assert result.exit_code == 0, result.output
+    assert stdout(result).endswith(
+        ">>> /repeat 1.3\nrepeat_penalty = 1.3\n>>> /freq 0.5\nfrequency_penalty = 0.5\n"
+        ">>> /presence -0.5\npresence_penalty = -0.5\n>>> /lastn -1\nrepeat_last_n = -1\n"
+        f">>> /dry 0.8\ndry_multiplier = 0.8\n>>> /bias {first + 1}=2\nlogit bias "
+        f"{first + 1}=2\n>>> /bias {first}=-inf\nlogit bias {first}=-inf {first + 1}=2\n"
+        ">>> Hi\n" + answer + ">>> /bias off\nlogit bias off\n>>> /quit\n")
+
+
+def test_penalty_options_show_in_the_banner(family) -> None:
+    result = run(["chat", *family.trio(), *GREEDY, "--repeat-penalty", "1.1",
+                  "--logit-bias", "5=-100", "--dry-multiplier", "0.8"], input="/quit\n")
+    assert result.exit_code == 0, result.output
+    assert ("sampling: temperature 0, top-p 1, top-k 0, min-p 0, seed 0, repeat penalty 1.1, "
+            "frequency 0, presence 0 over the last 64 tokens, DRY 0.8, logit bias 5=-100\n"
+            ) in stdout(result)
+
+
 @pytest.mark.parametrize("line", ["/seed -1", "/seed x", "/topp 0", "/topp 2", "/minp 1",
-                                  "/topk -3", "/max 0", "/temp", "/save", "/load missing.json"])
+                                  "/topk -3", "/max 0", "/temp", "/save", "/load missing.json",
+                                  "/repeat 0", "/freq 3", "/presence x", "/lastn -2",
+                                  "/dry -1", "/bias x", "/bias 5=200", "/bias 99999=1"])
 def test_bad_slash_values_are_one_line(family, line: str, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = run(["chat", *family.trio(), *THREADS], input=f"{line}\n/seed 4\n")

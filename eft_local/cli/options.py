@@ -119,6 +119,58 @@ def parallel_option(default: int = 1, what: str = "records") -> Callable[[F], F]
                         "own sequence of every model (its own --n-ctx context).")
 
 
+class BiasPair(click.ParamType):
+    """``ID=BIAS``: a token id and the number added to its score (``-inf`` bans it)."""
+
+    name = "ID=BIAS"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[int, float]:
+        if isinstance(value, tuple):
+            return value
+        token, eq, bias = str(value).partition("=")
+        try:
+            pair = int(token), float(bias)
+        except ValueError:
+            pair = None
+        if not eq or pair is None or pair[0] < 0 or not (-100 <= pair[1] <= 100
+                                                          or pair[1] == -math.inf):
+            self.fail(f"{value!r} is not ID=BIAS (a token id, a bias in [-100, 100] or "
+                      "-inf to ban it), e.g. 15043=-100", param, ctx)
+        return pair  # type: ignore[return-value]
+
+
+penalty_options = [
+    click.option("--repeat-penalty", type=Number(0, open_low=True),
+                 help="Divide (multiply, when negative) the score of each token among the "
+                 "last --repeat-last-n by this (1: off; 1.1 is a common choice)."),
+    click.option("--repeat-last-n", type=click.IntRange(min=-1),
+                 help="Tokens the repetition penalties look back at (default 64; -1: the "
+                 "whole context, prompt included; 0: off)."),
+    click.option("--frequency-penalty", type=Number(-2, 2),
+                 help="Subtract this times each token's count in the last --repeat-last-n "
+                 "tokens, in [-2, 2]."),
+    click.option("--presence-penalty", type=Number(-2, 2),
+                 help="Subtract this from each token seen in the last --repeat-last-n "
+                 "tokens, in [-2, 2]."),
+    click.option("--dry-multiplier", type=Number(0),
+                 help="DRY: a token that would extend a repeat of n tokens loses "
+                 "multiplier * base^(n - allowed length) (0: off; 0.8 is common)."),
+    click.option("--dry-base", type=Number(1), help="DRY's base, >= 1 (default 1.75)."),
+    click.option("--dry-allowed-length", type=click.IntRange(min=0),
+                 help="DRY: repeats up to this many tokens are free (default 2)."),
+    click.option("--dry-penalty-last-n", type=click.IntRange(min=-1),
+                 help="DRY: tokens it looks back at (default 64; -1: the whole context)."),
+    click.option("--dry-sequence-breaker", "dry_sequence_breakers", multiple=True,
+                 metavar="TEXT", help="A text that repeats never reach across (repeatable; "
+                 "replaces the defaults \\n : \" *; 'none': no breakers)."),
+    click.option("--logit-bias", "logit_bias", multiple=True, type=BiasPair(),
+                 help="Add BIAS to token ID's score (repeatable; -inf bans it), "
+                 "e.g. --logit-bias 15043=-100."),
+]
+"""The penalties on the mix (llama.cpp's options of the same names)."""
+
+
 def sampling_options(func: F) -> F:
     """Sampler settings, reply length and system prompt."""
     return _apply([
@@ -132,6 +184,7 @@ def sampling_options(func: F) -> F:
                      help="Conservative decoding: outside the fine-tuned model's top-p set, "
                      "keep its own log-prob."),
         click.option("--seed", type=click.IntRange(min=0), help="Random seed (default 0)."),
+        *penalty_options,
         click.option("--max-tokens", type=click.IntRange(min=1), default=512,
                      show_default=True, help="Longest reply in tokens."),
         click.option("--system", metavar="TEXT", help="System prompt."),
@@ -152,7 +205,20 @@ def context_option(func: F) -> F:
         "(error).")(func)
 
 
-_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "conservative_top_p")
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "conservative_top_p",
+             "repeat_penalty", "repeat_last_n", "frequency_penalty", "presence_penalty",
+             "dry_multiplier", "dry_base", "dry_allowed_length", "dry_penalty_last_n")
+
+
+def sampling_settings(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampler settings the options give (those not given are left out)."""
+    out = {name: opts[name] for name in _SAMPLING if opts.get(name) is not None}
+    breakers = tuple(opts.get("dry_sequence_breakers") or ())
+    if breakers:
+        out["dry_sequence_breakers"] = () if breakers == ("none",) else breakers
+    if opts.get("logit_bias"):
+        out["logit_bias"] = tuple(opts["logit_bias"])
+    return out
 
 
 def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
@@ -162,8 +228,7 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
     if preset and opts.get("models"):
         raise EftError(f"give a preset ({preset!r}) or --model ROLE=PATH, not both")
     params = {name: opts[name] for name in ("beta", "lam") if opts.get(name) is not None}
-    sampling = SamplerSettings(**{name: opts[name] for name in _SAMPLING
-                                  if opts.get(name) is not None})
+    sampling = SamplerSettings(**sampling_settings(opts))
     options = LoadOptions(n_ctx=opts.get("n_ctx"), n_threads=opts.get("threads"),
                           n_gpu_layers=opts.get("gpu_layers"),
                           n_seq=opts.get("n_parallel") or 1,

@@ -44,6 +44,12 @@ HELP = [
     ("/topk N", "top-k (0 = off)"),
     ("/minp X", "min-p, in [0, 1)"),
     ("/seed N", "random seed"),
+    ("/repeat X", "repeat penalty over the last /lastn tokens (1 = off)"),
+    ("/lastn N", "tokens the repetition penalties look at (-1 = all, 0 = off)"),
+    ("/freq X", "frequency penalty, in [-2, 2] (0 = off)"),
+    ("/presence X", "presence penalty, in [-2, 2] (0 = off)"),
+    ("/dry X", "DRY multiplier: penalise extending a repeat (0 = off)"),
+    ("/bias ID=X|off", "add X to token ID's score (-inf bans it); off removes every bias"),
     ("/max N", "longest reply in tokens"),
     ("/system TEXT", "set the system prompt (no TEXT: remove it)"),
     ("/overflow MODE", "a chat longer than the context: truncate (drop the oldest turns) "
@@ -58,7 +64,8 @@ HELP = [
     ('"""', 'a multi-line message, ended by another """ (or end lines with \\)'),
     ("/quit", "leave (Ctrl-D works too; Ctrl-C stops a reply)"),
 ]
-ALIASES = {"lam": "lambda", "temperature": "temp", "exit": "quit", "q": "quit", "?": "help"}
+ALIASES = {"lam": "lambda", "temperature": "temp", "exit": "quit", "q": "quit", "?": "help",
+           "frequency": "freq"}
 
 
 # -- line input and history ------------------------------------------------------------------
@@ -166,6 +173,13 @@ def sampling_text(session: Session) -> str:
             f"min-p {s.min_p:g}, seed {s.seed}")
     if s.conservative_top_p is not None:
         text += f", conservative top-p {s.conservative_top_p:g}"
+    if s.repeat_last_n and (s.repeat_penalty != 1 or s.frequency_penalty or s.presence_penalty):
+        text += (f", repeat penalty {s.repeat_penalty:g}, frequency {s.frequency_penalty:g}, "
+                 f"presence {s.presence_penalty:g} over the last {s.repeat_last_n} tokens")
+    if s.dry_multiplier and s.dry_penalty_last_n:
+        text += f", DRY {s.dry_multiplier:g}"
+    if s.logit_bias:
+        text += ", logit bias " + " ".join(f"{t}={b:g}" for t, b in s.logit_bias)
     return text
 
 
@@ -319,6 +333,40 @@ class Repl:
 
     def cmd_seed(self, arg: str) -> None:
         self._sampling("seed", _integer(arg, "seed"))
+
+    def cmd_repeat(self, arg: str) -> None:
+        self._sampling("repeat_penalty", _number(arg, "repeat"))
+
+    def cmd_lastn(self, arg: str) -> None:
+        self._sampling("repeat_last_n", _integer(arg, "lastn"))
+
+    def cmd_freq(self, arg: str) -> None:
+        self._sampling("frequency_penalty", _number(arg, "freq"))
+
+    def cmd_presence(self, arg: str) -> None:
+        self._sampling("presence_penalty", _number(arg, "presence"))
+
+    def cmd_dry(self, arg: str) -> None:
+        self._sampling("dry_multiplier", _number(arg, "dry"))
+
+    def cmd_bias(self, arg: str) -> None:
+        if arg.lower() == "off":
+            self.session.set_sampling(logit_bias=())
+            say("logit bias off")
+            return
+        token, eq, bias = arg.partition("=")
+        try:
+            pair = int(token), float(bias)
+        except ValueError:
+            pair = None
+        if not eq or pair is None:
+            raise EftError("/bias needs ID=BIAS (a token id and a number, -inf bans it), "
+                           "e.g. /bias 15043=-100, or /bias off")
+        old = dict(self.session.sampling.logit_bias)
+        old[pair[0]] = pair[1]
+        self.session.set_sampling(logit_bias=old)
+        say("logit bias " + " ".join(f"{t}={b:g}" for t, b in
+                                     self.session.sampling.logit_bias))
 
     def cmd_max(self, arg: str) -> None:
         value = _integer(arg, "max")

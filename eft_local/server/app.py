@@ -254,7 +254,8 @@ class Api(ChatAnswers):
                     **(params or {})}
         knobs = {k: v for k, v in defaults.items() if k in preset.formula.params}
         sampling = {key: getattr(runner.sampling, key) for key in (
-            "temperature", "top_p", "top_k", "min_p", "conservative_top_p")}
+            "temperature", "top_p", "top_k", "min_p", "conservative_top_p", "repeat_penalty",
+            "repeat_last_n", "frequency_penalty", "presence_penalty")}
         meta = {"preset": preset.name, "formula": preset.formula.text,
                 "description": preset.description, "roles": list(preset.models),
                 "loaded": preset.name == runner.loaded, **knobs, "params": knobs,

@@ -214,16 +214,81 @@ def _sampling(body: Mapping[str, Any], base: SamplerSettings, conservative: floa
         changes["seed"] = uuid.uuid4().int % 2**63  # OpenAI: no seed, a new draw each time
     if conservative is not None:
         changes["conservative_top_p"] = conservative
-    for name in ("frequency_penalty", "presence_penalty"):
-        value = _number(body, name, -2, 2)
-        if value:
-            raise bad(f"'{name}' is not supported (only 0)", name)
-    if body.get("logit_bias"):
-        raise bad("'logit_bias' is not supported", "logit_bias")
+    changes.update(_penalties(body))
     try:
         return replace(base, **changes)
     except EftError as exc:
-        raise bad(str(exc)) from None
+        named = re.match(r"invalid (\w+)", str(exc))
+        raise bad(str(exc), named.group(1) if named else None) from None
+
+
+_PENALTIES = (("frequency_penalty", -2, 2, False), ("presence_penalty", -2, 2, False),
+              ("repeat_penalty", 0, 1e30, False), ("repeat_last_n", -1, 2**31 - 1, True),
+              ("dry_multiplier", 0, 1e30, False), ("dry_base", 1, 1e30, False),
+              ("dry_allowed_length", 0, 2**31 - 1, True),
+              ("dry_penalty_last_n", -1, 2**31 - 1, True))
+"""OpenAI's penalties and llama-server's: name, range, integer."""
+
+
+def _penalties(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The penalty fields of a request (OpenAI's and llama-server's names)."""
+    out: dict[str, Any] = {}
+    for name, low, high, integer in _PENALTIES:
+        value = _number(body, name, low, high, integer=integer)
+        if value is not None:
+            out[name] = value
+    if out.get("repeat_penalty") == 0:
+        raise bad("'repeat_penalty' is 0; it must be above 0 (1 = off)", "repeat_penalty")
+    breakers = body.get("dry_sequence_breakers")
+    if breakers is not None:
+        out["dry_sequence_breakers"] = _breakers(breakers)
+    bias = body.get("logit_bias")
+    if bias is not None:
+        out["logit_bias"] = _logit_bias(bias)
+    return out
+
+
+def _breakers(value: Any) -> tuple[str, ...]:
+    """``dry_sequence_breakers``: a list of strings (llama-server), or text holding them as
+    JSON strings (text-generation-webui: ``"\\n", ":"``, brackets optional)."""
+    if isinstance(value, str):
+        for text in (value, f"[{value}]"):
+            try:
+                loaded = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(loaded, list):
+                value = loaded
+                break
+    if not isinstance(value, list) or not all(isinstance(b, str) and b for b in value):
+        raise bad("'dry_sequence_breakers' must be a list of non-empty strings, e.g. "
+                  '["\\n", ":", "\\"", "*"]', "dry_sequence_breakers")
+    return tuple(value)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """``logit_bias``: OpenAI's object (token id as a string -> bias) or llama-server's list
+    of [id, bias] pairs; a bias of ``false`` bans the token."""
+    pairs = list(value.items()) if isinstance(value, dict) else value
+    if not isinstance(pairs, list) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise bad("'logit_bias' must map token ids to biases, e.g. {\"15043\": -100} (or "
+                  "[[15043, -100]])", "logit_bias")
+    out = []
+    for token, bias in pairs:
+        if isinstance(token, str) and re.fullmatch(r"\d{1,10}", token):
+            token = int(token)
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise bad(f"'logit_bias' key {token!r} is not a token id (find ids with POST "
+                      "/tokenize)", "logit_bias")
+        if bias is False:
+            bias = -math.inf
+        elif isinstance(bias, bool) or not isinstance(bias, (int, float)) or not (
+                -100 <= bias <= 100):
+            raise bad(f"'logit_bias' of token {token} is {bias!r}; it must be a number in "
+                      "[-100, 100] (or false to ban the token)", "logit_bias")
+        out.append((token, float(bias)))
+    return tuple(out)
 
 
 MAX_CHOICES = 16

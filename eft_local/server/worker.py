@@ -506,4 +506,10 @@ def request_settings(session: Session, job: Job) -> Settings:
         except EftError as exc:
             raise ApiError(400, str(exc), param=where) from None
     s = s.replace(context_overflow=job.knobs.context_overflow)
-    return s.replace(sampling=job.sampling) if job.sampling is not None else s
+    if job.sampling is None:
+        return s
+    try:
+        session.check_sampling(job.sampling)
+    except EftError as exc:  # the only check that needs the vocabulary
+        raise ApiError(400, str(exc), param="logit_bias") from None
+    return s.replace(sampling=job.sampling)
