@@ -24,10 +24,13 @@ MAX_STOPS = 16
 """Most stop strings per request."""
 MAX_MESSAGES = 2048
 """Most messages in a chat request (OpenAI's limit): more are refused before any work."""
+OLLAMA_PREFIX = "/api/"
+"""Where Ollama's API is served (errors there have Ollama's shape)."""
 
 
 class ApiError(Exception):
-    """An error answered with OpenAI's body: ``{"error": {message, type, param, code}}``."""
+    """An error answered with OpenAI's body: ``{"error": {message, type, param, code}}``
+    (under ``/api/``, Ollama's: ``{"error": message}``)."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, kind: str | None = None) -> None:
@@ -35,8 +38,11 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
 
-    def body(self) -> dict[str, Any]:
-        """The JSON error body."""
+    def body(self, path: str = "") -> dict[str, Any]:
+        """The JSON error body of a request for ``path``: Ollama's under ``/api/``
+        (:mod:`eft_local.server.ollama`), else OpenAI's."""
+        if path.startswith(OLLAMA_PREFIX):
+            return {"error": self.message}
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.code}}
 
