@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from eft_local.server.options import ServerOptions
-from tests.servehelp import Served, serving, serving_bundled
+from tests.servehelp import Served, serving, serving_bundled, slow_steps
 
 ollama = pytest.importorskip("ollama", reason="the ollama client is not installed "
                              "(pip install ollama)")
@@ -172,6 +173,31 @@ def test_options_set_the_same_knobs(served: Served, client: ollama.Client) -> No
                and "--ctx-size 4096" in line for line in served.logs)
 
 
+def test_logprobs_of_the_mix_as_on_v1(served: Served, client: ollama.Client) -> None:
+    want = openai_chat(served, logprobs=True, top_logprobs=2)["choices"][0]["logprobs"]
+    reply = client.chat(model="tiny-up", messages=USER, options=GREEDY, logprobs=True,
+                        top_logprobs=2)
+    assert [e.token for e in reply.logprobs] == [e["token"] for e in want["content"]]
+    assert [e.logprob for e in reply.logprobs] == pytest.approx(
+        [e["logprob"] for e in want["content"]], abs=1e-4)
+    assert all(len(e.top_logprobs) == 2 for e in reply.logprobs)
+    parts = list(client.chat(model="tiny-up", messages=USER, options=GREEDY, logprobs=True,
+                             top_logprobs=2, stream=True))
+    assert [e.token for p in parts for e in p.logprobs or ()] == [e.token for e in
+                                                                  reply.logprobs]
+    raw = client.generate(model="tiny-up", prompt=PROMPT, raw=True, options=GREEDY,
+                          logprobs=True, top_logprobs=3)
+    legacy = httpx.post(served.v1 + "/completions", timeout=120, json={
+        "model": "tiny-up", "prompt": PROMPT, "temperature": 0, "max_tokens": 12,
+        "logprobs": 3}).json()["choices"][0]["logprobs"]
+    assert [e.token for e in raw.logprobs] == legacy["tokens"]
+    assert [e.logprob for e in raw.logprobs] == pytest.approx(legacy["token_logprobs"],
+                                                              abs=1e-4)
+    for entry, top in zip(raw.logprobs, legacy["top_logprobs"], strict=True):
+        assert {t.token: t.logprob for t in entry.top_logprobs} == pytest.approx(top, abs=1e-4)
+    assert client.chat(model="tiny-up", messages=USER, options=GREEDY).logprobs is None
+
+
 def test_format_json_or_a_schema(client: ollama.Client) -> None:
     reply = client.chat(model="tiny-up", messages=USER, format="json",
                         options={"temperature": 0, "num_predict": 300})
@@ -196,6 +222,21 @@ def test_tools_and_tool_results_in_ollamas_shape(served: Served,
         assert dict(call.arguments) == json.loads(want["tool_calls"][0]["function"]["arguments"])
     else:
         assert reply.message.content == want["content"] and not reply.message.tool_calls
+    # a call (tool_choice, OpenAI's field, read here too), whole and streamed
+    want = openai_chat(served, tools=[LOOKUP], tool_choice="required", max_tokens=300)
+    wanted = want["choices"][0]["message"]["tool_calls"][0]["function"]
+    called = api_chat(served, tools=[LOOKUP], tool_choice="required",
+                      options={"temperature": 0, "num_predict": 300})
+    message = ollama.ChatResponse(**called).message  # as the client reads it
+    assert message.content == "" and called["done_reason"] == "stop"
+    assert message.tool_calls[0].function.name == wanted["name"] == "lookup"
+    assert dict(message.tool_calls[0].function.arguments) == json.loads(wanted["arguments"])
+    lines = ndjson(served, "/api/chat", {"model": "tiny-up", "messages": USER,
+                                         "tools": [LOOKUP], "tool_choice": "required",
+                                         "options": {"temperature": 0, "num_predict": 300}})
+    calls = [c["function"] for line in lines for c in line["message"].get("tool_calls", [])]
+    assert calls == [c["function"] for c in called["message"]["tool_calls"]]
+    assert lines[-1]["done"]
     history = [*USER, {"role": "assistant", "content": "", "tool_calls": [
         {"function": {"name": "lookup", "arguments": {"person": "Has Zhithdou",
                                                       "fact": "town"}}}]},
@@ -306,6 +347,39 @@ def test_an_empty_request_loads_the_preset(served: Served, client: ollama.Client
     chat = httpx.post(served.url + "/api/chat", json={"model": "tiny-up", "messages": []})
     assert chat.status_code == 200 and chat.json()["done_reason"] == "load"
     assert chat.json()["message"] == {"role": "assistant", "content": ""}
+
+
+def _until(ready: Any, what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_a_stream_cut_by_a_shutdown_ends_with_an_error_line() -> None:
+    with serving() as s:
+        slow_steps(s.runner.session, 0.05, endless=True)
+        body = {"model": "tiny-up", "messages": USER, "options": {"num_predict": 500}}
+        with httpx.stream("POST", s.url + "/api/chat", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = [json.loads(next(lines)) for _ in range(2)]
+            s.runner.close()
+            rest = [json.loads(line) for line in lines]
+    assert not any(part["done"] for part in first + rest[:-1])
+    assert rest[-1] == {"error": "the server is shutting down"}
+
+
+def test_a_client_leaving_a_stream_stops_its_work() -> None:
+    with serving() as s:
+        slow_steps(s.runner.session, 0.05, endless=True)
+        body = {"model": "tiny-up", "prompt": QUESTION, "options": {"num_predict": 500}}
+        with httpx.stream("POST", s.url + "/api/generate", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines), next(lines)
+            job = s.runner.current
+        assert job is not None
+        _until(lambda: job in s.runner.history, "the job ended")
+        assert job.cancel_reason == "client" and job.generated < 100
 
 
 # -- Open WebUI's Ollama connection, replayed ------------------------------------------------------

@@ -206,8 +206,9 @@ def chat_body(body: Any) -> Translated:
     """An ``/api/chat`` body as a chat completions body."""
     out, names, rest = _common(body)
     out["messages"] = _messages(body.get("messages") or [])
-    if body.get("tools") is not None:
-        out["tools"] = body["tools"]
+    for key in ("tools", "tool_choice"):  # tool_choice: OpenAI's, which Ollama lacks
+        if body.get(key) is not None:
+            out[key] = body[key]
     _overflow(body, out)
     return Translated(body=out, names=names, **rest)
 
