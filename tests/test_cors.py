@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +19,8 @@ from eft_local.errors import EftError
 from eft_local.server.guard import CorsPolicy, origin_of
 from eft_local.server.options import ServerOptions
 from tests.browserhelp import chromium_path, launch
-from tests.clihelp import assert_one_line_error, run
-from tests.hostilehelp import connect, read_response
+from tests.clihelp import THREADS, assert_one_line_error, run
+from tests.hostilehelp import Child, connect, read_response
 from tests.servehelp import Served, serving
 
 PAGE = "http://page.test:3000"
@@ -73,6 +74,22 @@ def test_origins_are_read_as_browsers_send_them() -> None:
 def test_a_bad_cors_value_is_a_one_line_error() -> None:
     result = run(["serve", "tiny-up", "--cors", "localhost:3000"])
     assert_one_line_error(result, "--cors 'localhost:3000'", "scheme://host[:port]")
+
+
+def test_serve_says_which_pages_it_lets_in_and_warns_without_a_key() -> None:
+    child = Child(["serve", "tiny-up", "--port", "0", *THREADS, "--cors", "*",
+                   "--cors", "HTTP://LocalHost:3000/"])
+    try:
+        child.wait_for(lambda: " on http://" in child.stderr, "the server listens")
+        url = re.search(r" on (http://\S+)/v1 ", child.stderr).group(1)
+        status, headers, _body = preflight(url, "https://any.example")
+        assert status == 200 and headers["access-control-allow-origin"] == "*"
+    finally:
+        child.signal(2)
+        child.finish()
+    assert "warning: --cors '*' without --api-key: every web page you visit can use the " \
+        "models" in child.stderr
+    assert "every web page may call this server (--cors '*')" in child.stderr
 
 
 # -- preflights and answers over HTTP ------------------------------------------------------------

@@ -170,7 +170,7 @@ def test_options_set_the_same_knobs(served: Served, client: ollama.Client) -> No
     assert same.message.content == client.chat(model="tiny-up", messages=USER,
                                                options=GREEDY).message.content
     assert any("options.num_ctx 4096 asks for more than this server's context" in line
-               and "--ctx-size 4096" in line for line in served.logs)
+               and "--n-ctx 4096" in line for line in served.logs)
 
 
 def test_logprobs_of_the_mix_as_on_v1(served: Served, client: ollama.Client) -> None:

@@ -4,7 +4,8 @@ Ollama's under ``/api/``: :mod:`eft_local.server.ollama`).
 Routes parse and check a request (:mod:`eft_local.server.protocol`), hand the work to the
 engine's worker thread (:mod:`eft_local.server.worker`) and turn its events into OpenAI's
 responses, or server-sent events ending in ``data: [DONE]``. Every failure is OpenAI's error
-body with a 4xx/5xx status and one log line; no traceback ever reaches a client.
+body (Ollama's under ``/api/``) with a 4xx/5xx status and one log line; no traceback ever
+reaches a client.
 """
 
 from __future__ import annotations

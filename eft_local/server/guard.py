@@ -231,7 +231,7 @@ def refusal(header: str) -> ApiError:
 
 
 class HostGuard:
-    """ASGI middleware: before any route sees it, 403 in OpenAI's error shape (and one log
+    """ASGI middleware: before any route sees it, 403 in the API's error shape (and one log
     line) for a request whose Host header the policy does not allow, and for one that a
     browser sends from another site's page (see :func:`cross_site`)."""
 

@@ -144,7 +144,7 @@ class Ollama:
         if t.num_ctx and session is not None and t.num_ctx > session.n_ctx:
             self.api.log(f"{request.method} {request.url.path}: options.num_ctx {t.num_ctx} "
                          f"asks for more than this server's context ({session.n_ctx} tokens "
-                         f"per slot); restart it with --ctx-size {t.num_ctx} to give more")
+                         f"per slot); restart it with --n-ctx {t.num_ctx} to give more")
         return await self.api._generate(request, job, t.stream,
                                         partial(self._lines, request, job, t, key),
                                         partial(self._whole, request, job, t, key), started,
@@ -247,13 +247,16 @@ class Ollama:
         return JSONResponse({"version": OLLAMA_VERSION, "eft_local": __version__})
 
     async def tags(self, _request: Request) -> Response:
-        return JSONResponse({"models": [self._card(p) for p in self.api.runner.available()]})
+        def cards() -> list[dict[str, Any]]:
+            return [self._card(p) for p in self.api.runner.available()]
+
+        return JSONResponse({"models": await asyncio.to_thread(cards)})
 
     async def ps(self, _request: Request) -> Response:
         session = self.api.runner.session
         if session is None:
             return JSONResponse({"models": []})
-        card = self._card(session.preset)
+        card = await asyncio.to_thread(self._card, session.preset)
         return JSONResponse({"models": [{
             **{k: card[k] for k in ("name", "model", "size", "digest", "details")},
             "expires_at": FOREVER, "size_vram": 0, "context_length": session.n_ctx}]})
@@ -270,7 +273,8 @@ class Ollama:
         if unused:
             raise ApiError(404, f"model {given!r} not found: the formula of {name!r} does not "
                            f"use {unused[0]}", param="model", code="model_not_found")
-        card, eft = self._card(preset), self.api.model_card(preset, given, params)["eft"]
+        card = await asyncio.to_thread(self._card, preset)
+        eft = self.api.model_card(preset, given, params)["eft"]
         session = self.api.runner.session
         loaded = session is not None and session.preset.name == name
         sampling = eft["sampling"]
@@ -292,7 +296,8 @@ class Ollama:
 
     def _card(self, preset: Preset) -> dict[str, Any]:
         """A preset as an ``/api/tags`` entry: its files' total size and newest time, a
-        digest of its definition, the architectures of its models."""
+        digest of its definition, the architectures of its models (read from the files'
+        headers, remembered per file: off the event loop, the first time takes a while)."""
         files: list[Path] = []
         for spec in preset.models.values():
             path = None if spec.remote else spec.path or hub.cached_path(spec)

@@ -9,7 +9,7 @@ and ``frequency_penalty`` set the same knobs as OpenAI's fields; ``eft`` (in ``o
 the body) is the OpenAI routes' ``eft`` object; ``repeat_penalty``, ``typical_p``,
 ``tfs_z`` and ``mirostat`` are taken at their neutral values only; the load options
 (``num_ctx``, ``num_gpu``, ``num_thread``...) are accepted and not applied (``serve`` loads
-the models once, with its own ``--ctx-size``...). ``format`` ``"json"`` or a schema is the
+the models once, with its own ``--n-ctx``...). ``format`` ``"json"`` or a schema is the
 grammar ``response_format`` makes; ``truncate`` false is ``eft.context_overflow: error``;
 ``keep_alive`` and ``shift`` are accepted; ``think`` and images are refused.
 """
@@ -48,7 +48,7 @@ NOT_APPLIED = frozenset({
     "draft_num_predict", "num_keep", "penalize_newline", "repeat_last_n", "mirostat_tau",
     "mirostat_eta"})
 """Options accepted and not applied: how the models load (``serve`` sets that when it
-starts: ``--ctx-size``, ``--threads``, ``--n-gpu-layers``), and the parameters of the
+starts: ``--n-ctx``, ``--threads``, ``--gpu-layers``), and the parameters of the
 options above that stay neutral."""
 _DURATION = re.compile(r"-?(?:\d+(?:\.\d*)?(?:ns|us|µs|ms|s|m|h))+|-?\d+(?:\.\d*)?")
 """A ``keep_alive`` string: Go's durations (``5m``, ``1h30m``) or a number of seconds."""
