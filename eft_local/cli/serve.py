@@ -132,9 +132,8 @@ def listen(host: str, port: int) -> socket.socket:
               "(OpenAI's limit is 20; a remote eft-local role with top_k K needs K).")
 def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
           allowed_hosts: tuple[str, ...], cors: tuple[str, ...], api_key_file: Path | None,
-          api_key: str | None,
-          max_queue: int, max_body: int, allow_download: bool, max_logprobs: int,
-          **opts: Any) -> None:
+          api_key: str | None, max_queue: int, max_body: int, allow_download: bool,
+          max_logprobs: int, **opts: Any) -> None:
     """Serve the emulated model over an OpenAI-compatible HTTP API (and Ollama's).
 
     Endpoints: /v1/chat/completions, /v1/completions (echo + logprobs scores a text),
@@ -214,8 +213,8 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
         _log(options.hosts.describe())
     if origins.enabled:
         _log(origins.describe())
-    _log(f"serving {session.preset.name!r} on {url}/v1 (OpenAI API; the playground page at "
-         f"{url}/; Ctrl-C stops)")
+    _log(f"serving {session.preset.name!r} on {url}/v1 (OpenAI API; Ollama's at {url}/api; "
+         f"the playground page at {url}/; Ctrl-C stops)")
     try:
         server.run(sockets=[sock])
     finally:

@@ -118,11 +118,10 @@ def _common(body: Any) -> tuple[dict[str, Any], dict[str, str], dict[str, Any]]:
                   "keep_alive")
     think = body.get("think")
     if think is True or think in _THINK:
-        raise bad("'think': this server does not separate a model's reasoning from its reply (the "
-                  "reply holds it); drop 'think' or set it to false", "think")
+        raise bad("'think': this server does not separate a model's reasoning from its "
+                  "reply (the reply holds it); drop 'think' or set it to false", "think")
     if think not in (None, False):
-        raise bad(f"'think' is {think!r}; it must be true, false, \"high\", \"medium\" or "
-                  "\"low\"", "think")
+        raise bad(f"'think' is {think!r}; give false or leave it out", "think")
     _flag(body, "shift", True)  # accepted: a reply stops at the end of the context
     options = body.get("options")
     eft = body.get("eft")
