@@ -63,6 +63,12 @@ def kv_estimate(path: Path, n_ctx: int | None = None) -> tuple[int, int] | None:
     return ggufscan.scan(path).kv_bytes(n_ctx)
 
 
+def architecture(path: Path) -> str | None:
+    """The model architecture a GGUF file names (``llama``, ``qwen2``...), from its header
+    alone; None when it does not say."""
+    return ggufscan.scan(path).arch
+
+
 def check_models(preset: Preset, *, download: bool = False,
                  say: Callable[[str], None] | None = None, pieces: bool = False
                  ) -> AlignmentReport:

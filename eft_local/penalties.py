@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from eft_local.errors import EftError, check_field
+from eft_local.schema_check import is_number
 
 DRY_BREAKERS = ("\n", ":", "\"", "*")
 """llama.cpp's default DRY sequence breakers."""
@@ -65,19 +66,19 @@ def check_penalties(s: Any) -> None:
     one-line errors name the field and its range); store ``logit_bias`` as sorted (id,
     bias) pairs and the breakers as a tuple."""
     field = check_field
-    field(_number(s.repeat_penalty) and _positive32(s.repeat_penalty), "repeat_penalty",
+    field(is_number(s.repeat_penalty) and _positive32(s.repeat_penalty), "repeat_penalty",
           s.repeat_penalty, "a finite number > 0 (1 = off)")
     for name in ("frequency_penalty", "presence_penalty"):
         value = getattr(s, name)
-        field(_number(value) and -PENALTY_RANGE <= value <= PENALTY_RANGE, name, value,
+        field(is_number(value) and -PENALTY_RANGE <= value <= PENALTY_RANGE, name, value,
               f"in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}] (0 = off)")
     for name in ("repeat_last_n", "dry_penalty_last_n"):
         value = getattr(s, name)
         field(_integer(value) and value >= -1, name, value,
               "an integer >= -1 (-1 = the whole context, 0 = off)")
-    field(_number(s.dry_multiplier) and 0 <= s.dry_multiplier < math.inf, "dry_multiplier",
+    field(is_number(s.dry_multiplier) and 0 <= s.dry_multiplier < math.inf, "dry_multiplier",
           s.dry_multiplier, "a finite number >= 0 (0 = off)")
-    field(_number(s.dry_base) and 1 <= s.dry_base < math.inf, "dry_base", s.dry_base,
+    field(is_number(s.dry_base) and 1 <= s.dry_base < math.inf, "dry_base", s.dry_base,
           "a finite number >= 1")
     field(_integer(s.dry_allowed_length) and s.dry_allowed_length >= 0,
           "dry_allowed_length", s.dry_allowed_length, "an integer >= 0")
@@ -87,10 +88,6 @@ def check_penalties(s: Any) -> None:
           breakers, f"a list of at most {MAX_BREAKERS} non-empty strings")
     object.__setattr__(s, "dry_sequence_breakers", tuple(breakers))
     object.__setattr__(s, "logit_bias", _bias_pairs(s.logit_bias))
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _positive32(value: float) -> bool:
@@ -117,7 +114,7 @@ def _bias_pairs(value: Any) -> tuple[tuple[int, float], ...]:
     for token, bias in pairs:
         check_field(_integer(token) and token >= 0, "logit_bias", {token: bias},
                     "a token id (an integer >= 0) -> bias")
-        check_field(_number(bias) and (-BIAS_RANGE <= bias <= BIAS_RANGE
+        check_field(is_number(bias) and (-BIAS_RANGE <= bias <= BIAS_RANGE
                                        or bias == -math.inf), "logit_bias", {token: bias}, want)
         out[token] = out.get(token, 0.0) + float(bias)
     return tuple(sorted(out.items()))

@@ -113,7 +113,7 @@ def _own(schema: Mapping[str, Any], value: Any, where: str, place: str,
         out.append(f"'{key}' at {where}: {place} is {_short(value)}, {why}")
 
     step = schema.get("multipleOf")
-    if _is_number(step) and _is_number(value) and step > 0:
+    if is_number(step) and is_number(value) and step > 0:
         try:
             if Decimal(repr(value)) % Decimal(repr(step)) != 0:
                 say("multipleOf", f"not a multiple of {step}")
@@ -159,11 +159,12 @@ def _fits(schema: object, value: Any, root: Mapping[str, Any], depth: int = 0) -
 def _is_type(kind: object, value: Any) -> bool:
     return {"null": value is None, "boolean": isinstance(value, bool),
             "string": isinstance(value, str), "array": isinstance(value, list),
-            "object": isinstance(value, dict), "number": _is_number(value),
-            "integer": _is_number(value) and float(value).is_integer()}.get(str(kind), True)
+            "object": isinstance(value, dict), "number": is_number(value),
+            "integer": is_number(value) and float(value).is_integer()}.get(str(kind), True)
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
+    """A JSON number: an int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -329,3 +329,23 @@ def test_reasoning_comes_back_as_reasoning_content_or_in_the_text(thinker: Any) 
         r = http.post("/chat/completions", json={**body, "model": "command-line",
                                                  "reasoning_format": "hidden"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "reasoning_format"
+
+
+def test_ollamas_think_puts_the_block_into_thinking(thinker: Any) -> None:
+    import ollama
+
+    client = ollama.Client(host=thinker.url, timeout=120)
+    ask = {"model": "command-line", "messages": [{"role": "user", "content": "hi"}],
+           "options": {"temperature": 0, "num_predict": 24}}
+    thought = client.chat(**ask, think=True)
+    assert thought.message.content == "" and thought.message.thinking
+    parts = list(client.chat(**ask, think=True, stream=True))
+    assert "".join(p.message.thinking or "" for p in parts) == thought.message.thinking
+    plain = client.chat(**ask)  # unset: the text keeps the block, as before
+    assert plain.message.thinking is None
+    assert plain.message.content.strip() == thought.message.thinking
+    made = client.generate(model="command-line", prompt="hi", think=True,
+                           options=ask["options"])
+    assert made.thinking == thought.message.thinking and made.response == ""
+    with pytest.raises(ollama.ResponseError, match="levels are not applied"):
+        client.chat(**ask, think="high")

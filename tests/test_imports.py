@@ -40,9 +40,9 @@ LAYERS: dict[str, int] = {
     "explore.candidates": 6, "explore.metrics": 6, "explore.refcache": 6,
     "explore.explorer": 6,
     "server.protocol": 6, "server.exact": 6, "server.chat_answers": 6, "server.worker": 6,
-    "server.handlers": 6,
-    "server.page": 6, "server.replies": 6,
-    "server.app": 6, "server.net": 6, "server.guard": 6,
+    "server.handlers": 6, "server.page": 6, "server.replies": 6,
+    "server.app": 6, "server.net": 6, "server.guard": 6, "server.options": 6, "server.shapes": 6,
+    "server.ollama": 6, "server.ollama_protocol": 6,
     # the command line
     "cli.main": 7, "cli.options": 7, "cli.batch": 7, "cli.repl": 7,
     "cli.score": 7, "cli.serve": 7, "cli.explore": 7, "cli.eval": 7, "cli.bench": 7,

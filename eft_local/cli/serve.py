@@ -19,7 +19,7 @@ from eft_local.cli.options import (
 )
 from eft_local.errors import EftError
 from eft_local.files import read_user_text
-from eft_local.server.guard import is_loopback
+from eft_local.server.guard import CorsPolicy, is_loopback
 from eft_local.text import printable
 
 KEY_ENV = "EFT_LOCAL_API_KEY"
@@ -110,6 +110,10 @@ def listen(host: str, port: int) -> socket.socket:
 @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="Also answer requests whose Host header is NAME (repeatable; '*': any). "
               "IP addresses, localhost and the --host name are always answered.")
+@click.option("--cors", "cors", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (scheme://host[:port]; repeatable; '*': any "
+              "page) call the server from the browser. Off by default: any page you visit "
+              "could otherwise use the server.")
 @click.option("--api-key-file", type=click.Path(path_type=Path), metavar="FILE",
               help="Require 'Authorization: Bearer KEY', KEY being FILE's one line.")
 @click.option("--api-key", envvar=KEY_ENV, metavar="KEY",
@@ -132,14 +136,16 @@ def listen(host: str, port: int) -> socket.socket:
               "deepseek, message.reasoning_content (and delta.reasoning_content); none, it "
               "stays in the content. A request's reasoning_format overrides it.")
 def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
-          allowed_hosts: tuple[str, ...], api_key_file: Path | None, api_key: str | None,
-          max_queue: int, max_body: int, allow_download: bool, max_logprobs: int,
-          reasoning_format: str, **opts: Any) -> None:
-    """Serve the emulated model over an OpenAI-compatible HTTP API.
+          allowed_hosts: tuple[str, ...], cors: tuple[str, ...], api_key_file: Path | None,
+          api_key: str | None, max_queue: int, max_body: int, allow_download: bool,
+          max_logprobs: int, reasoning_format: str, **opts: Any) -> None:
+    """Serve the emulated model over an OpenAI-compatible HTTP API (and Ollama's).
 
     Endpoints: /v1/chat/completions, /v1/completions (echo + logprobs scores a text),
     /v1/models, /tokenize, /detokenize, /tokenizer_info, /health, / (the playground:
-    a web page showing each token's mix, in colour), and /eft/rows and /eft/vocab, which
+    a web page showing each token's mix, in colour), Ollama's /api/chat, /api/generate,
+    /api/tags, /api/show, /api/ps and /api/version (for Ollama's clients; presets are
+    listed as PRESET:latest), and /eft/rows and /eft/vocab, which
     make a model of this server an exact remote role of another eft-local
     (-m large_base=http://HOST:PORT). Requests may name any
     preset whose files are present (it is loaded on demand, one set at a time) unless
@@ -152,7 +158,8 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     Against web pages (DNS rebinding, blind cross-site POSTs), a request must name this
     server in its Host header (an IP address, localhost, the --host name, names given with
     --allowed-host; beyond loopback also this machine's name, *.local and *.internal) and
-    send JSON bodies as 'Content-Type: application/json'.
+    send JSON bodies as 'Content-Type: application/json'; a web page of another origin
+    may call it only when --cors names that origin.
     """
     try:
         from eft_local.server.app import ServerOptions, create_app
@@ -173,6 +180,7 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
         raise click.UsageError(f"give the preset once: {preset_arg!r} or --preset {pinned!r}")
     source = click.get_current_context().get_parameter_source("api_key")
     api_key = server_key(api_key, api_key_file, source)
+    origins = CorsPolicy.parse(cors)
     if preset_arg and looks_like_key(preset_arg):
         from eft_local.presets import load_config
 
@@ -182,6 +190,9 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     if not api_key and not is_loopback(host):
         click.echo(f"warning: listening on {host} without --api-key: anyone who can reach "
                    f"port {port} can use the models", err=True)
+    if not api_key and origins.any_origin:
+        click.echo("warning: --cors '*' without --api-key: every web page you visit can use "
+                   "the models and read their answers", err=True)
     sock = listen(host, port)
     try:
         session = open_session(pinned or preset_arg, {**opts, "allow_download": allow_download})
@@ -197,7 +208,7 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
                             system=opts.get("system"), stop=tuple(opts.get("stop") or ()),
                             seed=opts.get("seed"), max_logprobs=max_logprobs,
                             context_overflow=opts.get("context_overflow") or "truncate",
-                            hosts=HostPolicy.for_server(host, allowed_hosts),
+                            hosts=HostPolicy.for_server(host, allowed_hosts), cors=origins,
                             reasoning_format=reasoning_format)
     app = create_app(runner, options, log=_log)
     runner.start()
@@ -206,8 +217,10 @@ def serve(preset_arg: str | None, pinned: str | None, host: str, port: int,
     url = base_url(sock)
     if not is_loopback(host) or allowed_hosts:
         _log(options.hosts.describe())
-    _log(f"serving {session.preset.name!r} on {url}/v1 (OpenAI API; the playground page at "
-         f"{url}/; Ctrl-C stops)")
+    if origins.enabled:
+        _log(origins.describe())
+    _log(f"serving {session.preset.name!r} on {url}/v1 (OpenAI API; Ollama's at {url}/api; "
+         f"the playground page at {url}/; Ctrl-C stops)")
     try:
         server.run(sockets=[sock])
     finally:

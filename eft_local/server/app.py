@@ -1,9 +1,11 @@
-"""``eft-local serve``'s web side: an OpenAI-compatible HTTP API over Starlette.
+"""``eft-local serve``'s web side: an OpenAI-compatible HTTP API over Starlette (and
+Ollama's under ``/api/``: :mod:`eft_local.server.ollama`).
 
 Routes parse and check a request (:mod:`eft_local.server.protocol`), hand the work to the
 engine's worker thread (:mod:`eft_local.server.worker`) and turn its events into OpenAI's
 responses, or server-sent events ending in ``data: [DONE]``. Every failure is OpenAI's error
-body with a 4xx/5xx status and one log line; no traceback ever reaches a client.
+body (Ollama's under ``/api/``) with a 4xx/5xx status and one log line; no traceback ever
+reaches a client.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -28,7 +31,7 @@ from eft_local.presets import Preset
 from eft_local.remote.exact import MEDIA_TYPE, ROWS_PATH, VOCAB_PATH
 from eft_local.server.chat_answers import ChatAnswers
 from eft_local.server.exact import rows_work, vocab_work
-from eft_local.server.guard import HostGuard, HostPolicy, require_json
+from eft_local.server.guard import HostGuard, cors_settings, require_json
 from eft_local.server.handlers import (
     chat_work,
     completion_work,
@@ -36,52 +39,27 @@ from eft_local.server.handlers import (
     tokenize_work,
     tokenizer_info_work,
 )
+from eft_local.server.ollama import ollama_routes
+from eft_local.server.options import ServerOptions
 from eft_local.server.page import playground
 from eft_local.server.protocol import (
-    MAX_TOP_LOGPROBS,
     ApiError,
+    ChatRequest,
     CompletionRequest,
-    envelope,
     parse_chat,
     parse_completion,
     parse_model_name,
     parse_rows,
-    sse,
-    usage,
 )
+from eft_local.server.shapes import envelope, sse, usage
 from eft_local.server.worker import Job, Worker
 
 
-@dataclass(frozen=True)
-class ServerOptions:
-    """What the command line sets for every request."""
-
-    api_key: str | None = None
-    max_body: int = 8 << 20
-    max_tokens: int = 512
-    completion_max_tokens: int = 16
-    system: str | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    context_overflow: str = "truncate"
-    """A chat longer than the context, unless the request's ``eft.context_overflow`` says:
-    drop its oldest turns (``truncate``) or answer 400 (``error``)."""
-    body_seconds: float = 60.0
-    """Longest a request body may take to arrive (a slow upload holds a connection)."""
-    max_logprobs: int = MAX_TOP_LOGPROBS
-    """Most alternatives per position a completions request may ask for."""
-    hosts: HostPolicy = HostPolicy()
-    """Which Host headers are answered (:mod:`eft_local.server.guard`; by default
-    loopback names and IP addresses)."""
-    reasoning_format: str = "deepseek"
-    """Where a chat reply's ``<think>`` block goes unless the request says: ``deepseek``,
-    ``reasoning_content``; ``none``, it stays in the text."""
-
-
-def error_response(exc: ApiError) -> JSONResponse:
-    """OpenAI's error body with ``exc``'s status (and Retry-After on a full queue)."""
+def error_response(exc: ApiError, path: str = "") -> JSONResponse:
+    """The error body of a request for ``path`` (OpenAI's, Ollama's under ``/api/``) with
+    ``exc``'s status (and Retry-After on a full queue)."""
     headers = {"Retry-After": "1"} if exc.code == "queue_full" else None
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    return JSONResponse(exc.body(path), status_code=exc.status, headers=headers)
 
 
 def event_stream(body: Any) -> StreamingResponse:
@@ -105,7 +83,7 @@ class Api(ChatAnswers):
     # -- plumbing -------------------------------------------------------------------------
     def route(self, handler: Callable[[Request], Awaitable[Response]], *, auth: bool = True
               ) -> Callable[[Request], Awaitable[Response]]:
-        """Wrap a handler: API key, OpenAI errors, one log line per failure."""
+        """Wrap a handler: API key, errors in the API's shape, one log line per failure."""
 
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
@@ -115,15 +93,16 @@ class Api(ChatAnswers):
                 return await handler(request)
             except ApiError as exc:
                 self.log(f"{request.method} {request.url.path} {exc.status} {exc.message}")
-                return error_response(exc)
+                return error_response(exc, request.url.path)
             except RecursionError:  # a JSON value nested too deeply for a checker
                 exc = ApiError(400, "the request body is nested too deeply")
                 self.log(f"{request.method} {request.url.path} 400 {exc.message}")
-                return error_response(exc)
+                return error_response(exc, request.url.path)
             except Exception as exc:  # a bug: one line, no traceback to the client
                 self.log(f"{request.method} {request.url.path} 500 internal error: "
                          f"{type(exc).__name__}: {exc} ({time.perf_counter() - started:.2f} s)")
-                return error_response(ApiError(500, f"internal error ({type(exc).__name__})"))
+                return error_response(ApiError(500, f"internal error ({type(exc).__name__})"),
+                                      request.url.path)
 
         return endpoint
 
@@ -336,16 +315,17 @@ class Api(ChatAnswers):
     async def _generate(self, request: Request, job: Job, streaming: bool,
                         stream_answer: Callable[..., AsyncIterator[str]],
                         whole_answer: Callable[..., Awaitable[Response]],
-                        started: float) -> Response:
-        """Queue a generation job and answer it whole or as server-sent events; errors found
-        before any work are a 4xx either way."""
+                        started: float, respond: Callable[..., Response] = event_stream
+                        ) -> Response:
+        """Queue a generation job and answer it whole or streamed (``respond``: as
+        server-sent events); errors found before any work are a 4xx either way."""
         watcher = await self.start(job, request)
         try:
             stream = self.events(job)
             head = await self.first(job, stream)
             if streaming:
                 watcher.cancel()  # the streaming response listens for the client from here
-                return event_stream(stream_answer(head, stream, started))
+                return respond(stream_answer(head, stream, started))
             return await whole_answer(head, stream, started)
         except BaseException:
             job.cancel()
@@ -354,29 +334,39 @@ class Api(ChatAnswers):
             watcher.cancel()
 
     # -- chat -----------------------------------------------------------------------------
-    async def chat(self, request: Request) -> Response:
-        started = time.perf_counter()
+    def chat_job(self, req: ChatRequest) -> Job:
+        """The job of a chat request, with the command line's defaults."""
         opts = self.options
-        req = parse_chat(await self.body(request), self.runner.sampling, opts.seed)
         knobs = req.common.knobs
         if knobs.context_overflow is None:
             knobs = replace(knobs, context_overflow=opts.context_overflow)
-        job = Job(work=chat_work(req, default_max=opts.max_tokens, system=opts.system,
-                                 default_stop=opts.stop, reasoning_format=opts.reasoning_format),
-                  preset=req.common.preset, knobs=knobs, sampling=req.common.sampling)
+        return Job(work=chat_work(req, default_max=opts.max_tokens, system=opts.system,
+                                  default_stop=opts.stop,
+                                  reasoning_format=opts.reasoning_format),
+                   preset=req.common.preset, knobs=knobs, sampling=req.common.sampling)
+
+    async def chat(self, request: Request) -> Response:
+        started = time.perf_counter()
+        req = parse_chat(await self.body(request), self.runner.sampling, self.options.seed)
+        job = self.chat_job(req)
         return await self._generate(request, job, req.common.stream,
                                     partial(self._chat_stream, request, req, job),
                                     partial(self._chat_whole, request, req, job), started)
 
     # -- completions ----------------------------------------------------------------------
+    def completion_job(self, req: CompletionRequest, default_max: int) -> Job:
+        """The job of a completion request (``default_max`` tokens unless it says)."""
+        return Job(work=completion_work(req, default_max=default_max,
+                                        default_stop=self.options.stop),
+                   preset=req.common.preset, knobs=req.common.knobs,
+                   sampling=req.common.sampling)
+
     async def completions(self, request: Request) -> Response:
         started = time.perf_counter()
         opts = self.options
         req = parse_completion(await self.body(request), self.runner.sampling, opts.seed,
                                max_logprobs=opts.max_logprobs)
-        job = Job(work=completion_work(req, default_max=opts.completion_max_tokens,
-                                       default_stop=opts.stop),
-                  preset=req.common.preset, knobs=req.common.knobs, sampling=req.common.sampling)
+        job = self.completion_job(req, opts.completion_max_tokens)
         return await self._generate(request, job, req.common.stream,
                                     partial(self._completion_stream, request, req, job),
                                     partial(self._completion_whole, request, req, job),
@@ -481,7 +471,7 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     message = (f"no route {request.method} {request.url.path}" if status in (404, 405)
                else str(getattr(exc, "detail", exc)))
     return error_response(ApiError(status, message, code="not_found" if status == 404
-                                   else None))
+                                   else None), request.url.path)
 
 
 def create_app(runner: Worker, options: ServerOptions | None = None,
@@ -502,9 +492,13 @@ def create_app(runner: Worker, options: ServerOptions | None = None,
         Route("/tokenizer_info", r(api.tokenizer_info), methods=["GET"]),
         Route(ROWS_PATH, r(api.rows), methods=["POST"]),
         Route(VOCAB_PATH, r(api.vocab), methods=["GET"]),
+        *ollama_routes(api),
     ]
+    cors = api.options.cors  # inside the guard: only origins it lets in get CORS answers
+    middleware = [Middleware(HostGuard, policy=api.options.hosts, cors=cors, log=log)] + (
+        [Middleware(CORSMiddleware, **cors_settings(cors))] if cors.enabled else [])
     app = Starlette(routes=list(routes), exception_handlers={HTTPException: _not_found},
-                    middleware=[Middleware(HostGuard, policy=api.options.hosts, log=log)])
+                    middleware=middleware)
     # no redirect from /health/ to /health: Starlette builds its absolute URL from the Host
     # header, which a client chooses
     app.router.redirect_slashes = False

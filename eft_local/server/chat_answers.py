@@ -16,8 +16,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from eft_local.server.protocol import ChatRequest, envelope, sse, usage
+from eft_local.server.protocol import ChatRequest
 from eft_local.server.replies import chat_message, eft_delta
+from eft_local.server.shapes import envelope, sse, usage
 from eft_local.server.worker import Job
 
 

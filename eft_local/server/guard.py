@@ -20,8 +20,13 @@ playground page (:func:`cross_site`): it could not read the answer, yet switch p
 
 The last part, in :meth:`eft_local.server.app.Api.body` (:func:`require_json`): a JSON body
 must come with ``Content-Type: application/json``, which a page can send to another origin
-only after a CORS preflight this server never grants (a plain form or a ``text/plain``
-fetch gets 415), even in a browser that sends neither header.
+only after a CORS preflight (a plain form or a ``text/plain`` fetch gets 415), even in a
+browser that sends neither header.
+
+CORS is off by default: only the origins given with ``--cors`` (:class:`CorsPolicy`; ``*``:
+every origin) pass the cross-site check, and only their preflights are answered
+(:mod:`eft_local.server.cors`), so a notebook UI or a static chat page the user chose can
+call the server while every other page still gets 403.
 
 ``--allowed-host '*'`` turns the Host and the cross-site checks off (a reverse proxy that
 rewrites the Host header), not the Content-Type check.
@@ -29,13 +34,16 @@ rewrites the Host header), not the Content-Type check.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from eft_local.errors import EftError
 from eft_local.server.protocol import ApiError
 
 Scope = MutableMapping[str, Any]
@@ -134,6 +142,73 @@ class HostPolicy:
                 + ", ".join(p for p in parts if p) + " (--allowed-host NAME adds one)")
 
 
+_ORIGIN = re.compile(r"(https?)://([a-z0-9.-]+|\[[0-9a-f:.]+\])(?::(\d{1,5}))?")
+"""``scheme://host[:port]``: what a browser sends as ``Origin`` (lower case, no path)."""
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+
+
+def origin_of(value: str) -> str:
+    """``value`` as the ``Origin`` header a browser sends for it (``HTTP://Host:80/`` ->
+    ``http://host``); a one-line error naming ``--cors`` unless it is an origin, ``null``
+    or ``*``."""
+    text = value.strip().lower().rstrip("/")
+    if text in ("*", "null"):
+        return text
+    found = _ORIGIN.fullmatch(text)
+    if found is None:
+        raise EftError(f"--cors {value!r}: give a web page's origin, scheme://host[:port] "
+                       "(e.g. --cors http://localhost:3000), or '*' for every page")
+    scheme, host, port = found.groups()
+    if port is not None and not 0 < int(port) < 65536:
+        raise EftError(f"--cors {value!r}: the port must be in 1..65535")
+    keep = port is not None and port != _DEFAULT_PORTS[scheme]
+    return f"{scheme}://{host}" + (f":{port}" if keep else "")
+
+
+@dataclass(frozen=True)
+class CorsPolicy:
+    """Which web pages may call the server from their own origin (``--cors``): those
+    pass the cross-site check and get CORS answers; none by default."""
+
+    origins: frozenset[str] = frozenset()
+    """Allowed ``Origin`` values (as browsers send them: lower case, no default port)."""
+    any_origin: bool = False
+    """``--cors '*'``: every page."""
+
+    @classmethod
+    def parse(cls, values: Iterable[str]) -> CorsPolicy:
+        """The policy of ``--cors`` values (see :func:`origin_of`)."""
+        origins = {origin_of(v) for v in values}
+        return cls(origins=frozenset(origins - {"*"}), any_origin="*" in origins)
+
+    @property
+    def enabled(self) -> bool:
+        """True when some page may call the server."""
+        return self.any_origin or bool(self.origins)
+
+    def allows(self, origin: str) -> bool:
+        """True when a page whose ``Origin`` header is ``origin`` may call the server."""
+        return self.any_origin or origin.strip().lower() in self.origins
+
+    def describe(self) -> str:
+        """The policy in a few words, for the server's first log lines."""
+        if self.any_origin:
+            return "every web page may call this server (--cors '*')"
+        return "web pages from " + ", ".join(sorted(self.origins)) + " may call this server " \
+            "(--cors)"
+
+
+def cors_settings(policy: CorsPolicy) -> dict[str, Any]:
+    """Starlette's ``CORSMiddleware`` settings for ``policy``: its origins, the methods the
+    APIs use, any request header (``Authorization``, ``Content-Type``, the OpenAI clients'
+    ``x-stainless-*``), preflights cached 10 minutes, and Chrome's private-network
+    preflight granted (a page on the internet that the user let in calls a server on their
+    machine)."""
+    return {"allow_origins": ["*"] if policy.any_origin else sorted(policy.origins),
+            "allow_methods": ["GET", "HEAD", "POST", "OPTIONS"], "allow_headers": ["*"],
+            "allow_private_network": True, "max_age": 600}
+
+
 def require_json(content_type: str) -> None:
     """415 unless ``content_type`` (a Content-Type header) is ``application/json``, with
     parameters (``charset=utf-8``) or without."""
@@ -156,13 +231,14 @@ def refusal(header: str) -> ApiError:
 
 
 class HostGuard:
-    """ASGI middleware: before any route sees it, 403 in OpenAI's error shape (and one log
+    """ASGI middleware: before any route sees it, 403 in the API's error shape (and one log
     line) for a request whose Host header the policy does not allow, and for one that a
     browser sends from another site's page (see :func:`cross_site`)."""
 
     def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], *,
-                 policy: HostPolicy, log: Callable[[str], None]) -> None:
-        self.app, self.policy, self.log = app, policy, log
+                 policy: HostPolicy, log: Callable[[str], None],
+                 cors: CorsPolicy = CorsPolicy()) -> None:
+        self.app, self.policy, self.log, self.cors = app, policy, log, cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self.policy.any_host:
@@ -173,7 +249,7 @@ class HostGuard:
             await self.app(scope, receive, send)
             return
         self.log(f"{scope.get('method', '?')} {scope.get('path', '?')} 403 {error.message}")
-        body = json.dumps(error.body()).encode()
+        body = json.dumps(error.body(scope.get("path", ""))).encode()
         await send({"type": "http.response.start", "status": 403,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})
@@ -191,7 +267,8 @@ class HostGuard:
         if len(hosts) > 1:
             return ApiError(403, "a request may carry one Host header", code="host_not_allowed")
         return cross_site(scope.get("method", ""), scope.get("path", ""), hosts,
-                          headers.get(b"origin", []), headers.get(b"sec-fetch-site", []))
+                          headers.get(b"origin", []), headers.get(b"sec-fetch-site", []),
+                          self.cors)
 
     def _allowed(self, header: str) -> bool:
         name = host_name(header)
@@ -199,20 +276,35 @@ class HostGuard:
 
 
 def cross_site(method: str, path: str, hosts: list[str], origins: list[str],
-               sites: list[str]) -> ApiError | None:
-    """The 403 of a request a browser sent from another site's page: its ``Origin`` is not
-    this server's (the Host it names), or its ``Sec-Fetch-Site`` says another site. Such a
-    request cannot read the answer, but could still switch presets or tie up the worker
-    (``GET /tokenizer_info?model=...``, a form's POST). A link to the playground (``GET
-    /``) is the one cross-site request answered."""
+               sites: list[str], cors: CorsPolicy = CorsPolicy()) -> ApiError | None:
+    """The 403 of a request a browser sent from another site's page: its ``Origin`` is
+    neither this server's (the Host it names) nor one ``cors`` allows, or it names no other
+    origin and its ``Sec-Fetch-Site`` says another site. Such a request cannot read the answer, but
+    could still switch presets or tie up the worker (``GET /tokenizer_info?model=...``, a
+    form's POST). A link to the playground (``GET /``) is the one cross-site request
+    answered."""
     if method == "GET" and path == "/":
         return None
     host = hosts[0].strip().lower() if hosts else None
-    foreign = next((o for o in origins if o.strip().lower().partition("://")[2] != host), None)
-    if foreign is None and not any(s.strip().lower() in ("cross-site", "same-site")
-                                   for s in sites):
+    foreign = [o for o in origins if o.strip().lower().partition("://")[2] != host]
+    if foreign and all(cors.allows(o) for o in foreign):
+        return None  # a page the server was told to let in (--cors)
+    if not foreign and not any(s.strip().lower() in ("cross-site", "same-site")
+                               for s in sites):
         return None
-    shown = f"from {json.dumps(foreign[:100])}" if foreign is not None else "from another site"
-    return ApiError(403, f"a request {shown}: a web page of another site may not use this "
-                    "server (call it from a program, or from the playground at /)",
+    shown = "another site" if not foreign else json.dumps(foreign[0][:100])
+    page = _page_origin(foreign[0]) if foreign else None
+    hint = f"; to let that page in, start the server with --cors {page}" if page else ""
+    return ApiError(403, f"a request from {shown}: a web page of another site may not use "
+                    f"this server (call it from a program, or from the playground at /{hint})",
                     code="cross_site_request")
+
+
+def _page_origin(value: str) -> str | None:
+    """``value`` as an origin worth naming in a ``--cors`` hint (not ``null``: sandboxed
+    frames and files of any site send it), or None."""
+    with contextlib.suppress(EftError):
+        origin = origin_of(value)
+        if origin not in ("*", "null"):
+            return origin
+    return None

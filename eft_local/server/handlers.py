@@ -20,12 +20,11 @@ from eft_local.server.protocol import (
     ApiError,
     ChatRequest,
     CompletionRequest,
-    chat_logprob,
-    finish_reason,
     model_name,
     parse_chat,
 )
 from eft_local.server.replies import chat_reply
+from eft_local.server.shapes import chat_logprob, finish_reason
 from eft_local.server.worker import Job, Task
 from eft_local.session import Chunk, Request, SamplerSettings, Session, Settings, Step
 

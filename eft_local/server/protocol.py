@@ -1,6 +1,6 @@
-"""OpenAI's API as data: request bodies validated into frozen requests, responses built as
-dicts. No web framework here (see :mod:`eft_local.server.app`); every bad value is an
-:class:`ApiError` with OpenAI's error body and the right HTTP status.
+"""OpenAI's API as data: request bodies validated into frozen requests (the answers' pieces
+are :mod:`eft_local.server.shapes`). No web framework here (see :mod:`eft_local.server.app`);
+every bad value is an :class:`ApiError` with OpenAI's error body and the right HTTP status.
 """
 
 from __future__ import annotations
@@ -8,15 +8,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from eft_local import __version__
 from eft_local.errors import EftError
-from eft_local.records import finite
 from eft_local.settings import OVERFLOW, SamplerSettings
 from eft_local.structured import (
     SchemaError,
@@ -32,10 +29,13 @@ MAX_STOPS = 16
 """Most stop strings per request."""
 MAX_MESSAGES = 2048
 """Most messages in a chat request (OpenAI's limit): more are refused before any work."""
+OLLAMA_PREFIX = "/api/"
+"""Where Ollama's API is served (errors there have Ollama's shape)."""
 
 
 class ApiError(Exception):
-    """An error answered with OpenAI's body: ``{"error": {message, type, param, code}}``."""
+    """An error answered with OpenAI's body: ``{"error": {message, type, param, code}}``
+    (under ``/api/``, Ollama's: ``{"error": message}``)."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
                  code: str | None = None, kind: str | None = None) -> None:
@@ -43,8 +43,11 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.kind = kind or ("server_error" if status >= 500 else "invalid_request_error")
 
-    def body(self) -> dict[str, Any]:
-        """The JSON error body."""
+    def body(self, path: str = "") -> dict[str, Any]:
+        """The JSON error body of a request for ``path``: Ollama's under ``/api/``
+        (:mod:`eft_local.server.ollama`), else OpenAI's."""
+        if path.startswith(OLLAMA_PREFIX):
+            return {"error": self.message}
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
                           "code": self.code}}
 
@@ -577,48 +580,3 @@ def parse_rows(body: Any) -> RowsRequest:
                        n_past=int(n_past), prefix=prefix,
                        first=total - 1 if first is None else int(first))
 
-
-# -- responses --------------------------------------------------------------------------------
-FINGERPRINT = f"eft-local-{__version__}"
-
-
-def envelope(prefix: str, kind: str, model: str | None, head: dict[str, Any]) -> dict[str, Any]:
-    """The fields every OpenAI response and chunk starts with."""
-    return {"id": new_id(prefix), "object": kind, "created": now(),
-            "model": model or head["eft"]["preset"], "system_fingerprint": FINGERPRINT}
-
-
-def sse(data: Any) -> str:
-    """One server-sent event (strict JSON: no NaN or Infinity, as JSONResponse)."""
-    return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False)}\n\n"
-
-
-def new_id(prefix: str) -> str:
-    """An id like ``chatcmpl-3f2a...``."""
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def now() -> int:
-    """Seconds since the epoch (``created``)."""
-    return int(time.time())
-
-
-def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
-    """OpenAI's usage object; ``cached``: prompt tokens re-used from a slot's cache."""
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-def finish_reason(finish: str | None) -> str:
-    """Engine finish reasons in OpenAI's words: end of turn or stop string -> ``stop``;
-    ``max_tokens`` or a full context -> ``length``."""
-    return "stop" if finish in ("stop", "eog") else "length"
-
-
-def chat_logprob(text: str, data: bytes, logprob: float,
-                 top: Sequence[tuple[str, bytes, float]]) -> dict[str, Any]:
-    """One entry of a chat choice's ``logprobs.content``."""
-    return {"token": text, "logprob": finite(logprob), "bytes": list(data),
-            "top_logprobs": [{"token": t, "logprob": finite(lp), "bytes": list(b)}
-                             for t, b, lp in top]}
