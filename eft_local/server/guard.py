@@ -25,8 +25,8 @@ browser that sends neither header.
 
 CORS is off by default: only the origins given with ``--cors`` (:class:`CorsPolicy`; ``*``:
 every origin) pass the cross-site check, and only their preflights are answered
-(:mod:`eft_local.server.cors`), so a notebook UI or a static chat page the user chose can
-call the server while every other page still gets 403.
+(Starlette's CORS middleware with :func:`cors_settings`), so a notebook UI or a static chat
+page the user chose can call the server while every other page still gets 403.
 
 ``--allowed-host '*'`` turns the Host and the cross-site checks off (a reverse proxy that
 rewrites the Host header), not the Content-Type check.
