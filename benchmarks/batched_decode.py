@@ -1,7 +1,8 @@
 """Several sequences in one llama_decode: how fast, and how far from each decoded alone?
 
     python benchmarks/batched_decode.py [--model PATH] [--threads 2] [--runs 9]
-      [--context 64] [--batches 1,2,4,8] [--dir benchmarks/out]
+      [--context 64] [--batches 1,2,4,8] [--dir benchmarks/out] [--kv-unified]
+      [--flash-attn auto|on|off] [--agreement-only]
 
 One model holding B sequences (``LlamaModel(n_seq=B)``), each with its own ``--context``
 -token prompt. Per B, interleaved run by run so that a busy moment hurts both ways alike:
@@ -76,8 +77,8 @@ def measure(model: backend.LlamaModel, b: int, runs: int, context: int
     return batched, separate
 
 
-def agreement(path: Path, model: backend.LlamaModel, b: int, context: int, threads: int
-              ) -> tuple[float, float, int, float]:
+def agreement(path: Path, model: backend.LlamaModel, b: int, context: int, threads: int,
+              flash_attn: str = "auto") -> tuple[float, float, int, float]:
     """Largest |batched - alone| logit, largest |logit|, greedy choices that agree, and
     the widest gap between the two best logits (alone) where they do not."""
     v = model.n_vocab
@@ -86,7 +87,7 @@ def agreement(path: Path, model: backend.LlamaModel, b: int, context: int, threa
         model.eval(ids(context, s, v), seq=s)
     nxt = [ids(1, 100 + s, v)[0] for s in range(b)]
     rows = model.decode([backend.Part(s, context, (nxt[s],)) for s in range(b)])
-    one = backend.LlamaModel(path, n_ctx=model.n_ctx, n_threads=threads)
+    one = backend.LlamaModel(path, n_ctx=model.n_ctx, n_threads=threads, flash_attn=flash_attn)
     diff = top = gap = 0.0
     same = 0
     try:
@@ -121,24 +122,33 @@ def main() -> None:
     ap.add_argument("--batches", default="1,2,4,8", help="Sequence counts B to measure.")
     ap.add_argument("--n-ctx", type=int, default=512, help="Context of each sequence.")
     ap.add_argument("--dir", type=Path, default=Path("benchmarks/out"))
+    ap.add_argument("--kv-unified", action="store_true",
+                    help="One KV cache for every sequence (default: a stream each).")
+    ap.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
+                    help="llama.cpp's flash attention, in both models.")
+    ap.add_argument("--agreement-only", action="store_true", help="Skip the timings.")
     args = ap.parse_args()
     path = args.model or realistic_paths(args.dir, ("large_1b",))["large_1b"]
     sizes = [int(x) for x in args.batches.split(",")]
     model = backend.LlamaModel(path, n_ctx=args.n_ctx, n_threads=args.threads,
-                               n_seq=max(sizes))
+                               n_seq=max(sizes), kv_unified=args.kv_unified,
+                               flash_attn=args.flash_attn)
     try:
         print(f"{path.name}: {args.threads} threads, {args.context}-token prompts, n_ctx "
               f"{model.n_ctx} per sequence, KV {model.kv_bytes_per_seq / 2**20:.1f} MiB per "
-              f"sequence, {args.runs} runs")
+              f"sequence, {'one unified cache' if args.kv_unified else 'a stream each'}, "
+              f"flash attention {args.flash_attn}, "
+              f"{args.runs} runs")
         print(f"{'B':>3}  {'batched ms':>22}  {'B separate ms':>22}  throughput")
-        for b in sizes:
+        for b in [] if args.agreement_only else sizes:
             batched, separate = measure(model, b, args.runs, args.context)
             print(f"{b:>3}  {text(batched):>22}  {text(separate):>22}  "
                   f"x{statistics.median(separate) / statistics.median(batched):.2f}",
                   flush=True)
         print("\nbatched rows against a one-sequence model")
         for b in sizes:
-            diff, top, same, gap = agreement(path, model, b, args.context, args.threads)
+            diff, top, same, gap = agreement(path, model, b, args.context, args.threads,
+                                             args.flash_attn)
             print(f"B={b}: max |difference| {diff:.4f} (largest logit {top:.2f}), "
                   f"greedy choice equal {same}/{b}"
                   + (f" (the two best within {gap:.4f} where not)" if same < b else ""),

@@ -45,6 +45,15 @@ class LoadOptions:
     """Sequences (slots) each local model's context holds at once, each with its own
     ``n_ctx`` tokens of KV cache: how many generations run side by side (``serve -np``,
     ``generate --input -np``; see :attr:`eft_local.backend.LlamaModel.n_seq`)."""
+    kv_unified: bool = False
+    """With several sequences, one KV cache for all of them (``-kvu``, llama-server's flag)
+    instead of a stream each: busy slots with gaps between them still share one pass over
+    the weights, but a sequence's rows then differ slightly with what else is cached
+    (:mod:`eft_local.backend.sequences`)."""
+    flash_attn: str = "auto"
+    """llama.cpp's flash attention: ``auto`` (llama.cpp decides: on where it can), ``on``,
+    ``off``. Off, a batched sequence's rows equal its rows alone exactly (with a stream per
+    sequence); on, they can differ slightly (``docs/threads-and-gpus.md``)."""
 
     def __post_init__(self) -> None:
         if self.schedule is not None and self.schedule not in ("auto", *schedules.NAMES):
@@ -55,6 +64,9 @@ class LoadOptions:
         if self.n_threads is not None:
             limits.check_threads(self.n_threads, "load options")
         limits.check_n_seq(self.n_seq, "load options")
+        if self.flash_attn not in backend.FLASH_ATTN:
+            raise EftError(f"load options: flash_attn {self.flash_attn!r}: choose auto, on "
+                           "or off")
 
 
 def kv_estimate(path: Path, n_ctx: int | None = None) -> tuple[int, int] | None:
@@ -117,7 +129,7 @@ def load_models(preset: Preset, paths: Mapping[str, Path], options: LoadOptions,
                 path, n_ctx=spec.n_ctx if spec.n_ctx is not None else opts.n_ctx,
                 n_gpu_layers=layers if gpu else 0,
                 n_threads=spec.n_threads or share, n_batch=spec.n_batch or opts.n_batch,
-                n_seq=opts.n_seq)
+                n_seq=opts.n_seq, kv_unified=opts.kv_unified, flash_attn=opts.flash_attn)
             model = loaded[role]
             say(f"{role}: KV cache {limits.size_text(model.kv_bytes_per_seq)} per slot x "
                 f"{model.n_seq} (n_ctx {model.n_ctx} each)")

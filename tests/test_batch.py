@@ -175,15 +175,16 @@ def test_records_in_parallel_give_what_one_at_a_time_gives(family, tmp_path: Pat
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": p}
                                               for i, p in enumerate(PROMPTS)])
     texts = {}
-    for np_ in ("1", "3"):
-        out = tmp_path / f"out{np_}.jsonl"
+    for np_ in ("1", "3", "3 -kvu"):  # -kvu: one KV cache for the three sequences
+        out = tmp_path / f"out{np_[0]}.jsonl"
+        out.unlink(missing_ok=True)
         result = run(["generate", *family.trio(), *OPTS, "--max-tokens", "12", "--input",
-                      str(src), "--output", str(out), "-np", np_])
+                      str(src), "--output", str(out), "-np", *np_.split()])
         assert result.exit_code == 0, result.output
         records = read_jsonl(out)
         assert sorted(r["id"] for r in records) == list(range(len(PROMPTS)))
         texts[np_] = {r["id"]: (r["text"], r["finish"]) for r in records}
-    assert texts["3"] == texts["1"]
+    assert texts["3"] == texts["1"] == texts["3 -kvu"]
     again = run(["generate", *family.trio(), *OPTS, "--input", str(src), "--output",
                  str(tmp_path / "out3.jsonl"), "-np", "3"])
     assert again.stderr.splitlines()[-1] == f"0 generated, 0 errors, {len(PROMPTS)} already done"

@@ -190,6 +190,36 @@ def test_four_greedy_chats_at_once_equal_each_one_alone() -> None:
         assert (got[i].text, got[i].finish) == (result.text, result.finish)
 
 
+@pytest.fixture(scope="module")
+def random_trio(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, ...]:
+    """Three random-weight models written here."""
+    from tests import ggufs
+
+    d = tmp_path_factory.mktemp("trio")
+    large = ggufs.write_model(d / "l.gguf", seed=21, n_embd=64, n_layer=2, n_ctx_train=1024)
+    return (f"large_base={large}",
+            f"small_ft={ggufs.write_model(d / 'f.gguf', seed=22, n_ctx_train=1024)}",
+            f"small_base={ggufs.write_model(d / 'b.gguf', seed=23, n_ctx_train=1024)}")
+
+
+def test_eight_greedy_generations_four_at_a_time_equal_one_at_a_time(
+        random_trio: tuple[str, ...]) -> None:
+    """Random weights, prompts of 60 to 320 tokens read in chunks beside running streams,
+    sequences joining as others finish: the tokens of one at a time in the same session
+    (the rows themselves: tests/test_sequences.py)."""
+    opts = LoadOptions(n_seq=4, n_threads=1, speculative=False, n_ctx=512)
+    with load_session(models=random_trio, options=opts) as s:
+        def jobs() -> list[tuple[int, object]]:
+            return [(i, (lambda i=i: s.prepare([10 + (37 * i + 11 * k) % 200
+                                                for k in range(60 + 37 * i)],
+                                               temperature=0, max_tokens=40)))
+                    for i in range(8)]
+        alone = {i: [st.token for st in r.steps] for i, r in s.run_many(jobs(), parallel=1)}
+        together = {i: [st.token for st in r.steps]
+                    for i, r in s.run_many(jobs(), parallel=4)}
+    assert together == alone
+
+
 def test_eval_in_parallel_scores_as_one_at_a_time() -> None:
     outs = []
     for np_ in ("1", "3"):

@@ -18,7 +18,7 @@ from eft_local.backend.library import (
     fully_offloaded,
     supports_gpu_offload,
 )
-from eft_local.backend.model import LlamaModel, read_vocab
+from eft_local.backend.model import FLASH_ATTN, LlamaModel, read_vocab
 from eft_local.backend.sequences import Part
 from eft_local.backend.tools import (
     Grammar,
@@ -29,7 +29,8 @@ from eft_local.backend.tools import (
     raw_speed,
 )
 
-__all__ = ["DEFAULT_N_CTX", "QUANT_TYPES", "SPIN_COUNT", "Grammar", "L", "LlamaModel", "Part",
+__all__ = ["DEFAULT_N_CTX", "FLASH_ATTN", "QUANT_TYPES", "SPIN_COUNT", "Grammar", "L",
+           "LlamaModel", "Part",
            "build_info", "check_grammar", "fully_offloaded", "json_schema_grammar",
            "quantize_gguf", "raw_decode_seconds", "raw_speed", "read_vocab",
            "supports_gpu_offload"]

@@ -104,6 +104,8 @@ def read_vocab(path: str | Path, *, pieces: bool = False) -> VocabInfo:
         L.llama_model_free(model)
 
 
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+"""llama.cpp's ``llama_flash_attn_type`` by name (``-fa`` of llama.cpp's tools)."""
 CTX_PAD = 256
 """llama.cpp rounds a context up to a multiple of this (``llama-context.cpp``): each of
 several sequences gets the context one sequence alone would get."""
@@ -111,7 +113,8 @@ several sequences gets the context one sequence alone would get."""
 
 class LlamaModel(Sequences):
     """One GGUF model with its own context and KV cache holding ``n_seq`` sequences, each
-    of up to ``n_ctx`` tokens (one unified cache: see :mod:`~eft_local.backend.sequences`).
+    of up to ``n_ctx`` tokens (a cache stream per sequence, or with ``kv_unified`` one cache
+    for all: see :mod:`~eft_local.backend.sequences`).
 
     ``tokens`` is what the KV cache holds for sequence 0 (``seq_tokens(s)`` for the
     others); :meth:`eval` appends to it and :meth:`rewind` truncates it; :meth:`decode`
@@ -120,17 +123,18 @@ class LlamaModel(Sequences):
     """
 
     def __init__(self, path: str | Path, *, n_ctx: int | None = None, n_gpu_layers: int = 0,
-                 n_threads: int = 1, n_batch: int = 512, n_seq: int = 1) -> None:
+                 n_threads: int = 1, n_batch: int = 512, n_seq: int = 1,
+                 kv_unified: bool = False, flash_attn: str = "auto") -> None:
         self.path = Path(path)
         self._model = self._ctx = self._batch = None
         try:
-            self._open(n_ctx, n_gpu_layers, n_threads, n_batch, n_seq)
+            self._open(n_ctx, n_gpu_layers, n_threads, n_batch, n_seq, kv_unified, flash_attn)
         except BaseException:  # free what was made, once: close() is idempotent
             self.close()
             raise
 
     def _open(self, n_ctx: int | None, n_gpu_layers: int, n_threads: int, n_batch: int,
-              n_seq: int) -> None:
+              n_seq: int, kv_unified: bool = False, flash_attn: str = "auto") -> None:
         if n_ctx is not None:
             limits.check_n_ctx(n_ctx, str(self.path))
         limits.check_n_seq(n_seq, str(self.path))
@@ -148,7 +152,10 @@ class LlamaModel(Sequences):
         self._check_memory(n_ctx, train_ctx, n_gpu_layers, n_seq)
         cparams.n_ctx = n_ctx if n_seq == 1 else -(-n_ctx // CTX_PAD) * CTX_PAD * n_seq
         cparams.n_seq_max = n_seq
-        cparams.kv_unified = n_seq > 1  # one cache, cells tagged by sequence (module doc)
+        cparams.kv_unified = self.kv_unified = n_seq > 1 and kv_unified  # module doc
+        if flash_attn not in FLASH_ATTN:
+            raise EftError(f"{self.path}: flash_attn {flash_attn!r}: choose auto, on or off")
+        cparams.flash_attn_type = FLASH_ATTN[flash_attn]
         cparams.n_batch = cparams.n_ubatch = min(n_batch, cparams.n_ctx)
         cparams.n_threads = cparams.n_threads_batch = max(1, n_threads)
         self.threads = max(1, n_threads)

@@ -1,11 +1,17 @@
 """The sequences a model's KV cache holds: evaluating, batching, rolling back, sharing.
 
-One llama.cpp context holds ``n_seq`` sequences in one unified KV cache (``kv_unified``):
-every cell is tagged with the sequences that use it, so one ``llama_decode`` carries tokens of
-several sequences (each attends only to its own cells), and :meth:`Sequences.copy_prefix`
-lets a sequence share another's cells without copying them. :class:`Sequences` is the
-evaluation half of :class:`~eft_local.backend.model.LlamaModel`; :class:`Part` is one
-sequence's share of a batched decode (:meth:`Sequences.decode`).
+One llama.cpp context holds ``n_seq`` sequences, and one ``llama_decode`` carries tokens of
+several of them. By default each sequence has its own cache stream (llama.cpp's
+``kv_unified=false``, as llama-server's ``-np N``): a sequence's attention is computed over
+its own stream alone, so its rows are those it would get decoded by itself (llama.cpp then
+batches only runs of consecutive sequence ids with equal token counts: a gap between busy
+slots costs another pass over the weights), and :meth:`Sequences.copy_prefix` copies the
+source's whole stream. With ``kv_unified`` one cache holds every sequence, cells tagged by
+the sequences that use them: any set of sequences goes in one pass and a prefix is shared
+without copying, but each token's attention spans the whole cache, so rows differ slightly
+with what else is cached. :class:`Sequences` is the evaluation half of
+:class:`~eft_local.backend.model.LlamaModel`; :class:`Part` is one sequence's share of a
+batched decode (:meth:`Sequences.decode`).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class Sequences:
     n_seq: int
     partial_rewind: bool
     can_shift: bool
+    kv_unified: bool
+    """One cache for every sequence (else a stream per sequence: module doc)."""
     full_rewinds: int
     tokens: list[int]
     _ctx: object
@@ -162,9 +170,11 @@ class Sequences:
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         """Make sequence ``dst`` hold the first ``n`` tokens of sequence ``src`` (what
-        ``dst`` held is dropped). The two share those KV cells (``llama_memory_seq_cp``: no
-        copy, no evaluation) until either is rewound below them; models whose cache cannot
-        share (recurrent, hybrid) evaluate the tokens again."""
+        ``dst`` held is dropped), with no evaluation: in a cache stream per sequence,
+        ``src``'s stream is copied whole (llama.cpp copies streams only whole, at the next
+        decode) and cut to ``n``; in a unified cache the two share those cells (no copy)
+        until either is rewound below them. Models whose cache cannot drop part of a
+        sequence (recurrent, hybrid) evaluate the tokens again."""
         have = self._seqs[self._check_seq(src)]
         self._check_seq(dst)
         if not 0 <= n <= len(have):
@@ -178,6 +188,11 @@ class Sequences:
             return
         if not self.partial_rewind:
             self.eval(prefix, seq=dst)
+            return
+        if not self.kv_unified:
+            L.llama_memory_seq_cp(self._mem, src, dst, -1, -1)  # the whole stream
+            L.llama_memory_seq_rm(self._mem, dst, n, -1)
+            self._seqs[dst][:] = prefix
             return
         L.llama_memory_seq_cp(self._mem, src, dst, 0, n)
         self._seqs[dst][:] = prefix

@@ -55,7 +55,8 @@ def evaluate(targets: tuple[str, ...], models: tuple[str, ...], formula: str | N
              questions_path: Path | None, limit: int | None,
              paper: bool, max_tokens: int, decline_text: str | None, no_speculative: bool,
              single_turn: bool, conservative_top_p: float | None, temperature: float,
-             seed: int, as_json: bool, plot_path: Path | None, n_parallel: int) -> None:
+             seed: int, as_json: bool, plot_path: Path | None, n_parallel: int,
+             kv_unified: bool) -> None:
     """Score presets, formulas (PRESET:FORMULA, PRESET@beta=X), GGUF files or engines'
     URLs on a question set, side by side."""
     if plot_path is not None:
@@ -81,7 +82,8 @@ def evaluate(targets: tuple[str, ...], models: tuple[str, ...], formula: str | N
         scores = evaluate_targets(
             parsed, questions, max_tokens=max_tokens, decline_text=decline_text,
             multi_turn=not single_turn,
-            options=LoadOptions(speculative=not no_speculative, n_seq=n_parallel),
+            options=LoadOptions(speculative=not no_speculative, n_seq=n_parallel,
+                                kv_unified=kv_unified),
             settings=settings, on_answer=lambda: bar.update(1))
     if as_json:
         click.echo(json.dumps({"questions": str(questions_path or DEFAULT_QUESTIONS),

@@ -88,6 +88,10 @@ def model_options(func: F) -> F:
                      f"{limits.THREADS_PER_CORE} per core)."),
         click.option("--gpu-layers", type=click.IntRange(-1, limits.N_GPU_LAYERS_MAX),
                      help="Layers to offload to the GPU (-1: all; default all if supported)."),
+        click.option("-fa", "--flash-attn", type=click.Choice(["auto", "on", "off"]),
+                     help="llama.cpp's flash attention (default auto, llama.cpp's choice). "
+                     "off: with -np N, each sequence's logits are exactly those it gets "
+                     "alone, at some prompt speed (docs/threads-and-gpus.md)."),
         click.option("--no-speculative", is_flag=True,
                      help="Decode token by token, without drafting with the small model."),
         click.option("--draft-k", type=click.IntRange(min=1),
@@ -112,11 +116,22 @@ def _retired(_ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 
 
 def parallel_option(default: int = 1, what: str = "records") -> Callable[[F], F]:
-    """``-np/--parallel N``: sequences decoded side by side (slots)."""
-    return click.option("-np", "--parallel", "n_parallel",
-                        type=click.IntRange(1, limits.N_SEQ_MAX), default=default,
-                        show_default=True, help=f"How many {what} run at once, each in its "
-                        "own sequence of every model (its own --n-ctx context).")
+    """``-np/--parallel N``: sequences decoded side by side (slots); ``-kvu/--kv-unified``:
+    one KV cache for all of them."""
+    slots = click.option("-np", "--parallel", "n_parallel",
+                         type=click.IntRange(1, limits.N_SEQ_MAX), default=default,
+                         show_default=True, help=f"How many {what} run at once, each in its "
+                         "own sequence of every model (its own --n-ctx context).")
+    unified = click.option("-kvu", "--kv-unified", "kv_unified", is_flag=True,
+                           help="One KV cache shared by the -np sequences (llama-server's "
+                           "-kvu) instead of a cache stream each: sequences with idle slots "
+                           "between them still decode in one pass, but each one's output "
+                           "then depends slightly on what else is cached.")
+
+    def both(f: F) -> F:
+        return slots(unified(f))
+
+    return both
 
 
 class BiasPair(click.ParamType):
@@ -232,6 +247,8 @@ def open_session(preset: str | None, opts: Mapping[str, Any]) -> Session:
     options = LoadOptions(n_ctx=opts.get("n_ctx"), n_threads=opts.get("threads"),
                           n_gpu_layers=opts.get("gpu_layers"),
                           n_seq=opts.get("n_parallel") or 1,
+                          kv_unified=bool(opts.get("kv_unified")),
+                          flash_attn=opts.get("flash_attn") or "auto",
                           speculative=not opts.get("no_speculative"),
                           draft_k=opts.get("draft_k"), schedule=opts.get("schedule"),
                           download=opts.get("allow_download", True))
