@@ -197,12 +197,18 @@ def test_best_of_returns_the_candidates_with_the_highest_mean_log_prob() -> None
             return sum(lps) / len(lps)
 
         ranked = sorted(range(4), key=lambda i: (-mean(candidates[i]), i))
-        best = complete(seed=7, best_of=4, n=2)["choices"]
+        whole = complete(seed=7, best_of=4, n=2)
+        best = whole["choices"]
         assert [c["index"] for c in best] == [0, 1]
+        single = complete(seed=7)["usage"]["prompt_tokens"]
+        assert whole["usage"]["prompt_tokens"] == single  # the prompt counts once
         assert [c["text"] for c in best] == [candidates[i]["text"] for i in ranked[:2]]
         # two prompts, two choices each: prompt p's choice i is at p * 2 + i
-        two = complete(prompt=["Has Zhithdou was born in", "Tova Brint was born in"], n=2,
-                       seed=3)["choices"]
+        both = complete(prompt=["Has Zhithdou was born in", "Tova Brint was born in"], n=2,
+                        seed=3)
+        two = both["choices"]
+        assert both["usage"]["prompt_tokens"] == single + complete(
+            prompt="Tova Brint was born in")["usage"]["prompt_tokens"]  # once per prompt
         assert [c["index"] for c in two] == [0, 1, 2, 3]
         for p, prompt in enumerate(["Has Zhithdou was born in", "Tova Brint was born in"]):
             for i in range(2):

@@ -393,9 +393,10 @@ class Api(ChatAnswers):
                 choice["diag"] += data.get("eft", [])
             elif kind == "done":
                 choice["finish_reason"] = data["finish"]
-                prompt_total += data["prompt_tokens"]
+                if data["index"] % req.common.n == 0:  # a prompt counts once, not per choice
+                    prompt_total += data["prompt_tokens"]
+                    cached_total += data.get("cached_tokens", 0)
                 completion_total += data["completion_tokens"]
-                cached_total += data.get("cached_tokens", 0)
                 timings.append(data["timings"])
         job.info.update(prompt_tokens=prompt_total, completion_tokens=completion_total,
                         timings=timings[0] if len(timings) == 1 else {})
@@ -434,9 +435,10 @@ class Api(ChatAnswers):
                     more = {"eft": {"tokens": data["eft"]}} if data.get("eft") else {}
                     yield sse({**base, "choices": [choice], **extra, **more})
                 elif kind == "done":
-                    prompt_total += data["prompt_tokens"]
+                    if data["index"] % req.common.n == 0:  # a prompt counts once
+                        prompt_total += data["prompt_tokens"]
+                        cached_total += data.get("cached_tokens", 0)
                     completion_total += data["completion_tokens"]
-                    cached_total += data.get("cached_tokens", 0)
                     job.info["timings"] = data["timings"]
                     yield sse({**base, "choices": [{"index": data["index"], "text": "",
                                                     "logprobs": None,
