@@ -325,13 +325,29 @@ class Api(ChatAnswers):
             head = await self.first(job, stream)
             if streaming:
                 watcher.cancel()  # the streaming response listens for the client from here
-                return respond(stream_answer(head, stream, started))
+                return respond(self._guarded(request, job, started, head,
+                                             stream_answer(head, stream, started)))
             return await whole_answer(head, stream, started)
         except BaseException:
             job.cancel()
             raise
         finally:
             watcher.cancel()
+
+    async def _guarded(self, request: Request, job: Job, started: float,
+                       head: dict[str, Any], body: AsyncIterator[str]) -> AsyncIterator[str]:
+        """A streamed answer's ``body`` as sent: its job is cancelled when the stream stops
+        before ``body`` ends (the client left), and the request is logged once either way."""
+        finished = False
+        try:
+            async for piece in body:
+                yield piece
+            finished = True
+        finally:
+            if not finished:
+                job.cancel()
+            await body.aclose()  # type: ignore[attr-defined]
+            self.log_done(request, job, started, 200, head)
 
     # -- chat -----------------------------------------------------------------------------
     def chat_job(self, req: ChatRequest) -> Job:
@@ -420,40 +436,32 @@ class Api(ChatAnswers):
                                  started: float) -> AsyncIterator[str]:
         base = envelope("cmpl", "text_completion", req.common.model, head)
         extra = {"usage": None} if req.common.include_usage else {}
-        finished = False
         prompt_total = completion_total = cached_total = 0
-        try:
-            async for kind, data in stream:
-                if kind == "error":
-                    yield sse(data.body())
-                    finished = True
-                    return
-                if kind == "chunk" and (data["text"] or data.get("legacy_logprobs")
-                                        or data.get("eft")):
-                    choice = {"index": data["index"], "text": data["text"],
-                              "logprobs": data.get("legacy_logprobs"), "finish_reason": None}
-                    more = {"eft": {"tokens": data["eft"]}} if data.get("eft") else {}
-                    yield sse({**base, "choices": [choice], **extra, **more})
-                elif kind == "done":
-                    if data["index"] % req.common.n == 0:  # a prompt counts once
-                        prompt_total += data["prompt_tokens"]
-                        cached_total += data.get("cached_tokens", 0)
-                    completion_total += data["completion_tokens"]
-                    job.info["timings"] = data["timings"]
-                    yield sse({**base, "choices": [{"index": data["index"], "text": "",
-                                                    "logprobs": None,
-                                                    "finish_reason": data["finish"]}],
-                               **extra, "timings": data["timings"]})
-            if req.common.include_usage:
-                yield sse({**base, "choices": [], "usage": usage(prompt_total,
-                                                                 completion_total,
-                                                                 cached_total)})
-            yield "data: [DONE]\n\n"
-            finished = True
-        finally:
-            if not finished:
-                job.cancel()
-            self.log_done(request, job, started, 200, head)
+        async for kind, data in stream:
+            if kind == "error":
+                yield sse(data.body())
+                return
+            if kind == "chunk" and (data["text"] or data.get("legacy_logprobs")
+                                    or data.get("eft")):
+                choice = {"index": data["index"], "text": data["text"],
+                          "logprobs": data.get("legacy_logprobs"), "finish_reason": None}
+                more = {"eft": {"tokens": data["eft"]}} if data.get("eft") else {}
+                yield sse({**base, "choices": [choice], **extra, **more})
+            elif kind == "done":
+                if data["index"] % req.common.n == 0:  # a prompt counts once
+                    prompt_total += data["prompt_tokens"]
+                    cached_total += data.get("cached_tokens", 0)
+                completion_total += data["completion_tokens"]
+                job.info["timings"] = data["timings"]
+                yield sse({**base, "choices": [{"index": data["index"], "text": "",
+                                                "logprobs": None,
+                                                "finish_reason": data["finish"]}],
+                           **extra, "timings": data["timings"]})
+        if req.common.include_usage:
+            yield sse({**base, "choices": [], "usage": usage(prompt_total,
+                                                             completion_total,
+                                                             cached_total)})
+        yield "data: [DONE]\n\n"
 
 
 async def _cancel_when_gone(request: Request, job: Job) -> None:

@@ -107,42 +107,34 @@ class ChatAnswers:
                       "finish_reason": finish}
             return sse({**base, "choices": [choice], **extra, **more})
 
-        finished = False
         done: dict[int, Choice] = {}
-        try:
-            for i in range(req.common.n):
-                more = {"eft": head["eft"]} if i == 0 else {}
-                yield chunk(i, {"role": "assistant", "content": ""}, **more)
-            async for kind, data in stream:
-                if kind == "error":
-                    yield sse(data.body())
-                    self.log(f"{request.method} {request.url.path} stream error: "
-                             f"{data.message}")
-                    finished = True
-                    return
-                index = data.get("index", 0) if isinstance(data, dict) else 0
-                if kind == "chunk":
-                    if data.get("reasoning"):
-                        yield chunk(index, {"reasoning_content": data["reasoning"]})
-                    more = eft_delta(data)
-                    if data["text"] or data["logprobs"] or more:
-                        yield chunk(index, {"content": data["text"]},
-                                    logprobs=data["logprobs"] if req.logprobs else None, **more)
-                    if data.get("tool_calls"):
-                        yield chunk(index, {"tool_calls": [{"index": i, **call} for i, call in
-                                                           enumerate(data["tool_calls"])]})
-                elif kind == "done":
-                    done[index] = Choice(done=data)
-                    if index == 0:
-                        job.info["timings"] = data["timings"]
-                    yield chunk(index, {}, data["finish"], timings=data["timings"])
-            if req.common.include_usage:
-                yield sse({**base, "choices": [],
-                           "usage": totals([done[i] for i in sorted(done)],
-                                           head["prompt_tokens"])})
-            yield "data: [DONE]\n\n"
-            finished = True
-        finally:
-            if not finished:
-                job.cancel()
-            self.log_done(request, job, started, 200, head)
+        for i in range(req.common.n):
+            more = {"eft": head["eft"]} if i == 0 else {}
+            yield chunk(i, {"role": "assistant", "content": ""}, **more)
+        async for kind, data in stream:
+            if kind == "error":
+                yield sse(data.body())
+                self.log(f"{request.method} {request.url.path} stream error: "
+                         f"{data.message}")
+                return
+            index = data.get("index", 0) if isinstance(data, dict) else 0
+            if kind == "chunk":
+                if data.get("reasoning"):
+                    yield chunk(index, {"reasoning_content": data["reasoning"]})
+                more = eft_delta(data)
+                if data["text"] or data["logprobs"] or more:
+                    yield chunk(index, {"content": data["text"]},
+                                logprobs=data["logprobs"] if req.logprobs else None, **more)
+                if data.get("tool_calls"):
+                    yield chunk(index, {"tool_calls": [{"index": i, **call} for i, call in
+                                                       enumerate(data["tool_calls"])]})
+            elif kind == "done":
+                done[index] = Choice(done=data)
+                if index == 0:
+                    job.info["timings"] = data["timings"]
+                yield chunk(index, {}, data["finish"], timings=data["timings"])
+        if req.common.include_usage:
+            yield sse({**base, "choices": [],
+                       "usage": totals([done[i] for i in sorted(done)],
+                                       head["prompt_tokens"])})
+        yield "data: [DONE]\n\n"

@@ -205,20 +205,13 @@ class Ollama:
     async def _lines(self, request: Request, job: Job, t: Translated, key: str,
                      head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
                      started: float) -> AsyncIterator[str]:
-        finished = False
         try:
-            try:
-                async for part in self._parts(job, t, key, head, stream, started):
-                    yield line(part)
-            except ApiError as exc:  # after the first line: Ollama's error line ends it
-                yield line(exc.body(OLLAMA_PREFIX))
-                self.api.log(f"{request.method} {request.url.path} stream error: "
-                             f"{exc.message}")
-            finished = True
-        finally:
-            if not finished:
-                job.cancel()
-            self.api.log_done(request, job, started, 200, head)
+            async for part in self._parts(job, t, key, head, stream, started):
+                yield line(part)
+        except ApiError as exc:  # after the first line: Ollama's error line ends it
+            yield line(exc.body(OLLAMA_PREFIX))
+            self.api.log(f"{request.method} {request.url.path} stream error: "
+                         f"{exc.message}")
 
     async def _whole(self, request: Request, job: Job, t: Translated, key: str,
                      head: dict[str, Any], stream: AsyncIterator[tuple[str, Any]],
