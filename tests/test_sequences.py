@@ -122,15 +122,17 @@ def test_batched_rows_match_each_sequence_decoded_alone(paths, name, unified) ->
         model.close()
 
 
-def test_without_flash_attention_batched_rows_equal_rows_alone_exactly(paths) -> None:
+@pytest.mark.parametrize("name", ["family_large", "family_small", "written_2"])
+def test_without_flash_attention_batched_rows_equal_rows_alone_exactly(paths, name) -> None:
     """A stream per sequence and flash attention off: a sequence's next-token rows in a
     batched decode, past 512 cached tokens too, are bit for bit those of a one-sequence
     model for the bundled large_base, a Q8_0 file (with flash attention on they differ by up
-    to 0.06 there; with F32 weights, as the bundled small models and the files written
-    here, by about 1e-6: float products are summed in another order). A prompt chunk
-    beside other sequences is split by llama.cpp (its first token beside them, the rest
-    after), which moves its rows by about 1e-7."""
-    path = paths["family_large"]
+    to 0.06 there); with F32 weights, as the bundled small models and the files written
+    here, within 1e-4 (float products are summed in another order by batch size). A prompt
+    chunk beside other sequences is split by llama.cpp (its first token beside them, the
+    rest after), which moves its rows by less than 1e-4."""
+    path = paths[name]
+    exact = name == "family_large"  # Q8_0; the others hold F32 weights
     lengths = [700, 40, 5, 300]
     model = LlamaModel(path, n_ctx=1024, n_seq=4, n_threads=2, flash_attn="off")
     try:
@@ -146,9 +148,9 @@ def test_without_flash_attention_batched_rows_equal_rows_alone_exactly(paths) ->
             want = alone(path, [ids(lengths[s], s), chunk if s == 0 else [ids(1, 60 + s)[0]],
                                 [step[s]]], all_rows=[False, s == 0, False],
                          flash_attn="off")
-            if s == 0:  # the chunk: its first token went beside the others, the rest after
-                assert float(np.abs(first[0] - want[1]).max()) < 1e-4
-                assert float(np.abs(second[0] - want[2]).max()) < 1e-4
+            if s == 0 or not exact:  # the chunk went partly beside the others, partly after
+                assert float(np.abs(first[s] - want[1]).max()) < 1e-4
+                assert float(np.abs(second[s] - want[2]).max()) < 1e-4
             else:
                 assert np.array_equal(first[s], want[1]) and np.array_equal(second[s], want[2])
     finally:
